@@ -1,0 +1,309 @@
+"""ChannelPruning: the Lightning Callback that masks channels by strategy and logs drift telemetry.
+
+It works on any LightningModule: it prunes the convs of ``pl_module.<module>`` (default: the
+module's ``model`` attribute when it has one, else the LightningModule itself), found by
+``channels.find_prunable_layers``. Per training step (hook order in Lightning's automatic
+optimization):
+
+    on_train_batch_start     prune when the schedule says so; arm leak probes on logging steps
+    forward / backward
+    on_after_backward        gradient telemetry (before any gradient mask); taylor scores
+    on_before_optimizer_step strategy.before_optimizer_step (gradient masking)
+    optimizer.step
+    on_train_batch_end       strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
+                             telemetry logged every ``log_every_n_steps``
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+
+from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
+from pruneflow.pruning.criteria import (
+    CRITERIA,
+    CRITERION_NAMES,
+    EXPLICIT,
+    ScoringContext,
+    channels_to_prune,
+    select_channels,
+    taylor_contribution,
+)
+from pruneflow.pruning.schedule import PruningSchedule
+from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
+from pruneflow.pruning.telemetry import DriftTelemetry
+
+log = logging.getLogger(__name__)
+
+
+class ChannelPruning(Callback):
+    """Prune output channels of convs with a masking ``strategy`` and measure whether they stay pruned.
+
+    Args:
+        strategy: one of ``none``, ``weight``, ``activation``, ``gradient``, ``parametrize``, ``hard``.
+        amount: fraction of output channels removed per pruned layer, in [0, 1); never all of a layer.
+        criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
+        layers: module-name globs of convs to prune; default every conv with a channel point whose
+            output does not feed a residual addition.
+        channels: for ``explicit``: ``{module name: [channel indices]}``.
+        schedule, at_epoch, at_step, start_epoch, end_epoch: see ``PruningSchedule``.
+        reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
+            pruning time and after every step.
+        log_every_n_steps: telemetry interval in optimizer steps.
+        taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
+        seed: for ``random``.
+        module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present).
+    """
+
+    def __init__(
+        self,
+        strategy: str = "activation",
+        amount: float = 0.5,
+        criterion: str = "l1",
+        layers: Sequence[str] | None = None,
+        channels: Mapping[str, Sequence[int]] | None = None,
+        schedule: str = "one_shot",
+        at_epoch: int | None = None,
+        at_step: int | None = None,
+        start_epoch: int = 0,
+        end_epoch: int = 0,
+        reset_optimizer_state: bool = False,
+        log_every_n_steps: int = 50,
+        taylor_batches: int = 8,
+        seed: int = 0,
+        module: str | None = "auto",
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if criterion not in CRITERION_NAMES:
+            raise ValueError(f"unknown mask.criterion {criterion!r}; choose one of: {', '.join(CRITERION_NAMES)}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
+            raise ValueError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
+        if criterion == EXPLICIT and not channels:
+            raise ValueError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
+        if channels and criterion != EXPLICIT:
+            raise ValueError(f"mask.channels is only used with mask.criterion=explicit, not {criterion!r}")
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
+        if not isinstance(taylor_batches, int) or taylor_batches < 1:
+            raise ValueError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+        self.strategy_name = strategy
+        self.strategy: MaskStrategy = make_strategy(strategy)
+        self.amount = float(amount)
+        self.criterion = criterion
+        self.layer_patterns = list(layers) if layers is not None else None
+        self.explicit_channels = {str(k): [int(c) for c in v] for k, v in (channels or {}).items()}
+        # explicit lists carry their own counts: the schedule only says when (a target of 1 = "now").
+        scheduled_amount = 1.0 if criterion == EXPLICIT else self.amount
+        self.schedule = PruningSchedule(scheduled_amount, schedule, at_epoch, at_step, start_epoch, end_epoch)
+        self.reset_optimizer_state = bool(reset_optimizer_state)
+        self.log_every_n_steps = log_every_n_steps
+        self.taylor_batches = taylor_batches
+        self.seed = seed
+        self.module_attribute = module
+
+        self.layers: list[PrunableLayer] = []
+        self.pruned: dict[str, Tensor] = {}
+        self.pruned_amount = 0.0
+        self.pruning_steps: list[int] = []
+        self.telemetry: DriftTelemetry | None = None
+        self.history: dict[str, list[float]] = {}
+        self._measure_now = False
+        self._last_logged_step: int | None = None
+        self._taylor_pending: int | None = None
+        self._taylor_scores: dict[str, Tensor] = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def network(self, pl_module: L.LightningModule) -> nn.Module:
+        if self.module_attribute in (None, ""):
+            return pl_module
+        if self.module_attribute == "auto":
+            candidate = getattr(pl_module, "model", None)
+            return candidate if isinstance(candidate, nn.Module) else pl_module
+        candidate = getattr(pl_module, self.module_attribute, None)
+        if not isinstance(candidate, nn.Module):
+            raise ValueError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
+        return candidate
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.layers:
+            return
+        network = self.network(pl_module)
+        all_layers = find_prunable_layers(network)
+        patterns = self.layer_patterns
+        if self.criterion == EXPLICIT and patterns is None:
+            patterns = list(self.explicit_channels)
+        self.layers = select_layers(all_layers, patterns)
+        if not self.layers:
+            raise ValueError(f"{type(network).__name__} has no conv with a channel point to prune")
+        self._check_explicit_channels(all_layers)
+        if self.criterion == "bn_gamma":
+            for layer in self.layers:
+                CRITERIA["bn_gamma"](layer, ScoringContext())  # raises for a layer without BatchNorm
+        for layer in self.layers:
+            if layer.coupled:
+                log.warning("%s feeds a residual addition: masking it silences one branch only", layer.name)
+            if not layer.consumers_complete:
+                log.warning(
+                    "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
+                )
+        self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
+        log.info("pruning %d layers with mask=%s: %s", len(self.layers), self.strategy_name,
+                 ", ".join(layer.name for layer in self.layers))  # fmt: skip
+
+    def _check_explicit_channels(self, all_layers: list[PrunableLayer]) -> None:
+        by_name = {layer.name: layer for layer in all_layers}
+        for name, indices in self.explicit_channels.items():
+            layer = by_name.get(name)
+            if layer is None:
+                raise ValueError(
+                    f"mask.channels names {name!r}, which is not a prunable conv; prunable convs: {', '.join(by_name)}"
+                )
+            bad = [i for i in indices if not 0 <= i < layer.num_channels]
+            if bad:
+                raise ValueError(
+                    f"mask.channels[{name}] has indices {bad} outside 0..{layer.num_channels - 1} "
+                    f"({layer.num_channels} output channels)"
+                )
+            if len(set(indices)) >= layer.num_channels:
+                raise ValueError(
+                    f"mask.channels[{name}] would remove all {layer.num_channels} channels; keep at least one"
+                )
+
+    # -- pruning ----------------------------------------------------------------------------------
+    def _scores(self, layer: PrunableLayer) -> Tensor:
+        context = ScoringContext(seed=self.seed, taylor_scores=self._taylor_scores)
+        return CRITERIA[self.criterion](layer, context)
+
+    def _new_masks(self, target: float) -> dict[str, Tensor]:
+        masks = {}
+        for layer in self.layers:
+            already = self.pruned.get(layer.name, torch.zeros(layer.num_channels, dtype=torch.bool))
+            if self.criterion == EXPLICIT:
+                mask = torch.zeros(layer.num_channels, dtype=torch.bool)
+                mask[self.explicit_channels.get(layer.name, [])] = True
+                masks[layer.name] = mask | already
+            else:
+                count = channels_to_prune(layer.num_channels, target)
+                masks[layer.name] = select_channels(self._scores(layer), count, already)
+        return masks
+
+    def prune(self, trainer: L.Trainer, target: float) -> None:
+        """One pruning event: select up to ``target``, apply the strategy, snapshot references, reset state."""
+        masks = self._new_masks(target)
+        assert self.telemetry is not None
+        for layer in self.layers:
+            mask = masks[layer.name].to(layer.conv.weight.device)
+            self.pruned[layer.name] = mask
+            if mask.any():
+                self.strategy.apply(layer, mask)
+                self.telemetry.on_pruned(layer, mask)
+        self.pruned_amount = target
+        self.pruning_steps.append(trainer.global_step)
+        if self.reset_optimizer_state:
+            self._zero_optimizer_state(trainer)
+        counts = {name: int(mask.sum()) for name, mask in self.pruned.items()}
+        log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
+                 self.criterion)  # fmt: skip
+
+    def _zero_optimizer_state(self, trainer: L.Trainer) -> None:
+        for optimizer in trainer.optimizers:
+            for layer in self.layers:
+                mask = self.pruned.get(layer.name)
+                if mask is not None and mask.any():
+                    zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), mask)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        target = self.schedule.target(trainer.current_epoch, trainer.global_step)
+        if target > self.pruned_amount:
+            if self.criterion == "taylor":
+                self._gather_taylor_then_prune(trainer, target)
+            else:
+                self.prune(trainer, target)
+        self._measure_now = bool(self.pruned) and trainer.global_step % self.log_every_n_steps == 0
+        assert self.telemetry is not None
+        self.telemetry.arm(self._measure_now)
+
+    def _gather_taylor_then_prune(self, trainer: L.Trainer, target: float) -> None:
+        if self._taylor_pending is None:
+            self._taylor_pending = 0
+            self._taylor_scores = {}
+        elif self._taylor_pending >= self.taylor_batches:
+            self.prune(trainer, target)
+            self._taylor_pending = None
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._measure_now and self.telemetry is not None:
+            self.telemetry.record_gradients()
+        if self._taylor_pending is not None:
+            for layer in self.layers:
+                contribution = taylor_contribution(layer)
+                if contribution is not None:
+                    previous = self._taylor_scores.get(layer.name)
+                    self._taylor_scores[layer.name] = contribution if previous is None else previous + contribution
+            self._taylor_pending += 1
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        for layer in self.layers:
+            mask = self.pruned.get(layer.name)
+            if mask is not None and mask.any():
+                self.strategy.before_optimizer_step(layer, mask)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for layer in self.layers:
+            mask = self.pruned.get(layer.name)
+            if mask is not None and mask.any():
+                self.strategy.after_optimizer_step(layer, mask)
+        if self.reset_optimizer_state and self.pruned:
+            self._zero_optimizer_state(trainer)
+        if self._measure_now:
+            self._log(trainer, self.telemetry.measure() if self.telemetry else {})
+            self._measure_now = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The final state, unless the last logging step already measured it.
+        if self.pruned and self.telemetry is not None and self._last_logged_step != trainer.global_step:
+            self._log(trainer, self.telemetry.measure())
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        for tag, value in metrics.items():
+            self.history.setdefault(tag, []).append(value)
+        self._last_logged_step = trainer.global_step
+        self._log_to_loggers(trainer, metrics)
+
+    @rank_zero_only
+    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- reporting --------------------------------------------------------------------------------
+    def final_metrics(self) -> dict[str, Any]:
+        """Final and max-since-pruning of every telemetry tag, with what was pruned, when and how."""
+        report: dict[str, Any] = {
+            "mask/strategy": self.strategy_name,
+            "mask/criterion": self.criterion,
+            "mask/amount": self.amount,
+            "mask/reset_optimizer_state": self.reset_optimizer_state,
+            "mask/pruning_steps": list(self.pruning_steps),
+            "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
+        }
+        for tag, values in self.history.items():
+            report[f"{tag}/final"] = values[-1]
+            report[f"{tag}/max"] = max(values)
+        return report

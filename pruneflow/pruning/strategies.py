@@ -1,0 +1,218 @@
+"""Masking strategies: how a selected channel is removed, and what keeps it removed while training goes on.
+
+One small interface, one short class per strategy (as ``torch.nn.utils.prune`` does for methods):
+
+- ``apply``: at each pruning event, with the layer's full boolean mask (True = pruned);
+- ``before_optimizer_step``: after backward, before the step (gradient masking);
+- ``after_optimizer_step``: after the step (re-zeroing);
+- ``trainable_tensors``: the leaf parameters the optimizer moves for the producer (for resetting
+  optimizer state) and ``stored_weight``: the stored weight when it differs from the effective one;
+- ``remove``: undo hooks and parametrizations.
+
+Why they differ (∂L/∂W of a conv is input ⊗ ∂L/∂output, independent of W):
+``weight`` zeroes the kernel once and the next gradient moves it again; ``gradient`` and ``hard``
+fight the gradient every step but leave the optimizer's momentum/moments and the BatchNorm's β
+alone; ``parametrize`` keeps the effective weight at zero while the stored weight drifts;
+``activation`` multiplies the channel by 0 at its channel point, so ∂L/∂output — and hence the
+kernel's gradient — is exactly zero.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from pruneflow.pruning.channels import PrunableLayer
+
+log = logging.getLogger(__name__)
+
+
+def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
+    """A float keep-mask (1 = keep, 0 = pruned) shaped to broadcast over a tensor of ``ndim`` dims on dim 0."""
+    return (~pruned).to(torch.float32).view(-1, *([1] * (ndim - 1)))
+
+
+class MaskStrategy:
+    """Base strategy: selected channels get their producing kernels zeroed, nothing else."""
+
+    name: ClassVar[str]
+    zeroes_kernels: ClassVar[bool] = True
+
+    def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        if self.zeroes_kernels:
+            zero_rows(self.trainable_tensors(layer), pruned)
+
+    def before_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        """Called after backward and before the optimizer step."""
+
+    def after_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        """Called after the optimizer step."""
+
+    def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
+        """The producer's leaf parameters whose rows are the pruned kernels (weight, and bias if any)."""
+        tensors = [layer.conv.weight]
+        if layer.conv.bias is not None:
+            tensors.append(layer.conv.bias)
+        return tensors
+
+    def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
+        """The stored weight where it differs from the effective ``conv.weight``; else None."""
+        return None
+
+    def remove(self, layer: PrunableLayer) -> None:
+        """Undo whatever ``apply`` installed (hooks, parametrizations)."""
+
+
+@torch.no_grad()
+def zero_rows(tensors: list[Tensor], pruned: Tensor) -> None:
+    for tensor in tensors:
+        tensor.mul_(_keep_shape(pruned, tensor.ndim).to(tensor.device, tensor.dtype))
+
+
+class NoMask(MaskStrategy):
+    """The control: channels are selected and measured, nothing is applied."""
+
+    name = "none"
+    zeroes_kernels = False
+
+
+class WeightMask(MaskStrategy):
+    """Zero the selected kernels once (the naive way); the gradient is free to move them again."""
+
+    name = "weight"
+
+
+class GradientMask(MaskStrategy):
+    """Zero the kernels, then zero their gradient before every step.
+
+    Momentum buffers / Adam moments gathered before pruning and coupled weight decay still move them.
+    """
+
+    name = "gradient"
+
+    def before_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        grads = [tensor.grad for tensor in self.trainable_tensors(layer) if tensor.grad is not None]
+        zero_rows(grads, pruned)
+
+
+class HardMask(MaskStrategy):
+    """Zero the kernels again after every optimizer step: zero when measured, moved within each step."""
+
+    name = "hard"
+
+    def after_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        zero_rows(self.trainable_tensors(layer), pruned)
+
+
+class ChannelMaskParametrization(nn.Module):
+    """effective = stored ⊙ keep, with ``keep`` broadcast over a kernel (or bias) row."""
+
+    def __init__(self, keep: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep)
+
+    def forward(self, stored: Tensor) -> Tensor:
+        return stored * self.keep
+
+
+class ParametrizeMask(MaskStrategy):
+    """``torch.nn.utils.parametrize``: effective weight = stored ⊙ mask, as ``torch.nn.utils.prune`` and
+    Lightning's ``ModelPruning`` do. The effective weight is exactly zero; the stored one is not held.
+    """
+
+    name = "parametrize"
+    zeroes_kernels = False
+
+    def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        for tensor_name in self._tensor_names(layer):
+            if parametrize.is_parametrized(layer.conv, tensor_name):
+                keep = layer.conv.parametrizations[tensor_name][0].keep
+                keep.copy_(_keep_shape(pruned, keep.ndim))
+            else:
+                stored = getattr(layer.conv, tensor_name)
+                keep = _keep_shape(pruned, stored.ndim).to(stored.device, stored.dtype)
+                parametrize.register_parametrization(layer.conv, tensor_name, ChannelMaskParametrization(keep))
+
+    def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
+        parametrizations = getattr(layer.conv, "parametrizations", None)
+        if parametrizations is None:
+            return super().trainable_tensors(layer)
+        return [parametrizations[name].original for name in self._tensor_names(layer) if name in parametrizations]
+
+    def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
+        parametrizations = getattr(layer.conv, "parametrizations", None)
+        return None if parametrizations is None else parametrizations["weight"].original
+
+    def remove(self, layer: PrunableLayer) -> None:
+        for tensor_name in self._tensor_names(layer):
+            if parametrize.is_parametrized(layer.conv, tensor_name):
+                parametrize.remove_parametrizations(layer.conv, tensor_name, leave_parametrized=True)
+
+    @staticmethod
+    def _tensor_names(layer: PrunableLayer) -> list[str]:
+        return ["weight"] if layer.conv.bias is None else ["weight", "bias"]
+
+
+class ActivationMask(MaskStrategy):
+    """Zero the kernels and multiply the channel by 0 at its channel point (after the BatchNorm, so β
+    cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero.
+    """
+
+    name = "activation"
+
+    def __init__(self) -> None:
+        self._keep: dict[str, Tensor] = {}
+        self._handles: dict[str, RemovableHandle] = {}
+
+    def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        super().apply(layer, pruned)
+        keep = _keep_shape(pruned, 4).view(1, -1, 1, 1).to(layer.conv.weight.device)
+        if layer.name in self._keep:
+            self._keep[layer.name].copy_(keep)
+            return
+        self._keep[layer.name] = keep
+        point = layer.norm if layer.norm is not None else layer.conv
+
+        def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, keep: Tensor = keep) -> Tensor:
+            return output * keep.to(output.dtype)
+
+        # prepend: the mask must act before any other hook (telemetry) reads the channel point.
+        self._handles[layer.name] = point.register_forward_hook(mask_channels, prepend=True)
+
+    def remove(self, layer: PrunableLayer) -> None:
+        handle = self._handles.pop(layer.name, None)
+        if handle is not None:
+            handle.remove()
+        self._keep.pop(layer.name, None)
+
+
+STRATEGIES: dict[str, type[MaskStrategy]] = {
+    cls.name: cls for cls in (NoMask, WeightMask, ActivationMask, GradientMask, ParametrizeMask, HardMask)
+}
+
+
+def make_strategy(name: str) -> MaskStrategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown mask strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, tensors: list[Tensor], pruned: Tensor) -> None:
+    """Zero the per-element optimizer state (momentum buffer, Adam's exp_avg/exp_avg_sq, ...) of pruned rows.
+
+    Without this, momentum accumulated before pruning keeps moving a kernel whose gradient is zero.
+    """
+    for tensor in tensors:
+        state = optimizer.state.get(tensor)
+        if not state:
+            continue
+        for value in state.values():
+            if isinstance(value, Tensor) and value.shape == tensor.shape:
+                value.mul_(_keep_shape(pruned, value.ndim).to(value.device, value.dtype))

@@ -1,0 +1,184 @@
+"""Drift telemetry: do pruned kernels stay at zero, and are pruned channels really dead?
+
+Per pruned layer (tags ``<metric>/<layer name>``) and aggregated over layers (tag ``<metric>``):
+
+- ``drift/producer_l2``, ``drift/producer_max_abs``: the pruned channels' producing kernels (and
+  bias) as the forward pass uses them; ``drift/stored_l2`` the stored weight where a
+  parametrization separates the two; ``drift/zero_fraction``: share of pruned kernels exactly zero;
+- ``drift/consumer_l2``: how far the consumers' input slices for pruned channels moved since pruning;
+- ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors right after backward,
+  before any gradient mask — non-zero whenever anything downstream still sees the channel;
+- ``leak/activation_abs_mean``: mean |activation| of pruned channels at their channel point in
+  training forwards (a BatchNorm's β shows up here);
+- ``bn/beta_abs``, ``bn/gamma_abs``: mean |β|, |γ| of the pruned channels' BatchNorm.
+
+All quantities are reduced on the device into one tensor and fetched with a single host transfer per
+logging step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from pruneflow.pruning.channels import Consumer, PrunableLayer
+from pruneflow.pruning.strategies import MaskStrategy
+
+log = logging.getLogger(__name__)
+
+# Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
+FIELDS = (
+    "pruned", "producer_sq", "producer_max_abs", "zero_kernels", "stored_sq", "consumer_sq", "grad_sq",
+    "leak_mean", "beta_abs_sum", "gamma_abs_sum",
+)  # fmt: skip
+
+
+class DriftTelemetry:
+    """Measures the pruned channels of ``layers`` under ``strategy``; see the module docstring for the metrics."""
+
+    def __init__(self, layers: Sequence[PrunableLayer], strategy: MaskStrategy, modules: dict[str, nn.Module]) -> None:
+        self.layers = list(layers)
+        self.strategy = strategy
+        self.modules = modules
+        self.pruned: dict[str, Tensor] = {}
+        self.consumer_reference: dict[tuple[str, str], Tensor] = {}
+        self._leak: dict[str, Tensor] = {}
+        self._grad_sq: dict[str, Tensor] = {}
+        self._leak_armed = False
+        self._handles: list[RemovableHandle] = []
+        for layer in self.layers:
+            point = layer.norm if layer.norm is not None else layer.conv
+            self._handles.append(point.register_forward_hook(self._leak_hook(layer.name)))
+
+    # -- events -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def on_pruned(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        """Record the layer's mask and snapshot the consumer slices of channels pruned just now."""
+        newly = pruned & ~self.pruned.get(layer.name, torch.zeros_like(pruned))
+        self.pruned[layer.name] = pruned.clone()
+        for consumer in layer.consumers:
+            weight = self.consumer_weight(consumer)
+            key = (layer.name, consumer.name)
+            reference = self.consumer_reference.setdefault(key, weight.detach().clone())
+            columns = consumer.columns(newly.nonzero().flatten().to(weight.device))
+            reference[:, columns] = weight.detach()[:, columns]
+
+    def arm(self, armed: bool) -> None:
+        """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
+        self._leak_armed = armed
+
+    @torch.no_grad()
+    def record_gradients(self) -> None:
+        """Gradient at the pruned kernels; call after backward, before any gradient mask."""
+        for layer in self.layers:
+            pruned = self.pruned.get(layer.name)
+            if pruned is None:
+                continue
+            grads = [t.grad[pruned] for t in self.strategy.trainable_tensors(layer) if t.grad is not None]
+            if grads:
+                self._grad_sq[layer.name] = sum(g.float().pow(2).sum() for g in grads)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- measurement ------------------------------------------------------------------------------
+    def consumer_weight(self, consumer: Consumer) -> Tensor:
+        return self.modules[consumer.name].weight
+
+    def _leak_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            pruned = self.pruned.get(name)
+            if self._leak_armed and module.training and pruned is not None:
+                self._leak[name] = output.detach()[:, pruned.to(output.device)].abs().float().mean()
+
+        return hook
+
+    @torch.no_grad()
+    def _raw(self, layer: PrunableLayer, pruned: Tensor) -> Tensor:
+        weight = layer.conv.weight.detach()
+        device = weight.device
+        pruned = pruned.to(device)
+        zero = torch.zeros((), device=device)
+        rows = [weight[pruned].flatten(1).float()]
+        if layer.conv.bias is not None:
+            rows.append(layer.conv.bias.detach()[pruned].float().view(-1, 1))
+        kernels = torch.cat(rows, dim=1)
+        stored = self.strategy.stored_weight(layer)
+        consumer_sq = zero.clone()
+        columns_of = pruned.nonzero().flatten()
+        for consumer in layer.consumers:
+            weight_now = self.consumer_weight(consumer).detach()
+            columns = consumer.columns(columns_of)
+            reference = self.consumer_reference[(layer.name, consumer.name)]
+            consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
+        norm = layer.norm
+        has_affine = norm is not None and norm.weight is not None
+        values = [
+            pruned.sum().float(),
+            kernels.pow(2).sum(),
+            kernels.abs().amax() if kernels.numel() else zero,
+            (kernels.abs().amax(1) == 0).sum().float(),
+            stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
+            consumer_sq,
+            self._grad_sq.get(layer.name, zero - 1),
+            self._leak.get(layer.name, zero - 1),
+            norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
+            norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
+        ]
+        return torch.stack([v.to(device) for v in values])
+
+    def measure(self) -> dict[str, float]:
+        """All metrics of all pruned layers and their aggregates, with one device→host transfer.
+
+        A metric that does not apply (no BatchNorm, no stored weight, no gradient yet) is left out.
+        """
+        measured = [layer for layer in self.layers if layer.name in self.pruned and bool(self.pruned[layer.name].any())]
+        if not measured:
+            return {}
+        device = measured[0].conv.weight.device
+        table = torch.stack([self._raw(layer, self.pruned[layer.name]).to(device) for layer in measured]).cpu()
+        rows = [dict(zip(FIELDS, row, strict=True)) for row in table.tolist()]
+        metrics: dict[str, float] = {}
+        for layer, row in zip(measured, rows, strict=True):
+            for tag, value in _derive([row]).items():
+                metrics[f"{tag}/{layer.name}"] = value
+        metrics.update(_derive(rows))
+        return metrics
+
+
+def _derive(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Metrics from raw fields, aggregated over ``rows`` (norms add in quadrature, means weight by channels)."""
+    pruned = sum(r["pruned"] for r in rows)
+    metrics = {
+        "drift/producer_l2": math.sqrt(sum(r["producer_sq"] for r in rows)),
+        "drift/producer_max_abs": max(r["producer_max_abs"] for r in rows),
+        "drift/zero_fraction": sum(r["zero_kernels"] for r in rows) / pruned,
+        "drift/consumer_l2": math.sqrt(sum(r["consumer_sq"] for r in rows)),
+    }
+    optional = {
+        "drift/stored_l2": ("stored_sq", lambda rs: math.sqrt(sum(r["stored_sq"] for r in rs))),
+        "grad/pruned_l2": ("grad_sq", lambda rs: math.sqrt(sum(r["grad_sq"] for r in rs))),
+        "leak/activation_abs_mean": ("leak_mean", lambda rs: _channel_mean(rs, "leak_mean", per_channel=False)),
+        "bn/beta_abs": ("beta_abs_sum", lambda rs: _channel_mean(rs, "beta_abs_sum", per_channel=True)),
+        "bn/gamma_abs": ("gamma_abs_sum", lambda rs: _channel_mean(rs, "gamma_abs_sum", per_channel=True)),
+    }
+    for tag, (field, reduce) in optional.items():
+        present = [r for r in rows if r[field] >= 0]
+        if present:
+            metrics[tag] = reduce(present)
+    return metrics
+
+
+def _channel_mean(rows: list[dict[str, float]], field: str, per_channel: bool) -> float:
+    """Mean over pruned channels; ``per_channel`` fields hold sums over channels, others per-layer means."""
+    channels = sum(r["pruned"] for r in rows)
+    if per_channel:
+        return sum(r[field] for r in rows) / channels
+    return sum(r[field] * r["pruned"] for r in rows) / channels

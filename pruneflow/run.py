@@ -1,0 +1,138 @@
+"""One training run from a composed config: build data, model, module, callbacks and trainer; fit; test; report.
+
+``train(cfg)`` is what ``train.py`` calls for every Hydra job. It owns the run folder's layout:
+
+    <run dir>/config.yaml          the resolved config
+    <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``)
+    <run dir>/checkpoints/         last.ckpt and best-*.ckpt
+    <run dir>/metrics.json         final figures, written atomically
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from pruneflow.errors import ConfigError
+from pruneflow.io import write_json_atomic
+from pruneflow.module import ClassifierModule
+
+log = logging.getLogger(__name__)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that would only fail (or silently misbehave) after data loading and model building."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be a positive integer, got {max_epochs!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The config flattened to ``group/key`` scalars for TensorBoard's HParams tab."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{prefix}/{key}" if prefix else str(key))
+        elif isinstance(node, (int, float, str, bool)) or node is None:
+            flat[prefix] = "null" if node is None else node
+        else:
+            flat[prefix] = str(node)
+
+    visit(OmegaConf.to_container(cfg, resolve=True), "")
+    return {key: value for key, value in flat.items() if not key.startswith(("hydra", "trainer/_", "logger"))}
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+    )
+    callbacks: list[Callback] = [checkpoint]
+    for name, callback_cfg in (cfg.get("callbacks") or {}).items():
+        if callback_cfg is None:
+            continue
+        callback = instantiate(callback_cfg)
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name} must build a lightning Callback, got {type(callback).__name__}")
+        callbacks.append(callback)
+    mask_cfg = cfg.get("mask")
+    if mask_cfg is not None and mask_cfg.get("_target_"):
+        callbacks.append(instantiate(mask_cfg))
+    return callbacks
+
+
+def final_metrics(trainer: L.Trainer, test_results: list[dict[str, float]]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith("val/"):
+            metrics[key] = float(value)
+    for result in test_results:
+        metrics.update({key: float(value) for key, value in result.items()})
+    for callback in trainer.callbacks:
+        report = getattr(callback, "final_metrics", None)
+        if callable(report):
+            metrics.update(report())
+    return metrics
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
+    run_dir = Path(run_dir)
+    validate_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    module = ClassifierModule(
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        num_classes=datamodule.num_classes,
+    )
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir), logger=logger)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - started
+    test_results = trainer.test(module, datamodule=datamodule, verbose=False)
+    wall_seconds = time.perf_counter() - started
+
+    metrics = final_metrics(trainer, test_results)
+    metrics.update(
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        fit_seconds=round(fit_seconds, 3),
+        wall_seconds=round(wall_seconds, 3),
+    )
+    if trainer.is_global_zero:
+        logger.log_hyperparams(flat_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k and _finite(v)})
+        write_json_atomic(run_dir / "metrics.json", metrics)
+    log.info("run finished in %.1f s: %s", wall_seconds, {k: metrics[k] for k in metrics if k.startswith("test/")})
+    return metrics
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

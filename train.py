@@ -1,0 +1,41 @@
+"""Entry point: ``python train.py [group=option ...] [key=value ...]`` (add ``-m`` for a sweep).
+
+A thin Hydra wrapper around ``pruneflow.run.train``; configuration lives in ``conf/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pruneflow.cli import check_group_choices
+from pruneflow.errors import user_error_message
+from pruneflow.run import train
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+log = logging.getLogger("pruneflow")
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get("PRUNEFLOW_DEBUG"):
+            raise
+        raise SystemExit(f"pruneflow: error: {message}") from None
+    return metrics.get("test/acc")
+
+
+if __name__ == "__main__":
+    problem = check_group_choices(sys.argv[1:], CONF_DIR)
+    if problem:
+        raise SystemExit(f"pruneflow: error: {problem}")
+    main()
