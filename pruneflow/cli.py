@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
-    return sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+    return sorted(path.stem for path in (conf_dir / group).glob("*.yaml") if not path.stem.startswith("_"))
 
 
 def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:

@@ -79,11 +79,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
-def final_metrics(trainer: L.Trainer, test_results: list[dict[str, float]]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    for key, value in trainer.callback_metrics.items():
-        if key.startswith("val/"):
-            metrics[key] = float(value)
+def final_metrics(
+    trainer: L.Trainer, fit_metrics: dict[str, float], test_results: list[dict[str, float]]
+) -> dict[str, Any]:
+    """The figures of the final model: last validation, test, and every callback's ``final_metrics()``."""
+    metrics: dict[str, Any] = {key: value for key, value in fit_metrics.items() if key.startswith("val/")}
     for result in test_results:
         metrics.update({key: float(value) for key, value in result.items()})
     for callback in trainer.callbacks:
@@ -117,10 +117,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
+    fit_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     test_results = trainer.test(module, datamodule=datamodule, verbose=False)
     wall_seconds = time.perf_counter() - started
 
-    metrics = final_metrics(trainer, test_results)
+    metrics = final_metrics(trainer, fit_metrics, test_results)
     metrics.update(
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
