@@ -6,6 +6,8 @@ with ReLU and SiLU. Pruning happens after pre-training steps, so β ≠ 0 and op
 
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
@@ -47,13 +49,13 @@ OPTIMIZERS = {
 }
 
 
-def run(strategy: str, optimizer: str = "sgd", activation: str = "relu", **mask_kwargs) -> tuple[ChannelPruning, nn.Module]:
+def run(
+    strategy: str, optimizer: str = "sgd", activation: str = "relu", **mask_kwargs
+) -> tuple[ChannelPruning, nn.Module]:
     torch.manual_seed(0)
     model = TinyNet(activation)
     module = ClassifierModule(model, OPTIMIZERS[optimizer], num_classes=3)
-    pruning = ChannelPruning(
-        strategy=strategy, amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1, **mask_kwargs
-    )
+    pruning = ChannelPruning(strategy=strategy, amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1, **mask_kwargs)
     trainer = L.Trainer(
         max_epochs=1, callbacks=[pruning], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
@@ -69,7 +71,7 @@ def final(pruning: ChannelPruning, tag: str) -> float:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_activation_mask_with_state_reset_keeps_kernels_exactly_zero(optimizer: str, activation: str) -> None:
-    pruning, model = run("activation", optimizer, activation, reset_optimizer_state=True)
+    pruning, _ = run("activation", optimizer, activation, reset_optimizer_state=True)
     metrics = pruning.final_metrics()
     assert metrics["drift/producer_l2/max"] == 0.0
     assert metrics["drift/zero_fraction/final"] == 1.0
@@ -147,7 +149,7 @@ def test_adamw_decoupled_decay_shrinks_stored_weights_that_get_no_gradient() -> 
     pruning, _ = run("parametrize", "adamw", "relu", reset_optimizer_state=True)
     stored = pruning.history["drift/stored_l2"]
     assert pruning.final_metrics()["grad/pruned_l2/max"] == 0.0
-    assert all(later < earlier for earlier, later in zip(stored, stored[1:]))
+    assert all(later < earlier for earlier, later in itertools.pairwise(stored))
     assert stored[-1] / stored[0] == pytest.approx((1 - 1e-2 * 1e-2) ** (len(stored) - 1), rel=1e-4)
 
 

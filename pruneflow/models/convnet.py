@@ -26,7 +26,7 @@ class ConvNet(nn.Module):
         self,
         input_shape: Sequence[int] = (1, 28, 28),
         num_classes: int = 10,
-        channels: Sequence[int] = (32, 64),
+        channels: Sequence[int] = (24, 48, 96),
         convs_per_stage: int = 1,
         activation: str = "relu",
         dropout: float = 0.0,

@@ -1,0 +1,105 @@
+"""Benchmark: training throughput with the ChannelPruning callback against the same run without it.
+
+    python scripts/bench_callback.py --root ../shared/data            # MNIST, ConvNet, batch 128
+    python scripts/bench_callback.py --data synthetic --strategies all --log-every 50,10,1
+
+Each repetition trains every arm for the same steps in this process, in alternating order (this
+machine is shared and noisy), timing only the steps after a warm-up; the table reports the median
+samples/s of each arm and its ratio to the no-callback arm, and ``--json`` writes the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from pruneflow import STRATEGIES, ChannelPruning, ClassifierModule
+from pruneflow.data import MNISTDataModule, SyntheticDataModule
+from pruneflow.models import ConvNet
+
+
+class StepTimer(Callback):
+    """Wall time of the optimizer steps after ``warmup`` steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.started, self.steps, self.seconds = warmup, 0.0, 0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.steps = trainer.global_step - self.warmup
+
+
+def train_once(datamodule: L.LightningDataModule, arm: dict[str, Any], steps: int, warmup: int, logdir: str) -> float:
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    module = ClassifierModule(
+        model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4), datamodule.num_classes
+    )
+    timer = StepTimer(warmup)
+    callbacks: list[Callback] = [timer]
+    if arm["strategy"] is not None:
+        callbacks.append(ChannelPruning(strategy=arm["strategy"], log_every_n_steps=arm["log_every"]))
+    trainer = L.Trainer(
+        max_steps=warmup + steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+        logger=TensorBoardLogger(logdir, name=arm["name"]), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return timer.steps * datamodule.batch_size / timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=["mnist", "synthetic"], default="mnist")
+    parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw")
+    parser.add_argument("--strategies", default="activation", help="comma list, or 'all'")
+    parser.add_argument("--log-every", default="50", help="comma list of telemetry intervals")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    if args.data == "mnist":
+        datamodule: L.LightningDataModule = MNISTDataModule(root=args.root, batch_size=128)
+    else:
+        datamodule = SyntheticDataModule(num_train=20_000, batch_size=128)
+    strategies = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
+    arms = [{"name": "no_callback", "strategy": None, "log_every": 0}]
+    arms += [
+        {"name": f"{s}@{n}", "strategy": s, "log_every": int(n)} for s in strategies for n in args.log_every.split(",")
+    ]
+    samples: dict[str, list[float]] = {arm["name"]: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as logdir:
+        for repeat in range(args.repeats):
+            order = arms if repeat % 2 == 0 else arms[::-1]
+            for arm in order:
+                samples[arm["name"]].append(train_once(datamodule, arm, args.steps, args.warmup, logdir))
+    baseline = statistics.median(samples["no_callback"])
+    print(f"{'arm':<24}{'samples/s (median)':>20}{'vs no callback':>16}")
+    rows = []
+    for arm in arms:
+        median = statistics.median(samples[arm["name"]])
+        rows.append({"arm": arm["name"], "median_samples_per_s": median, "ratio": median / baseline,
+                     "runs": samples[arm["name"]]})  # fmt: skip
+        print(f"{arm['name']:<24}{median:>20.0f}{median / baseline:>16.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The real entry point, run as a user runs it: ``python train.py ...`` on synthetic (fast) and real (slow) data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import QUIET, run_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def test_run_writes_config_events_checkpoints_and_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train("data=synthetic", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *QUIET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_text()
+    assert "${" not in config and "pruneflow.data.SyntheticDataModule" in config
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "val/acc", "epochs", "wall_seconds"):
+        assert key in metrics, key
+    assert metrics["epochs"] == 2
+    assert metrics["test/acc"] > 0.5  # synthetic classes are separable: training must learn
+    assert {"train/loss_epoch", "train/acc", "val/acc", "test/acc"} <= scalar_tags(run_dir)
+
+
+def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_epochs=2", "mask=weight", "mask.at_epoch=1", "mask.log_every_n_steps=2",
+        "model.activation=silu", f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = scalar_tags(run_dir)
+    for tag in ("drift/producer_l2", "drift/zero_fraction", "drift/consumer_l2", "grad/pruned_l2",
+                "leak/activation_abs_mean", "bn/beta_abs", "drift/producer_l2/features.0"):  # fmt: skip
+        assert tag in tags, tag
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mask/strategy"] == "weight" and metrics["mask/pruning_steps"] == [8]
+    assert metrics["drift/producer_l2/final"] > 0  # SiLU after pre-training: the zeroed kernels move again
+
+
+def test_deterministic_cpu_runs_are_bit_reproducible(tmp_path: Path) -> None:
+    finals = []
+    for name in ("a", "b"):
+        result = run_train(
+            "data=synthetic", "trainer.max_epochs=1", "deterministic=true", "mask=gradient", "mask.log_every_n_steps=1",
+            f"hydra.run.dir={tmp_path / name}", *QUIET,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        finals.append({k: v for k, v in metrics.items() if "seconds" not in k})
+    assert finals[0] == finals[1]
+
+
+def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) -> None:
+    result = run_train(
+        "-m", "data=synthetic", "trainer.max_epochs=1", "mask=weight,activation", "seed=0",
+        f"hydra.sweep.dir={tmp_path}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(path.parent.name for path in tmp_path.glob("*/metrics.json"))
+    assert runs == [
+        "data=synthetic,mask=activation,seed=0,trainer.max_epochs=1",
+        "data=synthetic,mask=weight,seed=0,trainer.max_epochs=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("data=imagenet",), "unknown data 'imagenet'; choose one of: cifar10, fashion_mnist, mnist, synthetic"),
+        (("model=transformer",), "unknown model 'transformer'; choose one of: convnet, resnet, vgg"),
+        (("mask=magic",), "unknown mask 'magic'; choose one of:"),
+        (("data=synthetic", "trainer.max_epochs=-3"), "trainer.max_epochs must be a positive integer, got -3"),
+        (("data=synthetic", "model.activation=tanh"), "unknown activation 'tanh'; choose one of: gelu, leaky_relu"),
+        (("data=synthetic", "mask=weight", "mask.amount=1.5"), "mask.amount must be a fraction in [0, 1), got 1.5"),
+        (("data=synthetic", "mask=weight", "mask.criterion=magnitude"), "unknown mask.criterion 'magnitude'"),
+        (("data=synthetic", "mask=weight", "mask.layers=[conv9]"), "mask.layers pattern 'conv9' matches no prunable"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path: Path, overrides: tuple[str, ...], expected: str) -> None:
+    result = run_train(*overrides, f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("pruneflow: error: ") and expected in last_line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_names_folder_files_and_both_fixes(tmp_path: Path) -> None:
+    result = run_train("data=mnist", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("pruneflow: error: ")
+    for fragment in (str(tmp_path), "train-images-idx3-ubyte", "data.download=true", "data.root="):
+        assert fragment in last_line, last_line
+
+
+@pytest.mark.slow
+def test_mnist_default_config_reaches_99_percent_in_two_epochs(tmp_path: Path, shared_data: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(f"data.root={shared_data}", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *QUIET)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] >= 0.99, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vgg model.layers=[16,M,32,M,64,M]", "resnet"])
+def test_cifar10_subset_trains_vgg_and_resnet(tmp_path: Path, shared_data: Path, model: str) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=cifar10", f"data.root={shared_data / 'CIFAR10-subset'}", "data.verify=false", "data.limit_train=1000",
+        *f"model={model}".split(), "mask=activation", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.1 and metrics["leak/activation_abs_mean/final"] == 0.0
