@@ -137,13 +137,13 @@ class ChannelPruning(Callback):
             return
         network = self.network(pl_module)
         all_layers = find_prunable_layers(network)
+        self._check_explicit_channels(all_layers)
         patterns = self.layer_patterns
         if self.criterion == EXPLICIT and patterns is None:
             patterns = list(self.explicit_channels)
         self.layers = select_layers(all_layers, patterns)
         if not self.layers:
             raise ValueError(f"{type(network).__name__} has no conv with a channel point to prune")
-        self._check_explicit_channels(all_layers)
         if self.criterion == "bn_gamma":
             for layer in self.layers:
                 CRITERIA["bn_gamma"](layer, ScoringContext())  # raises for a layer without BatchNorm

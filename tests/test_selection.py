@@ -1,0 +1,153 @@
+"""Which channels are pruned, when, and the errors for selections that cannot work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from test_strategies import TinyNet, toy_loader
+from torch import nn
+
+from pruneflow import ChannelPruning, ClassifierModule
+from pruneflow.pruning.channels import find_prunable_layers
+from pruneflow.pruning.criteria import CRITERIA, ScoringContext, channels_to_prune, select_channels
+from pruneflow.pruning.schedule import PruningSchedule
+
+
+def fit(module: L.LightningModule, pruning: ChannelPruning, epochs: int = 1) -> None:
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=toy_loader())
+
+
+def tiny_module(activation: str = "relu") -> ClassifierModule:
+    torch.manual_seed(0)
+    return ClassifierModule(TinyNet(activation), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), num_classes=3)
+
+
+def test_l1_selects_the_smallest_kernels() -> None:
+    model = TinyNet("relu")
+    with torch.no_grad():
+        for channel, scale in enumerate([5.0, 0.1, 3.0, 0.2, 4.0, 0.3]):
+            model.features[0].weight[channel] = scale
+    layer = find_prunable_layers(model)[0]
+    scores = CRITERIA["l1"](layer, ScoringContext())
+    pruned = select_channels(scores, channels_to_prune(6, 0.5), torch.zeros(6, dtype=torch.bool))
+    assert pruned.nonzero().flatten().tolist() == [1, 3, 5]
+
+
+def test_bn_gamma_and_random_criteria() -> None:
+    model = TinyNet("relu")
+    with torch.no_grad():
+        model.features[1].weight.copy_(torch.tensor([1.0, -0.01, 2.0, 0.5, -3.0, 0.02]))
+    layer = find_prunable_layers(model)[0]
+    gamma = CRITERIA["bn_gamma"](layer, ScoringContext())
+    assert select_channels(gamma, 2, torch.zeros(6, dtype=torch.bool)).nonzero().flatten().tolist() == [1, 5]
+    first = CRITERIA["random"](layer, ScoringContext(seed=3))
+    assert torch.equal(first, CRITERIA["random"](layer, ScoringContext(seed=3)))
+    assert not torch.equal(first, CRITERIA["random"](layer, ScoringContext(seed=4)))
+
+
+def test_amount_never_removes_a_whole_layer_and_keeps_earlier_choices() -> None:
+    assert channels_to_prune(3, 0.5) == 1
+    assert channels_to_prune(2, 0.99) == 1
+    assert channels_to_prune(1, 0.9) == 0
+    already = torch.tensor([False, False, True, False])
+    assert select_channels(torch.tensor([0.0, 1.0, 9.0, 2.0]), 2, already).tolist() == [True, False, True, False]
+
+
+def test_explicit_channels_are_pruned_at_the_given_step() -> None:
+    pruning = ChannelPruning("activation", criterion="explicit", channels={"features.3": [1, 6]}, at_step=3)
+    fit(tiny_module(), pruning)
+    assert list(pruning.pruned) == ["features.3"]
+    assert pruning.pruned["features.3"].nonzero().flatten().tolist() == [1, 6]
+    assert pruning.final_metrics()["mask/pruning_steps"] == [3]
+
+
+def test_taylor_gathers_gradients_for_its_batches_then_prunes() -> None:
+    pruning = ChannelPruning("activation", criterion="taylor", taylor_batches=3, at_step=2, log_every_n_steps=1)
+    fit(tiny_module(), pruning)
+    assert pruning.final_metrics()["mask/pruning_steps"] == [5]
+    assert {name: int(mask.sum()) for name, mask in pruning.pruned.items()} == {"features.0": 3, "features.3": 4}
+
+
+def test_gradual_schedule_follows_the_cubic_ramp() -> None:
+    schedule = PruningSchedule(0.8, "gradual", start_epoch=1, end_epoch=3)
+    targets = [schedule.target(epoch, 0) for epoch in range(5)]
+    assert targets == pytest.approx([0.0, 0.0, 0.8 * (1 - 0.5**3), 0.8, 0.8])
+    pruning = ChannelPruning("activation", amount=0.8, schedule="gradual", start_epoch=0, end_epoch=2)
+    fit(tiny_module(), pruning, epochs=3)
+    assert len(pruning.pruning_steps) == 2  # epoch 0 targets 0: nothing; epochs 1 and 2 prune more
+    assert int(pruning.pruned["features.3"].sum()) == channels_to_prune(8, 0.8)
+
+
+class BareModule(L.LightningModule):
+    """Not a ClassifierModule, and no ``model`` attribute: the callback prunes the module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyNet("silu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_callback_works_on_any_lightning_module() -> None:
+    pruning = ChannelPruning("activation", at_step=4, reset_optimizer_state=True, log_every_n_steps=1)
+    fit(BareModule(), pruning)
+    assert [layer.name for layer in pruning.layers] == ["body.features.0", "body.features.3"]
+    assert pruning.final_metrics()["drift/producer_l2/max"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": "prune_harder"}, "unknown mask strategy 'prune_harder'; choose one of: none, weight, activation"),
+        ({"criterion": "magnitude"}, "unknown mask.criterion 'magnitude'; choose one of: l1, l2, random"),
+        ({"amount": 1.0}, r"mask.amount must be a fraction in \[0, 1\), got 1.0"),
+        ({"amount": -0.1}, r"mask.amount must be a fraction in \[0, 1\), got -0.1"),
+        ({"criterion": "explicit"}, "mask.criterion=explicit needs mask.channels"),
+        ({"at_epoch": 1, "at_step": 3}, "set mask.at_epoch or mask.at_step, not both"),
+        ({"schedule": "gradual", "start_epoch": 2, "end_epoch": 2}, "needs 0 <= mask.start_epoch < mask.end_epoch"),
+        ({"log_every_n_steps": 0}, "mask.log_every_n_steps must be a positive integer, got 0"),
+    ],
+)
+def test_bad_arguments_are_rejected_in_init(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ChannelPruning(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("channels", "message"),
+    [
+        ({"features.3": [2, 8]}, r"mask.channels\[features.3\] has indices \[8\] outside 0..7"),
+        ({"features.0": [0, 1, 2, 3, 4, 5]}, r"would remove all 6 channels; keep at least one"),
+        ({"classifier.1": [0]}, "mask.channels names 'classifier.1', which is not a prunable conv"),
+    ],
+)
+def test_bad_explicit_channels_are_rejected_before_training(channels: dict, message: str) -> None:
+    pruning = ChannelPruning("activation", criterion="explicit", channels=channels)
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_module(), pruning)
+
+
+def test_bn_gamma_on_a_layer_without_batchnorm_is_rejected() -> None:
+    class NoNorm(TinyNet):
+        def __init__(self) -> None:
+            super().__init__("relu")
+            self.features[1] = nn.Identity()
+
+    module = ClassifierModule(NoNorm(), lambda p: torch.optim.SGD(p, lr=0.1), num_classes=3)
+    with pytest.raises(ValueError, match=r"bn_gamma' needs an affine BatchNorm after features\.0"):
+        fit(module, ChannelPruning("activation", criterion="bn_gamma"))
