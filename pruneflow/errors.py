@@ -9,7 +9,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the value and what is accepted."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+# ArithmeticError: NonFiniteLossError, a diverged run (named step), not a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ArithmeticError
+)  # fmt: skip
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -23,9 +23,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from pruneflow.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
+from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
-from pruneflow.io import write_json_atomic
+from pruneflow.guards import NonFiniteLossGuard
+from pruneflow.io import write_json_atomic, write_text_atomic
 from pruneflow.module import ClassifierModule
+from pruneflow.pruning import ChannelPruning
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be a positive integer, got {max_epochs!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    compact = cfg.get("compact", False)
+    if not isinstance(compact, bool):
+        raise ConfigError(f"compact must be true or false, got {compact!r}")
+    if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
+        raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -57,15 +66,17 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    checkpoint = ModelCheckpoint(
+    # Two checkpointers: Lightning >= 2.6 refreshes `save_last` only when a monitored checkpoint is
+    # saved, so a plateaued val/acc would leave last.ckpt behind; an unmonitored one saves every epoch.
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best-epoch{epoch:03d}",
         auto_insert_metric_name=False,
         monitor="val/acc",
         mode="max",
-        save_last=True,
     )
-    callbacks: list[Callback] = [checkpoint]
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
+    callbacks: list[Callback] = [best, last, NonFiniteLossGuard()]
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if callback_cfg is None:
             continue
@@ -93,12 +104,35 @@ def final_metrics(
     return metrics
 
 
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
+    so it is complete even after a SIGKILL); None for a fresh run."""
+    if cfg.get("ckpt_path"):
+        return Path(cfg.ckpt_path)
+    if cfg.get("resume"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return last
+        log.warning("resume=true but %s does not exist yet: starting from scratch", last)
+    return None
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to the output folder {run_dir} ({exc.strerror or exc}); "
+            "choose a writable one with hydra.run.dir="
+        ) from exc
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
     run_dir = Path(run_dir)
     validate_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -112,10 +146,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         num_classes=datamodule.num_classes,
     )
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg, run_dir), logger=logger)
+    callbacks = build_callbacks(cfg, run_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+    resume = checkpoint_to_resume(cfg, run_dir)
+    if resume is not None:
+        check_checkpoint_matches(module, resume)
+        for callback in callbacks:
+            if isinstance(callback, ChannelPruning):
+                callback.resume_from(resume)
+        log.info("resuming from %s", resume)
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     fit_seconds = time.perf_counter() - started
     fit_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     test_results = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -130,6 +172,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         logger.log_hyperparams(flat_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k and _finite(v)})
+        write_json_atomic(run_dir / "metrics.json", metrics)
+    if cfg.get("compact") and trainer.is_global_zero:
+        # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
+        metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
         write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("run finished in %.1f s: %s", wall_seconds, {k: metrics[k] for k in metrics if k.startswith("test/")})
     return metrics

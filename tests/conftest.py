@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # CI and developers keep the read-only real data sets beside the checkout, in ../shared/data.
-SHARED_DATA = Path(os.environ.get("PRUNEFLOW_TEST_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("PRUNEFLOW_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """Tests of pruneflow.data: in-memory data modules, batch iterators, batch transforms and their errors."""
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
+from conftest import SHARED_DATA
 from torch import nn
 
 from pruneflow.data import (
@@ -28,15 +28,7 @@ from pruneflow.data import (
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA = Path(os.environ.get("PRUNEFLOW_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CIFAR_SUBSET = SHARED_DATA / "CIFAR10-subset"
-
-
-@pytest.fixture(scope="module")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set PRUNEFLOW_TEST_DATA)")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -119,6 +120,8 @@ class ChannelPruning(Callback):
         self._last_logged_step: int | None = None
         self._taylor_pending: int | None = None
         self._taylor_scores: dict[str, Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._restored = False
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -155,6 +158,9 @@ class ChannelPruning(Callback):
                     "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
                 )
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
+        if self._pending_state is not None:
+            # Before Lightning restores the weights: parametrized layers must exist for their keys to load.
+            self._restore(self._pending_state)
         log.info("pruning %d layers with mask=%s: %s", len(self.layers), self.strategy_name,
                  ", ".join(layer.name for layer in self.layers))  # fmt: skip
 
@@ -291,6 +297,87 @@ class ChannelPruning(Callback):
     def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """All a resumed run needs to continue exactly: plain tensors, numbers and strings only, so the
+        checkpoint loads with ``torch.load(weights_only=True)``."""
+        references = self.telemetry.consumer_reference if self.telemetry else {}
+        return {
+            "strategy": self.strategy_name,
+            "criterion": self.criterion,
+            "amount": self.amount,
+            "reset_optimizer_state": self.reset_optimizer_state,
+            "layers": {layer.name: layer.num_channels for layer in self.layers},
+            "pruned": {name: mask.cpu() for name, mask in self.pruned.items()},
+            "pruned_amount": self.pruned_amount,
+            "pruning_steps": list(self.pruning_steps),
+            "consumer_reference": {
+                f"{producer}>{consumer}": ref.cpu() for (producer, consumer), ref in references.items()
+            },
+            "history": {tag: list(values) for tag, values in self.history.items()},
+            "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
+            "taylor_pending": -1 if self._taylor_pending is None else self._taylor_pending,
+            "taylor_scores": {name: score.cpu() for name, score in self._taylor_scores.items()},
+        }
+
+    def resume_from(self, checkpoint_path: str | Path) -> None:
+        """Read this callback's state from a checkpoint now, to re-install masks in ``setup``.
+
+        ``Trainer.fit(ckpt_path=...)`` restores the weights before it calls ``load_state_dict``; a
+        ``parametrize`` run's weights only load into parametrized layers, so call this first.
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            raise ValueError(f"checkpoint {checkpoint_path} holds no {self.state_key} state: it was not a pruning run")
+        self._check_compatible(state, str(checkpoint_path))
+        self._pending_state = state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._restored:
+            return  # already restored in setup, from resume_from
+        self._check_compatible(state_dict, "the checkpoint")
+        if self.layers:
+            self._restore(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _check_compatible(self, state: dict[str, Any], origin: str) -> None:
+        if state["strategy"] != self.strategy_name:
+            raise ValueError(
+                f"{origin} was pruned with mask={state['strategy']} but this run has mask={self.strategy_name}; "
+                f"resume with mask={state['strategy']} or start a new run"
+            )
+        if self.layers and state["layers"] != {layer.name: layer.num_channels for layer in self.layers}:
+            raise ValueError(
+                f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
+                f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
+            )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self._check_compatible(state, "the checkpoint")
+        assert self.telemetry is not None
+        by_name = {layer.name: layer for layer in self.layers}
+        for name, mask in state["pruned"].items():
+            layer = by_name[name]
+            mask = mask.to(layer.conv.weight.device)
+            self.pruned[name] = mask
+            self.telemetry.pruned[name] = mask.clone()
+            if mask.any():
+                self.strategy.install(layer, mask)
+        for key, reference in state["consumer_reference"].items():
+            producer, consumer = key.split(">")
+            device = by_name[producer].conv.weight.device
+            self.telemetry.consumer_reference[(producer, consumer)] = reference.to(device)
+        self.pruned_amount = float(state["pruned_amount"])
+        self.pruning_steps = list(state["pruning_steps"])
+        self.history = {tag: list(values) for tag, values in state["history"].items()}
+        self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
+        self._taylor_pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
+        self._taylor_scores = dict(state["taylor_scores"])
+        self._pending_state = None
+        self._restored = True
 
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 One small interface, one short class per strategy (as ``torch.nn.utils.prune`` does for methods):
 
-- ``apply``: at each pruning event, with the layer's full boolean mask (True = pruned);
+- ``apply``: at each pruning event, with the layer's full boolean mask (True = pruned): zero the
+  kernels (where the strategy does) and ``install`` the masking machinery (hooks, parametrizations);
+  a resumed run only ``install``s, since its weights come from the checkpoint;
 - ``before_optimizer_step``: after backward, before the step (gradient masking);
 - ``after_optimizer_step``: after the step (re-zeroing);
 - ``trainable_tensors``: the leaf parameters the optimizer moves for the producer (for resetting
@@ -46,6 +48,10 @@ class MaskStrategy:
     def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
         if self.zeroes_kernels:
             zero_rows(self.trainable_tensors(layer), pruned)
+        self.install(layer, pruned)
+
+    def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        """Put (or update) whatever keeps acting on the layer after pruning; nothing for most strategies."""
 
     def before_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
         """Called after backward and before the optimizer step."""
@@ -128,7 +134,7 @@ class ParametrizeMask(MaskStrategy):
     name = "parametrize"
     zeroes_kernels = False
 
-    def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
+    def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         for tensor_name in self._tensor_names(layer):
             if parametrize.is_parametrized(layer.conv, tensor_name):
                 keep = layer.conv.parametrizations[tensor_name][0].keep
@@ -169,8 +175,7 @@ class ActivationMask(MaskStrategy):
         self._keep: dict[str, Tensor] = {}
         self._handles: dict[str, RemovableHandle] = {}
 
-    def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
-        super().apply(layer, pruned)
+    def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         keep = _keep_shape(pruned, 4).view(1, -1, 1, 1).to(layer.conv.weight.device)
         if layer.name in self._keep:
             self._keep[layer.name].copy_(keep)

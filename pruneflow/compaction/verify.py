@@ -1,0 +1,100 @@
+"""Verification: does the compacted model compute what the masked model computed? Logits compared on a test set.
+
+The masked model is the network as trained, in eval mode, with its strategy's masks in effect (an
+``activation`` mask's hooks, a ``parametrize`` mask's parametrization). Where every cut channel was
+dead the two agree to float rounding; where pruned channels were alive (``weight``, ``none``, or β
+leaking under ``gradient``/``hard``/``parametrize``) the accuracy gap is the honest price of the cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; every submodule's own training flag is restored afterwards."""
+    flags = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def device_of(model: nn.Module) -> torch.device:
+    tensor = next((t for t in (*model.parameters(), *model.buffers())), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+@dataclass
+class Verification:
+    """Masked against compacted logits over ``images`` test images."""
+
+    max_abs_diff: float
+    agreement: float
+    acc_masked: float
+    acc: float
+    images: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def acc_gap(self) -> float:
+        """Accuracy lost by compaction (masked − compacted), in [−1, 1]."""
+        return self.acc_masked - self.acc
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "compact/max_abs_diff": self.max_abs_diff,
+            "compact/agreement": self.agreement,
+            "compact/acc_masked": self.acc_masked,
+            "compact/acc": self.acc,
+            "compact/acc_gap": self.acc_gap,
+            "compact/test_images": self.images,
+        }
+
+
+@torch.inference_mode()
+def verify(masked: nn.Module, compacted: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> Verification:
+    """Run both models in eval mode over ``(images, labels)`` batches (already normalised) and compare.
+
+    ``max_abs_diff`` is the largest |Δ logit| over all images and classes, ``agreement`` the share of
+    images whose top-1 class is the same; each model's accuracy is measured against the labels.
+    """
+    masked_device, compacted_device = device_of(masked), device_of(compacted)
+    max_diff = torch.zeros((), dtype=torch.float64)
+    agree = correct_masked = correct = images_seen = 0
+    input_shape: tuple[int, ...] = ()
+    with evaluating(masked, compacted):
+        for images, labels in batches:
+            reference = masked(images.to(masked_device)).float()
+            logits = compacted(images.to(compacted_device)).float().to(reference.device)
+            labels = labels.to(reference.device)
+            max_diff = torch.maximum(max_diff, (reference - logits).abs().max().double().cpu())
+            predicted_masked, predicted = reference.argmax(1), logits.argmax(1)
+            agree += int((predicted_masked == predicted).sum())
+            correct_masked += int((predicted_masked == labels).sum())
+            correct += int((predicted == labels).sum())
+            images_seen += len(labels)
+            input_shape = tuple(images.shape[1:])
+    if not images_seen:
+        raise ValueError("verification got no test images; the test dataloader is empty")
+    return Verification(
+        max_abs_diff=float(max_diff),
+        agreement=agree / images_seen,
+        acc_masked=correct_masked / images_seen,
+        acc=correct / images_seen,
+        images=images_seen,
+        input_shape=input_shape,
+    )

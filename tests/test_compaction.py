@@ -1,0 +1,330 @@
+"""Compaction: masked models cut to smaller ones that compute the same function, refusals, export, entry points.
+
+Models get random BatchNorm statistics and affine parameters first, so a masked channel's β is not
+zero: masks then change the output, and a compaction that dropped the wrong rows or columns would too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import QUIET, REPO, run_train
+from test_train import scalar_tags
+from torch import Tensor, nn
+
+from pruneflow.compaction import (
+    CompactionError,
+    compact,
+    compact_and_verify,
+    export_compact,
+    load_compact,
+    load_exported,
+)
+from pruneflow.models import VGG, ConvNet, ResNet
+from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
+from pruneflow.pruning.strategies import make_strategy
+
+TOLERANCE = 1e-5
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator))
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
+def random_masks(layers: list[PrunableLayer], seed: int = 0) -> dict[str, Tensor]:
+    """About half of each layer's channels, never none and never all."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for layer in layers:
+        mask = torch.rand(layer.num_channels, generator=generator) < 0.5
+        mask[0], mask[-1] = True, False
+        masks[layer.name] = mask
+    return masks
+
+
+def mask_with(strategy: str, model: nn.Module, masks: dict[str, Tensor]) -> None:
+    by_name = {layer.name: layer for layer in find_prunable_layers(model)}
+    masking = make_strategy(strategy)
+    for name, mask in masks.items():
+        masking.apply(by_name[name], mask)
+
+
+def kept(masks: dict[str, Tensor], name: str) -> int:
+    return int((~masks[name]).sum())
+
+
+def convnet_shapes(masks: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    a, b, c = (kept(masks, f"features.{i}") for i in (0, 4, 8))
+    return {
+        "features.0.weight": (a, 1, 3, 3), "features.1.running_var": (a,), "features.4.weight": (b, a, 3, 3),
+        "features.5.bias": (b,), "features.8.weight": (c, b, 3, 3), "classifier.2.weight": (10, c * 3 * 3),
+    }  # fmt: skip
+
+
+def vgg_shapes(masks: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    a, b, c = (kept(masks, f"features.{i}") for i in (0, 4, 8))
+    return {"features.0.weight": (a, 3, 3, 3), "features.4.weight": (b, a, 3, 3), "features.8.weight": (c, b, 3, 3),
+            "features.9.running_mean": (c,), "classifier.2.weight": (10, c)}  # fmt: skip
+
+
+def resnet_shapes(masks: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for stage, width in ((1, 4), (2, 8), (3, 16)):
+        for block in range(3):
+            name = f"layer{stage}.{block}"
+            inner = kept(masks, f"{name}.conv1")
+            in_channels = width // 2 if stage > 1 and block == 0 else width
+            shapes[f"{name}.conv1.weight"] = (inner, in_channels, 3, 3)
+            shapes[f"{name}.bn1.weight"] = (inner,)
+            shapes[f"{name}.conv2.weight"] = (width, inner, 3, 3)
+    return shapes
+
+
+FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], Callable[..., dict[str, tuple[int, ...]]]]] = {
+    "convnet": (lambda: ConvNet(channels=(6, 8, 12)), (1, 28, 28), convnet_shapes),
+    "vgg": (lambda: VGG(layers=[8, "M", 12, "M", 16]), (3, 32, 32), vgg_shapes),
+    "resnet20": (lambda: ResNet(depth=20, width=4), (3, 32, 32), resnet_shapes),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_masked_model_compacts_to_the_same_function(family: str) -> None:
+    build, input_shape, expected_shapes = FAMILIES[family]
+    torch.manual_seed(0)
+    model = randomize_norms(build())
+    images = torch.randn(8, *input_shape)
+    dense = model(images)
+    masks = random_masks(select_layers(find_prunable_layers(model), None))  # ResNet: block-internal convs
+    mask_with("activation", model, masks)
+    masked = model(images)
+    assert (masked - dense).abs().max() > 1e-2  # β ≠ 0: the masks matter
+
+    compaction = compact(model, masks)
+
+    assert (compaction.model(images) - masked).abs().max() <= TOLERANCE
+    assert torch.equal(model(images), masked)  # the masked network is left as it was
+    shapes = {name: tuple(tensor.shape) for name, tensor in compaction.model.state_dict().items()}
+    assert {name: shapes[name] for name in expected_shapes(masks)} == expected_shapes(masks)
+    assert compaction.removed == {name: mask.nonzero().flatten().tolist() for name, mask in masks.items()}
+    assert not any(module._forward_hooks for module in compaction.model.modules())
+
+
+def test_channel_on_one_branch_of_a_residual_addition_is_refused_naming_the_layer() -> None:
+    model = randomize_norms(ResNet(depth=20, width=4))
+    mask_with("activation", model, {"layer1.1.conv2": torch.tensor([True, False, False, False])})
+    with pytest.raises(CompactionError, match=r"channels \[0\] of layer1\.1\.conv2: they feed a residual addition"):
+        compact(model, {"layer1.1.conv2": [0]})
+
+
+def test_residual_channel_pruned_by_its_whole_coupled_group_is_cut() -> None:
+    model = randomize_norms(ResNet(depth=20, width=4))
+    stage1 = ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]
+    stage2 = ["layer2.0.shortcut.0", "layer2.0.conv2", "layer2.1.conv2", "layer2.2.conv2"]
+    masks = {name: torch.tensor([False, True, False, True]) for name in stage1}
+    masks |= {name: torch.arange(8) % 4 == 0 for name in stage2}
+    mask_with("activation", model, masks)
+    images = torch.randn(4, 3, 32, 32)
+    masked = model(images)
+
+    compaction = compact(model, masks)
+
+    assert (compaction.model(images) - masked).abs().max() <= TOLERANCE
+    shapes = {name: tuple(tensor.shape) for name, tensor in compaction.model.state_dict().items()}
+    assert shapes["conv1.weight"] == (2, 3, 3, 3) and shapes["bn1.running_mean"] == (2,)
+    assert shapes["layer1.2.conv1.weight"] == (4, 2, 3, 3) and shapes["layer1.2.conv2.weight"] == (2, 4, 3, 3)
+    assert shapes["layer2.0.conv1.weight"] == (8, 2, 3, 3) and shapes["layer2.0.shortcut.0.weight"] == (6, 2, 1, 1)
+    assert shapes["layer3.0.conv1.weight"] == (16, 6, 3, 3) and shapes["layer3.0.shortcut.0.weight"] == (16, 6, 1, 1)
+
+
+class PlainConvs(nn.Module):
+    """Convs with biases and no BatchNorm: the channel point is the conv output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.act(self.conv2(self.act(self.conv1(x)))))
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "parametrize"])
+def test_conv_without_norm_compacts_exactly(strategy: str) -> None:
+    torch.manual_seed(0)
+    model = PlainConvs().eval()
+    masks = {"conv1": torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool), "conv2": torch.arange(8) >= 5}
+    mask_with(strategy, model, masks)
+    images = torch.randn(4, 1, 8, 8)
+    masked = model(images)
+
+    compaction = compact(model, masks)
+
+    assert (compaction.model(images) - masked).abs().max() <= TOLERANCE
+    state = compaction.model.state_dict()
+    assert tuple(state["conv1.bias"].shape) == (4,) and tuple(state["conv2.weight"].shape) == (5, 4, 3, 3)
+    assert tuple(state["fc.weight"].shape) == (3, 5 * 16)
+    assert torch.equal(model(images), masked)  # the parametrized original still works after the copy
+
+
+def test_weight_mask_leaves_channels_alive_and_the_gap_is_reported() -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(ConvNet(channels=(6, 8, 12)))
+    masks = random_masks(select_layers(find_prunable_layers(model), None))
+    mask_with("weight", model, masks)  # kernels zeroed, β still flows through the activation
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(50, 1, 28, 28, generator=generator), torch.randint(0, 10, (50,), generator=generator))]
+
+    _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
+
+    assert metrics["compact/max_abs_diff"] > 1e-2
+    assert metrics["compact/acc_gap"] == metrics["compact/acc_masked"] - metrics["compact/acc"]
+    assert metrics["compact/test_images"] == 50 and 0 <= metrics["compact/agreement"] <= 1
+    assert metrics["compact/params_after"] < metrics["compact/params_before"]
+    pruned = sum(int(mask.sum()) for mask in masks.values())
+    assert metrics["compact/flops_ratio"] > 1.5 and metrics["compact/channels_after"] == 26 - pruned
+
+
+class Scaled(nn.Module):
+    """A conv whose output is scaled by a tensor product: compaction does not know what that does to channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.gate = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.bn1(self.conv1(x)) * self.gate)
+
+
+class SharedConsumer(nn.Module):
+    """One conv applied twice: slicing its input for the first call would break the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv2(self.bn1(self.conv1(x))))
+
+
+def test_unsupported_structures_are_refused_naming_the_layer() -> None:
+    with pytest.raises(CompactionError, match="cannot cut channels of conv1: its output reaches an op"):
+        compact(Scaled(), {"conv1": [0]})
+    with pytest.raises(CompactionError, match="cannot cut channels of conv1: its consumer conv2 is called 2 times"):
+        compact(SharedConsumer(), {"conv1": [0]})
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        ({"features.3": [0]}, "'features.3', which is not a prunable conv of ConvNet; prunable convs: features.0"),
+        ({"features.0": [True, False]}, "the mask of features.0 has 2 entries; features.0 has 6 output channels"),
+        ({"features.0": [0, 6]}, r"the mask of features.0 names channels \[6\] outside 0..5"),
+        ({"features.0": list(range(6))}, "cannot cut all 6 channels of features.0"),
+    ],
+)
+def test_bad_masks_are_one_clear_error(masks: dict[str, list], message: str) -> None:
+    with pytest.raises(CompactionError, match=message):
+        compact(ConvNet(channels=(6, 8, 12)), masks)
+
+
+def test_export_round_trip_loads_with_and_without_pruneflow(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(VGG(layers=[8, "M", 12, "M", 16]))
+    masks = random_masks(select_layers(find_prunable_layers(model), None))
+    mask_with("activation", model, masks)
+    compaction = compact(model, masks)
+    config = {"_target_": "pruneflow.models.VGG", "layers": [8, "M", 12, "M", 16], "input_shape": [3, 32, 32]}
+    paths = export_compact(compaction, (3, 32, 32), tmp_path, config)
+    images = torch.randn(5, 3, 32, 32)
+    expected = compaction.model(images)
+
+    assert torch.allclose(load_compact(paths["state"])(images), expected, atol=TOLERANCE, rtol=0)
+    assert torch.allclose(load_exported(paths["program"])(images), expected, atol=TOLERANCE, rtol=0)
+    torch.save({"images": images, "expected": expected.detach()}, tmp_path / "io.pt")
+    standalone = (
+        "import sys, torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"model = torch.export.load({str(paths['program'])!r}).module()\n"
+        "assert (model(io['images']) - io['expected']).abs().max() <= 1e-5\n"
+        "assert model(io['images'][:1]).shape == (1, 10)\n"
+        "assert not any(name.startswith('pruneflow') for name in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", standalone], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def compact_script() -> ModuleType:
+    """``scripts/compact.py`` as a module (scripts are not a package), to run its ``main`` in this process."""
+    spec = importlib.util.spec_from_file_location("compact_script", REPO / "scripts" / "compact.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compact_true_run_writes_figures_and_export_and_the_script_recompacts_its_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_epochs=1", "mask=activation", "compact=true", f"hydra.run.dir={run_dir}", *QUIET
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_abs_diff"] <= TOLERANCE
+    assert metrics["compact/acc"] == metrics["compact/acc_masked"] == pytest.approx(metrics["test/acc"])
+    assert metrics["compact/flops_ratio"] > 2 and metrics["compact/latency_b256_speedup"] > 0
+    assert (run_dir / "compact" / "model.pt2").is_file() and (run_dir / "compact" / "compact_state.pt").is_file()
+    assert {"compact/agreement", "compact/max_abs_diff", "compact/acc_gap"} <= scalar_tags(run_dir)
+
+    (run_dir / "compact" / "model.pt2").unlink()
+    with caplog.at_level(logging.WARNING):
+        compact_script().main([str(run_dir), "--latency-batch-sizes", ""])
+    assert "the run reported test/acc" not in caplog.text  # masks and weights restored from the checkpoint
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["compact/agreement"] == 1.0 and again["compact/acc_masked"] == metrics["compact/acc_masked"]
+    assert again["test/acc"] == metrics["test/acc"] and (run_dir / "compact" / "model.pt2").is_file()
+
+
+def test_compact_without_a_mask_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_train("data=synthetic", "compact=true", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert result.returncode != 0
+    assert "pruneflow: error: compact=true needs mask=<strategy>" in result.stderr
+
+
+@pytest.mark.slow
+def test_mnist_activation_masks_after_pretraining_compact_exactly(tmp_path: Path, shared_data: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        f"data.root={shared_data}", "mask=activation", "mask.at_epoch=1", "trainer.max_epochs=2", "compact=true",
+        f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_abs_diff"] <= 1e-4
+    assert metrics["compact/flops_ratio"] > 3

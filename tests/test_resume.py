@@ -1,0 +1,148 @@
+"""Runs you can trust: exact resume, SIGKILL at any moment, refused mismatches, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET, REPO, run_train
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_strategies import TinyNet, toy_loader
+
+from pruneflow import ChannelPruning, ClassifierModule
+from pruneflow.checkpointing import AtomicCheckpointIO
+from pruneflow.guards import NonFiniteLossError, NonFiniteLossGuard
+
+# ~40 steps per epoch: long enough to stop a run between its checkpoints, short enough for CI.
+RUN = (
+    "data=synthetic", "data.num_train=6000", "trainer.max_epochs=3", "deterministic=true",
+    "mask=parametrize", "mask.at_epoch=1", "mask.log_every_n_steps=5", "model.activation=silu", *QUIET,
+)  # fmt: skip
+
+
+def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    drift = {key: value for key, value in metrics.items() if key.startswith(("drift/", "grad/", "leak/", "bn/"))}
+    return checkpoint["state_dict"], drift
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], dict]:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_train(*RUN, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return final_state(run_dir)
+
+
+def start_run(run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def kill_and_resume(run_dir: Path, kill_when: str) -> None:
+    process = start_run(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if kill_when == "first checkpoint" and last.exists():
+            break
+        if kill_when.endswith("s") and kill_when[:-1].replace(".", "").isdigit():
+            time.sleep(float(kill_when[:-1]))
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = run_train(*RUN, f"hydra.run.dir={run_dir}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def assert_same(run: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    weights, drift = run
+    reference_weights, reference_drift = reference
+    assert weights.keys() == reference_weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, reference_weights[key]), key
+    assert drift == reference_drift
+
+
+def test_killed_after_an_epoch_and_resumed_ends_bit_identical(tmp_path: Path, uninterrupted: tuple) -> None:
+    kill_and_resume(tmp_path / "run", "first checkpoint")
+    assert_same(final_state(tmp_path / "run"), uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["4s", "7s", "10s"])
+def test_sigkill_at_any_moment_then_resume_never_fails_or_loses_an_epoch(
+    tmp_path: Path, uninterrupted: tuple, moment: str
+) -> None:
+    kill_and_resume(tmp_path / "run", moment)
+    assert_same(final_state(tmp_path / "run"), uninterrupted)
+
+
+def test_checkpoints_load_as_plain_tensors_with_the_mask_state(tmp_path: Path) -> None:
+    result = run_train(*RUN, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["callbacks"]["ChannelPruning"]
+    assert state["strategy"] == "parametrize" and state["pruning_steps"] == [43]
+    assert all(mask.dtype == torch.bool for mask in state["pruned"].values())
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries behind
+
+
+def test_resuming_with_another_strategy_is_refused(tmp_path: Path) -> None:
+    first = run_train(*RUN, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run_train(*RUN, "mask=weight", "resume=true", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pruneflow: error: {tmp_path}/checkpoints/last.ckpt was pruned with mask=parametrize but this run has "
+        "mask=weight; resume with mask=parametrize or start a new run"
+    )
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path: Path) -> None:
+    first = run_train("data=synthetic", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'a'}", *QUIET)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    result = run_train(
+        "data=synthetic", "model.channels=[8,16]", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'b'}", *QUIET
+    )
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"pruneflow: error: checkpoint {ckpt} comes from another model: ")
+
+
+class DivergingModule(ClassifierModule):
+    """Returns a NaN loss from step ``bad_step`` on."""
+
+    bad_step = 20
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= self.bad_step else loss
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = DivergingModule(TinyNet("relu"), lambda p: torch.optim.SGD(p, lr=0.05), num_classes=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(
+        max_epochs=4, callbacks=[checkpoint, NonFiniteLossGuard(check_every_n_steps=50), ChannelPruning("activation")],
+        plugins=[AtomicCheckpointIO()], logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="training loss became non-finite at step 20 "):
+        trainer.fit(module, train_dataloaders=toy_loader())  # 16 steps per epoch: step 20 is in epoch 1
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 16
+    assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())
