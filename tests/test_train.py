@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,35 @@ def test_cifar10_subset_trains_vgg_and_resnet(tmp_path: Path, shared_data: Path,
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.1 and metrics["leak/activation_abs_mean/final"] == 0.0
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """A read-only file system (tmpfs mounted ro) where we may mount; else /proc, where nobody can create files."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    yield folder if mounted.returncode == 0 else Path("/proc")
+    if mounted.returncode == 0:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_read_only_output_folder_is_one_clear_line(read_only_folder: Path) -> None:
+    run_dir = read_only_folder / "run"
+    result = run_train("data=synthetic", f"hydra.run.dir={run_dir}", *QUIET)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"pruneflow: error: cannot write the output folder {run_dir} (")
+    assert last_line.endswith("choose another with hydra.run.dir=") and "Traceback" not in result.stderr
+
+
+def test_truncated_data_file_is_one_clear_line(tmp_path: Path, shared_data: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (shared_data / "MNIST" / "raw").iterdir():
+        (raw / source.name).write_bytes(source.read_bytes()[: 10_000 if "train-images" in source.name else None])
+    result = run_train("data=mnist", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"pruneflow: error: cannot read {raw / 'train-images-idx3-ubyte'}")
+    assert "truncated or corrupt" in last_line and "Traceback" not in result.stderr

@@ -122,6 +122,7 @@ class ChannelPruning(Callback):
         self._taylor_scores: dict[str, Tensor] = {}
         self._pending_state: dict[str, Any] | None = None
         self._restored = False
+        self._rank_fingerprints: list[list[float]] = []
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -203,7 +204,8 @@ class ChannelPruning(Callback):
 
     def prune(self, trainer: L.Trainer, target: float) -> None:
         """One pruning event: select up to ``target``, apply the strategy, snapshot references, reset state."""
-        masks = self._new_masks(target)
+        # Rank 0 decides and every rank applies the same masks (scores could differ in the last bit).
+        masks = trainer.strategy.broadcast(self._new_masks(target), src=0)
         assert self.telemetry is not None
         for layer in self.layers:
             mask = masks[layer.name].to(layer.conv.weight.device)
@@ -284,6 +286,18 @@ class ChannelPruning(Callback):
         # The final state, unless the last logging step already measured it.
         if self.pruned and self.telemetry is not None and self._last_logged_step != trainer.global_step:
             self._log(trainer, self.telemetry.measure())
+        self._rank_fingerprints = self._gather_fingerprints(trainer)
+
+    def _gather_fingerprints(self, trainer: L.Trainer) -> list[list[float]]:
+        """(mask checksum, final producer drift) of every rank: evidence that all ranks pruned alike."""
+        checksum = sum(
+            float((mask.nonzero().flatten().double() + 1).square().sum()) * (index + 1)
+            for index, mask in enumerate(self.pruned.values())
+        )
+        drift = self.history.get("drift/producer_l2", [0.0])[-1]
+        local = torch.tensor([checksum, drift], dtype=torch.float64, device=trainer.strategy.root_device)
+        gathered = trainer.strategy.all_gather(local)
+        return gathered.view(-1, 2).tolist()
 
     def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         if not metrics:
@@ -389,6 +403,7 @@ class ChannelPruning(Callback):
             "mask/reset_optimizer_state": self.reset_optimizer_state,
             "mask/pruning_steps": list(self.pruning_steps),
             "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
+            "mask/rank_fingerprints": self._rank_fingerprints,
         }
         for tag, values in self.history.items():
             report[f"{tag}/final"] = values[-1]
