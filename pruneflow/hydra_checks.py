@@ -39,7 +39,8 @@ class OutputFolderCheck(Callback):
     def _check(self, folder: str, key: str) -> None:
         reason = unwritable_reason(Path(folder).absolute())
         if reason:
-            sys.exit(f"pruneflow: error: cannot write the output folder {folder} ({reason}); choose another with {key}=")
+            fix = f"choose another with {key}="
+            sys.exit(f"pruneflow: error: cannot write the output folder {folder} ({reason}); {fix}")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
