@@ -123,6 +123,7 @@ class ChannelPruning(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._restored = False
         self._rank_fingerprints: list[list[float]] = []
+        self._masked: list[tuple[PrunableLayer, Tensor]] = []
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -210,9 +211,10 @@ class ChannelPruning(Callback):
         for layer in self.layers:
             mask = masks[layer.name].to(layer.conv.weight.device)
             self.pruned[layer.name] = mask
-            if mask.any():
+            if bool(mask.any()):
                 self.strategy.apply(layer, mask)
                 self.telemetry.on_pruned(layer, mask)
+        self._refresh_masked()
         self.pruned_amount = target
         self.pruning_steps.append(trainer.global_step)
         if self.reset_optimizer_state:
@@ -221,12 +223,18 @@ class ChannelPruning(Callback):
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
                  self.criterion)  # fmt: skip
 
+    def _refresh_masked(self) -> None:
+        # Decided once per pruning event on the host, so per-step hooks never ask the device `mask.any()`.
+        self._masked = [
+            (layer, mask)
+            for layer in self.layers
+            if (mask := self.pruned.get(layer.name)) is not None and bool(mask.any())
+        ]
+
     def _zero_optimizer_state(self, trainer: L.Trainer) -> None:
         for optimizer in trainer.optimizers:
-            for layer in self.layers:
-                mask = self.pruned.get(layer.name)
-                if mask is not None and mask.any():
-                    zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), mask)
+            for layer, mask in self._masked:
+                zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), mask)
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_batch_start(
@@ -264,19 +272,15 @@ class ChannelPruning(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for layer in self.layers:
-            mask = self.pruned.get(layer.name)
-            if mask is not None and mask.any():
-                self.strategy.before_optimizer_step(layer, mask)
+        for layer, mask in self._masked:
+            self.strategy.before_optimizer_step(layer, mask)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for layer in self.layers:
-            mask = self.pruned.get(layer.name)
-            if mask is not None and mask.any():
-                self.strategy.after_optimizer_step(layer, mask)
-        if self.reset_optimizer_state and self.pruned:
+        for layer, mask in self._masked:
+            self.strategy.after_optimizer_step(layer, mask)
+        if self.reset_optimizer_state and self._masked:
             self._zero_optimizer_state(trainer)
         if self._measure_now:
             self._log(trainer, self.telemetry.measure() if self.telemetry else {})
@@ -378,7 +382,7 @@ class ChannelPruning(Callback):
             mask = mask.to(layer.conv.weight.device)
             self.pruned[name] = mask
             self.telemetry.pruned[name] = mask.clone()
-            if mask.any():
+            if bool(mask.any()):
                 self.strategy.install(layer, mask)
         for key, reference in state["consumer_reference"].items():
             producer, consumer = key.split(">")
@@ -390,6 +394,7 @@ class ChannelPruning(Callback):
         self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
         self._taylor_pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
         self._taylor_scores = dict(state["taylor_scores"])
+        self._refresh_masked()
         self._pending_state = None
         self._restored = True
 
