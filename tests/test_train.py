@@ -44,6 +44,10 @@ def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Pa
     for tag in ("drift/producer_l2", "drift/zero_fraction", "drift/consumer_l2", "grad/pruned_l2",
                 "leak/activation_abs_mean", "bn/beta_abs", "drift/producer_l2/features.0"):  # fmt: skip
         assert tag in tags, tag
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert accumulator.PluginTagToContent("custom_scalars")  # the overlay dashboard layout
+    assert accumulator.PluginTagToContent("hparams")  # hyperparameters with final metrics
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["mask/strategy"] == "weight" and metrics["mask/pruning_steps"] == [8]
     assert metrics["drift/producer_l2/final"] > 0  # SiLU after pre-training: the zeroed kernels move again

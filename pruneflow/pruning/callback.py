@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
@@ -39,7 +40,7 @@ from pruneflow.pruning.criteria import (
 )
 from pruneflow.pruning.schedule import PruningSchedule
 from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
-from pruneflow.pruning.telemetry import DriftTelemetry
+from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,18 @@ class ChannelPruning(Callback):
                     "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
                 )
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
+        self._write_dashboard_layout(trainer)
         if self._pending_state is not None:
             # Before Lightning restores the weights: parametrized layers must exist for their keys to load.
             self._restore(self._pending_state)
         log.info("pruning %d layers with mask=%s: %s", len(self.layers), self.strategy_name,
                  ", ".join(layer.name for layer in self.layers))  # fmt: skip
+
+    @rank_zero_only
+    def _write_dashboard_layout(self, trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(custom_scalars_layout())
 
     def _check_explicit_channels(self, all_layers: list[PrunableLayer]) -> None:
         by_name = {layer.name: layer for layer in all_layers}

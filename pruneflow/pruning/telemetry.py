@@ -38,6 +38,19 @@ FIELDS = (
 )  # fmt: skip
 
 
+# The aggregate tags, in the order the dashboard shows them.
+AGGREGATE_TAGS = (
+    "drift/producer_l2", "drift/producer_max_abs", "drift/zero_fraction", "drift/stored_l2", "drift/consumer_l2",
+    "grad/pruned_l2", "leak/activation_abs_mean", "bn/beta_abs", "bn/gamma_abs",
+)  # fmt: skip
+
+
+def custom_scalars_layout() -> dict[str, dict[str, list]]:
+    """TensorBoard "Custom Scalars" layout: one chart per telemetry metric, its aggregate and every
+    layer, so runs (strategies) overlay in one picture."""
+    return {"pruneflow telemetry": {tag: ["Multiline", [f"^{tag}(/.*)?$"]] for tag in AGGREGATE_TAGS}}
+
+
 class DriftTelemetry:
     """Measures the pruned channels of ``layers`` under ``strategy``; see the module docstring for the metrics."""
 
