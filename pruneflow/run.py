@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ from pruneflow.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
 from pruneflow.guards import NonFiniteLossGuard
+from pruneflow.hparams import log_hparams
 from pruneflow.io import write_json_atomic, write_text_atomic
+from pruneflow.launcher import share_cpu_cores
 from pruneflow.module import ClassifierModule
 from pruneflow.pruning import ChannelPruning
 
@@ -46,23 +47,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"compact must be true or false, got {compact!r}")
     if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
-
-
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config flattened to ``group/key`` scalars for TensorBoard's HParams tab."""
-    flat: dict[str, Any] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                visit(value, f"{prefix}/{key}" if prefix else str(key))
-        elif isinstance(node, (int, float, str, bool)) or node is None:
-            flat[prefix] = "null" if node is None else node
-        else:
-            flat[prefix] = str(node)
-
-    visit(OmegaConf.to_container(cfg, resolve=True), "")
-    return {key: value for key, value in flat.items() if not key.startswith(("hydra", "trainer/_", "logger"))}
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -132,6 +116,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
     run_dir = Path(run_dir)
     validate_config(cfg)
+    share_cpu_cores()
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("matmul_precision"):
@@ -171,7 +156,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         wall_seconds=round(wall_seconds, 3),
     )
     if trainer.is_global_zero:
-        logger.log_hyperparams(flat_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k and _finite(v)})
+        log_hparams(logger, cfg, metrics, step=trainer.global_step)
         write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("compact") and trainer.is_global_zero:
         # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
@@ -179,7 +164,3 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("run finished in %.1f s: %s", wall_seconds, {k: metrics[k] for k in metrics if k.startswith("test/")})
     return metrics
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -38,6 +38,7 @@ from pruneflow.pruning.criteria import (
     select_channels,
     taylor_contribution,
 )
+from pruneflow.pruning.dashboard import log_pruned_layers
 from pruneflow.pruning.schedule import PruningSchedule
 from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
@@ -323,6 +324,8 @@ class ChannelPruning(Callback):
     def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
