@@ -161,3 +161,13 @@ def test_truncated_data_file_is_one_clear_line(tmp_path: Path, shared_data: Path
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"pruneflow: error: cannot read {raw / 'train-images-idx3-ubyte'}")
     assert "truncated or corrupt" in last_line and "Traceback" not in result.stderr
+
+
+def test_mask_settings_sweep_alongside_strategies(tmp_path: Path) -> None:
+    result = run_train(
+        "-m", "data=synthetic", "data.num_train=300", "trainer.max_epochs=1", "mask=weight,activation",
+        "mask.amount=0.25", f"hydra.sweep.dir={tmp_path}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    amounts = [json.loads(path.read_text())["mask/amount"] for path in tmp_path.glob("*/metrics.json")]
+    assert amounts == [0.25, 0.25]
