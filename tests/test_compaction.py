@@ -206,6 +206,20 @@ def test_weight_mask_leaves_channels_alive_and_the_gap_is_reported() -> None:
     assert metrics["compact/flops_ratio"] > 1.5 and metrics["compact/channels_after"] == 26 - pruned
 
 
+def test_latency_is_measured_in_the_requested_layout_and_threads_are_restored() -> None:
+    model = ConvNet(channels=(6, 8, 12)).eval()
+    masks = random_masks(select_layers(find_prunable_layers(model), None))
+    threads = torch.get_num_threads()
+    batches = [(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+
+    _, metrics = compact_and_verify(
+        model, masks, batches, latency_batch_sizes=(2,), latency_rounds=1, latency_memory_format="contiguous"
+    )
+
+    assert metrics["compact/latency_memory_format"] == "contiguous" and metrics["compact/latency_threads"] == 1
+    assert metrics["compact/latency_b2_speedup"] > 0 and torch.get_num_threads() == threads
+
+
 class Scaled(nn.Module):
     """A conv whose output is scaled by a tensor product: compaction does not know what that does to channels."""
 
@@ -231,11 +245,25 @@ class SharedConsumer(nn.Module):
         return self.conv2(self.conv2(self.bn1(self.conv1(x))))
 
 
+class ConvHead(nn.Module):
+    """A fully convolutional net: the last conv's channels are the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.head = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.bn1(self.conv1(x))))
+
+
 def test_unsupported_structures_are_refused_naming_the_layer() -> None:
     with pytest.raises(CompactionError, match="cannot cut channels of conv1: its output reaches an op"):
         compact(Scaled(), {"conv1": [0]})
     with pytest.raises(CompactionError, match="cannot cut channels of conv1: its consumer conv2 is called 2 times"):
         compact(SharedConsumer(), {"conv1": [0]})
+    with pytest.raises(CompactionError, match="cannot cut channels of head: they reach the network's output"):
+        compact(ConvHead(), {"head": [0]})
+    assert compact(ConvHead(), {"conv1": [0]}).sizes["head"] == {"out_channels": 3, "in_channels": 3}
 
 
 @pytest.mark.parametrize(
@@ -321,8 +349,8 @@ def test_compact_without_a_mask_is_one_clear_line(tmp_path: Path) -> None:
 def test_mnist_activation_masks_after_pretraining_compact_exactly(tmp_path: Path, shared_data: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(
-        f"data.root={shared_data}", "mask=activation", "mask.at_epoch=1", "trainer.max_epochs=2", "compact=true",
-        f"hydra.run.dir={run_dir}", *QUIET,
+        f"data.root={shared_data}", "data.limit_train=20000", "mask=activation", "mask.at_epoch=1",
+        "trainer.max_epochs=2", "compact=true", f"hydra.run.dir={run_dir}", *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -12,10 +12,12 @@ one coupled space. Cutting channel ``c`` of a space removes
 
 This is the same function exactly when channel ``c`` is zero everywhere in its space. An ``activation``
 mask makes it so: it multiplies the channel by 0 at its channel point (after β), and ReLU, SiLU, GELU,
-LeakyReLU, pooling and addition keep a zero channel zero. In a coupled space that needs every producer
-to mask ``c``; a channel masked on one branch only is still carried by the others, so it is refused
-with an error naming the layer. ``weight`` and ``none`` leave pruned channels alive (a drifted kernel,
-β through the activation), so cutting them changes the function; ``verify`` measures by how much.
+LeakyReLU, pooling and addition keep a zero channel zero (an activation with f(0) ≠ 0, like Sigmoid,
+does not, and verification shows it). In a coupled space that needs every producer to mask ``c``; a
+channel masked on one branch only is still carried by the others, so it is refused with an error
+naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``none`` through
+their kernels, ``gradient``, ``hard`` and ``parametrize`` through β after the activation — so cutting
+them changes the function; ``verify`` measures by how much.
 
 (Folding a pruned channel's constant act(β) into its consumer's bias would shrink that gap for a
 linear consumer, but not exactly for a padded conv, whose border taps read zeros; it is left out.)
@@ -262,6 +264,24 @@ def _writers(node: torch.fx.Node, modules: dict[str, nn.Module], norms: set[str]
     return convs, others
 
 
+def _reaches_output(producer: torch.fx.Node, consumers: set[str]) -> bool:
+    """Whether the producer's channels flow into the graph's output without passing through a consumer.
+
+    Only channel-preserving paths are left to check: any other op already made the layer's consumer
+    list incomplete, which is refused first.
+    """
+    stack, seen = [producer], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "output":
+            return True
+        stack.extend(user for user in node.users if not (user.op == "call_module" and str(user.target) in consumers))
+    return False
+
+
 def _check_cuttable(group: ChannelGroup, graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """Refuse, naming the layer, any channel space whose readers or writers are not all known."""
     first = group.producers[0].name
@@ -276,6 +296,12 @@ def _check_cuttable(group: ChannelGroup, graph: torch.fx.Graph, modules: dict[st
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(str(node.target), []).append(node)
+    consumer_names = {consumer.name for consumer in group.consumers}
+    for layer in group.producers:
+        if _reaches_output(calls[layer.name][0], consumer_names):
+            raise CompactionError(
+                f"cannot cut channels of {layer.name}: they reach the network's output, whose shape would change"
+            )
     norms = {layer.norm_name for layer in group.producers if layer.norm_name}
     for consumer in group.consumers:
         nodes = calls.get(consumer.name, [])

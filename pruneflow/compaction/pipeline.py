@@ -66,7 +66,15 @@ def compact_and_verify(
     metrics.update({"compact/channels_before": before, "compact/channels_after": after})
     dense = effective_copy(network)
     metrics.update(
-        cost_metrics(dense, compaction.model, checked.input_shape, latency_batch_sizes, latency_rounds, latency_threads)
+        cost_metrics(
+            dense,
+            compaction.model,
+            checked.input_shape,
+            latency_batch_sizes=latency_batch_sizes,
+            latency_rounds=latency_rounds,
+            latency_threads=latency_threads,
+            latency_memory_format=latency_memory_format,
+        )
     )
     if checked.max_abs_diff > EXACT_TOLERANCE:
         log.warning(
