@@ -184,7 +184,9 @@ class ActivationMask(MaskStrategy):
         point = layer.norm if layer.norm is not None else layer.conv
 
         def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, keep: Tensor = keep) -> Tensor:
-            return output * keep.to(output.dtype)
+            # In place: neither BatchNorm's nor a conv's backward reads its own output, so autograd
+            # allows it, and the hot path saves an activation-sized allocation per masked layer.
+            return output.mul_(keep.to(output.dtype))
 
         # prepend: the mask must act before any other hook (telemetry) reads the channel point.
         self._handles[layer.name] = point.register_forward_hook(mask_channels, prepend=True)
