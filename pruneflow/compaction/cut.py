@@ -40,9 +40,9 @@ from pruneflow.pruning.channels import (
     RESIDUAL_FUNCTIONS,
     Consumer,
     PrunableLayer,
-    _is_channel_preserving,
-    _is_flatten,
     find_prunable_layers,
+    is_channel_preserving,
+    is_flatten,
 )
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _writers(node: torch.fx.Node, modules: dict[str, nn.Module], norms: set[str]
             convs.add(target)
         elif current.op == "call_function" and current.target in RESIDUAL_FUNCTIONS:
             stack.extend(inputs)  # a sum of zero channels is zero
-        elif inputs and (target in norms or _is_channel_preserving(current, modules) or _is_flatten(current, modules)):
+        elif inputs and (target in norms or is_channel_preserving(current, modules) or is_flatten(current, modules)):
             stack.append(inputs[0])
         else:
             others.append(current.name)

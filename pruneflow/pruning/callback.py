@@ -392,8 +392,8 @@ class ChannelPruning(Callback):
             layer = by_name[name]
             mask = mask.to(layer.conv.weight.device)
             self.pruned[name] = mask
-            self.telemetry.pruned[name] = mask.clone()
             if bool(mask.any()):
+                self.telemetry.pruned[name] = mask.clone()
                 self.strategy.install(layer, mask)
         for key, reference in state["consumer_reference"].items():
             producer, consumer = key.split(">")

@@ -89,7 +89,7 @@ class PrunableLayer:
         return self.conv.out_channels
 
 
-def _is_flatten(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_flatten(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], nn.Flatten)
     if node.op == "call_function":
@@ -97,7 +97,7 @@ def _is_flatten(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in FLATTEN_METHODS
 
 
-def _is_channel_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_channel_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[str(node.target)], CHANNEL_PRESERVING_MODULES)
     if node.op == "call_function":
@@ -137,12 +137,12 @@ def _follow_channel(
                 complete = False
         elif isinstance(module, nn.Conv2d) and module.groups == 1:
             consumers.append(Consumer(str(node.target), "conv"))
-        elif _is_flatten(node, modules):
+        elif is_flatten(node, modules):
             frontier.extend((user, True) for user in node.users)
         elif node.op == "call_function" and node.target in RESIDUAL_FUNCTIONS:
             coupled = True
             frontier.extend(users)
-        elif _is_channel_preserving(node, modules):
+        elif is_channel_preserving(node, modules):
             frontier.extend(users)
         else:
             complete = False

@@ -152,7 +152,8 @@ class DriftTelemetry:
 
         A metric that does not apply (no BatchNorm, no stored weight, no gradient yet) is left out.
         """
-        measured = [layer for layer in self.layers if layer.name in self.pruned and bool(self.pruned[layer.name].any())]
+        # Only layers with pruned channels are recorded (decided on the host at each pruning event).
+        measured = [layer for layer in self.layers if layer.name in self.pruned]
         if not measured:
             return {}
         device = measured[0].conv.weight.device
