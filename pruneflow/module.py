@@ -1,8 +1,10 @@
 """ClassifierModule: the LightningModule that trains any ``nn.Module`` classifier with cross-entropy.
 
-It owns the loss, the accuracy metrics, the train/val/test logging and the optimizer/schedule
-wiring. It knows nothing about pruning: masking lives in a Callback so it composes with any
-LightningModule, this one included.
+It owns the loss, the accuracy metrics, the train/val/test logging, the optimizer/schedule
+wiring, and how the network runs: ``channels_last`` memory format and ``compile`` (``torch.compile``
+of the network in place, so parameter names and checkpoints are those of the eager network). It
+knows nothing about pruning: masking lives in a Callback so it composes with any LightningModule,
+this one included.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class ClassifierModule(L.LightningModule):
 
     ``optimizer`` is a partial optimizer (Hydra ``_partial_: true``) called with the parameters;
     ``scheduler`` (optional) a partial called as ``scheduler(optimizer, total_steps=...)`` and
-    stepped every optimizer step.
+    stepped every optimizer step. ``channels_last``: keep the network's 4-d weights and its input
+    batches in channels-last memory format (faster convolutions on GPUs with tensor cores).
+    ``compile``: ``torch.compile`` the network's forward (compiled lazily, at its first call).
     """
 
     def __init__(
@@ -36,8 +40,18 @@ class ClassifierModule(L.LightningModule):
         optimizer: OptimizerFactory,
         num_classes: int,
         scheduler: SchedulerFactory | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        for name, value in (("channels_last", channels_last), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if compile:
+            model.compile()  # in place: state_dict keys stay those of the eager network
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -46,6 +60,8 @@ class ClassifierModule(L.LightningModule):
         self.train_acc, self.val_acc, self.test_acc = metric.clone(), metric.clone(), metric.clone()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: torchmetrics.Metric) -> Tensor:

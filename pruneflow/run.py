@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from pruneflow.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
+from pruneflow.fast_defaults import resolve_fast_defaults
 from pruneflow.guards import NonFiniteLossGuard
 from pruneflow.hparams import log_hparams
 from pruneflow.io import write_json_atomic, write_text_atomic
@@ -116,6 +117,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
     run_dir = Path(run_dir)
     validate_config(cfg)
+    resolve_fast_defaults(cfg)  # before the config is written: config.yaml records what ran
     share_cpu_cores()
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -129,6 +131,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=datamodule.num_classes,
+        channels_last=cfg.get("channels_last", False),
+        compile=cfg.get("compile", False),
     )
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, run_dir)

@@ -2,6 +2,9 @@
 
 One small interface, one short class per strategy (as ``torch.nn.utils.prune`` does for methods):
 
+- ``prepare``: for a compiled network, once before the first forward: install the forward-pass
+  machinery with nothing pruned (a mask of ones in a buffer), so pruning later only rewrites buffer
+  values and the compiled graph is neither broken nor recompiled;
 - ``apply``: at each pruning event, with the layer's full boolean mask (True = pruned): zero the
   kernels (where the strategy does) and ``install`` the masking machinery (hooks, parametrizations);
   a resumed run only ``install``s, since its weights come from the checkpoint;
@@ -44,6 +47,13 @@ class MaskStrategy:
 
     name: ClassVar[str]
     zeroes_kernels: ClassVar[bool] = True
+    # True where ``install`` changes the forward pass (hooks, parametrizations): ``prepare`` installs it early.
+    acts_in_forward: ClassVar[bool] = False
+
+    def prepare(self, layer: PrunableLayer) -> None:
+        """Install the forward-pass machinery with nothing pruned, before a compiled network first runs."""
+        if self.acts_in_forward:
+            self.install(layer, torch.zeros(layer.num_channels, dtype=torch.bool))
 
     def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
         if self.zeroes_kernels:
@@ -133,6 +143,7 @@ class ParametrizeMask(MaskStrategy):
 
     name = "parametrize"
     zeroes_kernels = False
+    acts_in_forward = True
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         for tensor_name in self._tensor_names(layer):
@@ -164,30 +175,43 @@ class ParametrizeMask(MaskStrategy):
         return ["weight"] if layer.conv.bias is None else ["weight", "bias"]
 
 
+KEEP_BUFFER = "pruneflow_keep"
+
+
+def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    """Forward hook at a channel point: ``output ⊙ keep``, ``keep`` a (1, C, 1, 1) buffer of the module.
+
+    A buffer, not a Python-side value: it moves with the module to its device, and a compiled graph
+    reads it as an input, so pruning rewrites its values without breaking or recompiling the graph.
+    In place: neither BatchNorm's nor a conv's backward reads its own output, so autograd allows it,
+    and the eager hot path saves an activation-sized allocation per masked layer.
+    """
+    return output.mul_(getattr(module, KEEP_BUFFER).to(output.dtype))
+
+
 class ActivationMask(MaskStrategy):
     """Zero the kernels and multiply the channel by 0 at its channel point (after the BatchNorm, so β
     cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero.
     """
 
     name = "activation"
+    acts_in_forward = True
 
     def __init__(self) -> None:
-        self._keep: dict[str, Tensor] = {}
         self._handles: dict[str, RemovableHandle] = {}
 
+    @staticmethod
+    def _point(layer: PrunableLayer) -> nn.Module:
+        return layer.norm if layer.norm is not None else layer.conv
+
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
-        keep = _keep_shape(pruned, 4).view(1, -1, 1, 1).to(layer.conv.weight.device)
-        if layer.name in self._keep:
-            self._keep[layer.name].copy_(keep)
+        point = self._point(layer)
+        keep = _keep_shape(pruned, 4).view(1, -1, 1, 1)
+        if layer.name in self._handles:
+            getattr(point, KEEP_BUFFER).copy_(keep)
             return
-        self._keep[layer.name] = keep
-        point = layer.norm if layer.norm is not None else layer.conv
-
-        def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, keep: Tensor = keep) -> Tensor:
-            # In place: neither BatchNorm's nor a conv's backward reads its own output, so autograd
-            # allows it, and the hot path saves an activation-sized allocation per masked layer.
-            return output.mul_(keep.to(output.dtype))
-
+        # Not persistent: checkpoints keep the model's own keys; the callback's state holds the masks.
+        point.register_buffer(KEEP_BUFFER, keep.to(layer.conv.weight.device), persistent=False)
         # prepend: the mask must act before any other hook (telemetry) reads the channel point.
         self._handles[layer.name] = point.register_forward_hook(mask_channels, prepend=True)
 
@@ -195,7 +219,7 @@ class ActivationMask(MaskStrategy):
         handle = self._handles.pop(layer.name, None)
         if handle is not None:
             handle.remove()
-        self._keep.pop(layer.name, None)
+            delattr(self._point(layer), KEEP_BUFFER)
 
 
 STRATEGIES: dict[str, type[MaskStrategy]] = {

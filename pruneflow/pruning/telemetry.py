@@ -9,7 +9,9 @@ Per pruned layer (tags ``<metric>/<layer name>``) and aggregated over layers (ta
 - ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors right after backward,
   before any gradient mask — non-zero whenever anything downstream still sees the channel;
 - ``leak/activation_abs_mean``: mean |activation| of pruned channels at their channel point in
-  training forwards (a BatchNorm's β shows up here);
+  training forwards (a BatchNorm's β shows up here). Eager networks reduce it on logging steps
+  only; a compiled graph reduces it in every training forward (fused into the kernels that write
+  the activation), because switching it on and off would recompile the graph;
 - ``bn/beta_abs``, ``bn/gamma_abs``: mean |β|, |γ| of the pruned channels' BatchNorm.
 
 All quantities are reduced on the device into one tensor and fetched with a single host transfer per
@@ -30,6 +32,10 @@ from pruneflow.pruning.channels import Consumer, PrunableLayer
 from pruneflow.pruning.strategies import MaskStrategy
 
 log = logging.getLogger(__name__)
+
+# (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
+# module to its device and a compiled graph reads its values without a recompile when pruning rewrites it.
+PRUNED_BUFFER = "pruneflow_pruned"
 
 # Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
 FIELDS = (
@@ -65,8 +71,15 @@ class DriftTelemetry:
         self._leak_armed = False
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
-            point = layer.norm if layer.norm is not None else layer.conv
+            point = self.channel_point(layer)
+            point.register_buffer(PRUNED_BUFFER, torch.zeros(layer.num_channels), persistent=False)
+            # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
+            self._leak[layer.name] = torch.full((), -1.0)
             self._handles.append(point.register_forward_hook(self._leak_hook(layer.name)))
+
+    @staticmethod
+    def channel_point(layer: PrunableLayer) -> nn.Module:
+        return layer.norm if layer.norm is not None else layer.conv
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -74,6 +87,7 @@ class DriftTelemetry:
         """Record the layer's mask and snapshot the consumer slices of channels pruned just now."""
         newly = pruned & ~self.pruned.get(layer.name, torch.zeros_like(pruned))
         self.pruned[layer.name] = pruned.clone()
+        getattr(self.channel_point(layer), PRUNED_BUFFER).copy_(pruned)
         for consumer in layer.consumers:
             weight = self.consumer_weight(consumer)
             key = (layer.name, consumer.name)
@@ -100,6 +114,10 @@ class DriftTelemetry:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layer in self.layers:
+            point = self.channel_point(layer)
+            if hasattr(point, PRUNED_BUFFER):
+                delattr(point, PRUNED_BUFFER)
 
     # -- measurement ------------------------------------------------------------------------------
     def consumer_weight(self, consumer: Consumer) -> Tensor:
@@ -107,9 +125,9 @@ class DriftTelemetry:
 
     def _leak_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            pruned = self.pruned.get(name)
-            if self._leak_armed and module.training and pruned is not None:
-                self._leak[name] = output.detach()[:, pruned.to(output.device)].abs().float().mean()
+            # `is_compiling()` first: a compiled graph never reads the Python flag, so it never recompiles.
+            if module.training and (torch.compiler.is_compiling() or self._leak_armed):
+                self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER))
 
         return hook
 
@@ -165,6 +183,18 @@ class DriftTelemetry:
                 metrics[f"{tag}/{layer.name}"] = value
         metrics.update(_derive(rows))
         return metrics
+
+
+def pruned_channel_abs_mean(output: Tensor, pruned: Tensor) -> Tensor:
+    """Mean |output| over the batch, positions and the channels where ``pruned`` (a (C,) 0/1 float) is 1.
+
+    A weighted sum rather than ``output[:, pruned]``: shapes stay static, so a compiled graph fuses it.
+    0 where nothing is pruned.
+    """
+    weights = pruned.to(output.device, torch.float32).view(1, -1, *([1] * (output.ndim - 2)))
+    positions = output.numel() // output.shape[1]
+    total = (output.float().abs() * weights).sum()
+    return total / (pruned.sum().float() * positions).clamp_min(1.0)
 
 
 def _derive(rows: list[dict[str, float]]) -> dict[str, float]:
