@@ -5,8 +5,8 @@ labels (``read_split``) and gives its ``input_shape``, ``num_classes`` and norma
 Everything else lives here once: the fixed validation split, ``limit_train``, the batch iterator
 (shuffling per epoch, sharding by rank), and normalisation/augmentation of whole batches on the
 device in ``on_after_batch_transfer``; on an accelerator the uint8 tensors themselves move to it once,
-so batches are cut, augmented and normalised there with no per-batch host copy. ``TorchvisionDataModule`` adds what data sets read from
-files under ``root`` share: ``download`` and the one-line errors for missing or unreadable files.
+so batches are cut, augmented and normalised there with no per-batch host copy.
+``TorchvisionDataModule`` adds what data sets read from files under ``root`` share: ``download`` and the one-line errors for missing or unreadable files.
 """
 
 import logging
