@@ -6,7 +6,8 @@ Everything else lives here once: the fixed validation split, ``limit_train``, th
 (shuffling per epoch, sharding by rank), and normalisation/augmentation of whole batches on the
 device in ``on_after_batch_transfer``; on an accelerator the uint8 tensors themselves move to it once,
 so batches are cut, augmented and normalised there with no per-batch host copy.
-``TorchvisionDataModule`` adds what data sets read from files under ``root`` share: ``download`` and the one-line errors for missing or unreadable files.
+``TorchvisionDataModule`` adds what data sets read from files under ``root`` share:
+``download`` and the one-line errors for missing or unreadable files.
 """
 
 import logging
