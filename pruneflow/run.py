@@ -30,6 +30,7 @@ from pruneflow.guards import NonFiniteLossGuard
 from pruneflow.hparams import log_hparams
 from pruneflow.io import write_json_atomic, write_text_atomic
 from pruneflow.launcher import share_cpu_cores
+from pruneflow.measure import TrainingThroughput
 from pruneflow.module import ClassifierModule
 from pruneflow.pruning import ChannelPruning
 
@@ -61,7 +62,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         mode="max",
     )
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
-    callbacks: list[Callback] = [best, last, NonFiniteLossGuard()]
+    callbacks: list[Callback] = [best, last, NonFiniteLossGuard(), TrainingThroughput()]
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if callback_cfg is None:
             continue

@@ -1,0 +1,130 @@
+"""Benchmark: framework overhead — ``python train.py`` training against a bare PyTorch loop.
+
+    python scripts/bench_overhead.py --root ../shared/data --repeats 5
+
+Both arms train the default ConvNet on MNIST with batch 128 for ``--epochs`` epochs, each in a fresh
+process, alternating (A B, B A, ...) so that a noisy machine slows both alike:
+
+- ``pruneflow``: ``python train.py data.root=<root> mask=activation trainer.max_epochs=<epochs>``,
+  everything else at its default (progress bar, telemetry every 50 steps, validation, checkpoints);
+  its samples/s is ``perf/train_samples_per_s`` from the run's ``metrics.json``
+  (``pruneflow.measure.TrainingThroughput``: training batches only, after 20 warm-up steps);
+- ``bare_loop``: this script with ``--bare-loop``: the same model, optimizer (SGD, Nesterov,
+  weight decay) and cosine schedule, the same in-memory uint8 tensors, shuffling and on-device
+  normalisation, in a plain ``for`` loop, timed over the same steps.
+
+Prints the median samples/s of each arm and their ratio (target: pruneflow ≥ 0.95 × the bare loop),
+and with ``--json`` writes every repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP_STEPS = 20  # as pruneflow.measure.TrainingThroughput's default
+
+
+def bare_loop(root: str, epochs: int, device: str) -> float:
+    """Samples/s of a hand-written training loop over pruneflow's MNIST tensors and ConvNet."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneflow.data import MNISTDataModule
+    from pruneflow.data.base import TensorBatches
+    from pruneflow.data.transforms import normalize
+    from pruneflow.models import ConvNet
+    from pruneflow.schedules import cosine
+
+    torch.manual_seed(0)
+    data = MNISTDataModule(root=root, batch_size=128)
+    data.setup()
+    model = ConvNet(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    mean = torch.tensor(data.mean, device=device)
+    std = torch.tensor(data.std, device=device)
+    images, labels = data.train_images.to(device), data.train_labels.to(device)
+    step, samples, started = 0, 0, 0.0
+    for epoch in range(epochs):
+        batches = TensorBatches(images, labels, 128, shuffle=True, seed=0, epoch=lambda epoch=epoch: epoch)
+        if epoch == 0:
+            scheduler = cosine(optimizer, total_steps=epochs * len(batches))
+        for batch_images, batch_labels in batches:
+            if step == WARMUP_STEPS:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+            loss = F.cross_entropy(model(normalize(batch_images, mean, std)), batch_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step > WARMUP_STEPS:
+                samples += len(batch_labels)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return samples / (time.perf_counter() - started)
+
+
+def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> float:
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    command = [
+        sys.executable, str(REPO / "train.py"), f"data.root={root}", "mask=activation",
+        f"trainer.max_epochs={epochs}", f"trainer.accelerator={accelerator}", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads((run_dir / "metrics.json").read_text())["perf/train_samples_per_s"]
+
+
+def bare_loop_run(root: str, epochs: int, device: str) -> float:
+    command = [sys.executable, __file__, "--bare-loop", "--root", root, "--epochs", str(epochs), "--device", device]
+    result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--bare-loop", action="store_true", help="(internal) run the bare loop once, print JSON")
+    args = parser.parse_args()
+    root = str(Path(args.root).resolve())
+    if args.bare_loop:
+        print(json.dumps({"samples_per_s": bare_loop(root, args.epochs, args.device)}))
+        return
+
+    runs: dict[str, list[float]] = {"pruneflow": [], "bare_loop": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        for repeat in range(args.repeats):
+            order = ["pruneflow", "bare_loop"] if repeat % 2 == 0 else ["bare_loop", "pruneflow"]
+            for arm in order:
+                if arm == "pruneflow":
+                    value = pruneflow_run(root, args.epochs, args.device, Path(scratch) / f"run{repeat}")
+                else:
+                    value = bare_loop_run(root, args.epochs, args.device)
+                runs[arm].append(value)
+                print(f"repeat {repeat}: {arm:<10} {value:8.0f} samples/s", flush=True)
+    medians = {arm: statistics.median(values) for arm, values in runs.items()}
+    ratio = medians["pruneflow"] / medians["bare_loop"]
+    print(f"\n{'arm':<12}{'samples/s (median of ' + str(args.repeats) + ')':>28}")
+    for arm, median in medians.items():
+        print(f"{arm:<12}{median:>28.0f}")
+    print(f"pruneflow / bare loop: {ratio:.3f} (target >= 0.95)")
+    if args.json:
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "medians": medians, "ratio": ratio}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
