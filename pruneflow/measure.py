@@ -39,8 +39,8 @@ def batch_size_of(batch: Any) -> int:
 class TrainingThroughput(Callback):
     """Training samples per second of this rank, over the training batches after ``warmup_steps``.
 
-    Segments run from a training batch's start to the last training batch's end before validation
-    (or the epoch end); their sum is the training time. The warm-up leaves out the first steps, where
+    Segments run from a training batch's start until validation starts or the epoch ends (with the
+    device synchronised at both ends); their sum is the training time. The warm-up leaves out the first steps, where
     allocators, cuDNN autotuning and ``torch.compile`` do their one-off work.
     """
 
@@ -51,7 +51,6 @@ class TrainingThroughput(Callback):
         self.seconds = 0.0
         self.samples = 0
         self._segment_start: float | None = None
-        self._segment_end: float | None = None
         self._segment_samples = 0
 
     def on_train_batch_start(
@@ -67,7 +66,6 @@ class TrainingThroughput(Callback):
     ) -> None:
         if self._segment_start is not None:
             self._segment_samples += batch_size_of(batch)
-            self._segment_end = time.perf_counter()
 
     def _close_segment(self, pl_module: L.LightningModule) -> None:
         if self._segment_start is None:
@@ -76,7 +74,7 @@ class TrainingThroughput(Callback):
         if self._segment_samples:
             self.seconds += time.perf_counter() - self._segment_start
             self.samples += self._segment_samples
-        self._segment_start = self._segment_end = None
+        self._segment_start = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_segment(pl_module)
