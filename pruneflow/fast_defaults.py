@@ -54,10 +54,10 @@ def resolve_fast_defaults(cfg: DictConfig) -> dict[str, object]:
             cfg.channels_last = chosen["channels_last"] = on_cuda
         if cfg.get("matmul_precision") == AUTO:
             cfg.matmul_precision = chosen["matmul_precision"] = "high" if on_cuda else None
-    for key in ("channels_last", "compile"):
+    for key, accepted in (("channels_last", "true, false or auto"), ("compile", "true or false")):
         value = cfg.get(key, False)
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true, false{' or auto' if key == 'channels_last' else ''}, got {value!r}")
+            raise ConfigError(f"{key} must be {accepted}, got {value!r}")
     matmul = cfg.get("matmul_precision")
     if matmul not in (None, "highest", "high", "medium"):
         raise ConfigError(f"matmul_precision must be auto, null, highest, high or medium, got {matmul!r}")

@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +63,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     )
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
     callbacks: list[Callback] = [best, last, NonFiniteLossGuard(), TrainingThroughput()]
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Each refresh reads the logged loss back from the device: on a GPU, a refresh every step would
+        # put a host synchronisation into every step.
+        refresh_rate = cfg.get("progress_bar_refresh_rate", 20)
+        if not isinstance(refresh_rate, int) or isinstance(refresh_rate, bool) or refresh_rate < 1:
+            raise ConfigError(f"progress_bar_refresh_rate must be a positive integer, got {refresh_rate!r}")
+        callbacks.append(TQDMProgressBar(refresh_rate=refresh_rate))
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if callback_cfg is None:
             continue

@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, run_train
+
 WARMUP_STEPS = 20  # as pruneflow.measure.TrainingThroughput's default
 
 
@@ -76,12 +77,14 @@ def bare_loop(root: str, epochs: int, device: str) -> float:
 
 def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> float:
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    command = [
-        sys.executable, str(REPO / "train.py"), f"data.root={root}", "mask=activation",
-        f"trainer.max_epochs={epochs}", f"trainer.accelerator={accelerator}", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    return json.loads((run_dir / "metrics.json").read_text())["perf/train_samples_per_s"]
+    overrides = [
+        f"data.root={root}",
+        "mask=activation",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.accelerator={accelerator}",
+    ]
+    metrics, _ = run_train(overrides, run_dir, progress_bar=True)
+    return metrics["perf/train_samples_per_s"]
 
 
 def bare_loop_run(root: str, epochs: int, device: str) -> float:

@@ -1,0 +1,52 @@
+"""What the benchmark scripts share: running ``python train.py`` as a user would, and reading its figures.
+
+Each run is a fresh process in a scratch run folder; its figures come from the run's
+``metrics.json`` (``perf/train_samples_per_s`` from ``pruneflow.measure.TrainingThroughput``, the
+test-accuracy curve from ``pruneflow.measure.AccuracyCurve``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CURVE = "+callbacks.accuracy_curve._target_=pruneflow.measure.AccuracyCurve"
+
+
+def run_train(
+    overrides: list[str], run_dir: Path, progress_bar: bool = False, timeout: float = 3600
+) -> tuple[dict[str, Any], float]:
+    """Run ``python train.py <overrides>`` in ``run_dir``; returns (its metrics.json, time.time() at launch).
+
+    ``progress_bar``: leave the default progress bar on (into a pipe). A failing run raises with the
+    tail of its output, so a benchmark never reports a broken run's figures.
+    """
+    command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    if not progress_bar:
+        command.append("trainer.enable_progress_bar=false")
+    launched = time.time()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{tail}")
+    return json.loads((run_dir / "metrics.json").read_text()), launched
+
+
+def seconds_to_accuracy(curve: list[dict[str, float]], target: float, launched: float) -> float | None:
+    """Wall seconds from the process launch to the first curve point at ``target`` test accuracy or above
+    (the curve's own evaluations left out); None if the run never got there."""
+    for point in curve:
+        if point["acc"] >= target:
+            return point["time"] - launched
+    return None
+
+
+def print_curve(curve: list[dict[str, float]], launched: float) -> None:
+    print(f"  {'wall s':>8}{'step':>7}{'epoch':>7}{'test acc':>10}")
+    for point in curve:
+        print(f"  {point['time'] - launched:>8.1f}{point['step']:>7}{point['epoch']:>7}{point['acc']:>10.4f}")

@@ -1,0 +1,129 @@
+"""Benchmark: the strategy sweep on a GPU — images/s and time to accuracy, eager against compiled.
+
+On a machine with a GPU (the data copied into the checkout first, since ../shared is not there):
+
+    cp -r ../shared/data .device_data              # ignored by git; travels with the working tree
+    python scripts/bench_gpu.py --root .device_data --json gpu.json
+
+and the same script on CPU, sized to finish in minutes:
+
+    python scripts/bench_gpu.py --device cpu --quick --root ../shared/data
+
+Every arm is one ``python train.py`` process with the fast defaults of its device (on a CUDA GPU:
+bf16-mixed, channels-last, TF32 matmuls, data tensors on the GPU), pruning 50 % of every prunable
+conv at the first step by ``mask=<strategy>`` (``disabled``: no pruning callback at all), with
+``compile=false`` and ``compile=true``. Studies:
+
+- ``mnist``: the default ConvNet config (2 epochs), target 99.0 % test accuracy;
+- ``cifar10``: the CIFAR-10 subset in ``<root>/CIFAR10-subset`` (4,000 images), a small VGG with
+  augmentation on the device, ``--cifar-epochs`` epochs, target ``--cifar-target``.
+
+Reported per arm: training samples/s (after a 20-step warm-up, so compilation is not in it), seconds
+from launch to the target (compilation included: that is what a user waits for), final test accuracy,
+fit seconds. A table per study, and ``--json`` with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench_common import CURVE, REPO, run_train, seconds_to_accuracy
+
+STRATEGIES = ["disabled", "none", "weight", "activation", "gradient", "parametrize", "hard"]
+SMALL_VGG = "model.layers=[32,M,64,M,128,128,M,256,256,M]"
+
+
+def study_overrides(name: str, root: Path, args: argparse.Namespace) -> tuple[float, list[str]]:
+    if name == "mnist":
+        overrides = [f"data.root={root}", f"trainer.max_epochs={1 if args.quick else 2}"]
+        if args.quick:
+            overrides.append("data.limit_train=12000")
+        return 0.99, overrides
+    if name == "cifar10":
+        overrides = [
+            "data=cifar10", f"data.root={root / 'CIFAR10-subset'}", "data.verify=false", "model=vgg", SMALL_VGG,
+            f"trainer.max_epochs={2 if args.quick else args.cifar_epochs}",
+        ]  # fmt: skip
+        return args.cifar_target, overrides
+    raise SystemExit(f"bench_gpu.py: error: unknown study {name!r}; choose mnist or cifar10")
+
+
+def run_arm(study: str, strategy: str, compiled: bool, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    target, overrides = study_overrides(study, Path(args.root).resolve(), args)
+    accelerator = "cpu" if args.device == "cpu" else "gpu"
+    overrides = [
+        *overrides, f"mask={strategy}", f"compile={str(compiled).lower()}", f"trainer.accelerator={accelerator}",
+        CURVE, f"+callbacks.accuracy_curve.every_n_steps={args.every_n_steps}",
+    ]  # fmt: skip
+    run_dir = scratch / f"{study}-{strategy}-{'compiled' if compiled else 'eager'}"
+    metrics, launched = run_train(overrides, run_dir)
+    return {
+        "study": study, "strategy": strategy, "compiled": compiled, "target": target, "overrides": overrides,
+        "samples_per_s": metrics.get("perf/train_samples_per_s"),
+        "seconds_to_target": seconds_to_accuracy(metrics["curve/test_acc"], target, launched),
+        "test_acc": metrics["test/acc"], "fit_seconds": metrics["fit_seconds"], "curve": metrics["curve/test_acc"],
+    }  # fmt: skip
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    eager = {row["strategy"]: row["samples_per_s"] for row in rows if not row["compiled"]}
+    baseline = eager.get("disabled")
+    print(f"\n{rows[0]['study']} (target {rows[0]['target']:.1%})")
+    print(f"{'mask':<13}{'mode':<10}{'samples/s':>11}{'vs eager, no mask':>19}{'s to target':>13}"
+          f"{'test acc':>10}{'fit s':>8}")  # fmt: skip
+    for row in rows:
+        ratio = f"{row['samples_per_s'] / baseline:.3f}" if baseline and row["samples_per_s"] else "-"
+        reached = "never" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.1f}"
+        mode = "compiled" if row["compiled"] else "eager"
+        print(f"{row['strategy']:<13}{mode:<10}{row['samples_per_s'] or 0:>11.0f}{ratio:>19}{reached:>13}"
+              f"{row['test_acc']:>10.4f}{row['fit_seconds']:>8.1f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_root = REPO / ".device_data" if (REPO / ".device_data").is_dir() else REPO.parent / "shared" / "data"
+    parser.add_argument("--root", default=str(default_root), help="folder holding MNIST/raw and CIFAR10-subset/")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--studies", default="mnist,cifar10")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--cifar-epochs", type=int, default=15)
+    parser.add_argument("--cifar-target", type=float, default=0.55)
+    parser.add_argument("--every-n-steps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="short runs (CPU smoke run): fewer epochs and images")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    strategies = args.strategies.split(",")
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    modes = args.modes.split(",")
+    if unknown or not set(modes) <= {"eager", "compiled"}:
+        raise SystemExit(f"bench_gpu.py: error: unknown strategies {unknown} or modes {modes}; see --help")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_gpu.py: error: --device cuda but no CUDA GPU is visible; use --device cpu")
+
+    report: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for study in args.studies.split(","):
+            rows = []
+            for compiled in [mode == "compiled" for mode in modes]:
+                for strategy in strategies:
+                    row = run_arm(study, strategy, compiled, args, Path(scratch))
+                    summary = f"{row['samples_per_s']} samples/s, {row['seconds_to_target']} s to target"
+                    print(f"{study} mask={strategy} compile={compiled}: {summary}", flush=True)
+                    rows.append(row)
+                    if args.json:  # after every arm: a run cut short keeps what it measured
+                        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                                         "rows": report + rows}, indent=2, default=str))  # fmt: skip
+            print_table(rows)
+            report += rows
+
+
+if __name__ == "__main__":
+    main()

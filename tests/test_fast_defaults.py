@@ -1,0 +1,89 @@
+"""Speed settings: what ``auto`` resolves to per device, bad values, channels-last equivalence, data
+tensors placed on the trainer's device once."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pruneflow import ClassifierModule
+from pruneflow.data import SyntheticDataModule
+from pruneflow.errors import ConfigError
+from pruneflow.fast_defaults import resolve_fast_defaults
+from pruneflow.models import ConvNet
+
+
+def speed_config(**overrides: object) -> DictConfig:
+    cfg = OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto"}, "channels_last": "auto",
+                            "matmul_precision": "auto", "compile": False})  # fmt: skip
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_auto_is_float32_nchw_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = speed_config()
+    chosen = resolve_fast_defaults(cfg)
+    assert (cfg.trainer.precision, cfg.channels_last, cfg.matmul_precision) == ("32-true", False, None)
+    assert chosen == {"trainer.precision": "32-true", "channels_last": False, "matmul_precision": None}
+
+
+def test_auto_is_bf16_channels_last_tf32_on_a_cuda_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    cfg = speed_config()
+    resolve_fast_defaults(cfg)
+    assert (cfg.trainer.precision, cfg.channels_last, cfg.matmul_precision) == ("bf16-mixed", True, "high")
+    # ...unless the trainer is told to use the CPU, and explicit values are kept.
+    cfg = speed_config(**{"trainer.accelerator": "cpu", "trainer.precision": "16-mixed", "channels_last": True})
+    resolve_fast_defaults(cfg)
+    assert (cfg.trainer.precision, cfg.channels_last, cfg.matmul_precision) == ("16-mixed", True, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("channels_last", "yes", "channels_last must be true, false or auto, got 'yes'"),
+        ("compile", "auto", "compile must be true or false, got 'auto'"),
+        ("matmul_precision", "fast", "matmul_precision must be auto, null, highest, high or medium, got 'fast'"),
+    ],
+)
+def test_bad_speed_settings_are_one_line_errors(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        resolve_fast_defaults(speed_config(**{key: value}))
+
+
+def test_channels_last_module_computes_what_the_nchw_one_does() -> None:
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=(1, 16, 16), channels=(8, 16))
+    reference = ClassifierModule(ConvNet(input_shape=(1, 16, 16), channels=(8, 16)), torch.optim.SGD, num_classes=10)
+    reference.model.load_state_dict(model.state_dict())
+    module = ClassifierModule(model, torch.optim.SGD, num_classes=10, channels_last=True)
+    assert module.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(module(images), reference(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels_last must be true or false, got 'auto'"):
+        ClassifierModule(model, torch.optim.SGD, num_classes=10, channels_last="auto")  # type: ignore[arg-type]
+
+
+def test_data_tensors_move_to_an_accelerator_once_and_batches_are_cut_there() -> None:
+    # The "meta" device stands in for a GPU: tensors there have shapes but no storage.
+    data = SyntheticDataModule(num_train=300, num_test=50, input_shape=(1, 8, 8), batch_size=64)
+    data.setup()
+    device = torch.device("meta")
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0,
+                                   strategy=SimpleNamespace(root_device=device))  # fmt: skip
+    loader = data.train_dataloader()
+    assert loader.images.device == device and data.train_dataloader().images is loader.images  # copied once
+    images, labels = next(iter(loader))
+    assert images.device == device and tuple(images.shape) == (64, 1, 8, 8) and labels.device == device
+    assert data.test_dataloader().images.device == device
+    data.on_device = False
+    assert data.train_dataloader().images.device.type == "cpu"
+    data.on_device = None
+    data.trainer.strategy.root_device = torch.device("cpu")
+    assert data.train_dataloader().images is data.train_images  # on CPU nothing is copied
