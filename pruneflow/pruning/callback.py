@@ -144,6 +144,7 @@ class ChannelPruning(Callback):
         self._restored = False
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
+        self._mask_images_pending = True  # the channel-mask images change only at pruning events
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -254,6 +255,7 @@ class ChannelPruning(Callback):
                  self.criterion)  # fmt: skip
 
     def _refresh_masked(self) -> None:
+        self._mask_images_pending = True
         # Decided once per pruning event on the host, so per-step hooks never ask the device `mask.any()`.
         self._masked = [
             (layer, mask)
@@ -346,7 +348,9 @@ class ChannelPruning(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
-                log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step)
+                log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step,
+                                  mask_images=self._mask_images_pending)  # fmt: skip
+        self._mask_images_pending = False
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
