@@ -46,6 +46,14 @@ def seconds_to_accuracy(curve: list[dict[str, float]], target: float, launched: 
     return None
 
 
+def seconds_to_stay_at_accuracy(curve: list[dict[str, float]], target: float, launched: float) -> float | None:
+    """Like ``seconds_to_accuracy``, to the first point from which every later point stays at ``target``."""
+    for index, point in enumerate(curve):
+        if all(later["acc"] >= target for later in curve[index:]):
+            return point["time"] - launched
+    return None
+
+
 def print_curve(curve: list[dict[str, float]], launched: float) -> None:
     print(f"  {'wall s':>8}{'step':>7}{'epoch':>7}{'test acc':>10}")
     for point in curve:

@@ -98,10 +98,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     strategies = args.strategies.split(",")
-    unknown = sorted(set(strategies) - set(STRATEGIES))
     modes = args.modes.split(",")
-    if unknown or not set(modes) <= {"eager", "compiled"}:
-        raise SystemExit(f"bench_gpu.py: error: unknown strategies {unknown} or modes {modes}; see --help")
+    for kind, given, accepted in (("strategy", strategies, STRATEGIES), ("mode", modes, ["eager", "compiled"])):
+        unknown = [value for value in given if value not in accepted]
+        if unknown:
+            raise SystemExit(f"bench_gpu.py: error: unknown {kind} {unknown[0]!r}; choose from {', '.join(accepted)}")
     if args.device == "cuda":
         import torch
 

@@ -10,7 +10,8 @@ imports, data loading, training) to the first point of its test-accuracy curve a
 
 The curve (``pruneflow.measure.AccuracyCurve``) evaluates the whole test split every
 ``--every-n-steps`` steps and at the end; its evaluations are left out of the clock. Prints each
-curve and the median time to target; ``--json`` writes everything.
+curve, the median time to first reach the target and the median time from which every later point
+stays at it; ``--json`` writes everything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench_common import CURVE, print_curve, run_train, seconds_to_accuracy
+from bench_common import CURVE, print_curve, run_train, seconds_to_accuracy, seconds_to_stay_at_accuracy
 
 
 def main() -> None:
@@ -50,20 +51,25 @@ def main() -> None:
             for repeat in range(args.repeats):
                 metrics, launched = run_train(overrides, Path(scratch) / f"{name}{repeat}")
                 seconds = seconds_to_accuracy(metrics["curve/test_acc"], target, launched)
+                stays = seconds_to_stay_at_accuracy(metrics["curve/test_acc"], target, launched)
                 print(f"{name} repeat {repeat}: {'never' if seconds is None else f'{seconds:.1f} s'} to "
                       f"{target:.1%}; final test acc {metrics['test/acc']:.4f}", flush=True)  # fmt: skip
                 print_curve(metrics["curve/test_acc"], launched)
-                runs.append({"seconds_to_target": seconds, "test_acc": metrics["test/acc"],
+                runs.append({"seconds_to_target": seconds, "seconds_to_stay": stays, "test_acc": metrics["test/acc"],
                              "curve": metrics["curve/test_acc"], "launched": launched,
                              "samples_per_s": metrics.get("perf/train_samples_per_s")})  # fmt: skip
             reached = [run["seconds_to_target"] for run in runs if run["seconds_to_target"] is not None]
             median = statistics.median(reached) if len(reached) == len(runs) else None
-            report[name] = {"target": target, "overrides": overrides, "median_seconds": median, "runs": runs}
-    print(f"\n{'study':<16}{'target':>8}{'median s to target':>20}{'runs reaching it':>18}")
+            staying = [run["seconds_to_stay"] for run in runs if run["seconds_to_stay"] is not None]
+            median_stay = statistics.median(staying) if len(staying) == len(runs) else None
+            report[name] = {"target": target, "overrides": overrides, "median_seconds": median,
+                            "median_seconds_to_stay": median_stay, "runs": runs}  # fmt: skip
+    print(f"\n{'study':<16}{'target':>8}{'median s to reach':>19}{'median s to stay':>18}{'runs reaching it':>18}")
     for name, study in report.items():
         reached = f"{sum(run['seconds_to_target'] is not None for run in study['runs'])}/{len(study['runs'])}"
         median = "not all" if study["median_seconds"] is None else f"{study['median_seconds']:.1f}"
-        print(f"{name:<16}{study['target']:>8.1%}{median:>20}{reached:>18}")
+        stay = "not all" if study["median_seconds_to_stay"] is None else f"{study['median_seconds_to_stay']:.1f}"
+        print(f"{name:<16}{study['target']:>8.1%}{median:>19}{stay:>18}{reached:>18}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
