@@ -15,6 +15,11 @@ process, alternating (A B, B A, ...) so that a noisy machine slows both alike:
 
 Prints the median samples/s of each arm and their ratio (target: pruneflow ≥ 0.95 × the bare loop),
 and with ``--json`` writes every repetition.
+
+``--in-process`` runs both arms alternately in this one process instead (``pruneflow.run.train``
+with the config ``train.py`` composes, and the bare loop as a function). On this shared 2-core
+machine a fresh process's speed varies by ±15 % from one process to the next (where its threads
+land), for either arm; in one process that variance is gone and the ratio is steadier.
 """
 
 from __future__ import annotations
@@ -87,6 +92,20 @@ def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> float:
     return metrics["perf/train_samples_per_s"]
 
 
+def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path) -> float:
+    """``pruneflow.run.train`` on the config ``python train.py`` composes from the same overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from pruneflow.run import train
+
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    overrides = [f"data.root={root}", "mask=activation", f"trainer.max_epochs={epochs}",
+                 f"trainer.accelerator={accelerator}"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return train(cfg, run_dir)["perf/train_samples_per_s"]
+
+
 def bare_loop_run(root: str, epochs: int, device: str) -> float:
     command = [sys.executable, __file__, "--bare-loop", "--root", root, "--epochs", str(epochs), "--device", device]
     result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
@@ -100,6 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--in-process", action="store_true", help="both arms in this process, alternately")
     parser.add_argument("--bare-loop", action="store_true", help="(internal) run the bare loop once, print JSON")
     args = parser.parse_args()
     root = str(Path(args.root).resolve())
@@ -112,8 +132,13 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = ["pruneflow", "bare_loop"] if repeat % 2 == 0 else ["bare_loop", "pruneflow"]
             for arm in order:
-                if arm == "pruneflow":
-                    value = pruneflow_run(root, args.epochs, args.device, Path(scratch) / f"run{repeat}")
+                run_dir = Path(scratch) / f"run{repeat}"
+                if arm == "pruneflow" and args.in_process:
+                    value = pruneflow_in_process(root, args.epochs, args.device, run_dir)
+                elif arm == "pruneflow":
+                    value = pruneflow_run(root, args.epochs, args.device, run_dir)
+                elif args.in_process:
+                    value = bare_loop(root, args.epochs, args.device)
                 else:
                     value = bare_loop_run(root, args.epochs, args.device)
                 runs[arm].append(value)

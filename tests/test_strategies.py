@@ -166,3 +166,20 @@ def test_consumer_drift_is_measured_for_conv_and_linear_consumers() -> None:
     names = {c.name for layer in pruning.layers for c in layer.consumers}
     assert names == {"features.3", "classifier.1"}
     assert final(pruning, "drift/consumer_l2") > 0.0
+
+
+def test_masks_restored_from_a_checkpoint_state_are_measured_like_fresh_ones() -> None:
+    pruning, model = run("hard")
+    leak = final(pruning, "leak/activation_abs_mean")
+    assert leak > 0.01  # hard re-zeroes kernels, the BatchNorm still emits β
+    fresh = TinyNet("relu")
+    fresh.load_state_dict(model.state_dict())
+    restored = ChannelPruning(strategy="hard", amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1)
+    restored.load_state_dict(pruning.state_dict())  # as a resumed run does, before setup
+    trainer = L.Trainer(
+        max_steps=2, callbacks=[restored], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(ClassifierModule(fresh, OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader(seed=1))
+    assert restored.pruned.keys() == pruning.pruned.keys()
+    assert final(restored, "leak/activation_abs_mean") == pytest.approx(leak, rel=0.5)

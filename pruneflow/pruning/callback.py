@@ -418,7 +418,7 @@ class ChannelPruning(Callback):
             mask = mask.to(layer.conv.weight.device)
             self.pruned[name] = mask
             if bool(mask.any()):
-                self.telemetry.pruned[name] = mask.clone()
+                self.telemetry.set_mask(layer, mask)
                 self.strategy.install(layer, mask)
         for key, reference in state["consumer_reference"].items():
             producer, consumer = key.split(">")

@@ -86,14 +86,19 @@ class DriftTelemetry:
     def on_pruned(self, layer: PrunableLayer, pruned: Tensor) -> None:
         """Record the layer's mask and snapshot the consumer slices of channels pruned just now."""
         newly = pruned & ~self.pruned.get(layer.name, torch.zeros_like(pruned))
-        self.pruned[layer.name] = pruned.clone()
-        getattr(self.channel_point(layer), PRUNED_BUFFER).copy_(pruned)
+        self.set_mask(layer, pruned)
         for consumer in layer.consumers:
             weight = self.consumer_weight(consumer)
             key = (layer.name, consumer.name)
             reference = self.consumer_reference.setdefault(key, weight.detach().clone())
             columns = consumer.columns(newly.nonzero().flatten().to(weight.device))
             reference[:, columns] = weight.detach()[:, columns]
+
+    @torch.no_grad()
+    def set_mask(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        """The layer's pruned channels, for measuring (also when a resumed run restores them)."""
+        self.pruned[layer.name] = pruned.clone()
+        getattr(self.channel_point(layer), PRUNED_BUFFER).copy_(pruned)
 
     def arm(self, armed: bool) -> None:
         """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
