@@ -183,3 +183,31 @@ def test_masks_restored_from_a_checkpoint_state_are_measured_like_fresh_ones() -
     trainer.fit(ClassifierModule(fresh, OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader(seed=1))
     assert restored.pruned.keys() == pruning.pruned.keys()
     assert final(restored, "leak/activation_abs_mean") == pytest.approx(leak, rel=0.5)
+
+
+def fit_steps(pruning: ChannelPruning, model: nn.Module, steps: int = 2) -> None:
+    trainer = L.Trainer(
+        max_steps=steps, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(ClassifierModule(model, OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader())
+
+
+def test_static_masks_install_before_pruning_and_a_mismatched_resume_is_refused_in_one_line() -> None:
+    torch.manual_seed(0)
+    model = TinyNet("relu")
+    prepared = ChannelPruning(strategy="parametrize", at_step=1000, static_masks=True)  # prunes after the run
+    fit_steps(prepared, model)
+    # Prepared as for a compiled network: parametrized from setup on, with nothing pruned yet.
+    assert "features.0.parametrizations.weight.original" in model.state_dict()
+    assert not prepared.pruned and prepared.state_dict()["masks_prepared"] is True
+    eager = ChannelPruning(strategy="parametrize", at_step=1000)
+    eager.load_state_dict(prepared.state_dict())
+    with pytest.raises(ValueError, match=r"^the checkpoint was written with compile=true .* resume with compile=true$"):
+        fit_steps(eager, TinyNet("relu"))
+    # Once every layer is pruned, both name their weights alike: nothing to refuse.
+    pruned_state = run("parametrize")[0].state_dict() | {"masks_prepared": True}
+    resumed = ChannelPruning(strategy="parametrize", amount=0.5, at_step=PRUNE_AT)
+    resumed.load_state_dict(pruned_state)
+    fit_steps(resumed, TinyNet("relu"))
+    assert resumed.pruned.keys() == pruned_state["pruned"].keys()

@@ -145,6 +145,7 @@ class ChannelPruning(Callback):
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
         self._mask_images_pending = True  # the channel-mask images change only at pruning events
+        self._prepared = False  # forward-pass masks installed at setup (static_masks)
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -181,7 +182,8 @@ class ChannelPruning(Callback):
                     "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
                 )
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
-        if self.static_masks or (self.static_masks is None and holds_compiled_module(pl_module)):
+        self._prepared = bool(self.static_masks or (self.static_masks is None and holds_compiled_module(pl_module)))
+        if self._prepared:
             for layer in self.layers:
                 self.strategy.prepare(layer)
         self._write_dashboard_layout(trainer)
@@ -373,6 +375,7 @@ class ChannelPruning(Callback):
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
             "taylor_pending": -1 if self._taylor_pending is None else self._taylor_pending,
             "taylor_scores": {name: score.cpu() for name, score in self._taylor_scores.items()},
+            "masks_prepared": self._prepared,
         }
 
     def resume_from(self, checkpoint_path: str | Path) -> None:
@@ -409,8 +412,24 @@ class ChannelPruning(Callback):
                 f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
             )
 
+    def _check_same_parameter_names(self, state: dict[str, Any]) -> None:
+        """A strategy whose masks rename parameters (parametrize) names them from setup when masks are
+        prepared (compiled), else from pruning on: a layer still unpruned differs between the two."""
+        if not self.strategy.renames_parameters or state.get("masks_prepared", False) == self._prepared:
+            return
+        pruned = state["pruned"]
+        if all(name in pruned and bool(pruned[name].any()) for name in (layer.name for layer in self.layers)):
+            return
+        was = "with" if state.get("masks_prepared", False) else "without"
+        raise ValueError(
+            f"the checkpoint was written {was} compile=true (static_masks) before every layer was pruned, and "
+            f"mask={self.strategy_name} names unpruned layers' weights differently then; resume with "
+            f"compile={'true' if was == 'with' else 'false'}"
+        )
+
     def _restore(self, state: dict[str, Any]) -> None:
         self._check_compatible(state, "the checkpoint")
+        self._check_same_parameter_names(state)
         assert self.telemetry is not None
         by_name = {layer.name: layer for layer in self.layers}
         for name, mask in state["pruned"].items():

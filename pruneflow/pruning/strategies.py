@@ -49,6 +49,8 @@ class MaskStrategy:
     zeroes_kernels: ClassVar[bool] = True
     # True where ``install`` changes the forward pass (hooks, parametrizations): ``prepare`` installs it early.
     acts_in_forward: ClassVar[bool] = False
+    # True where ``install`` renames the layer's parameters in the state dict (parametrizations).
+    renames_parameters: ClassVar[bool] = False
 
     def prepare(self, layer: PrunableLayer) -> None:
         """Install the forward-pass machinery with nothing pruned, before a compiled network first runs."""
@@ -144,6 +146,7 @@ class ParametrizeMask(MaskStrategy):
     name = "parametrize"
     zeroes_kernels = False
     acts_in_forward = True
+    renames_parameters = True
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         for tensor_name in self._tensor_names(layer):
