@@ -85,6 +85,11 @@ class PrunableLayer:
         return self.norm_name or self.name
 
     @property
+    def channel_point(self) -> nn.Module:
+        """Where the channel is complete: the BatchNorm after the conv, else the conv itself."""
+        return self.norm if self.norm is not None else self.conv
+
+    @property
     def num_channels(self) -> int:
         return self.conv.out_channels
 

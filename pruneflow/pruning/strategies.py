@@ -203,12 +203,8 @@ class ActivationMask(MaskStrategy):
     def __init__(self) -> None:
         self._handles: dict[str, RemovableHandle] = {}
 
-    @staticmethod
-    def _point(layer: PrunableLayer) -> nn.Module:
-        return layer.norm if layer.norm is not None else layer.conv
-
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
-        point = self._point(layer)
+        point = layer.channel_point
         keep = _keep_shape(pruned, 4).view(1, -1, 1, 1)
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)
@@ -222,7 +218,7 @@ class ActivationMask(MaskStrategy):
         handle = self._handles.pop(layer.name, None)
         if handle is not None:
             handle.remove()
-            delattr(self._point(layer), KEEP_BUFFER)
+            delattr(layer.channel_point, KEEP_BUFFER)
 
 
 STRATEGIES: dict[str, type[MaskStrategy]] = {

@@ -71,15 +71,11 @@ class DriftTelemetry:
         self._leak_armed = False
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
-            point = self.channel_point(layer)
+            point = layer.channel_point
             point.register_buffer(PRUNED_BUFFER, torch.zeros(layer.num_channels), persistent=False)
             # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
             self._leak[layer.name] = torch.full((), -1.0)
             self._handles.append(point.register_forward_hook(self._leak_hook(layer.name)))
-
-    @staticmethod
-    def channel_point(layer: PrunableLayer) -> nn.Module:
-        return layer.norm if layer.norm is not None else layer.conv
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -98,7 +94,7 @@ class DriftTelemetry:
     def set_mask(self, layer: PrunableLayer, pruned: Tensor) -> None:
         """The layer's pruned channels, for measuring (also when a resumed run restores them)."""
         self.pruned[layer.name] = pruned.clone()
-        getattr(self.channel_point(layer), PRUNED_BUFFER).copy_(pruned)
+        getattr(layer.channel_point, PRUNED_BUFFER).copy_(pruned)
 
     def arm(self, armed: bool) -> None:
         """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
@@ -120,7 +116,7 @@ class DriftTelemetry:
             handle.remove()
         self._handles.clear()
         for layer in self.layers:
-            point = self.channel_point(layer)
+            point = layer.channel_point
             if hasattr(point, PRUNED_BUFFER):
                 delattr(point, PRUNED_BUFFER)
 
