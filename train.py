@@ -1,6 +1,6 @@
 """Entry point: ``python train.py [group=option ...] [key=value ...]`` (add ``-m`` for a sweep).
 
-A thin Hydra wrapper around ``pruneflow.run.train``; configuration lives in ``conf/``.
+A thin Hydra wrapper around ``pruneflow.experiment.run.train``; configuration lives in ``conf/``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pruneflow.cli import check_group_choices
-from pruneflow.errors import user_error_message
-from pruneflow.run import train
+from pruneflow.experiment.argv_checks import check_group_choices
+from pruneflow.experiment.run import train
+from pruneflow.experiment.user_errors import user_error_message
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 log = logging.getLogger("pruneflow")

@@ -1,8 +1,8 @@
 """What the benchmark scripts share: running ``python train.py`` as a user would, and reading its figures.
 
 Each run is a fresh process in a scratch run folder; its figures come from the run's
-``metrics.json`` (``perf/train_samples_per_s`` from ``pruneflow.measure.TrainingThroughput``, the
-test-accuracy curve from ``pruneflow.measure.AccuracyCurve``).
+``metrics.json`` (``perf/train_samples_per_s`` from ``pruneflow.callbacks.TrainingThroughput``, the
+test-accuracy curve from ``pruneflow.callbacks.AccuracyCurve``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CURVE = "+callbacks.accuracy_curve._target_=pruneflow.measure.AccuracyCurve"
+CURVE = "+callbacks.accuracy_curve._target_=pruneflow.callbacks.AccuracyCurve"
 
 
 def run_train(

@@ -8,7 +8,7 @@ process, alternating (A B, B A, ...) so that a noisy machine slows both alike:
 - ``pruneflow``: ``python train.py data.root=<root> mask=activation trainer.max_epochs=<epochs>``,
   everything else at its default (progress bar, telemetry every 50 steps, validation, checkpoints);
   its samples/s is ``perf/train_samples_per_s`` from the run's ``metrics.json``
-  (``pruneflow.measure.TrainingThroughput``: training batches only, after 20 warm-up steps);
+  (``pruneflow.callbacks.TrainingThroughput``: training batches only, after 20 warm-up steps);
 - ``bare_loop``: this script with ``--bare-loop``: the same model, optimizer (SGD, Nesterov,
   weight decay) and cosine schedule, the same in-memory uint8 tensors, shuffling and on-device
   normalisation, in a plain ``for`` loop, timed over the same steps.
@@ -16,7 +16,7 @@ process, alternating (A B, B A, ...) so that a noisy machine slows both alike:
 Prints the median samples/s of each arm and their ratio (target: pruneflow ≥ 0.95 × the bare loop),
 and with ``--json`` writes every repetition.
 
-``--in-process`` runs both arms alternately in this one process instead (``pruneflow.run.train``
+``--in-process`` runs both arms alternately in this one process instead (``pruneflow.experiment.run.train``
 with the config ``train.py`` composes, and the bare loop as a function). On this shared 2-core
 machine a fresh process's speed varies by ±15 % from one process to the next (where its threads
 land), for either arm; in one process that variance is gone and the ratio is steadier.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bench_common import REPO, run_train
 
-WARMUP_STEPS = 20  # as pruneflow.measure.TrainingThroughput's default
+WARMUP_STEPS = 20  # as pruneflow.callbacks.TrainingThroughput's default
 
 
 def bare_loop(root: str, epochs: int, device: str) -> float:
@@ -46,8 +46,8 @@ def bare_loop(root: str, epochs: int, device: str) -> float:
     from pruneflow.data import MNISTDataModule
     from pruneflow.data.base import TensorBatches
     from pruneflow.data.transforms import normalize
+    from pruneflow.lr_schedule import cosine
     from pruneflow.models import ConvNet
-    from pruneflow.schedules import cosine
 
     torch.manual_seed(0)
     data = MNISTDataModule(root=root, batch_size=128)
@@ -93,10 +93,10 @@ def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> float:
 
 
 def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path) -> float:
-    """``pruneflow.run.train`` on the config ``python train.py`` composes from the same overrides."""
+    """``pruneflow.experiment.run.train`` on the config ``python train.py`` composes from the same overrides."""
     from hydra import compose, initialize_config_dir
 
-    from pruneflow.run import train
+    from pruneflow.experiment.run import train
 
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     overrides = [f"data.root={root}", "mask=activation", f"trainer.max_epochs={epochs}",

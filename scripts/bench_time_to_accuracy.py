@@ -8,7 +8,7 @@ imports, data loading, training) to the first point of its test-accuracy curve a
 - MNIST, the default config (ConvNet, 2 epochs, SGD + cosine): target 99.0 %;
 - Fashion-MNIST, ``data=fashion_mnist trainer.max_epochs=<--fashion-epochs>``: target 91.0 %.
 
-The curve (``pruneflow.measure.AccuracyCurve``) evaluates the whole test split every
+The curve (``pruneflow.callbacks.AccuracyCurve``) evaluates the whole test split every
 ``--every-n-steps`` steps and at the end; its evaluations are left out of the clock. Prints each
 curve, the median time to first reach the target and the median time from which every later point
 stays at it; ``--json`` writes everything.

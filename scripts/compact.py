@@ -5,7 +5,7 @@
     python scripts/compact.py <run> --latency-batch-sizes 1,64 --memory-format contiguous --threads 2
 
 The network is rebuilt from the run's ``config.yaml`` with the checkpoint's weights and masks (see
-``pruneflow.compaction.checkpoint``). The exported model goes to ``<run>/compact/`` (or ``--out``),
+``pruneflow.compaction.from_checkpoint``). The exported model goes to ``<run>/compact/`` (or ``--out``),
 the ``compact/*`` figures are merged into the run's ``metrics.json`` and printed.
 """
 
@@ -18,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
+from pruneflow.atomic_io import write_json_atomic
 from pruneflow.compaction import compact_and_verify, load_trained_run, test_batches
 from pruneflow.compaction.cost import MEMORY_FORMATS
-from pruneflow.errors import user_error_message
-from pruneflow.io import write_json_atomic
+from pruneflow.experiment.user_errors import user_error_message
 
 log = logging.getLogger("pruneflow.compact")
 

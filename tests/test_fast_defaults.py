@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from pruneflow import ClassifierModule
 from pruneflow.data import SyntheticDataModule
 from pruneflow.errors import ConfigError
-from pruneflow.fast_defaults import resolve_fast_defaults
+from pruneflow.experiment.device_defaults import resolve_fast_defaults
 from pruneflow.models import ConvNet
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pruneflow import ClassifierModule
+from pruneflow.callbacks import AccuracyCurve, TrainingThroughput
 from pruneflow.data import SyntheticDataModule
-from pruneflow.measure import AccuracyCurve, TrainingThroughput
 from pruneflow.models import ConvNet
 
 

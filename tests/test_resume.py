@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_strategies import TinyNet, toy_loader
 
 from pruneflow import ChannelPruning, ClassifierModule
-from pruneflow.checkpointing import AtomicCheckpointIO
-from pruneflow.guards import NonFiniteLossError, NonFiniteLossGuard
+from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO
+from pruneflow.callbacks.non_finite_loss import NonFiniteLossError, NonFiniteLossGuard
 
 # ~40 steps per epoch: long enough to stop a run between its checkpoints, short enough for CI.
 RUN = (

@@ -13,7 +13,7 @@ from torch import nn
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.pruning.channels import find_prunable_layers
 from pruneflow.pruning.criteria import CRITERIA, ScoringContext, channels_to_prune, select_channels
-from pruneflow.pruning.schedule import PruningSchedule
+from pruneflow.pruning.sparsity_schedule import PruningSchedule
 
 
 def fit(module: L.LightningModule, pruning: ChannelPruning, epochs: int = 1) -> None:

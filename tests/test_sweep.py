@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from pruneflow.launcher import parallel_jobs, threads_per_job
+from pruneflow.experiment.cpu_share import parallel_jobs, threads_per_job
 
 REPORT = REPO / "scripts" / "report.py"
 spec = importlib.util.spec_from_file_location("report", REPORT)

@@ -8,9 +8,9 @@ program and a rebuildable state, ``checkpoint`` reloads a finished run, and ``pi
 together for ``compact=true`` runs and ``scripts/compact.py``.
 """
 
-from pruneflow.compaction.checkpoint import TrainedRun, load_trained_run
 from pruneflow.compaction.cut import ChannelGroup, Compaction, CompactionError, compact, effective_copy, plan_cut
 from pruneflow.compaction.export import export_compact, load_compact, load_exported
+from pruneflow.compaction.from_checkpoint import TrainedRun, load_trained_run
 from pruneflow.compaction.pipeline import compact_and_verify, compact_trained_module, test_batches
 from pruneflow.compaction.verify import Verification, verify
 

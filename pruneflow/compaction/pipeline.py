@@ -1,7 +1,7 @@
 """Compaction end to end: cut, verify against the masked model, measure cost, export — for a network in
 memory (``compact_and_verify``) or at the end of a training run (``compact_trained_module``).
 
-Every ``compact/*`` figure lands in one flat dict, which ``pruneflow.run`` merges into ``metrics.json``
+Every ``compact/*`` figure lands in one flat dict, which ``pruneflow.experiment.run`` merges into ``metrics.json``
 and logs to TensorBoard:
 
 - verification: ``max_abs_diff``, ``agreement``, ``acc`` (compacted), ``acc_masked``, ``acc_gap``

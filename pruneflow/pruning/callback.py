@@ -39,7 +39,7 @@ from pruneflow.pruning.criteria import (
     taylor_contribution,
 )
 from pruneflow.pruning.dashboard import log_pruned_layers
-from pruneflow.pruning.schedule import PruningSchedule
+from pruneflow.pruning.sparsity_schedule import PruningSchedule
 from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 

@@ -22,15 +22,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pruneflow.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
+from pruneflow.atomic_io import write_json_atomic, write_text_atomic
+from pruneflow.callbacks import TrainingThroughput
+from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
+from pruneflow.callbacks.non_finite_loss import NonFiniteLossGuard
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
-from pruneflow.fast_defaults import resolve_fast_defaults
-from pruneflow.guards import NonFiniteLossGuard
-from pruneflow.hparams import log_hparams
-from pruneflow.io import write_json_atomic, write_text_atomic
-from pruneflow.launcher import share_cpu_cores
-from pruneflow.measure import TrainingThroughput
+from pruneflow.experiment.cpu_share import share_cpu_cores
+from pruneflow.experiment.device_defaults import resolve_fast_defaults
+from pruneflow.experiment.hparams import log_hparams
 from pruneflow.module import ClassifierModule
 from pruneflow.pruning import ChannelPruning
 

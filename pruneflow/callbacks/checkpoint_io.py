@@ -13,8 +13,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from pruneflow.atomic_io import atomic_open
 from pruneflow.errors import ConfigError
-from pruneflow.io import atomic_open
 
 log = logging.getLogger(__name__)
 
