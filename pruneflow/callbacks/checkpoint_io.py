@@ -19,7 +19,8 @@ from pruneflow.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # A parametrized weight is stored as `<module>.parametrizations.<name>.original` (+ the mask's
-# buffers); the unparametrized model calls it `<module>.<name>`.
+# buffers); the model checked before `fit` has no parametrizations yet (ChannelPruning installs them
+# at setup) and calls it `<module>.<name>`.
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 _PARAMETRIZATION_BUFFER = re.compile(r"\.parametrizations\.\w+\.\d+\.")
 

@@ -2,10 +2,12 @@
 
 The network is rebuilt from ``<run dir>/config.yaml`` and its weights come from a checkpoint. The masks
 come from the ``ChannelPruning`` state in the checkpoint (``checkpoint["callbacks"][...]["pruned"]``:
-boolean masks, or lists of pruned channel indices); they are re-installed with the run's strategy
-before the weights load, as a resumed run does: an ``activation`` mask's hooks, a ``parametrize``
-mask's parametrization (whose stored weight the checkpoint holds). Strategies that act only during
-training (``weight``, ``gradient``, ``hard``, ``none``) install nothing: their network is the weights.
+boolean masks, or lists of pruned channel indices); the run's strategy installs its machinery on every
+layer the run selected (``layers``), pruned or not yet, before the weights load, as the callback's
+``setup`` does: an ``activation`` mask's hooks, a ``parametrize`` mask's parametrization (whose stored
+weight the checkpoint holds) — so a checkpoint written before pruning loads too. Strategies that act
+only during training (``weight``, ``gradient``, ``hard``, ``none``) install nothing: their network
+is the weights.
 """
 
 from __future__ import annotations
@@ -91,12 +93,14 @@ def load_trained_run(
     layers = {layer.name: layer for layer in find_prunable_layers(network)}
     pruned: dict[str, Tensor] = {}
     strategy = make_strategy(strategy_name)
-    for name, value in state["pruned"].items():
+    # Checkpoints from before `layers` was saved name only the pruned layers.
+    for name in state.get("layers") or state["pruned"]:
         if name not in layers:
             raise ValueError(f"checkpoint {path} masks {name!r}, which is not a prunable conv of {config['_target_']}")
-        pruned[name] = as_mask(name, value, layers[name].num_channels)
-        if pruned[name].any():
-            strategy.install(layers[name], pruned[name])  # before the weights: parametrized keys must exist
+        strategy.prepare(layers[name])  # before the weights: parametrized keys must exist
+        if name in state["pruned"]:
+            pruned[name] = as_mask(name, state["pruned"][name], layers[name].num_channels)
+            strategy.install(layers[name], pruned[name])
     weights = {
         key[len(NETWORK_PREFIX) :]: value
         for key, value in saved["state_dict"].items()

@@ -147,10 +147,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
     resume = checkpoint_to_resume(cfg, run_dir)
     if resume is not None:
-        check_checkpoint_matches(module, resume)
+        checkpoint = check_checkpoint_matches(module, resume)
         for callback in callbacks:
             if isinstance(callback, ChannelPruning):
-                callback.resume_from(resume)
+                callback.check_checkpoint(checkpoint, str(resume))
         log.info("resuming from %s", resume)
 
     started = time.perf_counter()

@@ -17,8 +17,8 @@ optimization):
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,15 +46,6 @@ from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 log = logging.getLogger(__name__)
 
 
-def holds_compiled_module(module: nn.Module) -> bool:
-    """Whether ``module`` or a submodule is compiled (``nn.Module.compile()`` or a ``torch.compile`` wrapper)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return any(
-        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
-    )
-
-
 class ChannelPruning(Callback):
     """Prune output channels of convs with a masking ``strategy`` and measure whether they stay pruned.
 
@@ -72,11 +63,15 @@ class ChannelPruning(Callback):
         taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
         seed: for ``random``.
         module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present).
-        static_masks: install the strategy's forward-pass masks (ones) for every selected layer at
-            setup, so a compiled graph is traced with them and pruning only rewrites buffers (no graph
-            break, no recompile). None: when the LightningModule holds a compiled module by setup
-            (``nn.Module.compile()`` or ``torch.compile``). Eager networks install masks only when they
-            prune: a multiply by ones before then would cost ~5 % of a ConvNet step.
+        static_masks: deprecated and ignored (a FutureWarning says so): the forward-pass masks are
+            always installed at setup now.
+
+    The strategy's forward-pass machinery (``activation``'s mask buffers and hooks, ``parametrize``'s
+    parametrizations) is installed at ``setup`` for every selected layer, with nothing pruned: the
+    network's parameter and buffer names are the same before and after pruning, so Lightning's own
+    checkpoints resume with a plain ``Trainer.fit(ckpt_path=...)``, and a compiled graph traced with
+    the masks is neither broken nor recompiled when pruning rewrites their values. Lightning calls
+    ``setup``, then loads the weights, then ``load_state_dict``, which applies the saved masks.
     """
 
     def __init__(
@@ -126,9 +121,13 @@ class ChannelPruning(Callback):
         self.taylor_batches = taylor_batches
         self.seed = seed
         self.module_attribute = module
-        if static_masks is not None and not isinstance(static_masks, bool):
-            raise ValueError(f"mask.static_masks must be true, false or null (auto), got {static_masks!r}")
-        self.static_masks = static_masks
+        if static_masks is not None:
+            warnings.warn(
+                f"mask.static_masks={static_masks!r} is ignored and will be removed: masks are always installed "
+                "at setup now; drop the setting",
+                FutureWarning,
+                stacklevel=2,
+            )
 
         self.layers: list[PrunableLayer] = []
         self.pruned: dict[str, Tensor] = {}
@@ -140,12 +139,9 @@ class ChannelPruning(Callback):
         self._last_logged_step: int | None = None
         self._taylor_pending: int | None = None
         self._taylor_scores: dict[str, Tensor] = {}
-        self._pending_state: dict[str, Any] | None = None
-        self._restored = False
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
         self._mask_images_pending = True  # the channel-mask images change only at pruning events
-        self._prepared = False  # forward-pass masks installed at setup (static_masks)
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -160,7 +156,8 @@ class ChannelPruning(Callback):
         return candidate
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.layers:
+        # Every stage: `Trainer.validate/test(ckpt_path=...)` loads weights named as the masked network names them.
+        if self.layers:
             return
         network = self.network(pl_module)
         all_layers = find_prunable_layers(network)
@@ -182,14 +179,10 @@ class ChannelPruning(Callback):
                     "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
                 )
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
-        self._prepared = bool(self.static_masks or (self.static_masks is None and holds_compiled_module(pl_module)))
-        if self._prepared:
-            for layer in self.layers:
-                self.strategy.prepare(layer)
+        # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
+        for layer in self.layers:
+            self.strategy.prepare(layer)
         self._write_dashboard_layout(trainer)
-        if self._pending_state is not None:
-            # Before Lightning restores the weights: parametrized layers must exist for their keys to load.
-            self._restore(self._pending_state)
         log.info("pruning %d layers with mask=%s: %s", len(self.layers), self.strategy_name,
                  ", ".join(layer.name for layer in self.layers))  # fmt: skip
 
@@ -375,32 +368,30 @@ class ChannelPruning(Callback):
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
             "taylor_pending": -1 if self._taylor_pending is None else self._taylor_pending,
             "taylor_scores": {name: score.cpu() for name, score in self._taylor_scores.items()},
-            "masks_prepared": self._prepared,
         }
 
-    def resume_from(self, checkpoint_path: str | Path) -> None:
-        """Read this callback's state from a checkpoint now, to re-install masks in ``setup``.
-
-        ``Trainer.fit(ckpt_path=...)`` restores the weights before it calls ``load_state_dict``; a
-        ``parametrize`` run's weights only load into parametrized layers, so call this first.
-        """
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        if state is None:
-            raise ValueError(f"checkpoint {checkpoint_path} holds no {self.state_key} state: it was not a pruning run")
-        self._check_compatible(state, str(checkpoint_path))
-        self._pending_state = state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._restored:
-            return  # already restored in setup, from resume_from
-        self._check_compatible(state_dict, "the checkpoint")
-        if self.layers:
-            self._restore(state_dict)
-        else:
-            self._pending_state = state_dict
+        """Apply a checkpoint's mask state. Lightning calls this after ``setup`` (machinery installed,
+        layers chosen) and after loading the weights, whether fitting, validating or testing."""
+        if not self.layers:
+            raise RuntimeError(
+                "ChannelPruning.load_state_dict needs the layers chosen in setup; restore a checkpoint through "
+                "Trainer.fit/validate/test(ckpt_path=...), which calls setup first"
+            )
+        self._restore(state_dict)
 
-    def _check_compatible(self, state: dict[str, Any], origin: str) -> None:
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], origin: str) -> None:
+        """Refuse in one line, before any weight loads, a checkpoint not pruned or pruned by another strategy.
+
+        Optional: ``load_state_dict`` checks the same, but only after Lightning has loaded the weights,
+        which a ``parametrize`` checkpoint's renamed weights would already have failed.
+        """
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if state is None:
+            raise ValueError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
+        self._check_compatible(state, origin)
+
+    def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
         if state["strategy"] != self.strategy_name:
             raise ValueError(
                 f"{origin} was pruned with mask={state['strategy']} but this run has mask={self.strategy_name}; "
@@ -412,24 +403,8 @@ class ChannelPruning(Callback):
                 f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
             )
 
-    def _check_same_parameter_names(self, state: dict[str, Any]) -> None:
-        """A strategy whose masks rename parameters (parametrize) names them from setup when masks are
-        prepared (compiled), else from pruning on: a layer still unpruned differs between the two."""
-        if not self.strategy.renames_parameters or state.get("masks_prepared", False) == self._prepared:
-            return
-        pruned = state["pruned"]
-        if all(name in pruned and bool(pruned[name].any()) for name in (layer.name for layer in self.layers)):
-            return
-        was = "with" if state.get("masks_prepared", False) else "without"
-        raise ValueError(
-            f"the checkpoint was written {was} compile=true (static_masks) before every layer was pruned, and "
-            f"mask={self.strategy_name} names unpruned layers' weights differently then; resume with "
-            f"compile={'true' if was == 'with' else 'false'}"
-        )
-
     def _restore(self, state: dict[str, Any]) -> None:
         self._check_compatible(state, "the checkpoint")
-        self._check_same_parameter_names(state)
         assert self.telemetry is not None
         by_name = {layer.name: layer for layer in self.layers}
         for name, mask in state["pruned"].items():
@@ -450,8 +425,6 @@ class ChannelPruning(Callback):
         self._taylor_pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
         self._taylor_scores = dict(state["taylor_scores"])
         self._refresh_masked()
-        self._pending_state = None
-        self._restored = True
 
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:

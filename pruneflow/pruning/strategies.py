@@ -2,12 +2,13 @@
 
 One small interface, one short class per strategy (as ``torch.nn.utils.prune`` does for methods):
 
-- ``prepare``: for a compiled network, once before the first forward: install the forward-pass
-  machinery with nothing pruned (a mask of ones in a buffer), so pruning later only rewrites buffer
-  values and the compiled graph is neither broken nor recompiled;
+- ``prepare``: at setup, before the first forward and before a checkpoint's weights load: install
+  the forward-pass machinery with nothing pruned (a mask of ones in a buffer), so parameter and
+  buffer names never depend on whether pruning has happened, and pruning later only rewrites buffer
+  values (a compiled graph is neither broken nor recompiled);
 - ``apply``: at each pruning event, with the layer's full boolean mask (True = pruned): zero the
-  kernels (where the strategy does) and ``install`` the masking machinery (hooks, parametrizations);
-  a resumed run only ``install``s, since its weights come from the checkpoint;
+  kernels (where the strategy does) and ``install`` (update) the masking machinery; a resumed run
+  only ``install``s, since its weights come from the checkpoint;
 - ``before_optimizer_step``: after backward, before the step (gradient masking);
 - ``after_optimizer_step``: after the step (re-zeroing);
 - ``trainable_tensors``: the leaf parameters the optimizer moves for the producer (for resetting
@@ -47,13 +48,11 @@ class MaskStrategy:
 
     name: ClassVar[str]
     zeroes_kernels: ClassVar[bool] = True
-    # True where ``install`` changes the forward pass (hooks, parametrizations): ``prepare`` installs it early.
+    # True where ``install`` changes the forward pass (hooks, parametrizations): ``prepare`` installs it at setup.
     acts_in_forward: ClassVar[bool] = False
-    # True where ``install`` renames the layer's parameters in the state dict (parametrizations).
-    renames_parameters: ClassVar[bool] = False
 
     def prepare(self, layer: PrunableLayer) -> None:
-        """Install the forward-pass machinery with nothing pruned, before a compiled network first runs."""
+        """Install the forward-pass machinery with nothing pruned (multiplying by ones is exact)."""
         if self.acts_in_forward:
             self.install(layer, torch.zeros(layer.num_channels, dtype=torch.bool))
 
@@ -146,7 +145,6 @@ class ParametrizeMask(MaskStrategy):
     name = "parametrize"
     zeroes_kernels = False
     acts_in_forward = True
-    renames_parameters = True
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         for tensor_name in self._tensor_names(layer):
