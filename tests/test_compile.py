@@ -11,10 +11,18 @@ from torch._dynamo.utils import counters
 from pruneflow import STRATEGIES, ChannelPruning, ClassifierModule
 from pruneflow.data import SyntheticDataModule
 from pruneflow.models import ConvNet
-from pruneflow.pruning.callback import holds_compiled_module
 
 PRUNE_AT_STEP = 3
 STEPS = 8
+
+
+def holds_compiled_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a submodule is compiled (``nn.Module.compile()`` or a ``torch.compile`` wrapper)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
+    )
 
 
 class GraphCount(L.Callback):

@@ -7,15 +7,18 @@ with ReLU and SiLU. Pruning happens after pre-training steps, so β ≠ 0 and op
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.models import make_activation
+from pruneflow.pruning.strategies import KEEP_BUFFER
 
 PRUNE_AT = 6
 STEPS = 16
@@ -168,20 +171,28 @@ def test_consumer_drift_is_measured_for_conv_and_linear_consumers() -> None:
     assert final(pruning, "drift/consumer_l2") > 0.0
 
 
-def test_masks_restored_from_a_checkpoint_state_are_measured_like_fresh_ones() -> None:
-    pruning, model = run("hard")
-    leak = final(pruning, "leak/activation_abs_mean")
-    assert leak > 0.01  # hard re-zeroes kernels, the BatchNorm still emits β
-    fresh = TinyNet("relu")
-    fresh.load_state_dict(model.state_dict())
-    restored = ChannelPruning(strategy="hard", amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1)
-    restored.load_state_dict(pruning.state_dict())  # as a resumed run does, before setup
+def test_masks_restored_from_a_checkpoint_are_measured_like_fresh_ones(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pruning = ChannelPruning(strategy="hard", amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1)
     trainer = L.Trainer(
-        max_steps=2, callbacks=[restored], logger=False, enable_checkpointing=False,
+        max_epochs=1, callbacks=[pruning, ModelCheckpoint(dirpath=tmp_path, save_last=True)], logger=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
-    trainer.fit(ClassifierModule(fresh, OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader(seed=1))
-    assert restored.pruned.keys() == pruning.pruned.keys()
+    trainer.fit(ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader())
+    leak = final(pruning, "leak/activation_abs_mean")
+    assert leak > 0.01  # hard re-zeroes kernels, the BatchNorm still emits β
+    restored = ChannelPruning(strategy="hard", amount=0.5, at_step=PRUNE_AT, log_every_n_steps=1)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[restored], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    fresh = ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3)
+    trainer.fit(fresh, train_dataloaders=toy_loader(seed=1), ckpt_path=tmp_path / "last.ckpt")
+    assert {name: mask.tolist() for name, mask in restored.pruned.items()} == {
+        name: mask.tolist() for name, mask in pruning.pruned.items()
+    }
+    assert restored.pruning_steps == [PRUNE_AT]  # restored, not pruned again on resuming
+    assert len(restored.history["leak/activation_abs_mean"]) > len(pruning.history["leak/activation_abs_mean"])
     assert final(restored, "leak/activation_abs_mean") == pytest.approx(leak, rel=0.5)
 
 
@@ -193,21 +204,23 @@ def fit_steps(pruning: ChannelPruning, model: nn.Module, steps: int = 2) -> None
     trainer.fit(ClassifierModule(model, OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader())
 
 
-def test_static_masks_install_before_pruning_and_a_mismatched_resume_is_refused_in_one_line() -> None:
+@pytest.mark.parametrize("strategy", ["parametrize", "activation"])
+def test_forward_masks_are_installed_at_setup_so_names_do_not_change_when_pruning(strategy: str) -> None:
     torch.manual_seed(0)
     model = TinyNet("relu")
-    prepared = ChannelPruning(strategy="parametrize", at_step=1000, static_masks=True)  # prunes after the run
-    fit_steps(prepared, model)
-    # Prepared as for a compiled network: parametrized from setup on, with nothing pruned yet.
-    assert "features.0.parametrizations.weight.original" in model.state_dict()
-    assert not prepared.pruned and prepared.state_dict()["masks_prepared"] is True
-    eager = ChannelPruning(strategy="parametrize", at_step=1000)
-    eager.load_state_dict(prepared.state_dict())
-    with pytest.raises(ValueError, match=r"^the checkpoint was written with compile=true .* resume with compile=true$"):
-        fit_steps(eager, TinyNet("relu"))
-    # Once every layer is pruned, both name their weights alike: nothing to refuse.
-    pruned_state = run("parametrize")[0].state_dict() | {"masks_prepared": True}
-    resumed = ChannelPruning(strategy="parametrize", amount=0.5, at_step=PRUNE_AT)
-    resumed.load_state_dict(pruned_state)
-    fit_steps(resumed, TinyNet("relu"))
-    assert resumed.pruned.keys() == pruned_state["pruned"].keys()
+    not_yet = ChannelPruning(strategy=strategy, at_step=1000)  # prunes after the run
+    fit_steps(not_yet, model)
+    assert not not_yet.pruned
+    # Nothing pruned yet, yet the parameter and buffer names are those of a pruned network.
+    assert model.state_dict().keys() == run(strategy)[1].state_dict().keys()
+    if strategy == "parametrize":
+        assert "features.0.parametrizations.weight.original" in model.state_dict()
+    else:
+        assert all(bool((getattr(layer.channel_point, KEEP_BUFFER) == 1).all()) for layer in not_yet.layers)
+
+
+def test_static_masks_is_accepted_with_a_future_warning_and_state_needs_setup() -> None:
+    with pytest.warns(FutureWarning, match=r"^mask.static_masks=True is ignored and will be removed"):
+        pruning = ChannelPruning(strategy="parametrize", static_masks=True)
+    with pytest.raises(RuntimeError, match=r"restore a checkpoint through Trainer.fit/validate/test\(ckpt_path=...\)"):
+        pruning.load_state_dict(run("parametrize")[0].state_dict())
