@@ -339,6 +339,23 @@ def test_compact_true_run_writes_figures_and_export_and_the_script_recompacts_it
     assert again["test/acc"] == metrics["test/acc"] and (run_dir / "compact" / "model.pt2").is_file()
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_parametrize_checkpoint_written_before_pruning_compacts(tmp_path: Path, compile: bool) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_epochs=1", "mask=parametrize", "mask.at_epoch=1",
+        f"compile={str(compile).lower()}", f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    early = run_dir / "checkpoints" / "best-epoch000.ckpt"
+    saved = torch.load(early, weights_only=True)
+    assert not saved["callbacks"]["ChannelPruning"]["pruned"]  # written before any layer was pruned
+    assert "model.features.0.parametrizations.weight.original" in saved["state_dict"]
+    metrics = compact_script().main([str(run_dir), "--checkpoint", str(early), "--latency-batch-sizes", ""])
+    assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_abs_diff"] <= TOLERANCE
+    assert metrics["compact/flops_ratio"] == 1.0  # nothing was pruned yet: nothing is cut
+
+
 def test_compact_without_a_mask_is_one_clear_line(tmp_path: Path) -> None:
     result = run_train("data=synthetic", "compact=true", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
     assert result.returncode != 0
