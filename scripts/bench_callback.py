@@ -5,7 +5,10 @@ callback against the same training without it.
     python scripts/bench_callback.py --root ../shared/data --log-every 1,10,50,200,off  # telemetry cost
 
 MNIST, the default ConvNet, batch 128, pruning 50 % of every conv at step 0. An arm is
-``<strategy>@<telemetry interval>`` (``off``: telemetry once, at step 0). Each repetition trains
+``<strategy>@<telemetry interval>`` (``off``: telemetry once, at step 0). Strategies that mask in
+the forward pass (``activation``, ``parametrize``) install their masks at setup, so they cost a
+step before pruning too: their ``<strategy>@<interval>/unpruned`` arms schedule pruning after the
+run, timing the steps of a run that has not pruned yet. Each repetition trains
 every arm for the same steps in this process, in alternating order (this machine is shared and
 noisy), timing only the steps after a warm-up. The table reports each arm's median samples/s, its
 ratio to the no-callback arm, and the median share of the timed wall time spent in telemetry —
@@ -113,7 +116,8 @@ def train_once(
     timer = StepTimer(warmup, clock)
     callbacks: list[Callback] = [timer]
     if arm["strategy"] is not None:
-        callbacks.append(ChannelPruning(strategy=arm["strategy"], log_every_n_steps=arm["log_every"]))
+        at_step = None if arm["pruned"] else warmup + steps + 1  # None: at step 0
+        callbacks.append(ChannelPruning(strategy=arm["strategy"], log_every_n_steps=arm["log_every"], at_step=at_step))
     trainer = L.Trainer(
         max_steps=warmup + steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
         logger=TensorBoardLogger(logdir, name=arm["name"]), enable_checkpointing=False,
@@ -141,12 +145,13 @@ def main() -> None:
     else:
         datamodule = SyntheticDataModule(num_train=20_000, batch_size=128)
     strategies = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
-    arms = [{"name": "no_callback", "strategy": None, "log_every": 0}]
-    arms += [
-        {"name": f"{s}@{n}", "strategy": s, "log_every": TELEMETRY_OFF if n == "off" else int(n)}
-        for s in strategies
-        for n in args.log_every.split(",")
-    ]
+    arms = [{"name": "no_callback", "strategy": None, "log_every": 0, "pruned": False}]
+    for s in strategies:
+        for n in args.log_every.split(","):
+            log_every = TELEMETRY_OFF if n == "off" else int(n)
+            arms.append({"name": f"{s}@{n}", "strategy": s, "log_every": log_every, "pruned": True})
+            if STRATEGIES[s].acts_in_forward:
+                arms.append({"name": f"{s}@{n}/unpruned", "strategy": s, "log_every": log_every, "pruned": False})
     samples: dict[str, list[float]] = {arm["name"]: [] for arm in arms}
     shares: dict[str, list[float]] = {arm["name"]: [] for arm in arms}
     steps: dict[str, list[float]] = {arm["name"]: [] for arm in arms}
