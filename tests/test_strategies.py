@@ -196,6 +196,28 @@ def test_masks_restored_from_a_checkpoint_are_measured_like_fresh_ones(tmp_path:
     assert final(restored, "leak/activation_abs_mean") == pytest.approx(leak, rel=0.5)
 
 
+def test_plain_validate_with_a_parametrize_checkpoint_evaluates_the_masked_network(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pruning = ChannelPruning(strategy="parametrize", amount=0.5, at_step=PRUNE_AT)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[pruning, ModelCheckpoint(dirpath=tmp_path, save_last=True)], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trained = ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3)
+    trainer.fit(trained, train_dataloaders=toy_loader())
+    expected = trainer.validate(trained, dataloaders=toy_loader(seed=1), verbose=False)
+    restored = ChannelPruning(strategy="parametrize", amount=0.5, at_step=PRUNE_AT)
+    trainer = L.Trainer(
+        callbacks=[restored], logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    )
+    fresh = ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3)
+    result = trainer.validate(fresh, dataloaders=toy_loader(seed=1), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert result == expected
+    assert restored.pruned.keys() == pruning.pruned.keys()
+    for layer in restored.layers:
+        assert bool((layer.conv.weight[restored.pruned[layer.name]] == 0).all())  # the effective weight
+
+
 def fit_steps(pruning: ChannelPruning, model: nn.Module, steps: int = 2) -> None:
     trainer = L.Trainer(
         max_steps=steps, callbacks=[pruning], logger=False, enable_checkpointing=False,
