@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.models import VGG, ConvNet, ResNet
-from pruneflow.pruning.channels import Consumer, find_prunable_layers, select_layers
+from pruneflow.pruning.channels import Consumer, find_prunable_layers, select_layers, trace_channel_graph
 
 
 def by_name(model: nn.Module) -> dict:
@@ -58,7 +59,7 @@ def test_conv_without_norm_has_its_own_output_as_channel_point() -> None:
     assert layers["0"].consumers == [Consumer("2", "conv")]
 
 
-def test_untraceable_model_falls_back_to_module_order_without_consumers() -> None:
+def test_untraceable_model_has_no_prunable_space_and_says_why() -> None:
     class Dynamic(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -70,15 +71,15 @@ def test_untraceable_model_falls_back_to_module_order_without_consumers() -> Non
                 return self.bn(self.conv(x))
             return self.conv(x)
 
-    (layer,) = find_prunable_layers(Dynamic())
-    assert layer.norm_name == "bn" and layer.consumers == [] and not layer.consumers_complete
+    # A guess must not decide what gets pruned: without a graph, who reads a channel is unknown.
+    assert find_prunable_layers(Dynamic()) == []
+    (space,) = trace_channel_graph(Dynamic()).spaces
+    assert space.names == ["conv"] and not space.prunable and "torch.fx cannot trace Dynamic" in space.refusals[0]
 
 
 def test_layer_globs_select_and_unknown_glob_is_a_clear_error() -> None:
     layers = find_prunable_layers(ResNet(depth=20))
     chosen = select_layers(layers, ["layer2.*.conv1"])
     assert [layer.name for layer in chosen] == ["layer2.0.conv1", "layer2.1.conv1", "layer2.2.conv1"]
-    with pytest.raises(
-        ValueError, match=r"pattern 'features\.\*' matches no prunable conv; the model's convs are: conv1"
-    ):
+    with pytest.raises(ConfigError, match=r"'features\.\*' matches no conv or linear layer; the model's are: conv1"):
         select_layers(layers, ["features.*"])

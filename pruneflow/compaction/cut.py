@@ -1,23 +1,22 @@
 """Compaction's cut: from a masked network, a physically smaller one with the pruned channels taken out.
 
-A channel lives in a **channel space**: the tensors between the convs that write it (its producers) and
-the weights that read it (its consumers). In a plain chain one conv writes it; a residual addition sums
-the channel points of several convs (stem, ``conv2``/``bn2`` of every block, projection shortcuts) into
-one coupled space. Cutting channel ``c`` of a space removes
+It reads the channel graph (``pruneflow.pruning.channels``): a channel lives in a **channel space**,
+written by its producers and read by its consumers. Cutting channel ``c`` of a space removes
 
-- row ``c`` of every producer's kernel (and bias) and entry ``c`` of its BatchNorm (γ, β, running
-  mean and variance);
-- the columns that read ``c`` in every consumer: the next conv's input slice ``weight[:, c]``, or the
-  linear layer's features ``c·k … (c+1)·k − 1`` after a flatten.
+- row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
+  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance);
+- the columns that read ``c`` in every consumer: a conv's input slice ``weight[:, c]``, a linear
+  layer's feature ``c`` or, after a flatten, features ``c·k … (c+1)·k − 1``, shifted by the space's
+  offset where it reaches the consumer through a concatenation.
 
 This is the same function exactly when channel ``c`` is zero everywhere in its space. An ``activation``
-mask makes it so: it multiplies the channel by 0 at its channel point (after β), and ReLU, SiLU, GELU,
-LeakyReLU, pooling and addition keep a zero channel zero (an activation with f(0) ≠ 0, like Sigmoid,
-does not, and verification shows it). In a coupled space that needs every producer to mask ``c``; a
-channel masked on one branch only is still carried by the others, so it is refused with an error
-naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``none`` through
-their kernels, ``gradient``, ``hard`` and ``parametrize`` through β after the activation — so cutting
-them changes the function; ``verify`` measures by how much.
+mask makes it so: it multiplies the channel by 0 at every producer's channel point (after β), and the
+graph admits between a channel point and a reader only ops that keep a zero channel zero (ReLU, SiLU,
+pooling, addition, a product with a zero factor). In a coupled space that needs every producer to mask
+``c``; a channel masked by some producers only is still carried by the others, so it is refused with
+an error naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``none``
+through their kernels, ``gradient``, ``hard`` and ``parametrize`` through β after the activation — so
+cutting them changes the function; ``verify`` measures by how much.
 
 (Folding a pruned channel's constant act(β) into its consumer's bias would shrink that gap for a
 linear consumer, but not exactly for a padded conv, whose border taps read zeros; it is left out.)
@@ -32,18 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from pruneflow.pruning.channels import (
-    RESIDUAL_FUNCTIONS,
-    Consumer,
-    PrunableLayer,
-    find_prunable_layers,
-    is_channel_preserving,
-    is_flatten,
-)
+from pruneflow.pruning.channels import ChannelSpace, is_depthwise, trace_channel_graph
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +82,7 @@ def effective_copy(network: nn.Module) -> nn.Module:
 
 
 # -- rebuilding modules at a new width ------------------------------------------------------------
-def _conv_args(conv: nn.Conv2d) -> dict[str, Any]:
+def _conv_args(conv: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:
     return {
         "in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": conv.kernel_size,
         "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups,
@@ -113,7 +104,9 @@ def _linear_args(linear: nn.Linear) -> dict[str, Any]:
 # type → (constructor arguments of an instance, its (output, input) width arguments). Exact types only:
 # a subclass may compute something else from the same tensors.
 RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]] = {
+    nn.Conv1d: (_conv_args, ("out_channels", "in_channels")),
     nn.Conv2d: (_conv_args, ("out_channels", "in_channels")),
+    nn.BatchNorm1d: (_norm_args, ("num_features", None)),
     nn.BatchNorm2d: (_norm_args, ("num_features", None)),
     nn.Linear: (_linear_args, ("out_features", "in_features")),
 }
@@ -155,12 +148,15 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     """``module`` keeping only output rows ``out_keep`` and input columns ``in_keep`` (None: all).
 
     Dim 0 of every tensor is the output (kernel rows, bias, BatchNorm's γ, β and running statistics),
-    dim 1 of a weight the input; scalar buffers (``num_batches_tracked``) are copied as they are.
+    dim 1 of a weight the input; scalar buffers (``num_batches_tracked``) are copied as they are. A
+    depthwise conv's row ``c`` reads input channel ``c`` only: cutting rows cuts its inputs and groups.
     """
     _, (out_arg, in_arg) = _resizable(name, module)
     sizes = {}
     if out_keep is not None:
         sizes[out_arg] = len(out_keep)
+        if is_depthwise(module):
+            sizes["in_channels"] = sizes["groups"] = len(out_keep)
     if in_keep is not None and in_arg is not None:
         sizes[in_arg] = len(in_keep)
     state = {}
@@ -180,17 +176,18 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
 # -- channel spaces -------------------------------------------------------------------------------
 @dataclass
 class ChannelGroup:
-    """One channel space: the convs that write it (several when a residual addition sums them) and the
-    weights that read it, with the channels cut out of it."""
+    """One channel space of the graph with the channels cut out of it."""
 
-    producers: list[PrunableLayer]
-    consumers: list[Consumer]
-    width: int
+    space: ChannelSpace
     removed: Tensor
 
     @property
     def names(self) -> list[str]:
-        return [layer.name for layer in self.producers]
+        return self.space.names
+
+    @property
+    def width(self) -> int:
+        return self.space.width
 
     @property
     def kept(self) -> Tensor:
@@ -217,160 +214,44 @@ def as_mask(name: str, value: MaskLike, width: int) -> Tensor:
     return mask
 
 
-def _group_by_channel_space(layers: Sequence[PrunableLayer]) -> list[list[PrunableLayer]]:
-    """Layers grouped by the channel space they write: a consumer reads one input tensor, so every
-    producer that reaches the same consumer writes the same space (a union over shared consumers)."""
-    parent = list(range(len(layers)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    reader_of: dict[str, int] = {}
-    for index, layer in enumerate(layers):
-        for consumer in layer.consumers:
-            other = reader_of.setdefault(consumer.name, index)
-            parent[root(index)] = root(other)
-    groups: dict[int, list[PrunableLayer]] = {}
-    for index, layer in enumerate(layers):
-        groups.setdefault(root(index), []).append(layer)
-    return list(groups.values())
-
-
-def _writers(node: torch.fx.Node, modules: dict[str, nn.Module], norms: set[str]) -> tuple[set[str], list[str]]:
-    """Walk back from ``node``: the convs whose channels reach it index for index (through their norms,
-    channel-preserving ops, flattens and residual additions), and the names of anything else that does."""
-    convs: set[str] = set()
-    others: list[str] = []
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        target = str(current.target)
-        module = modules.get(target) if current.op == "call_module" else None
-        inputs = [arg for arg in current.args if isinstance(arg, torch.fx.Node)]
-        if isinstance(module, nn.Conv2d):
-            convs.add(target)
-        elif current.op == "call_function" and current.target in RESIDUAL_FUNCTIONS:
-            stack.extend(inputs)  # a sum of zero channels is zero
-        elif inputs and (target in norms or is_channel_preserving(current, modules) or is_flatten(current, modules)):
-            stack.append(inputs[0])
-        else:
-            others.append(current.name)
-    return convs, others
-
-
-def _reaches_output(producer: torch.fx.Node, consumers: set[str]) -> bool:
-    """Whether the producer's channels flow into the graph's output without passing through a consumer.
-
-    Only channel-preserving paths are left to check: any other op already made the layer's consumer
-    list incomplete, which is refused first.
-    """
-    stack, seen = [producer], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "output":
-            return True
-        stack.extend(user for user in node.users if not (user.op == "call_module" and str(user.target) in consumers))
-    return False
-
-
-def _check_cuttable(group: ChannelGroup, graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
-    """Refuse, naming the layer, any channel space whose readers or writers are not all known."""
-    first = group.producers[0].name
-    for layer in group.producers:
-        if not layer.consumers_complete:
-            raise CompactionError(
-                f"cannot cut channels of {layer.name}: its output reaches an op whose effect on channels is "
-                "unknown (not a conv, BatchNorm, linear after flatten, elementwise op, pooling or addition), "
-                "so not every reader of those channels can be sliced"
-            )
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append(node)
-    consumer_names = {consumer.name for consumer in group.consumers}
-    for layer in group.producers:
-        if _reaches_output(calls[layer.name][0], consumer_names):
-            raise CompactionError(
-                f"cannot cut channels of {layer.name}: they reach the network's output, whose shape would change"
-            )
-    norms = {layer.norm_name for layer in group.producers if layer.norm_name}
-    for consumer in group.consumers:
-        nodes = calls.get(consumer.name, [])
-        if len(nodes) != 1:
-            raise CompactionError(
-                f"cannot cut channels of {first}: its consumer {consumer.name} is called {len(nodes)} times, "
-                "and slicing it would change its other uses"
-            )
-        if not nodes[0].args or not isinstance(nodes[0].args[0], torch.fx.Node):
-            raise CompactionError(f"cannot cut channels of {first}: cannot find the input of {consumer.name}")
-        convs, others = _writers(nodes[0].args[0], modules, norms)
-        strangers = sorted(convs - set(group.names)) + others
-        if strangers:
-            raise CompactionError(
-                f"cannot cut channels of {first}: the input of {consumer.name} is also written by "
-                f"{', '.join(strangers)}, which are not prunable convs of the same channel space, so a cut "
-                "channel would not be zero there"
-            )
-
-
 def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[ChannelGroup]:
     """The channel spaces of a hook-free ``network`` and the channels to cut from each, checked.
 
-    ``pruned`` maps producer conv names to masks (True = pruned) or pruned channel indices; a
-    producer that is absent prunes nothing. A channel is cut when every producer of its space
-    prunes it; a channel pruned by some producers of a coupled space but not all is an error.
+    ``pruned`` maps producer names to masks (True = pruned) or pruned channel indices; a producer
+    that is absent prunes nothing. A channel is cut when every producer of its space prunes it; a
+    channel pruned by some producers of a space but not all is an error, and so is a cut in a space
+    the channel graph refuses (the refusal names why).
     """
-    layers = find_prunable_layers(network)
-    by_name = {layer.name: layer for layer in layers}
+    graph = trace_channel_graph(network)
+    by_name = {layer.name: layer for layer in graph.layers}
     masks: dict[str, Tensor] = {}
     for name, value in pruned.items():
         layer = by_name.get(name)
         if layer is None:
             raise CompactionError(
-                f"the masks name {name!r}, which is not a prunable conv of {type(network).__name__}; "
-                f"prunable convs: {', '.join(by_name) or 'none'}"
+                f"the masks name {name!r}, which is not a conv or linear layer of {type(network).__name__}; "
+                f"its layers: {', '.join(by_name) or 'none'}"
             )
         masks[name] = as_mask(name, value, layer.num_channels)
     groups = []
-    for members in _group_by_channel_space(layers):
-        width = members[0].num_channels
-        member_masks = [masks.get(layer.name, torch.zeros(width, dtype=torch.bool)) for layer in members]
+    for space in graph.spaces:
+        members = space.producers
+        member_masks = [masks.get(layer.name, torch.zeros(space.width, dtype=torch.bool)) for layer in members]
         everywhere = torch.stack(member_masks).all(0)
         for layer, mask in zip(members, member_masks, strict=True):
             partial = mask & ~everywhere
             if partial.any():
                 others = [other.name for other in members if other is not layer]
                 raise CompactionError(
-                    f"cannot cut channels {partial.nonzero().flatten().tolist()} of {layer.name}: they feed a "
-                    f"residual addition also written by {', '.join(others)}, where they stay alive; a coupled "
-                    "channel can be cut only when every conv of its group prunes it (mask them identically, "
-                    "or leave coupled convs out of mask.layers)"
+                    f"cannot cut channels {partial.nonzero().flatten().tolist()} of {layer.name}: its channel space "
+                    f"is also written by {', '.join(others)}, where they stay alive; a channel is cut only when "
+                    "every producer of its space prunes it (select the whole group)"
                 )
         if everywhere.all():
-            raise CompactionError(f"cannot cut all {width} channels of {', '.join(m.name for m in members)}")
-        consumers = list({consumer.name: consumer for layer in members for consumer in layer.consumers}.values())
-        groups.append(ChannelGroup(members, consumers, width, everywhere.nonzero().flatten()))
-    if any(len(group.removed) for group in groups):
-        try:
-            graph = torch.fx.symbolic_trace(network).graph
-        except Exception as exc:  # data-dependent control flow: no graph, so readers cannot be known
-            raise CompactionError(
-                f"cannot compact {type(network).__name__}: torch.fx cannot trace it ({exc}), so the readers of "
-                "its channels are unknown"
-            ) from exc
-        modules = dict(network.named_modules())
-        for group in groups:
-            if len(group.removed):
-                _check_cuttable(group, graph, modules)
+            raise CompactionError(f"cannot cut all {space.width} channels of {', '.join(space.names)}")
+        if everywhere.any() and not space.prunable:
+            raise CompactionError(f"cannot cut channels of {space.name}: {'; '.join(space.refusals)}")
+        groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     return groups
 
 
@@ -386,13 +267,14 @@ class Compaction:
 
     @property
     def removed(self) -> dict[str, list[int]]:
-        """Channels cut, by producer conv."""
+        """Channels cut, by producer."""
         return {name: group.removed.tolist() for group in self.groups if len(group.removed) for name in group.names}
 
     @property
     def channels(self) -> tuple[int, int]:
-        """(channels before, after), summed over channel spaces."""
-        return sum(g.width for g in self.groups), sum(g.width - len(g.removed) for g in self.groups)
+        """(channels before, after), summed over the prunable channel spaces."""
+        groups = [g for g in self.groups if g.space.prunable]
+        return sum(g.width for g in groups), sum(g.width - len(g.removed) for g in groups)
 
 
 def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
@@ -403,19 +285,24 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     """
     model = effective_copy(network)
     groups = plan_cut(model, pruned)
+    modules = dict(model.named_modules())
     out_keep: dict[str, Tensor] = {}
-    in_keep: dict[str, Tensor] = {}
+    cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
     for group in groups:
         if not len(group.removed):
             continue
         kept = group.kept
-        for layer in group.producers:
+        for layer in group.space.producers:
             out_keep[layer.name] = kept
             if layer.norm_name is not None:
                 out_keep[layer.norm_name] = kept
-        for consumer in group.consumers:
-            in_keep[consumer.name] = consumer.columns(kept)
-    modules = dict(model.named_modules())
+        for consumer in group.space.consumers:
+            cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
+    in_keep: dict[str, Tensor] = {}
+    for name, columns in cut_columns.items():
+        keep = torch.ones(modules[name].weight.shape[1], dtype=torch.bool)
+        keep[torch.cat(columns)] = False
+        in_keep[name] = keep.nonzero().flatten()
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     for name in names:  # check every type before changing anything
         _resizable(name, modules[name])
@@ -425,8 +312,9 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
         replace_module(model, name, new)
         _, (out_arg, in_arg) = RESIZABLE[type(new)]
         arguments = RESIZABLE[type(new)][0](new)
-        sizes[name] = {arg: int(arguments[arg]) for arg in (out_arg, in_arg) if arg is not None}
+        widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
     result = Compaction(model, groups, sizes)
     before, after = result.channels
-    log.info("compaction: %d of %d channels cut from %d convs", before - after, before, len(result.removed))
+    log.info("compaction: %d of %d channels cut from %d producers", before - after, before, len(result.removed))
     return result

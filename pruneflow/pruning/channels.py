@@ -1,18 +1,27 @@
-"""Channel topology: which convs can be pruned, where each channel's activation can be masked, who reads it.
+"""The channel graph: traced once, read by selection, every strategy, the telemetry and compaction.
 
-For every ``nn.Conv2d`` this module finds, by tracing the model with ``torch.fx``:
+A model is traced with ``torch.fx`` into **channel spaces**. A space is a set of channels that share
+an index everywhere they flow; cutting channel ``c`` of a space removes it from every tensor that
+carries it. For each space the graph knows
 
-- the **producer**: the conv whose output channel ``c`` is the kernel ``weight[c]`` (and ``bias[c]``);
-- the **norm**: the BatchNorm2d applied directly to the conv's output, if any. Its β matters: an
-  all-zero input channel leaves BatchNorm as ``γ·(0 − 0)/√(0 + ε) + β = β``, so a zeroed kernel
-  does not make a dead channel;
-- the **channel point**: where an activation mask removes the channel for good — the norm's output
-  when there is a norm (after β), else the conv's output;
-- the **consumers**: the weights that read the channel downstream, through channel-preserving ops
-  (activations, pooling, dropout): the next conv's input slice ``weight[:, c]``, or, after a flatten,
-  the linear layer's input features ``weight[:, c·k:(c+1)·k]`` (``k`` = spatial positions per channel);
-- **coupling**: a channel that reaches a residual addition is shared with the other branch; masking
-  it silences only this branch, and cutting it out needs the whole coupled group.
+- its **producers** (``PrunableLayer``): the weights that write channel ``c`` — a conv's kernel row
+  ``weight[c]`` (and ``bias[c]``), a linear layer's output feature ``c``, a depthwise conv reading the
+  space, which carries channel ``c`` to its own channel ``c`` and owns row ``c`` — each with its
+  **norm** (the BatchNorm applied directly to its output) and its **channel point**, where an
+  activation mask removes the channel for good: the norm's output when there is one (after β: an
+  all-zero input channel leaves BatchNorm as ``γ·(0 − 0)/√(0 + ε) + β = β``), else the producer's;
+- its **consumers**: the weights that read it — a dense conv's input slice ``weight[:, c]``, a linear
+  layer's input feature ``c``, or after a flatten its feature block ``c·k … (c+1)·k − 1`` — at an
+  offset when the space reaches them through ``torch.cat`` along channels;
+- whether it is **coupled**: several producers' outputs meet in a residual addition or an elementwise
+  product (a squeeze-and-excitation scale times its input), so the space is pruned as a group: masked
+  at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
+- why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
+  log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
+  (its groups would need equal cuts), a norm that is not directly after a producer (GroupNorm,
+  LayerNorm, a BatchNorm after an addition or a concatenation would write β into a pruned channel),
+  an activation with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is
+  guessed: a model ``torch.fx`` cannot trace has no prunable space.
 """
 
 from __future__ import annotations
@@ -21,64 +30,81 @@ import fnmatch
 import logging
 import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
-# Modules that keep channel c in channel c: elementwise ones (also safe after a flatten) and pooling.
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Dropout, nn.Dropout2d, nn.Identity,
+# Ops that keep channel c in channel c and a zero channel at zero.
+ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
 )  # fmt: skip
-CHANNEL_PRESERVING_MODULES = (
-    *ELEMENTWISE_MODULES,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-)
-CHANNEL_PRESERVING_FUNCTIONS = {
-    torch.relu, torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.gelu,
-    torch.nn.functional.leaky_relu, torch.sigmoid, torch.tanh, torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.dropout,
+# Channel-preserving, but f(0) ≠ 0: a masked channel comes back to life (fine only inside a product).
+REVIVING_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
+POOLING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip
+F = torch.nn.functional
+ZERO_PRESERVING_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.dropout,
 }  # fmt: skip
-CHANNEL_PRESERVING_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
-RESIDUAL_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-FLATTEN_FUNCTIONS = {torch.flatten}
-FLATTEN_METHODS = {"flatten", "view", "reshape"}
+REVIVING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+POOLING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                     F.adaptive_avg_pool2d, F.adaptive_max_pool2d}  # fmt: skip
+ZERO_PRESERVING_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone"}
+REVIVING_METHODS = {"sigmoid"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
+NORMS_ACROSS_CHANNELS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+)  # fmt: skip
+PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """A weight that reads a producer's channels: ``kind`` "conv" (input slice) or "linear" (feature block)."""
+    """A weight that reads a space's channels along its input dimension (dim 1).
+
+    ``kind`` "conv" (input slice ``weight[:, c]``) or "linear" (feature block of
+    ``features_per_channel`` features per channel, channel-major as a flatten orders them);
+    ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
+    """
 
     name: str
     kind: str
     features_per_channel: int = 1
+    offset: int = 0
 
     def columns(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices along the consumer weight's input dimension (dim 1) that read the given channels."""
-        if self.kind == "conv":
-            return channels
         k = self.features_per_channel
-        return (channels.view(-1, 1) * k + torch.arange(k, device=channels.device)).flatten()
+        first = (channels + self.offset) * k
+        return (first.view(-1, 1) + torch.arange(k, device=channels.device)).flatten()
 
 
-@dataclass
+@dataclass(eq=False)
 class PrunableLayer:
-    """One conv whose output channels can be masked, with its channel point and consumers."""
+    """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
+
+    ``conv`` is the producer module whatever its type (the name predates linear producers).
+    """
 
     name: str
-    conv: nn.Conv2d
-    norm_name: str | None
-    norm: nn.BatchNorm2d | None
-    consumers: list[Consumer] = field(default_factory=list)
-    coupled: bool = False
-    consumers_complete: bool = True
+    conv: nn.Module
+    norm_name: str | None = None
+    norm: nn.Module | None = None
+    space: ChannelSpace | None = field(default=None, repr=False)
 
     @property
     def channel_point_name(self) -> str:
@@ -86,132 +112,481 @@ class PrunableLayer:
 
     @property
     def channel_point(self) -> nn.Module:
-        """Where the channel is complete: the BatchNorm after the conv, else the conv itself."""
+        """Where the channel is complete: the BatchNorm after the producer, else the producer itself."""
         return self.norm if self.norm is not None else self.conv
 
     @property
     def num_channels(self) -> int:
-        return self.conv.out_channels
+        return int(self.conv.weight.shape[0])
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        """The shape a per-channel vector takes to broadcast over the channel point's output: (1, C, 1, 1)
+        after a Conv2d, (1, C, 1) after a Conv1d, (C,) after a linear layer (its features are the last dim)."""
+        if isinstance(self.conv, nn.Linear):
+            return (self.num_channels,)
+        return (1, self.num_channels, *([1] * (self.conv.weight.ndim - 2)))
+
+    @property
+    def depthwise(self) -> bool:
+        return is_depthwise(self.conv)
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        return self.space.consumers if self.space is not None else []
+
+    @property
+    def coupled(self) -> bool:
+        return self.space is not None and self.space.coupled
+
+    @property
+    def consumers_complete(self) -> bool:
+        """Whether every reader of the layer's channels is known (its space is prunable)."""
+        return self.space is not None and self.space.prunable
 
 
-def is_flatten(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+@dataclass(eq=False)
+class ChannelSpace:
+    """Channels that share an index from their producers to their consumers; see the module docstring."""
+
+    width: int
+    layout: str  # "channels" (dim 1 of a conv's output) or "features" (the last dim of a linear's)
+    producers: list[PrunableLayer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    coupled: bool = False
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The first producer's name: the space's name in logs and errors."""
+        return self.producers[0].name
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.producers]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.refusals
+
+    @property
+    def grouped(self) -> bool:
+        """Pruned as a group of several producers (coupled, or carried through a depthwise conv)."""
+        return len(self.producers) > 1
+
+    def refuse(self, reason: str) -> None:
+        if reason not in self.refusals:
+            self.refusals.append(reason)
+
+
+@dataclass
+class ChannelGraph:
+    """Every channel space of a model, in the order their first producers run."""
+
+    spaces: list[ChannelSpace]
+
+    @property
+    def layers(self) -> list[PrunableLayer]:
+        return [layer for space in self.spaces for layer in space.producers]
+
+    @property
+    def prunable(self) -> list[ChannelSpace]:
+        return [space for space in self.spaces if space.prunable]
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose output channel c reads input channel c only (groups = in = out channels)."""
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+# -- tracing --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Value:
+    """What a traced tensor's channel dimension carries: (space id, offset) segments, its total width
+    (None when part of it is not a channel space), whether it was flattened, and the op that made a
+    zero channel non-zero, if one did."""
+
+    segments: tuple[tuple[int, int], ...]
+    width: int | None
+    flattened: bool = False
+    revived_by: str | None = None
+
+
+def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)], nn.Flatten)
-    if node.op == "call_function":
-        return node.target in FLATTEN_FUNCTIONS
-    return node.op == "call_method" and node.target in FLATTEN_METHODS
+        return f"{type(modules[str(node.target)]).__name__} {node.target}"
+    if node.op == "call_method":
+        return f".{node.target}() at {node.name}"
+    return f"{getattr(node.target, '__name__', node.target)}() at {node.name}"
 
 
-def is_channel_preserving(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[str(node.target)], CHANNEL_PRESERVING_MODULES)
-    if node.op == "call_function":
-        return node.target in CHANNEL_PRESERVING_FUNCTIONS
-    return node.op == "call_method" and node.target in CHANNEL_PRESERVING_METHODS
+class _Tracer:
+    """One forward walk over an fx graph, building spaces with a union-find over their ids."""
 
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph) -> None:
+        self.modules = dict(model.named_modules())
+        self.graph = graph
+        self.spaces: list[ChannelSpace] = []
+        self.parent: list[int] = []
+        self.values: dict[torch.fx.Node, _Value | None] = {}
+        self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
+        self.not_understood: dict[str, set[int]] = {}
+        self.calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
 
-def _follow_channel(
-    start: torch.fx.Node, modules: dict[str, nn.Module], num_channels: int
-) -> tuple[list[Consumer], bool, bool]:
-    """Walk forward from a channel point to the weights that read its channels.
+    # union-find
+    def root(self, index: int) -> int:
+        while self.parent[index] != index:
+            self.parent[index] = self.parent[self.parent[index]]
+            index = self.parent[index]
+        return index
 
-    After a flatten, channel ``c`` occupies features ``c·k … (c+1)·k − 1`` and only elementwise ops
-    may stand between the flatten and the linear layer that reads them. Returns
-    (consumers, coupled, complete): ``complete`` is False when the walk met an op whose effect on
-    channels it does not know, so the consumer list may miss someone.
-    """
-    consumers: list[Consumer] = []
-    coupled, complete = False, True
-    frontier: list[tuple[torch.fx.Node, bool]] = [(user, False) for user in start.users]
-    seen: set[tuple[torch.fx.Node, bool]] = set()
-    while frontier:
-        node, flattened = frontier.pop()
-        if (node, flattened) in seen:
-            continue
-        seen.add((node, flattened))
-        module = modules.get(str(node.target)) if node.op == "call_module" else None
-        users = [(user, flattened) for user in node.users]
+    def space(self, index: int) -> ChannelSpace:
+        return self.spaces[self.root(index)]
+
+    def new_space(self, layer: PrunableLayer, layout: str) -> int:
+        self.spaces.append(ChannelSpace(layer.num_channels, layout, [layer]))
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def union(self, a: int, b: int, where: str) -> int:
+        a, b = self.root(a), self.root(b)
+        if a == b:
+            return a
+        first, second = (a, b) if a < b else (b, a)
+        kept, merged = self.spaces[first], self.spaces[second]
+        kept.producers += merged.producers
+        kept.consumers += merged.consumers
+        kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
+        kept.coupled = True
+        if kept.width != merged.width or kept.layout != merged.layout:
+            kept.refuse(f"{where} joins {kept.width} with {merged.width} channels")
+        self.parent[second] = first
+        return first
+
+    def refuse(self, value: _Value | None, reason: str) -> None:
+        for index, _ in value.segments if value is not None else ():
+            self.space(index).refuse(reason)
+
+    def refuse_unknown(self, node: torch.fx.Node, values: Iterable[_Value | None]) -> None:
+        description = _describe(node, self.modules)
+        for value in values:
+            if value is not None:
+                self.refuse(value, f"reaches {description}, whose effect on channels is not understood")
+                self.not_understood.setdefault(description, set()).update(i for i, _ in value.segments)
+
+    def input_values(self, node: torch.fx.Node) -> list[_Value | None]:
+        nodes: list[torch.fx.Node] = []
+        torch.fx.map_arg((node.args, node.kwargs), lambda n: nodes.append(n))
+        return [self.values.get(n) for n in nodes]
+
+    def first(self, node: torch.fx.Node) -> _Value | None:
+        arg = node.args[0] if node.args else None
+        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    # the walk
+    def run(self) -> ChannelGraph:
+        for node in self.graph.nodes:
+            self.values[node] = self.visit(node)
+        for description, indices in self.not_understood.items():
+            names = sorted({self.space(i).name for i in indices})
+            log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
+        spaces = [space for index, space in enumerate(self.spaces) if self.root(index) == index]
+        for space in spaces:
+            space.consumers = list(dict.fromkeys(space.consumers))
+            for layer in space.producers:
+                layer.space = space
+        return ChannelGraph(spaces)
+
+    def visit(self, node: torch.fx.Node) -> _Value | None:
+        if node.op in ("placeholder", "get_attr"):
+            return None
         if node.op == "output":
-            continue
-        if flattened:
-            if isinstance(module, nn.Linear) and module.in_features % num_channels == 0:
-                consumers.append(Consumer(str(node.target), "linear", module.in_features // num_channels))
-            elif isinstance(module, ELEMENTWISE_MODULES):
-                frontier.extend(users)
-            else:
-                complete = False
-        elif isinstance(module, nn.Conv2d) and module.groups == 1:
-            consumers.append(Consumer(str(node.target), "conv"))
-        elif is_flatten(node, modules):
-            frontier.extend((user, True) for user in node.users)
-        elif node.op == "call_function" and node.target in RESIDUAL_FUNCTIONS:
-            coupled = True
-            frontier.extend(users)
-        elif is_channel_preserving(node, modules):
-            frontier.extend(users)
-        else:
-            complete = False
-    return consumers, coupled, complete
+            for value in self.input_values(node):
+                self.refuse(value, "reaches the network's output, whose shape would change")
+            return None
+        value = self.first(node)
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            if isinstance(module, PRODUCER_TYPES):
+                return self.producer(node, module, value)
+            if isinstance(module, NORM_TYPES):
+                return self.norm(node, module, value)
+            if isinstance(module, NORMS_ACROSS_CHANNELS):
+                self.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
+                return None
+            if isinstance(module, ZERO_PRESERVING_MODULES):
+                return value
+            if isinstance(module, REVIVING_MODULES):
+                return self.revived(value, node)
+            if isinstance(module, POOLING_MODULES):
+                return self.pooled(node, value)
+            if isinstance(module, nn.Flatten) and module.start_dim == 1:
+                return self.flattened(node, value)
+        elif node.op == "call_function":
+            target = node.target
+            if target in ZERO_PRESERVING_FUNCTIONS:
+                return value
+            if target in REVIVING_FUNCTIONS:
+                return self.revived(value, node)
+            if target in POOLING_FUNCTIONS:
+                return self.pooled(node, value)
+            if target is torch.flatten and self.argument(node, 1, "start_dim", 0) == 1:
+                return self.flattened(node, value)
+            if target in ADD_FUNCTIONS or target in MUL_FUNCTIONS:
+                return self.elementwise(node, target in MUL_FUNCTIONS)
+            if target is torch.cat:
+                return self.cat(node)
+            if target is operator.getitem and value is None:
+                return None
+        elif node.op == "call_method":
+            method = str(node.target)
+            if method in ZERO_PRESERVING_METHODS:
+                return value
+            if method in REVIVING_METHODS:
+                return self.revived(value, node)
+            if method == "flatten" and self.argument(node, 1, "start_dim", 0) == 1:
+                return self.flattened(node, value)
+            if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
+                return self.flattened(node, value)  # x.view(x.size(0), -1)
+            if method in ("mean", "amax") and self.spatial_reduction(node):
+                return self.flattened(node, value) if not self.argument(node, 2, "keepdim", False) else value
+            if method == "size" and self.argument(node, 1, "dim", None) == 0:
+                return None  # the batch size
+        values = self.input_values(node)
+        if node.target in SPLIT_FUNCTIONS or (node.op == "call_method" and node.target in SPLIT_METHODS):
+            for split in values:
+                self.refuse(split, f"{_describe(node, self.modules)} splits them by position")
+            return None
+        if any(v is not None for v in values):
+            self.refuse_unknown(node, values)
+        return None
+
+    @staticmethod
+    def argument(node: torch.fx.Node, position: int, keyword: str, default: Any) -> Any:
+        if keyword in node.kwargs:
+            return node.kwargs[keyword]
+        return node.args[position] if len(node.args) > position else default
+
+    def spatial_reduction(self, node: torch.fx.Node) -> bool:
+        dims = self.argument(node, 1, "dim", None)
+        dims = [dims] if isinstance(dims, int) else dims
+        return isinstance(dims, (list, tuple)) and len(dims) > 0 and all(d in (2, 3, -1, -2) for d in dims)
+
+    def revived(self, value: _Value | None, node: torch.fx.Node) -> _Value | None:
+        return None if value is None else replace(value, revived_by=_describe(node, self.modules))
+
+    def pooled(self, node: torch.fx.Node, value: _Value | None) -> _Value | None:
+        if value is not None and value.flattened:
+            self.refuse_unknown(node, [value])
+            return None
+        return value
+
+    def flattened(self, node: torch.fx.Node, value: _Value | None) -> _Value | None:
+        if value is None:
+            return None
+        if value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
+            self.refuse_unknown(node, [value])
+            return None
+        return replace(value, flattened=True)
+
+    # producers, norms and readers
+    def producer(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value:
+        name = str(node.target)
+        layer = PrunableLayer(name, module)
+        if is_depthwise(module):
+            single = value is not None and len(value.segments) == 1 and value.width == module.in_channels
+            if single and not value.flattened and value.revived_by is None and self.calls[name] == 1:
+                ((index, _),) = value.segments
+                self.space(index).producers.append(layer)  # it carries channel c to its own channel c
+                self.writer_of[node] = layer
+                return _Value(value.segments, value.width)
+            index = self.new_space(layer, "channels")
+            self.spaces[index].refuse(f"depthwise conv {name} reads a tensor that is not one whole channel space")
+            self.refuse(value, f"depthwise conv {name} reads them along with other channels")
+            return _Value(((index, 0),), layer.num_channels)
+        self.read(name, module, value)
+        index = self.new_space(layer, "features" if isinstance(module, nn.Linear) else "channels")
+        if getattr(module, "groups", 1) > 1:
+            self.spaces[index].refuse(f"grouped conv {name} (groups={module.groups}) writes them: its groups would "
+                                      "need equal cuts")  # fmt: skip
+        if self.calls[name] > 1:
+            self.spaces[index].refuse(f"{name} is called {self.calls[name]} times")
+        self.writer_of[node] = layer
+        return _Value(((index, 0),), layer.num_channels)
+
+    def read(self, name: str, module: nn.Module, value: _Value | None) -> None:
+        """Record ``module`` as a consumer of every space in ``value``, or refuse those spaces."""
+        if value is None:
+            return
+        if self.calls[name] > 1:
+            self.refuse(value, f"their reader {name} is called {self.calls[name]} times")
+            return
+        if value.revived_by is not None:
+            self.refuse(value, f"{value.revived_by} turns a masked channel's 0 into f(0) ≠ 0 before {name} reads it")
+            return
+        if getattr(module, "groups", 1) > 1:
+            self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them: its groups would need "
+                               "equal cuts")  # fmt: skip
+            return
+        linear = isinstance(module, nn.Linear)
+        width = module.in_features if linear else module.in_channels
+        per_channel = 1
+        if value.flattened:
+            if not linear or value.width is None or width % value.width:
+                self.refuse(value, f"{name} reads them flattened in a layout the graph does not follow")
+                return
+            per_channel = width // value.width
+        for index, offset in value.segments:
+            space = self.space(index)
+            if space.layout != ("features" if linear and not value.flattened else "channels"):
+                space.refuse(f"{name} reads them along another dimension than their channels")
+                continue
+            kind = "linear" if linear else "conv"
+            space.consumers.append(Consumer(name, kind, per_channel, offset))
+
+    def norm(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value | None:
+        name = str(node.target)
+        source = node.args[0] if node.args else None
+        writer = self.writer_of.get(source) if isinstance(source, torch.fx.Node) else None
+        if (
+            writer is not None
+            and writer.norm is None
+            and len(source.users) == 1
+            and self.calls[name] == 1
+            and module.num_features == writer.num_channels
+        ):
+            writer.norm_name, writer.norm = name, module
+            return value
+        self.refuse(value, f"{type(module).__name__} {name} is not directly after the layer writing them, so its β "
+                           "would flow into a masked channel")  # fmt: skip
+        return None
+
+    # joins
+    def elementwise(self, node: torch.fx.Node, product: bool) -> _Value | None:
+        operands = [*node.args, *node.kwargs.values()]
+        tensors = [self.values.get(a) if isinstance(a, torch.fx.Node) else a for a in operands]
+        values = [v for v in tensors if isinstance(v, _Value)]
+        numbers = [v for v in tensors if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        description = _describe(node, self.modules)
+        if product and len(values) == 1 and len(numbers) == len(tensors) - 1:
+            return values[0]  # a number times zero is zero
+        joinable = (
+            len(values) == len(tensors) == 2
+            and all(len(v.segments) == 1 and v.segments[0][1] == 0 and not v.flattened for v in values)
+            and values[0].width == values[1].width
+        )
+        if not joinable:
+            for value in tensors:
+                if isinstance(value, _Value):
+                    self.refuse(value, f"{description} combines them with a tensor outside the channel graph")
+            return None
+        a, b = values
+        index = self.union(a.segments[0][0], b.segments[0][0], description)
+        # zero times anything is zero: a product is revived only if both factors are
+        revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
+        return _Value(((index, 0),), a.width, revived_by=revived)
+
+    def cat(self, node: torch.fx.Node) -> _Value | None:
+        parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        dim = self.argument(node, 1, "dim", 0)
+        values = [self.values.get(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+        if dim != 1:
+            self.refuse_unknown(node, values)
+            return None
+        segments: list[tuple[int, int]] = []
+        offset: int | None = 0
+        revived = None
+        for value in values:
+            if value is None:
+                offset = None
+                continue
+            if value.flattened:
+                self.refuse_unknown(node, [value])
+                offset = None
+                continue
+            revived = revived or value.revived_by
+            if offset is None:
+                self.refuse(value, f"{_describe(node, self.modules)} places them after a tensor of unknown width")
+                continue
+            segments += [(index, offset + inner) for index, inner in value.segments]
+            offset = None if value.width is None else offset + value.width
+        return _Value(tuple(segments), offset, revived_by=revived) if segments else None
+
+
+def trace_channel_graph(model: nn.Module) -> ChannelGraph:
+    """The channel spaces of ``model``, traced once with ``torch.fx``.
+
+    A model that cannot be traced (data-dependent control flow) gets one space per conv and linear
+    layer, each refused: without a graph, who reads a channel is unknown.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # data-dependent control flow, or no forward
+        reason = f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0][:200]})"
+        log.warning("channel graph: %s; nothing in it is prunable", reason)
+        spaces = []
+        for name, module in model.named_modules():
+            if isinstance(module, PRODUCER_TYPES):
+                layer = PrunableLayer(name, module)
+                space = ChannelSpace(layer.num_channels, "channels", [layer], refusals=[reason])
+                layer.space = space
+                spaces.append(space)
+        return ChannelGraph(spaces)
+    return _Tracer(model, graph).run()
 
 
 def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
-    """Every ``Conv2d`` (groups=1) of ``model`` with its norm, channel point, consumers and coupling.
+    """Every producer (conv, depthwise conv, linear) of a prunable space of ``model``, with its norm,
+    channel point and space."""
+    return [layer for space in trace_channel_graph(model).prunable for layer in space.producers]
 
-    Falls back to module order (a conv followed by a BatchNorm2d of matching width) with unknown
-    consumers when the model cannot be traced symbolically.
+
+# -- selection ------------------------------------------------------------------------------------
+def _spaces_of(layers: Sequence[PrunableLayer]) -> list[ChannelSpace]:
+    return list({id(layer.space): layer.space for layer in layers if layer.space is not None}.values())
+
+
+def select_spaces(
+    spaces: Sequence[ChannelSpace], patterns: Iterable[str] | None, groups: bool = False
+) -> list[ChannelSpace]:
+    """The spaces to prune: by default every prunable one (coupled ones only when ``groups``);
+    with ``patterns``, those with a producer matching a glob. A glob naming one member of a group
+    selects the group, and the log says so; a glob that selects nothing is a ``ConfigError``.
     """
-    modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # models with data-dependent control flow cannot be traced
-        log.warning("could not trace %s with torch.fx (%s); consumers will not be measured", type(model).__name__, exc)
-        return _layers_by_module_order(model)
-    layers: list[PrunableLayer] = []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    for node in graph.nodes:
-        conv = modules.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or calls[str(node.target)] != 1:
-            continue
-        point, norm_name, norm = node, None, None
-        if len(node.users) == 1:
-            (user,) = node.users
-            candidate = modules.get(str(user.target)) if user.op == "call_module" else None
-            if isinstance(candidate, nn.BatchNorm2d) and calls[str(user.target)] == 1:
-                point, norm_name, norm = user, str(user.target), candidate
-        consumers, coupled, complete = _follow_channel(point, modules, conv.out_channels)
-        layers.append(PrunableLayer(str(node.target), conv, norm_name, norm, consumers, coupled, complete))
-    return layers
-
-
-def _layers_by_module_order(model: nn.Module) -> list[PrunableLayer]:
-    named = list(model.named_modules())
-    layers = []
-    for index, (name, module) in enumerate(named):
-        if isinstance(module, nn.Conv2d) and module.groups == 1:
-            following = named[index + 1][1] if index + 1 < len(named) else None
-            norm_name = named[index + 1][0] if isinstance(following, nn.BatchNorm2d) else None
-            norm = following if norm_name and following.num_features == module.out_channels else None
-            layers.append(PrunableLayer(name, module, norm_name if norm else None, norm, [], False, False))
-    return layers
-
-
-def select_layers(layers: Sequence[PrunableLayer], patterns: Iterable[str] | None) -> list[PrunableLayer]:
-    """The layers to prune: those matching any glob in ``patterns``; by default every uncoupled conv.
-
-    A glob that matches no prunable conv is an error naming the glob and the convs that exist.
-    """
+    prunable = [space for space in spaces if space.prunable]
     if patterns is None:
-        return [layer for layer in layers if not layer.coupled]
-    chosen: dict[str, PrunableLayer] = {}
+        return [space for space in prunable if groups or not space.coupled]
+    chosen: dict[int, ChannelSpace] = {}
     for pattern in patterns:
-        matches = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, str(pattern))]
-        if not matches:
-            raise ValueError(
-                f"mask.layers pattern {pattern!r} matches no prunable conv; the model's convs are: "
-                f"{', '.join(layer.name for layer in layers)}"
+        hits = [space for space in spaces if any(fnmatch.fnmatchcase(n, str(pattern)) for n in space.names)]
+        if not hits:
+            raise ConfigError(
+                f"mask.layers pattern {pattern!r} matches no conv or linear layer; the model's are: "
+                f"{', '.join(layer.name for space in spaces for layer in space.producers)}"
             )
-        chosen.update((layer.name, layer) for layer in matches)
-    return [layer for layer in layers if layer.name in chosen]
+        usable = [space for space in hits if space.prunable and (groups or not space.coupled)]
+        if not usable:
+            space = hits[0]
+            reason = space.refusals[0] if space.refusals else "it is a coupled group and mask.groups=false"
+            raise ConfigError(f"mask.layers pattern {pattern!r} selects {space.name}, which cannot be pruned: {reason}")
+        for space in usable:
+            matched = [n for n in space.names if fnmatch.fnmatchcase(n, str(pattern))]
+            if space.grouped and len(matched) < len(space.names):
+                log.info("mask.layers %r names %s: pruning its whole group %s", pattern, ", ".join(matched),
+                         ", ".join(space.names))  # fmt: skip
+            chosen[id(space)] = space
+    return [space for space in spaces if id(space) in chosen]
+
+
+def select_layers(
+    layers: Sequence[PrunableLayer], patterns: Iterable[str] | None, groups: bool = False
+) -> list[PrunableLayer]:
+    """The producers of the spaces ``select_spaces`` picks among the spaces of ``layers``."""
+    return [layer for space in select_spaces(_spaces_of(layers), patterns, groups) for layer in space.producers]

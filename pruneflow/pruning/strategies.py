@@ -180,7 +180,8 @@ KEEP_BUFFER = "pruneflow_keep"
 
 
 def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-    """Forward hook at a channel point: ``output ⊙ keep``, ``keep`` a (1, C, 1, 1) buffer of the module.
+    """Forward hook at a channel point: ``output ⊙ keep``, ``keep`` a buffer of the module shaped like
+    ``PrunableLayer.channel_shape``.
 
     A buffer, not a Python-side value: it moves with the module to its device, and a compiled graph
     reads it as an input, so pruning rewrites its values without breaking or recompiling the graph.
@@ -203,7 +204,7 @@ class ActivationMask(MaskStrategy):
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         point = layer.channel_point
-        keep = _keep_shape(pruned, 4).view(1, -1, 1, 1)
+        keep = (~pruned).to(torch.float32).view(layer.channel_shape)
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)
             return

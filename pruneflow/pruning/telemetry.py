@@ -75,7 +75,7 @@ class DriftTelemetry:
             point.register_buffer(PRUNED_BUFFER, torch.zeros(layer.num_channels), persistent=False)
             # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
             self._leak[layer.name] = torch.full((), -1.0)
-            self._handles.append(point.register_forward_hook(self._leak_hook(layer.name)))
+            self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,11 +124,11 @@ class DriftTelemetry:
     def consumer_weight(self, consumer: Consumer) -> Tensor:
         return self.modules[consumer.name].weight
 
-    def _leak_hook(self, name: str):
+    def _leak_hook(self, name: str, shape: tuple[int, ...]):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # `is_compiling()` first: a compiled graph never reads the Python flag, so it never recompiles.
             if module.training and (torch.compiler.is_compiling() or self._leak_armed):
-                self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER))
+                self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
 
         return hook
 
@@ -186,14 +186,17 @@ class DriftTelemetry:
         return metrics
 
 
-def pruned_channel_abs_mean(output: Tensor, pruned: Tensor) -> Tensor:
+def pruned_channel_abs_mean(output: Tensor, pruned: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
     """Mean |output| over the batch, positions and the channels where ``pruned`` (a (C,) 0/1 float) is 1.
+
+    ``shape``: how the channels broadcast over ``output`` (``PrunableLayer.channel_shape``); default dim 1.
 
     A weighted sum rather than ``output[:, pruned]``: shapes stay static, so a compiled graph fuses it.
     0 where nothing is pruned.
     """
-    weights = pruned.to(output.device, torch.float32).view(1, -1, *([1] * (output.ndim - 2)))
-    positions = output.numel() // output.shape[1]
+    shape = shape if shape is not None else (1, -1, *([1] * (output.ndim - 2)))
+    weights = pruned.to(output.device, torch.float32).view(shape)
+    positions = output.numel() // pruned.numel()
     total = (output.float().abs() * weights).sum()
     return total / (pruned.sum().float() * positions).clamp_min(1.0)
 
