@@ -1,0 +1,218 @@
+"""The channel graph on the networks people bring: torchvision's zoo, an MLP and a Conv1d net.
+
+For each: which spaces are prunable and coupled, and — the guarantee, measured from outside — after
+``activation`` masking of half of every prunable space (coupled groups at every producer), compaction
+computes what the masked model computes, and the exported program loads with torch alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from pruneflow.compaction import compact, export_compact
+from pruneflow.errors import ConfigError
+from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
+from pruneflow.pruning.criteria import channels_to_prune
+from pruneflow.pruning.strategies import make_strategy
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 10)
+    )  # fmt: skip
+
+
+def conv1d_net() -> nn.Module:
+    """Conv1d → BN1d → depthwise Conv1d → BN1d, a residual addition, then pooling and a linear head."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.bn = nn.Conv1d(2, 8, 3, padding=1), nn.BatchNorm1d(8)
+            self.dw, self.dw_bn = nn.Conv1d(8, 8, 3, padding=1, groups=8), nn.BatchNorm1d(8)
+            self.pool, self.fc = nn.AdaptiveAvgPool1d(2), nn.Linear(16, 10)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = torch.relu(self.bn(self.stem(x)))
+            x = x + torch.relu(self.dw_bn(self.dw(x)))
+            return self.fc(torch.flatten(self.pool(x), 1))
+
+    return Net()
+
+
+def concat_net() -> nn.Module:
+    """Two branches concatenated along channels and read by one conv: each space at its own offset."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.a_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.b, self.b_bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+            self.c, self.c_bn = nn.Conv2d(10, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8 * 4, 10)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = torch.cat([torch.relu(self.a_bn(self.a(x))), torch.relu(self.b_bn(self.b(x)))], dim=1)
+            x = torch.relu(self.c_bn(self.c(x)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 2), 1))
+
+    return Net()
+
+
+def torchvision_model(name: str) -> Callable[[], nn.Module]:
+    return lambda: torchvision.models.get_model(name, num_classes=10)
+
+
+# name → (builder, input shape, (spaces, prunable, coupled prunable))
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int, int]]] = {
+    "resnet18": (torchvision_model("resnet18"), (3, 32, 32), (13, 12, 4)),
+    "resnet50": (torchvision_model("resnet50"), (3, 32, 32), (38, 37, 4)),
+    "mobilenet_v2": (torchvision_model("mobilenet_v2"), (3, 32, 32), (26, 25, 5)),
+    "mobilenet_v3_small": (torchvision_model("mobilenet_v3_small"), (3, 32, 32), (28, 27, 13)),
+    "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 58, 0)),
+    "vgg11_bn": (torchvision_model("vgg11_bn"), (3, 32, 32), (11, 10, 0)),
+    "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (40, 18, 0)),
+    "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
+    "concat": (concat_net, (3, 8, 8), (4, 3, 0)),
+    "conv1d": (conv1d_net, (2, 16), (2, 1, 0)),  # the addition joins a space with itself
+}
+
+
+def space_of(graph: ChannelGraph, name: str) -> ChannelSpace:
+    return next(space for space in graph.spaces if name in space.names)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prunable_and_coupled_space_counts(name: str) -> None:
+    build, _, (spaces, prunable, coupled) = MODELS[name]
+    graph = trace_channel_graph(build())
+    assert (len(graph.spaces), len(graph.prunable), sum(s.coupled for s in graph.prunable)) == (
+        spaces,
+        prunable,
+        coupled,
+    )
+    # The classifier writes the output: never prunable, and the reason says so.
+    assert any("reaches the network's output" in reason for space in graph.spaces for reason in space.refusals)
+
+
+def test_resnet_residual_spaces_are_coupled_groups_of_every_producer() -> None:
+    resnet18 = trace_channel_graph(torchvision_model("resnet18")())
+    assert space_of(resnet18, "conv1").names == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    stage4 = space_of(resnet18, "layer4.0.downsample.0")
+    assert stage4.coupled and stage4.names == ["layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2"]
+    assert [c.name for c in stage4.consumers] == ["layer4.1.conv1", "fc"]
+    inner = space_of(resnet18, "layer2.0.conv1")
+    assert not inner.coupled and inner.names == ["layer2.0.conv1"] and inner.producers[0].norm_name == "layer2.0.bn1"
+    resnet50 = trace_channel_graph(torchvision_model("resnet50")())
+    assert "layer3.0.downsample.0" in space_of(resnet50, "layer3.5.conv3").names
+
+
+def test_depthwise_conv_and_its_norm_belong_to_the_space_they_read() -> None:
+    graph = trace_channel_graph(torchvision_model("mobilenet_v2")())
+    space = space_of(graph, "features.2.conv.0.0")
+    assert space.names == ["features.2.conv.0.0", "features.2.conv.1.0"] and not space.coupled
+    depthwise = space.producers[1]
+    assert depthwise.depthwise and depthwise.norm_name == "features.2.conv.1.1"
+    assert [c.name for c in space.consumers] == ["features.2.conv.2"]
+
+
+def test_squeeze_excitation_scale_couples_its_producer_with_the_scaled_space() -> None:
+    graph = trace_channel_graph(torchvision_model("mobilenet_v3_small")())
+    space = space_of(graph, "features.4.block.2.fc2")
+    assert space.names == ["features.4.block.0.0", "features.4.block.1.0", "features.4.block.2.fc2"]
+    assert space.coupled and [c.name for c in space.consumers] == ["features.4.block.2.fc1", "features.4.block.3.0"]
+    assert space_of(graph, "features.4.block.2.fc1").prunable  # the SE bottleneck is a plain space
+
+
+def test_concatenation_and_shuffles_prune_what_is_safe_and_refuse_the_rest_by_name(caplog) -> None:
+    densenet = trace_channel_graph(torchvision_model("densenet121")())
+    assert space_of(densenet, "features.denseblock1.denselayer1.conv1").prunable
+    refused = space_of(densenet, "features.denseblock1.denselayer1.conv2")
+    assert "BatchNorm2d features.denseblock1.denselayer2.norm1 is not directly after" in refused.refusals[0]
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+        shufflenet = trace_channel_graph(torchvision_model("shufflenet_v2_x0_5")())
+    branch = space_of(shufflenet, "stage3.1.branch2.0")
+    assert branch.prunable and branch.names == ["stage3.1.branch2.0", "stage3.1.branch2.3"]
+    assert not space_of(shufflenet, "stage3.1.branch2.5").prunable
+    split = space_of(shufflenet, "stage2.0.branch2.5")
+    assert any("splits them by position" in r or ".size()" in r for r in split.refusals)
+    assert "channel graph: .view() at view is not understood; not prunable: stage2.0.branch1.2" in caplog.text
+
+
+def test_spaces_reach_a_reader_through_a_concatenation_at_their_offsets() -> None:
+    graph = trace_channel_graph(concat_net())
+    assert space_of(graph, "a").consumers == [Consumer("c", "conv", 1, 0)]
+    assert space_of(graph, "b").consumers == [Consumer("c", "conv", 1, 6)]
+    assert space_of(graph, "c").consumers == [Consumer("fc", "linear", 4, 0)]
+    assert Consumer("c", "conv", 1, 6).columns(torch.tensor([1])).tolist() == [7]
+
+
+def test_a_coupled_member_named_by_a_glob_selects_its_group_and_the_log_says_so(caplog) -> None:
+    graph = trace_channel_graph(torchvision_model("resnet18")())
+    assert all(not space.coupled for space in select_spaces(graph.spaces, None))
+    assert sum(space.coupled for space in select_spaces(graph.spaces, None, groups=True)) == 4
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+        (space,) = select_spaces(graph.spaces, ["layer1.1.conv2"], groups=True)
+    assert space.names == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert "names layer1.1.conv2: pruning its whole group conv1, layer1.0.conv2, layer1.1.conv2" in caplog.text
+    with pytest.raises(ConfigError, match=r"selects conv1, which cannot be pruned: .*mask\.groups=false"):
+        select_spaces(graph.spaces, ["layer1.1.conv2"], groups=False)
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Random statistics and affine parameters, so a masked channel's β is not zero and masks matter."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator))
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
+def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
+    """Half the channels of every prunable space, the same channels at every producer of the space."""
+    generator = torch.Generator().manual_seed(1)
+    masks = {}
+    for space in graph.prunable:
+        mask = torch.zeros(space.width, dtype=torch.bool)
+        mask[torch.randperm(space.width, generator=generator)[: channels_to_prune(space.width, 0.5)]] = True
+        masks.update((name, mask) for name in space.names)
+    return masks
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_half_of_every_space_masked_compacts_to_the_same_function_and_exports(name: str, tmp_path) -> None:
+    build, input_shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_norms(build())
+    images = torch.randn(2, *input_shape)
+    dense = model(images)
+    graph = trace_channel_graph(model)
+    masks = half_of_every_space(graph)
+    strategy = make_strategy("activation")
+    for layer in graph.layers:
+        if layer.name in masks:
+            strategy.apply(layer, masks[layer.name])
+    masked = model(images)
+    assert (masked - dense).abs().max() > 1e-3  # the masks matter
+
+    compaction = compact(model, masks)
+    logits = compaction.model(images)
+
+    assert (logits - masked).abs().max() <= 1e-4
+    assert torch.equal(logits.argmax(1), masked.argmax(1))
+    before, after = compaction.channels
+    assert after < before and before == sum(space.width for space in graph.prunable)
+    paths = export_compact(compaction, input_shape, tmp_path)
+    program = torch.export.load(paths["program"]).module()  # torch alone: no pruneflow, no model code
+    assert (program(images) - masked).abs().max() <= 1e-4
