@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -11,8 +12,10 @@ from test_strategies import TinyNet, toy_loader
 from torch import nn
 
 from pruneflow import ChannelPruning, ClassifierModule
-from pruneflow.pruning.channels import find_prunable_layers
-from pruneflow.pruning.criteria import CRITERIA, ScoringContext, channels_to_prune, select_channels
+from pruneflow.errors import ConfigError
+from pruneflow.models import ResNet
+from pruneflow.pruning.channels import ChannelSpace, find_prunable_layers, trace_channel_graph
+from pruneflow.pruning.criteria import L1, L2, BnGamma, Random, channels_to_prune, select_channels
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
 
 
@@ -34,8 +37,8 @@ def test_l1_selects_the_smallest_kernels() -> None:
     with torch.no_grad():
         for channel, scale in enumerate([5.0, 0.1, 3.0, 0.2, 4.0, 0.3]):
             model.features[0].weight[channel] = scale
-    layer = find_prunable_layers(model)[0]
-    scores = CRITERIA["l1"](layer, ScoringContext())
+    space = find_prunable_layers(model)[0].space
+    scores = L1().scores(space)
     pruned = select_channels(scores, channels_to_prune(6, 0.5), torch.zeros(6, dtype=torch.bool))
     assert pruned.nonzero().flatten().tolist() == [1, 3, 5]
 
@@ -44,12 +47,46 @@ def test_bn_gamma_and_random_criteria() -> None:
     model = TinyNet("relu")
     with torch.no_grad():
         model.features[1].weight.copy_(torch.tensor([1.0, -0.01, 2.0, 0.5, -3.0, 0.02]))
-    layer = find_prunable_layers(model)[0]
-    gamma = CRITERIA["bn_gamma"](layer, ScoringContext())
+    space = find_prunable_layers(model)[0].space
+    gamma = BnGamma().scores(space)
     assert select_channels(gamma, 2, torch.zeros(6, dtype=torch.bool)).nonzero().flatten().tolist() == [1, 5]
-    first = CRITERIA["random"](layer, ScoringContext(seed=3))
-    assert torch.equal(first, CRITERIA["random"](layer, ScoringContext(seed=3)))
-    assert not torch.equal(first, CRITERIA["random"](layer, ScoringContext(seed=4)))
+    first = Random(seed=3).scores(space)
+    assert torch.equal(first, Random(seed=3).scores(space))
+    assert not torch.equal(first, Random(seed=4).scores(space))
+
+
+def coupled_group(model: nn.Module) -> ChannelSpace:
+    return next(space for space in trace_channel_graph(model).spaces if "layer1.0.conv2" in space.names)
+
+
+def test_a_group_is_scored_by_all_its_producers_together() -> None:
+    model = ResNet(depth=8, width=4)  # stem conv1 and layer1.0.conv2 write one space
+    group = coupled_group(model)
+    assert group.names == ["conv1", "layer1.0.conv2"]
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.tensor([1.0, 9.0, 1.0, 9.0]).view(4, 1, 1, 1))
+        model.layer1[0].conv2.weight.copy_(torch.tensor([1.0, 1.0, 9.0, 9.0]).view(4, 1, 1, 1))
+        model.bn1.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        model.layer1[0].bn2.weight.copy_(torch.tensor([4.0, -1.0, 0.5, 0.0]))
+    # channel 0 is small in both producers, channel 3 large in both; 1 and 2 large in one only.
+    # conv1 reads 3 input channels (27 weights per kernel), layer1.0.conv2 reads 4 (36 weights).
+    assert L1().scores(group).tolist() == [27 + 36, 27 * 9 + 36, 27 + 36 * 9, 63 * 9]
+    squares = [27 + 36, 27 * 81 + 36, 27 + 36 * 81, 63 * 81]
+    assert L2().scores(group).tolist() == pytest.approx([value**0.5 for value in squares])
+    assert BnGamma().scores(group).tolist() == [5.0, 3.0, 3.5, 4.0]
+
+
+def test_a_coupled_group_is_masked_identically_at_every_producer() -> None:
+    torch.manual_seed(0)
+    module = ClassifierModule(ResNet(input_shape=(1, 8, 8), num_classes=3, depth=8, width=4),
+                              lambda p: torch.optim.SGD(p, lr=0.05), num_classes=3)  # fmt: skip
+    pruning = ChannelPruning("activation", layers=["layer1.0.conv2"], groups=True, at_step=1, log_every_n_steps=1)
+    fit(module, pruning)
+    assert [layer.name for layer in pruning.layers] == ["conv1", "layer1.0.conv2"]
+    assert torch.equal(pruning.pruned["conv1"], pruning.pruned["layer1.0.conv2"])
+    assert int(pruning.pruned["conv1"].sum()) == 2
+    final = pruning.final_metrics()
+    assert final["drift/producer_l2/max"] == 0.0 and final["leak/activation_abs_mean/final"] == 0.0
 
 
 def test_amount_never_removes_a_whole_layer_and_keeps_earlier_choices() -> None:
@@ -133,7 +170,7 @@ def test_bad_arguments_are_rejected_in_init(kwargs: dict, message: str) -> None:
     [
         ({"features.3": [2, 8]}, r"mask.channels\[features.3\] has indices \[8\] outside 0..7"),
         ({"features.0": [0, 1, 2, 3, 4, 5]}, r"would remove all 6 channels; keep at least one"),
-        ({"classifier.1": [0]}, "mask.channels names 'classifier.1', which is not a prunable conv"),
+        ({"classifier.1": [0]}, "mask.layers pattern 'classifier.1' selects classifier.1, which cannot be pruned"),
     ],
 )
 def test_bad_explicit_channels_are_rejected_before_training(channels: dict, message: str) -> None:
@@ -149,5 +186,31 @@ def test_bn_gamma_on_a_layer_without_batchnorm_is_rejected() -> None:
             self.features[1] = nn.Identity()
 
     module = ClassifierModule(NoNorm(), lambda p: torch.optim.SGD(p, lr=0.1), num_classes=3)
-    with pytest.raises(ValueError, match=r"bn_gamma' needs an affine BatchNorm after features\.0"):
+    with pytest.raises(ValueError, match=r"bn_gamma needs an affine BatchNorm after features\.0"):
         fit(module, ChannelPruning("activation", criterion="bn_gamma"))
+
+
+class NoForwardModule(L.LightningModule):
+    """No ``forward``: only ``training_step`` calls the network it holds, so the module cannot be traced."""
+
+    def __init__(self, second: bool = False) -> None:
+        super().__init__()
+        self.body = TinyNet("relu")
+        self.teacher = nn.Linear(2, 2) if second else None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(self.body(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_module_without_forward_prunes_the_network_it_holds_or_says_how_to_point_at_it(caplog) -> None:
+    pruning = ChannelPruning("activation", at_step=1)
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.callback"):
+        fit(NoForwardModule(), pruning)
+    assert "NoForwardModule defines no forward: pruning the network it holds, body" in caplog.text
+    assert [layer.name for layer in pruning.layers] == ["features.0", "features.3"]
+    with pytest.raises(ConfigError, match=r"defines no forward.* with module=<attribute> .*: body, teacher\)"):
+        fit(NoForwardModule(second=True), ChannelPruning("activation", at_step=1))

@@ -1,8 +1,10 @@
-"""pruneflow's model zoo: classifiers whose conv → BatchNorm → activation blocks are named for pruning."""
+"""pruneflow's model zoo: classifiers whose conv → BatchNorm → activation blocks are named for pruning,
+and torchvision's classification models by name."""
 
 from pruneflow.models.blocks import ACTIVATIONS, make_activation
 from pruneflow.models.convnet import ConvNet
 from pruneflow.models.resnet import ResNet
+from pruneflow.models.torchvision_zoo import torchvision_classifier
 from pruneflow.models.vgg import VGG
 
-__all__ = ["ACTIVATIONS", "VGG", "ConvNet", "ResNet", "make_activation"]
+__all__ = ["ACTIVATIONS", "VGG", "ConvNet", "ResNet", "make_activation", "torchvision_classifier"]

@@ -1,13 +1,15 @@
 """ChannelPruning: the Lightning Callback that masks channels by strategy and logs drift telemetry.
 
-It works on any LightningModule: it prunes the convs of ``pl_module.<module>`` (default: the
-module's ``model`` attribute when it has one, else the LightningModule itself), found by
-``channels.find_prunable_layers``. Per training step (hook order in Lightning's automatic
-optimization):
+It works on any LightningModule: it prunes the channel spaces of ``pl_module.<module>`` (default: the
+module's ``model`` attribute when it has one, else the LightningModule itself, else — when the
+LightningModule defines no ``forward`` — the one submodule with weights it holds), read from the
+channel graph (``channels.trace_channel_graph``). A space is selected whole: every producer of a
+coupled group or of a depthwise chain gets the same mask. Per training step (hook order in
+Lightning's automatic optimization):
 
     on_train_batch_start     prune when the schedule says so; arm leak probes on logging steps
     forward / backward
-    on_after_backward        gradient telemetry (before any gradient mask); taylor scores
+    on_after_backward        gradient telemetry (before any gradient mask); the criterion's gradients
     on_before_optimizer_step strategy.before_optimizer_step (gradient masking)
     optimizer.step
     on_train_batch_end       strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
@@ -28,22 +30,33 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
-from pruneflow.pruning.criteria import (
-    CRITERIA,
-    CRITERION_NAMES,
-    EXPLICIT,
-    ScoringContext,
-    channels_to_prune,
-    select_channels,
-    taylor_contribution,
-)
+from pruneflow.errors import ConfigError
+from pruneflow.pruning.channels import ChannelSpace, PrunableLayer, select_spaces, trace_channel_graph
+from pruneflow.pruning.criteria import EXPLICIT, Criterion, Explicit, make_criterion
 from pruneflow.pruning.dashboard import log_pruned_layers
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
 from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 
 log = logging.getLogger(__name__)
+
+
+def defines_forward(module: nn.Module) -> bool:
+    return type(module).forward is not L.LightningModule.forward
+
+
+def held_network(pl_module: L.LightningModule) -> nn.Module:
+    """The network a LightningModule without ``forward`` holds: its one direct submodule with weights."""
+    held = [(name, child) for name, child in pl_module.named_children() if next(child.parameters(), None) is not None]
+    if len(held) != 1:
+        raise ConfigError(
+            f"{type(pl_module).__name__} defines no forward, so it cannot be traced; point ChannelPruning at the "
+            f"network it holds with module=<attribute> (its submodules with weights: "
+            f"{', '.join(name for name, _ in held) or 'none'})"
+        )
+    name, network = held[0]
+    log.info("%s defines no forward: pruning the network it holds, %s", type(pl_module).__name__, name)
+    return network
 
 
 class ChannelPruning(Callback):
@@ -53,8 +66,11 @@ class ChannelPruning(Callback):
         strategy: one of ``none``, ``weight``, ``activation``, ``gradient``, ``parametrize``, ``hard``.
         amount: fraction of output channels removed per pruned layer, in [0, 1); never all of a layer.
         criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
-        layers: module-name globs of convs to prune; default every conv with a channel point whose
-            output does not feed a residual addition.
+        layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
+            a glob naming one member of a group selects the whole group. Default: every prunable
+            space (coupled groups only with ``groups``).
+        groups: include coupled groups (residual additions, squeeze-and-excitation products) in the
+            default selection and allow globs to select them.
         channels: for ``explicit``: ``{module name: [channel indices]}``.
         schedule, at_epoch, at_step, start_epoch, end_epoch: see ``PruningSchedule``.
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
@@ -80,6 +96,7 @@ class ChannelPruning(Callback):
         amount: float = 0.5,
         criterion: str = "l1",
         layers: Sequence[str] | None = None,
+        groups: bool = False,
         channels: Mapping[str, Sequence[int]] | None = None,
         schedule: str = "one_shot",
         at_epoch: int | None = None,
@@ -95,31 +112,24 @@ class ChannelPruning(Callback):
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if criterion not in CRITERION_NAMES:
-            raise ValueError(f"unknown mask.criterion {criterion!r}; choose one of: {', '.join(CRITERION_NAMES)}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
             raise ValueError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
-        if criterion == EXPLICIT and not channels:
-            raise ValueError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
-        if channels and criterion != EXPLICIT:
-            raise ValueError(f"mask.channels is only used with mask.criterion=explicit, not {criterion!r}")
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
-        if not isinstance(taylor_batches, int) or taylor_batches < 1:
-            raise ValueError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+        if not isinstance(groups, bool):
+            raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
         self.strategy_name = strategy
         self.strategy: MaskStrategy = make_strategy(strategy)
         self.amount = float(amount)
         self.criterion = criterion
+        self.importance: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
         self.layer_patterns = list(layers) if layers is not None else None
-        self.explicit_channels = {str(k): [int(c) for c in v] for k, v in (channels or {}).items()}
+        self.groups = groups
         # explicit lists carry their own counts: the schedule only says when (a target of 1 = "now").
         scheduled_amount = 1.0 if criterion == EXPLICIT else self.amount
         self.schedule = PruningSchedule(scheduled_amount, schedule, at_epoch, at_step, start_epoch, end_epoch)
         self.reset_optimizer_state = bool(reset_optimizer_state)
         self.log_every_n_steps = log_every_n_steps
-        self.taylor_batches = taylor_batches
-        self.seed = seed
         self.module_attribute = module
         if static_masks is not None:
             warnings.warn(
@@ -129,6 +139,7 @@ class ChannelPruning(Callback):
                 stacklevel=2,
             )
 
+        self.spaces: list[ChannelSpace] = []
         self.layers: list[PrunableLayer] = []
         self.pruned: dict[str, Tensor] = {}
         self.pruned_amount = 0.0
@@ -137,8 +148,6 @@ class ChannelPruning(Callback):
         self.history: dict[str, list[float]] = {}
         self._measure_now = False
         self._last_logged_step: int | None = None
-        self._taylor_pending: int | None = None
-        self._taylor_scores: dict[str, Tensor] = {}
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
         self._mask_images_pending = True  # the channel-mask images change only at pruning events
@@ -149,7 +158,9 @@ class ChannelPruning(Callback):
             return pl_module
         if self.module_attribute == "auto":
             candidate = getattr(pl_module, "model", None)
-            return candidate if isinstance(candidate, nn.Module) else pl_module
+            if isinstance(candidate, nn.Module):
+                return candidate
+            return pl_module if defines_forward(pl_module) else held_network(pl_module)
         candidate = getattr(pl_module, self.module_attribute, None)
         if not isinstance(candidate, nn.Module):
             raise ValueError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
@@ -160,31 +171,28 @@ class ChannelPruning(Callback):
         if self.layers:
             return
         network = self.network(pl_module)
-        all_layers = find_prunable_layers(network)
-        self._check_explicit_channels(all_layers)
+        graph = trace_channel_graph(network)
         patterns = self.layer_patterns
-        if self.criterion == EXPLICIT and patterns is None:
-            patterns = list(self.explicit_channels)
-        self.layers = select_layers(all_layers, patterns)
-        if not self.layers:
-            raise ValueError(f"{type(network).__name__} has no conv with a channel point to prune")
-        if self.criterion == "bn_gamma":
-            for layer in self.layers:
-                CRITERIA["bn_gamma"](layer, ScoringContext())  # raises for a layer without BatchNorm
-        for layer in self.layers:
-            if layer.coupled:
-                log.warning("%s feeds a residual addition: masking it silences one branch only", layer.name)
-            if not layer.consumers_complete:
-                log.warning(
-                    "%s: not every consumer of its channels could be found; consumer drift is partial", layer.name
-                )
+        if isinstance(self.importance, Explicit) and patterns is None:
+            patterns = self.importance.patterns
+        self.spaces = select_spaces(graph.spaces, patterns, self.groups)
+        if not self.spaces:
+            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
+            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
+            raise ConfigError(
+                f"{type(network).__name__} has no channel space to prune"
+                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
+                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
+            )
+        self.importance.check(self.spaces)
+        self.layers = [layer for space in self.spaces for layer in space.producers]
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         for layer in self.layers:
             self.strategy.prepare(layer)
         self._write_dashboard_layout(trainer)
-        log.info("pruning %d layers with mask=%s: %s", len(self.layers), self.strategy_name,
-                 ", ".join(layer.name for layer in self.layers))  # fmt: skip
+        log.info("pruning %d channel spaces (%d layers) with mask=%s: %s", len(self.spaces), len(self.layers),
+                 self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip
 
     @rank_zero_only
     def _write_dashboard_layout(self, trainer: L.Trainer) -> None:
@@ -192,41 +200,14 @@ class ChannelPruning(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(custom_scalars_layout())
 
-    def _check_explicit_channels(self, all_layers: list[PrunableLayer]) -> None:
-        by_name = {layer.name: layer for layer in all_layers}
-        for name, indices in self.explicit_channels.items():
-            layer = by_name.get(name)
-            if layer is None:
-                raise ValueError(
-                    f"mask.channels names {name!r}, which is not a prunable conv; prunable convs: {', '.join(by_name)}"
-                )
-            bad = [i for i in indices if not 0 <= i < layer.num_channels]
-            if bad:
-                raise ValueError(
-                    f"mask.channels[{name}] has indices {bad} outside 0..{layer.num_channels - 1} "
-                    f"({layer.num_channels} output channels)"
-                )
-            if len(set(indices)) >= layer.num_channels:
-                raise ValueError(
-                    f"mask.channels[{name}] would remove all {layer.num_channels} channels; keep at least one"
-                )
-
     # -- pruning ----------------------------------------------------------------------------------
-    def _scores(self, layer: PrunableLayer) -> Tensor:
-        context = ScoringContext(seed=self.seed, taylor_scores=self._taylor_scores)
-        return CRITERIA[self.criterion](layer, context)
-
     def _new_masks(self, target: float) -> dict[str, Tensor]:
+        """One mask per space, the same for every producer of it."""
         masks = {}
-        for layer in self.layers:
-            already = self.pruned.get(layer.name, torch.zeros(layer.num_channels, dtype=torch.bool))
-            if self.criterion == EXPLICIT:
-                mask = torch.zeros(layer.num_channels, dtype=torch.bool)
-                mask[self.explicit_channels.get(layer.name, [])] = True
-                masks[layer.name] = mask | already
-            else:
-                count = channels_to_prune(layer.num_channels, target)
-                masks[layer.name] = select_channels(self._scores(layer), count, already)
+        for space in self.spaces:
+            already = self.pruned.get(space.producers[0].name, torch.zeros(space.width, dtype=torch.bool)).cpu()
+            mask = self.importance.select(space, target, already)
+            masks.update((layer.name, mask) for layer in space.producers)
         return masks
 
     def prune(self, trainer: L.Trainer, target: float) -> None:
@@ -268,33 +249,16 @@ class ChannelPruning(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         target = self.schedule.target(trainer.current_epoch, trainer.global_step)
-        if target > self.pruned_amount:
-            if self.criterion == "taylor":
-                self._gather_taylor_then_prune(trainer, target)
-            else:
-                self.prune(trainer, target)
+        if target > self.pruned_amount and self.importance.ready():
+            self.prune(trainer, target)
         self._measure_now = bool(self.pruned) and trainer.global_step % self.log_every_n_steps == 0
         assert self.telemetry is not None
         self.telemetry.arm(self._measure_now)
 
-    def _gather_taylor_then_prune(self, trainer: L.Trainer, target: float) -> None:
-        if self._taylor_pending is None:
-            self._taylor_pending = 0
-            self._taylor_scores = {}
-        elif self._taylor_pending >= self.taylor_batches:
-            self.prune(trainer, target)
-            self._taylor_pending = None
-
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._measure_now and self.telemetry is not None:
             self.telemetry.record_gradients()
-        if self._taylor_pending is not None:
-            for layer in self.layers:
-                contribution = taylor_contribution(layer)
-                if contribution is not None:
-                    previous = self._taylor_scores.get(layer.name)
-                    self._taylor_scores[layer.name] = contribution if previous is None else previous + contribution
-            self._taylor_pending += 1
+        self.importance.after_backward(self.layers)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -366,8 +330,7 @@ class ChannelPruning(Callback):
             },
             "history": {tag: list(values) for tag, values in self.history.items()},
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
-            "taylor_pending": -1 if self._taylor_pending is None else self._taylor_pending,
-            "taylor_scores": {name: score.cpu() for name, score in self._taylor_scores.items()},
+            **self.importance.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -422,8 +385,7 @@ class ChannelPruning(Callback):
         self.pruning_steps = list(state["pruning_steps"])
         self.history = {tag: list(values) for tag, values in state["history"].items()}
         self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
-        self._taylor_pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
-        self._taylor_scores = dict(state["taylor_scores"])
+        self.importance.load_state_dict(state)
         self._refresh_masked()
 
     # -- reporting --------------------------------------------------------------------------------

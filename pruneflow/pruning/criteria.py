@@ -1,91 +1,24 @@
-"""Channel importance criteria: small, swappable scorers; the lowest-scoring channels are pruned first.
+"""Channel importance criteria: small, swappable objects; the lowest-scoring channels are pruned first.
 
-Each criterion maps a ``PrunableLayer`` (and, for ``taylor``, gradients gathered during training) to
-one score per output channel. Selection itself (how many, never all) lives in ``select_channels``.
+A criterion scores the channels of a channel space — one producer, or a group of producers that
+share the space (a residual addition, a depthwise conv carrying it) — and owns whatever it needs
+for that: ``taylor`` its accumulation of w·∂L/∂w over training batches, ``explicit`` its lists,
+``bn_gamma`` its check that there is a BatchNorm to read. A group's importance combines its
+producers' (summed L1, as DepGraph does; the L2 norm over all their kernels; summed |γ|; summed
+Taylor terms), so removing channel c is judged by everything that computes it.
 """
 
 from __future__ import annotations
 
-import logging
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from pruneflow.pruning.channels import PrunableLayer
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoringContext:
-    """What criteria may read besides the layer: the seed, and Σ w·∂L/∂w per channel for ``taylor``."""
-
-    seed: int = 0
-    taylor_scores: dict[str, Tensor] = field(default_factory=dict)
-
-
-def producer_weight(layer: PrunableLayer) -> Tensor:
-    """The conv's effective weight, flattened per output channel (works under parametrizations too)."""
-    return layer.conv.weight.detach().flatten(1)
-
-
-def l1_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
-    return producer_weight(layer).abs().sum(1)
-
-
-def l2_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
-    return producer_weight(layer).norm(dim=1)
-
-
-def random_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
-    # Seeded by (seed, layer name) only, so every process of a distributed run draws the same channels.
-    generator = torch.Generator().manual_seed(context.seed * 1_000_003 + zlib.crc32(layer.name.encode()))
-    return torch.rand(layer.num_channels, generator=generator)
-
-
-def bn_gamma_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
-    if layer.norm is None or layer.norm.weight is None:
-        raise ValueError(f"mask.criterion='bn_gamma' needs an affine BatchNorm after {layer.name}, which has none")
-    return layer.norm.weight.detach().abs()
-
-
-def taylor_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
-    """First-order Taylor estimate of the loss change from removing a channel: |Σ w·∂L/∂w| over its kernel."""
-    if layer.name not in context.taylor_scores:
-        raise RuntimeError(f"no gradients were gathered for {layer.name} before selecting by taylor")
-    return context.taylor_scores[layer.name].abs()
-
-
-def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
-    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call after backward."""
-    weight = layer.conv.weight
-    grad = weight.grad if weight.grad is not None else _parametrized_grad(layer)
-    if grad is None:
-        return None
-    return (weight.detach() * grad).flatten(1).sum(1)
-
-
-def _parametrized_grad(layer: PrunableLayer) -> Tensor | None:
-    parametrizations = getattr(layer.conv, "parametrizations", None)
-    if parametrizations is None or "weight" not in parametrizations:
-        return None
-    return parametrizations["weight"].original.grad
-
-
-Criterion = Callable[[PrunableLayer, ScoringContext], Tensor]
-
-CRITERIA: dict[str, Criterion] = {
-    "l1": l1_score,
-    "l2": l2_score,
-    "random": random_score,
-    "bn_gamma": bn_gamma_score,
-    "taylor": taylor_score,
-}
-EXPLICIT = "explicit"
-CRITERION_NAMES = (*CRITERIA, EXPLICIT)
+from pruneflow.errors import ConfigError
+from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 
 
 def channels_to_prune(num_channels: int, amount: float) -> int:
@@ -107,3 +40,216 @@ def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tenso
     order = torch.sort(scores, stable=True).indices
     pruned[order[:extra].to(pruned.device)] = True
     return pruned
+
+
+def producer_weight(layer: PrunableLayer) -> Tensor:
+    """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
+    return layer.conv.weight.detach().flatten(1).float()
+
+
+class Criterion:
+    """Scores a space's channels; ``select`` prunes the lowest up to an amount, keeping earlier choices."""
+
+    name: ClassVar[str]
+
+    def check(self, spaces: Sequence[ChannelSpace]) -> None:
+        """Refuse, before training, spaces this criterion cannot score."""
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        raise NotImplementedError
+
+    def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+
+    def ready(self) -> bool:
+        """Whether it can select now; one that gathers evidence over training steps starts doing so."""
+        return True
+
+    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
+        """Called after every backward pass with the gradients in ``.grad``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` wrote (the callback's state holds it)."""
+
+
+class L1(Criterion):
+    """Σ|w| over every producer's kernel of the channel."""
+
+    name = "l1"
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        return sum(producer_weight(layer).abs().sum(1) for layer in space.producers)
+
+
+class L2(Criterion):
+    """‖w‖₂ over all the producers' kernels of the channel together."""
+
+    name = "l2"
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        return sum(producer_weight(layer).pow(2).sum(1) for layer in space.producers).sqrt()
+
+
+class Random(Criterion):
+    """Uniform scores seeded by (seed, space name) only, so every process of a distributed run draws alike."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(space.name.encode()))
+        return torch.rand(space.width, generator=generator)
+
+
+class BnGamma(Criterion):
+    """Σ|γ| over the affine BatchNorms of the space's producers (Liu et al. 2017, network slimming)."""
+
+    name = "bn_gamma"
+
+    def check(self, spaces: Sequence[ChannelSpace]) -> None:
+        for space in spaces:
+            if not self._gammas(space):
+                raise ConfigError(
+                    f"mask.criterion=bn_gamma needs an affine BatchNorm after {space.name}, which has none; "
+                    "choose another criterion or leave it out of mask.layers"
+                )
+
+    @staticmethod
+    def _gammas(space: ChannelSpace) -> list[Tensor]:
+        norms = [layer.norm for layer in space.producers if layer.norm is not None]
+        return [norm.weight.detach().abs().float() for norm in norms if norm.weight is not None]
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        return sum(self._gammas(space))
+
+
+class Taylor(Criterion):
+    """First-order Taylor estimate of the loss change from removing a channel: |Σ w·∂L/∂w| over the
+    kernels of every producer, summed over ``batches`` training steps gathered just before selecting."""
+
+    name = "taylor"
+
+    def __init__(self, batches: int = 8) -> None:
+        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {batches!r}")
+        self.batches = batches
+        self.pending: int | None = None  # gathered steps while gathering, else None
+        self.sums: dict[str, Tensor] = {}
+
+    def ready(self) -> bool:
+        if self.pending is None:
+            self.pending, self.sums = 0, {}
+            return False
+        if self.pending < self.batches:
+            return False
+        self.pending = None
+        return True
+
+    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
+        if self.pending is None:
+            return
+        for layer in layers:
+            contribution = taylor_contribution(layer)
+            if contribution is not None:
+                previous = self.sums.get(layer.name)
+                self.sums[layer.name] = contribution if previous is None else previous + contribution
+        self.pending += 1
+
+    def scores(self, space: ChannelSpace) -> Tensor:
+        missing = [layer.name for layer in space.producers if layer.name not in self.sums]
+        if missing:
+            raise RuntimeError(f"no gradients were gathered for {', '.join(missing)} before selecting by taylor")
+        return sum(self.sums[layer.name].float().cpu() for layer in space.producers).abs()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "taylor_pending": -1 if self.pending is None else self.pending,
+            "taylor_scores": {name: score.cpu() for name, score in self.sums.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "taylor_pending" in state:
+            self.pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
+            self.sums = dict(state["taylor_scores"])
+
+
+def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
+    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call after backward."""
+    weight = layer.conv.weight
+    grad = weight.grad if weight.grad is not None else _parametrized_grad(layer)
+    if grad is None:
+        return None
+    return (weight.detach() * grad).flatten(1).sum(1)
+
+
+def _parametrized_grad(layer: PrunableLayer) -> Tensor | None:
+    parametrizations = getattr(layer.conv, "parametrizations", None)
+    if parametrizations is None or "weight" not in parametrizations:
+        return None
+    return parametrizations["weight"].original.grad
+
+
+class Explicit(Criterion):
+    """The channels a user lists per producer; a list for any producer of a space prunes the whole space."""
+
+    name = "explicit"
+
+    def __init__(self, channels: Mapping[str, Sequence[int]]) -> None:
+        if not channels:
+            raise ConfigError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
+        self.channels = {str(name): [int(c) for c in indices] for name, indices in channels.items()}
+
+    @property
+    def patterns(self) -> list[str]:
+        """The layers it names: the default ``mask.layers``."""
+        return list(self.channels)
+
+    def check(self, spaces: Sequence[ChannelSpace]) -> None:
+        widths = {layer.name: space.width for space in spaces for layer in space.producers}
+        for name, indices in self.channels.items():
+            width = widths.get(name)
+            if width is None:
+                selected = ", ".join(widths)
+                raise ConfigError(f"mask.channels names {name!r}, which is not a selected prunable layer: {selected}")
+            bad = [i for i in indices if not 0 <= i < width]
+            if bad:
+                raise ConfigError(f"mask.channels[{name}] has indices {bad} outside 0..{width - 1} ({width} channels)")
+            if len(set(indices)) >= width:
+                raise ConfigError(f"mask.channels[{name}] would remove all {width} channels; keep at least one")
+
+    def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        mask = already.clone()
+        for layer in space.producers:
+            mask[self.channels.get(layer.name, [])] = True
+        if mask.all():
+            raise ConfigError(f"mask.channels would remove all {space.width} channels of the group {space.names}")
+        return mask
+
+
+CRITERIA: dict[str, type[Criterion]] = {cls.name: cls for cls in (L1, L2, Random, BnGamma, Taylor, Explicit)}
+EXPLICIT = Explicit.name
+CRITERION_NAMES = tuple(CRITERIA)
+
+
+def make_criterion(
+    name: str, channels: Mapping[str, Sequence[int]] | None = None, taylor_batches: int = 8, seed: int = 0
+) -> Criterion:
+    """The criterion called ``name`` with the settings it uses; the others must be left unset."""
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown mask.criterion {name!r}; choose one of: {', '.join(CRITERION_NAMES)}")
+    if channels and name != EXPLICIT:
+        raise ConfigError(f"mask.channels is only used with mask.criterion=explicit, not {name!r}")
+    if name == EXPLICIT:
+        return Explicit(channels or {})
+    if name == Taylor.name:
+        return Taylor(taylor_batches)
+    if name == Random.name:
+        return Random(seed)
+    if not isinstance(taylor_batches, int) or taylor_batches < 1:
+        raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+    return CRITERIA[name]()
