@@ -216,3 +216,41 @@ def test_half_of_every_space_masked_compacts_to_the_same_function_and_exports(na
     paths = export_compact(compaction, input_shape, tmp_path)
     program = torch.export.load(paths["program"]).module()  # torch alone: no pruneflow, no model code
     assert (program(images) - masked).abs().max() <= 1e-4
+
+
+class Refused(nn.Module):
+    """conv ``a`` → ``between`` → conv ``b``: whatever stands between decides whether ``a`` can be pruned."""
+
+    def __init__(self, between: str) -> None:
+        super().__init__()
+        self.between = between
+        self.a = nn.Conv2d(3, 4, 1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.b = nn.Conv2d(4, 4, 1, groups=2 if between == "grouped" else 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        if self.between == "constant":
+            x = x + 1
+        elif self.between == "sigmoid":
+            x = torch.sigmoid(x)
+        elif self.between == "groupnorm":
+            x = self.norm(x)
+        elif self.between == "slice":
+            x = torch.cat([x[:, :2], x[:, 2:]], dim=1)
+        return self.b(x)
+
+
+@pytest.mark.parametrize(
+    ("between", "reason"),
+    [
+        ("constant", "add() at add combines them with a tensor outside the channel graph"),
+        ("sigmoid", "sigmoid() at sigmoid turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
+        ("groupnorm", "GroupNorm norm normalises across channels (not supported)"),
+        ("grouped", "grouped conv b (groups=2) reads them: its groups would need equal cuts"),
+        ("slice", "reaches getitem() at getitem, whose effect on channels is not understood"),
+    ],
+)
+def test_what_would_revive_or_reshuffle_a_channel_refuses_its_space_naming_it(between: str, reason: str) -> None:
+    space = space_of(trace_channel_graph(Refused(between)), "a")
+    assert not space.prunable and any(reason in refusal for refusal in space.refusals), space.refusals
