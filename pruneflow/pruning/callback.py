@@ -60,11 +60,12 @@ def held_network(pl_module: L.LightningModule) -> nn.Module:
 
 
 class ChannelPruning(Callback):
-    """Prune output channels of convs with a masking ``strategy`` and measure whether they stay pruned.
+    """Prune channel spaces (convs' and linear layers' outputs) with a masking ``strategy`` and measure
+    whether they stay pruned.
 
     Args:
         strategy: one of ``none``, ``weight``, ``activation``, ``gradient``, ``parametrize``, ``hard``.
-        amount: fraction of output channels removed per pruned layer, in [0, 1); never all of a layer.
+        amount: fraction of channels removed per pruned channel space, in [0, 1); never all of one.
         criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
             a glob naming one member of a group selects the whole group. Default: every prunable
@@ -78,7 +79,8 @@ class ChannelPruning(Callback):
         log_every_n_steps: telemetry interval in optimizer steps.
         taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
         seed: for ``random``.
-        module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present).
+        module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present,
+            else the module itself, else — without a ``forward`` — the one submodule with weights).
         static_masks: deprecated and ignored (a FutureWarning says so): the forward-pass masks are
             always installed at setup now.
 
@@ -171,20 +173,7 @@ class ChannelPruning(Callback):
         if self.layers:
             return
         network = self.network(pl_module)
-        graph = trace_channel_graph(network)
-        patterns = self.layer_patterns
-        if isinstance(self.importance, Explicit) and patterns is None:
-            patterns = self.importance.patterns
-        self.spaces = select_spaces(graph.spaces, patterns, self.groups)
-        if not self.spaces:
-            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
-            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
-            raise ConfigError(
-                f"{type(network).__name__} has no channel space to prune"
-                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
-                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
-            )
-        self.importance.check(self.spaces)
+        self.spaces = self._choose_spaces(network)
         self.layers = [layer for space in self.spaces for layer in space.producers]
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
@@ -193,6 +182,24 @@ class ChannelPruning(Callback):
         self._write_dashboard_layout(trainer)
         log.info("pruning %d channel spaces (%d layers) with mask=%s: %s", len(self.spaces), len(self.layers),
                  self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip
+
+    def _choose_spaces(self, network: nn.Module) -> list[ChannelSpace]:
+        """The channel spaces to prune, from the network's channel graph, checked by the criterion."""
+        graph = trace_channel_graph(network)
+        patterns = self.layer_patterns
+        if isinstance(self.importance, Explicit) and patterns is None:
+            patterns = self.importance.patterns
+        spaces = select_spaces(graph.spaces, patterns, self.groups)
+        if not spaces:
+            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
+            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
+            raise ConfigError(
+                f"{type(network).__name__} has no channel space to prune"
+                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
+                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
+            )
+        self.importance.check(spaces)
+        return spaces
 
     @rank_zero_only
     def _write_dashboard_layout(self, trainer: L.Trainer) -> None:
