@@ -83,13 +83,13 @@ def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) ->
     ("overrides", "expected"),
     [
         (("data=imagenet",), "unknown data 'imagenet'; choose one of: cifar10, fashion_mnist, mnist, synthetic"),
-        (("model=transformer",), "unknown model 'transformer'; choose one of: convnet, resnet, vgg"),
+        (("model=transformer",), "unknown model 'transformer'; choose one of: convnet, resnet, torchvision, vgg"),
         (("mask=magic",), "unknown mask 'magic'; choose one of:"),
         (("data=synthetic", "trainer.max_epochs=-3"), "trainer.max_epochs must be a positive integer, got -3"),
         (("data=synthetic", "model.activation=tanh"), "unknown activation 'tanh'; choose one of: gelu, leaky_relu"),
         (("data=synthetic", "mask=weight", "mask.amount=1.5"), "mask.amount must be a fraction in [0, 1), got 1.5"),
         (("data=synthetic", "mask=weight", "mask.criterion=magnitude"), "unknown mask.criterion 'magnitude'"),
-        (("data=synthetic", "mask=weight", "mask.layers=[conv9]"), "mask.layers pattern 'conv9' matches no prunable"),
+        (("data=synthetic", "mask=weight", "mask.layers=[conv9]"), "pattern 'conv9' matches no conv or linear layer"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, overrides: tuple[str, ...], expected: str) -> None:
