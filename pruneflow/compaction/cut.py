@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -144,6 +144,16 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     return model
 
 
+def cut_tensor(tensor: Tensor, out_keep: Tensor | None, in_keep: Tensor | None) -> Tensor:
+    """``tensor`` of a module (a parameter, a buffer, or optimizer state shaped like a parameter) with only
+    rows ``out_keep`` on dim 0 and columns ``in_keep`` on dim 1 (None: all); scalars as they are."""
+    if out_keep is not None and tensor.ndim >= 1:
+        tensor = tensor.index_select(0, out_keep.to(tensor.device))
+    if in_keep is not None and tensor.ndim >= 2:
+        tensor = tensor.index_select(1, in_keep.to(tensor.device))
+    return tensor
+
+
 def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) -> nn.Module:
     """``module`` keeping only output rows ``out_keep`` and input columns ``in_keep`` (None: all).
 
@@ -159,13 +169,7 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
     if in_keep is not None and in_arg is not None:
         sizes[in_arg] = len(in_keep)
-    state = {}
-    for key, tensor in module.state_dict().items():
-        if out_keep is not None and tensor.ndim >= 1:
-            tensor = tensor.index_select(0, out_keep.to(tensor.device))
-        if in_keep is not None and tensor.ndim >= 2:
-            tensor = tensor.index_select(1, in_keep.to(tensor.device))
-        state[key] = tensor
+    state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
     for (_, new_parameter), (_, parameter) in zip(new.named_parameters(), module.named_parameters(), strict=True):
@@ -264,6 +268,9 @@ class Compaction:
     model: nn.Module
     groups: list[ChannelGroup]
     sizes: dict[str, dict[str, int]]
+    # module name → (output rows kept, input columns kept; None: all) of every rebuilt module: what
+    # ``cut_tensor`` needs to carry anything shaped like its parameters (optimizer state) over.
+    kept: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[str, list[int]]:
@@ -314,7 +321,7 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
         arguments = RESIZABLE[type(new)][0](new)
         widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
-    result = Compaction(model, groups, sizes)
+    result = Compaction(model, groups, sizes, {name: (out_keep.get(name), in_keep.get(name)) for name in names})
     before, after = result.channels
     log.info("compaction: %d of %d channels cut from %d producers", before - after, before, len(result.removed))
     return result

@@ -159,7 +159,7 @@ def compact_trained_module(
         log.warning("compact=true but nothing was pruned (mask schedule never fired?): the compacted model is dense")
     _, metrics = compact_and_verify(
         network,
-        callback.pruned,
+        {} if callback.cut else callback.pruned,  # cut inside training already: nothing left to cut
         test_batches(datamodule, device_of(network)),
         export_dir=Path(export_dir),
         model_config=model_config(model_cfg, datamodule),

@@ -7,7 +7,8 @@ channel graph (``channels.trace_channel_graph``). A space is selected whole: eve
 coupled group or of a depthwise chain gets the same mask. Per training step (hook order in
 Lightning's automatic optimization):
 
-    on_train_batch_start     prune when the schedule says so; arm leak probes on logging steps
+    on_train_batch_start     prune when the schedule says so; cut the pruned channels out at
+                             ``cut_at_epoch`` / ``cut_at_step``; arm leak probes on logging steps
     forward / backward
     on_after_backward        gradient telemetry (before any gradient mask); the criterion's gradients
     on_before_optimizer_step strategy.before_optimizer_step (gradient masking)
@@ -59,6 +60,20 @@ def held_network(pl_module: L.LightningModule) -> nn.Module:
     return network
 
 
+@torch.no_grad()
+def eval_outputs(network: nn.Module, inputs: Tensor) -> Tensor:
+    """``network``'s outputs in eval mode (BatchNorm's running statistics untouched, no dropout draws), every
+    module's training flag restored after. Through ``forward``, not ``__call__``: a network compiled in place
+    would otherwise compile an eval-mode graph (twice, around a cut) for this one look."""
+    flags = [(module, module.training) for module in network.modules()]
+    network.eval()
+    try:
+        return network.forward(inputs).float()
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 class ChannelPruning(Callback):
     """Prune channel spaces (convs' and linear layers' outputs) with a masking ``strategy`` and measure
     whether they stay pruned.
@@ -81,6 +96,11 @@ class ChannelPruning(Callback):
         seed: for ``random``.
         module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present,
             else the module itself, else — without a ``forward`` — the one submodule with weights).
+        cut_at_epoch, cut_at_step: cut the pruned channels out of the network at the start of this
+            epoch (or at this global step), inside the running fit, and train on the smaller network
+            from then on (see ``_cut``); after the last pruning event. None: never.
+        cut_changes_outputs: allow the cut for strategies that leave pruned channels alive (all but
+            ``activation``), which changes the network's outputs; ``metrics.json`` reports the gap.
         static_masks: deprecated and ignored (a FutureWarning says so): the forward-pass masks are
             always installed at setup now.
 
@@ -111,6 +131,9 @@ class ChannelPruning(Callback):
         seed: int = 0,
         module: str | None = "auto",
         static_masks: bool | None = None,
+        cut_at_epoch: int | None = None,
+        cut_at_step: int | None = None,
+        cut_changes_outputs: bool = False,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -140,6 +163,9 @@ class ChannelPruning(Callback):
                 FutureWarning,
                 stacklevel=2,
             )
+        self.cut_at_epoch, self.cut_at_step = cut_at_epoch, cut_at_step
+        self.cut_changes_outputs = cut_changes_outputs
+        self._check_cut_settings()
 
         self.spaces: list[ChannelSpace] = []
         self.layers: list[PrunableLayer] = []
@@ -153,6 +179,40 @@ class ChannelPruning(Callback):
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
         self._mask_images_pending = True  # the channel-mask images change only at pruning events
+        self._network: nn.Module | None = None
+        self.cut: dict[str, Any] | None = None  # what the cut did (TrainingCut.metrics), once it happened
+        self.cut_sizes: dict[str, dict[str, int]] = {}
+
+    def _check_cut_settings(self) -> None:
+        for name in ("cut_at_epoch", "cut_at_step"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
+        if not isinstance(self.cut_changes_outputs, bool):
+            raise ConfigError(f"mask.cut_changes_outputs must be true or false, got {self.cut_changes_outputs!r}")
+        if self.cut_at_epoch is not None and self.cut_at_step is not None:
+            raise ConfigError(
+                f"set mask.cut_at_epoch or mask.cut_at_step, not both (got {self.cut_at_epoch} and {self.cut_at_step})"
+            )
+        if self.cut_at_epoch is None and self.cut_at_step is None:
+            return
+        setting = f"mask.cut_at_epoch={self.cut_at_epoch}" if self.cut_at_step is None else (
+            f"mask.cut_at_step={self.cut_at_step}"
+        )
+        why = self.strategy.why_cut_changes_outputs
+        if why is not None and not self.cut_changes_outputs:
+            raise ConfigError(
+                f"{setting} with mask={self.strategy_name} would change the network's outputs ({why}); use "
+                "mask=activation, or set mask.cut_changes_outputs=true to cut anyway (metrics.json reports the gap)"
+            )
+        schedule = self.schedule
+        last_epoch = schedule.end_epoch if schedule.kind == "gradual" else schedule.at_epoch
+        if self.cut_at_epoch is not None and last_epoch is not None and self.cut_at_epoch < last_epoch:
+            raise ConfigError(
+                f"{setting} comes before the last pruning epoch {last_epoch}: cut at or after it"
+            )
+        if self.cut_at_step is not None and schedule.at_step is not None and self.cut_at_step < schedule.at_step:
+            raise ConfigError(f"{setting} comes before mask.at_step={schedule.at_step}: cut at or after it")
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
@@ -173,6 +233,15 @@ class ChannelPruning(Callback):
         if self.layers:
             return
         network = self.network(pl_module)
+        self._network = network
+        if (self.cut_at_epoch is not None or self.cut_at_step is not None) and trainer.world_size > 1:
+            raise ConfigError(
+                f"mask.cut_at_epoch/cut_at_step cannot cut under {type(trainer.strategy).__name__} with "
+                f"{trainer.world_size} processes yet (DDP would keep reducing the old parameters); train on one "
+                "device, or cut after training with compact=true"
+            )
+        # A checkpoint written after a cut holds the smaller network: take its shape before its weights load.
+        network.register_load_state_dict_pre_hook(self._take_cut_shape)
         self.spaces = self._choose_spaces(network)
         self.layers = [layer for space in self.spaces for layer in space.producers]
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
@@ -255,12 +324,82 @@ class ChannelPruning(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.cut is not None:
+            return  # the pruned channels are gone: nothing left to prune or measure
         target = self.schedule.target(trainer.current_epoch, trainer.global_step)
         if target > self.pruned_amount and self.importance.ready():
             self.prune(trainer, target)
+        if self._cut_due(trainer):
+            self._cut(trainer, pl_module, batch)
+            return
         self._measure_now = bool(self.pruned) and trainer.global_step % self.log_every_n_steps == 0
         assert self.telemetry is not None
         self.telemetry.arm(self._measure_now)
+
+    # -- the cut ----------------------------------------------------------------------------------
+    def _cut_due(self, trainer: L.Trainer) -> bool:
+        if self.cut_at_step is not None:
+            return trainer.global_step >= self.cut_at_step
+        return self.cut_at_epoch is not None and trainer.current_epoch >= self.cut_at_epoch
+
+    def _cut(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        """Cut the pruned channels out of the live network and carry the optimizers over (see
+        ``pruneflow.compaction.while_training``): training goes on, on the smaller network."""
+        # Imported here: pruneflow.compaction's pipeline imports this module.
+        from pruneflow.compaction.cut import compact
+        from pruneflow.compaction.while_training import swap_in
+
+        final = 1.0 if self.criterion == EXPLICIT else self.amount
+        if self.pruned_amount < final:
+            raise ConfigError(
+                f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}, before pruning finished ({self.pruned_amount:.3g} of {final:.3g} pruned); "
+                "cut at or after the last pruning step"
+            )
+        network = self.network(pl_module)
+        compaction = compact(network, self.pruned)  # on a copy: the live network is untouched if it refuses
+        images = batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) else None
+        if images is not None and getattr(pl_module, "channels_last", False) and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        masked_logits = None if images is None else eval_outputs(network, images)
+        self._drop_machinery()
+        result = swap_in(network, compaction, trainer.optimizers, None if images is None else images[:1])
+        self.cut_sizes = result.sizes
+        self.cut = result.metrics(trainer.global_step)
+        if masked_logits is not None:
+            # What the cut changed, on this batch: ~1e-6 for an exact cut, the gap where channels were alive.
+            cut_logits = eval_outputs(network, images)
+            self.cut["cut/batch_max_abs_diff"] = float((cut_logits - masked_logits).abs().max())
+            if masked_logits.ndim == 2:
+                agreement = (cut_logits.argmax(1) == masked_logits.argmax(1)).float().mean()
+                self.cut["cut/batch_top1_agreement"] = float(agreement)
+        log.info(
+            "step %d: cut %d of %d channels out of the network (params %d → %d); training goes on without "
+            "them, and the telemetry stops: the pruned channels no longer exist",
+            trainer.global_step, result.channels[0] - result.channels[1], result.channels[0], *result.params,
+        )  # fmt: skip
+        self._log_to_loggers(trainer, {key: float(value) for key, value in self.cut.items()})
+
+    def _drop_machinery(self) -> None:
+        """Hooks, parametrizations and telemetry of the masked network: the cut network has no pruned channels."""
+        for layer in self.layers:
+            self.strategy.remove(layer)
+        if self.telemetry is not None:
+            self.telemetry.remove()
+        self.telemetry = None
+        self._masked = []
+        self._measure_now = False
+
+    def _take_cut_shape(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *_: Any) -> None:
+        """Load-state-dict pre-hook of the network: a checkpoint written after a cut holds smaller tensors;
+        rebuild the modules at those widths (and drop the masks, which fit no more) before they load."""
+        from pruneflow.compaction.while_training import adopt_sizes, sizes_in_state_dict
+
+        sizes = sizes_in_state_dict(module, state_dict, prefix)
+        if sizes:
+            self._drop_machinery()
+            adopt_sizes(module, sizes)
+            self.cut_sizes = sizes
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._measure_now and self.telemetry is not None:
@@ -338,6 +477,8 @@ class ChannelPruning(Callback):
             "history": {tag: list(values) for tag, values in self.history.items()},
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
             **self.importance.state_dict(),
+            "cut": dict(self.cut) if self.cut is not None else {},
+            "cut_sizes": {name: dict(widths) for name, widths in self.cut_sizes.items()} if self.cut else {},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -375,6 +516,14 @@ class ChannelPruning(Callback):
 
     def _restore(self, state: dict[str, Any]) -> None:
         self._check_compatible(state, "the checkpoint")
+        if state.get("cut"):
+            self._restore_cut(state)
+            return
+        if self.cut_sizes:
+            raise ConfigError(
+                f"the checkpoint's weights have other widths than the network ({sorted(self.cut_sizes)[:3]}) but "
+                "it records no cut: it comes from another model"
+            )
         assert self.telemetry is not None
         by_name = {layer.name: layer for layer in self.layers}
         for name, mask in state["pruned"].items():
@@ -395,6 +544,22 @@ class ChannelPruning(Callback):
         self.importance.load_state_dict(state)
         self._refresh_masked()
 
+    def _restore_cut(self, state: dict[str, Any]) -> None:
+        """A checkpoint written after the cut: the network has the cut widths (the weights' pre-hook took them;
+        ``adopt_sizes`` only checks here) and the masks stay history."""
+        from pruneflow.compaction.while_training import adopt_sizes
+
+        assert self._network is not None
+        self._drop_machinery()
+        adopt_sizes(self._network, state["cut_sizes"])
+        self.cut_sizes = {name: dict(widths) for name, widths in state["cut_sizes"].items()}
+        self.cut = dict(state["cut"])
+        self.pruned = {name: mask.clone() for name, mask in state["pruned"].items()}
+        self.pruned_amount = float(state["pruned_amount"])
+        self.pruning_steps = list(state["pruning_steps"])
+        self.history = {tag: list(values) for tag, values in state["history"].items()}
+        self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
+
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:
         """Final and max-since-pruning of every telemetry tag, with what was pruned, when and how."""
@@ -407,6 +572,8 @@ class ChannelPruning(Callback):
             "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
             "mask/rank_fingerprints": self._rank_fingerprints,
         }
+        if self.cut is not None:
+            report.update(self.cut)
         for tag, values in self.history.items():
             report[f"{tag}/final"] = values[-1]
             report[f"{tag}/max"] = max(values)

@@ -48,6 +48,9 @@ class MaskStrategy:
 
     name: ClassVar[str]
     zeroes_kernels: ClassVar[bool] = True
+    # Where pruned channels stay alive in the forward pass (their kernels, or β after a zeroed conv), cutting
+    # them out changes the network's function; None where the cut is exact, else why it is not.
+    why_cut_changes_outputs: ClassVar[str | None] = "its pruned channels stay alive"
     # True where ``install`` changes the forward pass (hooks, parametrizations): ``prepare`` installs it at setup.
     acts_in_forward: ClassVar[bool] = False
 
@@ -95,6 +98,7 @@ class NoMask(MaskStrategy):
     """The control: channels are selected and measured, nothing is applied."""
 
     name = "none"
+    why_cut_changes_outputs = "nothing is applied: the pruned channels carry their full activations"
     zeroes_kernels = False
 
 
@@ -102,6 +106,7 @@ class WeightMask(MaskStrategy):
     """Zero the selected kernels once (the naive way); the gradient is free to move them again."""
 
     name = "weight"
+    why_cut_changes_outputs = "the gradient moves the zeroed kernels again"
 
 
 class GradientMask(MaskStrategy):
@@ -111,6 +116,7 @@ class GradientMask(MaskStrategy):
     """
 
     name = "gradient"
+    why_cut_changes_outputs = "momentum and β keep the pruned channels alive"
 
     def before_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
         grads = [tensor.grad for tensor in self.trainable_tensors(layer) if tensor.grad is not None]
@@ -121,6 +127,7 @@ class HardMask(MaskStrategy):
     """Zero the kernels again after every optimizer step: zero when measured, moved within each step."""
 
     name = "hard"
+    why_cut_changes_outputs = "β leaks through every pruned channel after its BatchNorm"
 
     def after_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
         zero_rows(self.trainable_tensors(layer), pruned)
@@ -143,6 +150,7 @@ class ParametrizeMask(MaskStrategy):
     """
 
     name = "parametrize"
+    why_cut_changes_outputs = "β leaks through every pruned channel after its BatchNorm"
     zeroes_kernels = False
     acts_in_forward = True
 
@@ -198,6 +206,7 @@ class ActivationMask(MaskStrategy):
 
     name = "activation"
     acts_in_forward = True
+    why_cut_changes_outputs = None
 
     def __init__(self) -> None:
         self._handles: dict[str, RemovableHandle] = {}

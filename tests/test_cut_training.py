@@ -1,0 +1,211 @@
+"""Cutting while training (``mask.cut_at_step`` / ``cut_at_epoch``): the cut network trains on exactly as the
+masked one would have, its checkpoints resume with plain Lightning, and cuts that would change the function
+are refused."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUIET, run_train
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pruneflow import ChannelPruning, ClassifierModule
+from pruneflow.compaction.cut import compact
+from pruneflow.errors import ConfigError
+from pruneflow.lr_schedule import cosine
+from pruneflow.models.convnet import ConvNet
+
+STEPS_PER_EPOCH = 6
+EPOCHS = 3
+PRUNE_AT, CUT_AT = 2, 4  # steps
+
+OPTIMIZERS = {
+    "sgd": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adam": functools.partial(torch.optim.Adam, lr=1e-2, weight_decay=1e-4),
+    "adamw": functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=1e-2, amsgrad=True),
+}
+
+
+def images_and_labels(count: int, seed: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 1, 12, 12, generator=generator)
+    labels = (images[:, :, :6].mean((1, 2, 3)) > 0).long() + (images[:, 0, 6, 6] > 0.5).long()
+    return images, labels
+
+
+def train_loader() -> DataLoader:
+    return DataLoader(TensorDataset(*images_and_labels(STEPS_PER_EPOCH * 16, seed=0)), batch_size=16)
+
+
+TEST_IMAGES, _ = images_and_labels(64, seed=1)
+
+
+def make_run(optimizer: str, **mask: object) -> tuple[ClassifierModule, ChannelPruning]:
+    torch.manual_seed(0)
+    network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    module = ClassifierModule(network, OPTIMIZERS[optimizer], num_classes=3, scheduler=cosine)
+    pruning = ChannelPruning(
+        strategy="activation", amount=0.5, at_step=PRUNE_AT, reset_optimizer_state=True, log_every_n_steps=1, **mask
+    )
+    return module, pruning
+
+
+def fit(
+    module: ClassifierModule, pruning: ChannelPruning, *, epochs: int = EPOCHS, ckpt_dir: Path | None = None,
+    ckpt_path: Path | None = None, clip: float | None = None,
+) -> L.Trainer:  # fmt: skip
+    callbacks: list[L.Callback] = [pruning]
+    if ckpt_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1))
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", deterministic=True,
+        gradient_clip_val=clip,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=train_loader(), ckpt_path=ckpt_path, weights_only=True)
+    return trainer
+
+
+@torch.no_grad()
+def logits(module: ClassifierModule) -> Tensor:
+    module.eval()
+    return module(TEST_IMAGES)
+
+
+def assert_same_kept_weights(cut: nn.Module, masked: nn.Module, pruned: dict[str, Tensor]) -> None:
+    """Every tensor of the cut network equals the masked network's kept entries (cut by ``compact``)."""
+    expected = compact(masked, pruned).model.state_dict()
+    actual = cut.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, tensor in actual.items():
+        reference = expected[key]
+        assert tensor.shape == reference.shape, key
+        if tensor.is_floating_point():
+            scale = reference.abs().max().clamp_min(1e-12)
+            assert (tensor - reference).abs().max() / scale <= 1e-5, key
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_run_cut_at_step_n_trains_on_as_the_masked_run(optimizer: str) -> None:
+    masked, masked_pruning = make_run(optimizer)
+    fit(masked, masked_pruning)
+    cut, cut_pruning = make_run(optimizer, cut_at_step=CUT_AT)
+    fit(cut, cut_pruning, clip=1e6)  # a clip that never binds: clipping reads the re-pointed parameter groups
+
+    convs = [(name, module) for name, module in cut.model.named_modules() if isinstance(module, nn.Conv2d)]
+    widths = {name: module.weight.shape[0] for name, module in convs}
+    assert widths == {"features.0": 4, "features.4": 6}  # physically smaller
+    assert cut_pruning.cut is not None and cut_pruning.cut["cut/step"] == CUT_AT
+    assert cut_pruning.cut["cut/params_after"] < cut_pruning.cut["cut/params_before"]
+    assert cut_pruning.cut["cut/flops_after"] < cut_pruning.cut["cut/flops_before"]
+    assert cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5 and cut_pruning.cut["cut/batch_top1_agreement"] == 1.0
+    # Training went on after the cut (the masked run's kernels moved too), and on the same path.
+    assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
+    assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
+
+
+def test_the_telemetry_stops_at_the_cut_and_metrics_record_it() -> None:
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    fit(module, pruning)
+    steps = pruning.history["drift/producer_l2"]
+    assert len(steps) == CUT_AT - PRUNE_AT  # measured every step from pruning until the cut, not after
+    metrics = pruning.final_metrics()
+    assert metrics["cut/step"] == CUT_AT
+    assert metrics["cut/channels_before"] == 20 and metrics["cut/channels_after"] == 10
+    assert metrics["cut/flops_ratio"] > 1.5
+
+
+def test_a_checkpoint_written_after_the_cut_resumes_exactly_with_plain_lightning(tmp_path: Path) -> None:
+    whole, pruning = make_run("adamw", cut_at_step=CUT_AT)
+    fit(whole, pruning, ckpt_dir=tmp_path)  # epoch 0 ends at step 6, after the cut at step 4
+    resumed, resumed_pruning = make_run("adamw", cut_at_step=CUT_AT)
+    fit(resumed, resumed_pruning, ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert resumed_pruning.cut == pruning.cut
+    final, reference = resumed.state_dict(), whole.state_dict()
+    assert final.keys() == reference.keys()
+    for key, tensor in final.items():
+        assert torch.equal(tensor, reference[key]), key
+
+
+@pytest.mark.parametrize("strategy", ["weight", "none", "gradient", "hard", "parametrize"])
+def test_cutting_a_strategy_that_leaves_channels_alive_is_refused_unless_asked(strategy: str) -> None:
+    with pytest.raises(ConfigError, match=r"would change the network's outputs.*cut_changes_outputs=true"):
+        ChannelPruning(strategy=strategy, cut_at_epoch=1)
+    ChannelPruning(strategy=strategy, cut_at_epoch=1, cut_changes_outputs=True)
+
+
+def test_an_allowed_cut_that_changes_outputs_reports_the_gap() -> None:
+    torch.manual_seed(0)
+    network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    module = ClassifierModule(network, OPTIMIZERS["sgd"], num_classes=3)
+    pruning = ChannelPruning(strategy="weight", at_step=PRUNE_AT, cut_at_step=CUT_AT, cut_changes_outputs=True)
+    fit(module, pruning, epochs=1)
+    assert pruning.cut is not None and pruning.cut["cut/batch_max_abs_diff"] > 1e-3  # the kernels had moved
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cut_at_epoch": 1, "cut_at_step": 3}, "not both"),
+        ({"cut_at_step": -1}, "non-negative integer"),
+        ({"cut_at_epoch": True}, "non-negative integer"),
+        ({"cut_at_epoch": 1, "at_epoch": 2}, "before the last pruning epoch 2"),
+        ({"cut_at_step": 1, "at_step": 5}, "before mask.at_step=5"),
+        ({"cut_at_epoch": 2, "schedule": "gradual", "end_epoch": 3}, "before the last pruning epoch 3"),
+        ({"cut_at_epoch": 2, "cut_changes_outputs": "yes"}, "true or false"),
+    ],
+)
+def test_bad_cut_settings_are_one_line_config_errors(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        ChannelPruning(strategy="activation", **settings)
+    assert "\n" not in str(error.value)
+
+
+def test_a_cut_due_before_pruning_finished_stops_naming_it() -> None:
+    module, pruning = make_run("sgd", cut_at_epoch=0)  # pruning at step 2 (a step and an epoch: checked when due)
+    with pytest.raises(ConfigError, match="before pruning finished"):
+        fit(module, pruning)
+
+
+def test_train_py_cuts_compacts_and_resumes_after_the_cut(tmp_path: Path) -> None:
+    common = (
+        "data=synthetic", "data.num_train=400", "mask=activation", "mask.at_step=1", "mask.cut_at_epoch=1",
+        "mask.reset_optimizer_state=true", "deterministic=true", f"hydra.run.dir={tmp_path}", *QUIET,
+    )  # fmt: skip
+    result = run_train(*common, "trainer.max_epochs=2", "compact=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["cut/step"] == metrics["global_step"] // 2  # the start of epoch 1
+    assert metrics["cut/flops_ratio"] > 1.5 and metrics["cut/params_ratio"] > 1.5
+    assert metrics["compact/max_abs_diff"] == 0.0  # already cut: compact=true exports the network as it is
+    result = run_train(*common, "trainer.max_epochs=3", "resume=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((tmp_path / "metrics.json").read_text())
+    assert resumed["epochs"] == 3 and resumed["cut/step"] == metrics["cut/step"]
+
+
+@pytest.mark.slow  # compiling costs a minute or two on a CPU
+def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_one() -> None:
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+        module = ClassifierModule(network, OPTIMIZERS["sgd"], num_classes=3, scheduler=cosine, compile=compiled)
+        pruning = ChannelPruning(
+            strategy="activation", at_step=PRUNE_AT, reset_optimizer_state=True, cut_at_step=CUT_AT
+        )
+        torch._dynamo.reset()
+        counters.clear()
+        fit(module, pruning)
+        runs.append(module)
+    assert counters["stats"]["unique_graphs"] == 2  # the network before the cut, and after it
+    assert (logits(runs[0]) - logits(runs[1])).abs().max() <= 1e-4
