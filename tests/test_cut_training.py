@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -209,3 +210,11 @@ def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_o
         runs.append(module)
     assert counters["stats"]["unique_graphs"] == 2  # the network before the cut, and after it
     assert (logits(runs[0]) - logits(runs[1])).abs().max() <= 1e-4
+
+
+def test_cutting_under_ddp_is_refused_in_one_line() -> None:
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    several_processes = SimpleNamespace(world_size=2, strategy=SimpleNamespace())
+    with pytest.raises(ConfigError, match="cannot cut under SimpleNamespace with 2 processes") as error:
+        pruning.setup(several_processes, module, "fit")  # type: ignore[arg-type]
+    assert "\n" not in str(error.value)
