@@ -43,6 +43,10 @@ class TrainingThroughput(Callback):
         self.warmup_steps = warmup_steps
         self.seconds = 0.0
         self.samples = 0
+        # CPU time of this process over the same segments: on a machine shared with other work, the work
+        # done per sample, which wall time mixes with everyone else's load.
+        self.cpu_seconds = 0.0
+        self._segment_cpu_start = 0.0
         self._segment_start: float | None = None
         self._segment_samples = 0
 
@@ -52,6 +56,7 @@ class TrainingThroughput(Callback):
         if self._segment_start is None and trainer.global_step >= self.warmup_steps:
             synchronize(pl_module.device)
             self._segment_start = time.perf_counter()
+            self._segment_cpu_start = time.process_time()
             self._segment_samples = 0
 
     def on_train_batch_end(
@@ -66,6 +71,7 @@ class TrainingThroughput(Callback):
         synchronize(pl_module.device)
         if self._segment_samples:
             self.seconds += time.perf_counter() - self._segment_start
+            self.cpu_seconds += time.process_time() - self._segment_cpu_start
             self.samples += self._segment_samples
         self._segment_start = None
 
@@ -89,4 +95,5 @@ class TrainingThroughput(Callback):
             "perf/train_samples_per_s": round(self.samples_per_second, 1),
             "perf/train_seconds_measured": round(self.seconds, 3),
             "perf/train_samples_measured": self.samples,
+            "perf/train_cpu_seconds_measured": round(self.cpu_seconds, 3),
         }
