@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from pruneflow.compaction.cut import as_mask
 from pruneflow.compaction.pipeline import model_config
+from pruneflow.compaction.while_training import adopt_sizes
 from pruneflow.pruning.channels import find_prunable_layers
 from pruneflow.pruning.strategies import make_strategy
 
@@ -93,8 +94,10 @@ def load_trained_run(
     layers = {layer.name: layer for layer in find_prunable_layers(network)}
     pruned: dict[str, Tensor] = {}
     strategy = make_strategy(strategy_name)
+    if state.get("cut"):  # cut while training (mask.cut_at_*): the weights are the smaller network's, unmasked
+        adopt_sizes(network, state["cut_sizes"])
     # Checkpoints from before `layers` was saved name only the pruned layers.
-    for name in state.get("layers") or state["pruned"]:
+    for name in [] if state.get("cut") else (state.get("layers") or state["pruned"]):
         if name not in layers:
             raise ValueError(f"checkpoint {path} masks {name!r}, which is not a prunable conv of {config['_target_']}")
         strategy.prepare(layers[name])  # before the weights: parametrized keys must exist
