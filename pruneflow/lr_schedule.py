@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -15,7 +17,7 @@ def cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_lr_fraction`` × lr at ``total_steps``."""
     if warmup_steps < 0 or not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.warmup_steps must be >= 0 and final_lr_fraction in [0, 1], "
             f"got {warmup_steps} and {final_lr_fraction}"
         )

@@ -18,6 +18,8 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -46,7 +48,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         for name, value in (("channels_last", channels_last), ("compile", compile)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {value!r}")
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
         self.channels_last = channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class TrainingThroughput(Callback):
 
     def __init__(self, warmup_steps: int = 20) -> None:
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+            raise ConfigError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.seconds = 0.0
         self.samples = 0

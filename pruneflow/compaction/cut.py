@@ -36,6 +36,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import (
     RESIDUAL_FUNCTIONS,
     Consumer,
@@ -61,7 +62,7 @@ HOOK_TABLES = (
 )
 
 
-class CompactionError(ValueError):
+class CompactionError(ConfigError):
     """A network or mask that cannot be compacted exactly; the message names the layer and why."""
 
 

@@ -31,6 +31,7 @@ from pruneflow.compaction.cost import count_flops, count_parameters, cpu_latency
 from pruneflow.compaction.cut import Compaction, MaskLike, compact, effective_copy
 from pruneflow.compaction.export import export_compact
 from pruneflow.compaction.verify import device_of, verify
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.callback import ChannelPruning
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def model_config(model_cfg: Mapping[str, Any] | DictConfig, datamodule: L.Lightn
 def pruning_callback(trainer: L.Trainer) -> ChannelPruning:
     callbacks = [callback for callback in trainer.callbacks if isinstance(callback, ChannelPruning)]
     if len(callbacks) != 1:
-        raise ValueError(f"compaction needs exactly one ChannelPruning callback, the trainer has {len(callbacks)}")
+        raise ConfigError(f"compaction needs exactly one ChannelPruning callback, the trainer has {len(callbacks)}")
     return callbacks[0]
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +91,7 @@ def verify(masked: nn.Module, compacted: nn.Module, batches: Iterable[tuple[Tens
             images_seen += len(labels)
             input_shape = tuple(images.shape[1:])
     if not images_seen:
-        raise ValueError("verification got no test images; the test dataloader is empty")
+        raise ConfigError("verification got no test images; the test dataloader is empty")
     return Verification(
         max_abs_diff=float(max_diff),
         agreement=agree / images_seen,

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -27,7 +29,7 @@ def make_activation(name: str) -> nn.Module:
     try:
         return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(sorted(ACTIVATIONS))}") from None
+        raise ConfigError(f"unknown activation {name!r}; choose one of: {', '.join(sorted(ACTIVATIONS))}") from None
 
 
 def check_activation(name: str) -> str:

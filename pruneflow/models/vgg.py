@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, conv_bn_act
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ class VGG(nn.Module):
                 modules += conv_bn_act(in_channels, item, activation)
                 in_channels = item
             else:
-                raise ValueError(f"model.layers entries must be positive ints or 'M', got {item!r}")
+                raise ConfigError(f"model.layers entries must be positive ints or 'M', got {item!r}")
         if not any(isinstance(m, nn.Conv2d) for m in modules):
-            raise ValueError(f"model.layers must hold at least one conv width, got {list(layers)}")
+            raise ConfigError(f"model.layers must hold at least one conv width, got {list(layers)}")
         self.features = nn.Sequential(*modules)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
 

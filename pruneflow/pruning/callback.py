@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
 from pruneflow.pruning.criteria import (
     CRITERIA,
@@ -94,19 +95,19 @@ class ChannelPruning(Callback):
         static_masks: bool | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if criterion not in CRITERION_NAMES:
-            raise ValueError(f"unknown mask.criterion {criterion!r}; choose one of: {', '.join(CRITERION_NAMES)}")
+            raise ConfigError(f"unknown mask.criterion {criterion!r}; choose one of: {', '.join(CRITERION_NAMES)}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
-            raise ValueError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
+            raise ConfigError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
         if criterion == EXPLICIT and not channels:
-            raise ValueError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
+            raise ConfigError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
         if channels and criterion != EXPLICIT:
-            raise ValueError(f"mask.channels is only used with mask.criterion=explicit, not {criterion!r}")
+            raise ConfigError(f"mask.channels is only used with mask.criterion=explicit, not {criterion!r}")
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
+            raise ConfigError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
         if not isinstance(taylor_batches, int) or taylor_batches < 1:
-            raise ValueError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
         self.strategy_name = strategy
         self.strategy: MaskStrategy = make_strategy(strategy)
         self.amount = float(amount)
@@ -152,7 +153,7 @@ class ChannelPruning(Callback):
             return candidate if isinstance(candidate, nn.Module) else pl_module
         candidate = getattr(pl_module, self.module_attribute, None)
         if not isinstance(candidate, nn.Module):
-            raise ValueError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
+            raise ConfigError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
         return candidate
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -167,7 +168,7 @@ class ChannelPruning(Callback):
             patterns = list(self.explicit_channels)
         self.layers = select_layers(all_layers, patterns)
         if not self.layers:
-            raise ValueError(f"{type(network).__name__} has no conv with a channel point to prune")
+            raise ConfigError(f"{type(network).__name__} has no conv with a channel point to prune")
         if self.criterion == "bn_gamma":
             for layer in self.layers:
                 CRITERIA["bn_gamma"](layer, ScoringContext())  # raises for a layer without BatchNorm
@@ -197,17 +198,17 @@ class ChannelPruning(Callback):
         for name, indices in self.explicit_channels.items():
             layer = by_name.get(name)
             if layer is None:
-                raise ValueError(
+                raise ConfigError(
                     f"mask.channels names {name!r}, which is not a prunable conv; prunable convs: {', '.join(by_name)}"
                 )
             bad = [i for i in indices if not 0 <= i < layer.num_channels]
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"mask.channels[{name}] has indices {bad} outside 0..{layer.num_channels - 1} "
                     f"({layer.num_channels} output channels)"
                 )
             if len(set(indices)) >= layer.num_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"mask.channels[{name}] would remove all {layer.num_channels} channels; keep at least one"
                 )
 
@@ -388,17 +389,17 @@ class ChannelPruning(Callback):
         """
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
-            raise ValueError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
+            raise ConfigError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
         self._check_compatible(state, origin)
 
     def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
         if state["strategy"] != self.strategy_name:
-            raise ValueError(
+            raise ConfigError(
                 f"{origin} was pruned with mask={state['strategy']} but this run has mask={self.strategy_name}; "
                 f"resume with mask={state['strategy']} or start a new run"
             )
         if self.layers and state["layers"] != {layer.name: layer.num_channels for layer in self.layers}:
-            raise ValueError(
+            raise ConfigError(
                 f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
                 f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
             )

@@ -27,6 +27,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Modules that keep channel c in channel c: elementwise ones (also safe after a flatten) and pooling.
@@ -209,7 +211,7 @@ def select_layers(layers: Sequence[PrunableLayer], patterns: Iterable[str] | Non
     for pattern in patterns:
         matches = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, str(pattern))]
         if not matches:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.layers pattern {pattern!r} matches no prunable conv; the model's convs are: "
                 f"{', '.join(layer.name for layer in layers)}"
             )

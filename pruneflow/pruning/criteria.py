@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def random_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
 
 def bn_gamma_score(layer: PrunableLayer, context: ScoringContext) -> Tensor:
     if layer.norm is None or layer.norm.weight is None:
-        raise ValueError(f"mask.criterion='bn_gamma' needs an affine BatchNorm after {layer.name}, which has none")
+        raise ConfigError(f"mask.criterion='bn_gamma' needs an affine BatchNorm after {layer.name}, which has none")
     return layer.norm.weight.detach().abs()
 
 

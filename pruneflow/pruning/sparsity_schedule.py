@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pruneflow.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("one_shot", "gradual")
@@ -28,17 +30,17 @@ class PruningSchedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown mask.schedule {self.kind!r}; choose one of: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown mask.schedule {self.kind!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.at_epoch is not None and self.at_step is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"set mask.at_epoch or mask.at_step, not both (got at_epoch={self.at_epoch}, at_step={self.at_step})"
             )
         for name in ("at_epoch", "at_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
+                raise ConfigError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
         if self.kind == "gradual" and not 0 <= self.start_epoch < self.end_epoch:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.schedule=gradual needs 0 <= mask.start_epoch < mask.end_epoch, "
                 f"got start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"
             )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def make_strategy(name: str) -> MaskStrategy:
     try:
         return STRATEGIES[name]()
     except KeyError:
-        raise ValueError(f"unknown mask strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
+        raise ConfigError(f"unknown mask strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
 
 
 @torch.no_grad()
