@@ -14,3 +14,8 @@ class ConfigError(ValueError):
 
     A ``ValueError`` so that code catching bad values the standard way still catches it.
     """
+
+
+def is_count(value: object) -> bool:
+    """An ``int`` that is not a ``bool``: Python counts ``True`` as 1, a config's ``true`` is never a count."""
+    return isinstance(value, int) and not isinstance(value, bool)

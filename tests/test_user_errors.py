@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from pruneflow.compaction import CompactionError
 from pruneflow.data import DatasetCorruptError, DatasetNotFoundError
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.user_errors import user_error_message
+from pruneflow.pruning import ChannelPruning
+from pruneflow.pruning.sparsity_schedule import PruningSchedule
 
 
 def raised(error: BaseException, cause: BaseException | None = None) -> BaseException:
@@ -90,3 +93,25 @@ def test_a_bug_inside_a_run_prints_its_traceback(tmp_path: Path) -> None:
     # Hydra's report of a failed job (its traceback with HYDRA_FULL_ERROR=1), not our one-line user error.
     assert "Error executing job" in result.stderr and "ZeroDivisionError" in result.stderr, result.stderr[-2000:]
     assert "pruneflow: error:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ({"amount": True}, "mask.amount must be a fraction in [0, 1), got True"),
+        ({"log_every_n_steps": True}, "mask.log_every_n_steps must be a positive integer, got True"),
+        ({"taylor_batches": True}, "mask.taylor_batches must be a positive integer, got True"),
+        ({"seed": True}, "mask.seed must be a non-negative integer, got True"),
+        ({"at_epoch": True}, "mask.at_epoch must be a non-negative integer or null, got True"),
+        ({"schedule": "gradual", "start_epoch": False, "end_epoch": 2}, "mask.start_epoch must be a non-negative"),
+        ({"reset_optimizer_state": 1}, "mask.reset_optimizer_state must be true or false, got 1"),
+    ],
+)
+def test_a_bool_is_not_a_number_nor_a_number_a_bool(setting: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        ChannelPruning(strategy="weight", **setting)
+
+
+def test_pruning_schedule_rejects_a_bool_amount() -> None:
+    with pytest.raises(ConfigError, match=r"amount must be a fraction in \[0, 1\], got True"):
+        PruningSchedule(True)

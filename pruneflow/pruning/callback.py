@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, is_count
 from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
 from pruneflow.pruning.criteria import (
     CRITERIA,
@@ -104,10 +104,14 @@ class ChannelPruning(Callback):
             raise ConfigError("mask.criterion=explicit needs mask.channels, e.g. mask.channels={features.0:[0,3]}")
         if channels and criterion != EXPLICIT:
             raise ConfigError(f"mask.channels is only used with mask.criterion=explicit, not {criterion!r}")
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+        if not is_count(log_every_n_steps) or log_every_n_steps < 1:
             raise ConfigError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
-        if not isinstance(taylor_batches, int) or taylor_batches < 1:
+        if not is_count(taylor_batches) or taylor_batches < 1:
             raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+        if not is_count(seed) or seed < 0:
+            raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(reset_optimizer_state, bool):
+            raise ConfigError(f"mask.reset_optimizer_state must be true or false, got {reset_optimizer_state!r}")
         self.strategy_name = strategy
         self.strategy: MaskStrategy = make_strategy(strategy)
         self.amount = float(amount)
