@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 
 def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import QUIET, REPO, run_train
+from helpers import QUIET, REPO, run_train
 from test_train import scalar_tags
 from torch import Tensor, nn
 

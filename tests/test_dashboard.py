@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, REPO, run_train
+from helpers import QUIET, REPO, run_train
 
 SCRIPT = REPO / "scripts" / "screenshot_tensorboard.py"
 spec = importlib.util.spec_from_file_location("screenshot_tensorboard", SCRIPT)

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from torch import nn
 
 from pruneflow.data import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import QUIET, run_train
+from helpers import QUIET, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 

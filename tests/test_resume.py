@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET, REPO, run_train
+from helpers import QUIET, REPO, run_train
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_strategies import TinyNet, toy_loader
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, run_train
+from helpers import QUIET, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, run_train
+from helpers import QUIET, run_train
 from hydra.errors import InstantiationException
 
 from pruneflow.callbacks import NonFiniteLossError

@@ -144,10 +144,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
     logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
     callbacks = build_callbacks(cfg, run_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+    checkpoint_io = AtomicCheckpointIO()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[checkpoint_io])
     resume = checkpoint_to_resume(cfg, run_dir)
     if resume is not None:
-        checkpoint = check_checkpoint_matches(module, resume)
+        # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
+        checkpoint = check_checkpoint_matches(module, resume, checkpoint_io)
         for callback in callbacks:
             if isinstance(callback, ChannelPruning):
                 callback.check_checkpoint(checkpoint, str(resume))
