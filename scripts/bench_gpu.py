@@ -33,7 +33,7 @@ from typing import Any
 
 from bench_common import CURVE, REPO, run_train, seconds_to_accuracy
 
-STRATEGIES = ["disabled", "none", "weight", "activation", "gradient", "parametrize", "hard"]
+STRATEGIES = ["disabled", "control", "weight", "activation", "gradient", "parametrize", "hard"]
 SMALL_VGG = "model.layers=[32,M,64,M,128,128,M,256,256,M]"
 
 

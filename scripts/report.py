@@ -27,6 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pruneflow.pruning.strategies import RENAMED_STRATEGIES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = (
@@ -43,7 +45,7 @@ DEFAULT_COLUMNS = (
     "compact/acc_gap",
 )
 DEFAULT_CURVES = ("drift/producer_l2", "leak/activation_abs_mean")
-STRATEGY_ORDER = ("unpruned", "none", "weight", "activation", "gradient", "parametrize", "hard")
+STRATEGY_ORDER = ("unpruned", "control", "weight", "activation", "gradient", "parametrize", "hard")
 # Below this a curve is drawn linearly, above logarithmically: exact zeros stay visible beside drifts of 1e-3 and 10.
 SYMLOG_THRESHOLD = 1e-4
 
@@ -61,7 +63,7 @@ def find_runs(sweep: Path) -> tuple[dict[str, dict], list[str]]:
         metrics_file = run / "metrics.json"
         try:
             finished[name] = json.loads(metrics_file.read_text())
-        except (OSError, ValueError):  # absent, or a run that died while writing it
+        except (OSError, ValueError):  # absent: unfinished or failed (run.py writes it atomically, never half)
             unfinished.append(name)
     return finished, unfinished
 
@@ -126,7 +128,8 @@ def read_curves(run_dir: Path, tags: Sequence[str]) -> dict[str, tuple[list[int]
 
 
 def strategy_of(metrics: dict) -> str:
-    return str(metrics.get("mask/strategy", "unpruned"))
+    strategy = str(metrics.get("mask/strategy", "unpruned"))
+    return RENAMED_STRATEGIES.get(strategy, strategy)  # runs from before a rename (mask=none is now control)
 
 
 def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, dict]) -> Path | None:

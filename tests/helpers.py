@@ -33,7 +33,8 @@ def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subpro
     )
 
 
-def compose_train(*overrides: str) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` would, without running anything."""
+def compose_train(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` would, without running anything;
+    ``with_hydra``: with the ``hydra`` node (sweeper, launcher, output folders)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)

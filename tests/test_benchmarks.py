@@ -54,6 +54,6 @@ def test_unknown_arms_are_one_line_errors() -> None:
                              "--strategies", "activation,magic"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, none, weight, activation, gradient, "
+        "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, control, weight, activation, gradient, "
         "parametrize, hard"
     )

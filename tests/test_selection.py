@@ -113,7 +113,7 @@ def test_callback_works_on_any_lightning_module() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"strategy": "prune_harder"}, "unknown mask strategy 'prune_harder'; choose one of: none, weight, activation"),
+        ({"strategy": "prune_harder"}, "unknown mask strategy 'prune_harder'; choose one of: control, weight, "),
         ({"criterion": "magnitude"}, "unknown mask.criterion 'magnitude'; choose one of: l1, l2, random"),
         ({"amount": 1.0}, r"mask.amount must be a fraction in \[0, 1\), got 1.0"),
         ({"amount": -0.1}, r"mask.amount must be a fraction in \[0, 1\), got -0.1"),

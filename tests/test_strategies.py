@@ -157,7 +157,7 @@ def test_adamw_decoupled_decay_shrinks_stored_weights_that_get_no_gradient() -> 
 
 
 def test_none_strategy_measures_would_be_pruned_channels_without_touching_them() -> None:
-    pruning, _ = run("none", "sgd", "relu")
+    pruning, _ = run("control", "sgd", "relu")
     metrics = pruning.final_metrics()
     assert metrics["drift/zero_fraction/final"] == 0.0
     assert metrics["drift/producer_l2/final"] > 0.0

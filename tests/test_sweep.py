@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import QUIET, REPO, run_train
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers import QUIET, REPO, compose_train, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
@@ -31,11 +29,6 @@ RUNS = [
     for seed in (0, 1)
 ]
 DRIFT_TAGS = ("drift/producer_l2", "drift/zero_fraction", "drift/consumer_l2", "leak/activation_abs_mean")
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +104,9 @@ def test_report_writes_table_and_figures_and_lists_unfinished_runs(joblib_sweep:
 
 
 def test_strategy_sweep_experiment_is_the_headline_grid() -> None:
-    cfg = compose_train("experiment=strategy_sweep")
+    cfg = compose_train("experiment=strategy_sweep", with_hydra=True)
     assert dict(cfg.hydra.sweeper.params) == {
-        "mask": "none,weight,activation,gradient,parametrize,hard",
+        "mask": "control,weight,activation,gradient,parametrize,hard",
         "optimizer": "sgd,adam",
         "seed": "0,1,2",
     }
@@ -136,7 +129,7 @@ def test_strategy_sweep_runs_as_a_sweep_and_command_line_choices_win(tmp_path: P
 
 
 def test_submitit_slurm_launcher_config_composes() -> None:
-    cfg = compose_train("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
+    cfg = compose_train("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", with_hydra=True)
     assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert cfg.hydra.launcher.partition == "gpu"
 

@@ -6,7 +6,7 @@ boolean masks, or lists of pruned channel indices); the run's strategy installs 
 layer the run selected (``layers``), pruned or not yet, before the weights load, as the callback's
 ``setup`` does: an ``activation`` mask's hooks, a ``parametrize`` mask's parametrization (whose stored
 weight the checkpoint holds) — so a checkpoint written before pruning loads too. Strategies that act
-only during training (``weight``, ``gradient``, ``hard``, ``none``) install nothing: their network
+only during training (``weight``, ``gradient``, ``hard``, ``control``) install nothing: their network
 is the weights.
 """
 
@@ -30,7 +30,7 @@ from pruneflow.compaction.cut import as_mask
 from pruneflow.compaction.pipeline import model_config
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import find_prunable_layers
-from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.strategies import current_strategy_name, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def load_trained_run(
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = pruning_state(saved, path)
     strategy_name = str(state.get("strategy") or OmegaConf.select(cfg, "mask.strategy"))
+    strategy_name = current_strategy_name(strategy_name, warn=False)
     layers = {layer.name: layer for layer in find_prunable_layers(network)}
     pruned: dict[str, Tensor] = {}
     strategy = make_strategy(strategy_name)

@@ -80,7 +80,7 @@ def compact_and_verify(
     if checked.max_abs_diff > EXACT_TOLERANCE:
         log.warning(
             "the compacted model differs from the masked one: max |Δ logit| %.3g, top-1 agreement %.2f %%, "
-            "accuracy %.2f %% → %.2f %%; the cut channels were not dead (expected for mask=weight or none, "
+            "accuracy %.2f %% → %.2f %%; the cut channels were not dead (expected for mask=weight or control, "
             "and where β leaks)",
             checked.max_abs_diff, 100 * checked.agreement, 100 * checked.acc_masked, 100 * checked.acc,
         )  # fmt: skip

@@ -51,16 +51,18 @@ HPARAM_TYPES = {
 def run_hparams(cfg: DictConfig, metrics: Mapping[str, Any]) -> dict[str, str | int | float | bool]:
     """The run's hyperparameters as the HParams tab shows them (the full config is in ``config.yaml``)."""
     mask = cfg.get("mask") or {}
+    # mask=disabled carries the shared mask keys (criterion, amount) but builds no callback: unpruned.
+    pruned = bool(mask.get("_target_"))
     pruning_steps = metrics.get("mask/pruning_steps") or []
     return {
-        "strategy": str(mask.get("strategy") or "unpruned"),
+        "strategy": str(metrics.get("mask/strategy") or mask.get("strategy")) if pruned else "unpruned",
         "optimizer": _choice(cfg, "optimizer"),
-        "criterion": str(mask.get("criterion") or "none"),
-        "amount": float(mask.get("amount") or 0.0),
+        "criterion": str(mask.get("criterion")) if pruned else "none",
+        "amount": float(mask.get("amount") or 0.0) if pruned else 0.0,
         "pruning_step": ",".join(str(step) for step in pruning_steps) or "never",
         "activation": str(cfg.model.get("activation", "n/a")),
         "seed": int(cfg.seed),
-        "reset_optimizer_state": bool(mask.get("reset_optimizer_state", False)),
+        "reset_optimizer_state": pruned and bool(mask.get("reset_optimizer_state", False)),
         "data": _choice(cfg, "data"),
         "model": _choice(cfg, "model"),
     }

@@ -41,7 +41,13 @@ from pruneflow.pruning.criteria import (
 )
 from pruneflow.pruning.dashboard import log_pruned_layers
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
-from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
+from pruneflow.pruning.strategies import (
+    STRATEGIES,
+    MaskStrategy,
+    current_strategy_name,
+    make_strategy,
+    zero_optimizer_state,
+)
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 
 log = logging.getLogger(__name__)
@@ -51,7 +57,8 @@ class ChannelPruning(Callback):
     """Prune output channels of convs with a masking ``strategy`` and measure whether they stay pruned.
 
     Args:
-        strategy: one of ``none``, ``weight``, ``activation``, ``gradient``, ``parametrize``, ``hard``.
+        strategy: one of ``control`` (select and measure, mask nothing), ``weight``, ``activation``,
+            ``gradient``, ``parametrize``, ``hard``.
         amount: fraction of output channels removed per pruned layer, in [0, 1); never all of a layer.
         criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
         layers: module-name globs of convs to prune; default every conv with a channel point whose
@@ -94,6 +101,7 @@ class ChannelPruning(Callback):
         module: str | None = "auto",
         static_masks: bool | None = None,
     ) -> None:
+        strategy = current_strategy_name(strategy)
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if criterion not in CRITERION_NAMES:
@@ -397,10 +405,11 @@ class ChannelPruning(Callback):
         self._check_compatible(state, origin)
 
     def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
-        if state["strategy"] != self.strategy_name:
+        saved = current_strategy_name(state["strategy"], warn=False)  # a checkpoint may hold a former name
+        if saved != self.strategy_name:
             raise ConfigError(
-                f"{origin} was pruned with mask={state['strategy']} but this run has mask={self.strategy_name}; "
-                f"resume with mask={state['strategy']} or start a new run"
+                f"{origin} was pruned with mask={saved} but this run has mask={self.strategy_name}; "
+                f"resume with mask={saved} or start a new run"
             )
         if self.layers and state["layers"] != {layer.name: layer.num_channels for layer in self.layers}:
             raise ConfigError(
