@@ -11,6 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 # CI and developers keep the read-only real data sets beside the checkout, in ../shared/data.

@@ -26,7 +26,7 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
         if "." in group or not (conf_dir / group).is_dir() or group.startswith("hydra"):
             continue
         available = group_options(conf_dir, group)
-        for option in value.split(","):
+        for option in value.strip("[]").split(","):  # a, b or [a, b] (several options of one group)
             option = option.strip()
             if option in ("", "null") or "(" in option or "$" in option:
                 continue

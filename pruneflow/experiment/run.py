@@ -3,8 +3,8 @@
 ``train(cfg)`` is what ``train.py`` calls for every Hydra job. It owns the run folder's layout:
 
     <run dir>/config.yaml          the resolved config
-    <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``)
-    <run dir>/checkpoints/         last.ckpt and best-*.ckpt
+    <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``; conf/logger/)
+    <run dir>/checkpoints/         last.ckpt and best-*.ckpt (conf/callbacks/checkpoints.yaml)
     <run dir>/metrics.json         final figures, written atomically
 """
 
@@ -18,14 +18,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pruneflow.atomic_io import write_json_atomic, write_text_atomic
-from pruneflow.callbacks import TrainingThroughput
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
-from pruneflow.callbacks.non_finite_loss import NonFiniteLossGuard
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.cpu_share import share_cpu_cores
@@ -51,36 +49,35 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    # Two checkpointers: Lightning >= 2.6 refreshes `save_last` only when a monitored checkpoint is
-    # saved, so a plateaued val/acc would leave last.ckpt behind; an unmonitored one saves every epoch.
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor="val/acc",
-        mode="max",
-    )
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
-    callbacks: list[Callback] = [best, last, NonFiniteLossGuard(), TrainingThroughput()]
-    if cfg.trainer.get("enable_progress_bar", True):
-        # Each refresh reads the logged loss back from the device: on a GPU, a refresh every step would
-        # put a host synchronisation into every step.
-        refresh_rate = cfg.get("progress_bar_refresh_rate", 20)
-        if not isinstance(refresh_rate, int) or isinstance(refresh_rate, bool) or refresh_rate < 1:
-            raise ConfigError(f"progress_bar_refresh_rate must be a positive integer, got {refresh_rate!r}")
-        callbacks.append(TQDMProgressBar(refresh_rate=refresh_rate))
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The ``callbacks`` group's callbacks (conf/callbacks/: checkpoints, non-finite guard, throughput,
+    progress, and any a user adds), then the mask's ``ChannelPruning``."""
+    callbacks: list[Callback] = []
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if callback_cfg is None:
             continue
         callback = instantiate(callback_cfg)
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name} must build a lightning Callback, got {type(callback).__name__}")
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # Lightning refuses a progress bar callback beside enable_progress_bar=false
         callbacks.append(callback)
     mask_cfg = cfg.get("mask")
     if mask_cfg is not None and mask_cfg.get("_target_"):
         callbacks.append(instantiate(mask_cfg))
     return callbacks
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
+    """The ``logger`` group's logger (conf/logger/), writing into the run folder unless told where; None
+    with ``~logger``."""
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg:
+        return None
+    logger = instantiate(logger_cfg, **({} if logger_cfg.get("save_dir") else {"save_dir": str(run_dir)}))
+    if not isinstance(logger, Logger):
+        raise ConfigError(f"logger must build a lightning Logger, got {type(logger).__name__}")
+    return logger
 
 
 def final_metrics(
@@ -142,10 +139,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    callbacks = build_callbacks(cfg, run_dir)
+    logger = build_logger(cfg, run_dir)
+    callbacks = build_callbacks(cfg)
     checkpoint_io = AtomicCheckpointIO()
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[checkpoint_io])
+    # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
+    )
     resume = checkpoint_to_resume(cfg, run_dir)
     if resume is not None:
         # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
@@ -169,7 +169,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         fit_seconds=round(fit_seconds, 3),
         wall_seconds=round(wall_seconds, 3),
     )
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and isinstance(logger, TensorBoardLogger):
         log_hparams(logger, cfg, metrics, step=trainer.global_step)
         write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("compact") and trainer.is_global_zero:
