@@ -5,7 +5,6 @@ A thin Hydra wrapper around ``pruneflow.experiment.run.train``; configuration li
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from pruneflow.experiment.run import train
 from pruneflow.experiment.user_errors import user_error_message
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-log = logging.getLogger("pruneflow")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def cosine(

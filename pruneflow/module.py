@@ -9,7 +9,6 @@ this one included.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,8 +18,6 @@ import torchmetrics
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]

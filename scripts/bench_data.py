@@ -28,8 +28,6 @@ from torchvision import datasets, transforms
 
 from pruneflow.data import CIFAR10DataModule, InMemoryImageDataModule, MNISTDataModule
 
-log = logging.getLogger(__name__)
-
 
 class AsFoundCIFAR10(datasets.CIFAR10):
     """torchvision's CIFAR10 reading the batch files that are present, without its md5 check.

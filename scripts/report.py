@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,6 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pruneflow.pruning.strategies import RENAMED_STRATEGIES
-
-log = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = (
     "test/acc",

@@ -26,8 +26,6 @@ from pruneflow.data import (
     split_indices,
 )
 
-log = logging.getLogger(__name__)
-
 CIFAR_SUBSET = SHARED_DATA / "CIFAR10-subset"
 
 

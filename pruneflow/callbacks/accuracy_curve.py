@@ -9,7 +9,6 @@ LightningModule whose forward returns logits.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -20,8 +19,6 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pruneflow.callbacks.throughput import synchronize
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class AccuracyCurve(Callback):

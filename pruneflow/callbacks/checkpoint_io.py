@@ -3,7 +3,6 @@ against the model before a resume touches anything."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from torch import nn
 
 from pruneflow.atomic_io import atomic_open
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # A parametrized weight is stored as `<module>.parametrizations.<name>.original` (+ the mask's
 # buffers); the model checked before `fit` has no parametrizations yet (ChannelPruning installs them

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -10,8 +9,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ConfigError, ArithmeticError):

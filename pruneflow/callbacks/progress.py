@@ -28,8 +28,9 @@ def progress_for_stdout(refresh_rate: int = 20) -> ProgressBar:
 
 
 def format_figures(figures: dict[str, Any]) -> str:
-    return " ".join(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
-                    for name, value in figures.items())
+    return " ".join(
+        f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}" for name, value in figures.items()
+    )
 
 
 class EpochLines(ProgressBar):

@@ -7,7 +7,6 @@ bare PyTorch loop. Works with any LightningModule.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -16,8 +15,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def synchronize(device: torch.device) -> None:

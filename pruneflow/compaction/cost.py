@@ -13,7 +13,6 @@ hides what the convolutions gained.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import statistics
 import time
@@ -25,8 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.compaction.verify import evaluating
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 

@@ -8,7 +8,6 @@ leaking under ``gradient``/``hard``/``parametrize``) the accuracy gap is the hon
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @contextmanager

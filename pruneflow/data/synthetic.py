@@ -5,7 +5,6 @@ A small network separates the classes within a few steps, so tests can check tha
 without reading a real data set. Same base class, batches and transforms as the real data sets.
 """
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +13,6 @@ import torch
 from pruneflow.data.base import Batch, InMemoryImageDataModule
 from pruneflow.data.transforms import keyed_generator
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class SyntheticDataModule(InMemoryImageDataModule):

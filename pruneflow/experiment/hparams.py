@@ -14,7 +14,6 @@ tags are written here.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -25,8 +24,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-
-log = logging.getLogger(__name__)
 
 SUMMARY_PREFIX = "hparams/"
 

@@ -7,14 +7,11 @@ LeakyReLU pass gradient at 0 and let a "zeroed" producer kernel drift.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from torch import nn
 
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -6,15 +6,12 @@ The linear classifier reads the flattened last feature map, so each channel of t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, conv_bn_act
-
-log = logging.getLogger(__name__)
 
 
 class ConvNet(nn.Module):

@@ -7,15 +7,12 @@ stage; the shortcut uses a 1×1 conv + BN projection (option B) where the shape 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, make_activation
-
-log = logging.getLogger(__name__)
 
 
 class BasicBlock(nn.Module):

@@ -6,15 +6,12 @@ the last conv feeds exactly input feature ``c`` of ``classifier.2``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, conv_bn_act
-
-log = logging.getLogger(__name__)
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 

@@ -6,7 +6,6 @@ one score per output channel. Selection itself (how many, never all) lives in ``
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from torch import Tensor
 
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from pruneflow.errors import ConfigError, is_count
-
-log = logging.getLogger(__name__)
 
 SCHEDULES = ("one_shot", "gradual")
 

@@ -25,7 +25,6 @@ kernel's gradient — is exactly zero.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import ClassVar
 
@@ -36,8 +35,6 @@ from torch.utils.hooks import RemovableHandle
 
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer
-
-log = logging.getLogger(__name__)
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:

@@ -20,7 +20,6 @@ logging step.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -30,8 +29,6 @@ from torch.utils.hooks import RemovableHandle
 
 from pruneflow.pruning.channels import Consumer, PrunableLayer
 from pruneflow.pruning.strategies import MaskStrategy
-
-log = logging.getLogger(__name__)
 
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
 # module to its device and a compiled graph reads its values without a recompile when pruning rewrites it.
