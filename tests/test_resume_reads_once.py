@@ -26,4 +26,3 @@ def test_a_resume_reads_the_checkpoint_once(tmp_path: Path, monkeypatch: pytest.
     train(compose_train(*settings, "trainer.max_epochs=2", "resume=true"), tmp_path)
     # One read (a fresh run would read none; before, the model check, the masks and fit read it three times).
     assert [str(Path(read).name) for read in reads] == ["last.ckpt"], reads
-
