@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import omegaconf
 from omegaconf import OmegaConf
 
 
@@ -15,5 +16,11 @@ def concat(*lists: Iterable[Any]) -> list[Any]:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("pruneflow.concat"):
+    if OmegaConf.has_resolver("pruneflow.concat"):
+        return
+    # OmegaConf 2.4 renamed register_new_resolver (deprecated there) to register_resolver, which in 2.3 is the
+    # legacy string-only API; Hydra 1.3 admits both versions.
+    if tuple(int(part) for part in omegaconf.__version__.split(".")[:2]) >= (2, 4):
+        OmegaConf.register_resolver("pruneflow.concat", concat)
+    else:
         OmegaConf.register_new_resolver("pruneflow.concat", concat)
