@@ -10,17 +10,24 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from conftest import QUIET, run_train
 from lightning.pytorch.loggers import Logger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import metadata
 from test_strategies import STEPS, TinyNet, toy_loader
 
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.pruning.callback import transient_figures
+from pruneflow.pruning.telemetry import AGGREGATE_TAGS
 
 PRUNED = [1, 4]  # features.0's pruned channels (explicit)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -219,3 +226,34 @@ def test_dead_channel_eval_leak_is_batchnorm_of_zero_and_running_variance_is_rep
     assert final["bn/pruned_eval_gain/final"] == pytest.approx(
         float((gamma.abs() / (var + norm.eps).sqrt()).mean()), rel=1e-5
     )
+
+
+# -- through train.py: the config key, the event file, the dashboard layout and the HParams row ----------
+def test_train_py_logs_the_burst_and_shares_and_the_dashboard_carries_the_new_tags(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_epochs=2", "mask=weight", "mask.at_epoch=1", "mask.burst_steps=7",
+        "mask.log_every_n_steps=50", "optimizer=sgd", f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    event = metrics["mask/pruning_steps"][0]
+    assert metrics["burst/steps"] == 7 and metrics["burst/drift_after_burst"] > 0
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    steps = [e.step for e in accumulator.Scalars("drift/producer_l2")]
+    assert [s for s in steps if event < s <= event + 7] == list(range(event + 1, event + 8))
+    assert [e.step for e in accumulator.Scalars("optim/pruned_update_l2")][:7] == list(range(event + 1, event + 8))
+    assert {"optim/pruned_momentum_l2", "optim/pruned_decay_l2", "bn/pruned_running_var",
+            "leak/eval_activation_abs_mean"} <= set(accumulator.Tags()["scalars"])  # fmt: skip
+    # The Custom Scalars layout is the string value of the tensor summary TensorBoard's plugin reads.
+    config = accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(config)
+    charts = {chart.title for category in layout.category for chart in category.chart}
+    assert set(AGGREGATE_TAGS) <= charts
+    hparams = accumulator.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(hparams[metadata.EXPERIMENT_TAG])
+    columns = {info.name.tag for info in experiment.metric_infos}
+    assert {"hparams/burst/steps_to_half_drift", "hparams/optim/pruned_momentum_l2/final",
+            "hparams/leak/eval_activation_abs_mean/final"} <= columns  # fmt: skip
+    assert "hparams/optim/pruned_update_l2/final" in accumulator.Tags()["scalars"]

@@ -79,10 +79,21 @@ AGGREGATE_TAGS = (
 EVAL_LEAK_TAG = "leak/eval_activation_abs_mean"
 
 
+# Custom Scalars categories: (title, tag prefixes), the question each group of charts answers.
+LAYOUT_CATEGORIES = (
+    ("pruneflow: do pruned kernels stay at zero?", ("drift/",)),
+    ("pruneflow: what moved them (the optimizer's share)", ("optim/", "grad/")),
+    ("pruneflow: where the leak comes from (BatchNorm, train vs eval)", ("leak/", "bn/")),
+)
+
+
 def custom_scalars_layout() -> dict[str, dict[str, list]]:
     """TensorBoard "Custom Scalars" layout: one chart per telemetry metric, its aggregate and every
-    layer, so runs (strategies) overlay in one picture."""
-    return {"pruneflow telemetry": {tag: ["Multiline", [f"^{tag}(/.*)?$"]] for tag in AGGREGATE_TAGS}}
+    layer, so runs (strategies) overlay in one picture; charts grouped by the question they answer."""
+    return {
+        title: {tag: ["Multiline", [f"^{tag}(/.*)?$"]] for tag in AGGREGATE_TAGS if tag.startswith(prefixes)}
+        for title, prefixes in LAYOUT_CATEGORIES
+    }
 
 
 class DriftTelemetry:
