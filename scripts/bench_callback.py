@@ -49,7 +49,8 @@ class TelemetryClock:
     """Wall seconds spent in the telemetry's code, by wrapping it (monkey-patching) while active."""
 
     TIMED = ((DriftTelemetry, "measure"), (DriftTelemetry, "record_gradients"), (ChannelPruning, "_log"),
-             (telemetry, "pruned_channel_abs_mean"))  # fmt: skip
+             (telemetry, "pruned_channel_abs_mean"), (DriftTelemetry, "snapshot_rows"),
+             (DriftTelemetry, "record_optimizer_step"), (DriftTelemetry, "measure_eval_leak"))  # fmt: skip
 
     def __init__(self) -> None:
         self.seconds = 0.0

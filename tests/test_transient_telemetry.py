@@ -84,6 +84,9 @@ def test_gradual_schedule_logs_exactly_burst_steps_consecutive_steps_after_each_
     burst = {event + k for event in events for k in range(1, 6)}
     final = 4 * STEPS  # measured once more at the end of training
     assert logger.steps_with("drift/producer_l2") == sorted(burst | {final})
+    # Burst steps carry the kernels and the optimizer's share; the slow quantities stay on the interval.
+    assert "optim/pruned_update_l2" in logger.logged[events[0] + 1]
+    assert logger.steps_with("drift/consumer_l2") == logger.steps_with("bn/beta_abs") == [final]
     # The transient figures read that trace: the drift 5 steps after each event.
     drift = {step: logger.logged[step]["drift/producer_l2"] for step in logger.steps_with("drift/producer_l2")}
     figures = pruning.final_metrics()

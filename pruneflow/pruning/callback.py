@@ -17,8 +17,9 @@ optimization):
 
 Measured steps: every ``log_every_n_steps``, and every step of the ``burst_steps`` optimizer steps
 after each pruning event (the transient: under SGD a ``weight``-pruned kernel jumps within a few
-steps, between two regular logging points). Burst steps log the scalars only; histograms and
-channel-mask images stay on the regular interval. The eval-mode leak is measured on the first
+steps, between two regular logging points). Burst steps measure the pruned kernels and the
+optimizer's share only (``DriftTelemetry.measure(transient_only=True)``); consumer drift, leak,
+BatchNorm, histograms and channel-mask images stay on the regular interval. The eval-mode leak is measured on the first
 validation batch of each validation epoch.
 """
 
@@ -294,7 +295,7 @@ class ChannelPruning(Callback):
         self._regular_step = step % self.log_every_n_steps == 0
         self._measure_now = bool(self.pruned) and (self._regular_step or self.in_burst(step))
         assert self.telemetry is not None
-        self.telemetry.arm(self._measure_now)
+        self.telemetry.arm(self._measure_now and self._regular_step)
 
     def in_burst(self, step: int) -> bool:
         """Whether the step taken at ``global_step == step`` is among a pruning event's first ``burst_steps``."""
@@ -338,7 +339,9 @@ class ChannelPruning(Callback):
         if self.reset_optimizer_state and self._masked:
             self._zero_optimizer_state(trainer)
         if self._measure_now:
-            self._log(trainer, self.telemetry.measure() if self.telemetry else {}, histograms=self._regular_step)
+            regular = self._regular_step
+            metrics = self.telemetry.measure(transient_only=not regular) if self.telemetry else {}
+            self._log(trainer, metrics, histograms=regular)
             self._measure_now = False
 
     def on_validation_batch_start(

@@ -233,7 +233,7 @@ class DriftTelemetry:
         return hook
 
     @torch.no_grad()
-    def _raw(self, layer: PrunableLayer, pruned: Tensor) -> Tensor:
+    def _raw(self, layer: PrunableLayer, pruned: Tensor, transient_only: bool) -> Tensor:
         weight = layer.conv.weight.detach()
         device = weight.device
         pruned = pruned.to(device)
@@ -243,14 +243,14 @@ class DriftTelemetry:
             rows.append(layer.conv.bias.detach()[pruned].float().view(-1, 1))
         kernels = torch.cat(rows, dim=1)
         stored = self.strategy.stored_weight(layer)
-        consumer_sq = zero.clone()
+        consumer_sq = zero - 1 if transient_only else zero.clone()
         columns_of = pruned.nonzero().flatten()
-        for consumer in layer.consumers:
+        for consumer in [] if transient_only else layer.consumers:
             weight_now = self.consumer_weight(consumer).detach()
             columns = consumer.columns(columns_of)
             reference = self.consumer_reference[(layer.name, consumer.name)]
             consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
-        norm = layer.norm
+        norm = None if transient_only else layer.norm
         has_affine = norm is not None and norm.weight is not None
         running_var = norm.running_var if norm is not None else None
         optimizer_share = self._optimizer_share.pop(layer.name, None)
@@ -264,7 +264,7 @@ class DriftTelemetry:
             stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
             consumer_sq,
             self._grad_sq.get(layer.name, zero - 1),
-            self._leak.get(layer.name, zero - 1),
+            zero - 1 if transient_only else self._leak.get(layer.name, zero - 1),
             norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
             norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
             running_var[pruned].float().sum() if running_var is not None else zero - 1,
@@ -272,17 +272,21 @@ class DriftTelemetry:
         ]
         return torch.cat([torch.stack([v.to(device) for v in values]), optimizer_share.to(device)])
 
-    def measure(self) -> dict[str, float]:
+    def measure(self, transient_only: bool = False) -> dict[str, float]:
         """All metrics of all pruned layers and their aggregates, with one device→host transfer.
 
         A metric that does not apply (no BatchNorm, no stored weight, no gradient yet) is left out.
+        ``transient_only`` (burst steps between logging steps): the pruned kernels and the optimizer's
+        share only — consumer drift, leak and BatchNorm, which move slowly, stay on the interval.
         """
         # Only layers with pruned channels are recorded (decided on the host at each pruning event).
         measured = [layer for layer in self.layers if layer.name in self.pruned]
         if not measured:
             return {}
         device = measured[0].conv.weight.device
-        table = torch.stack([self._raw(layer, self.pruned[layer.name]).to(device) for layer in measured]).cpu()
+        table = torch.stack(
+            [self._raw(layer, self.pruned[layer.name], transient_only).to(device) for layer in measured]
+        ).cpu()
         rows = [dict(zip(FIELDS, row, strict=True)) for row in table.tolist()]
         metrics: dict[str, float] = {}
         for layer, row in zip(measured, rows, strict=True):
@@ -331,9 +335,9 @@ def _derive(rows: list[dict[str, float]]) -> dict[str, float]:
         "drift/producer_l2": math.sqrt(sum(r["producer_sq"] for r in rows)),
         "drift/producer_max_abs": max(r["producer_max_abs"] for r in rows),
         "drift/zero_fraction": sum(r["zero_kernels"] for r in rows) / pruned,
-        "drift/consumer_l2": math.sqrt(sum(r["consumer_sq"] for r in rows)),
     }
     optional = {
+        "drift/consumer_l2": ("consumer_sq", lambda rs: math.sqrt(sum(r["consumer_sq"] for r in rs))),
         "drift/stored_l2": ("stored_sq", lambda rs: math.sqrt(sum(r["stored_sq"] for r in rs))),
         "grad/pruned_l2": ("grad_sq", lambda rs: math.sqrt(sum(r["grad_sq"] for r in rs))),
         "leak/activation_abs_mean": ("leak_mean", lambda rs: _channel_mean(rs, "leak_mean", per_channel=False)),
