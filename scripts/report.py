@@ -268,7 +268,8 @@ def describe_run(sweep: Path, name: str, metrics: dict) -> Run:
     elif not mask.get("at_epoch"):
         timing = "at initialisation"
     else:
-        timing = f"after {mask.get('at_epoch')} epoch(s)"
+        epochs = int(mask.get("at_epoch"))
+        timing = f"after {epochs} epoch{'s' if epochs > 1 else ''}"
     return Run(
         name=name, data=f"{data} / {model}", optimizer=str(config.optimizer._target_).rsplit(".", 1)[-1],
         activation=str(config.model.get("activation", "n/a")), timing=timing, label=label,
@@ -370,7 +371,9 @@ def plot_transients(sweep: Path, runs: Sequence[Run], out_dir: Path, stem: str) 
                             axis.fill_between(steps, low, high, color=styles[label]["color"], alpha=0.15, linewidth=0)
                     axis.set_title(f"{optimizer}, {activation}", fontsize=10)
                     axis.set_yscale("symlog", linthresh=SYMLOG_THRESHOLD)
-                    axis.set_xscale("symlog", linthresh=10)
+                    axis.set_xscale("log")  # the first steps after pruning matter most
+                    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
                     axis.grid(alpha=0.3)
                     if row == len(activations) - 1:
                         axis.set_xlabel("optimizer steps since pruning")

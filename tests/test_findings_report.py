@@ -75,7 +75,7 @@ def test_findings_report_states_the_command_tables_figures_and_numbers(sweep: Pa
     assert "8 finished runs, 1 unfinished or failed" in text and "`mask=weight,optimizer=sgd,seed=2`" in text
     # mean ± std over the two seeds, in the weight row of each optimizer's table
     drift = f"{statistics.fmean([2.0, 4.0]):.4g} ± {statistics.stdev([2.0, 4.0]):.2g}"
-    rows = [line for line in text.splitlines() if line.startswith("| after 1 epoch(s) | relu | `weight` |")]
+    rows = [line for line in text.splitlines() if line.startswith("| after 1 epoch | relu | `weight` |")]
     assert len(rows) == 2 and all(f"| {drift} |" in row for row in rows)
     assert all("| 3.5 ± 0.71 |" in row for row in rows)  # steps to half the final drift
     # plain sentences with the numbers
@@ -83,7 +83,7 @@ def test_findings_report_states_the_command_tables_figures_and_numbers(sweep: Pa
     assert f"SGD: `weight`-pruned kernels came back to L2 = {drift} by the end (2 runs)" in text
     # the transient figure, one per data set and pruning time, beside the report
     figures = sorted(out.parent.glob("findings_transient_*.png"))
-    assert [f.name for f in figures] == ["findings_transient_fashionmnist_convnet_after_1_epoch_s.png"]
+    assert [f.name for f in figures] == ["findings_transient_fashionmnist_convnet_after_1_epoch.png"]
     assert f"]({figures[0].name})" in text and figures[0].stat().st_size > 10_000
 
 
