@@ -27,8 +27,8 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -242,9 +242,10 @@ FINDINGS_COLUMNS = (
 TRANSIENT_TAG = "drift/producer_l2"
 
 
-@dataclass
-class Run:
-    """One finished run of a findings sweep, described by what it computed (read from its config)."""
+class Run(NamedTuple):
+    """One finished run of a findings sweep, described by what it computed (read from its config).
+
+    (A NamedTuple, not a dataclass: tests load this script as a module that is not in ``sys.modules``.)"""
 
     name: str
     data: str
