@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,15 +100,50 @@ def final_metrics(
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
-    so it is complete even after a SIGKILL); None for a fresh run."""
+    so it is complete even after a SIGKILL), or that ``last.ckpt`` for a Slurm job that was requeued;
+    None for a fresh run."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
-        last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
         log.warning("resume=true but %s does not exist yet: starting from scratch", last)
-    return None
+    return requeued_checkpoint(last)
+
+
+def requeued_checkpoint(last: Path) -> Path | None:
+    """``last`` when this is a requeued Slurm job (preempted, or out of time and requeued by submitit) that
+    checkpointed before it was stopped. The requeued job runs the same command in the same run folder
+    (Hydra's sweep folder and its override-named subfolder are fixed at submission), so continuing from
+    the folder's last checkpoint is what the user asked for when they submitted it."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not restarts.isdigit() or int(restarts) == 0:
+        return None
+    if not last.is_file():
+        log.info("Slurm restart %s of job %s: no checkpoint yet, starting from scratch", restarts, slurm_job_id())
+        return None
+    log.info("Slurm restart %s of job %s: continuing from %s", restarts, slurm_job_id(), last)
+    return last
+
+
+def slurm_job_id() -> str | None:
+    """This process's Slurm job as ``sacct`` and ``squeue`` name it: ``<array job>_<task>`` for a job of an
+    array (submitit submits a sweep as one array), else the job id; None outside Slurm."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def tensorboard_purge_step(resume: Path | None) -> int | None:
+    """The first step a resumed run logs again: the checkpoint's ``global_step``. TensorBoard drops the
+    earlier event files' values from that step on, so the steps a stopped run logged after its last
+    checkpoint (and trains again now) show once, as one continuous curve."""
+    if resume is None:
+        return None
+    checkpoint = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint["global_step"])
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -142,10 +178,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    if slurm_job_id():
+        log.info("Slurm job %s (SLURM_JOB_ID=%s, restart %s, task %s of %s)", slurm_job_id(),
+                 os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0"),
+                 os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1"))  # fmt: skip
+    resume = checkpoint_to_resume(cfg, run_dir)
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir), name="", version="", default_hp_metric=False, purge_step=tensorboard_purge_step(resume)
+    )
     callbacks = build_callbacks(cfg, run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
-    resume = checkpoint_to_resume(cfg, run_dir)
     if resume is not None:
         checkpoint = check_checkpoint_matches(module, resume)
         for callback in callbacks:
