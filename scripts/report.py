@@ -7,9 +7,10 @@ of the drift and leak curves per strategy, written into the sweep folder.
 
 A run is a folder with ``config.yaml`` (its own, or Hydra's ``.hydra/config.yaml`` for a job that failed
 early); it counts as finished when it holds ``metrics.json``, and unfinished or failed runs are listed,
-not reported. Runs that differ only in ``seed`` form one configuration. Curves are read from the runs'
-TensorBoard event files: one figure per telemetry tag, one panel per configuration apart from the
-strategy, one line per strategy (mean over seeds, the band spanning them).
+not reported (a failed one with the error line its log recorded). Runs that differ only in ``seed`` form
+one configuration. Curves are read from the runs' TensorBoard event files: one figure per telemetry tag,
+one panel per configuration apart from the strategy, one line per strategy (mean over seeds, the band
+spanning them).
 
 ``--findings <file.md>`` writes the findings report of an ``experiment=findings`` sweep (and its
 ``findings_cifar`` slice, in subfolders of one sweep folder): the sweep commands (from Hydra's
@@ -75,6 +76,18 @@ def find_runs(sweep: Path) -> tuple[dict[str, dict], list[str]]:
         except (OSError, ValueError):  # absent, or a run that died while writing it
             unfinished.append(name)
     return finished, unfinished
+
+
+def failure_line(run: Path) -> str | None:
+    """Why a run failed, as its log file recorded it: the last ERROR line of ``<run>/*.log`` (``train.py``
+    writes one for every error that ends a run), without the log's time and logger prefix."""
+    errors = [
+        line.split(" - ", 1)[-1].strip()
+        for log_file in sorted(run.glob("*.log"))
+        for line in log_file.read_text(errors="replace").splitlines()
+        if "[ERROR] - " in line
+    ]
+    return errors[-1] if errors else None
 
 
 def override_parts(run_name: str) -> list[str]:
@@ -218,7 +231,9 @@ def write_report(sweep: Path, columns: Sequence[str], curve_tags: Sequence[str],
             text += f"\n![{tag}]({figure.name})\n"
     if unfinished:
         text += "\nUnfinished or failed runs (no metrics.json), not reported:\n"
-        text += "".join(f"- `{name}`\n" for name in unfinished)
+        for name in unfinished:
+            reason = failure_line(sweep / name)
+            text += f"- `{name}`" + (f": {reason}" if reason else "") + "\n"
     (out or sweep / "report.md").write_text(text)
     return text
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from hydra.errors import InstantiationException
 
 # ArithmeticError: NonFiniteLossError, a diverged run (named step), not a bug.
@@ -24,3 +26,17 @@ def user_error_message(exc: BaseException) -> str | None:
             return " ".join(str(current).split())
         current = current.__cause__ or current.__context__
     return None
+
+
+def record_in_run_log(exc: BaseException, message: str | None) -> None:
+    """Write why the run failed into its log file (Hydra's ``<run dir>/train.log``) only, as one ERROR line.
+
+    The console shows the error once already (``SystemExit``'s line, or the traceback of a bug); the
+    file keeps it beside the run, where ``scripts/report.py`` finds it for a failed run of a sweep
+    whose console nobody saw (a Slurm job's).
+    """
+    line = f"pruneflow: error: {message}" if message else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    record = logging.LogRecord("pruneflow", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
