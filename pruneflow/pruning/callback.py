@@ -257,8 +257,11 @@ class ChannelPruning(Callback):
             self.pruned[layer.name] = mask
             if bool(mask.any()):
                 self.strategy.apply(layer, mask)
-                self.telemetry.on_pruned(layer, mask)
         self._refresh_masked()
+        # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
+        # its own kernels zeroed by then, and that is pruning, not drift.
+        for layer, mask in self._masked:
+            self.telemetry.on_pruned(layer, mask)
         self.pruned_amount = target
         self.pruning_steps.append(trainer.global_step)
         if self.reset_optimizer_state:
