@@ -101,14 +101,20 @@ def final_metrics(
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
     so it is complete even after a SIGKILL), or that ``last.ckpt`` for a Slurm job that was requeued;
-    None for a fresh run."""
+    None for a fresh run. ``resume=true`` without a ``last.ckpt`` is a ConfigError naming the folder
+    (except in a requeued Slurm job that was stopped before its first checkpoint: it starts over)."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
         if last.is_file():
             return last
-        log.warning("resume=true but %s does not exist yet: starting from scratch", last)
+        if not requeued_job():
+            # Refused rather than started over: a wrong hydra.run.dir would otherwise silently retrain from scratch.
+            raise ConfigError(
+                f"resume=true but {last.parent} holds no last.ckpt to resume from; point hydra.run.dir= at the run's "
+                "folder, or drop resume=true to start a new run"
+            )
     return requeued_checkpoint(last)
 
 
@@ -117,14 +123,20 @@ def requeued_checkpoint(last: Path) -> Path | None:
     checkpointed before it was stopped. The requeued job runs the same command in the same run folder
     (Hydra's sweep folder and its override-named subfolder are fixed at submission), so continuing from
     the folder's last checkpoint is what the user asked for when they submitted it."""
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    if not restarts.isdigit() or int(restarts) == 0:
+    if not requeued_job():
         return None
+    restarts = os.environ["SLURM_RESTART_COUNT"]
     if not last.is_file():
         log.info("Slurm restart %s of job %s: no checkpoint yet, starting from scratch", restarts, slurm_job_id())
         return None
     log.info("Slurm restart %s of job %s: continuing from %s", restarts, slurm_job_id(), last)
     return last
+
+
+def requeued_job() -> bool:
+    """Whether this process is a Slurm job restarted after a requeue (``SLURM_RESTART_COUNT`` > 0)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0
 
 
 def slurm_job_id() -> str | None:
@@ -193,7 +205,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for callback in callbacks:
             if isinstance(callback, ChannelPruning):
                 callback.check_checkpoint(checkpoint, str(resume))
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s (saved at epoch %s, global step %s)", resume, checkpoint.get("epoch"),
+                 checkpoint.get("global_step"))  # fmt: skip
+        del checkpoint
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
