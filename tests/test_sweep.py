@@ -160,3 +160,24 @@ def test_report_splits_run_names_at_top_level_commas_only() -> None:
     ]
     assert report.configuration(name) == "mask=weight,mask.layers=[features.0,features.4],optimizer=adam"
     assert report.without(name, ["mask", "seed"]) == "mask.layers=[features.0,features.4],optimizer=adam"
+
+
+def test_report_means_and_standard_deviations_are_those_of_the_runs(tmp_path: Path) -> None:
+    # Hand-made runs with known figures: mean and sample std over seeds, computed here by hand.
+    figures = {
+        "mask=weight": {"test/acc": [0.90, 0.92, 0.97], "drift/producer_l2/final": [6.0, 2.0, 1.0]},
+        "mask=activation": {"test/acc": [0.91, 0.93, 0.95], "drift/producer_l2/final": [0.0, 0.0, 0.0]},
+    }
+    for configuration, columns in figures.items():
+        for seed in range(3):
+            run = tmp_path / f"{configuration},seed={seed}"
+            run.mkdir()
+            (run / "config.yaml").write_text("seed: 0\n")
+            (run / "metrics.json").write_text(json.dumps({tag: values[seed] for tag, values in columns.items()}))
+    text = report.write_report(tmp_path, ["test/acc", "drift/producer_l2/final"], curve_tags=())
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| `")}
+    # weight: acc mean 0.93, std sqrt(((-.03)² + (-.01)² + .04²)/2) = sqrt(0.0013) = 0.036;
+    #         drift mean 3, std sqrt((9 + 1 + 4)/2) = sqrt(7) = 2.6
+    assert rows["| `mask=weight`"] == ["3", "0.93 ± 0.036", "3 ± 2.6 |"]
+    # activation: acc mean 0.93, std sqrt((.02² + 0 + .02²)/2) = 0.02; drift exactly 0 on every seed
+    assert rows["| `mask=activation`"] == ["3", "0.93 ± 0.02", "0 ± 0 |"]
