@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -135,10 +136,46 @@ def test_strategy_sweep_runs_as_a_sweep_and_command_line_choices_win(tmp_path: P
     assert metrics["mask/pruned_channels"] == {"features.0": 12}
 
 
-def test_submitit_slurm_launcher_config_composes() -> None:
-    cfg = compose_train("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
-    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert cfg.hydra.launcher.partition == "gpu"
+# Runs train.py with submitit's submission replaced: the launcher builds its real Slurm executor from our
+# config, and instead of calling sbatch we write the sbatch script it would submit, with the job count.
+SBATCH_CAPTURE = """
+import json, os
+import submitit
+
+def capture(self, fn, *iterables):
+    script = self._executor._make_submission_file_text("python -u train.py", "0")
+    with open(os.environ["SBATCH_CAPTURE"], "w") as out:
+        json.dump({"script": script, "jobs": len(iterables[0]), "folder": str(self._executor.folder)}, out)
+    raise SystemExit(0)
+
+submitit.AutoExecutor.map_array = capture
+script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
+with open(script) as source:
+    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
+"""
+
+
+def test_submitit_slurm_launcher_submits_one_job_per_run_with_the_resources_asked_for(tmp_path: Path) -> None:
+    launcher = tmp_path / "capture_sbatch.py"
+    launcher.write_text(SBATCH_CAPTURE)
+    captured = tmp_path / "sbatch.json"
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "SBATCH_CAPTURE": str(captured), "PRUNEFLOW_TEST_ENTRY_POINT": str(REPO / "train.py"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(launcher), "-m", "data=synthetic", "mask=weight,activation",
+         "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60",
+         "hydra.launcher.cpus_per_task=8", "hydra.launcher.gpus_per_node=1", "hydra.launcher.mem_gb=16",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    submission = json.loads(captured.read_text())
+    assert submission["jobs"] == 2  # one Slurm job per run of the sweep
+    assert Path(submission["folder"]) == sweep / ".submitit" / "%j"  # submitit's logs inside the sweep folder
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=60", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --mem=16GB"):  # fmt: skip
+        assert line in submission["script"].splitlines(), line
 
 
 @pytest.mark.parametrize(
