@@ -8,6 +8,14 @@ import pytest
 from helpers import SHARED_DATA
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads the real data (through the ``shared_data`` fixture) is ``slow``, as the README says,
+    whether or not it carries the mark: ``pytest -m "not slow"`` never touches ../shared/data."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data sets folder; tests that need it skip (with the reason) where it is absent."""

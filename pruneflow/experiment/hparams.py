@@ -5,6 +5,9 @@ pruned kernels at zero, at what accuracy — as one sortable, filterable table w
 
     strategy  optimizer  criterion  amount  pruning_step  activation  seed | test accuracy  drift  leak  ...
 
+The metric columns carry the transient (steps to half the final drift, drift after the burst) and the
+optimizer's share of the pruned rows (update, momentum, Adam moment, weight decay's pull).
+
 Every run declares the same columns, so the table lines up runs of any strategy (an unpruned run has
 empty drift cells; a run without ``compact=true`` an empty compaction cell). A metric's value is the
 last scalar of its tag in the run's event file: ``test/acc`` comes from the test loop,
@@ -36,6 +39,14 @@ METRICS = (
     ("hparams/drift/zero_fraction/final", "pruned kernels at zero (fraction)"),
     ("hparams/leak/activation_abs_mean/final", "leak final (mean |activation|)"),
     ("hparams/leak/activation_abs_mean/max", "leak max"),
+    ("hparams/leak/eval_activation_abs_mean/final", "eval-mode leak final (fixed validation batch)"),
+    ("hparams/bn/pruned_running_var/final", "BatchNorm running variance of pruned channels"),
+    ("hparams/burst/steps_to_half_drift", "steps after pruning to half the final drift"),
+    ("hparams/burst/drift_after_burst", "drift after the burst"),
+    ("hparams/optim/pruned_update_l2/final", "optimizer update of pruned rows (L2)"),
+    ("hparams/optim/pruned_momentum_l2/final", "SGD momentum of pruned rows (L2)"),
+    ("hparams/optim/pruned_exp_avg_l2/final", "Adam first moment of pruned rows (L2)"),
+    ("hparams/optim/pruned_decay_l2/final", "weight decay pull on pruned rows (L2)"),
     ("compact/acc_gap", "accuracy gap after compaction"),
 )
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,18 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     return callbacks
 
 
-def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
+def build_logger(cfg: DictConfig, run_dir: Path, purge_step: int | None = None) -> Logger | None:
     """The ``logger`` group's logger (conf/logger/), writing into the run folder unless told where; None
-    with ``~logger``."""
+    with ``~logger``. A TensorBoard logger of a resumed run gets ``purge_step``: TensorBoard drops the
+    earlier event files' values from that step on, so the steps a stopped run logged after its last
+    checkpoint (and trains again now) show once."""
     logger_cfg = cfg.get("logger")
     if not logger_cfg:
         return None
-    logger = instantiate(logger_cfg, **({} if logger_cfg.get("save_dir") else {"save_dir": str(run_dir)}))
+    overrides: dict[str, Any] = {} if logger_cfg.get("save_dir") else {"save_dir": str(run_dir)}
+    if purge_step is not None and logger_cfg.get("_target_", "").endswith("TensorBoardLogger"):
+        overrides["purge_step"] = purge_step
+    logger = instantiate(logger_cfg, **overrides)
     if not isinstance(logger, Logger):
         raise ConfigError(f"logger must build a lightning Logger, got {type(logger).__name__}")
     return logger
@@ -96,15 +102,52 @@ def final_metrics(
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
-    so it is complete even after a SIGKILL); None for a fresh run."""
+    so it is complete even after a SIGKILL), or that ``last.ckpt`` for a Slurm job that was requeued;
+    None for a fresh run. ``resume=true`` without a ``last.ckpt`` is a ConfigError naming the folder
+    (except in a requeued Slurm job that was stopped before its first checkpoint: it starts over)."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
-        last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
-        log.warning("resume=true but %s does not exist yet: starting from scratch", last)
-    return None
+        if not requeued_job():
+            # Refused rather than started over: a wrong hydra.run.dir would otherwise silently retrain from scratch.
+            raise ConfigError(
+                f"resume=true but {last.parent} holds no last.ckpt to resume from; point hydra.run.dir= at the run's "
+                "folder, or drop resume=true to start a new run"
+            )
+    return requeued_checkpoint(last)
+
+
+def requeued_checkpoint(last: Path) -> Path | None:
+    """``last`` when this is a requeued Slurm job (preempted, or out of time and requeued by submitit) that
+    checkpointed before it was stopped. The requeued job runs the same command in the same run folder
+    (Hydra's sweep folder and its override-named subfolder are fixed at submission), so continuing from
+    the folder's last checkpoint is what the user asked for when they submitted it."""
+    if not requeued_job():
+        return None
+    restarts = os.environ["SLURM_RESTART_COUNT"]
+    if not last.is_file():
+        log.info("Slurm restart %s of job %s: no checkpoint yet, starting from scratch", restarts, slurm_job_id())
+        return None
+    log.info("Slurm restart %s of job %s: continuing from %s", restarts, slurm_job_id(), last)
+    return last
+
+
+def requeued_job() -> bool:
+    """Whether this process is a Slurm job restarted after a requeue (``SLURM_RESTART_COUNT`` > 0)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0
+
+
+def slurm_job_id() -> str | None:
+    """This process's Slurm job as ``sacct`` and ``squeue`` name it: ``<array job>_<task>`` for a job of an
+    array (submitit submits a sweep as one array), else the job id; None outside Slurm."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -139,21 +182,28 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
-    logger = build_logger(cfg, run_dir)
-    callbacks = build_callbacks(cfg)
+    if slurm_job_id():
+        log.info("Slurm job %s (SLURM_JOB_ID=%s, restart %s, task %s of %s)", slurm_job_id(),
+                 os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0"),
+                 os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1"))  # fmt: skip
+    resume = checkpoint_to_resume(cfg, run_dir)
     checkpoint_io = AtomicCheckpointIO()
+    # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
+    checkpoint = None if resume is None else check_checkpoint_matches(module, resume, checkpoint_io)
+    # A resumed run purges the steps logged after its checkpoint: one continuous curve per tag.
+    logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]))
+    callbacks = build_callbacks(cfg)
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
     )
-    resume = checkpoint_to_resume(cfg, run_dir)
-    if resume is not None:
-        # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
-        checkpoint = check_checkpoint_matches(module, resume, checkpoint_io)
+    if resume is not None and checkpoint is not None:
         for callback in callbacks:
             if isinstance(callback, ChannelPruning):
                 callback.check_checkpoint(checkpoint, str(resume))
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s (saved at epoch %s, global step %s)", resume, checkpoint.get("epoch"),
+                 checkpoint.get("global_step"))  # fmt: skip
+        del checkpoint
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -169,8 +219,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         fit_seconds=round(fit_seconds, 3),
         wall_seconds=round(wall_seconds, 3),
     )
-    if trainer.is_global_zero and isinstance(logger, TensorBoardLogger):
-        log_hparams(logger, cfg, metrics, step=trainer.global_step)
+    if trainer.is_global_zero:
+        if isinstance(logger, TensorBoardLogger):
+            log_hparams(logger, cfg, metrics, step=trainer.global_step)
         write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("compact") and trainer.is_global_zero:
         # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.

@@ -3,6 +3,8 @@ bad input) is shown as one line; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
+
 from pruneflow.errors import ConfigError
 
 
@@ -21,3 +23,17 @@ def user_error_message(exc: BaseException) -> str | None:
             return " ".join(str(current).split())
         current = current.__cause__
     return None
+
+
+def record_in_run_log(exc: BaseException, message: str | None) -> None:
+    """Write why the run failed into its log file (Hydra's ``<run dir>/train.log``) only, as one ERROR line.
+
+    The console shows the error once already (``SystemExit``'s line, or the traceback of a bug); the
+    file keeps it beside the run, where ``scripts/report.py`` finds it for a failed run of a sweep
+    whose console nobody saw (a Slurm job's).
+    """
+    line = f"pruneflow: error: {message}" if message else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    record = logging.LogRecord("pruneflow", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

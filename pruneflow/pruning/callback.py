@@ -5,13 +5,22 @@ module's ``model`` attribute when it has one, else the LightningModule itself), 
 ``channels.find_prunable_layers``. Per training step (hook order in Lightning's automatic
 optimization):
 
-    on_train_batch_start     prune when the schedule says so; arm leak probes on logging steps
+    on_train_batch_start     prune when the schedule says so; arm leak probes on measured steps
     forward / backward
     on_after_backward        gradient telemetry (before any gradient mask); taylor scores
-    on_before_optimizer_step strategy.before_optimizer_step (gradient masking)
+    on_before_optimizer_step strategy.before_optimizer_step (gradient masking); on measured steps a
+                             copy of the pruned rows
     optimizer.step
-    on_train_batch_end       strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
-                             telemetry logged every ``log_every_n_steps``
+    on_train_batch_end       on measured steps the optimizer's share of the step; then
+                             strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
+                             telemetry logged
+
+Measured steps: every ``log_every_n_steps``, and every step of the ``burst_steps`` optimizer steps
+after each pruning event (the transient: under SGD a ``weight``-pruned kernel jumps within a few
+steps, between two regular logging points). Burst steps measure the pruned kernels and the
+optimizer's share only (``DriftTelemetry.measure(transient_only=True)``); consumer drift, leak,
+BatchNorm, histograms and channel-mask images stay on the regular interval. The eval-mode leak is measured on the first
+validation batch of each validation epoch.
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ class ChannelPruning(Callback):
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
             pruning time and after every step.
         log_every_n_steps: telemetry interval in optimizer steps.
+        burst_steps: telemetry every step for this many optimizer steps after each pruning event
+            (0: no burst).
         taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
         seed: for ``random``.
         module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present).
@@ -96,6 +107,7 @@ class ChannelPruning(Callback):
         end_epoch: int = 0,
         reset_optimizer_state: bool = False,
         log_every_n_steps: int = 50,
+        burst_steps: int = 100,
         taylor_batches: int = 8,
         seed: int = 0,
         module: str | None = "auto",
@@ -120,6 +132,8 @@ class ChannelPruning(Callback):
             raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
         if not isinstance(reset_optimizer_state, bool):
             raise ConfigError(f"mask.reset_optimizer_state must be true or false, got {reset_optimizer_state!r}")
+        if not is_count(burst_steps) or burst_steps < 0:
+            raise ConfigError(f"mask.burst_steps must be a non-negative integer (0: no burst), got {burst_steps!r}")
         self.strategy_name = strategy
         self.strategy: MaskStrategy = make_strategy(strategy)
         self.amount = float(amount)
@@ -131,6 +145,7 @@ class ChannelPruning(Callback):
         self.schedule = PruningSchedule(scheduled_amount, schedule, at_epoch, at_step, start_epoch, end_epoch)
         self.reset_optimizer_state = bool(reset_optimizer_state)
         self.log_every_n_steps = log_every_n_steps
+        self.burst_steps = burst_steps
         self.taylor_batches = taylor_batches
         self.seed = seed
         self.module_attribute = module
@@ -149,6 +164,9 @@ class ChannelPruning(Callback):
         self.telemetry: DriftTelemetry | None = None
         self.history: dict[str, list[float]] = {}
         self._measure_now = False
+        self._regular_step = False  # a log_every_n_steps step (histograms), not only a burst step
+        # (step, drift/producer_l2) of every measured step: the transient figures of final_metrics.
+        self.drift_trace: list[tuple[int, float]] = []
         self._last_logged_step: int | None = None
         self._taylor_pending: int | None = None
         self._taylor_scores: dict[str, Tensor] = {}
@@ -252,8 +270,11 @@ class ChannelPruning(Callback):
             self.pruned[layer.name] = mask
             if bool(mask.any()):
                 self.strategy.apply(layer, mask)
-                self.telemetry.on_pruned(layer, mask)
         self._refresh_masked()
+        # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
+        # its own kernels zeroed by then, and that is pruning, not drift.
+        for layer, mask in self._masked:
+            self.telemetry.on_pruned(layer, mask)
         self.pruned_amount = target
         self.pruning_steps.append(trainer.global_step)
         if self.reset_optimizer_state:
@@ -286,9 +307,15 @@ class ChannelPruning(Callback):
                 self._gather_taylor_then_prune(trainer, target)
             else:
                 self.prune(trainer, target)
-        self._measure_now = bool(self.pruned) and trainer.global_step % self.log_every_n_steps == 0
+        step = trainer.global_step
+        self._regular_step = step % self.log_every_n_steps == 0
+        self._measure_now = bool(self.pruned) and (self._regular_step or self.in_burst(step))
         assert self.telemetry is not None
-        self.telemetry.arm(self._measure_now)
+        self.telemetry.arm(self._measure_now and self._regular_step)
+
+    def in_burst(self, step: int) -> bool:
+        """Whether the step taken at ``global_step == step`` is among a pruning event's first ``burst_steps``."""
+        return any(0 <= step - event < self.burst_steps for event in self.pruning_steps)
 
     def _gather_taylor_then_prune(self, trainer: L.Trainer, target: float) -> None:
         if self._taylor_pending is None:
@@ -314,17 +341,44 @@ class ChannelPruning(Callback):
     ) -> None:
         for layer, mask in self._masked:
             self.strategy.before_optimizer_step(layer, mask)
+        if self._measure_now and self.telemetry is not None:
+            self.telemetry.snapshot_rows()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._measure_now and self.telemetry is not None:
+            # Before re-zeroing and state resets: what the optimizer itself did to the pruned rows.
+            self.telemetry.record_optimizer_step(trainer.optimizers)
         for layer, mask in self._masked:
             self.strategy.after_optimizer_step(layer, mask)
         if self.reset_optimizer_state and self._masked:
             self._zero_optimizer_state(trainer)
         if self._measure_now:
-            self._log(trainer, self.telemetry.measure() if self.telemetry else {})
+            regular = self._regular_step
+            metrics = self.telemetry.measure(transient_only=not regular) if self.telemetry else {}
+            self._log(trainer, metrics, histograms=regular)
             self._measure_now = False
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # One fixed batch (the unshuffled validation set's first) per validation epoch; not the sanity check.
+        if self.telemetry is not None and self.pruned and batch_idx == 0 and dataloader_idx == 0:
+            self.telemetry.arm_eval(not trainer.sanity_checking)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.telemetry is not None and self.telemetry.eval_leak_armed:
+            self.telemetry.arm_eval(False)
+            self._log(trainer, self.telemetry.measure_eval_leak(), histograms=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The final state, unless the last logging step already measured it.
@@ -343,22 +397,25 @@ class ChannelPruning(Callback):
         gathered = trainer.strategy.all_gather(local)
         return gathered.view(-1, 2).tolist()
 
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool = True) -> None:
         if not metrics:
             return
         for tag, value in metrics.items():
             self.history.setdefault(tag, []).append(value)
-        self._last_logged_step = trainer.global_step
-        self._log_to_loggers(trainer, metrics)
+        if "drift/producer_l2" in metrics:
+            self.drift_trace.append((trainer.global_step, metrics["drift/producer_l2"]))
+            self._last_logged_step = trainer.global_step
+        self._log_to_loggers(trainer, metrics, histograms)
 
     @rank_zero_only
-    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
+            if histograms and isinstance(logger, TensorBoardLogger):
                 log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step,
                                   mask_images=self._mask_images_pending)  # fmt: skip
-        self._mask_images_pending = False
+        if histograms:
+            self._mask_images_pending = False
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -378,6 +435,7 @@ class ChannelPruning(Callback):
                 f"{producer}>{consumer}": ref.cpu() for (producer, consumer), ref in references.items()
             },
             "history": {tag: list(values) for tag, values in self.history.items()},
+            "drift_trace": [[float(step), value] for step, value in self.drift_trace],
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
             "taylor_pending": -1 if self._taylor_pending is None else self._taylor_pending,
             "taylor_scores": {name: score.cpu() for name, score in self._taylor_scores.items()},
@@ -435,6 +493,7 @@ class ChannelPruning(Callback):
         self.pruned_amount = float(state["pruned_amount"])
         self.pruning_steps = list(state["pruning_steps"])
         self.history = {tag: list(values) for tag, values in state["history"].items()}
+        self.drift_trace = [(int(step), float(value)) for step, value in state.get("drift_trace", [])]
         self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
         self._taylor_pending = None if state["taylor_pending"] < 0 else int(state["taylor_pending"])
         self._taylor_scores = dict(state["taylor_scores"])
@@ -455,4 +514,32 @@ class ChannelPruning(Callback):
         for tag, values in self.history.items():
             report[f"{tag}/final"] = values[-1]
             report[f"{tag}/max"] = max(values)
+        report.update(transient_figures(self.drift_trace, self.pruning_steps, self.burst_steps))
         return report
+
+
+def transient_figures(trace: Sequence[tuple[int, float]], events: Sequence[int], burst_steps: int) -> dict[str, Any]:
+    """The transient after pruning, from ``(step, drift/producer_l2)`` of the measured steps.
+
+    ``burst/steps_to_half_drift``: optimizer steps from the first pruning event until the producer
+    drift first reaches half its final value (left out when the final drift is 0: nothing moved);
+    ``burst/drift_after_burst``: the drift measured ``burst_steps`` steps after the first event, and
+    ``burst/drift_after_burst_per_event`` the same after each event (None where not measured).
+    A measurement logged at step s describes the weights after the optimizer step taken at s − 1.
+    """
+    if not trace or not events:
+        return {}
+    figures: dict[str, Any] = {"burst/steps": burst_steps}
+    final = trace[-1][1]
+    first = events[0]
+    if final > 0:
+        reached = next((step for step, drift in trace if step > first and drift >= final / 2), None)
+        if reached is not None:
+            figures["burst/steps_to_half_drift"] = reached - first
+    if burst_steps > 0:
+        by_step = dict(trace)
+        after = [by_step.get(event + burst_steps) for event in events]
+        figures["burst/drift_after_burst_per_event"] = after
+        if after[0] is not None:
+            figures["burst/drift_after_burst"] = after[0]
+    return figures
