@@ -190,8 +190,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     checkpoint_io = AtomicCheckpointIO()
     # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
     checkpoint = None if resume is None else check_checkpoint_matches(module, resume, checkpoint_io)
-    # A resumed run purges the steps logged after its checkpoint: one continuous curve per tag.
-    logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]))
+    # A resumed run purges what was logged after its checkpoint (steps > its global_step: Lightning and the
+    # telemetry log at the step count after the optimizer step), so each tag shows one continuous curve.
+    logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]) + 1)
     callbacks = build_callbacks(cfg)
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
     trainer: L.Trainer = instantiate(
