@@ -5,7 +5,6 @@ A thin Hydra wrapper around ``pruneflow.experiment.run.train``; configuration li
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,10 +15,9 @@ from omegaconf import DictConfig
 
 from pruneflow.experiment.argv_checks import check_group_choices
 from pruneflow.experiment.run import train
-from pruneflow.experiment.user_errors import user_error_message
+from pruneflow.experiment.user_errors import record_in_run_log, user_error_message
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-log = logging.getLogger("pruneflow")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -28,6 +26,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     except Exception as exc:
         message = user_error_message(exc)
+        record_in_run_log(exc, message)
         if message is None or os.environ.get("PRUNEFLOW_DEBUG"):
             raise
         raise SystemExit(f"pruneflow: error: {message}") from None

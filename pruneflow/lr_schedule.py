@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
 def cosine(
@@ -15,7 +14,7 @@ def cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_lr_fraction`` × lr at ``total_steps``."""
     if warmup_steps < 0 or not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.warmup_steps must be >= 0 and final_lr_fraction in [0, 1], "
             f"got {warmup_steps} and {final_lr_fraction}"
         )

@@ -9,7 +9,6 @@ this one included.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -46,7 +45,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         for name, value in (("channels_last", channels_last), ("compile", compile)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {value!r}")
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
         self.channels_last = channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: running ``python train.py`` as a user would, and reading its figures.
+"""What the benchmark scripts share: running ``python train.py`` as a user would, reading its figures, and
+checking that an arm did what it claims before its speed is reported.
 
 Each run is a fresh process in a scratch run folder; its figures come from the run's
 ``metrics.json`` (``perf/train_samples_per_s`` from ``pruneflow.callbacks.TrainingThroughput``, the
@@ -8,6 +9,7 @@ test-accuracy curve from ``pruneflow.callbacks.AccuracyCurve``).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -58,3 +60,23 @@ def print_curve(curve: list[dict[str, float]], launched: float) -> None:
     print(f"  {'wall s':>8}{'step':>7}{'epoch':>7}{'test acc':>10}")
     for point in curve:
         print(f"  {point['time'] - launched:>8.1f}{point['step']:>7}{point['epoch']:>7}{point['acc']:>10.4f}")
+
+
+class ArmError(RuntimeError):
+    """An arm did not do what it claims (not pruned, a non-finite loss, a missing figure): its speed means nothing."""
+
+
+def check_arm(arm: str, metrics: dict[str, Any], pruned: bool, figures: tuple[str, ...] = ()) -> None:
+    """Raise ``ArmError`` unless the run's loss is finite, it pruned channels exactly when ``pruned``, and
+    every key of ``figures`` is in its metrics."""
+    loss = metrics.get("test/loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise ArmError(f"{arm}: test loss is {loss!r}, not a finite number")
+    channels = sum((metrics.get("mask/pruned_channels") or {}).values())
+    if pruned and channels == 0:
+        raise ArmError(f"{arm}: claims to prune but pruned no channel")
+    if not pruned and channels:
+        raise ArmError(f"{arm}: claims not to prune but pruned {channels} channels")
+    missing = [key for key in figures if metrics.get(key) is None]
+    if missing:
+        raise ArmError(f"{arm}: the run reported no {', '.join(missing)}")

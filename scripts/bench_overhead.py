@@ -3,18 +3,24 @@
     python scripts/bench_overhead.py --root ../shared/data --repeats 5
 
 Both arms train the default ConvNet on MNIST with batch 128 for ``--epochs`` epochs, each in a fresh
-process, alternating (A B, B A, ...) so that a noisy machine slows both alike:
+process, alternating (A B, B A, ...) so that a noisy machine slows both alike. Both arms time the same
+thing: **training steps only**, from step 20 (a warm-up) to the end, without validation, checkpointing
+and test (which only the pruneflow arm does):
 
 - ``pruneflow``: ``python train.py data.root=<root> mask=activation trainer.max_epochs=<epochs>``,
   everything else at its default (progress bar, telemetry every 50 steps, validation, checkpoints);
-  its samples/s is ``perf/train_samples_per_s`` from the run's ``metrics.json``
-  (``pruneflow.callbacks.TrainingThroughput``: training batches only, after 20 warm-up steps);
+  its seconds and samples are ``perf/train_seconds_measured`` and ``perf/train_samples_measured`` from
+  the run's ``metrics.json`` (``pruneflow.callbacks.TrainingThroughput``);
 - ``bare_loop``: this script with ``--bare-loop``: the same model, optimizer (SGD, Nesterov,
   weight decay) and cosine schedule, the same in-memory uint8 tensors, shuffling and on-device
   normalisation, in a plain ``for`` loop, timed over the same steps.
 
-Prints the median samples/s of each arm and their ratio (target: pruneflow ≥ 0.95 × the bare loop),
-and with ``--json`` writes every repetition.
+Before any speed is reported each arm is checked: the pruneflow arm pruned channels, both losses are
+finite, and both arms timed the same number of samples. Prints the median samples/s of each arm and
+their ratio (target: pruneflow ≥ 0.95 × the bare loop). A ratio above 1.05 — pruneflow, which does the
+bare loop's work plus masks and telemetry, faster than it — says the arms were not equivalent (noise or
+a difference in what they ran), not a gain: it is flagged and the script exits with status 1. ``--json``
+writes every repetition.
 
 ``--in-process`` runs both arms alternately in this one process instead (``pruneflow.experiment.run.train``
 with the config ``train.py`` composes, and the bare loop as a function). On this shared 2-core
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -33,13 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import REPO, run_train
+from bench_common import REPO, ArmError, check_arm, run_train
 
 WARMUP_STEPS = 20  # as pruneflow.callbacks.TrainingThroughput's default
+NOT_EQUIVALENT_ABOVE = 1.05
+TIMED = ("perf/train_seconds_measured", "perf/train_samples_measured")
 
 
-def bare_loop(root: str, epochs: int, device: str) -> float:
-    """Samples/s of a hand-written training loop over pruneflow's MNIST tensors and ConvNet."""
+def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
+    """Seconds and samples of a hand-written training loop's steps after the warm-up, and its last loss."""
     import torch
     import torch.nn.functional as F
 
@@ -77,39 +86,57 @@ def bare_loop(root: str, epochs: int, device: str) -> float:
                 samples += len(batch_labels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return samples / (time.perf_counter() - started)
+    return {"seconds": time.perf_counter() - started, "samples": samples, "loss": float(loss)}
 
 
-def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> float:
+def overrides_for(root: str, epochs: int, device: str) -> list[str]:
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    overrides = [
-        f"data.root={root}",
-        "mask=activation",
-        f"trainer.max_epochs={epochs}",
-        f"trainer.accelerator={accelerator}",
+    return [
+        f"data.root={root}", "mask=activation", f"trainer.max_epochs={epochs}", f"trainer.accelerator={accelerator}"
     ]
-    metrics, _ = run_train(overrides, run_dir, progress_bar=True)
-    return metrics["perf/train_samples_per_s"]
 
 
-def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path) -> float:
+def pruneflow_figures(metrics: dict) -> dict[str, float]:
+    check_arm("pruneflow", metrics, pruned=True, figures=TIMED)
+    return {"seconds": metrics[TIMED[0]], "samples": metrics[TIMED[1]], "loss": metrics["test/loss"]}
+
+
+def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> dict[str, float]:
+    metrics, _ = run_train(overrides_for(root, epochs, device), run_dir, progress_bar=True)
+    return pruneflow_figures(metrics)
+
+
+def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path) -> dict[str, float]:
     """``pruneflow.experiment.run.train`` on the config ``python train.py`` composes from the same overrides."""
     from hydra import compose, initialize_config_dir
 
     from pruneflow.experiment.run import train
 
-    accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    overrides = [f"data.root={root}", "mask=activation", f"trainer.max_epochs={epochs}",
-                 f"trainer.accelerator={accelerator}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return train(cfg, run_dir)["perf/train_samples_per_s"]
+        cfg = compose("train", overrides=overrides_for(root, epochs, device))
+    return pruneflow_figures(train(cfg, run_dir))
 
 
-def bare_loop_run(root: str, epochs: int, device: str) -> float:
+def bare_loop_run(root: str, epochs: int, device: str) -> dict[str, float]:
     command = [sys.executable, __file__, "--bare-loop", "--root", root, "--epochs", str(epochs), "--device", device]
     result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])["samples_per_s"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_equivalent(pruneflow: dict[str, float], bare: dict[str, float]) -> None:
+    """Raise ``ArmError`` unless both arms timed the same samples and ended with a finite loss."""
+    if not math.isfinite(bare["loss"]):
+        raise ArmError(f"bare_loop: final training loss is {bare['loss']}")
+    if pruneflow["samples"] != bare["samples"]:
+        raise ArmError(
+            f"the arms timed different work: pruneflow {pruneflow['samples']} samples, bare loop {bare['samples']}"
+        )
+
+
+def verdict(ratio: float) -> str:
+    if ratio > NOT_EQUIVALENT_ABOVE:
+        return f"arms not equivalent (ratio {ratio:.3f} > {NOT_EQUIVALENT_ABOVE}: pruneflow cannot beat the bare loop)"
+    return "ok" if ratio >= 0.95 else f"below target ({ratio:.3f} < 0.95)"
 
 
 def main() -> None:
@@ -124,34 +151,41 @@ def main() -> None:
     args = parser.parse_args()
     root = str(Path(args.root).resolve())
     if args.bare_loop:
-        print(json.dumps({"samples_per_s": bare_loop(root, args.epochs, args.device)}))
+        print(json.dumps(bare_loop(root, args.epochs, args.device)))
         return
 
-    runs: dict[str, list[float]] = {"pruneflow": [], "bare_loop": []}
+    runs: dict[str, list[dict[str, float]]] = {"pruneflow": [], "bare_loop": []}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             order = ["pruneflow", "bare_loop"] if repeat % 2 == 0 else ["bare_loop", "pruneflow"]
             for arm in order:
                 run_dir = Path(scratch) / f"run{repeat}"
                 if arm == "pruneflow" and args.in_process:
-                    value = pruneflow_in_process(root, args.epochs, args.device, run_dir)
+                    figures = pruneflow_in_process(root, args.epochs, args.device, run_dir)
                 elif arm == "pruneflow":
-                    value = pruneflow_run(root, args.epochs, args.device, run_dir)
+                    figures = pruneflow_run(root, args.epochs, args.device, run_dir)
                 elif args.in_process:
-                    value = bare_loop(root, args.epochs, args.device)
+                    figures = bare_loop(root, args.epochs, args.device)
                 else:
-                    value = bare_loop_run(root, args.epochs, args.device)
-                runs[arm].append(value)
-                print(f"repeat {repeat}: {arm:<10} {value:8.0f} samples/s", flush=True)
-    medians = {arm: statistics.median(values) for arm, values in runs.items()}
+                    figures = bare_loop_run(root, args.epochs, args.device)
+                figures["samples_per_s"] = figures["samples"] / figures["seconds"]
+                runs[arm].append(figures)
+                print(f"repeat {repeat}: {arm:<10} {figures['samples_per_s']:8.0f} samples/s "
+                      f"({figures['samples']} samples in {figures['seconds']:.1f} s of training steps)", flush=True)
+            check_equivalent(runs["pruneflow"][-1], runs["bare_loop"][-1])
+    medians = {arm: statistics.median(run["samples_per_s"] for run in values) for arm, values in runs.items()}
     ratio = medians["pruneflow"] / medians["bare_loop"]
-    print(f"\n{'arm':<12}{'samples/s (median of ' + str(args.repeats) + ')':>28}")
+    outcome = verdict(ratio)
+    print(f"\n{'arm':<12}{'samples/s, training steps only (median of ' + str(args.repeats) + ')':>50}")
     for arm, median in medians.items():
-        print(f"{arm:<12}{median:>28.0f}")
-    print(f"pruneflow / bare loop: {ratio:.3f} (target >= 0.95)")
+        print(f"{arm:<12}{median:>50.0f}")
+    print(f"pruneflow / bare loop: {ratio:.3f} (target >= 0.95): {outcome}")
     if args.json:
-        report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "medians": medians, "ratio": ratio}
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "medians": medians,
+                  "ratio": ratio, "verdict": outcome}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=2))
+    if ratio > NOT_EQUIVALENT_ABOVE:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ imports, data loading, training) to the first point of its test-accuracy curve a
 - Fashion-MNIST, ``data=fashion_mnist trainer.max_epochs=<--fashion-epochs>``: target 91.0 %.
 
 The curve (``pruneflow.callbacks.AccuracyCurve``) evaluates the whole test split every
-``--every-n-steps`` steps and at the end; its evaluations are left out of the clock. Prints each
-curve, the median time to first reach the target and the median time from which every later point
-stays at it; ``--json`` writes everything.
+``--every-n-steps`` steps and at the end; its evaluations are left out of the clock. Each run is
+checked first (finite loss, no pruning: the default config has none). Prints each curve, the median
+time to first reach the target and the median time from which every later point stays at it;
+``--json`` writes everything. A run that never reaches its target is a failure: the script says which
+and exits with status 1 (a median over the runs that got there would hide it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench_common import CURVE, print_curve, run_train, seconds_to_accuracy, seconds_to_stay_at_accuracy
+from bench_common import (
+    CURVE,
+    check_arm,
+    print_curve,
+    run_train,
+    seconds_to_accuracy,
+    seconds_to_stay_at_accuracy,
+)
 
 
 def main() -> None:
@@ -50,6 +59,7 @@ def main() -> None:
             runs = []
             for repeat in range(args.repeats):
                 metrics, launched = run_train(overrides, Path(scratch) / f"{name}{repeat}")
+                check_arm(f"{name} repeat {repeat}", metrics, pruned=False, figures=("curve/test_acc",))
                 seconds = seconds_to_accuracy(metrics["curve/test_acc"], target, launched)
                 stays = seconds_to_stay_at_accuracy(metrics["curve/test_acc"], target, launched)
                 print(f"{name} repeat {repeat}: {'never' if seconds is None else f'{seconds:.1f} s'} to "
@@ -59,19 +69,33 @@ def main() -> None:
                              "curve": metrics["curve/test_acc"], "launched": launched,
                              "samples_per_s": metrics.get("perf/train_samples_per_s")})  # fmt: skip
             reached = [run["seconds_to_target"] for run in runs if run["seconds_to_target"] is not None]
-            median = statistics.median(reached) if len(reached) == len(runs) else None
+            median = statistics.median(reached) if reached and len(reached) == len(runs) else None
             staying = [run["seconds_to_stay"] for run in runs if run["seconds_to_stay"] is not None]
-            median_stay = statistics.median(staying) if len(staying) == len(runs) else None
+            median_stay = statistics.median(staying) if staying and len(staying) == len(runs) else None
             report[name] = {"target": target, "overrides": overrides, "median_seconds": median,
                             "median_seconds_to_stay": median_stay, "runs": runs}  # fmt: skip
     print(f"\n{'study':<16}{'target':>8}{'median s to reach':>19}{'median s to stay':>18}{'runs reaching it':>18}")
     for name, study in report.items():
         reached = f"{sum(run['seconds_to_target'] is not None for run in study['runs'])}/{len(study['runs'])}"
-        median = "not all" if study["median_seconds"] is None else f"{study['median_seconds']:.1f}"
+        median = "FAILED" if study["median_seconds"] is None else f"{study['median_seconds']:.1f}"
         stay = "not all" if study["median_seconds_to_stay"] is None else f"{study['median_seconds_to_stay']:.1f}"
         print(f"{name:<16}{study['target']:>8.1%}{median:>19}{stay:>18}{reached:>18}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    failures = unreached(report)
+    if failures:
+        raise SystemExit("bench_time_to_accuracy.py: error: " + "; ".join(failures))
+
+
+def unreached(report: dict) -> list[str]:
+    """One line per study whose runs did not all reach the target."""
+    failures = []
+    for name, study in report.items():
+        missed = [index for index, run in enumerate(study["runs"]) if run["seconds_to_target"] is None]
+        if missed:
+            finals = ", ".join(f"{study['runs'][index]['test_acc']:.4f}" for index in missed)
+            failures.append(f"{name}: repeats {missed} never reached {study['target']:.1%} (final test acc {finals})")
+    return failures
 
 
 if __name__ == "__main__":

@@ -3,31 +3,42 @@ of the drift and leak curves per strategy, written into the sweep folder.
 
     python scripts/report.py outputs/sweeps/<time>            # writes <sweep>/report.md, *.png; prints the table
     python scripts/report.py <sweep> --columns test/acc,drift/producer_l2/final --curves drift/stored_l2
+    python scripts/report.py outputs/sweeps/findings/<date> --findings docs/FINDINGS.md   # the findings report
 
 A run is a folder with ``config.yaml`` (its own, or Hydra's ``.hydra/config.yaml`` for a job that failed
 early); it counts as finished when it holds ``metrics.json``, and unfinished or failed runs are listed,
-not reported. Runs that differ only in ``seed`` form one configuration. Curves are read from the runs'
-TensorBoard event files: one figure per telemetry tag, one panel per configuration apart from the
-strategy, one line per strategy (mean over seeds, the band spanning them).
+not reported (a failed one with the error line its log recorded). Runs that differ only in ``seed`` form
+one configuration. Curves are read from the runs' TensorBoard event files: one figure per telemetry tag,
+one panel per configuration apart from the strategy, one line per strategy (mean over seeds, the band
+spanning them).
+
+``--findings <file.md>`` writes the findings report of an ``experiment=findings`` sweep (and its
+``findings_cifar`` slice, in subfolders of one sweep folder): the sweep commands (from Hydra's
+``multirun.yaml``) and wall time at the top, per data set and optimizer a table with mean ± std over
+seeds, figures of the transients (producer drift against optimizer steps since pruning, one line per
+strategy, a panel per optimizer and activation) beside the file, and plain sentences stating the
+findings with the numbers behind them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-log = logging.getLogger(__name__)
+from pruneflow.pruning.strategies import RENAMED_STRATEGIES
 
 DEFAULT_COLUMNS = (
     "test/acc",
@@ -43,7 +54,7 @@ DEFAULT_COLUMNS = (
     "compact/acc_gap",
 )
 DEFAULT_CURVES = ("drift/producer_l2", "leak/activation_abs_mean")
-STRATEGY_ORDER = ("unpruned", "none", "weight", "activation", "gradient", "parametrize", "hard")
+STRATEGY_ORDER = ("unpruned", "control", "weight", "activation", "gradient", "parametrize", "hard")
 # Below this a curve is drawn linearly, above logarithmically: exact zeros stay visible beside drifts of 1e-3 and 10.
 SYMLOG_THRESHOLD = 1e-4
 
@@ -61,9 +72,21 @@ def find_runs(sweep: Path) -> tuple[dict[str, dict], list[str]]:
         metrics_file = run / "metrics.json"
         try:
             finished[name] = json.loads(metrics_file.read_text())
-        except (OSError, ValueError):  # absent, or a run that died while writing it
+        except (OSError, ValueError):  # absent: unfinished or failed (run.py writes it atomically, never half)
             unfinished.append(name)
     return finished, unfinished
+
+
+def failure_line(run: Path) -> str | None:
+    """Why a run failed, as its log file recorded it: the last ERROR line of ``<run>/*.log`` (``train.py``
+    writes one for every error that ends a run), without the log's time and logger prefix."""
+    errors = [
+        line.split(" - ", 1)[-1].strip()
+        for log_file in sorted(run.glob("*.log"))
+        for line in log_file.read_text(errors="replace").splitlines()
+        if "[ERROR] - " in line
+    ]
+    return errors[-1] if errors else None
 
 
 def override_parts(run_name: str) -> list[str]:
@@ -126,7 +149,8 @@ def read_curves(run_dir: Path, tags: Sequence[str]) -> dict[str, tuple[list[int]
 
 
 def strategy_of(metrics: dict) -> str:
-    return str(metrics.get("mask/strategy", "unpruned"))
+    strategy = str(metrics.get("mask/strategy", "unpruned"))
+    return RENAMED_STRATEGIES.get(strategy, strategy)  # runs from before a rename (mask=none is now control)
 
 
 def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, dict]) -> Path | None:
@@ -207,8 +231,274 @@ def write_report(sweep: Path, columns: Sequence[str], curve_tags: Sequence[str],
             text += f"\n![{tag}]({figure.name})\n"
     if unfinished:
         text += "\nUnfinished or failed runs (no metrics.json), not reported:\n"
-        text += "".join(f"- `{name}`\n" for name in unfinished)
+        for name in unfinished:
+            reason = failure_line(sweep / name)
+            text += f"- `{name}`" + (f": {reason}" if reason else "") + "\n"
     (out or sweep / "report.md").write_text(text)
+    return text
+
+
+# -- the findings report ---------------------------------------------------------------------------------
+# (metrics.json key, column title) of the findings tables; a column whose cells are all empty is left out.
+FINDINGS_COLUMNS = (
+    ("test/acc", "test acc"),
+    ("drift/producer_l2/final", "drift (L2)"),
+    ("drift/stored_l2/final", "stored drift"),
+    ("drift/zero_fraction/final", "at zero"),
+    ("burst/steps_to_half_drift", "steps to ½ drift"),
+    ("leak/activation_abs_mean/final", "leak train"),
+    ("leak/eval_activation_abs_mean/final", "leak eval"),
+    ("optim/pruned_update_l2/max", "update max"),
+    ("optim/pruned_momentum_l2/max", "momentum max"),
+    ("optim/pruned_exp_avg_l2/max", "exp_avg max"),
+    ("optim/pruned_decay_l2/max", "decay max"),
+    ("compact/acc_gap", "compaction gap"),
+)
+TRANSIENT_TAG = "drift/producer_l2"
+
+
+class Run(NamedTuple):
+    """One finished run of a findings sweep, described by what it computed (read from its config).
+
+    (A NamedTuple, not a dataclass: tests load this script as a module that is not in ``sys.modules``.)"""
+
+    name: str
+    data: str
+    optimizer: str
+    activation: str
+    timing: str
+    label: str
+    seed: int
+    metrics: dict
+
+
+def describe_run(sweep: Path, name: str, metrics: dict) -> Run:
+    config = OmegaConf.load(sweep / name / "config.yaml")
+    mask = config.get("mask") or {}
+    strategy = str(metrics.get("mask/strategy", "unpruned"))
+    label = f"{strategy}+reset" if metrics.get("mask/reset_optimizer_state") else strategy
+    data = str(config.data._target_).rsplit(".", 1)[-1].removesuffix("DataModule")
+    model = str(config.model._target_).rsplit(".", 1)[-1]
+    if mask.get("at_step") is not None:
+        timing = f"at step {mask.get('at_step')}"
+    elif not mask.get("at_epoch"):
+        timing = "at initialisation"
+    else:
+        epochs = int(mask.get("at_epoch"))
+        timing = f"after {epochs} epoch{'s' if epochs > 1 else ''}"
+    return Run(
+        name=name, data=f"{data} / {model}", optimizer=str(config.optimizer._target_).rsplit(".", 1)[-1],
+        activation=str(config.model.get("activation", "n/a")), timing=timing, label=label,
+        seed=int(config.get("seed", 0)), metrics=metrics,
+    )  # fmt: skip
+
+
+def sweep_commands(sweep: Path) -> list[str]:
+    """The command line of each Hydra multirun under ``sweep``, rebuilt from its ``multirun.yaml``."""
+    commands = []
+    for multirun in sorted(sweep.rglob("multirun.yaml")):
+        overrides = OmegaConf.load(multirun).hydra.overrides
+        parts = [o for o in overrides.hydra if not str(o).startswith("hydra.mode=")] + list(overrides.task)
+        commands.append("python train.py -m " + " ".join(str(part) for part in parts))
+    return commands
+
+
+def wall_hours(sweep: Path, runs: Sequence[Run]) -> tuple[float, float]:
+    """(hours from the first run's start to the last metrics.json, summed hours of the runs' own wall time)."""
+    starts = [(sweep / run.name / "config.yaml").stat().st_mtime for run in runs]
+    ends = [(sweep / run.name / "metrics.json").stat().st_mtime for run in runs]
+    total = sum(float(run.metrics.get("wall_seconds", 0.0)) for run in runs)
+    return (max(ends) - min(starts)) / 3600, total / 3600
+
+
+def values(runs: Sequence[Run], key: str) -> list[float]:
+    found = [run.metrics.get(key) for run in runs]
+    return [float(v) for v in found if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def findings_tables(runs: Sequence[Run]) -> str:
+    """Per data set and optimizer: a row per (pruning time, activation, strategy), mean ± std over seeds."""
+    text = ""
+    for data in sorted({r.data for r in runs}):
+        for optimizer in sorted({r.optimizer for r in runs if r.data == data}):
+            members = [r for r in runs if r.data == data and r.optimizer == optimizer]
+            columns = [(key, title) for key, title in FINDINGS_COLUMNS if values(members, key)]
+            groups: dict[tuple[str, str, str], list[Run]] = {}
+            for run in members:
+                groups.setdefault((run.timing, run.activation, run.label), []).append(run)
+            header = ["pruned", "activation", "strategy", "seeds", *(title for _, title in columns)]
+            lines = [f"\n### {data}, {optimizer}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            order = sorted(groups, key=lambda key: (key[0], key[1], _strategy_rank(key[2])))
+            for timing, activation, label in order:
+                group = groups[(timing, activation, label)]
+                cells = [timing, activation, f"`{label}`", str(len(group))]
+                cells += [fmt(values(group, key)) for key, _ in columns]
+                lines.append("| " + " | ".join(cells) + " |")
+            text += "\n".join(lines) + "\n"
+    return text
+
+
+def transient_panels(sweep: Path, runs: Sequence[Run]) -> dict[tuple[str, str], dict[str, list]]:
+    """``(activation, optimizer) → strategy → [(steps since the first pruning event, drift)]`` per run."""
+    panels: dict[tuple[str, str], dict[str, list]] = {}
+    for run in runs:
+        curve = read_curves(sweep / run.name, [TRANSIENT_TAG]).get(TRANSIENT_TAG)
+        if curve is None or not run.metrics.get("mask/pruning_steps"):
+            continue
+        event = run.metrics["mask/pruning_steps"][0]
+        since = [(step - event, value) for step, value in zip(*curve, strict=True) if step > event]
+        if since:
+            steps, drift = zip(*since, strict=True)
+            panels.setdefault((run.activation, run.optimizer), {}).setdefault(run.label, []).append(
+                (list(steps), list(drift))
+            )
+    return panels
+
+
+def plot_transients(sweep: Path, runs: Sequence[Run], out_dir: Path, stem: str) -> list[Path]:
+    """Per data set and pruning time, a figure of the producer drift against steps since pruning: a panel
+    per (activation, optimizer), a line per strategy (mean over seeds, band min–max)."""
+    figures = []
+    for data in sorted({r.data for r in runs}):
+        for timing in sorted({r.timing for r in runs if r.data == data}):
+            panels = transient_panels(sweep, [r for r in runs if r.data == data and r.timing == timing])
+            if not panels:
+                continue
+            activations = sorted({a for a, _ in panels})
+            optimizers = sorted({o for _, o in panels})
+            figure, axes = plt.subplots(
+                len(activations), len(optimizers), figsize=(4.6 * len(optimizers) + 1.8, 3.4 * len(activations)),
+                squeeze=False, sharex=True, sharey=True, layout="constrained",
+            )  # fmt: skip
+            labels = sorted({label for lines in panels.values() for label in lines}, key=_strategy_rank)
+            styles = {
+                label: {"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", "-.", ":")[i % 4],
+                        "linewidth": max(3.0 - 0.3 * i, 1.0)}
+                for i, label in enumerate(labels)
+            }  # fmt: skip
+            for row, activation in enumerate(activations):
+                for column, optimizer in enumerate(optimizers):
+                    axis = axes[row][column]
+                    lines = panels.get((activation, optimizer), {})
+                    for label in sorted(lines, key=_strategy_rank):
+                        steps, mean, low, high = _over_seeds(lines[label])
+                        axis.plot(steps, mean, label=label, **styles[label])
+                        if len(lines[label]) > 1:
+                            axis.fill_between(steps, low, high, color=styles[label]["color"], alpha=0.15, linewidth=0)
+                    axis.set_title(f"{optimizer}, {activation}", fontsize=10)
+                    axis.set_yscale("symlog", linthresh=SYMLOG_THRESHOLD)
+                    axis.set_xscale("log")  # the first steps after pruning matter most
+                    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                    axis.grid(alpha=0.3)
+                    if row == len(activations) - 1:
+                        axis.set_xlabel("optimizer steps since pruning")
+                    if column == 0:
+                        axis.set_ylabel(TRANSIENT_TAG)
+            handles = [plt.Line2D([], [], label=label, **styles[label]) for label in labels]
+            figure.legend(handles=handles, title="mask", loc="outside right upper", fontsize=9)
+            figure.suptitle(f"Drift of the pruned kernels after pruning: {data}, pruned {timing}", fontsize=11)
+            slug = "_".join("".join(c if c.isalnum() else " " for c in f"{data} {timing}").lower().split())
+            out = out_dir / f"{stem}_transient_{slug}.png"
+            figure.savefig(out, dpi=110)
+            plt.close(figure)
+            figures.append(out)
+    return figures
+
+
+def _mean_std(runs: Sequence[Run], key: str) -> str:
+    return fmt(values(runs, key))
+
+
+def findings_sentences(runs: Sequence[Run]) -> list[str]:
+    """Plain statements of what the sweep shows, each with the numbers behind it (mean ± std over runs)."""
+    sentences = []
+    for data in sorted({r.data for r in runs}):
+        pruned = [r for r in runs if r.data == data and r.label != "unpruned"]
+        labels = sorted({r.label for r in pruned}, key=_strategy_rank)
+        by_label = {label: [r for r in pruned if r.label == label] for label in labels}
+        held = [
+            label for label in labels if (z := values(by_label[label], "drift/zero_fraction/final")) and min(z) == 1
+        ]
+        if held:
+            count = sum(len(by_label[label]) for label in held)
+            sentences.append(
+                f"{data}: {', '.join(f'`{label}`' for label in held)} kept every pruned kernel at exactly zero in "
+                f"all {count} of their runs (fraction of pruned kernels at zero = 1 at the end of training)."
+            )
+        for optimizer in sorted({r.optimizer for r in pruned}):
+            group = {label: [r for r in members if r.optimizer == optimizer] for label, members in by_label.items()}
+            weight = group.get("weight", [])
+            if values(weight, "drift/producer_l2/final"):
+                sentences.append(
+                    f"{data}, {optimizer}: `weight`-pruned kernels came back to L2 = "
+                    f"{_mean_std(weight, 'drift/producer_l2/final')} by the end ({len(weight)} runs), reaching half "
+                    f"of that {_mean_std(weight, 'burst/steps_to_half_drift')} optimizer steps after pruning, "
+                    f"pushed by a gradient of up to {_mean_std(weight, 'grad/pruned_l2/max')} (L2)."
+                )
+            gradient = group.get("gradient", [])
+            carrier = "momentum" if values(gradient, "optim/pruned_momentum_l2/max") else "exp_avg"
+            if values(gradient, "drift/producer_l2/final"):
+                sentences.append(
+                    f"{data}, {optimizer}: `gradient` zeroes the gradient, yet its kernels drifted to L2 = "
+                    f"{_mean_std(gradient, 'drift/producer_l2/final')}: the optimizer state gathered before pruning "
+                    f"({carrier} up to {_mean_std(gradient, f'optim/pruned_{carrier}_l2/max')}) moved them by up to "
+                    f"{_mean_std(gradient, 'optim/pruned_update_l2/max')} per step; with the state reset "
+                    f"(`activation+reset`) the drift was "
+                    f"{_mean_std(group.get('activation+reset', []), 'drift/producer_l2/final')}."
+                )
+            parametrize = group.get("parametrize", [])
+            if values(parametrize, "drift/stored_l2/final"):
+                sentences.append(
+                    f"{data}, {optimizer}: `parametrize` holds the effective kernels at zero (fraction "
+                    f"{_mean_std(parametrize, 'drift/zero_fraction/final')}) while the stored weight drifted to "
+                    f"L2 = {_mean_std(parametrize, 'drift/stored_l2/final')}, under a weight-decay pull of up to "
+                    f"{_mean_std(parametrize, 'optim/pruned_decay_l2/max')}."
+                )
+        for label in ("gradient", "hard", "activation"):
+            members = by_label.get(label, [])
+            if values(members, "leak/eval_activation_abs_mean/final"):
+                sentences.append(
+                    f"{data}: pruned channels under `{label}` leaked a mean |activation| of "
+                    f"{_mean_std(members, 'leak/activation_abs_mean/final')} in train mode and "
+                    f"{_mean_std(members, 'leak/eval_activation_abs_mean/final')} in eval mode (running variance "
+                    f"of the pruned channels {_mean_std(members, 'bn/pruned_running_var/final')})."
+                )
+        gaps = [(label, gap) for label in labels if (gap := values(by_label[label], "compact/acc_gap"))]
+        if gaps:
+            cells = "; ".join(f"`{label}` {fmt(gap)}" for label, gap in gaps)
+            sentences.append(f"{data}: test-accuracy gap after cutting the pruned channels out: {cells}.")
+    return sentences
+
+
+def write_findings(sweep: Path, out: Path) -> str:
+    """Write the findings report to ``out`` (figures beside it); returns the Markdown."""
+    finished, unfinished = find_runs(sweep)
+    if not finished:
+        raise SystemExit(f"report: error: no finished runs (folders with metrics.json) under {sweep}")
+    runs = [describe_run(sweep, name, metrics) for name, metrics in finished.items()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    span, total = wall_hours(sweep, runs)
+    commands = sweep_commands(sweep) or ["(no multirun.yaml found: not a Hydra multirun)"]
+    text = "# Findings: do pruned channels stay pruned, and what moves them back?\n\n"
+    text += f"Generated by `python scripts/report.py {sweep} --findings {out}` from the sweep run with:\n\n"
+    text += "```bash\n" + "\n".join(commands) + "\n```\n\n"
+    text += f"{len(runs)} finished runs"
+    text += f", {len(unfinished)} unfinished or failed (left out)" if unfinished else ""
+    text += (
+        f"; {span:.2f} h from the first start to the last finish ({total:.2f} h of run time summed). Cells are "
+        "mean ± std over seeds. Drift is the L2 norm of the pruned channels' producing kernels (0: still pruned); "
+        "the optimizer's shares are their largest value over the measured steps.\n"
+    )
+    text += "\n## Findings\n\n" + "".join(f"- {sentence}\n" for sentence in findings_sentences(runs))
+    text += "\n## The transient after pruning\n\n"
+    for figure in plot_transients(sweep, runs, out.parent, out.stem.lower()):
+        text += f"![{figure.stem}]({figure.name})\n\n"
+    text += "## Tables\n" + findings_tables(runs)
+    if unfinished:
+        text += "\nUnfinished or failed runs (no metrics.json), not reported:\n"
+        text += "".join(f"- `{name}`\n" for name in unfinished)
+    out.write_text(text)
     return text
 
 
@@ -218,11 +508,15 @@ def main() -> None:
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="metrics.json keys, comma-separated")
     parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="TensorBoard tags to plot, comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/report.md")
+    parser.add_argument("--findings", type=Path, default=None, help="write the findings report here instead")
     args = parser.parse_args()
     if not args.sweep.is_dir():
         raise SystemExit(
             f"report: error: {args.sweep} is not a folder; pass a sweep folder such as outputs/sweeps/<time>"
         )
+    if args.findings is not None:
+        print(write_findings(args.sweep, args.findings))
+        return
     print(write_report(args.sweep, args.columns.split(","), [tag for tag in args.curves.split(",") if tag], args.out))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -26,8 +25,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # The Time Series dashboard filtered to the drift of the pruned kernels: one chart per tag, runs overlaid.
 DEFAULT_URL_PATH = "/?darkMode=false&tagFilter=%5Edrift%2Fproducer_l2%24#timeseries"

@@ -1,17 +1,19 @@
-"""Shared test fixtures: where real data lies, and how to run the real entry point."""
+"""Shared fixtures: where the real data lies (helpers shared as plain functions live in ``helpers.py``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-# CI and developers keep the read-only real data sets beside the checkout, in ../shared/data.
-SHARED_DATA = Path(os.environ.get("PRUNEFLOW_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that reads the real data (through the ``shared_data`` fixture) is ``slow``, as the README says,
+    whether or not it carries the mark: ``pytest -m "not slow"`` never touches ../shared/data."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -20,20 +22,3 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set PRUNEFLOW_TEST_DATA to its folder)")
     return SHARED_DATA
-
-
-def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``python train.py <overrides>`` as a user would; never downloads (no PRUNEFLOW_DATA fallback)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("PRUNEFLOW_DATA", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")

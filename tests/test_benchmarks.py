@@ -5,13 +5,21 @@ script measures what it claims: every arm ran, the figures are those of the runs
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))  # the scripts import bench_common as a sibling
+bench_common = importlib.import_module("bench_common")
+bench_overhead = importlib.import_module("bench_overhead")
+bench_time_to_accuracy = importlib.import_module("bench_time_to_accuracy")
+bench_gpu = importlib.import_module("bench_gpu")
 
 
 def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -42,11 +50,71 @@ def test_gpu_benchmark_runs_on_cpu_eager_and_compiled(tmp_path: Path, shared_dat
 @pytest.mark.slow
 def test_overhead_benchmark_compares_train_py_with_the_bare_loop(tmp_path: Path, shared_data: Path) -> None:
     report = tmp_path / "overhead.json"
-    run_script("bench_overhead.py", "--root", str(shared_data), "--repeats", "1", "--json", str(report))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_overhead.py"), "--root", str(shared_data), "--repeats", "1",
+         "--json", str(report)], cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     figures = json.loads(report.read_text())
+    # A ratio above 1.05 is reported as "arms not equivalent" and fails the script; anything else passes.
+    assert result.returncode == (1 if figures["ratio"] > 1.05 else 0), result.stderr[-3000:]
     assert set(figures["runs"]) == {"pruneflow", "bare_loop"}
-    assert all(len(values) == 1 and values[0] > 0 for values in figures["runs"].values())
+    (pruneflow,), (bare,) = figures["runs"]["pruneflow"], figures["runs"]["bare_loop"]
+    assert pruneflow["samples"] == bare["samples"] > 0  # the same work timed in both arms
     assert figures["ratio"] == pytest.approx(figures["medians"]["pruneflow"] / figures["medians"]["bare_loop"])
+    assert figures["verdict"] == bench_overhead.verdict(figures["ratio"])
+
+
+def test_an_arm_that_did_not_do_what_it_claims_is_refused_before_its_speed_counts() -> None:
+    good = {"test/loss": 0.1, "mask/pruned_channels": {"features.0": 12}, "perf/train_samples_per_s": 900.0}
+    bench_common.check_arm("ok", good, pruned=True, figures=("perf/train_samples_per_s",))
+    bench_common.check_arm("unpruned", {"test/loss": 0.1}, pruned=False)
+    cases = [
+        (good | {"test/loss": math.nan}, True, (), "test loss is nan"),
+        (good | {"mask/pruned_channels": {"features.0": 0}}, True, (), "claims to prune but pruned no channel"),
+        (good, False, (), "claims not to prune but pruned 12 channels"),
+        (good | {"perf/train_samples_per_s": None}, True, ("perf/train_samples_per_s",), "reported no perf/"),
+    ]
+    for metrics, pruned, figures, message in cases:
+        with pytest.raises(bench_common.ArmError, match=message):
+            bench_common.check_arm("arm", metrics, pruned=pruned, figures=figures)
+
+
+def test_overhead_arms_must_time_the_same_samples_and_a_gain_is_not_equivalence() -> None:
+    pruneflow = {"seconds": 10.0, "samples": 6400, "loss": 0.1}
+    bench_overhead.check_equivalent(pruneflow, {"seconds": 9.0, "samples": 6400, "loss": 0.2})
+    with pytest.raises(bench_common.ArmError, match="different work: pruneflow 6400 samples, bare loop 6272"):
+        bench_overhead.check_equivalent(pruneflow, {"seconds": 9.0, "samples": 6272, "loss": 0.2})
+    with pytest.raises(bench_common.ArmError, match="bare_loop: final training loss is nan"):
+        bench_overhead.check_equivalent(pruneflow, {"seconds": 9.0, "samples": 6400, "loss": math.nan})
+    assert bench_overhead.verdict(1.0) == "ok"
+    assert bench_overhead.verdict(0.9).startswith("below target")
+    assert bench_overhead.verdict(1.06).startswith("arms not equivalent")
+
+
+def test_a_target_never_reached_is_a_failure_naming_the_runs() -> None:
+    run = {"seconds_to_target": 20.0, "seconds_to_stay": 25.0, "test_acc": 0.992}
+    missed = {"seconds_to_target": None, "seconds_to_stay": None, "test_acc": 0.987}
+    assert bench_time_to_accuracy.unreached({"mnist": {"target": 0.99, "runs": [run, run]}}) == []
+    assert bench_time_to_accuracy.unreached({"mnist": {"target": 0.99, "runs": [run, missed]}}) == [
+        "mnist: repeats [1] never reached 99.0% (final test acc 0.9870)"
+    ]
+
+
+def test_gpu_benchmark_rows_are_medians_over_repeats_per_arm() -> None:
+    def run(strategy: str, compiled: bool, speed: float, seconds: float | None) -> dict:
+        return {"strategy": strategy, "compiled": compiled, "samples_per_s": speed, "seconds_to_target": seconds,
+                "test_acc": 0.99, "fit_seconds": 10.0}  # fmt: skip
+
+    runs = [
+        run("disabled", False, 100, 5), run("activation", True, 300, 9), run("activation", True, 200, None),
+        run("disabled", False, 120, 7), run("disabled", False, 110, 6), run("activation", True, 250, 8),
+    ]  # fmt: skip
+    rows = bench_gpu.median_rows(runs)
+    assert [(row["strategy"], row["compiled"], row["repeats"]) for row in rows] == [
+        ("disabled", False, 3), ("activation", True, 3),
+    ]  # fmt: skip
+    assert rows[0]["samples_per_s"] == 110 and rows[0]["seconds_to_target"] == 6
+    assert rows[1]["samples_per_s"] == 250 and rows[1]["seconds_to_target"] is None  # one repeat never got there
 
 
 def test_unknown_arms_are_one_line_errors() -> None:
@@ -54,6 +122,6 @@ def test_unknown_arms_are_one_line_errors() -> None:
                              "--strategies", "activation,magic"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, none, weight, activation, gradient, "
+        "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, control, weight, activation, gradient, "
         "parametrize, hard"
     )

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import QUIET, REPO, run_train
+from helpers import QUIET, REPO, run_train
 from test_train import scalar_tags
 from torch import Tensor, nn
 
@@ -196,11 +196,19 @@ def test_weight_mask_leaves_channels_alive_and_the_gap_is_reported() -> None:
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(50, 1, 28, 28, generator=generator), torch.randint(0, 10, (50,), generator=generator))]
 
-    _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
+    compaction, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
 
+    # The figures, computed here from the two models' own outputs on the same images.
+    (images, labels), = batches
+    with torch.no_grad():
+        masked, cut = model(images), compaction.model(images)
+    assert metrics["compact/max_abs_diff"] == pytest.approx((masked - cut).abs().max().item(), rel=1e-6)
     assert metrics["compact/max_abs_diff"] > 1e-2
-    assert metrics["compact/acc_gap"] == metrics["compact/acc_masked"] - metrics["compact/acc"]
-    assert metrics["compact/test_images"] == 50 and 0 <= metrics["compact/agreement"] <= 1
+    assert metrics["compact/acc_masked"] == pytest.approx(int((masked.argmax(1) == labels).sum()) / 50)
+    assert metrics["compact/acc"] == pytest.approx(int((cut.argmax(1) == labels).sum()) / 50)
+    assert metrics["compact/agreement"] == pytest.approx(int((masked.argmax(1) == cut.argmax(1)).sum()) / 50)
+    assert metrics["compact/agreement"] < 1
+    assert metrics["compact/test_images"] == 50
     assert metrics["compact/params_after"] < metrics["compact/params_before"]
     pruned = sum(int(mask.sum()) for mask in masks.values())
     assert metrics["compact/flops_ratio"] > 1.5 and metrics["compact/channels_after"] == 26 - pruned
@@ -217,7 +225,9 @@ def test_latency_is_measured_in_the_requested_layout_and_threads_are_restored() 
     )
 
     assert metrics["compact/latency_memory_format"] == "contiguous" and metrics["compact/latency_threads"] == 1
-    assert metrics["compact/latency_b2_speedup"] > 0 and torch.get_num_threads() == threads
+    before, after = metrics["compact/latency_b2_before_ms"], metrics["compact/latency_b2_after_ms"]
+    assert before > 0 and after > 0 and metrics["compact/latency_b2_speedup"] == pytest.approx(before / after)
+    assert torch.get_num_threads() == threads
 
 
 class Scaled(nn.Module):
@@ -326,7 +336,9 @@ def test_compact_true_run_writes_figures_and_export_and_the_script_recompacts_it
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_abs_diff"] <= TOLERANCE
     assert metrics["compact/acc"] == metrics["compact/acc_masked"] == pytest.approx(metrics["test/acc"])
-    assert metrics["compact/flops_ratio"] > 2 and metrics["compact/latency_b256_speedup"] > 0
+    assert metrics["compact/flops_ratio"] > 2
+    speedup = metrics["compact/latency_b256_before_ms"] / metrics["compact/latency_b256_after_ms"]
+    assert metrics["compact/latency_b256_speedup"] == pytest.approx(speedup, rel=1e-3)
     assert (run_dir / "compact" / "model.pt2").is_file() and (run_dir / "compact" / "compact_state.pt").is_file()
     assert {"compact/agreement", "compact/max_abs_diff", "compact/acc_gap"} <= scalar_tags(run_dir)
 

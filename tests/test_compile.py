@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import PROBE_TAG, ConsumerInputProbe
 from torch._dynamo.utils import counters
 
 from pruneflow import STRATEGIES, ChannelPruning, ClassifierModule
@@ -39,7 +40,9 @@ class GraphCount(L.Callback):
         self.at_end = counters["stats"]["unique_graphs"]
 
 
-def train(strategy: str, compile: bool) -> tuple[ClassifierModule, ChannelPruning, GraphCount, torch.Tensor]:
+def train(
+    strategy: str, compile: bool
+) -> tuple[ClassifierModule, ChannelPruning, GraphCount, torch.Tensor, ConsumerInputProbe]:
     torch.manual_seed(0)
     data = SyntheticDataModule(num_train=1200, num_test=64, input_shape=(1, 16, 16), batch_size=64, val_size=0)
     data.setup()
@@ -49,16 +52,17 @@ def train(strategy: str, compile: bool) -> tuple[ClassifierModule, ChannelPrunin
     )
     pruning = ChannelPruning(strategy=strategy, amount=0.5, at_step=PRUNE_AT_STEP, log_every_n_steps=1)
     graphs = GraphCount()
+    probe = ConsumerInputProbe()  # its hooks run inside the compiled graph, on what the consumers receive
     trainer = L.Trainer(
         max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[pruning, graphs],
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[pruning, probe, graphs],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     module.eval()
     with torch.no_grad():
         images, _ = data.transform_batch((data.test_images, data.test_labels), train=False)
         logits = module(images)
-    return module, pruning, graphs, logits
+    return module, pruning, graphs, logits, probe
 
 
 @pytest.mark.slow
@@ -66,8 +70,8 @@ def train(strategy: str, compile: bool) -> tuple[ClassifierModule, ChannelPrunin
 def test_compiled_network_matches_eager_and_pruning_does_not_recompile(strategy: str) -> None:
     torch._dynamo.reset()
     counters.clear()
-    eager_module, eager_pruning, _, eager_logits = train(strategy, compile=False)
-    module, pruning, graphs, logits = train(strategy, compile=True)
+    eager_module, eager_pruning, _, eager_logits, eager_probe = train(strategy, compile=False)
+    module, pruning, graphs, logits, probe = train(strategy, compile=True)
 
     assert holds_compiled_module(module) and not holds_compiled_module(eager_module)
     assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
@@ -81,9 +85,15 @@ def test_compiled_network_matches_eager_and_pruning_does_not_recompile(strategy:
         eager, compiled = eager_pruning.history[tag], pruning.history[tag]
         assert len(eager) == len(compiled) == STEPS - PRUNE_AT_STEP
         torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-5)
+    assert probe.forwards_after_pruning == eager_probe.forwards_after_pruning == STEPS - PRUNE_AT_STEP
+    received, eager_received = probe.final_metrics()[PROBE_TAG], eager_probe.final_metrics()[PROBE_TAG]
+    assert received == pytest.approx(eager_received, rel=1e-3, abs=1e-5)
     if strategy in ("parametrize", "hard"):
         assert max(pruning.history["drift/producer_l2"]) == 0.0
     if strategy == "activation":
         # Masked in the compiled graph: pruned channels are exactly dead, and their kernels get no gradient.
         assert max(pruning.history["leak/activation_abs_mean"]) == 0.0
         assert max(pruning.history["grad/pruned_l2"]) == 0.0
+        assert received == 0.0  # the consumers read zeros from the compiled graph, not just the telemetry
+    else:
+        assert received > 0.0  # every other strategy lets something (β at least) reach the consumers

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from torch import nn
 
 from pruneflow.data import (
@@ -25,8 +25,6 @@ from pruneflow.data import (
     random_crop_flip,
     split_indices,
 )
-
-log = logging.getLogger(__name__)
 
 CIFAR_SUBSET = SHARED_DATA / "CIFAR10-subset"
 

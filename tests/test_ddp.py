@@ -1,26 +1,66 @@
-"""Two-process DDP on CPU (gloo): the same masks and drift on both ranks, telemetry logged once."""
+"""Two-process DDP on CPU (gloo): the same masks and drift on both ranks, telemetry logged once.
+
+The ranks' scores are made to differ on purpose (a rank-dependent criterion registered by a small
+launcher script): only rank 0's broadcast keeps their masks alike, so a missing broadcast fails here.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import QUIET, run_train
+from helpers import QUIET, REPO
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# Runs train.py after registering `rank_skewed`: L1 on rank 0, −L1 elsewhere (the other ranks would prune the
+# largest kernels). Lightning starts the other rank by re-running this script, so every rank registers it.
+LAUNCHER = """
+import os
+import torch
+from pruneflow.pruning import criteria
+
+class RankSkewed(criteria.L1):
+    name = "rank_skewed"
+
+    def scores(self, space):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        scores = super().scores(space)
+        return scores if rank == 0 else -scores
+
+criteria.CRITERIA["rank_skewed"] = RankSkewed
+criteria.CRITERION_NAMES = (*criteria.CRITERION_NAMES, "rank_skewed")
+# Not runpy: it would set sys.argv[0] to train.py, and Lightning would start the other rank without this script.
+script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
+with open(script) as source:
+    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
+"""
 
 
 def test_ddp_cpu_two_ranks_prune_alike_and_log_once(tmp_path: Path) -> None:
-    result = run_train(
+    launcher = tmp_path / "launch_rank_skewed.py"
+    launcher.write_text(LAUNCHER)
+    run_dir = tmp_path / "run"
+    overrides = [
         "trainer=ddp_cpu", "data=synthetic", "data.num_train=2000", "trainer.max_epochs=2", "mask=weight",
-        "mask.at_epoch=1", "mask.log_every_n_steps=1", "model.activation=silu", f"hydra.run.dir={tmp_path}", *QUIET,
+        "mask.criterion=rank_skewed", "mask.at_epoch=1", "mask.log_every_n_steps=1", "model.activation=silu",
+        f"hydra.run.dir={run_dir}", *QUIET,
+    ]  # fmt: skip
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "PRUNEFLOW_TEST_ENTRY_POINT": str(REPO / "train.py")}
+    result = subprocess.run(
+        [sys.executable, str(launcher), *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     fingerprints = metrics["mask/rank_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
     checksum, drift = fingerprints[0]
     assert checksum > 0 and drift > 0  # something was pruned, and under SiLU it drifted — identically
-    accumulator = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     steps = [event.step for event in accumulator.Scalars("drift/producer_l2")]
     assert steps and len(steps) == len(set(steps))  # rank 0 alone logs telemetry

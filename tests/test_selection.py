@@ -15,7 +15,17 @@ from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.errors import ConfigError
 from pruneflow.models import ResNet
 from pruneflow.pruning.channels import ChannelSpace, find_prunable_layers, trace_channel_graph
-from pruneflow.pruning.criteria import L1, L2, BnGamma, Random, channels_to_prune, select_channels
+from pruneflow.pruning.criteria import (
+    L1,
+    L2,
+    BnGamma,
+    Criterion,
+    Random,
+    Taylor,
+    channels_to_prune,
+    select_channels,
+    taylor_contribution,
+)
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
 
 
@@ -41,6 +51,41 @@ def test_l1_selects_the_smallest_kernels() -> None:
     scores = L1().scores(space)
     pruned = select_channels(scores, channels_to_prune(6, 0.5), torch.zeros(6, dtype=torch.bool))
     assert pruned.nonzero().flatten().tolist() == [1, 3, 5]
+
+
+def lowest_three(criterion: Criterion, model: nn.Module) -> list[int]:
+    space = find_prunable_layers(model)[0].space
+    return select_channels(criterion.scores(space), 3, torch.zeros(6, dtype=torch.bool)).nonzero().flatten().tolist()
+
+
+def test_l1_l2_and_taylor_each_choose_the_channels_their_own_measure_ranks_lowest() -> None:
+    model = TinyNet("relu")
+    conv = model.features[0]  # 6 channels of 1x3x3 kernels
+    with torch.no_grad():
+        conv.weight.zero_()
+        for channel in (0, 2, 4):  # one large weight: L1 = L2 = 3
+            conv.weight[channel, 0, 0, 0] = 3.0
+        for channel in (1, 3, 5):  # nine spread weights: L1 = 4.5 but L2 = 1.5
+            conv.weight[channel].fill_(0.5)
+    assert lowest_three(L1(), model) == [0, 2, 4]
+    assert lowest_three(L2(), model) == [1, 3, 5]
+
+    # Taylor: |Σ w·∂L/∂w| per channel = 0.03, 4.5, 0.06, 4.5, 0.3, 0.9. Without the absolute value channel 3
+    # (−4.5) would go; by the gradient alone channel 4 (large gradient where its weight is 0) would stay.
+    grad = torch.zeros_like(conv.weight)
+    grad[0, 0, 0, 0], grad[2, 0, 0, 0], grad[4, 0, 0, 0] = -0.01, 0.02, 0.1
+    grad[4, 0, 1:] = 5.0
+    grad[1], grad[3], grad[5] = 1.0, -1.0, 0.2
+    conv.weight.grad = grad
+    layer = find_prunable_layers(model)[0]
+    contribution = taylor_contribution(layer)
+    assert contribution is not None
+    torch.testing.assert_close(contribution, torch.tensor([-0.03, 4.5, 0.06, -4.5, 0.3, 0.9]))
+    taylor = Taylor(batches=1)
+    assert not taylor.ready()  # starts gathering
+    taylor.after_backward([layer])
+    assert taylor.ready()
+    assert lowest_three(taylor, model) == [0, 2, 4]
 
 
 def test_bn_gamma_and_random_criteria() -> None:
@@ -150,7 +195,7 @@ def test_callback_works_on_any_lightning_module() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"strategy": "prune_harder"}, "unknown mask strategy 'prune_harder'; choose one of: none, weight, activation"),
+        ({"strategy": "prune_harder"}, "unknown mask strategy 'prune_harder'; choose one of: control, weight, "),
         ({"criterion": "magnitude"}, "unknown mask.criterion 'magnitude'; choose one of: l1, l2, random"),
         ({"amount": 1.0}, r"mask.amount must be a fraction in \[0, 1\), got 1.0"),
         ({"amount": -0.1}, r"mask.amount must be a fraction in \[0, 1\), got -0.1"),

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, REPO, run_train
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers import QUIET, REPO, compose_train, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
@@ -31,11 +30,6 @@ RUNS = [
     for seed in (0, 1)
 ]
 DRIFT_TAGS = ("drift/producer_l2", "drift/zero_fraction", "drift/consumer_l2", "leak/activation_abs_mean")
-
-
-def compose_train(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +105,9 @@ def test_report_writes_table_and_figures_and_lists_unfinished_runs(joblib_sweep:
 
 
 def test_strategy_sweep_experiment_is_the_headline_grid() -> None:
-    cfg = compose_train("experiment=strategy_sweep")
+    cfg = compose_train("experiment=strategy_sweep", with_hydra=True)
     assert dict(cfg.hydra.sweeper.params) == {
-        "mask": "none,weight,activation,gradient,parametrize,hard",
+        "mask": "control,weight,activation,gradient,parametrize,hard",
         "optimizer": "sgd,adam",
         "seed": "0,1,2",
     }
@@ -135,10 +129,46 @@ def test_strategy_sweep_runs_as_a_sweep_and_command_line_choices_win(tmp_path: P
     assert metrics["mask/pruned_channels"] == {"features.0": 12}
 
 
-def test_submitit_slurm_launcher_config_composes() -> None:
-    cfg = compose_train("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu")
-    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert cfg.hydra.launcher.partition == "gpu"
+# Runs train.py with submitit's submission replaced: the launcher builds its real Slurm executor from our
+# config, and instead of calling sbatch we write the sbatch script it would submit, with the job count.
+SBATCH_CAPTURE = """
+import json, os
+import submitit
+
+def capture(self, fn, *iterables):
+    script = self._executor._make_submission_file_text("python -u train.py", "0")
+    with open(os.environ["SBATCH_CAPTURE"], "w") as out:
+        json.dump({"script": script, "jobs": len(iterables[0]), "folder": str(self._executor.folder)}, out)
+    raise SystemExit(0)
+
+submitit.AutoExecutor.map_array = capture
+script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
+with open(script) as source:
+    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
+"""
+
+
+def test_submitit_slurm_launcher_submits_one_job_per_run_with_the_resources_asked_for(tmp_path: Path) -> None:
+    launcher = tmp_path / "capture_sbatch.py"
+    launcher.write_text(SBATCH_CAPTURE)
+    captured = tmp_path / "sbatch.json"
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "SBATCH_CAPTURE": str(captured), "PRUNEFLOW_TEST_ENTRY_POINT": str(REPO / "train.py"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(launcher), "-m", "data=synthetic", "mask=weight,activation",
+         "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60",
+         "hydra.launcher.cpus_per_task=8", "hydra.launcher.gpus_per_node=1", "hydra.launcher.mem_gb=16",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    submission = json.loads(captured.read_text())
+    assert submission["jobs"] == 2  # one Slurm job per run of the sweep
+    assert Path(submission["folder"]) == sweep / ".submitit" / "%j"  # submitit's logs inside the sweep folder
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=60", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --mem=16GB"):  # fmt: skip
+        assert line in submission["script"].splitlines(), line
 
 
 @pytest.mark.parametrize(
@@ -160,3 +190,24 @@ def test_report_splits_run_names_at_top_level_commas_only() -> None:
     ]
     assert report.configuration(name) == "mask=weight,mask.layers=[features.0,features.4],optimizer=adam"
     assert report.without(name, ["mask", "seed"]) == "mask.layers=[features.0,features.4],optimizer=adam"
+
+
+def test_report_means_and_standard_deviations_are_those_of_the_runs(tmp_path: Path) -> None:
+    # Hand-made runs with known figures: mean and sample std over seeds, computed here by hand.
+    figures = {
+        "mask=weight": {"test/acc": [0.90, 0.92, 0.97], "drift/producer_l2/final": [6.0, 2.0, 1.0]},
+        "mask=activation": {"test/acc": [0.91, 0.93, 0.95], "drift/producer_l2/final": [0.0, 0.0, 0.0]},
+    }
+    for configuration, columns in figures.items():
+        for seed in range(3):
+            run = tmp_path / f"{configuration},seed={seed}"
+            run.mkdir()
+            (run / "config.yaml").write_text("seed: 0\n")
+            (run / "metrics.json").write_text(json.dumps({tag: values[seed] for tag, values in columns.items()}))
+    text = report.write_report(tmp_path, ["test/acc", "drift/producer_l2/final"], curve_tags=())
+    rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| `")}
+    # weight: acc mean 0.93, std sqrt(((-.03)² + (-.01)² + .04²)/2) = sqrt(0.0013) = 0.036;
+    #         drift mean 3, std sqrt((9 + 1 + 4)/2) = sqrt(7) = 2.6
+    assert rows["| `mask=weight`"] == ["3", "0.93 ± 0.036", "3 ± 2.6 |"]
+    # activation: acc mean 0.93, std sqrt((.02² + 0 + .02²)/2) = 0.02; drift exactly 0 on every seed
+    assert rows["| `mask=activation`"] == ["3", "0.93 ± 0.02", "0 ± 0 |"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, run_train
+from helpers import QUIET, run_train
 from torch import nn
 
 from pruneflow.errors import ConfigError

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import QUIET, run_train
+import torch
+from helpers import PROBE, PROBE_TAG, QUIET, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -49,12 +50,17 @@ def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Pa
     assert accumulator.PluginTagToContent("custom_scalars")  # the overlay dashboard layout
     assert accumulator.PluginTagToContent("hparams")  # hyperparameters with final metrics
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    columns = ["test/acc", *(tag for tag in tags if tag.startswith("hparams/"))]  # the HParams row's metrics
+    assert "hparams/drift/producer_l2/final" in columns and "hparams/leak/activation_abs_mean/max" in columns
+    for tag in columns:
+        (event,) = accumulator.Scalars(tag)
+        assert event.value == pytest.approx(metrics[tag.removeprefix("hparams/")], rel=1e-6), tag
     assert metrics["mask/strategy"] == "weight" and metrics["mask/pruning_steps"] == [8]
     assert metrics["drift/producer_l2/final"] > 0  # SiLU after pre-training: the zeroed kernels move again
 
 
 def test_deterministic_cpu_runs_are_bit_reproducible(tmp_path: Path) -> None:
-    finals = []
+    finals, weights = [], []
     for name in ("a", "b"):
         result = run_train(
             "data=synthetic", "trainer.max_epochs=1", "deterministic=true", "mask=gradient", "mask.log_every_n_steps=1",
@@ -62,8 +68,26 @@ def test_deterministic_cpu_runs_are_bit_reproducible(tmp_path: Path) -> None:
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
-        finals.append({k: v for k, v in metrics.items() if "seconds" not in k})
+        finals.append({k: v for k, v in metrics.items() if "seconds" not in k and not k.startswith("perf/")})
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        weights.append(checkpoint["state_dict"])
     assert finals[0] == finals[1]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_activation_run_consumers_receive_zeros_from_pruned_channels(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_epochs=2", "mask=activation", "mask.at_epoch=1", "mask.log_every_n_steps=2",
+        "model.activation=silu",
+        PROBE, f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["probe/forwards_after_pruning"] == metrics["global_step"] - metrics["mask/pruning_steps"][0]
+    assert metrics[PROBE_TAG] == 0.0 and metrics["leak/activation_abs_mean/max"] == 0.0
 
 
 def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) -> None:
@@ -124,11 +148,12 @@ def test_cifar10_subset_trains_vgg_and_resnet(tmp_path: Path, shared_data: Path,
     run_dir = tmp_path / "run"
     result = run_train(
         "data=cifar10", f"data.root={shared_data / 'CIFAR10-subset'}", "data.verify=false", "data.limit_train=1000",
-        *f"model={model}".split(), "mask=activation", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", *QUIET,
+        *f"model={model}".split(), "mask=activation", "trainer.max_epochs=1", PROBE, f"hydra.run.dir={run_dir}", *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.1 and metrics["leak/activation_abs_mean/final"] == 0.0
+    assert metrics["probe/forwards_after_pruning"] > 0 and metrics[PROBE_TAG] == 0.0
 
 
 @pytest.fixture
@@ -169,5 +194,6 @@ def test_mask_settings_sweep_alongside_strategies(tmp_path: Path) -> None:
         "mask.amount=0.25", f"hydra.sweep.dir={tmp_path}", *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    amounts = [json.loads(path.read_text())["mask/amount"] for path in tmp_path.glob("*/metrics.json")]
-    assert amounts == [0.25, 0.25]
+    pruned = [json.loads(path.read_text())["mask/pruned_channels"] for path in sorted(tmp_path.glob("*/metrics.json"))]
+    # the default ConvNet's convs have 24, 48 and 96 channels: a quarter of each is cut, in both runs
+    assert pruned == [{"features.0": 6, "features.4": 12, "features.8": 24}] * 2

@@ -9,7 +9,6 @@ LightningModule whose forward returns logits.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -19,8 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from pruneflow.callbacks.throughput import synchronize
-
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
 class AccuracyCurve(Callback):
@@ -34,7 +32,7 @@ class AccuracyCurve(Callback):
 
     def __init__(self, every_n_steps: int = 100) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+            raise ConfigError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.points: list[dict[str, float]] = []
         self._fit_start = 0.0
@@ -57,7 +55,7 @@ class AccuracyCurve(Callback):
     def test_accuracy(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise ValueError("AccuracyCurve needs a LightningDataModule with a test_dataloader()")
+            raise ConfigError("AccuracyCurve needs a LightningDataModule with a test_dataloader()")
         transform = getattr(datamodule, "transform_batch", None)
         was_training = pl_module.training
         pl_module.eval()

@@ -3,7 +3,6 @@ against the model before a resume touches anything."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from torch import nn
 
 from pruneflow.atomic_io import atomic_open
 from pruneflow.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # A parametrized weight is stored as `<module>.parametrizations.<name>.original` (+ the mask's
 # buffers); the model checked before `fit` has no parametrizations yet (ChannelPruning installs them
@@ -33,13 +30,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``weights_only=True``: our checkpoints hold only tensors, numbers and strings.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._preloaded: tuple[Path, dict[str, Any]] | None = None
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         with atomic_open(path, "wb") as handle:
             torch.save(checkpoint, handle)
 
+    def preload(self, path: _PATH) -> dict[str, Any]:
+        """Read ``path`` now, for the checks and mask restore a resume needs before ``fit``; the trainer's
+        own restore then gets the same dict, so a resume reads the (possibly large) file once."""
+        checkpoint = super().load_checkpoint(path, weights_only=True)
+        self._preloaded = (Path(path).resolve(), checkpoint)
+        return checkpoint
+
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        if self._preloaded is not None and self._preloaded[0] == Path(path).resolve() and map_location is None:
+            checkpoint, self._preloaded = self._preloaded[1], None
+            return checkpoint
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
@@ -53,13 +64,19 @@ def plain_state_shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[i
     return shapes
 
 
-def check_checkpoint_matches(module: nn.Module, checkpoint_path: str | Path) -> dict[str, Any]:
-    """Load ``checkpoint_path`` (weights only) and refuse, in one line, one that belongs to another model."""
+def check_checkpoint_matches(
+    module: nn.Module, checkpoint_path: str | Path, checkpoint_io: AtomicCheckpointIO | None = None
+) -> dict[str, Any]:
+    """Load ``checkpoint_path`` (weights only; through ``checkpoint_io.preload`` if given, so the trainer
+    reuses what was read) and refuse, in one line, one that belongs to another model."""
     path = Path(checkpoint_path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; pass ckpt_path= an existing .ckpt file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if checkpoint_io is not None:
+            checkpoint = checkpoint_io.preload(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot load checkpoint {path} as plain tensors (weights_only=True): {exc}") from exc
     theirs = plain_state_shapes(checkpoint.get("state_dict", {}))

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
-class NonFiniteLossError(ArithmeticError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLossError(ConfigError, ArithmeticError):
+    """The training loss became NaN or infinite: a diverged run (lower the learning rate), reported in one line."""
 
 
 class NonFiniteLossGuard(Callback):
@@ -24,7 +23,7 @@ class NonFiniteLossGuard(Callback):
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
         if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise ConfigError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
         self._first_bad_step: torch.Tensor | None = None
 

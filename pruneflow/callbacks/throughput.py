@@ -7,7 +7,6 @@ bare PyTorch loop. Works with any LightningModule.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -15,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,7 +38,7 @@ class TrainingThroughput(Callback):
 
     def __init__(self, warmup_steps: int = 20) -> None:
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+            raise ConfigError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.seconds = 0.0
         self.samples = 0

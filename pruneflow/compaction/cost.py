@@ -13,7 +13,6 @@ hides what the convolutions gained.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import statistics
 import time
@@ -24,8 +23,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.compaction.verify import evaluating
-
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -61,11 +59,11 @@ def cpu_latency_ms(
     every round. ``memory_format`` (``channels_last`` or ``contiguous``) applies to 4-d inputs.
     """
     if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}")
+        raise ConfigError(f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}")
     if rounds < 1:
-        raise ValueError(f"latency rounds must be >= 1, got {rounds}")
+        raise ConfigError(f"latency rounds must be >= 1, got {rounds}")
     if threads is not None and threads < 1:
-        raise ValueError(f"latency threads must be >= 1 or None, got {threads}")
+        raise ConfigError(f"latency threads must be >= 1 or None, got {threads}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

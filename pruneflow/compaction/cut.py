@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelSpace, is_depthwise, trace_channel_graph
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ HOOK_TABLES = (
 )
 
 
-class CompactionError(ValueError):
+class CompactionError(ConfigError):
     """A network or mask that cannot be compacted exactly; the message names the layer and why."""
 
 

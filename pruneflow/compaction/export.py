@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from pruneflow.compaction.cut import Compaction, apply_sizes
+from pruneflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
             return [convert(item) for item in value]
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        raise ValueError(f"model config entry {value!r} is a {type(value).__name__}; only plain values can be saved")
+        raise ConfigError(f"model config entry {value!r} is a {type(value).__name__}; only plain values can be saved")
 
     if "_target_" not in config:
-        raise ValueError(f"the model config needs a _target_ naming the model class, got keys {sorted(config)}")
+        raise ConfigError(f"the model config needs a _target_ naming the model class, got keys {sorted(config)}")
     return convert(config)
 
 
@@ -89,9 +90,9 @@ def load_compact(path: str | os.PathLike[str], map_location: str | torch.device 
     """Rebuild the compacted model from ``compact_state.pt``: the original class, resized, with its weights."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path} is not a pruneflow compact state (format {STATE_FORMAT})")
+        raise ConfigError(f"{path} is not a pruneflow compact state (format {STATE_FORMAT})")
     if payload["model"] is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was saved without the model's config; load {EXPORTED_PROGRAM} with torch.export.load instead"
         )
     model = apply_sizes(instantiate(payload["model"]), payload["sizes"])

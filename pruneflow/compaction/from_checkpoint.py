@@ -6,7 +6,7 @@ boolean masks, or lists of pruned channel indices); the run's strategy installs 
 layer the run selected (``layers``), pruned or not yet, before the weights load, as the callback's
 ``setup`` does: an ``activation`` mask's hooks, a ``parametrize`` mask's parametrization (whose stored
 weight the checkpoint holds) — so a checkpoint written before pruning loads too. Strategies that act
-only during training (``weight``, ``gradient``, ``hard``, ``none``) install nothing: their network
+only during training (``weight``, ``gradient``, ``hard``, ``control``) install nothing: their network
 is the weights.
 """
 
@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from pruneflow.compaction.cut import as_mask
 from pruneflow.compaction.pipeline import model_config
 from pruneflow.compaction.while_training import adopt_sizes
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import find_prunable_layers
-from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.strategies import current_strategy_name, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def pruning_state(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -
     states = [state for state in (checkpoint.get("callbacks") or {}).values() if isinstance(state, Mapping)]
     states = [state for state in states if "pruned" in state]
     if len(states) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint {path} holds {len(states)} ChannelPruning mask states, expected 1: it comes from a run "
             "without mask=<strategy>, or from a pruneflow that did not save masks; compact such a run with "
             "compact=true at the end of training instead"
@@ -77,10 +78,10 @@ def load_trained_run(
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.yaml")
+        raise ConfigError(f"{run_dir} is not a run folder: it has no config.yaml")
     path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"checkpoint {path} does not exist")
     cfg = OmegaConf.load(config_path)
     if data_root is not None:
         cfg.data.root = str(data_root)
@@ -91,6 +92,7 @@ def load_trained_run(
     saved = torch.load(path, map_location="cpu", weights_only=True)
     state = pruning_state(saved, path)
     strategy_name = str(state.get("strategy") or OmegaConf.select(cfg, "mask.strategy"))
+    strategy_name = current_strategy_name(strategy_name, warn=False)
     layers = {layer.name: layer for layer in find_prunable_layers(network)}
     pruned: dict[str, Tensor] = {}
     strategy = make_strategy(strategy_name)
@@ -99,7 +101,7 @@ def load_trained_run(
     # Checkpoints from before `layers` was saved name only the pruned layers.
     for name in [] if state.get("cut") else (state.get("layers") or state["pruned"]):
         if name not in layers:
-            raise ValueError(f"checkpoint {path} masks {name!r}, which is not a prunable conv of {config['_target_']}")
+            raise ConfigError(f"checkpoint {path} masks {name!r}, which is not a prunable conv of {config['_target_']}")
         strategy.prepare(layers[name])  # before the weights: parametrized keys must exist
         if name in state["pruned"]:
             pruned[name] = as_mask(name, state["pruned"][name], layers[name].num_channels)
@@ -110,7 +112,7 @@ def load_trained_run(
         if key.startswith(NETWORK_PREFIX)
     }
     if not weights:
-        raise ValueError(f"checkpoint {path} holds no {NETWORK_PREFIX}* weights; it is not a ClassifierModule's")
+        raise ConfigError(f"checkpoint {path} holds no {NETWORK_PREFIX}* weights; it is not a ClassifierModule's")
     network.load_state_dict(weights)
     network.eval()
     metrics_path = run_dir / "metrics.json"

@@ -31,6 +31,7 @@ from pruneflow.compaction.cost import count_flops, count_parameters, cpu_latency
 from pruneflow.compaction.cut import Compaction, MaskLike, compact, effective_copy
 from pruneflow.compaction.export import export_compact
 from pruneflow.compaction.verify import device_of, verify
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.callback import ChannelPruning
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def compact_and_verify(
     if checked.max_abs_diff > EXACT_TOLERANCE:
         log.warning(
             "the compacted model differs from the masked one: max |Δ logit| %.3g, top-1 agreement %.2f %%, "
-            "accuracy %.2f %% → %.2f %%; the cut channels were not dead (expected for mask=weight or none, "
+            "accuracy %.2f %% → %.2f %%; the cut channels were not dead (expected for mask=weight or control, "
             "and where β leaks)",
             checked.max_abs_diff, 100 * checked.agreement, 100 * checked.acc_masked, 100 * checked.acc,
         )  # fmt: skip
@@ -140,7 +141,7 @@ def model_config(model_cfg: Mapping[str, Any] | DictConfig, datamodule: L.Lightn
 def pruning_callback(trainer: L.Trainer) -> ChannelPruning:
     callbacks = [callback for callback in trainer.callbacks if isinstance(callback, ChannelPruning)]
     if len(callbacks) != 1:
-        raise ValueError(f"compaction needs exactly one ChannelPruning callback, the trainer has {len(callbacks)}")
+        raise ConfigError(f"compaction needs exactly one ChannelPruning callback, the trainer has {len(callbacks)}")
     return callbacks[0]
 
 

@@ -8,7 +8,6 @@ leaking under ``gradient``/``hard``/``parametrize``) the accuracy gap is the hon
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
 @contextmanager
@@ -89,7 +88,7 @@ def verify(masked: nn.Module, compacted: nn.Module, batches: Iterable[tuple[Tens
             images_seen += len(labels)
             input_shape = tuple(images.shape[1:])
     if not images_seen:
-        raise ValueError("verification got no test images; the test dataloader is empty")
+        raise ConfigError("verification got no test images; the test dataloader is empty")
     return Verification(
         max_abs_diff=float(max_diff),
         agreement=agree / images_seen,

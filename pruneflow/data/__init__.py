@@ -5,8 +5,6 @@
 augmented, for training) on the device in ``on_after_batch_transfer``.
 """
 
-import logging
-
 from pruneflow.data.base import (
     DatasetCorruptError,
     DatasetNotFoundError,
@@ -19,8 +17,6 @@ from pruneflow.data.cifar10 import CIFAR10DataModule
 from pruneflow.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from pruneflow.data.synthetic import SyntheticDataModule
 from pruneflow.data.transforms import keyed_generator, normalize, random_crop_flip
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR10DataModule",

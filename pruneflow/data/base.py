@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from pruneflow.data.transforms import keyed_generator, normalize, random_crop_flip
+from pruneflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,12 @@ READ_ERRORS = (
 )
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(ConfigError, FileNotFoundError):
     """A data set's files are not where we looked, and download was off or failed."""
 
 
-class DatasetCorruptError(ValueError):
-    """A data set's files are there but cannot be read: truncated, corrupted, or failing a checksum.
-
-    A ValueError, like the other errors a user's input causes (a wrong file is a wrong value).
-    """
+class DatasetCorruptError(ConfigError):
+    """A data set's files are there but cannot be read: truncated, corrupted, or failing a checksum."""
 
 
 def one_line(err: BaseException) -> str:
@@ -189,22 +187,22 @@ class InMemoryImageDataModule(L.LightningDataModule):
         super().__init__()
         for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not _is_int(value) or value <= 0:
-                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+                raise ConfigError(f"{arg} must be a positive int, got {value!r}")
         for arg, value in (("split_seed", split_seed), ("seed", seed)):
             if not _is_int(value) or value < 0:
-                raise ValueError(f"{arg} must be an int >= 0, got {value!r}")
+                raise ConfigError(f"{arg} must be an int >= 0, got {value!r}")
         if not (_is_int(val_size) and val_size >= 0) and not (isinstance(val_size, float) and 0 <= val_size < 1):
-            raise ValueError(f"val_size must be an int count >= 0 or a float fraction in [0, 1), got {val_size!r}")
+            raise ConfigError(f"val_size must be an int count >= 0 or a float fraction in [0, 1), got {val_size!r}")
         if limit_train is not None and (not _is_int(limit_train) or limit_train <= 0):
-            raise ValueError(f"limit_train must be a positive int or None, got {limit_train!r}")
+            raise ConfigError(f"limit_train must be a positive int or None, got {limit_train!r}")
         if augment is not None and not isinstance(augment, bool):
-            raise ValueError(f"augment must be true, false or null (the data set's default), got {augment!r}")
+            raise ConfigError(f"augment must be true, false or null (the data set's default), got {augment!r}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.split_seed, self.limit_train = val_size, split_seed, limit_train
         self.seed, self.drop_last = seed, bool(drop_last)
         self.augment = self.augment_by_default if augment is None else augment
         if on_device is not None and not isinstance(on_device, bool):
-            raise ValueError(f"on_device must be true, false or null (on an accelerator), got {on_device!r}")
+            raise ConfigError(f"on_device must be true, false or null (on an accelerator), got {on_device!r}")
         self.on_device = on_device
         self._device_copies: dict[tuple[str, torch.device], Batch] = {}
         self.train_images: Tensor | None = None
@@ -228,7 +226,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         train_index, val_index = split_indices(len(train_images), num_val, self.split_seed)
         if self.limit_train is not None:
             if self.limit_train > len(train_index):
-                raise ValueError(
+                raise ConfigError(
                     f"limit_train={self.limit_train} exceeds the {len(train_index):,} {self.name} training "
                     f"images left after the validation split; use at most {len(train_index):,} or null"
                 )
@@ -249,7 +247,7 @@ class InMemoryImageDataModule(L.LightningDataModule):
         """Validation images carved from ``num_images`` training images, checked against it."""
         count = round(self.val_size * num_images) if isinstance(self.val_size, float) else self.val_size
         if count >= num_images:
-            raise ValueError(
+            raise ConfigError(
                 f"val_size={self.val_size} takes {count:,} of the {num_images:,} {self.name} training images "
                 "and leaves none to train on; use a smaller count or fraction"
             )
@@ -348,7 +346,7 @@ class TorchvisionDataModule(InMemoryImageDataModule):
     def __init__(self, root: str | Path = "./data", download: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(download, bool):
-            raise ValueError(f"download must be true or false, got {download!r}")
+            raise ConfigError(f"download must be true or false, got {download!r}")
         self.root = Path(root).expanduser()
         self.download = download
 

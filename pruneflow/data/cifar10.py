@@ -17,6 +17,7 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity
 
 from pruneflow.data.base import READ_ERRORS, Batch, DatasetCorruptError, TorchvisionDataModule, log_once, one_line
+from pruneflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
     def __init__(self, root: str | Path = "./data", download: bool = False, verify: bool = True, **kwargs: Any):
         super().__init__(root=root, download=download, **kwargs)
         if not isinstance(verify, bool):
-            raise ValueError(f"verify must be true or false, got {verify!r}")
+            raise ConfigError(f"verify must be true or false, got {verify!r}")
         self.verify = verify
         self.images_found: dict[str, int] = {}
         self.batches_found: list[str] = []

@@ -5,7 +5,6 @@ and the normalisation statistics. With ``download=false`` torchvision reads the 
 and writes nothing under ``root``.
 """
 
-import logging
 import math
 import struct
 from pathlib import Path
@@ -14,8 +13,6 @@ import torchvision
 from torchvision.datasets.mnist import SN3_PASCALVINCENT_TYPEMAP
 
 from pruneflow.data.base import Batch, DatasetCorruptError, TorchvisionDataModule, one_line
-
-log = logging.getLogger(__name__)
 
 
 def idx_file_problem(path: Path) -> str | None:

@@ -5,7 +5,6 @@ A small network separates the classes within a few steps, so tests can check tha
 without reading a real data set. Same base class, batches and transforms as the real data sets.
 """
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +12,7 @@ import torch
 
 from pruneflow.data.base import Batch, InMemoryImageDataModule
 from pruneflow.data.transforms import keyed_generator
-
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError
 
 
 class SyntheticDataModule(InMemoryImageDataModule):
@@ -49,14 +47,14 @@ class SyntheticDataModule(InMemoryImageDataModule):
         counts = (("num_train", num_train, 2), ("num_test", num_test, 1), ("num_classes", num_classes, 2))
         for arg, value, least in counts:
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
+                raise ConfigError(f"{arg} must be an int >= {least}, got {value!r}")
         shape = tuple(input_shape)
         if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"input_shape must be three positive ints (C, H, W), got {list(shape)}")
+            raise ConfigError(f"input_shape must be three positive ints (C, H, W), got {list(shape)}")
         if not isinstance(data_seed, int) or data_seed < 0:
-            raise ValueError(f"data_seed must be an int >= 0, got {data_seed!r}")
+            raise ConfigError(f"data_seed must be an int >= 0, got {data_seed!r}")
         if not noise_std >= 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+            raise ConfigError(f"noise_std must be >= 0, got {noise_std!r}")
         self.num_train, self.num_test, self.data_seed, self.noise_std = num_train, num_test, data_seed, noise_std
         self.input_shape: tuple[int, int, int] = shape  # type: ignore[assignment]
         self.num_classes = num_classes

@@ -5,15 +5,12 @@ These run on a batch of images that already sits on its device (the datamodules 
 They are plain functions so that tests and ``scripts/bench_data.py`` use exactly the training code.
 """
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
@@ -26,7 +23,7 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> str | None:
         if "." in group or not (conf_dir / group).is_dir() or group.startswith("hydra"):
             continue
         available = group_options(conf_dir, group)
-        for option in value.split(","):
+        for option in value.strip("[]").split(","):  # a, b or [a, b] (several options of one group)
             option = option.strip()
             if option in ("", "null") or "(" in option or "$" in option:
                 continue

@@ -5,6 +5,9 @@ pruned kernels at zero, at what accuracy — as one sortable, filterable table w
 
     strategy  optimizer  criterion  amount  pruning_step  activation  seed | test accuracy  drift  leak  ...
 
+The metric columns carry the transient (steps to half the final drift, drift after the burst) and the
+optimizer's share of the pruned rows (update, momentum, Adam moment, weight decay's pull).
+
 Every run declares the same columns, so the table lines up runs of any strategy (an unpruned run has
 empty drift cells; a run without ``compact=true`` an empty compaction cell). A metric's value is the
 last scalar of its tag in the run's event file: ``test/acc`` comes from the test loop,
@@ -14,7 +17,6 @@ tags are written here.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -25,8 +27,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-
-log = logging.getLogger(__name__)
 
 SUMMARY_PREFIX = "hparams/"
 
@@ -39,6 +39,14 @@ METRICS = (
     ("hparams/drift/zero_fraction/final", "pruned kernels at zero (fraction)"),
     ("hparams/leak/activation_abs_mean/final", "leak final (mean |activation|)"),
     ("hparams/leak/activation_abs_mean/max", "leak max"),
+    ("hparams/leak/eval_activation_abs_mean/final", "eval-mode leak final (fixed validation batch)"),
+    ("hparams/bn/pruned_running_var/final", "BatchNorm running variance of pruned channels"),
+    ("hparams/burst/steps_to_half_drift", "steps after pruning to half the final drift"),
+    ("hparams/burst/drift_after_burst", "drift after the burst"),
+    ("hparams/optim/pruned_update_l2/final", "optimizer update of pruned rows (L2)"),
+    ("hparams/optim/pruned_momentum_l2/final", "SGD momentum of pruned rows (L2)"),
+    ("hparams/optim/pruned_exp_avg_l2/final", "Adam first moment of pruned rows (L2)"),
+    ("hparams/optim/pruned_decay_l2/final", "weight decay pull on pruned rows (L2)"),
     ("compact/acc_gap", "accuracy gap after compaction"),
 )
 
@@ -51,16 +59,18 @@ HPARAM_TYPES = {
 def run_hparams(cfg: DictConfig, metrics: Mapping[str, Any]) -> dict[str, str | int | float | bool]:
     """The run's hyperparameters as the HParams tab shows them (the full config is in ``config.yaml``)."""
     mask = cfg.get("mask") or {}
+    # mask=disabled carries the shared mask keys (criterion, amount) but builds no callback: unpruned.
+    pruned = bool(mask.get("_target_"))
     pruning_steps = metrics.get("mask/pruning_steps") or []
     return {
-        "strategy": str(mask.get("strategy") or "unpruned"),
+        "strategy": str(metrics.get("mask/strategy") or mask.get("strategy")) if pruned else "unpruned",
         "optimizer": _choice(cfg, "optimizer"),
-        "criterion": str(mask.get("criterion") or "none"),
-        "amount": float(mask.get("amount") or 0.0),
+        "criterion": str(mask.get("criterion")) if pruned else "none",
+        "amount": float(mask.get("amount") or 0.0) if pruned else 0.0,
         "pruning_step": ",".join(str(step) for step in pruning_steps) or "never",
         "activation": str(cfg.model.get("activation", "n/a")),
         "seed": int(cfg.seed),
-        "reset_optimizer_state": bool(mask.get("reset_optimizer_state", False)),
+        "reset_optimizer_state": pruned and bool(mask.get("reset_optimizer_state", False)),
         "data": _choice(cfg, "data"),
         "model": _choice(cfg, "model"),
     }

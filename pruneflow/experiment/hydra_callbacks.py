@@ -6,7 +6,6 @@ inside Hydra with a stack trace. Here it is one line naming the folder and the f
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -14,8 +13,6 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-
-log = logging.getLogger(__name__)
 
 
 def unwritable_reason(folder: Path) -> str | None:

@@ -3,14 +3,15 @@
 ``train(cfg)`` is what ``train.py`` calls for every Hydra job. It owns the run folder's layout:
 
     <run dir>/config.yaml          the resolved config
-    <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``)
-    <run dir>/checkpoints/         last.ckpt and best-*.ckpt
+    <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``; conf/logger/)
+    <run dir>/checkpoints/         last.ckpt and best-*.ckpt (conf/callbacks/checkpoints.yaml)
     <run dir>/metrics.json         final figures, written atomically
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from pruneflow.atomic_io import write_json_atomic, write_text_atomic
-from pruneflow.callbacks import TrainingThroughput
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
-from pruneflow.callbacks.non_finite_loss import NonFiniteLossGuard
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.cpu_share import share_cpu_cores
@@ -51,36 +50,40 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    # Two checkpointers: Lightning >= 2.6 refreshes `save_last` only when a monitored checkpoint is
-    # saved, so a plateaued val/acc would leave last.ckpt behind; an unmonitored one saves every epoch.
-    best = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor="val/acc",
-        mode="max",
-    )
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False)
-    callbacks: list[Callback] = [best, last, NonFiniteLossGuard(), TrainingThroughput()]
-    if cfg.trainer.get("enable_progress_bar", True):
-        # Each refresh reads the logged loss back from the device: on a GPU, a refresh every step would
-        # put a host synchronisation into every step.
-        refresh_rate = cfg.get("progress_bar_refresh_rate", 20)
-        if not isinstance(refresh_rate, int) or isinstance(refresh_rate, bool) or refresh_rate < 1:
-            raise ConfigError(f"progress_bar_refresh_rate must be a positive integer, got {refresh_rate!r}")
-        callbacks.append(TQDMProgressBar(refresh_rate=refresh_rate))
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The ``callbacks`` group's callbacks (conf/callbacks/: checkpoints, non-finite guard, throughput,
+    progress, and any a user adds), then the mask's ``ChannelPruning``."""
+    callbacks: list[Callback] = []
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if callback_cfg is None:
             continue
         callback = instantiate(callback_cfg)
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name} must build a lightning Callback, got {type(callback).__name__}")
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # Lightning refuses a progress bar callback beside enable_progress_bar=false
         callbacks.append(callback)
     mask_cfg = cfg.get("mask")
     if mask_cfg is not None and mask_cfg.get("_target_"):
         callbacks.append(instantiate(mask_cfg))
     return callbacks
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, purge_step: int | None = None) -> Logger | None:
+    """The ``logger`` group's logger (conf/logger/), writing into the run folder unless told where; None
+    with ``~logger``. A TensorBoard logger of a resumed run gets ``purge_step``: TensorBoard drops the
+    earlier event files' values from that step on, so the steps a stopped run logged after its last
+    checkpoint (and trains again now) show once."""
+    logger_cfg = cfg.get("logger")
+    if not logger_cfg:
+        return None
+    overrides: dict[str, Any] = {} if logger_cfg.get("save_dir") else {"save_dir": str(run_dir)}
+    if purge_step is not None and logger_cfg.get("_target_", "").endswith("TensorBoardLogger"):
+        overrides["purge_step"] = purge_step
+    logger = instantiate(logger_cfg, **overrides)
+    if not isinstance(logger, Logger):
+        raise ConfigError(f"logger must build a lightning Logger, got {type(logger).__name__}")
+    return logger
 
 
 def final_metrics(
@@ -99,15 +102,52 @@ def final_metrics(
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
-    so it is complete even after a SIGKILL); None for a fresh run."""
+    so it is complete even after a SIGKILL), or that ``last.ckpt`` for a Slurm job that was requeued;
+    None for a fresh run. ``resume=true`` without a ``last.ckpt`` is a ConfigError naming the folder
+    (except in a requeued Slurm job that was stopped before its first checkpoint: it starts over)."""
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
     if cfg.get("resume"):
-        last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
-        log.warning("resume=true but %s does not exist yet: starting from scratch", last)
-    return None
+        if not requeued_job():
+            # Refused rather than started over: a wrong hydra.run.dir would otherwise silently retrain from scratch.
+            raise ConfigError(
+                f"resume=true but {last.parent} holds no last.ckpt to resume from; point hydra.run.dir= at the run's "
+                "folder, or drop resume=true to start a new run"
+            )
+    return requeued_checkpoint(last)
+
+
+def requeued_checkpoint(last: Path) -> Path | None:
+    """``last`` when this is a requeued Slurm job (preempted, or out of time and requeued by submitit) that
+    checkpointed before it was stopped. The requeued job runs the same command in the same run folder
+    (Hydra's sweep folder and its override-named subfolder are fixed at submission), so continuing from
+    the folder's last checkpoint is what the user asked for when they submitted it."""
+    if not requeued_job():
+        return None
+    restarts = os.environ["SLURM_RESTART_COUNT"]
+    if not last.is_file():
+        log.info("Slurm restart %s of job %s: no checkpoint yet, starting from scratch", restarts, slurm_job_id())
+        return None
+    log.info("Slurm restart %s of job %s: continuing from %s", restarts, slurm_job_id(), last)
+    return last
+
+
+def requeued_job() -> bool:
+    """Whether this process is a Slurm job restarted after a requeue (``SLURM_RESTART_COUNT`` > 0)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return restarts.isdigit() and int(restarts) > 0
+
+
+def slurm_job_id() -> str | None:
+    """This process's Slurm job as ``sacct`` and ``squeue`` name it: ``<array job>_<task>`` for a job of an
+    array (submitit submits a sweep as one array), else the job id; None outside Slurm."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -142,16 +182,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
-    callbacks = build_callbacks(cfg, run_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=[AtomicCheckpointIO()])
+    if slurm_job_id():
+        log.info("Slurm job %s (SLURM_JOB_ID=%s, restart %s, task %s of %s)", slurm_job_id(),
+                 os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0"),
+                 os.environ.get("SLURM_PROCID", "0"), os.environ.get("SLURM_NTASKS", "1"))  # fmt: skip
     resume = checkpoint_to_resume(cfg, run_dir)
-    if resume is not None:
-        checkpoint = check_checkpoint_matches(module, resume)
+    checkpoint_io = AtomicCheckpointIO()
+    # Read once: the checks use this dict, and fit's restore gets it from checkpoint_io.
+    checkpoint = None if resume is None else check_checkpoint_matches(module, resume, checkpoint_io)
+    # A resumed run purges what was logged after its checkpoint (steps > its global_step: Lightning and the
+    # telemetry log at the step count after the optimizer step), so each tag shows one continuous curve.
+    logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]) + 1)
+    callbacks = build_callbacks(cfg)
+    # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
+    )
+    if resume is not None and checkpoint is not None:
         for callback in callbacks:
             if isinstance(callback, ChannelPruning):
                 callback.check_checkpoint(checkpoint, str(resume))
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s (saved at epoch %s, global step %s)", resume, checkpoint.get("epoch"),
+                 checkpoint.get("global_step"))  # fmt: skip
+        del checkpoint
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -168,7 +221,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         wall_seconds=round(wall_seconds, 3),
     )
     if trainer.is_global_zero:
-        log_hparams(logger, cfg, metrics, step=trainer.global_step)
+        if isinstance(logger, TensorBoardLogger):
+            log_hparams(logger, cfg, metrics, step=trainer.global_step)
         write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("compact") and trainer.is_global_zero:
         # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.

@@ -6,14 +6,12 @@ The linear classifier reads the flattened last feature map, so each channel of t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, conv_bn_act
-
-log = logging.getLogger(__name__)
 
 
 class ConvNet(nn.Module):
@@ -34,9 +32,9 @@ class ConvNet(nn.Module):
         super().__init__()
         check_activation(activation)
         if not channels or any(int(c) <= 0 for c in channels):
-            raise ValueError(f"model.channels must be a non-empty list of positive widths, got {list(channels)}")
+            raise ConfigError(f"model.channels must be a non-empty list of positive widths, got {list(channels)}")
         if convs_per_stage < 1:
-            raise ValueError(f"model.convs_per_stage must be >= 1, got {convs_per_stage}")
+            raise ConfigError(f"model.convs_per_stage must be >= 1, got {convs_per_stage}")
         in_channels, height, width = (int(v) for v in input_shape)
         layers: list[nn.Module] = []
         for stage_width in channels:
@@ -46,7 +44,7 @@ class ConvNet(nn.Module):
             layers.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
         if height < 1 or width < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"model.channels has {len(channels)} stages, too many for a {input_shape[1]}×{input_shape[2]} input"
             )
         self.features = nn.Sequential(*layers)

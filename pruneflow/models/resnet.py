@@ -7,14 +7,12 @@ stage; the shortcut uses a 1×1 conv + BN projection (option B) where the shape 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, make_activation
-
-log = logging.getLogger(__name__)
 
 
 class BasicBlock(nn.Module):
@@ -52,9 +50,9 @@ class ResNet(nn.Module):
         super().__init__()
         check_activation(activation)
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"model.depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}")
+            raise ConfigError(f"model.depth must be 6n+2 with n >= 1 (20, 32, 56, ...), got {depth}")
         if width < 1:
-            raise ValueError(f"model.width must be >= 1, got {width}")
+            raise ConfigError(f"model.width must be >= 1, got {width}")
         blocks_per_stage = (depth - 2) // 6
         self.conv1 = nn.Conv2d(int(input_shape[0]), width, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)

@@ -6,14 +6,12 @@ the last conv feeds exactly input feature ``c`` of ``classifier.2``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from pruneflow.errors import ConfigError
 from pruneflow.models.blocks import check_activation, conv_bn_act
-
-log = logging.getLogger(__name__)
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -39,9 +37,9 @@ class VGG(nn.Module):
                 modules += conv_bn_act(in_channels, item, activation)
                 in_channels = item
             else:
-                raise ValueError(f"model.layers entries must be positive ints or 'M', got {item!r}")
+                raise ConfigError(f"model.layers entries must be positive ints or 'M', got {item!r}")
         if not any(isinstance(m, nn.Conv2d) for m in modules):
-            raise ValueError(f"model.layers must hold at least one conv width, got {list(layers)}")
+            raise ConfigError(f"model.layers must hold at least one conv width, got {list(layers)}")
         self.features = nn.Sequential(*modules)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
 

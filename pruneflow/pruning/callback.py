@@ -8,13 +8,22 @@ coupled group or of a depthwise chain gets the same mask. Per training step (hoo
 Lightning's automatic optimization):
 
     on_train_batch_start     prune when the schedule says so; cut the pruned channels out at
-                             ``cut_at_epoch`` / ``cut_at_step``; arm leak probes on logging steps
+                             ``cut_at_epoch`` / ``cut_at_step``; arm leak probes on measured steps
     forward / backward
     on_after_backward        gradient telemetry (before any gradient mask); the criterion's gradients
-    on_before_optimizer_step strategy.before_optimizer_step (gradient masking)
+    on_before_optimizer_step strategy.before_optimizer_step (gradient masking); on measured steps a
+                             copy of the pruned rows
     optimizer.step
-    on_train_batch_end       strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
-                             telemetry logged every ``log_every_n_steps``
+    on_train_batch_end       on measured steps the optimizer's share of the step; then
+                             strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
+                             telemetry logged
+
+Measured steps: every ``log_every_n_steps``, and every step of the ``burst_steps`` optimizer steps
+after each pruning event (the transient: under SGD a ``weight``-pruned kernel jumps within a few
+steps, between two regular logging points). Burst steps measure the pruned kernels and the
+optimizer's share only (``DriftTelemetry.measure(transient_only=True)``); consumer drift, leak,
+BatchNorm, histograms and channel-mask images stay on the regular interval. The eval-mode leak is measured on the first
+validation batch of each validation epoch.
 """
 
 from __future__ import annotations
@@ -31,12 +40,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, is_count
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer, select_spaces, trace_channel_graph
 from pruneflow.pruning.criteria import EXPLICIT, Criterion, Explicit, make_criterion
 from pruneflow.pruning.dashboard import log_pruned_layers
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
-from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy, make_strategy, zero_optimizer_state
+from pruneflow.pruning.strategies import (
+    STRATEGIES,
+    MaskStrategy,
+    current_strategy_name,
+    make_strategy,
+    zero_optimizer_state,
+)
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
 
 log = logging.getLogger(__name__)
@@ -79,7 +94,8 @@ class ChannelPruning(Callback):
     whether they stay pruned.
 
     Args:
-        strategy: one of ``none``, ``weight``, ``activation``, ``gradient``, ``parametrize``, ``hard``.
+        strategy: one of ``control`` (select and measure, mask nothing), ``weight``, ``activation``,
+            ``gradient``, ``parametrize``, ``hard``.
         amount: fraction of channels removed per pruned channel space, in [0, 1); never all of one.
         criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
@@ -92,6 +108,8 @@ class ChannelPruning(Callback):
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
             pruning time and after every step.
         log_every_n_steps: telemetry interval in optimizer steps.
+        burst_steps: telemetry every step for this many optimizer steps after each pruning event
+            (0: no burst).
         taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
         seed: for ``random``.
         module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present,
@@ -127,6 +145,7 @@ class ChannelPruning(Callback):
         end_epoch: int = 0,
         reset_optimizer_state: bool = False,
         log_every_n_steps: int = 50,
+        burst_steps: int = 100,
         taylor_batches: int = 8,
         seed: int = 0,
         module: str | None = "auto",
@@ -135,12 +154,21 @@ class ChannelPruning(Callback):
         cut_at_step: int | None = None,
         cut_changes_outputs: bool = False,
     ) -> None:
+        strategy = current_strategy_name(strategy)
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
-            raise ValueError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
+            raise ConfigError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
+        if not is_count(log_every_n_steps) or log_every_n_steps < 1:
+            raise ConfigError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
+        if not is_count(taylor_batches) or taylor_batches < 1:
+            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+        if not is_count(seed) or seed < 0:
+            raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
+        if not isinstance(reset_optimizer_state, bool):
+            raise ConfigError(f"mask.reset_optimizer_state must be true or false, got {reset_optimizer_state!r}")
+        if not is_count(burst_steps) or burst_steps < 0:
+            raise ConfigError(f"mask.burst_steps must be a non-negative integer (0: no burst), got {burst_steps!r}")
         if not isinstance(groups, bool):
             raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
         self.strategy_name = strategy
@@ -155,6 +183,7 @@ class ChannelPruning(Callback):
         self.schedule = PruningSchedule(scheduled_amount, schedule, at_epoch, at_step, start_epoch, end_epoch)
         self.reset_optimizer_state = bool(reset_optimizer_state)
         self.log_every_n_steps = log_every_n_steps
+        self.burst_steps = burst_steps
         self.module_attribute = module
         if static_masks is not None:
             warnings.warn(
@@ -175,6 +204,9 @@ class ChannelPruning(Callback):
         self.telemetry: DriftTelemetry | None = None
         self.history: dict[str, list[float]] = {}
         self._measure_now = False
+        self._regular_step = False  # a log_every_n_steps step (histograms), not only a burst step
+        # (step, drift/producer_l2) of every measured step: the transient figures of final_metrics.
+        self.drift_trace: list[tuple[int, float]] = []
         self._last_logged_step: int | None = None
         self._rank_fingerprints: list[list[float]] = []
         self._masked: list[tuple[PrunableLayer, Tensor]] = []
@@ -225,7 +257,7 @@ class ChannelPruning(Callback):
             return pl_module if defines_forward(pl_module) else held_network(pl_module)
         candidate = getattr(pl_module, self.module_attribute, None)
         if not isinstance(candidate, nn.Module):
-            raise ValueError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
+            raise ConfigError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
         return candidate
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -296,8 +328,11 @@ class ChannelPruning(Callback):
             self.pruned[layer.name] = mask
             if bool(mask.any()):
                 self.strategy.apply(layer, mask)
-                self.telemetry.on_pruned(layer, mask)
         self._refresh_masked()
+        # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
+        # its own kernels zeroed by then, and that is pruning, not drift.
+        for layer, mask in self._masked:
+            self.telemetry.on_pruned(layer, mask)
         self.pruned_amount = target
         self.pruning_steps.append(trainer.global_step)
         if self.reset_optimizer_state:
@@ -332,9 +367,15 @@ class ChannelPruning(Callback):
         if self._cut_due(trainer):
             self._cut(trainer, pl_module, batch)
             return
-        self._measure_now = bool(self.pruned) and trainer.global_step % self.log_every_n_steps == 0
+        step = trainer.global_step
+        self._regular_step = step % self.log_every_n_steps == 0
+        self._measure_now = bool(self.pruned) and (self._regular_step or self.in_burst(step))
         assert self.telemetry is not None
-        self.telemetry.arm(self._measure_now)
+        self.telemetry.arm(self._measure_now and self._regular_step)
+
+    def in_burst(self, step: int) -> bool:
+        """Whether the step taken at ``global_step == step`` is among a pruning event's first ``burst_steps``."""
+        return any(0 <= step - event < self.burst_steps for event in self.pruning_steps)
 
     # -- the cut ----------------------------------------------------------------------------------
     def _cut_due(self, trainer: L.Trainer) -> bool:
@@ -411,17 +452,44 @@ class ChannelPruning(Callback):
     ) -> None:
         for layer, mask in self._masked:
             self.strategy.before_optimizer_step(layer, mask)
+        if self._measure_now and self.telemetry is not None:
+            self.telemetry.snapshot_rows()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._measure_now and self.telemetry is not None:
+            # Before re-zeroing and state resets: what the optimizer itself did to the pruned rows.
+            self.telemetry.record_optimizer_step(trainer.optimizers)
         for layer, mask in self._masked:
             self.strategy.after_optimizer_step(layer, mask)
         if self.reset_optimizer_state and self._masked:
             self._zero_optimizer_state(trainer)
         if self._measure_now:
-            self._log(trainer, self.telemetry.measure() if self.telemetry else {})
+            regular = self._regular_step
+            metrics = self.telemetry.measure(transient_only=not regular) if self.telemetry else {}
+            self._log(trainer, metrics, histograms=regular)
             self._measure_now = False
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        # One fixed batch (the unshuffled validation set's first) per validation epoch; not the sanity check.
+        if self.telemetry is not None and self.pruned and batch_idx == 0 and dataloader_idx == 0:
+            self.telemetry.arm_eval(not trainer.sanity_checking)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.telemetry is not None and self.telemetry.eval_leak_armed:
+            self.telemetry.arm_eval(False)
+            self._log(trainer, self.telemetry.measure_eval_leak(), histograms=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The final state, unless the last logging step already measured it.
@@ -440,22 +508,25 @@ class ChannelPruning(Callback):
         gathered = trainer.strategy.all_gather(local)
         return gathered.view(-1, 2).tolist()
 
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool = True) -> None:
         if not metrics:
             return
         for tag, value in metrics.items():
             self.history.setdefault(tag, []).append(value)
-        self._last_logged_step = trainer.global_step
-        self._log_to_loggers(trainer, metrics)
+        if "drift/producer_l2" in metrics:
+            self.drift_trace.append((trainer.global_step, metrics["drift/producer_l2"]))
+            self._last_logged_step = trainer.global_step
+        self._log_to_loggers(trainer, metrics, histograms)
 
     @rank_zero_only
-    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
+            if histograms and isinstance(logger, TensorBoardLogger):
                 log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step,
                                   mask_images=self._mask_images_pending)  # fmt: skip
-        self._mask_images_pending = False
+        if histograms:
+            self._mask_images_pending = False
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -475,6 +546,7 @@ class ChannelPruning(Callback):
                 f"{producer}>{consumer}": ref.cpu() for (producer, consumer), ref in references.items()
             },
             "history": {tag: list(values) for tag, values in self.history.items()},
+            "drift_trace": [[float(step), value] for step, value in self.drift_trace],
             "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
             **self.importance.state_dict(),
             "cut": dict(self.cut) if self.cut is not None else {},
@@ -499,17 +571,18 @@ class ChannelPruning(Callback):
         """
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
-            raise ValueError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
+            raise ConfigError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
         self._check_compatible(state, origin)
 
     def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
-        if state["strategy"] != self.strategy_name:
-            raise ValueError(
-                f"{origin} was pruned with mask={state['strategy']} but this run has mask={self.strategy_name}; "
-                f"resume with mask={state['strategy']} or start a new run"
+        saved = current_strategy_name(state["strategy"], warn=False)  # a checkpoint may hold a former name
+        if saved != self.strategy_name:
+            raise ConfigError(
+                f"{origin} was pruned with mask={saved} but this run has mask={self.strategy_name}; "
+                f"resume with mask={saved} or start a new run"
             )
         if self.layers and state["layers"] != {layer.name: layer.num_channels for layer in self.layers}:
-            raise ValueError(
+            raise ConfigError(
                 f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
                 f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
             )
@@ -540,6 +613,7 @@ class ChannelPruning(Callback):
         self.pruned_amount = float(state["pruned_amount"])
         self.pruning_steps = list(state["pruning_steps"])
         self.history = {tag: list(values) for tag, values in state["history"].items()}
+        self.drift_trace = [(int(step), float(value)) for step, value in state.get("drift_trace", [])]
         self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
         self.importance.load_state_dict(state)
         self._refresh_masked()
@@ -577,4 +651,32 @@ class ChannelPruning(Callback):
         for tag, values in self.history.items():
             report[f"{tag}/final"] = values[-1]
             report[f"{tag}/max"] = max(values)
+        report.update(transient_figures(self.drift_trace, self.pruning_steps, self.burst_steps))
         return report
+
+
+def transient_figures(trace: Sequence[tuple[int, float]], events: Sequence[int], burst_steps: int) -> dict[str, Any]:
+    """The transient after pruning, from ``(step, drift/producer_l2)`` of the measured steps.
+
+    ``burst/steps_to_half_drift``: optimizer steps from the first pruning event until the producer
+    drift first reaches half its final value (left out when the final drift is 0: nothing moved);
+    ``burst/drift_after_burst``: the drift measured ``burst_steps`` steps after the first event, and
+    ``burst/drift_after_burst_per_event`` the same after each event (None where not measured).
+    A measurement logged at step s describes the weights after the optimizer step taken at s − 1.
+    """
+    if not trace or not events:
+        return {}
+    figures: dict[str, Any] = {"burst/steps": burst_steps}
+    final = trace[-1][1]
+    first = events[0]
+    if final > 0:
+        reached = next((step for step, drift in trace if step > first and drift >= final / 2), None)
+        if reached is not None:
+            figures["burst/steps_to_half_drift"] = reached - first
+    if burst_steps > 0:
+        by_step = dict(trace)
+        after = [by_step.get(event + burst_steps) for event in events]
+        figures["burst/drift_after_burst_per_event"] = after
+        if after[0] is not None:
+            figures["burst/drift_after_burst"] = after[0]
+    return figures

@@ -16,7 +16,6 @@ Per pruned layer:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,8 +24,6 @@ from torch.utils.tensorboard import SummaryWriter
 
 from pruneflow.pruning.channels import PrunableLayer
 from pruneflow.pruning.strategies import MaskStrategy
-
-log = logging.getLogger(__name__)
 
 CHANNELS_PER_ROW = 32
 CELL_PIXELS = 8  # each channel a square this wide, with a one-pixel grey border

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+from pruneflow.errors import ConfigError, is_count
 
 SCHEDULES = ("one_shot", "gradual")
 
@@ -27,21 +26,27 @@ class PruningSchedule:
     end_epoch: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.amount, bool) or not isinstance(self.amount, (int, float)) or not 0 <= self.amount <= 1:
+            raise ConfigError(f"the pruning schedule's amount must be a fraction in [0, 1], got {self.amount!r}")
         if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown mask.schedule {self.kind!r}; choose one of: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown mask.schedule {self.kind!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.at_epoch is not None and self.at_step is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"set mask.at_epoch or mask.at_step, not both (got at_epoch={self.at_epoch}, at_step={self.at_step})"
             )
         for name in ("at_epoch", "at_step"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
+            if value is not None and (not is_count(value) or value < 0):
+                raise ConfigError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
         if self.kind == "gradual" and not 0 <= self.start_epoch < self.end_epoch:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.schedule=gradual needs 0 <= mask.start_epoch < mask.end_epoch, "
                 f"got start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"
             )
+        for name in ("start_epoch", "end_epoch"):
+            value = getattr(self, name)
+            if not is_count(value) or value < 0:
+                raise ConfigError(f"mask.{name} must be a non-negative integer, got {value!r}")
 
     def target(self, epoch: int, step: int) -> float:
         if self.kind == "gradual":

@@ -25,7 +25,7 @@ kernel's gradient — is exactly zero.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from typing import ClassVar
 
 import torch
@@ -33,9 +33,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import PrunableLayer
-
-log = logging.getLogger(__name__)
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
@@ -95,9 +94,9 @@ def zero_rows(tensors: list[Tensor], pruned: Tensor) -> None:
 
 
 class NoMask(MaskStrategy):
-    """The control: channels are selected and measured, nothing is applied."""
+    """The control (``mask=control``): channels are selected and measured, nothing is applied."""
 
-    name = "none"
+    name = "control"
     why_cut_changes_outputs = "nothing is applied: the pruned channels carry their full activations"
     zeroes_kernels = False
 
@@ -234,11 +233,30 @@ STRATEGIES: dict[str, type[MaskStrategy]] = {
 }
 
 
+# Former strategy names, accepted for one release with a FutureWarning: "none" read like mask=disabled.
+RENAMED_STRATEGIES = {"none": "control"}
+
+
+def current_strategy_name(name: str, warn: bool = True) -> str:
+    """``name``, or what a former strategy name is called now (with a ``FutureWarning`` if ``warn``)."""
+    if name not in RENAMED_STRATEGIES:
+        return name
+    current = RENAMED_STRATEGIES[name]
+    if warn:
+        warnings.warn(
+            f"mask strategy {name!r} is now called {current!r} (mask={current}); {name!r} will be removed in the "
+            "next release",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return current
+
+
 def make_strategy(name: str) -> MaskStrategy:
     try:
-        return STRATEGIES[name]()
+        return STRATEGIES[current_strategy_name(name)]()
     except KeyError:
-        raise ValueError(f"unknown mask strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
+        raise ConfigError(f"unknown mask strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
 
 
 @torch.no_grad()

@@ -12,7 +12,30 @@ Per pruned layer (tags ``<metric>/<layer name>``) and aggregated over layers (ta
   training forwards (a BatchNorm's β shows up here). Eager networks reduce it on logging steps
   only; a compiled graph reduces it in every training forward (fused into the kernels that write
   the activation), because switching it on and off would recompile the graph;
-- ``bn/beta_abs``, ``bn/gamma_abs``: mean |β|, |γ| of the pruned channels' BatchNorm.
+- ``leak/eval_activation_abs_mean``: the same in eval mode, on one fixed validation batch (the first
+  of each validation epoch). A dead channel's BatchNorm outputs β in train mode (batch statistics of
+  an all-zero channel are 0), but γ·(0 − running mean)/√(running var + ε) + β in eval mode;
+- ``bn/beta_abs``, ``bn/gamma_abs``: mean |β|, |γ| of the pruned channels' BatchNorm;
+  ``bn/pruned_running_var``: their mean running variance — it decays towards 0 once the channel
+  is dead, so eval mode divides whatever still reaches the channel by ≈ √ε —, and
+  ``bn/pruned_eval_gain``: mean |γ|/√(running var + ε), that amplifier itself.
+
+What moved the pruned rows (weight and bias rows of the pruned kernels' trainable tensors) over the
+measured optimizer step, read from the optimizer's own state and ``param_groups`` after the step:
+
+- ``optim/pruned_grad_l2``: the gradient (the same value as ``grad/pruned_l2``, kept for dashboards
+  and reports that read that tag);
+- ``optim/pruned_momentum_l2``: SGD's momentum buffer — after the step, the buffer the step used;
+- ``optim/pruned_exp_avg_l2``, ``optim/pruned_exp_avg_sq_mean``: Adam's / AdamW's first moment (L2)
+  and second moment (mean over the pruned entries);
+- ``optim/pruned_decay_l2``: weight decay's pull ``wd · w`` on the rows before the step. Coupled decay
+  (SGD, Adam) enters the gradient the optimizer uses; decoupled decay (AdamW) shrinks the stored
+  weight by ``lr · wd · w`` directly — either way it acts on stored weights whose gradient is zero;
+- ``optim/pruned_update_l2``: the rows' actual change over the optimizer step, from a copy of the
+  pruned rows only, taken before the step on measured steps only (a strategy's re-zeroing after the
+  step is not part of it: under ``hard`` this is what the optimizer does before being undone).
+
+A metric that does not apply (no momentum, not Adam, no BatchNorm) is left out.
 
 All quantities are reduced on the device into one tensor and fetched with a single host transfer per
 logging step.
@@ -20,7 +43,6 @@ logging step.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 
@@ -31,30 +53,44 @@ from torch.utils.hooks import RemovableHandle
 from pruneflow.pruning.channels import Consumer, PrunableLayer
 from pruneflow.pruning.strategies import MaskStrategy
 
-log = logging.getLogger(__name__)
-
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
 # module to its device and a compiled graph reads its values without a recompile when pruning rewrites it.
 PRUNED_BUFFER = "pruneflow_pruned"
 
 # Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
+# The optimizer's share of a layer's pruned rows (sums over the rows; -1: does not apply).
+OPTIMIZER_FIELDS = ("momentum_sq", "exp_avg_sq", "exp_avg_sq_sum", "state_entries", "decay_sq", "update_sq")
 FIELDS = (
     "pruned", "producer_sq", "producer_max_abs", "zero_kernels", "stored_sq", "consumer_sq", "grad_sq",
-    "leak_mean", "beta_abs_sum", "gamma_abs_sum",
+    "leak_mean", "beta_abs_sum", "gamma_abs_sum", "running_var_sum", "eval_gain_sum", *OPTIMIZER_FIELDS,
 )  # fmt: skip
 
 
 # The aggregate tags, in the order the dashboard shows them.
 AGGREGATE_TAGS = (
     "drift/producer_l2", "drift/producer_max_abs", "drift/zero_fraction", "drift/stored_l2", "drift/consumer_l2",
-    "grad/pruned_l2", "leak/activation_abs_mean", "bn/beta_abs", "bn/gamma_abs",
+    "grad/pruned_l2", "leak/activation_abs_mean", "leak/eval_activation_abs_mean", "bn/beta_abs", "bn/gamma_abs",
+    "bn/pruned_running_var", "bn/pruned_eval_gain", "optim/pruned_grad_l2", "optim/pruned_momentum_l2",
+    "optim/pruned_exp_avg_l2", "optim/pruned_exp_avg_sq_mean", "optim/pruned_decay_l2", "optim/pruned_update_l2",
 )  # fmt: skip
+EVAL_LEAK_TAG = "leak/eval_activation_abs_mean"
+
+
+# Custom Scalars categories: (title, tag prefixes), the question each group of charts answers.
+LAYOUT_CATEGORIES = (
+    ("pruneflow: do pruned kernels stay at zero?", ("drift/",)),
+    ("pruneflow: what moved them (the optimizer's share)", ("optim/", "grad/")),
+    ("pruneflow: where the leak comes from (BatchNorm, train vs eval)", ("leak/", "bn/")),
+)
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list]]:
     """TensorBoard "Custom Scalars" layout: one chart per telemetry metric, its aggregate and every
-    layer, so runs (strategies) overlay in one picture."""
-    return {"pruneflow telemetry": {tag: ["Multiline", [f"^{tag}(/.*)?$"]] for tag in AGGREGATE_TAGS}}
+    layer, so runs (strategies) overlay in one picture; charts grouped by the question they answer."""
+    return {
+        title: {tag: ["Multiline", [f"^{tag}(/.*)?$"]] for tag in AGGREGATE_TAGS if tag.startswith(prefixes)}
+        for title, prefixes in LAYOUT_CATEGORIES
+    }
 
 
 class DriftTelemetry:
@@ -67,14 +103,19 @@ class DriftTelemetry:
         self.pruned: dict[str, Tensor] = {}
         self.consumer_reference: dict[tuple[str, str], Tensor] = {}
         self._leak: dict[str, Tensor] = {}
+        self._eval_leak: dict[str, Tensor] = {}
         self._grad_sq: dict[str, Tensor] = {}
+        self._rows_before: dict[str, list[Tensor]] = {}
+        self._optimizer_share: dict[str, Tensor] = {}
         self._leak_armed = False
+        self._eval_leak_armed = False
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
             point = layer.channel_point
             point.register_buffer(PRUNED_BUFFER, torch.zeros(layer.num_channels), persistent=False)
             # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
             self._leak[layer.name] = torch.full((), -1.0)
+            self._eval_leak[layer.name] = torch.full((), -1.0)
             self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
 
     # -- events -----------------------------------------------------------------------------------
@@ -99,6 +140,59 @@ class DriftTelemetry:
     def arm(self, armed: bool) -> None:
         """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
         self._leak_armed = armed
+
+    def arm_eval(self, armed: bool) -> None:
+        """Measure leaks in the coming eval-mode forward (the fixed validation batch)."""
+        self._eval_leak_armed = armed
+
+    @property
+    def eval_leak_armed(self) -> bool:
+        return self._eval_leak_armed
+
+    @torch.no_grad()
+    def snapshot_rows(self) -> None:
+        """Copy the pruned rows (only those) of each masked layer's trainable tensors; call before the step."""
+        for layer in self.layers:
+            pruned = self.pruned.get(layer.name)
+            if pruned is not None:
+                self._rows_before[layer.name] = [
+                    t.detach()[pruned].clone() for t in self.strategy.trainable_tensors(layer)
+                ]
+
+    @torch.no_grad()
+    def record_optimizer_step(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """The optimizer's share of the step just taken (see the module docstring), from its state and
+        ``param_groups``; call after the step, before any re-zeroing or state reset."""
+        groups = {id(p): (optimizer, group) for optimizer in optimizers for group in optimizer.param_groups
+                  for p in group["params"]}  # fmt: skip
+        for layer in self.layers:
+            pruned = self.pruned.get(layer.name)
+            before = self._rows_before.pop(layer.name, None)
+            if pruned is None or before is None:
+                continue
+            tensors = self.strategy.trainable_tensors(layer)
+            fields = dict.fromkeys(OPTIMIZER_FIELDS, None)
+            for tensor, rows_before in zip(tensors, before, strict=True):
+                optimizer, group = groups.get(id(tensor), (None, {}))
+                state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
+                parts = {
+                    "update_sq": (tensor.detach()[pruned] - rows_before).float().pow(2).sum(),
+                    "decay_sq": (float(group.get("weight_decay") or 0.0) * rows_before.float()).pow(2).sum(),
+                }
+                if isinstance(state.get("momentum_buffer"), Tensor):
+                    parts["momentum_sq"] = state["momentum_buffer"][pruned].float().pow(2).sum()
+                if isinstance(state.get("exp_avg"), Tensor):
+                    parts["exp_avg_sq"] = state["exp_avg"][pruned].float().pow(2).sum()
+                if isinstance(state.get("exp_avg_sq"), Tensor):
+                    second = state["exp_avg_sq"][pruned].float()
+                    parts["exp_avg_sq_sum"] = second.sum()
+                    parts["state_entries"] = torch.tensor(float(second.numel()), device=second.device)
+                for field, value in parts.items():
+                    fields[field] = value if fields[field] is None else fields[field] + value
+            device = layer.conv.weight.device
+            self._optimizer_share[layer.name] = torch.stack(
+                [torch.full((), -1.0, device=device) if v is None else v.to(device) for v in fields.values()]
+            )
 
     @torch.no_grad()
     def record_gradients(self) -> None:
@@ -127,13 +221,16 @@ class DriftTelemetry:
     def _leak_hook(self, name: str, shape: tuple[int, ...]):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             # `is_compiling()` first: a compiled graph never reads the Python flag, so it never recompiles.
-            if module.training and (torch.compiler.is_compiling() or self._leak_armed):
-                self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
+            if module.training:
+                if torch.compiler.is_compiling() or self._leak_armed:
+                    self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
+            elif torch.compiler.is_compiling() or self._eval_leak_armed:
+                self._eval_leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
 
         return hook
 
     @torch.no_grad()
-    def _raw(self, layer: PrunableLayer, pruned: Tensor) -> Tensor:
+    def _raw(self, layer: PrunableLayer, pruned: Tensor, transient_only: bool) -> Tensor:
         weight = layer.conv.weight.detach()
         device = weight.device
         pruned = pruned.to(device)
@@ -143,15 +240,19 @@ class DriftTelemetry:
             rows.append(layer.conv.bias.detach()[pruned].float().view(-1, 1))
         kernels = torch.cat(rows, dim=1)
         stored = self.strategy.stored_weight(layer)
-        consumer_sq = zero.clone()
+        consumer_sq = zero - 1 if transient_only else zero.clone()
         columns_of = pruned.nonzero().flatten()
-        for consumer in layer.consumers:
+        for consumer in [] if transient_only else layer.consumers:
             weight_now = self.consumer_weight(consumer).detach()
             columns = consumer.columns(columns_of)
             reference = self.consumer_reference[(layer.name, consumer.name)]
             consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
-        norm = layer.norm
+        norm = None if transient_only else layer.norm
         has_affine = norm is not None and norm.weight is not None
+        running_var = norm.running_var if norm is not None else None
+        optimizer_share = self._optimizer_share.pop(layer.name, None)
+        if optimizer_share is None:
+            optimizer_share = torch.full((len(OPTIMIZER_FIELDS),), -1.0, device=device)
         values = [
             pruned.sum().float(),
             kernels.pow(2).sum(),
@@ -160,23 +261,29 @@ class DriftTelemetry:
             stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
             consumer_sq,
             self._grad_sq.get(layer.name, zero - 1),
-            self._leak.get(layer.name, zero - 1),
+            zero - 1 if transient_only else self._leak.get(layer.name, zero - 1),
             norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
             norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
+            running_var[pruned].float().sum() if running_var is not None else zero - 1,
+            _eval_gain(norm, pruned).sum() if running_var is not None and has_affine else zero - 1,
         ]
-        return torch.stack([v.to(device) for v in values])
+        return torch.cat([torch.stack([v.to(device) for v in values]), optimizer_share.to(device)])
 
-    def measure(self) -> dict[str, float]:
+    def measure(self, transient_only: bool = False) -> dict[str, float]:
         """All metrics of all pruned layers and their aggregates, with one device→host transfer.
 
         A metric that does not apply (no BatchNorm, no stored weight, no gradient yet) is left out.
+        ``transient_only`` (burst steps between logging steps): the pruned kernels and the optimizer's
+        share only — consumer drift, leak and BatchNorm, which move slowly, stay on the interval.
         """
         # Only layers with pruned channels are recorded (decided on the host at each pruning event).
         measured = [layer for layer in self.layers if layer.name in self.pruned]
         if not measured:
             return {}
         device = measured[0].conv.weight.device
-        table = torch.stack([self._raw(layer, self.pruned[layer.name]).to(device) for layer in measured]).cpu()
+        table = torch.stack(
+            [self._raw(layer, self.pruned[layer.name], transient_only).to(device) for layer in measured]
+        ).cpu()
         rows = [dict(zip(FIELDS, row, strict=True)) for row in table.tolist()]
         metrics: dict[str, float] = {}
         for layer, row in zip(measured, rows, strict=True):
@@ -184,6 +291,26 @@ class DriftTelemetry:
                 metrics[f"{tag}/{layer.name}"] = value
         metrics.update(_derive(rows))
         return metrics
+
+    def measure_eval_leak(self) -> dict[str, float]:
+        """``leak/eval_activation_abs_mean`` (per pruned layer and over them) from the last armed eval forward."""
+        measured = [layer for layer in self.layers if layer.name in self.pruned]
+        if not measured:
+            return {}
+        values = torch.stack([self._eval_leak[layer.name].float().cpu() for layer in measured]).tolist()
+        counts = [float(self.pruned[layer.name].sum()) for layer in measured]
+        present = [(layer, value, count) for layer, value, count in zip(measured, values, counts, strict=True)
+                   if value >= 0]  # fmt: skip
+        if not present:
+            return {}
+        metrics = {f"{EVAL_LEAK_TAG}/{layer.name}": value for layer, value, _ in present}
+        metrics[EVAL_LEAK_TAG] = sum(v * c for _, v, c in present) / sum(c for _, _, c in present)
+        return metrics
+
+
+def _eval_gain(norm: nn.BatchNorm2d, pruned: Tensor) -> Tensor:
+    """|γ| / √(running var + ε) of the pruned channels: how eval mode scales what reaches them."""
+    return norm.weight.detach()[pruned].float().abs() / (norm.running_var[pruned].float() + norm.eps).sqrt()
 
 
 def pruned_channel_abs_mean(output: Tensor, pruned: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
@@ -208,14 +335,25 @@ def _derive(rows: list[dict[str, float]]) -> dict[str, float]:
         "drift/producer_l2": math.sqrt(sum(r["producer_sq"] for r in rows)),
         "drift/producer_max_abs": max(r["producer_max_abs"] for r in rows),
         "drift/zero_fraction": sum(r["zero_kernels"] for r in rows) / pruned,
-        "drift/consumer_l2": math.sqrt(sum(r["consumer_sq"] for r in rows)),
     }
     optional = {
+        "drift/consumer_l2": ("consumer_sq", lambda rs: math.sqrt(sum(r["consumer_sq"] for r in rs))),
         "drift/stored_l2": ("stored_sq", lambda rs: math.sqrt(sum(r["stored_sq"] for r in rs))),
         "grad/pruned_l2": ("grad_sq", lambda rs: math.sqrt(sum(r["grad_sq"] for r in rs))),
         "leak/activation_abs_mean": ("leak_mean", lambda rs: _channel_mean(rs, "leak_mean", per_channel=False)),
         "bn/beta_abs": ("beta_abs_sum", lambda rs: _channel_mean(rs, "beta_abs_sum", per_channel=True)),
         "bn/gamma_abs": ("gamma_abs_sum", lambda rs: _channel_mean(rs, "gamma_abs_sum", per_channel=True)),
+        "bn/pruned_running_var": ("running_var_sum", lambda rs: _channel_mean(rs, "running_var_sum", per_channel=True)),
+        "bn/pruned_eval_gain": ("eval_gain_sum", lambda rs: _channel_mean(rs, "eval_gain_sum", per_channel=True)),
+        "optim/pruned_grad_l2": ("grad_sq", lambda rs: math.sqrt(sum(r["grad_sq"] for r in rs))),
+        "optim/pruned_momentum_l2": ("momentum_sq", lambda rs: math.sqrt(sum(r["momentum_sq"] for r in rs))),
+        "optim/pruned_exp_avg_l2": ("exp_avg_sq", lambda rs: math.sqrt(sum(r["exp_avg_sq"] for r in rs))),
+        "optim/pruned_exp_avg_sq_mean": (
+            "exp_avg_sq_sum",
+            lambda rs: sum(r["exp_avg_sq_sum"] for r in rs) / sum(r["state_entries"] for r in rs),
+        ),
+        "optim/pruned_decay_l2": ("decay_sq", lambda rs: math.sqrt(sum(r["decay_sq"] for r in rs))),
+        "optim/pruned_update_l2": ("update_sq", lambda rs: math.sqrt(sum(r["update_sq"] for r in rs))),
     }
     for tag, (field, reduce) in optional.items():
         present = [r for r in rows if r[field] >= 0]

@@ -1,0 +1,158 @@
+"""What several test files share: where the repository and the real data lie, how to run the real entry
+point and compose the real configs in-process, and a probe that measures a guarantee from outside the
+mechanism that provides it.
+Shared test helpers that measure a guarantee from outside the mechanism that provides it.
+
+``ConsumerInputProbe`` reads what the *consumers* of pruned channels receive — the input slice of the
+next conv, or the linear layer's feature block after a flatten — through a forward pre-hook on each
+consumer. It sees every op between the channel point and the consumer, so a mask hook that runs in the
+wrong order, a mask placed before the BatchNorm, a compiled graph that skipped the mask or an in-place
+op after the channel point all show as a non-zero reading, where the telemetry's leak probe (which
+reads the tensor the mask hook has just written) would still say 0.
+
+Use it as a Lightning callback beside ``ChannelPruning`` (in a test's ``Trainer``, or in a ``train.py``
+run with ``+callbacks.consumer_probe._target_=helpers.ConsumerInputProbe`` and ``tests/`` on
+``PYTHONPATH``); its ``final_metrics`` land in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
+from pruneflow import ChannelPruning
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+# CI and developers keep the read-only real data sets beside the checkout, in ../shared/data.
+SHARED_DATA = Path(os.environ.get("PRUNEFLOW_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+
+QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+PROBE = "+callbacks.consumer_probe._target_=helpers.ConsumerInputProbe"  # what consumers receive, into metrics.json
+
+
+def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python train.py <overrides>`` as a user would; never downloads (no PRUNEFLOW_DATA fallback)."""
+    # tests/ on the path: a run can name test-only callbacks, e.g. +callbacks.probe._target_=helpers.ConsumerInputProbe
+    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
+    env.pop("PRUNEFLOW_DATA", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def compose_train(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` would, without running anything;
+    ``with_hydra``: with the ``hydra`` node (sweeper, launcher, output folders)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+# Buffers on each probed consumer module. Buffers, not Python state: a compiled graph reads and updates
+# them without a graph break, and rewriting their values at a pruning event does not recompile it.
+COLUMNS_BUFFER = "probe_pruned_columns"
+RECEIVED_BUFFER = "probe_received_abs_max"
+
+PROBE_TAG = "probe/consumer_input_abs_max"
+
+
+def _receive(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """Forward pre-hook: running max of |input| over the input columns that read pruned channels."""
+    received = inputs[0].detach()
+    columns = getattr(module, COLUMNS_BUFFER)
+    weights = columns.view(1, -1, *([1] * (received.ndim - 2)))
+    value = (received.float().abs() * weights).amax()
+    received_max = getattr(module, RECEIVED_BUFFER)
+    received_max.copy_(torch.maximum(received_max, value))
+
+
+class ConsumerInputProbe(Callback):
+    """Largest |value| any consumer of a pruned channel received in a forward pass after pruning.
+
+    ``forwards_after_pruning`` counts training steps run with a pruned channel, so a reading of 0 can be
+    told apart from "never measured".
+    """
+
+    def __init__(self) -> None:
+        self.pruning: ChannelPruning | None = None
+        self.consumers: dict[str, nn.Module] = {}
+        self.handles: list[RemovableHandle] = []
+        self.forwards_after_pruning = 0
+        self._masks_seen: dict[str, list[bool]] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pruning = [callback for callback in trainer.callbacks if isinstance(callback, ChannelPruning)]
+        assert len(pruning) == 1, "ConsumerInputProbe needs exactly one ChannelPruning callback"
+        self.pruning = pruning[0]
+        # Read the masks after ChannelPruning has pruned in its own on_train_batch_start (a train.py run
+        # lists config callbacks before the mask callback). A new list: Lightning is iterating the old one.
+        ordered = [callback for callback in trainer.callbacks if callback is not self]
+        ordered.insert(ordered.index(self.pruning) + 1, self)
+        trainer.callbacks = ordered
+        modules = dict(self.pruning.network(pl_module).named_modules())
+        for layer in self.pruning.layers:
+            assert layer.consumers_complete and layer.consumers, f"{layer.name}: consumers unknown, cannot probe"
+            for consumer in layer.consumers:
+                module = modules[consumer.name]
+                if consumer.name not in self.consumers:
+                    device = module.weight.device
+                    module.register_buffer(COLUMNS_BUFFER, torch.zeros(module.weight.shape[1], device=device), False)
+                    module.register_buffer(RECEIVED_BUFFER, torch.zeros((), device=device), False)
+                    self.handles.append(module.register_forward_pre_hook(_receive))
+                    self.consumers[consumer.name] = module
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        assert self.pruning is not None
+        masks = {name: mask.tolist() for name, mask in self.pruning.pruned.items()}
+        if masks != self._masks_seen:
+            self._refresh_columns()
+            self._masks_seen = masks
+        if any(any(mask) for mask in masks.values()):
+            self.forwards_after_pruning += 1
+
+    @torch.no_grad()
+    def _refresh_columns(self) -> None:
+        assert self.pruning is not None
+        for module in self.consumers.values():
+            getattr(module, COLUMNS_BUFFER).zero_()
+        for layer in self.pruning.layers:
+            mask = self.pruning.pruned.get(layer.name)
+            if mask is None:
+                continue
+            channels = mask.nonzero().flatten().cpu()
+            for consumer in layer.consumers:
+                columns = getattr(self.consumers[consumer.name], COLUMNS_BUFFER)
+                columns[consumer.columns(channels).to(columns.device)] = 1.0
+
+    def received(self) -> dict[str, float]:
+        """Per consumer module: the largest |input| it received on a pruned channel's columns."""
+        return {name: float(getattr(module, RECEIVED_BUFFER)) for name, module in self.consumers.items()}
+
+    def final_metrics(self) -> dict[str, Any]:
+        return {
+            PROBE_TAG: max(self.received().values(), default=0.0),
+            "probe/forwards_after_pruning": self.forwards_after_pruning,
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

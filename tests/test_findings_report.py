@@ -1,0 +1,101 @@
+"""``scripts/report.py --findings``: the findings report of a sweep, checked on a sweep written here with
+known numbers (configs, metrics.json, event files and Hydra's multirun.yaml as a real sweep lays them out),
+and the ``experiment=findings`` grid as Hydra composes it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+REPORT = REPO / "scripts" / "report.py"
+EVENT = 10  # the pruning step of every fake run
+COMMAND = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=findings", "data.root=/data"]
+
+
+def fake_run(sweep: Path, name: str, strategy: str, optimizer: str, seed: int, drift: float, **metrics) -> None:
+    """A finished run: its config, metrics.json, and a drift curve rising to ``drift`` after step EVENT."""
+    run = sweep / name
+    run.mkdir(parents=True)
+    target = {"sgd": "torch.optim.SGD", "adam": "torch.optim.Adam"}[optimizer]
+    config = {
+        "seed": seed, "data": {"_target_": "pruneflow.data.FashionMNISTDataModule"},
+        "model": {"_target_": "pruneflow.models.ConvNet", "activation": "relu"},
+        "optimizer": {"_target_": target}, "mask": {"strategy": strategy, "at_epoch": 1, "at_step": None},
+    }  # fmt: skip
+    OmegaConf.save(OmegaConf.create(config), run / "config.yaml")
+    zero = 1.0 if drift == 0 else 0.0
+    (run / "metrics.json").write_text(json.dumps({
+        "mask/strategy": strategy, "mask/reset_optimizer_state": strategy == "activation",
+        "mask/pruning_steps": [EVENT], "drift/producer_l2/final": drift, "drift/zero_fraction/final": zero,
+        "wall_seconds": 60.0, **metrics,
+    }))  # fmt: skip
+    with SummaryWriter(str(run)) as writer:
+        for step in range(EVENT + 1, EVENT + 30):
+            writer.add_scalar("drift/producer_l2", drift * min(1.0, (step - EVENT) / 5), step)
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    sweep = tmp_path / "sweep"
+    for optimizer in ("sgd", "adam"):
+        for seed, drift in enumerate((2.0, 4.0)):
+            fake_run(sweep, f"mask=weight,optimizer={optimizer},seed={seed}", "weight", optimizer, seed, drift,
+                     **{"test/acc": 0.8 + 0.1 * seed, "burst/steps_to_half_drift": 3 + seed})  # fmt: skip
+            fake_run(sweep, f"mask=activation_reset,optimizer={optimizer},seed={seed}", "activation", optimizer,
+                     seed, 0.0, **{"test/acc": 0.85})  # fmt: skip
+    (sweep / "multirun.yaml").write_text(
+        OmegaConf.to_yaml(
+            {"hydra": {"overrides": {"hydra": [*COMMAND[:2], "hydra.mode=MULTIRUN"], "task": COMMAND[2:]}}}
+        )
+    )
+    killed = sweep / "mask=weight,optimizer=sgd,seed=2"
+    killed.mkdir()
+    OmegaConf.save(OmegaConf.create({"seed": 2}), killed / "config.yaml")
+    return sweep
+
+
+def test_findings_report_states_the_command_tables_figures_and_numbers(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "docs" / "FINDINGS.md"
+    result = subprocess.run(
+        [sys.executable, str(REPORT), str(sweep), "--findings", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "python train.py -m " + " ".join(COMMAND) in text  # the exact sweep command, at the top
+    assert text.index("```bash") < text.index("## Findings")
+    assert "8 finished runs, 1 unfinished or failed" in text and "`mask=weight,optimizer=sgd,seed=2`" in text
+    # mean ± std over the two seeds, in the weight row of each optimizer's table
+    drift = f"{statistics.fmean([2.0, 4.0]):.4g} ± {statistics.stdev([2.0, 4.0]):.2g}"
+    rows = [line for line in text.splitlines() if line.startswith("| after 1 epoch | relu | `weight` |")]
+    assert len(rows) == 2 and all(f"| {drift} |" in row for row in rows)
+    assert all("| 3.5 ± 0.71 |" in row for row in rows)  # steps to half the final drift
+    # plain sentences with the numbers
+    assert "`activation+reset` kept every pruned kernel at exactly zero in all 4 of their runs" in text
+    assert f"SGD: `weight`-pruned kernels came back to L2 = {drift} by the end (2 runs)" in text
+    # the transient figure, one per data set and pruning time, beside the report
+    figures = sorted(out.parent.glob("findings_transient_*.png"))
+    assert [f.name for f in figures] == ["findings_transient_fashionmnist_convnet_after_1_epoch.png"]
+    assert f"]({figures[0].name})" in text and figures[0].stat().st_size > 10_000
+
+
+def test_findings_grid_composes_the_issue_grid() -> None:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("train", overrides=["experiment=findings", "mask=activation_reset"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        grid = [len(str(params[key]).split(",")) for key in ("mask", "optimizer", "model.activation",
+                                                             "mask.at_epoch", "seed")]  # fmt: skip
+        assert grid == [7, 3, 2, 2, 3]
+        assert cfg.mask.strategy == "activation" and cfg.mask.reset_optimizer_state
+        assert cfg.data._target_.endswith("FashionMNISTDataModule") and cfg.compact
+        cifar = compose("train", overrides=["experiment=findings_cifar"], return_hydra_config=True)
+        assert cifar.model._target_.endswith("VGG") and cifar.data._target_.endswith("CIFAR10DataModule")
+        assert str(cifar.hydra.sweeper.params["optimizer"]) == "sgd,adam"
