@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET, run_train
+from helpers import QUIET, run_train
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset

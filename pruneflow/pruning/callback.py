@@ -419,7 +419,7 @@ class ChannelPruning(Callback):
             "them, and the telemetry stops: the pruned channels no longer exist",
             trainer.global_step, result.channels[0] - result.channels[1], result.channels[0], *result.params,
         )  # fmt: skip
-        self._log_to_loggers(trainer, {key: float(value) for key, value in self.cut.items()})
+        self._log_to_loggers(trainer, {key: float(value) for key, value in self.cut.items()}, histograms=False)
 
     def _drop_machinery(self) -> None:
         """Hooks, parametrizations and telemetry of the masked network: the cut network has no pruned channels."""
