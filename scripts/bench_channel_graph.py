@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pruneflow.compaction import compact_and_verify
+from pruneflow.compaction.verify import randomize_norms
 from pruneflow.models import torchvision_classifier
 from pruneflow.pruning.channels import trace_channel_graph
 from pruneflow.pruning.criteria import L1
@@ -29,22 +29,9 @@ from pruneflow.pruning.strategies import make_strategy
 MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,densenet121,vgg11_bn,shufflenet_v2_x0_5"
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model.eval()
-
-
 def measure(name: str, size: int, batch_sizes: tuple[int, ...], rounds: int) -> dict[str, object]:
     torch.manual_seed(0)
-    network = randomize_norms(torchvision_classifier(name, input_shape=(3, size, size), num_classes=10))
+    network = randomize_norms(torchvision_classifier(name, input_shape=(3, size, size), num_classes=10), beta_scale=0.1)
     graph = trace_channel_graph(network)
     strategy, criterion = make_strategy("activation"), L1()
     masks = {}

@@ -59,6 +59,31 @@ def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subpro
     )
 
 
+RUN_TRAIN_PY = """
+# Not runpy: it would set sys.argv[0] to train.py, and Lightning would start other ranks without this script.
+script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
+with open(script) as source:
+    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
+"""
+
+
+def run_train_after(
+    prelude: str, *overrides: str, folder: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``train.py <overrides>`` in a script that first executes ``prelude`` (Python that patches or
+    registers something, e.g. a test-only criterion); processes Lightning starts re-run the same script.
+    The script is written into ``folder``."""
+    launcher = folder / "launch_train.py"
+    launcher.write_text("import os\n" + prelude + RUN_TRAIN_PY)
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    entry_point = str(REPO / "train.py")
+    full_env = {**os.environ, **(env or {}), "PYTHONPATH": python_path, "PRUNEFLOW_TEST_ENTRY_POINT": entry_point}
+    return subprocess.run(
+        [sys.executable, str(launcher), *overrides], cwd=REPO, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
 def compose_train(*overrides: str, with_hydra: bool = False) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` would, without running anything;
     ``with_hydra``: with the ``hydra`` node (sweeper, launcher, output folders)."""

@@ -16,6 +16,7 @@ import torchvision
 from torch import Tensor, nn
 
 from pruneflow.compaction import compact, export_compact
+from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
 from pruneflow.pruning.criteria import channels_to_prune
@@ -163,20 +164,6 @@ def test_a_coupled_member_named_by_a_glob_selects_its_group_and_the_log_says_so(
     assert "names layer1.1.conv2: pruning its whole group conv1, layer1.0.conv2, layer1.1.conv2" in caplog.text
     with pytest.raises(ConfigError, match=r"selects conv1, which cannot be pruned: .*mask\.groups=false"):
         select_spaces(graph.spaces, ["layer1.1.conv2"], groups=False)
-
-
-def randomize_norms(model: nn.Module) -> nn.Module:
-    """Random statistics and affine parameters, so a masked channel's β is not zero and masks matter."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator))
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model.eval()
 
 
 def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:

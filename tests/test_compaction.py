@@ -29,24 +29,12 @@ from pruneflow.compaction import (
     load_compact,
     load_exported,
 )
+from pruneflow.compaction.verify import randomize_norms
 from pruneflow.models import VGG, ConvNet, ResNet
 from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
 from pruneflow.pruning.strategies import make_strategy
 
 TOLERANCE = 1e-5
-
-
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=generator))
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return model.eval()
 
 
 def random_masks(layers: list[PrunableLayer], seed: int = 0) -> dict[str, Tensor]:

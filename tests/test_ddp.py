@@ -7,12 +7,9 @@ launcher script): only rank 0's broadcast keeps their masks alike, so a missing 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import QUIET, REPO
+from helpers import QUIET, run_train_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # Runs train.py after registering `rank_skewed`: L1 on rank 0, −L1 elsewhere (the other ranks would prune the
@@ -32,28 +29,17 @@ class RankSkewed(criteria.L1):
 
 criteria.CRITERIA["rank_skewed"] = RankSkewed
 criteria.CRITERION_NAMES = (*criteria.CRITERION_NAMES, "rank_skewed")
-# Not runpy: it would set sys.argv[0] to train.py, and Lightning would start the other rank without this script.
-script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
-with open(script) as source:
-    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
 """
 
 
 def test_ddp_cpu_two_ranks_prune_alike_and_log_once(tmp_path: Path) -> None:
-    launcher = tmp_path / "launch_rank_skewed.py"
-    launcher.write_text(LAUNCHER)
     run_dir = tmp_path / "run"
     overrides = [
         "trainer=ddp_cpu", "data=synthetic", "data.num_train=2000", "trainer.max_epochs=2", "mask=weight",
         "mask.criterion=rank_skewed", "mask.at_epoch=1", "mask.log_every_n_steps=1", "model.activation=silu",
         f"hydra.run.dir={run_dir}", *QUIET,
     ]  # fmt: skip
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "PRUNEFLOW_TEST_ENTRY_POINT": str(REPO / "train.py")}
-    result = subprocess.run(
-        [sys.executable, str(launcher), *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_train_after(LAUNCHER, *overrides, folder=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     fingerprints = metrics["mask/rank_fingerprints"]

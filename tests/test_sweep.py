@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import QUIET, REPO, compose_train, run_train
+from helpers import QUIET, REPO, compose_train, run_train, run_train_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
@@ -142,25 +141,18 @@ def capture(self, fn, *iterables):
     raise SystemExit(0)
 
 submitit.AutoExecutor.map_array = capture
-script = os.environ["PRUNEFLOW_TEST_ENTRY_POINT"]
-with open(script) as source:
-    exec(compile(source.read(), script, "exec"), {"__name__": "__main__", "__file__": script})
 """
 
 
 def test_submitit_slurm_launcher_submits_one_job_per_run_with_the_resources_asked_for(tmp_path: Path) -> None:
-    launcher = tmp_path / "capture_sbatch.py"
-    launcher.write_text(SBATCH_CAPTURE)
     captured = tmp_path / "sbatch.json"
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "SBATCH_CAPTURE": str(captured), "PRUNEFLOW_TEST_ENTRY_POINT": str(REPO / "train.py"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, str(launcher), "-m", "data=synthetic", "mask=weight,activation",
+    result = run_train_after(
+        SBATCH_CAPTURE, "-m", "data=synthetic", "mask=weight,activation",
          "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=60",
          "hydra.launcher.cpus_per_task=8", "hydra.launcher.gpus_per_node=1", "hydra.launcher.mem_gb=16",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+         f"hydra.sweep.dir={sweep}",
+        folder=tmp_path, env={"SBATCH_CAPTURE": str(captured)}, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     submission = json.loads(captured.read_text())

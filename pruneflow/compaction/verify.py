@@ -32,6 +32,24 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def randomize_norms(model: nn.Module, seed: int = 0, beta_scale: float = 1.0) -> nn.Module:
+    """Random γ, β (× ``beta_scale``) and running statistics in every BatchNorm; returns ``model`` in eval mode.
+
+    A freshly built BatchNorm is the identity in eval mode, so a norm entry cut at the wrong index would go
+    unnoticed when comparing a compacted network with its masked original; random statistics make it show.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * beta_scale)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return model.eval()
+
+
 def device_of(model: nn.Module) -> torch.device:
     tensor = next((t for t in (*model.parameters(), *model.buffers())), None)
     return torch.device("cpu") if tensor is None else tensor.device
