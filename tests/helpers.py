@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,18 @@ class ConsumerInputProbe(Callback):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+class PaceFirstStart(Callback):
+    """Sleeps ``seconds`` after every training step from epoch ``from_epoch`` on, in a Slurm job's first start
+    only (``SLURM_RESTART_COUNT`` unset or 0). Slurm checks time limits every half minute or so, so on a
+    fast machine a tiny run would finish before its time-limit signal arrives; the weights do not depend
+    on the pace (``train.py ... +callbacks.pace._target_=helpers.PaceFirstStart``)."""
+
+    def __init__(self, seconds: float = 1.0, from_epoch: int = 1) -> None:
+        self.seconds = seconds
+        self.from_epoch = from_epoch
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.current_epoch >= self.from_epoch and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            time.sleep(self.seconds)

@@ -196,9 +196,12 @@ def test_a_failed_run_is_listed_in_the_report_with_its_error_line(tmp_path: Path
 
 def start_sweep(sweep: Path, *overrides: str) -> subprocess.Popen[str]:
     """``python train.py -m <overrides>`` into ``sweep``, in the background (it waits for its Slurm jobs)."""
+    # tests/ on the path (Slurm jobs inherit it): a run can name test-only callbacks such as helpers.PaceFirstStart
+    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": python_path},
     )  # fmt: skip
 
 
@@ -367,7 +370,9 @@ def test_job_at_its_time_limit_is_requeued_and_finishes(tmp_path: Path, uninterr
     # signal_delay_s above any time left once the limit is cut below: Slurm signals at its next check
     launcher = ("hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=150")
     launcher += ("hydra.launcher.max_num_timeout=1",)  # requeue once after a time-out
-    sweep_process = start_sweep(sweep, *on_slurm(*launcher, *RUN))
+    # Paced (1 s a step from epoch 1 on, first start only) so the job is still running when Slurm signals.
+    pace = "+callbacks.pace._target_=helpers.PaceFirstStart"
+    sweep_process = start_sweep(sweep, *on_slurm(*launcher, *RUN, pace))
     try:
         run_dir = the_run(sweep)
         (job,) = job_ids(run_dir)

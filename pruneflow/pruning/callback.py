@@ -492,7 +492,7 @@ class ChannelPruning(Callback):
             self._log(trainer, self.telemetry.measure_eval_leak(), histograms=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The final state, unless the last logging step already measured it.
+        # The final state in full (histograms, leak, consumers), unless the last full measurement was of it.
         if self.pruned and self.telemetry is not None and self._last_logged_step != trainer.global_step:
             self._log(trainer, self.telemetry.measure())
         self._rank_fingerprints = self._gather_fingerprints(trainer)
@@ -515,7 +515,8 @@ class ChannelPruning(Callback):
             self.history.setdefault(tag, []).append(value)
         if "drift/producer_l2" in metrics:
             self.drift_trace.append((trainer.global_step, metrics["drift/producer_l2"]))
-            self._last_logged_step = trainer.global_step
+            if histograms:  # a full measurement; a burst step measures the kernels and optimizer shares only
+                self._last_logged_step = trainer.global_step
         self._log_to_loggers(trainer, metrics, histograms)
 
     @rank_zero_only
