@@ -273,7 +273,8 @@ class ChannelPruning(Callback):
                 "device, or cut after training with compact=true"
             )
         # A checkpoint written after a cut holds the smaller network: take its shape before its weights load.
-        network.register_load_state_dict_pre_hook(self._take_cut_shape)
+        # The private form: the public register_load_state_dict_pre_hook arrived in torch 2.5 (the floor is 2.4).
+        network._register_load_state_dict_pre_hook(self._take_cut_shape, with_module=True)
         self.spaces = self._choose_spaces(network)
         self.layers = [layer for space in self.spaces for layer in space.producers]
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
