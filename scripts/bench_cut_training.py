@@ -134,17 +134,25 @@ def summarise(study: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, An
     }
     summary["target_speedup"] = TARGET_SHARE * flops_ratio
     summary["target_met"] = summary["finetune_speedup"] >= summary["target_speedup"]
-    print(f"\n{study}: median of {len(speedups)} repeats (masked | cut); per-repeat fine-tuning speedups "
-          f"{', '.join(f'×{value:.2f}' for value in speedups)}")
-    print(f"  fine-tuning samples/s   {summary['masked_finetune_samples_per_s']:>9.1f} | "
-          f"{summary['cut_finetune_samples_per_s']:.1f}   speedup ×{summary['finetune_speedup']:.2f} "
-          f"(FLOPs ratio ×{flops_ratio:.2f}; target ≥ ×{summary['target_speedup']:.2f}: "
-          f"{'met' if summary['target_met'] else 'NOT met'})")
-    print(f"  per CPU-second          {summary['masked_finetune_samples_per_cpu_s']:>9.1f} | "
-          f"{summary['cut_finetune_samples_per_cpu_s']:.1f}   speedup ×{summary['finetune_cpu_speedup']:.2f} "
-          f"(samples per CPU-second of the process: the work per sample, less sensitive to others' load)")
-    print(f"  whole fit, seconds      {summary['masked_fit_seconds']:>9.1f} | {summary['cut_fit_seconds']:.1f}"
-          f"   ×{summary['fit_speedup']:.2f}")
+    print(
+        f"\n{study}: median of {len(speedups)} repeats (masked | cut); per-repeat fine-tuning speedups "
+        f"{', '.join(f'×{value:.2f}' for value in speedups)}"
+    )
+    print(
+        f"  fine-tuning samples/s   {summary['masked_finetune_samples_per_s']:>9.1f} | "
+        f"{summary['cut_finetune_samples_per_s']:.1f}   speedup ×{summary['finetune_speedup']:.2f} "
+        f"(FLOPs ratio ×{flops_ratio:.2f}; target ≥ ×{summary['target_speedup']:.2f}: "
+        f"{'met' if summary['target_met'] else 'NOT met'})"
+    )
+    print(
+        f"  per CPU-second          {summary['masked_finetune_samples_per_cpu_s']:>9.1f} | "
+        f"{summary['cut_finetune_samples_per_cpu_s']:.1f}   speedup ×{summary['finetune_cpu_speedup']:.2f} "
+        f"(samples per CPU-second of the process: the work per sample, less sensitive to others' load)"
+    )
+    print(
+        f"  whole fit, seconds      {summary['masked_fit_seconds']:>9.1f} | {summary['cut_fit_seconds']:.1f}"
+        f"   ×{summary['fit_speedup']:.2f}"
+    )
     print(f"  final test accuracy     {summary['masked_test_acc']:>9.4f} | {summary['cut_test_acc']:.4f}")
     print(f"  parameters ratio        ×{summary['params_ratio']:.2f}\n", flush=True)  # fmt: skip
     return summary

@@ -92,7 +92,10 @@ def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
 def overrides_for(root: str, epochs: int, device: str) -> list[str]:
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     return [
-        f"data.root={root}", "mask=activation", f"trainer.max_epochs={epochs}", f"trainer.accelerator={accelerator}"
+        f"data.root={root}",
+        "mask=activation",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.accelerator={accelerator}",
     ]
 
 
@@ -170,8 +173,11 @@ def main() -> None:
                     figures = bare_loop_run(root, args.epochs, args.device)
                 figures["samples_per_s"] = figures["samples"] / figures["seconds"]
                 runs[arm].append(figures)
-                print(f"repeat {repeat}: {arm:<10} {figures['samples_per_s']:8.0f} samples/s "
-                      f"({figures['samples']} samples in {figures['seconds']:.1f} s of training steps)", flush=True)
+                print(
+                    f"repeat {repeat}: {arm:<10} {figures['samples_per_s']:8.0f} samples/s "
+                    f"({figures['samples']} samples in {figures['seconds']:.1f} s of training steps)",
+                    flush=True,
+                )
             check_equivalent(runs["pruneflow"][-1], runs["bare_loop"][-1])
     medians = {arm: statistics.median(run["samples_per_s"] for run in values) for arm, values in runs.items()}
     ratio = medians["pruneflow"] / medians["bare_loop"]

@@ -187,7 +187,7 @@ def test_weight_mask_leaves_channels_alive_and_the_gap_is_reported() -> None:
     compaction, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
 
     # The figures, computed here from the two models' own outputs on the same images.
-    (images, labels), = batches
+    ((images, labels),) = batches
     with torch.no_grad():
         masked, cut = model(images), compaction.model(images)
     assert metrics["compact/max_abs_diff"] == pytest.approx((masked - cut).abs().max().item(), rel=1e-6)

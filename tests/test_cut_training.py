@@ -215,7 +215,7 @@ def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_o
     assert (logits(runs[0]) - logits(runs[1])).abs().max() <= 1e-4
 
 
-def test_cutting_under_ddp_is_refused_in_one_line() -> None:
+def test_cutting_under_a_multi_process_strategy_other_than_ddp_is_refused_in_one_line() -> None:
     module, pruning = make_run("sgd", cut_at_step=CUT_AT)
     several_processes = SimpleNamespace(world_size=2, strategy=SimpleNamespace())
     with pytest.raises(ConfigError, match="cannot cut under SimpleNamespace with 2 processes") as error:

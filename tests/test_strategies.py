@@ -76,7 +76,10 @@ class Run:
 
 
 def run(
-    strategy: str, optimizer: str = "sgd", activation: str = "relu", callbacks: tuple[L.Callback, ...] = (),
+    strategy: str,
+    optimizer: str = "sgd",
+    activation: str = "relu",
+    callbacks: tuple[L.Callback, ...] = (),
     **mask_kwargs,
 ) -> Run:
     torch.manual_seed(0)

@@ -54,8 +54,11 @@ class TrainingCut:
 
 def _channels_last(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return isinstance(weight, Tensor) and weight.ndim == 4 and not weight.is_contiguous() and (
-        weight.is_contiguous(memory_format=torch.channels_last)
+    return (
+        isinstance(weight, Tensor)
+        and weight.ndim == 4
+        and not weight.is_contiguous()
+        and (weight.is_contiguous(memory_format=torch.channels_last))
     )
 
 

@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
@@ -228,8 +229,10 @@ class ChannelPruning(Callback):
             )
         if self.cut_at_epoch is None and self.cut_at_step is None:
             return
-        setting = f"mask.cut_at_epoch={self.cut_at_epoch}" if self.cut_at_step is None else (
-            f"mask.cut_at_step={self.cut_at_step}"
+        setting = (
+            f"mask.cut_at_epoch={self.cut_at_epoch}"
+            if self.cut_at_step is None
+            else (f"mask.cut_at_step={self.cut_at_step}")
         )
         why = self.strategy.why_cut_changes_outputs
         if why is not None and not self.cut_changes_outputs:
@@ -240,9 +243,7 @@ class ChannelPruning(Callback):
         schedule = self.schedule
         last_epoch = schedule.end_epoch if schedule.kind == "gradual" else schedule.at_epoch
         if self.cut_at_epoch is not None and last_epoch is not None and self.cut_at_epoch < last_epoch:
-            raise ConfigError(
-                f"{setting} comes before the last pruning epoch {last_epoch}: cut at or after it"
-            )
+            raise ConfigError(f"{setting} comes before the last pruning epoch {last_epoch}: cut at or after it")
         if self.cut_at_step is not None and schedule.at_step is not None and self.cut_at_step < schedule.at_step:
             raise ConfigError(f"{setting} comes before mask.at_step={schedule.at_step}: cut at or after it")
 
@@ -266,11 +267,12 @@ class ChannelPruning(Callback):
             return
         network = self.network(pl_module)
         self._network = network
-        if (self.cut_at_epoch is not None or self.cut_at_step is not None) and trainer.world_size > 1:
+        cuts = self.cut_at_epoch is not None or self.cut_at_step is not None
+        if cuts and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise ConfigError(
                 f"mask.cut_at_epoch/cut_at_step cannot cut under {type(trainer.strategy).__name__} with "
-                f"{trainer.world_size} processes yet (DDP would keep reducing the old parameters); train on one "
-                "device, or cut after training with compact=true"
+                f"{trainer.world_size} processes (it shards or holds the parameters it was given); accepted: one "
+                "device or strategy=ddp, or cut after training with compact=true"
             )
         # A checkpoint written after a cut holds the smaller network: take its shape before its weights load.
         # The private form: the public register_load_state_dict_pre_hook arrived in torch 2.5 (the floor is 2.4).
@@ -406,6 +408,7 @@ class ChannelPruning(Callback):
         masked_logits = None if images is None else eval_outputs(network, images)
         self._drop_machinery()
         result = swap_in(network, compaction, trainer.optimizers, None if images is None else images[:1])
+        rewrap_distributed(trainer)
         self.cut_sizes = result.sizes
         self.cut = result.metrics(trainer.global_step)
         if masked_logits is not None:
@@ -682,3 +685,15 @@ def transient_figures(trace: Sequence[tuple[int, float]], events: Sequence[int],
         if after[0] is not None:
             figures["burst/drift_after_burst"] = after[0]
     return figures
+
+
+def rewrap_distributed(trainer: L.Trainer) -> None:
+    """DDP reduces the gradients of the parameters it was built over: after a cut, wrap the network anew,
+    as the strategy first did (its DDP arguments and communication hooks), so the cut parameters are the
+    ones reduced. Every rank cuts the same channels at the same step (the masks are rank 0's), and the new
+    wrapper's construction broadcasts rank 0's weights, which are already equal on every rank."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, nn.parallel.DistributedDataParallel):
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()
+        log.info("the cut network is wrapped anew in DistributedDataParallel on rank %d", trainer.global_rank)
