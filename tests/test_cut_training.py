@@ -23,6 +23,7 @@ from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
 from pruneflow.lr_schedule import cosine
 from pruneflow.models.convnet import ConvNet
+from pruneflow.models.resnet import ResNet
 
 STEPS_PER_EPOCH = 6
 EPOCHS = 3
@@ -109,6 +110,35 @@ def test_a_run_cut_at_step_n_trains_on_as_the_masked_run(optimizer: str) -> None
     assert cut_pruning.cut["cut/flops_after"] < cut_pruning.cut["cut/flops_before"]
     assert cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5 and cut_pruning.cut["cut/batch_top1_agreement"] == 1.0
     # Training went on after the cut (the masked run's kernels moved too), and on the same path.
+    assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
+    assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_residual_groups_cut_while_training_train_on_as_the_masked_run(optimizer: str) -> None:
+    # Coupled groups: a residual channel space is cut out of every conv that writes it (stem, each block's
+    # conv2, the shortcut convs), every BatchNorm over it and every conv and the linear layer that read it.
+    def resnet_run(**mask: object) -> tuple[ClassifierModule, ChannelPruning]:
+        torch.manual_seed(0)
+        network = ResNet(input_shape=(1, 12, 12), num_classes=3, depth=8, width=8)
+        module = ClassifierModule(network, OPTIMIZERS[optimizer], num_classes=3, scheduler=cosine)
+        pruning = ChannelPruning(
+            strategy="activation", amount=0.5, at_step=PRUNE_AT, reset_optimizer_state=True, groups=True, **mask
+        )
+        return module, pruning
+
+    masked, masked_pruning = resnet_run()
+    fit(masked, masked_pruning)
+    cut, cut_pruning = resnet_run(cut_at_step=CUT_AT)
+    fit(cut, cut_pruning)
+    coupled = [space for space in cut_pruning.spaces if len(space.producers) > 1]
+    assert coupled, "no residual group was selected"
+    widths = {name: module.out_channels for name, module in cut.model.named_modules() if isinstance(module, nn.Conv2d)}
+    full = {name: module.out_channels for name, module in masked.model.named_modules() if isinstance(module, nn.Conv2d)}
+    for space in coupled:
+        for producer in space.producers:
+            assert widths[producer.name] == full[producer.name] // 2, producer.name  # every writer of the group lost half
+    assert cut_pruning.cut is not None and cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5
     assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
 
