@@ -137,7 +137,8 @@ def test_residual_groups_cut_while_training_train_on_as_the_masked_run(optimizer
     full = {name: module.out_channels for name, module in masked.model.named_modules() if isinstance(module, nn.Conv2d)}
     for space in coupled:
         for producer in space.producers:
-            assert widths[producer.name] == full[producer.name] // 2, producer.name  # every writer of the group lost half
+            # every writer of the group lost half its channels
+            assert widths[producer.name] == full[producer.name] // 2, producer.name
     assert cut_pruning.cut is not None and cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5
     assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
