@@ -410,6 +410,27 @@ def _mean_std(runs: Sequence[Run], key: str) -> str:
     return fmt(values(runs, key))
 
 
+def _by_cell(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs by "<pruning time>, <activation>" (the grid's cells apart from optimizer and seed), in order."""
+    cells: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.timing, r.activation)):
+        cells.setdefault(f"{run.timing}, {run.activation}", []).append(run)
+    return cells
+
+
+def _at_zero(runs: Sequence[Run]) -> bool:
+    fractions = values(runs, "drift/zero_fraction/final")
+    return bool(fractions) and len(fractions) == len(runs) and min(fractions) == 1
+
+
+def _per_cell(runs: Sequence[Run], key: str) -> str:
+    """``key`` per cell, e.g. "at initialisation, relu 0 ± 0; after 1 epoch, silu 9.8 ± 1.2"; empty for one cell."""
+    cells = {cell: members for cell, members in _by_cell(runs).items() if values(members, key)}
+    if len(cells) < 2:
+        return ""
+    return "; ".join(f"{cell} {_mean_std(members, key)}" for cell, members in cells.items())
+
+
 def findings_sentences(runs: Sequence[Run]) -> list[str]:
     """Plain statements of what the sweep shows, each with the numbers behind it (mean ± std over runs)."""
     sentences = []
@@ -417,24 +438,56 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
         pruned = [r for r in runs if r.data == data and r.label != "unpruned"]
         labels = sorted({r.label for r in pruned}, key=_strategy_rank)
         by_label = {label: [r for r in pruned if r.label == label] for label in labels}
-        held = [
-            label for label in labels if (z := values(by_label[label], "drift/zero_fraction/final")) and min(z) == 1
-        ]
+        held = [label for label in labels if _at_zero(by_label[label])]
         if held:
             count = sum(len(by_label[label]) for label in held)
             sentences.append(
                 f"{data}: {', '.join(f'`{label}`' for label in held)} kept every pruned kernel at exactly zero in "
                 f"all {count} of their runs (fraction of pruned kernels at zero = 1 at the end of training)."
             )
+        for label in labels:
+            if label in held:
+                continue
+            cells = _by_cell(by_label[label])
+            zero_cells = [cell for cell, members in cells.items() if _at_zero(members)]
+            if zero_cells:
+                runs_held = sum(len(cells[cell]) for cell in zero_cells)
+                elsewhere = [run for cell, members in cells.items() if cell not in zero_cells for run in members]
+                moved = sum(1 for value in values(elsewhere, "drift/producer_l2/final") if value > 0)
+                sentences.append(
+                    f"{data}: `{label}` kept its pruned kernels at exactly zero only when pruned "
+                    f"{' and '.join(zero_cells)} ({runs_held} runs, every optimizer); elsewhere {moved} of its "
+                    f"{len(elsewhere)} runs ended with them off zero (per optimizer below)."
+                )
+        weight_cells = _by_cell(by_label.get("weight", []))
+        dead, alive = weight_cells.get("at initialisation, relu", []), weight_cells.get("at initialisation, silu", [])
+        came_back = values(alive, "drift/producer_l2/final")
+        if _at_zero(dead) and came_back and min(came_back) > 0:
+            sentences.append(
+                f"{data}: why `weight` holds at initialisation under ReLU only: BatchNorm's β starts at 0, so a "
+                f"zeroed channel leaves the norm as exactly 0, where ReLU passes no gradient (|β| at the end "
+                f"{_mean_std(dead, 'bn/beta_abs/final')}); SiLU passes half of it at 0 and the same kernels came back "
+                f"to L2 = {_mean_std(alive, 'drift/producer_l2/final')} (|β| {_mean_std(alive, 'bn/beta_abs/final')}). "
+                "Pruned after pre-training, β is no longer 0 and ReLU passes the gradient too."
+            )
         for optimizer in sorted({r.optimizer for r in pruned}):
             group = {label: [r for r in members if r.optimizer == optimizer] for label, members in by_label.items()}
             weight = group.get("weight", [])
             if values(weight, "drift/producer_l2/final"):
+                cells = _per_cell(weight, "drift/producer_l2/final")
+                carrier = "momentum" if values(weight, "optim/pruned_momentum_l2/max") else "exp_avg"
+                carried_by = "SGD's momentum buffer" if carrier == "momentum" else "Adam's first moment (exp_avg)"
                 sentences.append(
                     f"{data}, {optimizer}: `weight`-pruned kernels came back to L2 = "
-                    f"{_mean_std(weight, 'drift/producer_l2/final')} by the end ({len(weight)} runs), reaching half "
-                    f"of that {_mean_std(weight, 'burst/steps_to_half_drift')} optimizer steps after pruning, "
-                    f"pushed by a gradient of up to {_mean_std(weight, 'grad/pruned_l2/max')} (L2)."
+                    f"{_mean_std(weight, 'drift/producer_l2/final')} by the end ({len(weight)} runs"
+                    + (f"; by cell: {cells}" if cells else "")
+                    + f"), reaching half of that {_mean_std(weight, 'burst/steps_to_half_drift')} optimizer steps "
+                    f"after pruning, pushed by a gradient of up to {_mean_std(weight, 'grad/pruned_l2/max')} (L2)"
+                    + (
+                        f" and {carried_by} at up to {_mean_std(weight, f'optim/pruned_{carrier}_l2/max')}."
+                        if values(weight, f"optim/pruned_{carrier}_l2/max")
+                        else "."
+                    )
                 )
             gradient = group.get("gradient", [])
             carrier = "momentum" if values(gradient, "optim/pruned_momentum_l2/max") else "exp_avg"
@@ -455,7 +508,7 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
                     f"L2 = {_mean_std(parametrize, 'drift/stored_l2/final')}, under a weight-decay pull of up to "
                     f"{_mean_std(parametrize, 'optim/pruned_decay_l2/max')}."
                 )
-        for label in ("gradient", "hard", "activation"):
+        for label in ("weight", "gradient", "hard", "activation"):
             members = by_label.get(label, [])
             if values(members, "leak/eval_activation_abs_mean/final"):
                 sentences.append(

@@ -4,6 +4,7 @@ and the ``experiment=findings`` grid as Hydra composes it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -99,3 +100,32 @@ def test_findings_grid_composes_the_issue_grid() -> None:
         cifar = compose("train", overrides=["experiment=findings_cifar"], return_hydra_config=True)
         assert cifar.model._target_.endswith("VGG") and cifar.data._target_.endswith("CIFAR10DataModule")
         assert str(cifar.hydra.sweeper.params["optimizer"]) == "sgd,adam"
+
+
+def test_findings_name_the_cells_where_a_strategy_held_and_why() -> None:
+    # `weight` at exactly zero only where pruned at initialisation under ReLU (β = 0, ReLU's zero gradient),
+    # drifting in the three other cells: the sentences must say where it held, not average it away.
+    spec = importlib.util.spec_from_file_location("report", REPORT)
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    runs = []
+    for timing in ("at initialisation", "after 1 epoch"):
+        for activation in ("relu", "silu"):
+            for seed in range(2):
+                held = timing == "at initialisation" and activation == "relu"
+                drift = 0.0 if held else 2.0 + seed
+                metrics = {
+                    "drift/producer_l2/final": drift, "drift/zero_fraction/final": 1.0 if held else 0.0,
+                    "bn/beta_abs/final": 0.0 if held else 0.5, "optim/pruned_momentum_l2/max": 3.0,
+                }  # fmt: skip
+                runs.append(report.Run(f"{timing},{activation},{seed}", "FashionMNIST / ConvNet", "SGD", activation,
+                                       timing, "weight", seed, metrics))  # fmt: skip
+    text = "\n".join(report.findings_sentences(runs))
+    assert "`weight` kept its pruned kernels at exactly zero only when pruned at initialisation, relu (2 runs" in text
+    assert "elsewhere 6 of its 6 runs ended with them off zero" in text
+    assert "SiLU passes half of it at 0 and the same kernels came back to L2 = 2.5 ± 0.71" in text
+    assert (
+        "by cell: after 1 epoch, relu 2.5 ± 0.71; after 1 epoch, silu 2.5 ± 0.71; at initialisation, relu 0 ± 0" in text
+    )
+    assert "SGD's momentum buffer at up to 3 ± 0" in text
