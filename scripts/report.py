@@ -431,6 +431,21 @@ def _per_cell(runs: Sequence[Run], key: str) -> str:
     return "; ".join(f"{cell} {_mean_std(members, key)}" for cell, members in cells.items())
 
 
+def _cell_list(chosen: Sequence[str], cells: Sequence[str]) -> str:
+    """``chosen`` cells in words, a pruning time whose every activation is chosen said once:
+    "at initialisation under every activation", else "at initialisation, relu and after 1 epoch, silu"."""
+    timings = dict.fromkeys(cell.split(", ")[0] for cell in cells)
+    words = []
+    for timing in timings:
+        of_timing = [cell for cell in cells if cell.split(", ")[0] == timing]
+        picked = [cell for cell in of_timing if cell in chosen]
+        if picked and len(picked) == len(of_timing) > 1:
+            words.append(f"{timing} under every activation")
+        else:
+            words.extend(picked)
+    return " and ".join(words)
+
+
 def findings_sentences(runs: Sequence[Run]) -> list[str]:
     """Plain statements of what the sweep shows, each with the numbers behind it (mean ± std over runs)."""
     sentences = []
@@ -456,7 +471,7 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
                 moved = sum(1 for value in values(elsewhere, "drift/producer_l2/final") if value > 0)
                 sentences.append(
                     f"{data}: `{label}` kept its pruned kernels at exactly zero only when pruned "
-                    f"{' and '.join(zero_cells)} ({runs_held} runs, every optimizer); elsewhere {moved} of its "
+                    f"{_cell_list(zero_cells, cells)} ({runs_held} runs, every optimizer); elsewhere {moved} of its "
                     f"{len(elsewhere)} runs ended with them off zero (per optimizer below)."
                 )
         weight_cells = _by_cell(by_label.get("weight", []))
@@ -504,9 +519,10 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
             if values(parametrize, "drift/stored_l2/final"):
                 sentences.append(
                     f"{data}, {optimizer}: `parametrize` holds the effective kernels at zero (fraction "
-                    f"{_mean_std(parametrize, 'drift/zero_fraction/final')}) while the stored weight drifted to "
-                    f"L2 = {_mean_std(parametrize, 'drift/stored_l2/final')}, under a weight-decay pull of up to "
-                    f"{_mean_std(parametrize, 'optim/pruned_decay_l2/max')}."
+                    f"{_mean_std(parametrize, 'drift/zero_fraction/final')}) while the stored weight, never zeroed, "
+                    f"kept an L2 of {_mean_std(parametrize, 'drift/stored_l2/final')} (its norm when pruned, less "
+                    f"what weight decay took: a pull of up to {_mean_std(parametrize, 'optim/pruned_decay_l2/max')} "
+                    "a step)."
                 )
         for label in ("weight", "gradient", "hard", "activation"):
             members = by_label.get(label, [])
