@@ -504,16 +504,20 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
                         else "."
                     )
                 )
-            gradient = group.get("gradient", [])
+            gradient, reset = group.get("gradient", []), group.get("activation+reset", [])
             carrier = "momentum" if values(gradient, "optim/pruned_momentum_l2/max") else "exp_avg"
             if values(gradient, "drift/producer_l2/final"):
                 sentences.append(
                     f"{data}, {optimizer}: `gradient` zeroes the gradient, yet its kernels drifted to L2 = "
                     f"{_mean_std(gradient, 'drift/producer_l2/final')}: the optimizer state gathered before pruning "
                     f"({carrier} up to {_mean_std(gradient, f'optim/pruned_{carrier}_l2/max')}) moved them by up to "
-                    f"{_mean_std(gradient, 'optim/pruned_update_l2/max')} per step; with the state reset "
-                    f"(`activation+reset`) the drift was "
-                    f"{_mean_std(group.get('activation+reset', []), 'drift/producer_l2/final')}."
+                    f"{_mean_std(gradient, 'optim/pruned_update_l2/max')} per step"
+                    + (
+                        f"; with the state reset (`activation+reset`) the drift was "
+                        f"{_mean_std(reset, 'drift/producer_l2/final')}."
+                        if values(reset, "drift/producer_l2/final")
+                        else "."
+                    )
                 )
             parametrize = group.get("parametrize", [])
             if values(parametrize, "drift/stored_l2/final"):
