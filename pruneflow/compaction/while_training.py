@@ -58,7 +58,7 @@ def _channels_last(module: nn.Module) -> bool:
         isinstance(weight, Tensor)
         and weight.ndim == 4
         and not weight.is_contiguous()
-        and (weight.is_contiguous(memory_format=torch.channels_last))
+        and weight.is_contiguous(memory_format=torch.channels_last)
     )
 
 

@@ -229,11 +229,10 @@ class ChannelPruning(Callback):
             )
         if self.cut_at_epoch is None and self.cut_at_step is None:
             return
-        setting = (
-            f"mask.cut_at_epoch={self.cut_at_epoch}"
-            if self.cut_at_step is None
-            else (f"mask.cut_at_step={self.cut_at_step}")
-        )
+        if self.cut_at_step is None:
+            setting = f"mask.cut_at_epoch={self.cut_at_epoch}"
+        else:
+            setting = f"mask.cut_at_step={self.cut_at_step}"
         why = self.strategy.why_cut_changes_outputs
         if why is not None and not self.cut_changes_outputs:
             raise ConfigError(
@@ -275,7 +274,7 @@ class ChannelPruning(Callback):
                 "device or strategy=ddp, or cut after training with compact=true"
             )
         # A checkpoint written after a cut holds the smaller network: take its shape before its weights load.
-        # The private form: the public register_load_state_dict_pre_hook arrived in torch 2.5 (the floor is 2.4).
+        # The private form, which torch had before 2.5's public register_load_state_dict_pre_hook.
         network._register_load_state_dict_pre_hook(self._take_cut_shape, with_module=True)
         self.spaces = self._choose_spaces(network)
         self.layers = [layer for space in self.spaces for layer in space.producers]
