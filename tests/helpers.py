@@ -185,15 +185,18 @@ class ConsumerInputProbe(Callback):
 
 
 class PaceFirstStart(Callback):
-    """Sleeps ``seconds`` after every training step from epoch ``from_epoch`` on, in a Slurm job's first start
-    only (``SLURM_RESTART_COUNT`` unset or 0). Slurm checks time limits every half minute or so, so on a
-    fast machine a tiny run would finish before its time-limit signal arrives; the weights do not depend
-    on the pace (``train.py ... +callbacks.pace._target_=helpers.PaceFirstStart``)."""
+    """Sleeps ``seconds`` after every training step from epoch ``from_epoch`` on, in a run's first start only:
+    not in a fit that resumed from a checkpoint (``resume=true``, a requeued Slurm job) nor in a Slurm job's
+    restart (``SLURM_RESTART_COUNT`` above 0). A tiny run finishes in about two seconds on this machine, less
+    on a faster one: too quickly for Slurm's half-minute time-limit checks or for a test to stop it during
+    an epoch it can see. The weights do not depend on the pace
+    (``train.py ... +callbacks.pace._target_=helpers.PaceFirstStart``)."""
 
     def __init__(self, seconds: float = 1.0, from_epoch: int = 1) -> None:
         self.seconds = seconds
         self.from_epoch = from_epoch
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.current_epoch >= self.from_epoch and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        first_start = trainer.ckpt_path is None and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+        if trainer.current_epoch >= self.from_epoch and first_start:
             time.sleep(self.seconds)

@@ -32,6 +32,9 @@ RUN = (
     "mask=weight", "mask.at_step=20", "mask.log_every_n_steps=5", "trainer.log_every_n_steps=5", *QUIET,
 )  # fmt: skip
 STEPS_PER_EPOCH = 57  # 900 training images after the 10 % validation split, batch 16
+# A run stopped during epoch 1 is paced there (50 ms a step, first start only): the 47 steps between the
+# moment a test sees epoch 1 under way and the epoch's end then take over 2 s on any machine.
+PACED = ("+callbacks.pace._target_=helpers.PaceFirstStart", "+callbacks.pace.seconds=0.05")
 # Scalars whose values are measured times, not computed figures: compared by step only.
 TIMED = ("perf/", "seconds")
 
@@ -152,6 +155,13 @@ def assert_stopped_during_epoch_1(run_dir: Path, killed: bool = True) -> None:
     assert not (run_dir / "metrics.json").exists()
 
 
+def with_tests_on_the_path() -> dict[str, str]:
+    """This environment with tests/ on PYTHONPATH (Slurm jobs inherit it): a run can then name test-only
+    callbacks such as helpers.PaceFirstStart."""
+    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -163,8 +173,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_resume_true_continues_the_curves_without_logging_a_step_twice(tmp_path: Path, uninterrupted: Path) -> None:
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *RUN, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, str(REPO / "train.py"), *RUN, *PACED, f"hydra.run.dir={run_dir}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=with_tests_on_the_path(),
     )  # fmt: skip
     try:
         wait_until_past_first_checkpoint(run_dir, lambda: process.poll() is None)
@@ -196,12 +206,9 @@ def test_a_failed_run_is_listed_in_the_report_with_its_error_line(tmp_path: Path
 
 def start_sweep(sweep: Path, *overrides: str) -> subprocess.Popen[str]:
     """``python train.py -m <overrides>`` into ``sweep``, in the background (it waits for its Slurm jobs)."""
-    # tests/ on the path (Slurm jobs inherit it): a run can name test-only callbacks such as helpers.PaceFirstStart
-    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": python_path},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=with_tests_on_the_path(),
     )  # fmt: skip
 
 
@@ -320,7 +327,7 @@ def test_a_failing_job_is_a_failed_run_in_the_report_and_the_others_finish(tmp_p
 @needs_slurm
 def test_requeued_slurm_job_continues_from_its_last_checkpoint(tmp_path: Path, uninterrupted: Path) -> None:
     sweep = tmp_path / "sweep"
-    sweep_process = start_sweep(sweep, *on_slurm(*RUN))
+    sweep_process = start_sweep(sweep, *on_slurm(*RUN, *PACED))
     try:
         run_dir = the_run(sweep)
         (job,) = job_ids(run_dir)
