@@ -9,19 +9,23 @@ freshly initialised with random BatchNorm statistics (β ≠ 0, so a leaking mas
 structure, not the accuracy, is what is measured here.
 
     python scripts/bench_channel_graph.py --models resnet18,mobilenet_v2 --json graph.json
+
+``cifar_resnetN`` names pruneflow's own CIFAR ResNet of depth N (``model=resnet model.depth=N``), e.g.
+``--models cifar_resnet56 --rounds 15`` for the ResNet-56 latency figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from pruneflow.compaction import compact_and_verify
 from pruneflow.compaction.verify import randomize_norms
-from pruneflow.models import torchvision_classifier
+from pruneflow.models import ResNet, torchvision_classifier
 from pruneflow.pruning.channels import trace_channel_graph
 from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.strategies import make_strategy
@@ -29,9 +33,17 @@ from pruneflow.pruning.strategies import make_strategy
 MODELS = "resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,densenet121,vgg11_bn,shufflenet_v2_x0_5"
 
 
+def build(name: str, size: int) -> torch.nn.Module:
+    """torchvision's ``name``, or pruneflow's CIFAR ResNet for ``cifar_resnet<depth>``."""
+    cifar_resnet = re.fullmatch(r"cifar_resnet(\d+)", name)
+    if cifar_resnet:
+        return ResNet(input_shape=(3, size, size), num_classes=10, depth=int(cifar_resnet.group(1)))
+    return torchvision_classifier(name, input_shape=(3, size, size), num_classes=10)
+
+
 def measure(name: str, size: int, batch_sizes: tuple[int, ...], rounds: int) -> dict[str, object]:
     torch.manual_seed(0)
-    network = randomize_norms(torchvision_classifier(name, input_shape=(3, size, size), num_classes=10), beta_scale=0.1)
+    network = randomize_norms(build(name, size), beta_scale=0.1)
     graph = trace_channel_graph(network)
     strategy, criterion = make_strategy("activation"), L1()
     masks = {}
@@ -60,7 +72,9 @@ def measure(name: str, size: int, batch_sizes: tuple[int, ...], rounds: int) -> 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=MODELS, help="comma-separated torchvision model names")
+    parser.add_argument(
+        "--models", default=MODELS, help="comma-separated torchvision model names, or cifar_resnet<depth>"
+    )
     parser.add_argument("--size", type=int, default=32, help="square input size")
     parser.add_argument("--batch-sizes", default="1,256", help="latency batch sizes")
     parser.add_argument("--rounds", type=int, default=5, help="latency repeats (median)")

@@ -125,3 +125,14 @@ def test_unknown_arms_are_one_line_errors() -> None:
         "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, control, weight, activation, gradient, "
         "parametrize, hard"
     )
+
+
+def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupled_groups() -> None:
+    bench_channel_graph = importlib.import_module("bench_channel_graph")
+    (row,) = bench_channel_graph.main(["--models", "cifar_resnet8", "--batch-sizes", "2", "--rounds", "1"])
+    # ResNet-8: three coupled groups (the stem with stage 1's residual space, stages 2 and 3), each block's
+    # conv1 free, and the logits (not prunable).
+    assert (row["spaces"], row["prunable"], row["coupled"]) == (7, 6, 3)
+    assert row["agreement"] == 1.0 and row["max_abs_diff"] <= 1e-4
+    assert 3.0 < row["flops_ratio"] < 4.5 and row["params_after"] < row["params_before"] / 3
+    assert row["speedup_b2"] > 0
