@@ -66,7 +66,9 @@ def measure(name: str, size: int, batch_sizes: tuple[int, ...], rounds: int) -> 
         "params_before": metrics["compact/params_before"],
         "params_after": metrics["compact/params_after"],
     }
-    row.update({f"speedup_b{b}": metrics[f"compact/latency_b{b}_speedup"] for b in batch_sizes})
+    for b in batch_sizes:
+        row[f"speedup_b{b}"] = metrics[f"compact/latency_b{b}_speedup"]
+        row[f"ms_b{b}"] = [metrics[f"compact/latency_b{b}_before_ms"], metrics[f"compact/latency_b{b}_after_ms"]]
     return row
 
 
