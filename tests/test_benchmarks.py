@@ -136,3 +136,20 @@ def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupl
     assert row["agreement"] == 1.0 and row["max_abs_diff"] <= 1e-4
     assert 3.0 < row["flops_ratio"] < 4.5 and row["params_after"] < row["params_before"] / 3
     assert row["speedup_b2"] > 0
+
+
+def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
+    import lightning as L
+    from test_strategies import OPTIMIZERS, TinyNet, toy_loader
+
+    from pruneflow import ClassifierModule
+
+    step_profile = importlib.import_module("step_profile").StepProfile(start=2, steps=3, rows=100)
+    trainer = L.Trainer(max_steps=8, callbacks=[step_profile], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.fit(ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader())
+    lines = step_profile.report.splitlines()
+    assert lines[0].startswith("steps 2-5: ") and lines[0].endswith(" ms a step (wall)")
+    convolutions = [line for line in lines if line.startswith("| aten::convolution_backward |")]
+    assert len(convolutions) == 1 and convolutions[0].endswith("| 2 |")  # two convs, each once a step
+    assert step_profile.profiler is None  # stopped after its window
