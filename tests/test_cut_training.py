@@ -5,7 +5,9 @@ are refused."""
 from __future__ import annotations
 
 import functools
+import gc
 import json
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,7 +133,8 @@ def test_residual_groups_cut_while_training_train_on_as_the_masked_run(optimizer
     fit(masked, masked_pruning)
     cut, cut_pruning = resnet_run(cut_at_step=CUT_AT)
     fit(cut, cut_pruning)
-    coupled = [space for space in cut_pruning.spaces if len(space.producers) > 1]
+    # the spaces both runs chose (the cut run's callback lets go of them at the cut)
+    coupled = [space for space in masked_pruning.spaces if len(space.producers) > 1]
     assert coupled, "no residual group was selected"
     widths = {name: module.out_channels for name, module in cut.model.named_modules() if isinstance(module, nn.Conv2d)}
     full = {name: module.out_channels for name, module in masked.model.named_modules() if isinstance(module, nn.Conv2d)}
@@ -153,6 +156,27 @@ def test_the_telemetry_stops_at_the_cut_and_metrics_record_it() -> None:
     assert metrics["cut/step"] == CUT_AT
     assert metrics["cut/channels_before"] == 20 and metrics["cut/channels_after"] == 10
     assert metrics["cut/flops_ratio"] > 1.5
+
+
+def full_size_producers(module: ClassifierModule) -> list[weakref.ref]:
+    return [weakref.ref(conv) for conv in module.model.modules() if isinstance(conv, nn.Conv2d)]
+
+
+def test_after_the_cut_nothing_holds_the_full_size_modules(tmp_path: Path) -> None:
+    """The cut replaces the producers and their norms; the callback keeps their widths, not the modules,
+    so the full-size weights are freed (in training and after a resume from a post-cut checkpoint)."""
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    replaced = full_size_producers(module)
+    fit(module, pruning, ckpt_dir=tmp_path)
+    gc.collect()
+    assert replaced and not [ref for ref in replaced if ref() is not None]
+    assert pruning.layers == [] and pruning.layer_widths == {"features.0": 8, "features.4": 12}
+    resumed, resumed_pruning = make_run("sgd", cut_at_step=CUT_AT)
+    replaced = full_size_producers(resumed)
+    fit(resumed, resumed_pruning, ckpt_path=tmp_path / "epoch=0.ckpt")
+    gc.collect()
+    assert not [ref for ref in replaced if ref() is not None]
+    assert resumed_pruning.layer_widths == pruning.layer_widths
 
 
 def test_a_checkpoint_written_after_the_cut_resumes_exactly_with_plain_lightning(tmp_path: Path) -> None:

@@ -197,8 +197,12 @@ class ChannelPruning(Callback):
         self.cut_changes_outputs = cut_changes_outputs
         self._check_cut_settings()
 
+        # The chosen spaces and their producers (modules of the masked network); emptied by a cut, which
+        # replaces those modules, so that the callback holds no full-size copy of them.
         self.spaces: list[ChannelSpace] = []
         self.layers: list[PrunableLayer] = []
+        self.layer_widths: dict[str, int] = {}  # each chosen producer's width at setup: checkpoints compare it
+        self._set_up = False
         self.pruned: dict[str, Tensor] = {}
         self.pruned_amount = 0.0
         self.pruning_steps: list[int] = []
@@ -262,7 +266,7 @@ class ChannelPruning(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Every stage: `Trainer.validate/test(ckpt_path=...)` loads weights named as the masked network names them.
-        if self.layers:
+        if self._set_up:
             return
         network = self.network(pl_module)
         self._network = network
@@ -278,6 +282,8 @@ class ChannelPruning(Callback):
         network._register_load_state_dict_pre_hook(self._take_cut_shape, with_module=True)
         self.spaces = self._choose_spaces(network)
         self.layers = [layer for space in self.spaces for layer in space.producers]
+        self.layer_widths = {layer.name: layer.num_channels for layer in self.layers}
+        self._set_up = True
         self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         for layer in self.layers:
@@ -425,7 +431,8 @@ class ChannelPruning(Callback):
         self._log_to_loggers(trainer, {key: float(value) for key, value in self.cut.items()}, histograms=False)
 
     def _drop_machinery(self) -> None:
-        """Hooks, parametrizations and telemetry of the masked network: the cut network has no pruned channels."""
+        """Hooks, parametrizations and telemetry of the masked network, and the callback's references to its
+        modules: the cut network has no pruned channels, and the modules it replaced can be freed."""
         for layer in self.layers:
             self.strategy.remove(layer)
         if self.telemetry is not None:
@@ -433,6 +440,7 @@ class ChannelPruning(Callback):
         self.telemetry = None
         self._masked = []
         self._measure_now = False
+        self.spaces, self.layers = [], []
 
     def _take_cut_shape(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *_: Any) -> None:
         """Load-state-dict pre-hook of the network: a checkpoint written after a cut holds smaller tensors;
@@ -542,7 +550,7 @@ class ChannelPruning(Callback):
             "criterion": self.criterion,
             "amount": self.amount,
             "reset_optimizer_state": self.reset_optimizer_state,
-            "layers": {layer.name: layer.num_channels for layer in self.layers},
+            "layers": dict(self.layer_widths),
             "pruned": {name: mask.cpu() for name, mask in self.pruned.items()},
             "pruned_amount": self.pruned_amount,
             "pruning_steps": list(self.pruning_steps),
@@ -560,7 +568,7 @@ class ChannelPruning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Apply a checkpoint's mask state. Lightning calls this after ``setup`` (machinery installed,
         layers chosen) and after loading the weights, whether fitting, validating or testing."""
-        if not self.layers:
+        if not self._set_up:
             raise RuntimeError(
                 "ChannelPruning.load_state_dict needs the layers chosen in setup; restore a checkpoint through "
                 "Trainer.fit/validate/test(ckpt_path=...), which calls setup first"
@@ -585,10 +593,10 @@ class ChannelPruning(Callback):
                 f"{origin} was pruned with mask={saved} but this run has mask={self.strategy_name}; "
                 f"resume with mask={saved} or start a new run"
             )
-        if self.layers and state["layers"] != {layer.name: layer.num_channels for layer in self.layers}:
+        if self.layer_widths and state["layers"] != self.layer_widths:
             raise ConfigError(
                 f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
-                f"{ {layer.name: layer.num_channels for layer in self.layers} }; it comes from another model"
+                f"{self.layer_widths}; it comes from another model"
             )
 
     def _restore(self, state: dict[str, Any]) -> None:
