@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import QUIET, run_train, run_train_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -83,3 +84,30 @@ def test_ddp_cut_while_training_trains_on_as_the_masked_run(tmp_path: Path) -> N
         if tensor.is_floating_point():
             scale = expected[key].abs().max().clamp_min(1e-12)
             assert (tensor - expected[key]).abs().max() / scale <= 1e-3, key
+
+
+def test_ddp_run_resumed_after_its_cut_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    # The resumed run rebuilds the cut widths from the checkpoint (the load-state-dict pre-hook) before
+    # Lightning wraps the network in DDP, so DDP reduces the cut network's parameters from the first step.
+    # scheduler=none: the learning rate does not depend on max_epochs, so 2 epochs + 1 resumed = 3 epochs.
+    common = [
+        "trainer=ddp_cpu", "data=synthetic", "data.num_train=800", "mask=activation", "mask.at_step=1",
+        "mask.reset_optimizer_state=true", "mask.cut_at_epoch=1", "scheduler=none", "deterministic=true", *QUIET,
+    ]  # fmt: skip
+    whole = run_train(*common, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_train(*common, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_train(*common, "trainer.max_epochs=3", "resume=true", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    reference = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["global_step"] == reference["global_step"] and metrics["cut/step"] == reference["cut/step"]
+    log = (tmp_path / "resumed" / "train.log").read_text()
+    assert "resuming from" in log
+    assert log.count("channels out of the network") == 1  # cut in the first start; the resumed one takes its shape
+    expected = load_trained_run(tmp_path / "whole").network.state_dict()
+    actual = load_trained_run(tmp_path / "resumed").network.state_dict()
+    assert actual.keys() == expected.keys()
+    different = [key for key, tensor in actual.items() if not torch.equal(tensor, expected[key])]
+    assert not different, different
