@@ -34,14 +34,14 @@ class StepProfile(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.start and self.profiler is None and not self.report:
             self.profiler = profile(activities=[ProfilerActivity.CPU])
-            self.profiler.__enter__()
+            self.profiler.start()
             self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.profiler is None or trainer.global_step < self.start + self.steps:
             return
         wall_ms = (time.perf_counter() - self.started) * 1e3 / self.steps
-        self.profiler.__exit__(None, None, None)
+        self.profiler.stop()
         events = sorted(self.profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
         self.profiler = None
         lines = [f"steps {self.start}-{self.start + self.steps}: {wall_ms:.2f} ms a step (wall)",

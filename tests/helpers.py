@@ -44,11 +44,16 @@ QUIET = ("trainer.enable_progress_bar=false", "trainer.enable_model_summary=fals
 PROBE = "+callbacks.consumer_probe._target_=helpers.ConsumerInputProbe"  # what consumers receive, into metrics.json
 
 
+def with_tests_on_the_path() -> dict[str, str]:
+    """This environment with tests/ on PYTHONPATH (Slurm jobs inherit it): a run can then name test-only
+    callbacks, e.g. +callbacks.probe._target_=helpers.ConsumerInputProbe."""
+    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": python_path}
+
+
 def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run ``python train.py <overrides>`` as a user would; never downloads (no PRUNEFLOW_DATA fallback)."""
-    # tests/ on the path: a run can name test-only callbacks, e.g. +callbacks.probe._target_=helpers.ConsumerInputProbe
-    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
+    env = {**with_tests_on_the_path(), "PYTHONUNBUFFERED": "1"}
     env.pop("PRUNEFLOW_DATA", None)
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, REPO, run_train
+from helpers import QUIET, REPO, run_train, with_tests_on_the_path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # Three epochs of 57 steps (batch 16), pruning at step 20 of epoch 0, telemetry every 5 steps: a stop
@@ -153,13 +153,6 @@ def assert_stopped_during_epoch_1(run_dir: Path, killed: bool = True) -> None:
     if killed:
         assert logged_steps(run_dir) > STEPS_PER_EPOCH
     assert not (run_dir / "metrics.json").exists()
-
-
-def with_tests_on_the_path() -> dict[str, str]:
-    """This environment with tests/ on PYTHONPATH (Slurm jobs inherit it): a run can then name test-only
-    callbacks such as helpers.PaceFirstStart."""
-    python_path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": python_path}
 
 
 @pytest.fixture(scope="module")
