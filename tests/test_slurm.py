@@ -225,8 +225,26 @@ def job_ids(run_dir: Path) -> list[str]:
     ]
 
 
-def sacct(job: str) -> str:
-    """sacct's table of a job and its steps, printed (pytest shows it for a failing test, and with -s)."""
+# sacct states of a job run or step that has not ended yet (the rest are final: COMPLETED, FAILED, REQUEUED, ...).
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD", "STOPPED"}
+
+
+def sacct_once_ended(job: str, timeout: float = 120) -> str:
+    """sacct's table of a job and its steps once all of them have ended, printed (pytest shows it on a failure).
+
+    A sweep returns as soon as submitit has read each job's result, which the job writes before its process
+    exits; the job's end then reaches the accounting database seconds later on a loaded machine. So this waits
+    until no run or step of the job is still active in sacct before anything reads its states.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        states = subprocess.run(["sacct", "-D", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True)
+        active = [state for state in states.stdout.split("\n") if state.split(" ")[0] in ACTIVE_STATES]
+        if states.stdout.strip() and not active:
+            break
+        if time.monotonic() > deadline:
+            break  # the table printed below shows what is still active; the assertions that follow fail on it
+        time.sleep(1)
     fields = "JobID%14,JobName%8,State,ExitCode,NTasks,Start,End,Elapsed"
     text = subprocess.run(["sacct", "-D", "-j", job, "-o", fields], capture_output=True, text=True).stdout
     print(text)
@@ -283,7 +301,7 @@ def test_two_run_sweep_runs_as_two_slurm_jobs_and_reports(tmp_path: Path) -> Non
     jobs = [job_ids(run) for run in runs]
     assert all(len(ids) == 1 for ids in jobs) and jobs[0] != jobs[1]  # one job each, not one job for both
     for (job,) in jobs:
-        sacct(job)
+        sacct_once_ended(job)
         assert sacct_rows(job, "State")[0] == ["COMPLETED"]
         assert (sweep / ".submitit" / job).is_dir()  # submitit's logs of that job
     report = subprocess.run(
@@ -305,7 +323,7 @@ def test_a_failing_job_is_a_failed_run_in_the_report_and_the_others_finish(tmp_p
     finished = sweep / "data.num_train=200,data=synthetic,mask.amount=0.5,mask=weight,trainer.max_epochs=1"
     wait_for_jobs_to_leave_the_queue(job_ids(finished))
     assert (finished / "metrics.json").is_file() and not (failed / "metrics.json").exists()
-    sacct(job_ids(failed)[0]), sacct(job_ids(finished)[0])
+    sacct_once_ended(job_ids(failed)[0]), sacct_once_ended(job_ids(finished)[0])
     assert sacct_rows(job_ids(failed)[0], "State")[0] == ["FAILED"]
     assert sacct_rows(job_ids(finished)[0], "State")[0] == ["COMPLETED"]
     report = subprocess.run(
@@ -337,7 +355,7 @@ def test_requeued_slurm_job_continues_from_its_last_checkpoint(tmp_path: Path, u
     log = (run_dir / "train.log").read_text()
     assert f"Slurm restart 1 of job {job}: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in log
     assert log.count("] - step 20: pruned") == 1  # not pruned again after the restart
-    sacct(job)
+    sacct_once_ended(job)
     assert job_states(job) == ["REQUEUED", "COMPLETED"]
     assert_one_continuous_history(run_dir, uninterrupted)
     assert_same_final_state(run_dir, uninterrupted)
@@ -359,7 +377,7 @@ def test_ddp_job_trains_with_two_ranks_placed_by_slurm(tmp_path: Path) -> None:
     assert "task 0 of 2)" in log and "task 1 of 2)" in log
     fingerprints = json.loads((run_dir / "metrics.json").read_text())["mask/rank_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
-    sacct(job_ids(run_dir)[0])
+    sacct_once_ended(job_ids(run_dir)[0])
     assert ["2"] in sacct_rows(job_ids(run_dir)[0], "NTasks")  # the training step ran as two Slurm tasks
 
 
@@ -396,7 +414,7 @@ def test_job_at_its_time_limit_is_requeued_and_finishes(tmp_path: Path, uninterr
     assert f"Requeued job {job} (0 remaining timeouts)" in submitit_log
     log = (run_dir / "train.log").read_text()
     assert f"Slurm restart 1 of job {job}: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in log
-    sacct(job)
+    sacct_once_ended(job)
     assert job_states(job) == ["REQUEUED", "COMPLETED"]
     assert_one_continuous_history(run_dir, uninterrupted)
     assert_same_final_state(run_dir, uninterrupted)
