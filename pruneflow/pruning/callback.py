@@ -284,10 +284,11 @@ class ChannelPruning(Callback):
         self.layers = [layer for space in self.spaces for layer in space.producers]
         self.layer_widths = {layer.name: layer.num_channels for layer in self.layers}
         self._set_up = True
-        self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
+        # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
         for layer in self.layers:
             self.strategy.prepare(layer)
+        self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
         self._write_dashboard_layout(trainer)
         log.info("pruning %d channel spaces (%d layers) with mask=%s: %s", len(self.spaces), len(self.layers),
                  self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip

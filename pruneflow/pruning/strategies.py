@@ -218,8 +218,10 @@ class ActivationMask(MaskStrategy):
             return
         # Not persistent: checkpoints keep the model's own keys; the callback's state holds the masks.
         point.register_buffer(KEEP_BUFFER, keep.to(layer.conv.weight.device), persistent=False)
-        # prepend: the mask must act before any other hook (telemetry) reads the channel point.
-        self._handles[layer.name] = point.register_forward_hook(mask_channels, prepend=True)
+        # Registered at setup (``prepare``), before the telemetry's hook, so it runs first by order alone:
+        # ``prepend=True`` reorders the hook dict, which Dynamo guards by position on torch 2.7-2.13
+        # (pytorch/pytorch#160083: ``compile=true`` then fails while building a guard).
+        self._handles[layer.name] = point.register_forward_hook(mask_channels)
 
     def remove(self, layer: PrunableLayer) -> None:
         handle = self._handles.pop(layer.name, None)
