@@ -32,7 +32,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: torch < 2.6's FlopCounterMode sees no op under it and counts 0
 def count_flops(model: nn.Module, image: Tensor) -> int:
     """FLOPs of one forward of ``model`` on ``image`` (a batch of one)."""
     with evaluating(model), FlopCounterMode(display=False) as counter:
