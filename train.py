@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from pruneflow.experiment.argv_checks import check_group_choices
 from pruneflow.experiment.run import train
+from pruneflow.experiment.trainer_arguments import check_trainer_arguments
 from pruneflow.experiment.user_errors import record_in_run_log, user_error_message
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -34,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    problem = check_group_choices(sys.argv[1:], CONF_DIR)
+    problem = check_group_choices(sys.argv[1:], CONF_DIR) or check_trainer_arguments(sys.argv[1:])
     if problem:
         raise SystemExit(f"pruneflow: error: {problem}")
     main()

@@ -34,6 +34,19 @@ def test_run_writes_config_events_checkpoints_and_metrics(tmp_path: Path) -> Non
     assert {"train/loss_epoch", "train/acc", "val/acc", "test/acc"} <= scalar_tags(run_dir)
 
 
+def test_any_lightning_trainer_argument_works_as_written(tmp_path: Path) -> None:
+    """``trainer.max_steps`` is in no YAML file: the trainer group's schema declares every Trainer argument."""
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "trainer.max_steps=5", "trainer.limit_val_batches=2", f"hydra.run.dir={run_dir}", *QUIET
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 5
+    config = (run_dir / "config.yaml").read_text()
+    assert "max_steps: 5" in config and "limit_val_batches: 2" in config
+
+
 def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(
@@ -114,6 +127,8 @@ def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) ->
         (("data=synthetic", "mask=weight", "mask.amount=1.5"), "mask.amount must be a fraction in [0, 1), got 1.5"),
         (("data=synthetic", "mask=weight", "mask.criterion=magnitude"), "unknown mask.criterion 'magnitude'"),
         (("data=synthetic", "mask=weight", "mask.layers=[conv9]"), "pattern 'conv9' matches no conv or linear layer"),
+        (("data=synthetic", "trainer.max_step=5"), "unknown Trainer argument 'max_step' in 'trainer.max_step=5'; did "
+         "you mean trainer.max_steps?"),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path: Path, overrides: tuple[str, ...], expected: str) -> None:
