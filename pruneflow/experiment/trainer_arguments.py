@@ -55,7 +55,8 @@ def check_trainer_arguments(argv: list[str]) -> str | None:
         if name not in arguments:
             nearest = difflib.get_close_matches(name, list(arguments), n=1)
             hint = f"; did you mean trainer.{nearest[0]}?" if nearest else ""
-            return f"unknown Trainer argument {name!r} in {argument!r}{hint} (any lightning.pytorch.Trainer argument is accepted)"
+            accepted = "any lightning.pytorch.Trainer argument is accepted"
+            return f"unknown Trainer argument {name!r} in {argument!r}{hint} ({accepted})"
         if prefix == "+" and len(parts) == 2:
             return f"trainer.{name} is already in the config: write {argument[1:]!r} (no '+')"
     return None
