@@ -241,3 +241,67 @@ class Refused(nn.Module):
 def test_what_would_revive_or_reshuffle_a_channel_refuses_its_space_naming_it(between: str, reason: str) -> None:
     space = space_of(trace_channel_graph(Refused(between)), "a")
     assert not space.prunable and any(reason in refusal for refusal in space.refusals), space.refusals
+
+
+# -- issue 21: what only looks like a channel-major flatten, and weights read elsewhere -------------
+class PartialFlatten(nn.Module):
+    """conv ``a`` (4 channels of 8×8) → a reduction or flatten that keeps a spatial dim → linear ``b`` over
+    the last dim (8 features, a multiple of the 4 channels, though not a channel-major layout)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.flat = nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(1, 2)
+        self.b, self.head = nn.Linear(8, 5), nn.Linear(4 * 8 * 5 if how == "mean" else 32 * 5, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        if self.how == "torch.flatten":
+            x = torch.flatten(x, 1, 2)
+        elif self.how == "nn.Flatten":
+            x = self.flat(x)
+        else:
+            x = x.mean(-1)
+        return self.head(torch.flatten(self.b(x), 1))
+
+
+@pytest.mark.parametrize("how", ["torch.flatten", "nn.Flatten", "mean"])
+def test_a_partial_flatten_or_reduction_is_not_read_as_channel_major(how: str) -> None:
+    model = PartialFlatten(how)
+    space = space_of(trace_channel_graph(model), "a")
+    assert not space.prunable and not any(c.name == "b" for c in space.consumers), space.consumers
+    with pytest.raises(ConfigError, match="cannot cut channels of a"):
+        compact(model, {"a": [0, 1]})
+
+
+class SharedWeight(nn.Module):
+    """``conv``'s weight read a second time by ``F.conv2d`` (a ``get_attr``), or ``b`` tied to ``a``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem, self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head_a, self.head_b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+        if how == "tied":
+            self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem(x))
+        if self.how == "functional":
+            y = nn.functional.conv2d(x, self.a.weight, dilation=2, padding=2)
+            return self.head_a(torch.relu(self.a(x))) + self.head_b(y).mean()
+        return self.head_a(torch.relu(self.a(torch.relu(self.b(x)))))
+
+
+@pytest.mark.parametrize("how", ["functional", "tied"])
+def test_a_weight_read_anywhere_else_leaves_its_spaces_unprunable_said_once(how: str, caplog) -> None:
+    model = SharedWeight(how)
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+        graph = trace_channel_graph(model)
+    shared = ["a", "b"] if how == "tied" else ["a"]
+    for name in shared:
+        assert not space_of(graph, name).prunable, (name, space_of(graph, name).refusals)
+    message = "a.weight is also read by conv2d() at conv2d" if how == "functional" else "b.weight is a.weight"
+    assert caplog.text.count(message) == 1, caplog.text
+    with pytest.raises(ConfigError, match="cannot cut channels of"):
+        compact(model, {name: [0] for name in shared})

@@ -203,17 +203,55 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
+def _output_ndim(module: nn.Module) -> int | None:
+    """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
+    layer's input may have any rank."""
+    return {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))
+
+
+def _shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]:
+    """Modules whose parameters are not theirs alone → why: tied to another module's (``b.weight = a.weight``)
+    or read outside the module (``F.conv2d(x, self.conv.weight)``, a ``get_attr`` in the graph). Cutting
+    such a module's rows or columns would leave the other reader with the old shape, or untie the two.
+    Each is said once in the log."""
+    owners: dict[int, list[str]] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(model.get_parameter(name)), []).append(name)
+    shared: dict[str, str] = {}
+    for names in owners.values():
+        for name in names[1:]:
+            shared.setdefault(name.rpartition(".")[0], f"{name} is {names[0]} (tied parameters)")
+            shared.setdefault(names[0].rpartition(".")[0], f"{names[0]} is tied to {name}")
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            readers = ", ".join(_describe(user, {}) for user in node.users)
+            for name in owners.get(id(_attribute(model, str(node.target))), [str(node.target)]):
+                shared.setdefault(name.rpartition(".")[0], f"{name} is also read by {readers}")
+    for module_name, reason in shared.items():
+        if isinstance(dict(model.named_modules()).get(module_name), (*PRODUCER_TYPES, *NORM_TYPES)):
+            log.info("channel graph: %s; its channels are not prunable", reason)
+    return shared
+
+
+def _attribute(model: nn.Module, target: str) -> Any:
+    value: Any = model
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 # -- tracing --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Value:
     """What a traced tensor's channel dimension carries: (space id, offset) segments, its total width
-    (None when part of it is not a channel space), whether it was flattened, and the op that made a
-    zero channel non-zero, if one did."""
+    (None when part of it is not a channel space), whether it was flattened, the op that made a
+    zero channel non-zero, if one did, and its number of dimensions, if known."""
 
     segments: tuple[tuple[int, int], ...]
     width: int | None
     flattened: bool = False
     revived_by: str | None = None
+    ndim: int | None = None  # the tensor's dimensions where known: a flatten or reduction must take all spatial ones
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -239,6 +277,13 @@ class _Tracer:
         for node in graph.nodes:
             if node.op == "call_module":
                 self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+        self.shared = _shared_parameters(model, graph)
+
+    def reused(self, name: str) -> str | None:
+        """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
+        if self.calls.get(name, 0) > 1:
+            return f"{name} is called {self.calls[name]} times"
+        return self.shared.get(name)
 
     # union-find
     def root(self, index: int) -> int:
@@ -327,8 +372,8 @@ class _Tracer:
                 return self.revived(value, node)
             if isinstance(module, POOLING_MODULES):
                 return self.pooled(node, value)
-            if isinstance(module, nn.Flatten) and module.start_dim == 1:
-                return self.flattened(node, value)
+            if isinstance(module, nn.Flatten):
+                return self.flattened(node, value, module.start_dim, module.end_dim)
         elif node.op == "call_function":
             target = node.target
             if target in ZERO_PRESERVING_FUNCTIONS:
@@ -337,8 +382,9 @@ class _Tracer:
                 return self.revived(value, node)
             if target in POOLING_FUNCTIONS:
                 return self.pooled(node, value)
-            if target is torch.flatten and self.argument(node, 1, "start_dim", 0) == 1:
-                return self.flattened(node, value)
+            if target is torch.flatten:
+                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
             if target in ADD_FUNCTIONS or target in MUL_FUNCTIONS:
                 return self.elementwise(node, target in MUL_FUNCTIONS)
             if target is torch.cat:
@@ -351,12 +397,13 @@ class _Tracer:
                 return value
             if method in REVIVING_METHODS:
                 return self.revived(value, node)
-            if method == "flatten" and self.argument(node, 1, "start_dim", 0) == 1:
-                return self.flattened(node, value)
+            if method == "flatten":
+                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
             if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
-                return self.flattened(node, value)  # x.view(x.size(0), -1)
-            if method in ("mean", "amax") and self.spatial_reduction(node):
-                return self.flattened(node, value) if not self.argument(node, 2, "keepdim", False) else value
+                return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
+            if method in ("mean", "amax") and self.spatial_reduction(node, value):
+                return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
             if method == "size" and self.argument(node, 1, "dim", None) == 0:
                 return None  # the batch size
         values = self.input_values(node)
@@ -374,10 +421,13 @@ class _Tracer:
             return node.kwargs[keyword]
         return node.args[position] if len(node.args) > position else default
 
-    def spatial_reduction(self, node: torch.fx.Node) -> bool:
+    def spatial_reduction(self, node: torch.fx.Node, value: _Value | None) -> bool:
+        """Whether the reduction takes every spatial dim (all after the channels), leaving (N, C)."""
         dims = self.argument(node, 1, "dim", None)
         dims = [dims] if isinstance(dims, int) else dims
-        return isinstance(dims, (list, tuple)) and len(dims) > 0 and all(d in (2, 3, -1, -2) for d in dims)
+        if value is None or value.ndim is None or not isinstance(dims, (list, tuple)):
+            return False
+        return sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(range(2, value.ndim))
 
     def revived(self, value: _Value | None, node: torch.fx.Node) -> _Value | None:
         return None if value is None else replace(value, revived_by=_describe(node, self.modules))
@@ -388,13 +438,16 @@ class _Tracer:
             return None
         return value
 
-    def flattened(self, node: torch.fx.Node, value: _Value | None) -> _Value | None:
+    def flattened(self, node: torch.fx.Node, value: _Value | None, start: Any, end: Any) -> _Value | None:
+        """A flatten of the channels with every dim after them (channel-major: channel c's features are a
+        block); anything else — a flatten that keeps a spatial dim, of a tensor of unknown rank — is refused."""
         if value is None:
             return None
-        if value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
+        whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
+        if not whole or value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
             self.refuse_unknown(node, [value])
             return None
-        return replace(value, flattened=True)
+        return replace(value, flattened=True, ndim=2)
 
     # producers, norms and readers
     def producer(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value:
@@ -402,31 +455,32 @@ class _Tracer:
         layer = PrunableLayer(name, module)
         if is_depthwise(module):
             single = value is not None and len(value.segments) == 1 and value.width == module.in_channels
-            if single and not value.flattened and value.revived_by is None and self.calls[name] == 1:
+            if single and not value.flattened and value.revived_by is None and not self.reused(name):
                 ((index, _),) = value.segments
                 self.space(index).producers.append(layer)  # it carries channel c to its own channel c
                 self.writer_of[node] = layer
-                return _Value(value.segments, value.width)
+                return _Value(value.segments, value.width, ndim=_output_ndim(module))
             index = self.new_space(layer, "channels")
             self.spaces[index].refuse(f"depthwise conv {name} reads a tensor that is not one whole channel space")
             self.refuse(value, f"depthwise conv {name} reads them along with other channels")
-            return _Value(((index, 0),), layer.num_channels)
+            return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
         self.read(name, module, value)
         index = self.new_space(layer, "features" if isinstance(module, nn.Linear) else "channels")
         if getattr(module, "groups", 1) > 1:
             self.spaces[index].refuse(f"grouped conv {name} (groups={module.groups}) writes them: its groups would "
                                       "need equal cuts")  # fmt: skip
-        if self.calls[name] > 1:
-            self.spaces[index].refuse(f"{name} is called {self.calls[name]} times")
+        if self.reused(name):
+            self.spaces[index].refuse(self.reused(name))
         self.writer_of[node] = layer
-        return _Value(((index, 0),), layer.num_channels)
+        return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
 
     def read(self, name: str, module: nn.Module, value: _Value | None) -> None:
         """Record ``module`` as a consumer of every space in ``value``, or refuse those spaces."""
         if value is None:
             return
-        if self.calls[name] > 1:
-            self.refuse(value, f"their reader {name} is called {self.calls[name]} times")
+        reason = self.reused(name)
+        if reason:
+            self.refuse(value, f"their reader {reason if reason.startswith(name) else f'{name}: {reason}'}")
             return
         if value.revived_by is not None:
             self.refuse(value, f"{value.revived_by} turns a masked channel's 0 into f(0) ≠ 0 before {name} reads it")
@@ -459,7 +513,7 @@ class _Tracer:
             writer is not None
             and writer.norm is None
             and len(source.users) == 1
-            and self.calls[name] == 1
+            and not self.reused(name)
             and module.num_features == writer.num_channels
         ):
             writer.norm_name, writer.norm = name, module
@@ -491,7 +545,7 @@ class _Tracer:
         index = self.union(a.segments[0][0], b.segments[0][0], description)
         # zero times anything is zero: a product is revived only if both factors are
         revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
-        return _Value(((index, 0),), a.width, revived_by=revived)
+        return _Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim)
 
     def cat(self, node: torch.fx.Node) -> _Value | None:
         parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
@@ -503,6 +557,7 @@ class _Tracer:
         segments: list[tuple[int, int]] = []
         offset: int | None = 0
         revived = None
+        ndim = next((value.ndim for value in values if value is not None), None)
         for value in values:
             if value is None:
                 offset = None
@@ -517,7 +572,7 @@ class _Tracer:
                 continue
             segments += [(index, offset + inner) for index, inner in value.segments]
             offset = None if value.width is None else offset + value.width
-        return _Value(tuple(segments), offset, revived_by=revived) if segments else None
+        return _Value(tuple(segments), offset, revived_by=revived, ndim=ndim) if segments else None
 
 
 def trace_channel_graph(model: nn.Module) -> ChannelGraph:
