@@ -76,7 +76,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int
     "resnet50": (torchvision_model("resnet50"), (3, 32, 32), (38, 37, 4)),
     "mobilenet_v2": (torchvision_model("mobilenet_v2"), (3, 32, 32), (26, 25, 5)),
     "mobilenet_v3_small": (torchvision_model("mobilenet_v3_small"), (3, 32, 32), (28, 27, 13)),
-    "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 58, 0)),
+    "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 120, 0)),
     "vgg11_bn": (torchvision_model("vgg11_bn"), (3, 32, 32), (11, 10, 0)),
     "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (40, 18, 0)),
     "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
@@ -134,8 +134,9 @@ def test_squeeze_excitation_scale_couples_its_producer_with_the_scaled_space() -
 def test_concatenation_and_shuffles_prune_what_is_safe_and_refuse_the_rest_by_name(caplog) -> None:
     densenet = trace_channel_graph(torchvision_model("densenet121")())
     assert space_of(densenet, "features.denseblock1.denselayer1.conv1").prunable
-    refused = space_of(densenet, "features.denseblock1.denselayer1.conv2")
-    assert "BatchNorm2d features.denseblock1.denselayer2.norm1 is not directly after" in refused.refusals[0]
+    grown = space_of(densenet, "features.denseblock1.denselayer1.conv2")  # masked again at every later norm1
+    assert grown.prunable and grown.points[0].name == "features.denseblock1.denselayer2.norm1"
+    assert grown.points[0].offset == 64 and grown.points[-1].name == "features.transition1.norm"
     with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
         shufflenet = trace_channel_graph(torchvision_model("shufflenet_v2_x0_5")())
     branch = space_of(shufflenet, "stage3.1.branch2.0")
@@ -305,3 +306,76 @@ def test_a_weight_read_anywhere_else_leaves_its_spaces_unprunable_said_once(how:
     assert caplog.text.count(message) == 1, caplog.text
     with pytest.raises(ConfigError, match="cannot cut channels of"):
         compact(model, {name: [0] for name in shared})
+
+
+# -- issue 23: new kinds of space, each with the activation-mask guarantee measured from outside ----
+def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strategy: str) -> ChannelGraph:
+    """Mask half of every prunable space with ``strategy``; for ``activation`` check from outside the mask
+    that every consumer receives exactly 0 on a masked channel's columns (no leak), every producer's pruned
+    rows get exactly 0 gradient, and the cut network computes what the masked one does. Every other
+    strategy must apply, train a step and compact."""
+    torch.manual_seed(0)
+    model = randomize_norms(model)
+    images = torch.randn(4, *input_shape)
+    graph = trace_channel_graph(model)
+    masks = half_of_every_space(graph)
+    masking = make_strategy(strategy)
+    for layer in graph.layers:
+        if layer.name in masks:
+            masking.prepare(layer)
+            masking.apply(layer, masks[layer.name])
+    modules = dict(model.named_modules())
+    received: dict[str, Tensor] = {}
+    handles = [
+        modules[consumer.name].register_forward_pre_hook(
+            lambda module, inputs, name=consumer.name: received.__setitem__(name, inputs[0].detach())
+        )
+        for space in graph.prunable
+        for consumer in space.consumers
+    ]
+    model.train()
+    model(images).square().sum().backward()
+    for handle in handles:
+        handle.remove()
+    model.eval()
+    with torch.no_grad():
+        masked = model(images)
+    compaction = compact(model, masks)
+    if strategy != "activation":
+        return graph
+    for space in graph.prunable:
+        pruned = masks[space.name].nonzero().flatten()
+        for consumer in space.consumers:
+            leak = received[consumer.name][:, consumer.columns(pruned)]
+            assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
+        for layer in space.producers:
+            assert layer.conv.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
+    with torch.no_grad():
+        assert (compaction.model(images) - masked).abs().max() <= 1e-4
+    return graph
+
+
+class DenseLayers(nn.Module):
+    """DenseNet's pattern: each layer reads the concatenation of all before it through its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(7), nn.Conv2d(7, 3, 3, padding=1)
+        self.norm3, self.fc = nn.BatchNorm2d(10), nn.Linear(10, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        features = [x, self.conv1(torch.relu(self.norm1(x)))]
+        features.append(self.conv2(torch.relu(self.norm2(torch.cat(features, 1)))))
+        x = torch.relu(self.norm3(torch.cat(features, 1)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_a_norm_after_a_concatenation_masks_each_space_at_its_offset(strategy: str) -> None:
+    graph = check_masked_and_cut(DenseLayers(), (3, 6, 6), strategy)
+    assert {space.name for space in graph.prunable} == {"stem", "conv1", "conv2"}
+    points = [(point.name, point.offset) for point in space_of(graph, "conv1").points]
+    assert points == [("norm2", 4), ("norm3", 4)]

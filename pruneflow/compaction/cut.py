@@ -5,6 +5,8 @@ written by its producers and read by its consumers. Cutting channel ``c`` of a s
 
 - row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
   carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance);
+- entry ``offset + c`` of every BatchNorm that reads the space among other channels (after a
+  concatenation, as DenseNet's pre-activation norms do);
 - the columns that read ``c`` in every consumer: a conv's input slice ``weight[:, c]``, a linear
   layer's feature ``c`` or, after a flatten, features ``c·k … (c+1)·k − 1``, shifted by the space's
   offset where it reaches the consumer through a concatenation.
@@ -296,6 +298,7 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     modules = dict(model.named_modules())
     out_keep: dict[str, Tensor] = {}
     cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
+    cut_entries: dict[str, list[Tensor]] = {}  # and so does a norm reading it
     for group in groups:
         if not len(group.removed):
             continue
@@ -306,6 +309,12 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
                 out_keep[layer.norm_name] = kept
         for consumer in group.space.consumers:
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
+        for point in group.space.points:
+            cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
+    for name, entries in cut_entries.items():
+        keep = torch.ones(modules[name].num_features, dtype=torch.bool)
+        keep[torch.cat(entries)] = False
+        out_keep[name] = keep.nonzero().flatten()
     in_keep: dict[str, Tensor] = {}
     for name, columns in cut_columns.items():
         keep = torch.ones(modules[name].weight.shape[1], dtype=torch.bool)

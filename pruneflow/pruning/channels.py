@@ -13,15 +13,18 @@ carries it. For each space the graph knows
 - its **consumers**: the weights that read it — a dense conv's input slice ``weight[:, c]``, a linear
   layer's input feature ``c``, or after a flatten its feature block ``c·k … (c+1)·k − 1`` — at an
   offset when the space reaches them through ``torch.cat`` along channels;
+- its **points** (``ChannelPoint``): the BatchNorms that read it among other channels — after a
+  concatenation (DenseNet's pre-activation ``norm1``) or an addition — each writes β into the space's
+  channels again, so the space is masked there too, at its offset, and cut from the norm's entries;
 - whether it is **coupled**: several producers' outputs meet in a residual addition or an elementwise
   product (a squeeze-and-excitation scale times its input), so the space is pruned as a group: masked
   at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
-  (its groups would need equal cuts), a norm that is not directly after a producer (GroupNorm,
-  LayerNorm, a BatchNorm after an addition or a concatenation would write β into a pruned channel),
-  an activation with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is
-  guessed: a model ``torch.fx`` cannot trace has no prunable space.
+  (its groups would need equal cuts), a norm across channels (GroupNorm, LayerNorm), a parameter tied
+  to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
+  with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is guessed: a
+  model ``torch.fx`` cannot trace has no prunable space.
 """
 
 from __future__ import annotations
@@ -93,6 +96,23 @@ class Consumer:
         return (first.view(-1, 1) + torch.arange(k, device=channels.device)).flatten()
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelPoint:
+    """A BatchNorm that reads a space among other channels — after a concatenation (DenseNet's
+    pre-activation ``norm1``) or an addition — so it belongs to no producer. It writes β into every
+    channel, so the space's channel ``c`` is masked again at its output, at ``offset + c``, and a cut
+    removes its entry ``offset + c``. ``shape`` broadcasts a vector of its ``num_features`` over its output."""
+
+    name: str
+    module: nn.Module
+    offset: int
+    shape: tuple[int, ...]
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The norm's entries that carry the space's ``channels``."""
+        return channels + self.offset
+
+
 @dataclass(eq=False)
 class PrunableLayer:
     """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
@@ -155,6 +175,7 @@ class ChannelSpace:
     consumers: list[Consumer] = field(default_factory=list)
     coupled: bool = False
     refusals: list[str] = field(default_factory=list)
+    points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
 
     @property
     def name(self) -> str:
@@ -308,6 +329,7 @@ class _Tracer:
         kept, merged = self.spaces[first], self.spaces[second]
         kept.producers += merged.producers
         kept.consumers += merged.consumers
+        kept.points += merged.points
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
         if kept.width != merged.width or kept.layout != merged.layout:
@@ -518,9 +540,22 @@ class _Tracer:
         ):
             writer.norm_name, writer.norm = name, module
             return value
-        self.refuse(value, f"{type(module).__name__} {name} is not directly after the layer writing them, so its β "
-                           "would flow into a masked channel")  # fmt: skip
-        return None
+        if value is None:
+            return None
+        reason = self.reused(name) or (
+            "it reads them flattened" if value.flattened else
+            "their rank is unknown" if value.ndim is None else
+            f"it has {module.num_features} channels" if value.width != module.num_features else None
+        )  # fmt: skip
+        if reason:
+            self.refuse(value, f"{type(module).__name__} {name} reads them among other channels and {reason}, so its "
+                               "β would flow into a masked channel")  # fmt: skip
+            return None
+        # A norm after a concatenation or an addition: each space is masked again at its offset there.
+        shape = (1, module.num_features, *([1] * (value.ndim - 2)))
+        for index, offset in value.segments:
+            self.space(index).points.append(ChannelPoint(name, module, offset, shape))
+        return replace(value, revived_by=None)
 
     # joins
     def elementwise(self, node: torch.fx.Node, product: bool) -> _Value | None:
