@@ -379,3 +379,30 @@ def test_a_norm_after_a_concatenation_masks_each_space_at_its_offset(strategy: s
     assert {space.name for space in graph.prunable} == {"stem", "conv1", "conv2"}
     points = [(point.name, point.offset) for point in space_of(graph, "conv1").points]
     assert points == [("norm2", 4), ("norm3", 4)]
+
+
+class StochasticResidual(nn.Module):
+    """EfficientNet's and ConvNeXt's residual branch dropped per sample (``StochasticDepth``, and its
+    function), then a head that reads the batch size from ``x.shape``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.a, self.a_bn = nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)
+        self.b, self.b_bn = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.drop, self.fc = torchvision.ops.StochasticDepth(0.5, "row"), nn.Linear(6 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        branch = self.b_bn(self.b(torch.relu(self.a_bn(self.a(x)))))
+        x = x + self.drop(branch)
+        x = x + torchvision.ops.stochastic_depth(branch, 0.5, "batch", self.training)
+        x = nn.functional.adaptive_avg_pool2d(x, 2)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_stochastic_depth_and_shape_reads_keep_a_space_prunable(strategy: str) -> None:
+    graph = check_masked_and_cut(StochasticResidual(), (3, 6, 6), strategy)
+    assert space_of(graph, "stem").names == ["stem", "b"] and {s.name for s in graph.prunable} == {"stem", "a"}
+    assert space_of(graph, "stem").consumers == [Consumer("a", "conv"), Consumer("fc", "linear", 4)]

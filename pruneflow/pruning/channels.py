@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pruneflow.errors import ConfigError
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # Ops that keep channel c in channel c and a zero channel at zero.
 ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, StochasticDepth,
 )  # fmt: skip
 # Channel-preserving, but f(0) ≠ 0: a masked channel comes back to life (fine only inside a product).
 REVIVING_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
@@ -58,6 +59,7 @@ POOLING_MODULES: tuple[type[nn.Module], ...] = (
 F = torch.nn.functional
 ZERO_PRESERVING_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.dropout,
+    stochastic_depth,  # drops whole samples (or rows): each kept one is scaled, every channel alike
 }  # fmt: skip
 REVIVING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 POOLING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
@@ -413,6 +415,8 @@ class _Tracer:
                 return self.cat(node)
             if target is operator.getitem and value is None:
                 return None
+            if target is getattr and node.args[1:] == ("shape",):
+                return None  # a shape carries no channel; what is built from it is judged where it is used
         elif node.op == "call_method":
             method = str(node.target)
             if method in ZERO_PRESERVING_METHODS:
@@ -426,8 +430,8 @@ class _Tracer:
                 return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
             if method in ("mean", "amax") and self.spatial_reduction(node, value):
                 return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
-            if method == "size" and self.argument(node, 1, "dim", None) == 0:
-                return None  # the batch size
+            if method == "size":
+                return None  # a shape carries no channel; what is built from it is judged where it is used
         values = self.input_values(node)
         if node.target in SPLIT_FUNCTIONS or (node.op == "call_method" and node.target in SPLIT_METHODS):
             for split in values:
