@@ -19,7 +19,7 @@ from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import channels_to_prune
+from pruneflow.pruning.criteria import L1, channels_to_prune
 from pruneflow.pruning.strategies import make_strategy
 
 
@@ -168,13 +168,15 @@ def test_a_coupled_member_named_by_a_glob_selects_its_group_and_the_log_says_so(
 
 
 def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
-    """Half the channels of every prunable space, the same channels at every producer of the space."""
+    """Half the channels of every prunable space, the same channels at every producer of the space (and the
+    same positions in every group of a grouped conv's space)."""
     generator = torch.Generator().manual_seed(1)
     masks = {}
     for space in graph.prunable:
-        mask = torch.zeros(space.width, dtype=torch.bool)
-        mask[torch.randperm(space.width, generator=generator)[: channels_to_prune(space.width, 0.5)]] = True
-        masks.update((name, mask) for name in space.names)
+        block = space.width // space.groups
+        mask = torch.zeros(block, dtype=torch.bool)
+        mask[torch.randperm(block, generator=generator)[: channels_to_prune(block, 0.5)]] = True
+        masks.update((name, mask.repeat(space.groups)) for name in space.names)
     return masks
 
 
@@ -235,7 +237,6 @@ class Refused(nn.Module):
         ("constant", "add() at add combines them with a tensor outside the channel graph"),
         ("sigmoid", "sigmoid() at sigmoid turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
         ("groupnorm", "GroupNorm norm normalises across channels (not supported)"),
-        ("grouped", "grouped conv b (groups=2) reads them: its groups would need equal cuts"),
         ("slice", "reaches getitem() at getitem, whose effect on channels is not understood"),
     ],
 )
@@ -346,7 +347,9 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
     for space in graph.prunable:
         pruned = masks[space.name].nonzero().flatten()
         for consumer in space.consumers:
-            leak = received[consumer.name][:, consumer.columns(pruned)]
+            # what the consumer's input carries on the pruned channels (a grouped conv's columns are per group)
+            inputs = pruned + consumer.offset if consumer.kind == "grouped" else consumer.columns(pruned)
+            leak = received[consumer.name][:, inputs]
             assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
         for layer in space.producers:
             assert layer.conv.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
@@ -406,3 +409,39 @@ def test_stochastic_depth_and_shape_reads_keep_a_space_prunable(strategy: str) -
     graph = check_masked_and_cut(StochasticResidual(), (3, 6, 6), strategy)
     assert space_of(graph, "stem").names == ["stem", "b"] and {s.name for s in graph.prunable} == {"stem", "a"}
     assert space_of(graph, "stem").consumers == [Consumer("a", "conv"), Consumer("fc", "linear", 4)]
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt's and RegNet's bottleneck: a dense 1×1 conv, a grouped 3×3 conv (4 groups, 8 → 12 channels),
+    a dense 1×1 conv, and a residual addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.a, self.a_bn = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.b_bn = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
+        self.c, self.c_bn = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
+        x = torch.relu(x + self.c_bn(self.c(branch)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_a_grouped_conv_space_is_cut_at_the_same_positions_in_every_group(strategy: str) -> None:
+    graph = check_masked_and_cut(GroupedBottleneck(), (3, 6, 6), strategy)
+    assert {space.name: space.groups for space in graph.prunable} == {"stem": 1, "a": 4, "b": 4}
+    assert space_of(graph, "a").consumers == [Consumer("b", "grouped", block=2)]
+    compaction = compact(GroupedBottleneck(), {"a": [1, 3, 5, 7], "b": [0, 3, 6, 9]})
+    assert (compaction.model.b.groups, *compaction.model.b.weight.shape[:2]) == (4, 8, 1)
+
+
+def test_a_grouped_space_scored_per_position_and_cut_unevenly_is_refused() -> None:
+    space = space_of(trace_channel_graph(GroupedBottleneck()), "b")
+    mask = L1().select(space, 0.5, torch.zeros(12, dtype=torch.bool))
+    assert mask.view(4, 3).sum(1).tolist() == [1] * 4 and (mask.view(4, 3) == mask[:3]).all()
+    with pytest.raises(ConfigError, match=r"cannot cut channels \[0, 1\] of b: a grouped conv .* in 4 groups of 3"):
+        compact(GroupedBottleneck(), {"b": [0, 1]})

@@ -4,7 +4,9 @@ It reads the channel graph (``pruneflow.pruning.channels``): a channel lives in 
 written by its producers and read by its consumers. Cutting channel ``c`` of a space removes
 
 - row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
-  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance);
+  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance); a grouped
+  conv keeps its group count: its space is cut at the same positions in every group, so its rows and
+  its input columns (one group's inputs on dim 1) shrink alike in each;
 - entry ``offset + c`` of every BatchNorm that reads the space among other channels (after a
   concatenation, as DenseNet's pre-activation norms do);
 - the columns that read ``c`` in every consumer: a conv's input slice ``weight[:, c]``, a linear
@@ -171,7 +173,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
     if in_keep is not None and in_arg is not None:
-        sizes[in_arg] = len(in_keep)
+        # a grouped conv's weight holds one group's inputs on dim 1; the same columns go from every group
+        sizes[in_arg] = len(in_keep) * getattr(module, "groups", 1)
     state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
@@ -258,6 +261,13 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
             raise CompactionError(f"cannot cut all {space.width} channels of {', '.join(space.names)}")
         if everywhere.any() and not space.prunable:
             raise CompactionError(f"cannot cut channels of {space.name}: {'; '.join(space.refusals)}")
+        blocks = everywhere.view(space.groups, -1)
+        if not (blocks == blocks[0]).all():
+            raise CompactionError(
+                f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a grouped conv "
+                f"writes or reads its space in {space.groups} groups of {space.width // space.groups}, and a cut must "
+                "take the same positions from every group (the criteria select so)"
+            )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     return groups
 

@@ -16,12 +16,15 @@ carries it. For each space the graph knows
 - its **points** (``ChannelPoint``): the BatchNorms that read it among other channels — after a
   concatenation (DenseNet's pre-activation ``norm1``) or an addition — each writes β into the space's
   channels again, so the space is masked there too, at its offset, and cut from the norm's entries;
+- its **groups**: written or read by a grouped conv (ResNeXt, RegNet), a space is cut at the same
+  positions in each of the conv's groups, scored by the criterion summed over the groups, so the
+  conv keeps its group count and every group keeps an equal width;
 - whether it is **coupled**: several producers' outputs meet in a residual addition or an elementwise
   product (a squeeze-and-excitation scale times its input), so the space is pruned as a group: masked
   at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
-  (its groups would need equal cuts), a norm across channels (GroupNorm, LayerNorm), a parameter tied
+  reading a concatenation, a norm across channels (GroupNorm, LayerNorm), a parameter tied
   to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
   with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is guessed: a
   model ``torch.fx`` cannot trace has no prunable space.
@@ -81,18 +84,23 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 class Consumer:
     """A weight that reads a space's channels along its input dimension (dim 1).
 
-    ``kind`` "conv" (input slice ``weight[:, c]``) or "linear" (feature block of
-    ``features_per_channel`` features per channel, channel-major as a flatten orders them);
-    ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
+    ``kind`` "conv" (input slice ``weight[:, c]``), "linear" (feature block of ``features_per_channel``
+    features per channel, channel-major as a flatten orders them) or "grouped" (a grouped conv with
+    ``block`` input channels per group: its rows of group g read the g-th block of the space, channel c
+    at column ``c mod block``; the space is cut at the same positions in every block, so those columns
+    go from all rows); ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
     """
 
     name: str
     kind: str
     features_per_channel: int = 1
     offset: int = 0
+    block: int = 0
 
     def columns(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices along the consumer weight's input dimension (dim 1) that read the given channels."""
+        if self.kind == "grouped":
+            return torch.unique(channels % self.block)
         k = self.features_per_channel
         first = (channels + self.offset) * k
         return (first.view(-1, 1) + torch.arange(k, device=channels.device)).flatten()
@@ -178,6 +186,9 @@ class ChannelSpace:
     coupled: bool = False
     refusals: list[str] = field(default_factory=list)
     points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
+    # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
+    # every group keeps its width and a reader's columns are the same for all its groups.
+    groups: int = 1
 
     @property
     def name(self) -> str:
@@ -332,12 +343,20 @@ class _Tracer:
         kept.producers += merged.producers
         kept.consumers += merged.consumers
         kept.points += merged.points
+        kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
         if kept.width != merged.width or kept.layout != merged.layout:
             kept.refuse(f"{where} joins {kept.width} with {merged.width} channels")
         self.parent[second] = first
         return first
+
+    @staticmethod
+    def joined_groups(space: ChannelSpace, groups: int, where: str) -> int:
+        if groups == 1 or space.groups in (1, groups):
+            return max(space.groups, groups)
+        space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
+        return space.groups
 
     def refuse(self, value: _Value | None, reason: str) -> None:
         for index, _ in value.segments if value is not None else ():
@@ -493,8 +512,7 @@ class _Tracer:
         self.read(name, module, value)
         index = self.new_space(layer, "features" if isinstance(module, nn.Linear) else "channels")
         if getattr(module, "groups", 1) > 1:
-            self.spaces[index].refuse(f"grouped conv {name} (groups={module.groups}) writes them: its groups would "
-                                      "need equal cuts")  # fmt: skip
+            self.spaces[index].groups = module.groups
         if self.reused(name):
             self.spaces[index].refuse(self.reused(name))
         self.writer_of[node] = layer
@@ -512,8 +530,14 @@ class _Tracer:
             self.refuse(value, f"{value.revived_by} turns a masked channel's 0 into f(0) ≠ 0 before {name} reads it")
             return
         if getattr(module, "groups", 1) > 1:
-            self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them: its groups would need "
-                               "equal cuts")  # fmt: skip
+            whole = len(value.segments) == 1 and value.width == module.in_channels and not value.flattened
+            if not whole or self.space(value.segments[0][0]).layout != "channels":
+                self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them with other channels")
+                return
+            ((index, _),) = value.segments
+            space = self.space(index)
+            space.groups = self.joined_groups(space, module.groups, f"grouped conv {name}")
+            space.consumers.append(Consumer(name, "grouped", block=module.in_channels // module.groups))
             return
         linear = isinstance(module, nn.Linear)
         width = module.in_features if linear else module.in_channels

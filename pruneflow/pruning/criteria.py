@@ -59,7 +59,15 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
-        return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+        if space.groups == 1:
+            return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+        # A grouped conv's space: the same positions in every group, scored summed over the groups.
+        blocks = space.groups
+        position_scores = self.scores(space).view(blocks, -1).sum(0)
+        positions = select_channels(
+            position_scores, channels_to_prune(space.width // blocks, amount), already.view(blocks, -1).any(0)
+        )
+        return positions.repeat(blocks)
 
     def ready(self) -> bool:
         """Whether it can select now; one that gathers evidence over training steps starts doing so."""
