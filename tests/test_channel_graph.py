@@ -21,6 +21,7 @@ from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
 from pruneflow.pruning.criteria import L1, channels_to_prune
 from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.telemetry import DriftTelemetry
 
 
 def mlp() -> nn.Module:
@@ -382,6 +383,22 @@ def test_a_norm_after_a_concatenation_masks_each_space_at_its_offset(strategy: s
     assert {space.name for space in graph.prunable} == {"stem", "conv1", "conv2"}
     points = [(point.name, point.offset) for point in space_of(graph, "conv1").points]
     assert points == [("norm2", 4), ("norm3", 4)]
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("hard", True), ("activation", False)])
+def test_telemetry_measures_the_leak_at_a_norm_after_a_concatenation(strategy: str, leaks: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(DenseLayers()).train()
+    (layer,) = space_of(trace_channel_graph(model), "conv1").producers  # no norm of its own: zero at conv1
+    masking, mask = make_strategy(strategy), torch.tensor([True, False, True])
+    masking.prepare(layer)
+    telemetry = DriftTelemetry([layer], masking, dict(model.named_modules()))
+    masking.apply(layer, mask)
+    telemetry.on_pruned(layer, mask)
+    telemetry.arm(True)
+    model(torch.randn(4, 3, 6, 6))
+    leak = telemetry.measure()["leak/activation_abs_mean"]
+    assert leak > 0.1 if leaks else leak == 0  # β of norm2 and norm3 at offset 4, unless masked there
 
 
 class StochasticResidual(nn.Module):
