@@ -277,6 +277,22 @@ def test_a_partial_flatten_or_reduction_is_not_read_as_channel_major(how: str) -
         compact(model, {"a": [0, 1]})
 
 
+class SpatialFlatten(nn.Module):
+    """``x.flatten(2).mean(-1)``: the spatial dims flattened, then reduced: every channel keeps its index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.a_bn(self.a(x))).flatten(2).mean(-1))
+
+
+def test_a_flatten_of_the_spatial_dims_keeps_the_channels() -> None:
+    graph = check_masked_and_cut(SpatialFlatten(), (3, 6, 6), "activation")
+    assert space_of(graph, "a").consumers == [Consumer("fc", "linear")]
+
+
 class SharedWeight(nn.Module):
     """``conv``'s weight read a second time by ``F.conv2d`` (a ``get_attr``), or ``b`` tied to ``a``."""
 

@@ -484,10 +484,16 @@ class _Tracer:
         return value
 
     def flattened(self, node: torch.fx.Node, value: _Value | None, start: Any, end: Any) -> _Value | None:
-        """A flatten of the channels with every dim after them (channel-major: channel c's features are a
-        block); anything else — a flatten that keeps a spatial dim, of a tensor of unknown rank — is refused."""
+        """A flatten of the spatial dims only keeps every channel; one of the channels with every dim after
+        them is channel-major (channel c's features are a block); anything else — a flatten that keeps a
+        spatial dim after the channels, of a tensor of unknown rank — is refused."""
         if value is None:
             return None
+        if isinstance(start, int) and start >= 2 and isinstance(end, int) and not value.flattened:
+            # spatial dims only (``x.flatten(2)``): every channel keeps its index
+            if end == -1 or value.ndim is None:
+                return replace(value, ndim=start + 1 if end == -1 else None)
+            return replace(value, ndim=value.ndim - (end % value.ndim - start))
         whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
         if not whole or value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
             self.refuse_unknown(node, [value])
