@@ -80,6 +80,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int
     "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 120, 0)),
     "vgg11_bn": (torchvision_model("vgg11_bn"), (3, 32, 32), (11, 10, 0)),
     "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (40, 18, 0)),
+    "efficientnet_b0": (torchvision_model("efficientnet_b0"), (3, 32, 32), (41, 40, 21)),  # stochastic depth
+    "regnet_y_400mf": (torchvision_model("regnet_y_400mf"), (3, 32, 32), (54, 53, 20)),  # grouped convs
     "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
     "concat": (concat_net, (3, 8, 8), (4, 3, 0)),
     "conv1d": (conv1d_net, (2, 16), (2, 1, 0)),  # the addition joins a space with itself
