@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import stochastic_depth
 
 from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
@@ -335,7 +336,7 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
     rows get exactly 0 gradient, and the cut network computes what the masked one does. Every other
     strategy must apply, train a step and compact."""
     torch.manual_seed(0)
-    model = randomize_norms(model)
+    model = randomize_norms(model).train()  # traced in training mode, as the callback does at setup
     images = torch.randn(4, *input_shape)
     graph = trace_channel_graph(model)
     masks = half_of_every_space(graph)
@@ -434,7 +435,7 @@ class StochasticResidual(nn.Module):
         x = torch.relu(self.stem_bn(self.stem(x)))
         branch = self.b_bn(self.b(torch.relu(self.a_bn(self.a(x)))))
         x = x + self.drop(branch)
-        x = x + torchvision.ops.stochastic_depth(branch, 0.5, "batch", self.training)
+        x = x + stochastic_depth(branch, 0.5, "batch", self.training)
         x = nn.functional.adaptive_avg_pool2d(x, 2)
         return self.fc(x.reshape(x.shape[0], -1))
 

@@ -434,8 +434,8 @@ class _Tracer:
                 return self.cat(node)
             if target is operator.getitem and value is None:
                 return None
-            if target is getattr and node.args[1:] == ("shape",):
-                return None  # a shape carries no channel; what is built from it is judged where it is used
+            if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
+                return None  # a tensor's metadata carries no channel; what is built from it is judged where used
         elif node.op == "call_method":
             method = str(node.target)
             if method in ZERO_PRESERVING_METHODS:
@@ -651,7 +651,8 @@ def trace_channel_graph(model: nn.Module) -> ChannelGraph:
     layer, each refused: without a graph, who reads a channel is unknown.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        # ``stochastic_depth`` called from the model's own forward stays one op, as it is inside torchvision
+        graph = torch.fx.Tracer(autowrap_functions=(stochastic_depth,)).trace(model)
     except Exception as exc:  # data-dependent control flow, or no forward
         reason = f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0][:200]})"
         log.warning("channel graph: %s; nothing in it is prunable", reason)
