@@ -251,6 +251,7 @@ def _shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str
     owners: dict[int, list[str]] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(model.get_parameter(name)), []).append(name)
+    modules = dict(model.named_modules())
     shared: dict[str, str] = {}
     for names in owners.values():
         for name in names[1:]:
@@ -258,11 +259,11 @@ def _shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str
             shared.setdefault(names[0].rpartition(".")[0], f"{names[0]} is tied to {name}")
     for node in graph.nodes:
         if node.op == "get_attr":
-            readers = ", ".join(_describe(user, {}) for user in node.users)
+            readers = ", ".join(_describe(user, modules) for user in node.users)
             for name in owners.get(id(_attribute(model, str(node.target))), [str(node.target)]):
                 shared.setdefault(name.rpartition(".")[0], f"{name} is also read by {readers}")
     for module_name, reason in shared.items():
-        if isinstance(dict(model.named_modules()).get(module_name), (*PRODUCER_TYPES, *NORM_TYPES)):
+        if isinstance(modules.get(module_name), (*PRODUCER_TYPES, *NORM_TYPES)):
             log.info("channel graph: %s; its channels are not prunable", reason)
     return shared
 
