@@ -20,7 +20,7 @@ from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import L1, channels_to_prune
+from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 
@@ -481,3 +481,6 @@ def test_a_grouped_space_scored_per_position_and_cut_unevenly_is_refused() -> No
     assert mask.view(4, 3).sum(1).tolist() == [1] * 4 and (mask.view(4, 3) == mask[:3]).all()
     with pytest.raises(ConfigError, match=r"cannot cut channels \[0, 1\] of b: a grouped conv .* in 4 groups of 3"):
         compact(GroupedBottleneck(), {"b": [0, 1]})
+    with pytest.raises(ConfigError, match=r"mask.channels\[b\] must name the same positions in each of its 4 groups"):
+        Explicit({"b": [0, 1]}).check([space])
+    Explicit({"b": [2, 5, 8, 11]}).check([space])

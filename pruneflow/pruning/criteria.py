@@ -219,6 +219,7 @@ class Explicit(Criterion):
 
     def check(self, spaces: Sequence[ChannelSpace]) -> None:
         widths = {layer.name: space.width for space in spaces for layer in space.producers}
+        groups = {layer.name: space.groups for space in spaces for layer in space.producers}
         for name, indices in self.channels.items():
             width = widths.get(name)
             if width is None:
@@ -229,6 +230,15 @@ class Explicit(Criterion):
                 raise ConfigError(f"mask.channels[{name}] has indices {bad} outside 0..{width - 1} ({width} channels)")
             if len(set(indices)) >= width:
                 raise ConfigError(f"mask.channels[{name}] would remove all {width} channels; keep at least one")
+            blocks = groups[name]
+            mask = torch.zeros(width, dtype=torch.bool)
+            mask[indices] = True
+            if not (mask.view(blocks, -1) == mask[: width // blocks]).all():
+                raise ConfigError(
+                    f"mask.channels[{name}] must name the same positions in each of its {blocks} groups of "
+                    f"{width // blocks} channels (a grouped conv writes or reads them), e.g. "
+                    f"{[g * (width // blocks) for g in range(blocks)]}"
+                )
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         mask = already.clone()
