@@ -14,13 +14,15 @@ import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.ops import stochastic_depth
 
 from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import channels_to_prune
+from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune
 from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.telemetry import DriftTelemetry
 
 
 def mlp() -> nn.Module:
@@ -76,9 +78,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int
     "resnet50": (torchvision_model("resnet50"), (3, 32, 32), (38, 37, 4)),
     "mobilenet_v2": (torchvision_model("mobilenet_v2"), (3, 32, 32), (26, 25, 5)),
     "mobilenet_v3_small": (torchvision_model("mobilenet_v3_small"), (3, 32, 32), (28, 27, 13)),
-    "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 58, 0)),
+    "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 120, 0)),
     "vgg11_bn": (torchvision_model("vgg11_bn"), (3, 32, 32), (11, 10, 0)),
     "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (40, 18, 0)),
+    "efficientnet_b0": (torchvision_model("efficientnet_b0"), (3, 32, 32), (41, 40, 21)),  # stochastic depth
+    "regnet_y_400mf": (torchvision_model("regnet_y_400mf"), (3, 32, 32), (54, 53, 20)),  # grouped convs
     "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
     "concat": (concat_net, (3, 8, 8), (4, 3, 0)),
     "conv1d": (conv1d_net, (2, 16), (2, 1, 0)),  # the addition joins a space with itself
@@ -134,15 +138,16 @@ def test_squeeze_excitation_scale_couples_its_producer_with_the_scaled_space() -
 def test_concatenation_and_shuffles_prune_what_is_safe_and_refuse_the_rest_by_name(caplog) -> None:
     densenet = trace_channel_graph(torchvision_model("densenet121")())
     assert space_of(densenet, "features.denseblock1.denselayer1.conv1").prunable
-    refused = space_of(densenet, "features.denseblock1.denselayer1.conv2")
-    assert "BatchNorm2d features.denseblock1.denselayer2.norm1 is not directly after" in refused.refusals[0]
+    grown = space_of(densenet, "features.denseblock1.denselayer1.conv2")  # masked again at every later norm1
+    assert grown.prunable and grown.points[0].name == "features.denseblock1.denselayer2.norm1"
+    assert grown.points[0].offset == 64 and grown.points[-1].name == "features.transition1.norm"
     with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
         shufflenet = trace_channel_graph(torchvision_model("shufflenet_v2_x0_5")())
     branch = space_of(shufflenet, "stage3.1.branch2.0")
     assert branch.prunable and branch.names == ["stage3.1.branch2.0", "stage3.1.branch2.3"]
     assert not space_of(shufflenet, "stage3.1.branch2.5").prunable
     split = space_of(shufflenet, "stage2.0.branch2.5")
-    assert any("splits them by position" in r or ".size()" in r for r in split.refusals)
+    assert any("splits them by position" in r or ".view() at view" in r for r in split.refusals)  # the shuffle
     assert "channel graph: .view() at view is not understood; not prunable: stage2.0.branch1.2" in caplog.text
 
 
@@ -167,13 +172,15 @@ def test_a_coupled_member_named_by_a_glob_selects_its_group_and_the_log_says_so(
 
 
 def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
-    """Half the channels of every prunable space, the same channels at every producer of the space."""
+    """Half the channels of every prunable space, the same channels at every producer of the space (and the
+    same positions in every group of a grouped conv's space)."""
     generator = torch.Generator().manual_seed(1)
     masks = {}
     for space in graph.prunable:
-        mask = torch.zeros(space.width, dtype=torch.bool)
-        mask[torch.randperm(space.width, generator=generator)[: channels_to_prune(space.width, 0.5)]] = True
-        masks.update((name, mask) for name in space.names)
+        block = space.width // space.groups
+        mask = torch.zeros(block, dtype=torch.bool)
+        mask[torch.randperm(block, generator=generator)[: channels_to_prune(block, 0.5)]] = True
+        masks.update((name, mask.repeat(space.groups)) for name in space.names)
     return masks
 
 
@@ -234,10 +241,246 @@ class Refused(nn.Module):
         ("constant", "add() at add combines them with a tensor outside the channel graph"),
         ("sigmoid", "sigmoid() at sigmoid turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
         ("groupnorm", "GroupNorm norm normalises across channels (not supported)"),
-        ("grouped", "grouped conv b (groups=2) reads them: its groups would need equal cuts"),
         ("slice", "reaches getitem() at getitem, whose effect on channels is not understood"),
     ],
 )
 def test_what_would_revive_or_reshuffle_a_channel_refuses_its_space_naming_it(between: str, reason: str) -> None:
     space = space_of(trace_channel_graph(Refused(between)), "a")
     assert not space.prunable and any(reason in refusal for refusal in space.refusals), space.refusals
+
+
+# -- issue 21: what only looks like a channel-major flatten, and weights read elsewhere -------------
+class PartialFlatten(nn.Module):
+    """conv ``a`` (4 channels of 8×8) → a reduction or flatten that keeps a spatial dim → linear ``b`` over
+    the last dim (8 features, a multiple of the 4 channels, though not a channel-major layout)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.flat = nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(1, 2)
+        self.b, self.head = nn.Linear(8, 5), nn.Linear(4 * 8 * 5 if how == "mean" else 32 * 5, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        if self.how == "torch.flatten":
+            x = torch.flatten(x, 1, 2)
+        elif self.how == "nn.Flatten":
+            x = self.flat(x)
+        else:
+            x = x.mean(-1)
+        return self.head(torch.flatten(self.b(x), 1))
+
+
+@pytest.mark.parametrize("how", ["torch.flatten", "nn.Flatten", "mean"])
+def test_a_partial_flatten_or_reduction_is_not_read_as_channel_major(how: str) -> None:
+    model = PartialFlatten(how)
+    space = space_of(trace_channel_graph(model), "a")
+    assert not space.prunable and not any(c.name == "b" for c in space.consumers), space.consumers
+    with pytest.raises(ConfigError, match="cannot cut channels of a"):
+        compact(model, {"a": [0, 1]})
+
+
+class SpatialFlatten(nn.Module):
+    """``x.flatten(2).mean(-1)``: the spatial dims flattened, then reduced: every channel keeps its index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.a_bn(self.a(x))).flatten(2).mean(-1))
+
+
+def test_a_flatten_of_the_spatial_dims_keeps_the_channels() -> None:
+    graph = check_masked_and_cut(SpatialFlatten(), (3, 6, 6), "activation")
+    assert space_of(graph, "a").consumers == [Consumer("fc", "linear")]
+
+
+class SharedWeight(nn.Module):
+    """``conv``'s weight read a second time by ``F.conv2d`` (a ``get_attr``), or ``b`` tied to ``a``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.stem, self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head_a, self.head_b = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+        if how == "tied":
+            self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem(x))
+        if self.how == "functional":
+            y = nn.functional.conv2d(x, self.a.weight, dilation=2, padding=2)
+            return self.head_a(torch.relu(self.a(x))) + self.head_b(y).mean()
+        return self.head_a(torch.relu(self.a(torch.relu(self.b(x)))))
+
+
+@pytest.mark.parametrize("how", ["functional", "tied"])
+def test_a_weight_read_anywhere_else_leaves_its_spaces_unprunable_said_once(how: str, caplog) -> None:
+    model = SharedWeight(how)
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+        graph = trace_channel_graph(model)
+    shared = ["a", "b"] if how == "tied" else ["a"]
+    for name in shared:
+        assert not space_of(graph, name).prunable, (name, space_of(graph, name).refusals)
+    message = "a.weight is also read by conv2d() at conv2d" if how == "functional" else "b.weight is a.weight"
+    assert caplog.text.count(message) == 1, caplog.text
+    with pytest.raises(ConfigError, match="cannot cut channels of"):
+        compact(model, {name: [0] for name in shared})
+
+
+# -- issue 23: new kinds of space, each with the activation-mask guarantee measured from outside ----
+def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strategy: str) -> ChannelGraph:
+    """Mask half of every prunable space with ``strategy``; for ``activation`` check from outside the mask
+    that every consumer receives exactly 0 on a masked channel's columns (no leak), every producer's pruned
+    rows get exactly 0 gradient, and the cut network computes what the masked one does. Every other
+    strategy must apply, train a step and compact."""
+    torch.manual_seed(0)
+    model = randomize_norms(model).train()  # traced in training mode, as the callback does at setup
+    images = torch.randn(4, *input_shape)
+    graph = trace_channel_graph(model)
+    masks = half_of_every_space(graph)
+    masking = make_strategy(strategy)
+    for layer in graph.layers:
+        if layer.name in masks:
+            masking.prepare(layer)
+            masking.apply(layer, masks[layer.name])
+    modules = dict(model.named_modules())
+    received: dict[str, Tensor] = {}
+    handles = [
+        modules[consumer.name].register_forward_pre_hook(
+            lambda module, inputs, name=consumer.name: received.__setitem__(name, inputs[0].detach())
+        )
+        for space in graph.prunable
+        for consumer in space.consumers
+    ]
+    model.train()
+    model(images).square().sum().backward()
+    for handle in handles:
+        handle.remove()
+    model.eval()
+    with torch.no_grad():
+        masked = model(images)
+    compaction = compact(model, masks)
+    if strategy != "activation":
+        return graph
+    for space in graph.prunable:
+        pruned = masks[space.name].nonzero().flatten()
+        for consumer in space.consumers:
+            # what the consumer's input carries on the pruned channels (a grouped conv's columns are per group)
+            inputs = pruned + consumer.offset if consumer.kind == "grouped" else consumer.columns(pruned)
+            leak = received[consumer.name][:, inputs]
+            assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
+        for layer in space.producers:
+            assert layer.conv.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
+    with torch.no_grad():
+        assert (compaction.model(images) - masked).abs().max() <= 1e-4
+    return graph
+
+
+class DenseLayers(nn.Module):
+    """DenseNet's pattern: each layer reads the concatenation of all before it through its own BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(7), nn.Conv2d(7, 3, 3, padding=1)
+        self.norm3, self.fc = nn.BatchNorm2d(10), nn.Linear(10, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        features = [x, self.conv1(torch.relu(self.norm1(x)))]
+        features.append(self.conv2(torch.relu(self.norm2(torch.cat(features, 1)))))
+        x = torch.relu(self.norm3(torch.cat(features, 1)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_a_norm_after_a_concatenation_masks_each_space_at_its_offset(strategy: str) -> None:
+    graph = check_masked_and_cut(DenseLayers(), (3, 6, 6), strategy)
+    assert {space.name for space in graph.prunable} == {"stem", "conv1", "conv2"}
+    points = [(point.name, point.offset) for point in space_of(graph, "conv1").points]
+    assert points == [("norm2", 4), ("norm3", 4)]
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("hard", True), ("activation", False)])
+def test_telemetry_measures_the_leak_at_a_norm_after_a_concatenation(strategy: str, leaks: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(DenseLayers()).train()
+    (layer,) = space_of(trace_channel_graph(model), "conv1").producers  # no norm of its own: zero at conv1
+    masking, mask = make_strategy(strategy), torch.tensor([True, False, True])
+    masking.prepare(layer)
+    telemetry = DriftTelemetry([layer], masking, dict(model.named_modules()))
+    masking.apply(layer, mask)
+    telemetry.on_pruned(layer, mask)
+    telemetry.arm(True)
+    model(torch.randn(4, 3, 6, 6))
+    leak = telemetry.measure()["leak/activation_abs_mean"]
+    assert leak > 0.1 if leaks else leak == 0  # β of norm2 and norm3 at offset 4, unless masked there
+
+
+class StochasticResidual(nn.Module):
+    """EfficientNet's and ConvNeXt's residual branch dropped per sample (``StochasticDepth``, and its
+    function), then a head that reads the batch size from ``x.shape``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.a, self.a_bn = nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4)
+        self.b, self.b_bn = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.drop, self.fc = torchvision.ops.StochasticDepth(0.5, "row"), nn.Linear(6 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        branch = self.b_bn(self.b(torch.relu(self.a_bn(self.a(x)))))
+        x = x + self.drop(branch)
+        x = x + stochastic_depth(branch, 0.5, "batch", self.training)
+        x = nn.functional.adaptive_avg_pool2d(x, 2)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_stochastic_depth_and_shape_reads_keep_a_space_prunable(strategy: str) -> None:
+    graph = check_masked_and_cut(StochasticResidual(), (3, 6, 6), strategy)
+    assert space_of(graph, "stem").names == ["stem", "b"] and {s.name for s in graph.prunable} == {"stem", "a"}
+    assert space_of(graph, "stem").consumers == [Consumer("a", "conv"), Consumer("fc", "linear", 4)]
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt's and RegNet's bottleneck: a dense 1×1 conv, a grouped 3×3 conv (4 groups, 8 → 12 channels),
+    a dense 1×1 conv, and a residual addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.a, self.a_bn = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.b_bn = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
+        self.c, self.c_bn = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
+        x = torch.relu(x + self.c_bn(self.c(branch)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_a_grouped_conv_space_is_cut_at_the_same_positions_in_every_group(strategy: str) -> None:
+    graph = check_masked_and_cut(GroupedBottleneck(), (3, 6, 6), strategy)
+    assert {space.name: space.groups for space in graph.prunable} == {"stem": 1, "a": 4, "b": 4}
+    assert space_of(graph, "a").consumers == [Consumer("b", "grouped", block=2)]
+    compaction = compact(GroupedBottleneck(), {"a": [1, 3, 5, 7], "b": [0, 3, 6, 9]})
+    assert (compaction.model.b.groups, *compaction.model.b.weight.shape[:2]) == (4, 8, 1)
+
+
+def test_a_grouped_space_scored_per_position_and_cut_unevenly_is_refused() -> None:
+    space = space_of(trace_channel_graph(GroupedBottleneck()), "b")
+    mask = L1().select(space, 0.5, torch.zeros(12, dtype=torch.bool))
+    assert mask.view(4, 3).sum(1).tolist() == [1] * 4 and (mask.view(4, 3) == mask[:3]).all()
+    with pytest.raises(ConfigError, match=r"cannot cut channels \[0, 1\] of b: a grouped conv .* in 4 groups of 3"):
+        compact(GroupedBottleneck(), {"b": [0, 1]})
+    with pytest.raises(ConfigError, match=r"mask.channels\[b\] must name the same positions in each of its 4 groups"):
+        Explicit({"b": [0, 1]}).check([space])
+    Explicit({"b": [2, 5, 8, 11]}).check([space])

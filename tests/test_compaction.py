@@ -176,6 +176,38 @@ def test_conv_without_norm_compacts_exactly(strategy: str) -> None:
     assert torch.equal(model(images), masked)  # the parametrized original still works after the copy
 
 
+class ScaledLogits(nn.Module):
+    """A network whose logits are ``scale`` times another's (inception_v3's random-weight logits reach 2e5)."""
+
+    def __init__(self, network: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.network, self.scale = network, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x) * self.scale
+
+
+def test_exactness_is_judged_relative_to_the_logits_scale(caplog) -> None:
+    torch.manual_seed(0)
+    model = ScaledLogits(randomize_norms(ConvNet(channels=(6, 8, 12))), 2e5)
+    masks = random_masks(select_layers(find_prunable_layers(model), None))
+    mask_with("activation", model, masks)
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(50, 1, 28, 28, generator=generator), torch.zeros(50, dtype=torch.long))]
+
+    with caplog.at_level(logging.WARNING, logger="pruneflow.compaction.pipeline"):
+        _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
+
+    # float rounding at a scale of 2e5 (an ulp there is 0.016) is no difference between the functions
+    assert metrics["compact/max_abs_diff"] > 1e-4 and metrics["compact/max_rel_diff"] < 1e-6
+    assert "differs from the masked one" not in caplog.text
+    model = ScaledLogits(randomize_norms(ConvNet(channels=(6, 8, 12))), 2e5)
+    mask_with("weight", model, masks)  # kernels zeroed, β alive: a real difference still warns
+    with caplog.at_level(logging.WARNING, logger="pruneflow.compaction.pipeline"):
+        _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
+    assert metrics["compact/max_rel_diff"] > 1e-3 and "differs from the masked one" in caplog.text
+
+
 def test_weight_mask_leaves_channels_alive_and_the_gap_is_reported() -> None:
     torch.manual_seed(0)
     model = randomize_norms(ConvNet(channels=(6, 8, 12)))

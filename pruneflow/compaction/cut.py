@@ -4,7 +4,11 @@ It reads the channel graph (``pruneflow.pruning.channels``): a channel lives in 
 written by its producers and read by its consumers. Cutting channel ``c`` of a space removes
 
 - row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
-  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance);
+  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance); a grouped
+  conv keeps its group count: its space is cut at the same positions in every group, so its rows and
+  its input columns (one group's inputs on dim 1) shrink alike in each;
+- entry ``offset + c`` of every BatchNorm that reads the space among other channels (after a
+  concatenation, as DenseNet's pre-activation norms do);
 - the columns that read ``c`` in every consumer: a conv's input slice ``weight[:, c]``, a linear
   layer's feature ``c`` or, after a flatten, features ``c·k … (c+1)·k − 1``, shifted by the space's
   offset where it reaches the consumer through a concatenation.
@@ -169,7 +173,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
     if in_keep is not None and in_arg is not None:
-        sizes[in_arg] = len(in_keep)
+        # a grouped conv's weight holds one group's inputs on dim 1; the same columns go from every group
+        sizes[in_arg] = len(in_keep) * getattr(module, "groups", 1)
     state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
@@ -256,6 +261,13 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
             raise CompactionError(f"cannot cut all {space.width} channels of {', '.join(space.names)}")
         if everywhere.any() and not space.prunable:
             raise CompactionError(f"cannot cut channels of {space.name}: {'; '.join(space.refusals)}")
+        blocks = everywhere.view(space.groups, -1)
+        if not (blocks == blocks[0]).all():
+            raise CompactionError(
+                f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a grouped conv "
+                f"writes or reads its space in {space.groups} groups of {space.width // space.groups}, and a cut must "
+                "take the same positions from every group (the criteria select so)"
+            )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     return groups
 
@@ -296,6 +308,7 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     modules = dict(model.named_modules())
     out_keep: dict[str, Tensor] = {}
     cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
+    cut_entries: dict[str, list[Tensor]] = {}  # and so does a norm reading it
     for group in groups:
         if not len(group.removed):
             continue
@@ -306,6 +319,12 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
                 out_keep[layer.norm_name] = kept
         for consumer in group.space.consumers:
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
+        for point in group.space.points:
+            cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
+    for name, entries in cut_entries.items():
+        keep = torch.ones(modules[name].num_features, dtype=torch.bool)
+        keep[torch.cat(entries)] = False
+        out_keep[name] = keep.nonzero().flatten()
     in_keep: dict[str, Tensor] = {}
     for name, columns in cut_columns.items():
         keep = torch.ones(modules[name].weight.shape[1], dtype=torch.bool)

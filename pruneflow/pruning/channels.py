@@ -13,15 +13,21 @@ carries it. For each space the graph knows
 - its **consumers**: the weights that read it — a dense conv's input slice ``weight[:, c]``, a linear
   layer's input feature ``c``, or after a flatten its feature block ``c·k … (c+1)·k − 1`` — at an
   offset when the space reaches them through ``torch.cat`` along channels;
+- its **points** (``ChannelPoint``): the BatchNorms that read it among other channels — after a
+  concatenation (DenseNet's pre-activation ``norm1``) or an addition — each writes β into the space's
+  channels again, so the space is masked there too, at its offset, and cut from the norm's entries;
+- its **groups**: written or read by a grouped conv (ResNeXt, RegNet), a space is cut at the same
+  positions in each of the conv's groups, scored by the criterion summed over the groups, so the
+  conv keeps its group count and every group keeps an equal width;
 - whether it is **coupled**: several producers' outputs meet in a residual addition or an elementwise
   product (a squeeze-and-excitation scale times its input), so the space is pruned as a group: masked
   at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
-  (its groups would need equal cuts), a norm that is not directly after a producer (GroupNorm,
-  LayerNorm, a BatchNorm after an addition or a concatenation would write β into a pruned channel),
-  an activation with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is
-  guessed: a model ``torch.fx`` cannot trace has no prunable space.
+  reading a concatenation, a norm across channels (GroupNorm, LayerNorm), a parameter tied
+  to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
+  with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is guessed: a
+  model ``torch.fx`` cannot trace has no prunable space.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pruneflow.errors import ConfigError
 
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 # Ops that keep channel c in channel c and a zero channel at zero.
 ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish, nn.Tanh,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, StochasticDepth,
 )  # fmt: skip
 # Channel-preserving, but f(0) ≠ 0: a masked channel comes back to life (fine only inside a product).
 REVIVING_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
@@ -55,6 +62,7 @@ POOLING_MODULES: tuple[type[nn.Module], ...] = (
 F = torch.nn.functional
 ZERO_PRESERVING_FUNCTIONS = {
     torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.dropout,
+    stochastic_depth,  # drops whole samples (or rows): each kept one is scaled, every channel alike
 }  # fmt: skip
 REVIVING_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 POOLING_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
@@ -76,21 +84,43 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 class Consumer:
     """A weight that reads a space's channels along its input dimension (dim 1).
 
-    ``kind`` "conv" (input slice ``weight[:, c]``) or "linear" (feature block of
-    ``features_per_channel`` features per channel, channel-major as a flatten orders them);
-    ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
+    ``kind`` "conv" (input slice ``weight[:, c]``), "linear" (feature block of ``features_per_channel``
+    features per channel, channel-major as a flatten orders them) or "grouped" (a grouped conv with
+    ``block`` input channels per group: its rows of group g read the g-th block of the space, channel c
+    at column ``c mod block``; the space is cut at the same positions in every block, so those columns
+    go from all rows); ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
     """
 
     name: str
     kind: str
     features_per_channel: int = 1
     offset: int = 0
+    block: int = 0
 
     def columns(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices along the consumer weight's input dimension (dim 1) that read the given channels."""
+        if self.kind == "grouped":
+            return torch.unique(channels % self.block)
         k = self.features_per_channel
         first = (channels + self.offset) * k
         return (first.view(-1, 1) + torch.arange(k, device=channels.device)).flatten()
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelPoint:
+    """A BatchNorm that reads a space among other channels — after a concatenation (DenseNet's
+    pre-activation ``norm1``) or an addition — so it belongs to no producer. It writes β into every
+    channel, so the space's channel ``c`` is masked again at its output, at ``offset + c``, and a cut
+    removes its entry ``offset + c``. ``shape`` broadcasts a vector of its ``num_features`` over its output."""
+
+    name: str
+    module: nn.Module
+    offset: int
+    shape: tuple[int, ...]
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The norm's entries that carry the space's ``channels``."""
+        return channels + self.offset
 
 
 @dataclass(eq=False)
@@ -155,6 +185,10 @@ class ChannelSpace:
     consumers: list[Consumer] = field(default_factory=list)
     coupled: bool = False
     refusals: list[str] = field(default_factory=list)
+    points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
+    # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
+    # every group keeps its width and a reader's columns are the same for all its groups.
+    groups: int = 1
 
     @property
     def name(self) -> str:
@@ -203,17 +237,56 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
+def _output_ndim(module: nn.Module) -> int | None:
+    """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
+    layer's input may have any rank."""
+    return {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))
+
+
+def _shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]:
+    """Modules whose parameters are not theirs alone → why: tied to another module's (``b.weight = a.weight``)
+    or read outside the module (``F.conv2d(x, self.conv.weight)``, a ``get_attr`` in the graph). Cutting
+    such a module's rows or columns would leave the other reader with the old shape, or untie the two.
+    Each is said once in the log."""
+    owners: dict[int, list[str]] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(model.get_parameter(name)), []).append(name)
+    modules = dict(model.named_modules())
+    shared: dict[str, str] = {}
+    for names in owners.values():
+        for name in names[1:]:
+            shared.setdefault(name.rpartition(".")[0], f"{name} is {names[0]} (tied parameters)")
+            shared.setdefault(names[0].rpartition(".")[0], f"{names[0]} is tied to {name}")
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            readers = ", ".join(_describe(user, modules) for user in node.users)
+            for name in owners.get(id(_attribute(model, str(node.target))), [str(node.target)]):
+                shared.setdefault(name.rpartition(".")[0], f"{name} is also read by {readers}")
+    for module_name, reason in shared.items():
+        if isinstance(modules.get(module_name), (*PRODUCER_TYPES, *NORM_TYPES)):
+            log.info("channel graph: %s; its channels are not prunable", reason)
+    return shared
+
+
+def _attribute(model: nn.Module, target: str) -> Any:
+    value: Any = model
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 # -- tracing --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Value:
     """What a traced tensor's channel dimension carries: (space id, offset) segments, its total width
-    (None when part of it is not a channel space), whether it was flattened, and the op that made a
-    zero channel non-zero, if one did."""
+    (None when part of it is not a channel space), whether it was flattened, the op that made a
+    zero channel non-zero, if one did, and its number of dimensions, if known."""
 
     segments: tuple[tuple[int, int], ...]
     width: int | None
     flattened: bool = False
     revived_by: str | None = None
+    ndim: int | None = None  # the tensor's dimensions where known: a flatten or reduction must take all spatial ones
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -239,6 +312,13 @@ class _Tracer:
         for node in graph.nodes:
             if node.op == "call_module":
                 self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+        self.shared = _shared_parameters(model, graph)
+
+    def reused(self, name: str) -> str | None:
+        """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
+        if self.calls.get(name, 0) > 1:
+            return f"{name} is called {self.calls[name]} times"
+        return self.shared.get(name)
 
     # union-find
     def root(self, index: int) -> int:
@@ -263,12 +343,21 @@ class _Tracer:
         kept, merged = self.spaces[first], self.spaces[second]
         kept.producers += merged.producers
         kept.consumers += merged.consumers
+        kept.points += merged.points
+        kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
         if kept.width != merged.width or kept.layout != merged.layout:
             kept.refuse(f"{where} joins {kept.width} with {merged.width} channels")
         self.parent[second] = first
         return first
+
+    @staticmethod
+    def joined_groups(space: ChannelSpace, groups: int, where: str) -> int:
+        if groups == 1 or space.groups in (1, groups):
+            return max(space.groups, groups)
+        space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
+        return space.groups
 
     def refuse(self, value: _Value | None, reason: str) -> None:
         for index, _ in value.segments if value is not None else ():
@@ -327,8 +416,8 @@ class _Tracer:
                 return self.revived(value, node)
             if isinstance(module, POOLING_MODULES):
                 return self.pooled(node, value)
-            if isinstance(module, nn.Flatten) and module.start_dim == 1:
-                return self.flattened(node, value)
+            if isinstance(module, nn.Flatten):
+                return self.flattened(node, value, module.start_dim, module.end_dim)
         elif node.op == "call_function":
             target = node.target
             if target in ZERO_PRESERVING_FUNCTIONS:
@@ -337,28 +426,32 @@ class _Tracer:
                 return self.revived(value, node)
             if target in POOLING_FUNCTIONS:
                 return self.pooled(node, value)
-            if target is torch.flatten and self.argument(node, 1, "start_dim", 0) == 1:
-                return self.flattened(node, value)
+            if target is torch.flatten:
+                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
             if target in ADD_FUNCTIONS or target in MUL_FUNCTIONS:
                 return self.elementwise(node, target in MUL_FUNCTIONS)
             if target is torch.cat:
                 return self.cat(node)
             if target is operator.getitem and value is None:
                 return None
+            if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
+                return None  # a tensor's metadata carries no channel; what is built from it is judged where used
         elif node.op == "call_method":
             method = str(node.target)
             if method in ZERO_PRESERVING_METHODS:
                 return value
             if method in REVIVING_METHODS:
                 return self.revived(value, node)
-            if method == "flatten" and self.argument(node, 1, "start_dim", 0) == 1:
-                return self.flattened(node, value)
+            if method == "flatten":
+                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
             if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
-                return self.flattened(node, value)  # x.view(x.size(0), -1)
-            if method in ("mean", "amax") and self.spatial_reduction(node):
-                return self.flattened(node, value) if not self.argument(node, 2, "keepdim", False) else value
-            if method == "size" and self.argument(node, 1, "dim", None) == 0:
-                return None  # the batch size
+                return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
+            if method in ("mean", "amax") and self.spatial_reduction(node, value):
+                return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
+            if method == "size":
+                return None  # a shape carries no channel; what is built from it is judged where it is used
         values = self.input_values(node)
         if node.target in SPLIT_FUNCTIONS or (node.op == "call_method" and node.target in SPLIT_METHODS):
             for split in values:
@@ -374,10 +467,13 @@ class _Tracer:
             return node.kwargs[keyword]
         return node.args[position] if len(node.args) > position else default
 
-    def spatial_reduction(self, node: torch.fx.Node) -> bool:
+    def spatial_reduction(self, node: torch.fx.Node, value: _Value | None) -> bool:
+        """Whether the reduction takes every spatial dim (all after the channels), leaving (N, C)."""
         dims = self.argument(node, 1, "dim", None)
         dims = [dims] if isinstance(dims, int) else dims
-        return isinstance(dims, (list, tuple)) and len(dims) > 0 and all(d in (2, 3, -1, -2) for d in dims)
+        if value is None or value.ndim is None or not isinstance(dims, (list, tuple)):
+            return False
+        return sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(range(2, value.ndim))
 
     def revived(self, value: _Value | None, node: torch.fx.Node) -> _Value | None:
         return None if value is None else replace(value, revived_by=_describe(node, self.modules))
@@ -388,13 +484,22 @@ class _Tracer:
             return None
         return value
 
-    def flattened(self, node: torch.fx.Node, value: _Value | None) -> _Value | None:
+    def flattened(self, node: torch.fx.Node, value: _Value | None, start: Any, end: Any) -> _Value | None:
+        """A flatten of the spatial dims only keeps every channel; one of the channels with every dim after
+        them is channel-major (channel c's features are a block); anything else — a flatten that keeps a
+        spatial dim after the channels, of a tensor of unknown rank — is refused."""
         if value is None:
             return None
-        if value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
+        if isinstance(start, int) and start >= 2 and isinstance(end, int) and not value.flattened:
+            # spatial dims only (``x.flatten(2)``): every channel keeps its index
+            if end == -1 or value.ndim is None:
+                return replace(value, ndim=start + 1 if end == -1 else None)
+            return replace(value, ndim=value.ndim - (end % value.ndim - start))
+        whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
+        if not whole or value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
             self.refuse_unknown(node, [value])
             return None
-        return replace(value, flattened=True)
+        return replace(value, flattened=True, ndim=2)
 
     # producers, norms and readers
     def producer(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value:
@@ -402,38 +507,44 @@ class _Tracer:
         layer = PrunableLayer(name, module)
         if is_depthwise(module):
             single = value is not None and len(value.segments) == 1 and value.width == module.in_channels
-            if single and not value.flattened and value.revived_by is None and self.calls[name] == 1:
+            if single and not value.flattened and value.revived_by is None and not self.reused(name):
                 ((index, _),) = value.segments
                 self.space(index).producers.append(layer)  # it carries channel c to its own channel c
                 self.writer_of[node] = layer
-                return _Value(value.segments, value.width)
+                return _Value(value.segments, value.width, ndim=_output_ndim(module))
             index = self.new_space(layer, "channels")
             self.spaces[index].refuse(f"depthwise conv {name} reads a tensor that is not one whole channel space")
             self.refuse(value, f"depthwise conv {name} reads them along with other channels")
-            return _Value(((index, 0),), layer.num_channels)
+            return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
         self.read(name, module, value)
         index = self.new_space(layer, "features" if isinstance(module, nn.Linear) else "channels")
         if getattr(module, "groups", 1) > 1:
-            self.spaces[index].refuse(f"grouped conv {name} (groups={module.groups}) writes them: its groups would "
-                                      "need equal cuts")  # fmt: skip
-        if self.calls[name] > 1:
-            self.spaces[index].refuse(f"{name} is called {self.calls[name]} times")
+            self.spaces[index].groups = module.groups
+        if self.reused(name):
+            self.spaces[index].refuse(self.reused(name))
         self.writer_of[node] = layer
-        return _Value(((index, 0),), layer.num_channels)
+        return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
 
     def read(self, name: str, module: nn.Module, value: _Value | None) -> None:
         """Record ``module`` as a consumer of every space in ``value``, or refuse those spaces."""
         if value is None:
             return
-        if self.calls[name] > 1:
-            self.refuse(value, f"their reader {name} is called {self.calls[name]} times")
+        reason = self.reused(name)
+        if reason:
+            self.refuse(value, f"their reader {reason if reason.startswith(name) else f'{name}: {reason}'}")
             return
         if value.revived_by is not None:
             self.refuse(value, f"{value.revived_by} turns a masked channel's 0 into f(0) ≠ 0 before {name} reads it")
             return
         if getattr(module, "groups", 1) > 1:
-            self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them: its groups would need "
-                               "equal cuts")  # fmt: skip
+            whole = len(value.segments) == 1 and value.width == module.in_channels and not value.flattened
+            if not whole or self.space(value.segments[0][0]).layout != "channels":
+                self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them with other channels")
+                return
+            ((index, _),) = value.segments
+            space = self.space(index)
+            space.groups = self.joined_groups(space, module.groups, f"grouped conv {name}")
+            space.consumers.append(Consumer(name, "grouped", block=module.in_channels // module.groups))
             return
         linear = isinstance(module, nn.Linear)
         width = module.in_features if linear else module.in_channels
@@ -459,14 +570,27 @@ class _Tracer:
             writer is not None
             and writer.norm is None
             and len(source.users) == 1
-            and self.calls[name] == 1
+            and not self.reused(name)
             and module.num_features == writer.num_channels
         ):
             writer.norm_name, writer.norm = name, module
             return value
-        self.refuse(value, f"{type(module).__name__} {name} is not directly after the layer writing them, so its β "
-                           "would flow into a masked channel")  # fmt: skip
-        return None
+        if value is None:
+            return None
+        reason = self.reused(name) or (
+            "it reads them flattened" if value.flattened else
+            "their rank is unknown" if value.ndim is None else
+            f"it has {module.num_features} channels" if value.width != module.num_features else None
+        )  # fmt: skip
+        if reason:
+            self.refuse(value, f"{type(module).__name__} {name} reads them among other channels and {reason}, so its "
+                               "β would flow into a masked channel")  # fmt: skip
+            return None
+        # A norm after a concatenation or an addition: each space is masked again at its offset there.
+        shape = (1, module.num_features, *([1] * (value.ndim - 2)))
+        for index, offset in value.segments:
+            self.space(index).points.append(ChannelPoint(name, module, offset, shape))
+        return replace(value, revived_by=None)
 
     # joins
     def elementwise(self, node: torch.fx.Node, product: bool) -> _Value | None:
@@ -491,7 +615,7 @@ class _Tracer:
         index = self.union(a.segments[0][0], b.segments[0][0], description)
         # zero times anything is zero: a product is revived only if both factors are
         revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
-        return _Value(((index, 0),), a.width, revived_by=revived)
+        return _Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim)
 
     def cat(self, node: torch.fx.Node) -> _Value | None:
         parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
@@ -503,6 +627,7 @@ class _Tracer:
         segments: list[tuple[int, int]] = []
         offset: int | None = 0
         revived = None
+        ndim = next((value.ndim for value in values if value is not None), None)
         for value in values:
             if value is None:
                 offset = None
@@ -517,7 +642,7 @@ class _Tracer:
                 continue
             segments += [(index, offset + inner) for index, inner in value.segments]
             offset = None if value.width is None else offset + value.width
-        return _Value(tuple(segments), offset, revived_by=revived) if segments else None
+        return _Value(tuple(segments), offset, revived_by=revived, ndim=ndim) if segments else None
 
 
 def trace_channel_graph(model: nn.Module) -> ChannelGraph:
@@ -527,7 +652,8 @@ def trace_channel_graph(model: nn.Module) -> ChannelGraph:
     layer, each refused: without a graph, who reads a channel is unknown.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        # ``stochastic_depth`` called from the model's own forward stays one op, as it is inside torchvision
+        graph = torch.fx.Tracer(autowrap_functions=(stochastic_depth,)).trace(model)
     except Exception as exc:  # data-dependent control flow, or no forward
         reason = f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0][:200]})"
         log.warning("channel graph: %s; nothing in it is prunable", reason)

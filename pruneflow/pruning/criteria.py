@@ -59,7 +59,15 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
-        return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+        if space.groups == 1:
+            return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+        # A grouped conv's space: the same positions in every group, scored summed over the groups.
+        blocks = space.groups
+        position_scores = self.scores(space).view(blocks, -1).sum(0)
+        positions = select_channels(
+            position_scores, channels_to_prune(space.width // blocks, amount), already.view(blocks, -1).any(0)
+        )
+        return positions.repeat(blocks)
 
     def ready(self) -> bool:
         """Whether it can select now; one that gathers evidence over training steps starts doing so."""
@@ -211,6 +219,7 @@ class Explicit(Criterion):
 
     def check(self, spaces: Sequence[ChannelSpace]) -> None:
         widths = {layer.name: space.width for space in spaces for layer in space.producers}
+        groups = {layer.name: space.groups for space in spaces for layer in space.producers}
         for name, indices in self.channels.items():
             width = widths.get(name)
             if width is None:
@@ -221,6 +230,15 @@ class Explicit(Criterion):
                 raise ConfigError(f"mask.channels[{name}] has indices {bad} outside 0..{width - 1} ({width} channels)")
             if len(set(indices)) >= width:
                 raise ConfigError(f"mask.channels[{name}] would remove all {width} channels; keep at least one")
+            blocks = groups[name]
+            mask = torch.zeros(width, dtype=torch.bool)
+            mask[indices] = True
+            if not (mask.view(blocks, -1) == mask[: width // blocks]).all():
+                raise ConfigError(
+                    f"mask.channels[{name}] must name the same positions in each of its {blocks} groups of "
+                    f"{width // blocks} channels (a grouped conv writes or reads them), e.g. "
+                    f"{[g * (width // blocks) for g in range(blocks)]}"
+                )
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         mask = already.clone()

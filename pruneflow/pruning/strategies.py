@@ -215,19 +215,32 @@ class ActivationMask(MaskStrategy):
         keep = (~pruned).to(torch.float32).view(layer.channel_shape)
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)
-            return
+        else:
+            self._hook(layer.name, point, keep.to(layer.conv.weight.device))
+        # Norms reading the space among other channels (after a concatenation) write β into it again: each
+        # masks the space's slice of one keep-vector it shares with the other spaces it reads.
+        for extra in layer.space.points if layer.space is not None else []:
+            if extra.name not in self._handles:
+                self._hook(extra.name, extra.module, torch.ones(extra.shape, device=layer.conv.weight.device))
+            shared = getattr(extra.module, KEEP_BUFFER).view(-1)
+            shared[extra.offset : extra.offset + len(pruned)] = keep.flatten().to(shared)
+
+    def _hook(self, key: str, point: nn.Module, keep: Tensor) -> None:
         # Not persistent: checkpoints keep the model's own keys; the callback's state holds the masks.
-        point.register_buffer(KEEP_BUFFER, keep.to(layer.conv.weight.device), persistent=False)
+        point.register_buffer(KEEP_BUFFER, keep, persistent=False)
         # Registered at setup (``prepare``), before the telemetry's hook, so it runs first by order alone:
         # ``prepend=True`` reorders the hook dict, which Dynamo guards by position on torch 2.7-2.13
         # (pytorch/pytorch#160083: ``compile=true`` then fails while building a guard).
-        self._handles[layer.name] = point.register_forward_hook(mask_channels)
+        self._handles[key] = point.register_forward_hook(mask_channels)
 
     def remove(self, layer: PrunableLayer) -> None:
-        handle = self._handles.pop(layer.name, None)
-        if handle is not None:
-            handle.remove()
-            delattr(layer.channel_point, KEEP_BUFFER)
+        points = [(layer.name, layer.channel_point)]
+        points += [(extra.name, extra.module) for extra in (layer.space.points if layer.space is not None else [])]
+        for key, point in points:
+            handle = self._handles.pop(key, None)
+            if handle is not None:
+                handle.remove()
+                delattr(point, KEEP_BUFFER)
 
 
 STRATEGIES: dict[str, type[MaskStrategy]] = {

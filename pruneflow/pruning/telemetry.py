@@ -117,6 +117,16 @@ class DriftTelemetry:
             self._leak[layer.name] = torch.full((), -1.0)
             self._eval_leak[layer.name] = torch.full((), -1.0)
             self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
+        # Norms reading a space among other channels (after a concatenation) write β into it again: their
+        # leak, over every pruned channel they carry, counts for each layer whose space they read.
+        for layer in self.layers:
+            for extra in layer.space.points if layer.space is not None else []:
+                if extra.name not in self._leak:
+                    pruned = torch.zeros(extra.module.num_features, device=layer.conv.weight.device)
+                    extra.module.register_buffer(PRUNED_BUFFER, pruned, persistent=False)
+                    self._leak[extra.name] = torch.full((), -1.0)
+                    self._eval_leak[extra.name] = torch.full((), -1.0)
+                    self._handles.append(extra.module.register_forward_hook(self._leak_hook(extra.name, extra.shape)))
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,6 +146,8 @@ class DriftTelemetry:
         """The layer's pruned channels, for measuring (also when a resumed run restores them)."""
         self.pruned[layer.name] = pruned.clone()
         getattr(layer.channel_point, PRUNED_BUFFER).copy_(pruned)
+        for extra in layer.space.points if layer.space is not None else []:
+            getattr(extra.module, PRUNED_BUFFER)[extra.offset : extra.offset + len(pruned)] = pruned
 
     def arm(self, armed: bool) -> None:
         """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
@@ -210,11 +222,19 @@ class DriftTelemetry:
             handle.remove()
         self._handles.clear()
         for layer in self.layers:
-            point = layer.channel_point
-            if hasattr(point, PRUNED_BUFFER):
-                delattr(point, PRUNED_BUFFER)
+            points = [layer.channel_point, *(extra.module for extra in (layer.space.points if layer.space else []))]
+            for point in points:
+                if hasattr(point, PRUNED_BUFFER):
+                    delattr(point, PRUNED_BUFFER)
 
     # -- measurement ------------------------------------------------------------------------------
+    @staticmethod
+    def _layer_leak(leaks: dict[str, Tensor], layer: PrunableLayer, device: torch.device) -> Tensor:
+        """The largest measured leak at the layer's channel point and the norms reading its space (-1: none)."""
+        names = [layer.name, *(extra.name for extra in (layer.space.points if layer.space is not None else []))]
+        measured = [leaks[name].float().to(device) for name in dict.fromkeys(names) if name in leaks]
+        return torch.stack(measured).amax() if measured else torch.full((), -1.0, device=device)
+
     def consumer_weight(self, consumer: Consumer) -> Tensor:
         return self.modules[consumer.name].weight
 
@@ -261,7 +281,7 @@ class DriftTelemetry:
             stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
             consumer_sq,
             self._grad_sq.get(layer.name, zero - 1),
-            zero - 1 if transient_only else self._leak.get(layer.name, zero - 1),
+            zero - 1 if transient_only else self._layer_leak(self._leak, layer, device),
             norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
             norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
             running_var[pruned].float().sum() if running_var is not None else zero - 1,
@@ -297,7 +317,8 @@ class DriftTelemetry:
         measured = [layer for layer in self.layers if layer.name in self.pruned]
         if not measured:
             return {}
-        values = torch.stack([self._eval_leak[layer.name].float().cpu() for layer in measured]).tolist()
+        cpu = torch.device("cpu")
+        values = torch.stack([self._layer_leak(self._eval_leak, layer, cpu) for layer in measured]).tolist()
         counts = [float(self.pruned[layer.name].sum()) for layer in measured]
         present = [(layer, value, count) for layer, value, count in zip(measured, values, counts, strict=True)
                    if value >= 0]  # fmt: skip
