@@ -55,8 +55,12 @@ class ClassifierModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_fn = nn.CrossEntropyLoss()
-        metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        # validate_args=False: the argument checks read values back from the device (a host sync a step).
+        metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, validate_args=False)
         self.train_acc, self.val_acc, self.test_acc = metric.clone(), metric.clone(), metric.clone()
+
+    # Logged values pruneflow's progress bars read when they refresh (pruneflow.callbacks.progress).
+    progress_bar_reads = ("train/loss_step", "train/loss_epoch")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
@@ -70,7 +74,9 @@ class ClassifierModule(L.LightningModule):
         # `update`, not `accuracy(...)`: the per-batch value would be computed only to be thrown away.
         accuracy.update(logits.detach(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        # Not prog_bar on training steps: Lightning would read a prog_bar step value back after every step (a
+        # host sync, Lightning #20995); the bars read `progress_bar_reads` when they refresh instead.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step)
         if not on_step:
             self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
