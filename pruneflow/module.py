@@ -76,7 +76,9 @@ class ClassifierModule(L.LightningModule):
         on_step = stage == "train"
         # Not prog_bar on training steps: Lightning would read a prog_bar step value back after every step (a
         # host sync, Lightning #20995); the bars read `progress_bar_reads` when they refresh instead.
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step)
+        # batch_size given: Lightning would otherwise walk the batch to find it, every step.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step,
+                 batch_size=len(labels))
         if not on_step:
             self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss

@@ -22,7 +22,8 @@ WINDOW = ("+callbacks.sync._target_=pruneflow.callbacks.host_sync.HostSyncCheck"
           "+callbacks.sync.steps=16")  # fmt: skip
 # Every interval beyond the window: what is left is what every step pays.
 NO_INTERVAL_IN_WINDOW = ("trainer.log_every_n_steps=1000", "mask.log_every_n_steps=1000", "mask.burst_steps=0",
-                         "callbacks.non_finite_loss.check_every_n_steps=1000", "progress_bar_refresh_rate=1000")  # fmt: skip
+                         "callbacks.non_finite_loss.check_every_n_steps=1000",
+                         "progress_bar_refresh_rate=1000")  # fmt: skip
 TINY = ("data=synthetic", "data.num_train=400", "data.num_test=32", "data.batch_size=16", "data.eval_batch_size=64",
         "model.channels=[4,8]", "trainer.max_epochs=1", "trainer.enable_model_summary=false", "~logger",
         "callbacks=[default,accuracy_curve]", "+callbacks.accuracy_curve.every_n_steps=1000")  # fmt: skip

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError, is_count
 
 
@@ -63,6 +64,7 @@ class EpochLines(ProgressBar):
         self._enabled = True
         self._epoch_started = 0.0
         self._finished_epoch: tuple[int, float] | None = None
+        hide_unused_step_hooks(self)
 
     def disable(self) -> None:
         self._enabled = False

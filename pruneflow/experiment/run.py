@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pruneflow.atomic_io import write_json_atomic, write_text_atomic
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.compaction import compact_trained_module
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.cpu_share import share_cpu_cores
@@ -66,7 +67,7 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     mask_cfg = cfg.get("mask")
     if mask_cfg is not None and mask_cfg.get("_target_"):
         callbacks.append(instantiate(mask_cfg))
-    return callbacks
+    return [hide_unused_step_hooks(callback) for callback in callbacks]
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, purge_step: int | None = None) -> Logger | None:
