@@ -19,6 +19,10 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
 
+# torch.compile's modes: "reduce-overhead" replays CUDA graphs (one launch a step on a GPU; masks are buffers
+# whose values change in place, so a replay reads the new masks), "max-autotune" also searches kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -30,7 +34,8 @@ class ClassifierModule(L.LightningModule):
     ``scheduler`` (optional) a partial called as ``scheduler(optimizer, total_steps=...)`` and
     stepped every optimizer step. ``channels_last``: keep the network's 4-d weights and its input
     batches in channels-last memory format (faster convolutions on GPUs with tensor cores).
-    ``compile``: ``torch.compile`` the network's forward (compiled lazily, at its first call).
+    ``compile``: ``torch.compile`` the network's forward (compiled lazily, at its first call), in
+    ``compile_mode`` (``COMPILE_MODES``).
     """
 
     def __init__(
@@ -41,8 +46,11 @@ class ClassifierModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         for name, value in (("channels_last", channels_last), ("compile", compile)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -50,7 +58,8 @@ class ClassifierModule(L.LightningModule):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:
-            model.compile()  # in place: state_dict keys stay those of the eager network
+            # In place: state_dict keys stay those of the eager network. "default" passes no mode, as before.
+            model.compile(**({} if compile_mode == "default" else {"mode": compile_mode}))
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
