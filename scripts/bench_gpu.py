@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Benchmark: the strategy sweep on a GPU — images/s and time to accuracy, eager against compiled.
 
 On a machine with a GPU (the data copied into the checkout first, since ../shared is not there):
