@@ -29,9 +29,12 @@ TINY = ("data=synthetic", "data.num_train=400", "data.num_test=32", "data.batch_
         "callbacks=[default,accuracy_curve]", "+callbacks.accuracy_curve.every_n_steps=1000")  # fmt: skip
 
 
-@pytest.mark.parametrize("strategy", ["disabled", *STRATEGIES])
+@pytest.mark.parametrize("strategy", ["disabled", *STRATEGIES, "activation+tqdm"])
 def test_ordinary_steps_read_nothing_back(strategy: str, tmp_path: Path) -> None:
-    cfg = compose_train(*TINY, *NO_INTERVAL_IN_WINDOW, *WINDOW, f"mask={strategy}")
+    strategy, _, bar = strategy.partition("+")
+    # +tqdm: the terminal's TQDM bar rather than the log file's epoch lines (it reads the loss when it refreshes)
+    tqdm = ("callbacks.progress._target_=pruneflow.callbacks.progress.TQDMBar",) if bar else ()
+    cfg = compose_train(*TINY, *NO_INTERVAL_IN_WINDOW, *WINDOW, *tqdm, f"mask={strategy}")
     metrics = train(cfg, tmp_path)
     assert metrics["perf/ordinary_steps_watched"] == 16
     assert metrics["perf/ordinary_step_sync_ops"] == {}, f"{strategy}: host reads on ordinary steps"
