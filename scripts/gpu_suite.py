@@ -104,13 +104,15 @@ def section_overhead(args: Any, scratch: Path) -> dict[str, Any]:
                  *([f"data.limit_train={limit}"] if limit else []))  # fmt: skip
         ratios, arms = [], {"pruneflow": [], "bare_loop": []}
         for repeat in range(args.repeats):
+            figures = {}
             for arm in ("pruneflow", "bare_loop") if repeat % 2 == 0 else ("bare_loop", "pruneflow"):
                 if arm == "pruneflow":
-                    figures = bench_overhead.pruneflow_in_process(args.root, 1, args.device,
-                                                                  scratch / f"overhead-{setting}-{repeat}", extra)
+                    figures[arm] = bench_overhead.pruneflow_in_process(args.root, 1, args.device,
+                                                                       scratch / f"overhead-{setting}-{repeat}", extra)
                 else:
-                    figures = bench_overhead.bare_loop(args.root, 1, args.device, precision, channels_last, limit)
-                arms[arm].append(figures["samples"] / figures["seconds"])
+                    figures[arm] = bench_overhead.bare_loop(args.root, 1, args.device, precision, channels_last, limit)
+                arms[arm].append(figures[arm]["samples"] / figures[arm]["seconds"])
+            bench_overhead.check_equivalent(figures["pruneflow"], figures["bare_loop"])  # the same samples timed
             ratios.append(arms["pruneflow"][-1] / arms["bare_loop"][-1])
         result[setting] = {"samples_per_s": arms, "ratio_median": statistics.median(ratios), "ratios": ratios}
         print(f"overhead {setting}: pruneflow / hand-written loop {result[setting]['ratio_median']:.3f}", flush=True)
