@@ -52,3 +52,14 @@ def test_the_check_sees_each_kind_of_read() -> None:
     assert ops.get("aten::_local_scalar_dense", 0) >= 3 and ops.get("aten::nonzero", 0) >= 2
     assert set(reads.counts) >= {"item", "__float__", "__bool__", "nonzero", "boolean index", "tolist", "cpu", "numpy"}
     assert check.reads == 0
+
+
+@pytest.mark.parametrize("strategy", ["activation", "parametrize"])
+def test_a_measured_telemetry_step_reads_one_tensor_back(strategy: str, tmp_path: Path) -> None:
+    """Burst steps after pruning measure every step: one device→host transfer each (``.cpu()`` then
+    ``.tolist()`` of one table), no ``nonzero`` and no boolean-mask indexing of the pruned rows."""
+    burst = tuple(item.replace("mask.burst_steps=0", "mask.burst_steps=100") for item in NO_INTERVAL_IN_WINDOW)
+    cfg = compose_train(*TINY, *burst, *WINDOW, f"mask={strategy}")
+    ops = train(cfg, tmp_path)["perf/ordinary_step_sync_ops"]
+    assert ops.get("cpu") == ops.get("tolist") == 16, ops
+    assert not {"aten::nonzero", "nonzero", "boolean index", "aten::_local_scalar_dense"} & set(ops), ops
