@@ -137,8 +137,9 @@ def section_host(args: Any, scratch: Path) -> dict[str, Any]:
 
 
 def section_compile(args: Any, scratch: Path) -> dict[str, Any]:
-    base = [f"data.root={args.root}", "mask=activation", "mask.at_step=50", "trainer.max_epochs=1",
-            "data.drop_last=true", "data.limit_train=" + ("2000" if args.tiny else "20000"), accelerator(args),
+    base = [f"data.root={args.root}", "mask=activation", f"mask.at_step={8 if args.tiny else 50}",
+            "trainer.max_epochs=1", "data.drop_last=true", "data.limit_train=" + ("2000" if args.tiny else "20000"),
+            f"callbacks.throughput.warmup_steps={5 if args.tiny else 20}", accelerator(args),
             "trainer.enable_model_summary=false", "~logger"]  # fmt: skip
     arms = {"eager": ["compile=false"], "reduce_overhead": ["compile=true", "compile_mode=reduce-overhead"]}
     result: dict[str, Any] = {}
