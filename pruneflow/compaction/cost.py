@@ -117,18 +117,19 @@ def device_latency_ms(
     min_seconds: float = 0.05,
     threads: int | None = 1,
 ) -> dict[str, float]:
-    """Median milliseconds per forward of each model on ``batch`` on ``device``: on CUDA timed by CUDA events
-    under the autocast of ``precision`` (Lightning's name: ``bf16-mixed``, ``16-mixed``; others run as
-    stored), on CPU by ``cpu_latency_ms`` (which takes ``threads``)."""
+    """Median milliseconds per forward of each model on ``batch`` on ``device``, under the autocast of
+    ``precision`` (Lightning's name: ``bf16-mixed``, ``16-mixed``; others run as stored): on CUDA timed by
+    CUDA events, on CPU by ``cpu_latency_ms`` (which takes ``threads``)."""
     device = torch.device(device)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     if device.type != "cuda":
-        return cpu_latency_ms(models, batch, rounds=rounds, threads=threads, memory_format=memory_format,
-                              warmup=warmup, min_seconds=min_seconds)  # fmt: skip
+        with autocast:
+            return cpu_latency_ms(models, batch, rounds=rounds, threads=threads, memory_format=memory_format,
+                                  warmup=warmup, min_seconds=min_seconds)  # fmt: skip
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}")
     layout = MEMORY_FORMATS[memory_format] if batch.ndim == 4 else torch.contiguous_format
-    dtype = AUTOCAST_DTYPES.get(precision)
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
     on_device = {name: copy.deepcopy(m).to(device).eval().to(memory_format=layout) for name, m in models.items()}
     inputs = batch.to(device).contiguous(memory_format=layout)
     repeats = {}
