@@ -18,9 +18,12 @@ and channels-last convolutions of a few channels take slower kernels. A tiny net
 1.1 GFLOPs a batch of 128) is launch-bound on a GPU and pays for those launches without gaining from
 tensor cores, so ``auto`` decides by the *size of the work*: the forward FLOPs of one training batch
 (``training_batch_gflops``), against a threshold per device measured with ``scripts/bench_defaults.py``
-(its table is in the README). On this project's CPUs (no bf16 matrix units) neither setting was faster
-for any model measured, so the CPU thresholds are infinite; the CUDA thresholds are provisional until the
-GPU benchmark (``scripts/bench_gpu.py``, which runs the same table) measures them. Explicit values win.
+(its table is in the README). The CPU thresholds are infinite: fp32 NCHW, which cannot be slower than
+itself. On this project's 2-core CPU (AVX-512 BF16) the ladder, measured under heavy load, had bf16
+channels-last faster from the MNIST ConvNet up (README); whether that holds on a quiet machine decides
+whether the CPU gets finite thresholds too. The CUDA thresholds are provisional until the GPU suite
+(``scripts/bench_gpu.py --suite``, which runs the same ladder and suggests thresholds) measures them.
+Explicit values win.
 The data sets' tensors go to the GPU with the batches (``data.on_device``, see
 ``pruneflow.data.base``), and ``compile=true`` is a separate switch because compiling costs
 tens of seconds up front.
@@ -60,8 +63,8 @@ class SpeedRule:
 
 
 SPEED_RULES = {
-    # Measured on the project's 2-core CPU (scripts/bench_defaults.py, README "Device defaults"): fp32 NCHW
-    # was fastest for every model from 0.002 to 36 GFLOPs a batch.
+    # fp32 NCHW whatever the size: never slower than itself (see the module docstring for what the CPU ladder
+    # showed under load, and what would change this).
     "cpu": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=math.inf),
     # Provisional (no GPU measurement yet): the MNIST ConvNet at batch 128 (1.1 GFLOPs) stays fp32 NCHW,
     # a CIFAR VGG11 (39 GFLOPs) or ResNet-56 (32) at batch 128 gets bf16 and channels-last, ResNet-20 (10) not.
