@@ -3,9 +3,9 @@
 Counted, not timed (``scripts/bench_host_overhead.py`` times the same arms side by side): the Python calls
 of a window of ordinary training steps, under ``cProfile``, for a plain LightningModule without callbacks and
 for ``ClassifierModule`` with pruneflow's per-step callbacks and ``ChannelPruning``. Call counts do not depend
-on the machine's speed. The bound is the count measured when this test was written (1.09x; the timed
-host-time ratio was 1.04x, median of 3), with little room: a callback hook or a per-step walk added to the
-step path fails it.
+on the machine's speed. The bound is the count measured when this test was written (1.08x: 4,276 against
+3,965 calls; 1.14x before the callbacks hid their unused hooks), with little room: a callback hook or a
+per-step walk added to the step path fails it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def calls_per_step(arm: str, *extra: Callback) -> float:
 
 def test_pruneflow_adds_little_to_plain_lightnings_step() -> None:
     lightning, pruneflow = calls_per_step("lightning"), calls_per_step("pruneflow")
-    assert pruneflow <= 1.12 * lightning, f"{pruneflow:.0f} Python calls a step against Lightning's {lightning:.0f}"
+    assert pruneflow <= 1.10 * lightning, f"{pruneflow:.0f} Python calls a step against Lightning's {lightning:.0f}"
 
 
 def test_a_callback_costs_nothing_for_the_step_hooks_it_does_not_use() -> None:
