@@ -86,6 +86,7 @@ class HostSyncCheck(Callback):
         self._profiler: torch.profiler.profile | None = None
         self._python_reads: PythonReads | None = None
         self._cuda_mode: Any = None
+        self._first = start
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -7,9 +7,10 @@ and a Lightning callback that marks the phases inside ``Trainer.fit``:
 phase              from the end of the previous phase to
 =================  ==================================================================================
 ``imports``        ``run.train`` entered (from the process start: Python, torch, Lightning, Hydra)
-``config``         the config validated, its ``auto`` settings resolved and ``config.yaml`` written
-``data``           the data module built and its tensors read
-``model``          the network, the LightningModule and the callbacks built
+``config``         the config validated, the network built (``auto`` settings depend on its size), the
+                   ``auto`` settings resolved and ``config.yaml`` written
+``data``           the data module's tensors read
+``model``          the LightningModule and the callbacks built
 ``trainer``        the ``Trainer`` built
 ``device``         ``on_fit_start``: setup hooks, the model moved to its device (CUDA initialised)
 ``sanity_check``   the end of the sanity check's validation batches (0 where there are none)
