@@ -19,6 +19,10 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
 
+# torch.compile's modes: "reduce-overhead" replays CUDA graphs (one launch a step on a GPU; masks are buffers
+# whose values change in place, so a replay reads the new masks), "max-autotune" also searches kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -30,7 +34,8 @@ class ClassifierModule(L.LightningModule):
     ``scheduler`` (optional) a partial called as ``scheduler(optimizer, total_steps=...)`` and
     stepped every optimizer step. ``channels_last``: keep the network's 4-d weights and its input
     batches in channels-last memory format (faster convolutions on GPUs with tensor cores).
-    ``compile``: ``torch.compile`` the network's forward (compiled lazily, at its first call).
+    ``compile``: ``torch.compile`` the network's forward (compiled lazily, at its first call), in
+    ``compile_mode`` (``COMPILE_MODES``).
     """
 
     def __init__(
@@ -41,8 +46,11 @@ class ClassifierModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
+        if compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
         for name, value in (("channels_last", channels_last), ("compile", compile)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -50,13 +58,24 @@ class ClassifierModule(L.LightningModule):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:
-            model.compile()  # in place: state_dict keys stay those of the eager network
+            # In place: state_dict keys stay those of the eager network. "default" passes no mode, as before.
+            model.compile(**({} if compile_mode == "default" else {"mode": compile_mode}))
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.loss_fn = nn.CrossEntropyLoss()
-        metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
-        self.train_acc, self.val_acc, self.test_acc = metric.clone(), metric.clone(), metric.clone()
+        # validate_args=False: the argument checks read values back from the device (a host sync a step).
+        metric = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, validate_args=False)
+        self.val_acc, self.test_acc = metric.clone(), metric.clone()
+        # The training epoch's loss and accuracy, summed on the device: a handful of ops a step, where
+        # torchmetrics' update and Lightning's on_epoch accumulation take about fifty (each a kernel launch
+        # on a GPU). Plain attributes, not buffers: checkpoints keep the same keys.
+        self._train_loss_sum: Tensor | None = None
+        self._train_correct: Tensor | None = None
+        self._train_seen = 0
+
+    # Logged values pruneflow's progress bars read when they refresh (pruneflow.callbacks.progress).
+    progress_bar_reads = ("train/loss_step", "train/loss_epoch")
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.ndim == 4:
@@ -69,21 +88,40 @@ class ClassifierModule(L.LightningModule):
         loss = self.loss_fn(logits, labels)
         # `update`, not `accuracy(...)`: the per-batch value would be computed only to be thrown away.
         accuracy.update(logits.detach(), labels)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
-        if not on_step:
-            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        # batch_size given: Lightning would otherwise walk the batch to find it.
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train", self.train_acc)
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        # on_step only: Lightning keeps the value (read on logging steps), no per-step accumulation. Not
+        # prog_bar: Lightning would read a prog_bar step value back after every step (a host sync, Lightning
+        # #20995); the bars read `progress_bar_reads` when they refresh instead.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(labels))
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == labels).sum()
+            if self._train_loss_sum is None:
+                self._train_loss_sum, self._train_correct = loss.detach() * len(labels), correct
+            else:
+                self._train_loss_sum = self._train_loss_sum + loss.detach() * len(labels)
+                self._train_correct = self._train_correct + correct
+        self._train_seen += len(labels)
+        return loss
 
     def on_train_epoch_end(self) -> None:
-        # Once per epoch rather than a `self.log` per step: each `self.log` call costs Lightning about
-        # 0.6 ms on CPU (it moves its result record to the value's device), ~2 % of a ConvNet step.
-        # `compute()` reduces over DDP ranks itself.
-        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
-        self.train_acc.reset()
+        if self._train_loss_sum is None or self._train_correct is None:
+            return
+        # Summed over DDP ranks (one all-reduce an epoch), then the epoch's mean loss and accuracy.
+        seen = torch.tensor(float(self._train_seen), device=self._train_loss_sum.device)
+        totals = torch.stack([self._train_loss_sum.float(), self._train_correct.float(), seen])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.log("train/loss_epoch", totals[0] / totals[2])
+        self.log("train/acc", totals[1] / totals[2], prog_bar=True)
+        self._train_loss_sum = self._train_correct = None
+        self._train_seen = 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val", self.val_acc)

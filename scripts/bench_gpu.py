@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Benchmark: the strategy sweep on a GPU — images/s and time to accuracy, eager against compiled.
 
 On a machine with a GPU (the data copied into the checkout first, since ../shared is not there):
@@ -26,6 +27,11 @@ the script instead of printing 0). Studies:
 Reported per arm: training samples/s (after a 20-step warm-up, so compilation is not in it), seconds
 from launch to the target (compilation included: that is what a user waits for), final test accuracy,
 fit seconds. A table per study, and ``--json`` with every figure.
+
+``--suite`` measures instead every GPU figure of the project in one call of at most about 8 minutes
+(host syncs on ordinary steps, overhead against a hand-written loop and plain Lightning, CUDA graphs,
+start-up, compaction latency, a cut's fine-tuning speedup, the precision/memory-format table): see
+``scripts/gpu_suite.py``.
 """
 
 from __future__ import annotations
@@ -128,7 +134,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of every arm, in alternating order")
     parser.add_argument("--min-acc", type=float, default=0.9, help="an arm below this fraction of the target fails")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--suite", action="store_true", help="every GPU figure in one call (scripts/gpu_suite.py)")
+    parser.add_argument("--sections", default="", help="--suite: comma list of sections (default: all)")
+    parser.add_argument("--tiny", action="store_true", help="--suite: every section shrunk to seconds (CPU dry run)")
     args = parser.parse_args()
+    if args.suite:
+        from gpu_suite import run_suite
+
+        args.root = str(Path(args.root).resolve())
+        args.repeats = max(args.repeats, 1 if args.tiny else 3)
+        run_suite(args)
+        return
     strategies = args.strategies.split(",")
     modes = args.modes.split(",")
     for kind, given, accepted in (("strategy", strategies, STRATEGIES), ("mode", modes, ["eager", "compiled"])):

@@ -47,8 +47,13 @@ NOT_EQUIVALENT_ABOVE = 1.05
 TIMED = ("perf/train_seconds_measured", "perf/train_samples_measured")
 
 
-def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
-    """Seconds and samples of a hand-written training loop's steps after the warm-up, and its last loss."""
+def bare_loop(root: str, epochs: int, device: str, precision: str = "32-true", channels_last: bool = False,
+              limit_train: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Seconds and samples of a hand-written training loop's steps after the warm-up, and its last loss.
+
+    ``precision`` (``32-true`` or ``bf16-mixed``: bf16 autocast) and ``channels_last`` as pruneflow's arm runs."""
+    from contextlib import nullcontext
+
     import torch
     import torch.nn.functional as F
 
@@ -59,9 +64,12 @@ def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
     from pruneflow.models import ConvNet
 
     torch.manual_seed(0)
-    data = MNISTDataModule(root=root, batch_size=128)
+    data = MNISTDataModule(root=root, batch_size=128, limit_train=limit_train)
     data.setup()
-    model = ConvNet(input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = ConvNet(input_shape=data.input_shape, num_classes=data.num_classes).to(device, memory_format=layout)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16-mixed" \
+        else nullcontext()  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, nesterov=True, weight_decay=5e-4)
     mean = torch.tensor(data.mean, device=device)
     std = torch.tensor(data.std, device=device)
@@ -76,7 +84,9 @@ def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-            loss = F.cross_entropy(model(normalize(batch_images, mean, std)), batch_labels)
+            with autocast:
+                inputs = normalize(batch_images, mean, std).contiguous(memory_format=layout)
+                loss = F.cross_entropy(model(inputs), batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -89,13 +99,14 @@ def bare_loop(root: str, epochs: int, device: str) -> dict[str, float]:
     return {"seconds": time.perf_counter() - started, "samples": samples, "loss": float(loss)}
 
 
-def overrides_for(root: str, epochs: int, device: str) -> list[str]:
+def overrides_for(root: str, epochs: int, device: str, extra: tuple[str, ...] = ()) -> list[str]:
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     return [
         f"data.root={root}",
         "mask=activation",
         f"trainer.max_epochs={epochs}",
         f"trainer.accelerator={accelerator}",
+        *extra,
     ]
 
 
@@ -109,14 +120,15 @@ def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> dict[st
     return pruneflow_figures(metrics)
 
 
-def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path) -> dict[str, float]:
+def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path, extra: tuple[str, ...] = ()
+                         ) -> dict[str, float]:  # fmt: skip
     """``pruneflow.experiment.run.train`` on the config ``python train.py`` composes from the same overrides."""
     from hydra import compose, initialize_config_dir
 
     from pruneflow.experiment.run import train
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides_for(root, epochs, device))
+        cfg = compose("train", overrides=overrides_for(root, epochs, device, extra))
     return pruneflow_figures(train(cfg, run_dir))
 
 

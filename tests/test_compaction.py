@@ -248,6 +248,20 @@ def test_latency_is_measured_in_the_requested_layout_and_threads_are_restored() 
     before, after = metrics["compact/latency_b2_before_ms"], metrics["compact/latency_b2_after_ms"]
     assert before > 0 and after > 0 and metrics["compact/latency_b2_speedup"] == pytest.approx(before / after)
     assert torch.get_num_threads() == threads
+    # The keys name the device the latency was measured on (the earlier names stay for CPU).
+    assert metrics["compact/latency_device"] == "cpu" and metrics["compact/latency_precision"] == "32-true"
+    assert metrics["compact/latency_cpu_b2_before_ms"] == before and metrics["compact/latency_cpu_b2_after_ms"] == after
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_latency_on_cuda_is_timed_on_the_gpu_in_the_runs_precision() -> None:
+    model = ConvNet(channels=(6, 8, 12)).eval()
+    masks = random_masks(select_layers(find_prunable_layers(model), None))
+    batches = [(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+    _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=(1, 256), latency_rounds=2,
+                                    latency_device="cuda", latency_precision="bf16-mixed")  # fmt: skip
+    assert metrics["compact/latency_device"] == "cuda" and metrics["compact/latency_precision"] == "bf16-mixed"
+    assert metrics["compact/latency_cuda_b256_before_ms"] > 0 and "compact/latency_b256_before_ms" not in metrics
 
 
 class Scaled(nn.Module):

@@ -41,14 +41,15 @@ class GraphCount(L.Callback):
 
 
 def train(
-    strategy: str, compile: bool
+    strategy: str, compile: bool, compile_mode: str = "default"
 ) -> tuple[ClassifierModule, ChannelPruning, GraphCount, torch.Tensor, ConsumerInputProbe]:
     torch.manual_seed(0)
     data = SyntheticDataModule(num_train=1200, num_test=64, input_shape=(1, 16, 16), batch_size=64, val_size=0)
     data.setup()
     model = ConvNet(input_shape=(1, 16, 16), num_classes=10, channels=(8, 16))
     module = ClassifierModule(
-        model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), num_classes=10, compile=compile
+        model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), num_classes=10, compile=compile,
+        compile_mode=compile_mode,
     )
     pruning = ChannelPruning(strategy=strategy, amount=0.5, at_step=PRUNE_AT_STEP, log_every_n_steps=1)
     graphs = GraphCount()
@@ -97,3 +98,28 @@ def test_compiled_network_matches_eager_and_pruning_does_not_recompile(strategy:
         assert received == 0.0  # the consumers read zeros from the compiled graph, not just the telemetry
     else:
         assert received > 0.0  # every other strategy lets something (β at least) reach the consumers
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_mode_reaches_torch_compile(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, object]] = []
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: seen.append(kwargs) or function)
+    ClassifierModule(ConvNet((1, 16, 16), 10, channels=(4,)), torch.optim.SGD, 10, compile=True, compile_mode=mode)
+    assert seen == [{"mode": mode}]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["activation", "parametrize"])
+def test_reduce_overhead_sees_new_masks_mid_run_without_recompiling(strategy: str) -> None:
+    """``compile_mode=reduce-overhead`` (CUDA graphs on a GPU: replays read buffers in place) with a pruning event
+    mid-run: the consumers receive the masked channels as zeros (activation) and nothing recompiles."""
+    torch._dynamo.reset()
+    counters.clear()
+    module, pruning, graphs, _, probe = train(strategy, compile=True, compile_mode="reduce-overhead")
+    assert holds_compiled_module(module) and graphs.before_pruning > 0
+    assert graphs.at_end == graphs.before_pruning, "pruning recompiled the graph"
+    assert probe.forwards_after_pruning == STEPS - PRUNE_AT_STEP
+    if strategy == "activation":
+        assert probe.final_metrics()[PROBE_TAG] == 0.0
+    else:
+        assert max(pruning.history["drift/producer_l2"]) == 0.0

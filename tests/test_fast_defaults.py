@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from pruneflow import ClassifierModule
 from pruneflow.data import SyntheticDataModule
 from pruneflow.errors import ConfigError
-from pruneflow.experiment.device_defaults import resolve_fast_defaults
-from pruneflow.models import ConvNet
+from pruneflow.experiment.device_defaults import SPEED_RULES, resolve_fast_defaults, training_batch_gflops
+from pruneflow.models import VGG, ConvNet
 
 
 def speed_config(**overrides: object) -> DictConfig:
@@ -50,11 +50,37 @@ def test_auto_is_bf16_channels_last_tf32_on_a_cuda_gpu(monkeypatch: pytest.Monke
         ("channels_last", "yes", "channels_last must be true, false or auto, got 'yes'"),
         ("compile", "auto", "compile must be true or false, got 'auto'"),
         ("matmul_precision", "fast", "matmul_precision must be auto, null, highest, high or medium, got 'fast'"),
+        ("compile_mode", "fast", "compile_mode must be one of default, reduce-overhead, max-autotune, got 'fast'"),
     ],
 )
 def test_bad_speed_settings_are_one_line_errors(key: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=f"^{message}$"):
         resolve_fast_defaults(speed_config(**{key: value}))
+
+
+def test_auto_keeps_a_tiny_network_in_fp32_nchw_on_a_gpu_and_gives_a_large_one_bf16_channels_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 autocast and channels-last cost launches a tiny network cannot win back: ``auto`` decides by the
+    forward FLOPs of a training batch, against the device's measured threshold."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    mnist = training_batch_gflops(ConvNet((1, 28, 28), 10), (1, 28, 28), 128)
+    assert 0.5 < mnist < 2.0  # MNIST's ConvNet at batch 128: about 1.1 GFLOPs
+    cifar_vgg = training_batch_gflops(VGG((3, 32, 32), 10), (3, 32, 32), 128)
+    threshold = SPEED_RULES["cuda"]
+    assert mnist < threshold.bf16_from_gflops <= cifar_vgg
+    for gflops, expected in ((mnist, ("32-true", False)), (cifar_vgg, ("bf16-mixed", True))):
+        cfg = speed_config()
+        resolve_fast_defaults(cfg, gflops=gflops)
+        assert (cfg.trainer.precision, cfg.channels_last) == expected
+    # On CPU fp32 NCHW was fastest at every size measured; explicit values always win.
+    cfg = speed_config(**{"trainer.accelerator": "cpu"})
+    resolve_fast_defaults(cfg, gflops=cifar_vgg)
+    assert (cfg.trainer.precision, cfg.channels_last) == ("32-true", False)
+    cfg = speed_config(**{"trainer.precision": "bf16-mixed", "channels_last": True})
+    resolve_fast_defaults(cfg, gflops=mnist)
+    assert (cfg.trainer.precision, cfg.channels_last) == ("bf16-mixed", True)
 
 
 def test_channels_last_module_computes_what_the_nchw_one_does() -> None:

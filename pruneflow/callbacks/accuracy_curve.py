@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.callbacks.throughput import synchronize
 from pruneflow.errors import ConfigError
 
@@ -37,6 +38,7 @@ class AccuracyCurve(Callback):
         self.points: list[dict[str, float]] = []
         self._fit_start = 0.0
         self._evaluation_seconds = 0.0
+        hide_unused_step_hooks(self)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()

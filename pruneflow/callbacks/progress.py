@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError, is_count
 
 
@@ -24,7 +25,23 @@ def progress_for_stdout(refresh_rate: int = 20) -> ProgressBar:
     """The TQDM bar (refreshed every ``refresh_rate`` steps) on a terminal, else ``EpochLines``."""
     if not is_count(refresh_rate) or refresh_rate < 1:
         raise ConfigError(f"progress_bar_refresh_rate must be a positive integer, got {refresh_rate!r}")
-    return TQDMProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
+    return TQDMBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLines()
+
+
+def figures_read_at_refresh(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+    """The module's ``progress_bar_reads`` (names of logged values, e.g. ``train/loss_step``), read from the
+    device now. Lightning converts every ``prog_bar=True`` step value to a Python number after *every* step
+    (a host sync each, Lightning #20995); values logged without ``prog_bar`` and read here cost one read
+    per refresh instead."""
+    metrics = trainer.callback_metrics
+    return {name: float(metrics[name]) for name in getattr(pl_module, "progress_bar_reads", ()) if name in metrics}
+
+
+class TQDMBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing the module's ``progress_bar_reads`` too, read at each refresh only."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **figures_read_at_refresh(trainer, pl_module)}
 
 
 def format_figures(figures: dict[str, Any]) -> str:
@@ -47,6 +64,7 @@ class EpochLines(ProgressBar):
         self._enabled = True
         self._epoch_started = 0.0
         self._finished_epoch: tuple[int, float] | None = None
+        hide_unused_step_hooks(self)
 
     def disable(self) -> None:
         self._enabled = False
@@ -59,7 +77,7 @@ class EpochLines(ProgressBar):
             print(line, file=self.stream or sys.stdout, flush=True)
 
     def epoch_figures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        figures = self.get_metrics(trainer, pl_module)
+        figures = {**self.get_metrics(trainer, pl_module), **figures_read_at_refresh(trainer, pl_module)}
         return {name: value for name, value in figures.items() if name != "v_num" and not name.endswith("_step")}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

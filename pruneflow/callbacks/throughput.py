@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError
 
 
@@ -48,6 +49,7 @@ class TrainingThroughput(Callback):
         self._segment_cpu_start = 0.0
         self._segment_start: float | None = None
         self._segment_samples = 0
+        hide_unused_step_hooks(self)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -1,4 +1,4 @@
-"""Cost figures of a model before and after compaction: parameters, FLOPs and CPU latency.
+"""Cost figures of a model before and after compaction: parameters, FLOPs and latency where the model runs.
 
 FLOPs are counted by ``torch.utils.flop_counter`` for one image (convolutions and matrix products;
 BatchNorm, activations and pooling are not counted, though they cost time). Latency is wall time of
@@ -8,6 +8,10 @@ median over rounds. Models and inputs are put in one memory format, channels-las
 the faster layout for every model and batch size we measured on CPU, and in the default NCHW layout
 max-pooling alone takes most of a small network's time (about 60 % of ConvNet's at batch 256), which
 hides what the convolutions gained.
+
+``device_latency_ms`` measures on the run's device: on CUDA with CUDA events around the timed forwards
+(after a warm-up, so cuDNN's algorithm search and the allocator are out of it), under the run's autocast
+precision and memory format; on CPU it is ``cpu_latency_ms``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -95,3 +100,57 @@ def _timed(
                 model(batch)
             samples[name].append((time.perf_counter() - started) * 1e3 / count)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@torch.inference_mode()
+def device_latency_ms(
+    models: Mapping[str, nn.Module],
+    batch: Tensor,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    memory_format: str = "channels_last",
+    rounds: int = 7,
+    warmup: int = 3,
+    min_seconds: float = 0.05,
+    threads: int | None = 1,
+) -> dict[str, float]:
+    """Median milliseconds per forward of each model on ``batch`` on ``device``, under the autocast of
+    ``precision`` (Lightning's name: ``bf16-mixed``, ``16-mixed``; others run as stored): on CUDA timed by
+    CUDA events, on CPU by ``cpu_latency_ms`` (which takes ``threads``)."""
+    device = torch.device(device)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    if device.type != "cuda":
+        with autocast:
+            return cpu_latency_ms(models, batch, rounds=rounds, threads=threads, memory_format=memory_format,
+                                  warmup=warmup, min_seconds=min_seconds)  # fmt: skip
+    if memory_format not in MEMORY_FORMATS:
+        raise ConfigError(f"unknown memory format {memory_format!r}; choose one of: {', '.join(MEMORY_FORMATS)}")
+    layout = MEMORY_FORMATS[memory_format] if batch.ndim == 4 else torch.contiguous_format
+    on_device = {name: copy.deepcopy(m).to(device).eval().to(memory_format=layout) for name, m in models.items()}
+    inputs = batch.to(device).contiguous(memory_format=layout)
+    repeats = {}
+    with autocast:
+        for name, model in on_device.items():
+            for _ in range(warmup):
+                model(inputs)
+            repeats[name] = max(1, math.ceil(min_seconds * 1e3 / max(_cuda_ms(model, inputs, 1), 1e-3)))
+        samples: dict[str, list[float]] = {name: [] for name in on_device}
+        order = list(on_device)
+        for round_index in range(rounds):
+            for name in order if round_index % 2 == 0 else reversed(order):
+                samples[name].append(_cuda_ms(on_device[name], inputs, repeats[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _cuda_ms(model: nn.Module, inputs: Tensor, count: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(count):
+        model(inputs)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / count

@@ -8,9 +8,11 @@ and logs to TensorBoard:
   (compacted), ``acc_masked``, ``acc_gap`` (masked − compacted), ``test_images``;
 - size: ``channels_before``/``after`` (all prunable convs' channels), ``params_before``/``after``/
   ``ratio``, ``flops_before``/``after``/``ratio`` (per image; ratio = before / after);
-- speed: ``latency_b<B>_before_ms``/``after_ms``/``speedup`` for each batch size B on the CPU, with
-  ``latency_threads`` and ``latency_memory_format``. "Before" is the dense network with the masks'
-  hooks removed, i.e. what one would deploy without compaction.
+- speed: ``latency_<device>_b<B>_before_ms``/``after_ms``/``speedup`` for each batch size B on the device
+  the run trained on (``cpu``, ``cuda``: CUDA events, the run's precision and memory format; on CPU
+  channels-last, see ``cost``), with ``latency_device``, ``latency_precision``, ``latency_threads`` and
+  ``latency_memory_format``; on CPU also under the earlier names ``latency_b<B>_*``. "Before" is the dense
+  network with the masks' hooks removed, i.e. what one would deploy without compaction.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from pruneflow.compaction.cost import count_flops, count_parameters, cpu_latency_ms
+from pruneflow.compaction.cost import count_flops, count_parameters, device_latency_ms
 from pruneflow.compaction.cut import Compaction, MaskLike, compact, effective_copy
 from pruneflow.compaction.export import export_compact
 from pruneflow.compaction.verify import device_of, verify
@@ -52,6 +54,8 @@ def compact_and_verify(
     latency_rounds: int = 7,
     latency_threads: int | None = LATENCY_THREADS,
     latency_memory_format: str = LATENCY_MEMORY_FORMAT,
+    latency_device: torch.device | str = "cpu",
+    latency_precision: str = "32-true",
 ) -> tuple[Compaction, dict[str, Any]]:
     """Compact ``network`` (left untouched, masks still in effect) and report ``compact/*`` figures.
 
@@ -73,6 +77,8 @@ def compact_and_verify(
             latency_rounds=latency_rounds,
             latency_threads=latency_threads,
             latency_memory_format=latency_memory_format,
+            latency_device=latency_device,
+            latency_precision=latency_precision,
         )
     )
     if not checked.exact:
@@ -97,8 +103,11 @@ def cost_metrics(
     latency_rounds: int = 7,
     latency_threads: int | None = LATENCY_THREADS,
     latency_memory_format: str = LATENCY_MEMORY_FORMAT,
+    latency_device: torch.device | str = "cpu",
+    latency_precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Parameters, FLOPs per image and CPU latency of ``dense`` and ``compacted``, and their ratios."""
+    """Parameters, FLOPs per image and latency on ``latency_device`` of ``dense`` and ``compacted``, and their
+    ratios."""
     models = {"before": dense, "after": compacted}
     image = torch.randn(1, *input_shape, device=device_of(dense))
     metrics: dict[str, Any] = {}
@@ -108,15 +117,21 @@ def cost_metrics(
         metrics[f"compact/{figure}_before"] = values["before"]
         metrics[f"compact/{figure}_after"] = values["after"]
         metrics[f"compact/{figure}_ratio"] = values["before"] / max(values["after"], 1)
+    device = torch.device(latency_device).type
     for batch_size in latency_batch_sizes:
         batch = torch.randn(batch_size, *input_shape)
-        latency = cpu_latency_ms(
-            models, batch, rounds=latency_rounds, threads=latency_threads, memory_format=latency_memory_format
-        )
-        metrics[f"compact/latency_b{batch_size}_before_ms"] = latency["before"]
-        metrics[f"compact/latency_b{batch_size}_after_ms"] = latency["after"]
-        metrics[f"compact/latency_b{batch_size}_speedup"] = latency["before"] / latency["after"]
+        latency = device_latency_ms(models, batch, latency_device, precision=latency_precision,
+                                    memory_format=latency_memory_format, rounds=latency_rounds,
+                                    threads=latency_threads)  # fmt: skip
+        figures = {"before_ms": latency["before"], "after_ms": latency["after"],
+                   "speedup": latency["before"] / latency["after"]}  # fmt: skip
+        for figure, value in figures.items():
+            metrics[f"compact/latency_{device}_b{batch_size}_{figure}"] = value
+            if device == "cpu":
+                metrics[f"compact/latency_b{batch_size}_{figure}"] = value
     if latency_batch_sizes:
+        metrics["compact/latency_device"] = device
+        metrics["compact/latency_precision"] = latency_precision
         metrics["compact/latency_threads"] = latency_threads or torch.get_num_threads()
         metrics["compact/latency_memory_format"] = latency_memory_format
     return metrics
@@ -135,6 +150,16 @@ def model_config(model_cfg: Mapping[str, Any] | DictConfig, datamodule: L.Lightn
     """The ``model`` config group completed with what the run passed from the data: a rebuildable config."""
     config = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     return {**config, "input_shape": list(datamodule.input_shape), "num_classes": int(datamodule.num_classes)}
+
+
+def run_latency_settings(trainer: L.Trainer, pl_module: L.LightningModule, device: torch.device) -> dict[str, Any]:
+    """Latency where and how the run ran: its device and precision, and on CUDA its memory format (on CPU
+    channels-last, the faster inference layout there: see ``cost``)."""
+    settings: dict[str, Any] = {"latency_device": device, "latency_precision": str(trainer.precision)}
+    if device.type == "cuda":
+        settings["latency_memory_format"] = "channels_last" if getattr(pl_module, "channels_last", False) \
+            else "contiguous"  # fmt: skip
+    return settings
 
 
 def pruning_callback(trainer: L.Trainer) -> ChannelPruning:
@@ -163,6 +188,7 @@ def compact_trained_module(
         test_batches(datamodule, device_of(network)),
         export_dir=Path(export_dir),
         model_config=model_config(model_cfg, datamodule),
+        **run_latency_settings(trainer, pl_module, device_of(network)),
     )
     _log_scalars(trainer, metrics)
     return metrics

@@ -25,11 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pruneflow.atomic_io import write_json_atomic, write_text_atomic
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
-from pruneflow.compaction import compact_trained_module
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.cpu_share import share_cpu_cores
-from pruneflow.experiment.device_defaults import resolve_fast_defaults
+from pruneflow.experiment.device_defaults import resolve_fast_defaults, training_batch_gflops, trains_on_cuda
 from pruneflow.experiment.hparams import log_hparams
+from pruneflow.experiment.startup import StartupPhases
 from pruneflow.module import ClassifierModule
 from pruneflow.pruning import ChannelPruning
 
@@ -50,6 +51,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
 
 
+def model_gflops_if_needed(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> float:
+    """Forward GFLOPs of a training batch where an ``auto`` speed setting on a GPU depends on it, else inf
+    (on CPU every ``auto`` is fp32 NCHW whatever the size: not worth a counted forward)."""
+    autos = cfg.trainer.get("precision") == "auto" or cfg.get("channels_last") == "auto"
+    if not (autos and trains_on_cuda(cfg.trainer)):
+        return float("inf")
+    return training_batch_gflops(model, datamodule.input_shape, datamodule.batch_size)
+
+
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """The ``callbacks`` group's callbacks (conf/callbacks/: checkpoints, non-finite guard, throughput,
     progress, and any a user adds), then the mask's ``ChannelPruning``."""
@@ -66,7 +76,7 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
     mask_cfg = cfg.get("mask")
     if mask_cfg is not None and mask_cfg.get("_target_"):
         callbacks.append(instantiate(mask_cfg))
-    return callbacks
+    return [hide_unused_step_hooks(callback) for callback in callbacks]
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, purge_step: int | None = None) -> Logger | None:
@@ -164,16 +174,24 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
     run_dir = Path(run_dir)
+    phases = StartupPhases()
+    phases.mark("imports")
     validate_config(cfg)
-    resolve_fast_defaults(cfg)  # before the config is written: config.yaml records what ran
     share_cpu_cores()
-    write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    # `auto` speed settings depend on the size of the work (device_defaults.SPEED_RULES); resolved before the
+    # config is written, so config.yaml records what ran.
+    resolve_fast_defaults(cfg, gflops=model_gflops_if_needed(cfg, model, datamodule))
+    write_config(cfg, run_dir)
+    phases.mark("config")
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    if not getattr(datamodule, "download", False):
+        datamodule.setup("fit")  # read now, so the start-up log shows it; Lightning's own setup finds it read
+    phases.mark("data")
+
     module = ClassifierModule(
         model=model,
         optimizer=instantiate(cfg.optimizer),
@@ -181,6 +199,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         num_classes=datamodule.num_classes,
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
+        compile_mode=cfg.get("compile_mode", "default"),
     )
     if slurm_job_id():
         log.info("Slurm job %s (SLURM_JOB_ID=%s, restart %s, task %s of %s)", slurm_job_id(),
@@ -193,7 +212,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # A resumed run purges what was logged after its checkpoint (steps > its global_step: Lightning and the
     # telemetry log at the step count after the optimizer step), so each tag shows one continuous curve.
     logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]) + 1)
-    callbacks = build_callbacks(cfg)
+    callbacks = [*build_callbacks(cfg), phases]
+    phases.mark("model")
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
@@ -205,6 +225,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         log.info("resuming from %s (saved at epoch %s, global step %s)", resume, checkpoint.get("epoch"),
                  checkpoint.get("global_step"))  # fmt: skip
         del checkpoint
+    phases.mark("trainer")
 
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -225,6 +246,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             log_hparams(logger, cfg, metrics, step=trainer.global_step)
         write_json_atomic(run_dir / "metrics.json", metrics)
     if cfg.get("compact") and trainer.is_global_zero:
+        from pruneflow.compaction import compact_trained_module  # only runs that compact pay for its imports
+
         # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
         metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
         write_json_atomic(run_dir / "metrics.json", metrics)

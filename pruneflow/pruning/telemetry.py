@@ -107,6 +107,7 @@ class DriftTelemetry:
         self._grad_sq: dict[str, Tensor] = {}
         self._rows_before: dict[str, list[Tensor]] = {}
         self._optimizer_share: dict[str, Tensor] = {}
+        self._row_index: dict[str, tuple[Tensor, int, Tensor]] = {}
         self._leak_armed = False
         self._eval_leak_armed = False
         self._handles: list[RemovableHandle] = []
@@ -127,6 +128,16 @@ class DriftTelemetry:
                     self._leak[extra.name] = torch.full((), -1.0)
                     self._eval_leak[extra.name] = torch.full((), -1.0)
                     self._handles.append(extra.module.register_forward_hook(self._leak_hook(extra.name, extra.shape)))
+
+    def rows(self, name: str, pruned: Tensor, device: torch.device) -> Tensor:
+        """Indices of ``pruned``'s channels on ``device``, found once per mask version: ``t[mask]`` and
+        ``mask.nonzero()`` read the mask back to the host (a GPU sync) on every measured step, while
+        ``index_select`` with indices kept on the device does not."""
+        cached = self._row_index.get(name)
+        if cached is None or cached[0] is not pruned or cached[1] != pruned._version or cached[2].device != device:
+            cached = (pruned, pruned._version, pruned.to(device).nonzero().flatten())
+            self._row_index[name] = cached
+        return cached[2]
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,7 +179,8 @@ class DriftTelemetry:
             pruned = self.pruned.get(layer.name)
             if pruned is not None:
                 self._rows_before[layer.name] = [
-                    t.detach()[pruned].clone() for t in self.strategy.trainable_tensors(layer)
+                    t.detach().index_select(0, self.rows(layer.name, pruned, t.device))
+                    for t in self.strategy.trainable_tensors(layer)
                 ]
 
     @torch.no_grad()
@@ -185,18 +197,19 @@ class DriftTelemetry:
             tensors = self.strategy.trainable_tensors(layer)
             fields = dict.fromkeys(OPTIMIZER_FIELDS, None)
             for tensor, rows_before in zip(tensors, before, strict=True):
+                index = self.rows(layer.name, pruned, tensor.device)
                 optimizer, group = groups.get(id(tensor), (None, {}))
                 state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
                 parts = {
-                    "update_sq": (tensor.detach()[pruned] - rows_before).float().pow(2).sum(),
+                    "update_sq": (tensor.detach().index_select(0, index) - rows_before).float().pow(2).sum(),
                     "decay_sq": (float(group.get("weight_decay") or 0.0) * rows_before.float()).pow(2).sum(),
                 }
                 if isinstance(state.get("momentum_buffer"), Tensor):
-                    parts["momentum_sq"] = state["momentum_buffer"][pruned].float().pow(2).sum()
+                    parts["momentum_sq"] = state["momentum_buffer"].index_select(0, index).float().pow(2).sum()
                 if isinstance(state.get("exp_avg"), Tensor):
-                    parts["exp_avg_sq"] = state["exp_avg"][pruned].float().pow(2).sum()
+                    parts["exp_avg_sq"] = state["exp_avg"].index_select(0, index).float().pow(2).sum()
                 if isinstance(state.get("exp_avg_sq"), Tensor):
-                    second = state["exp_avg_sq"][pruned].float()
+                    second = state["exp_avg_sq"].index_select(0, index).float()
                     parts["exp_avg_sq_sum"] = second.sum()
                     parts["state_entries"] = torch.tensor(float(second.numel()), device=second.device)
                 for field, value in parts.items():
@@ -213,7 +226,8 @@ class DriftTelemetry:
             pruned = self.pruned.get(layer.name)
             if pruned is None:
                 continue
-            grads = [t.grad[pruned] for t in self.strategy.trainable_tensors(layer) if t.grad is not None]
+            grads = [t.grad.index_select(0, self.rows(layer.name, pruned, t.grad.device))
+                     for t in self.strategy.trainable_tensors(layer) if t.grad is not None]  # fmt: skip
             if grads:
                 self._grad_sq[layer.name] = sum(g.float().pow(2).sum() for g in grads)
 
@@ -253,15 +267,16 @@ class DriftTelemetry:
     def _raw(self, layer: PrunableLayer, pruned: Tensor, transient_only: bool) -> Tensor:
         weight = layer.conv.weight.detach()
         device = weight.device
+        index = self.rows(layer.name, pruned, device)  # before .to(device): the cache knows the mask itself
         pruned = pruned.to(device)
         zero = torch.zeros((), device=device)
-        rows = [weight[pruned].flatten(1).float()]
+        rows = [weight.index_select(0, index).flatten(1).float()]
         if layer.conv.bias is not None:
-            rows.append(layer.conv.bias.detach()[pruned].float().view(-1, 1))
+            rows.append(layer.conv.bias.detach().index_select(0, index).float().view(-1, 1))
         kernels = torch.cat(rows, dim=1)
         stored = self.strategy.stored_weight(layer)
         consumer_sq = zero - 1 if transient_only else zero.clone()
-        columns_of = pruned.nonzero().flatten()
+        columns_of = index
         for consumer in [] if transient_only else layer.consumers:
             weight_now = self.consumer_weight(consumer).detach()
             columns = consumer.columns(columns_of)
@@ -278,14 +293,14 @@ class DriftTelemetry:
             kernels.pow(2).sum(),
             kernels.abs().amax() if kernels.numel() else zero,
             (kernels.abs().amax(1) == 0).sum().float(),
-            stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
+            stored.detach().index_select(0, index).float().pow(2).sum() if stored is not None else zero - 1,
             consumer_sq,
             self._grad_sq.get(layer.name, zero - 1),
             zero - 1 if transient_only else self._layer_leak(self._leak, layer, device),
-            norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
-            norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
-            running_var[pruned].float().sum() if running_var is not None else zero - 1,
-            _eval_gain(norm, pruned).sum() if running_var is not None and has_affine else zero - 1,
+            norm.bias.detach().index_select(0, index).abs().float().sum() if has_affine else zero - 1,
+            norm.weight.detach().index_select(0, index).abs().float().sum() if has_affine else zero - 1,
+            running_var.index_select(0, index).float().sum() if running_var is not None else zero - 1,
+            _eval_gain(norm, index).sum() if running_var is not None and has_affine else zero - 1,
         ]
         return torch.cat([torch.stack([v.to(device) for v in values]), optimizer_share.to(device)])
 
@@ -329,9 +344,10 @@ class DriftTelemetry:
         return metrics
 
 
-def _eval_gain(norm: nn.BatchNorm2d, pruned: Tensor) -> Tensor:
-    """|γ| / √(running var + ε) of the pruned channels: how eval mode scales what reaches them."""
-    return norm.weight.detach()[pruned].float().abs() / (norm.running_var[pruned].float() + norm.eps).sqrt()
+def _eval_gain(norm: nn.BatchNorm2d, index: Tensor) -> Tensor:
+    """|γ| / √(running var + ε) of the pruned channels (``index``): how eval mode scales what reaches them."""
+    gamma, running_var = norm.weight.detach().index_select(0, index), norm.running_var.index_select(0, index)
+    return gamma.float().abs() / (running_var.float() + norm.eps).sqrt()
 
 
 def pruned_channel_abs_mean(output: Tensor, pruned: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:

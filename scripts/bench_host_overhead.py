@@ -1,0 +1,148 @@
+"""Benchmark: host work per training step — pruneflow's module and callbacks against plain Lightning.
+
+    python scripts/bench_host_overhead.py --repeats 5                # CPU, a tiny network: the step is host work
+    python scripts/bench_host_overhead.py --device cuda --repeats 5  # on a GPU: the host side of each step
+
+The arms train the same network (a 2-stage ConvNet, 4 and 8 channels, 16×16 inputs, batch 32: small enough
+that a step's time is Python, launches and Lightning's loop, not arithmetic) on the same in-memory batches
+with the same ``Trainer`` settings (no logger, no checkpoints, no progress bar):
+
+- ``lightning``: a plain LightningModule, what a user writes first: forward, cross-entropy,
+  ``self.log("train/loss", loss)``, SGD;
+- ``module``: pruneflow's ``ClassifierModule`` (its logging and accuracy metric), no callback;
+- ``pruneflow``: ``ClassifierModule`` with pruneflow's default callbacks (throughput, non-finite-loss guard)
+  and ``ChannelPruning(strategy="activation")`` pruning half of every conv at step 0, telemetry every 50
+  steps (no burst: the 100 steps after a pruning event are measured steps, not ordinary ones).
+
+Every repetition runs each arm in this process, in alternating order, and times steps ``--warmup`` to
+``--steps`` (wall and process CPU time per step). Prints each arm's median ms per step and its ratio to
+``lightning`` (target: ``pruneflow`` ≤ 1.05×). ``tests/test_host_overhead.py`` guards the same
+comparison by counting the Python calls of a step instead of timing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from pruneflow import ChannelPruning, ClassifierModule, NonFiniteLossGuard, TrainingThroughput
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
+from pruneflow.data import SyntheticDataModule
+from pruneflow.models import ConvNet
+
+ARMS = ("lightning", "module", "pruneflow")
+SHAPE = (1, 16, 16)
+
+
+class PlainModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self.model(images), labels)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def build_arm(arm: str) -> tuple[L.LightningModule, list[Callback]]:
+    """The LightningModule and callbacks of ``arm``, on the same freshly seeded network."""
+    torch.manual_seed(0)
+    model = ConvNet(input_shape=SHAPE, num_classes=10, channels=(4, 8))
+    if arm == "lightning":
+        return PlainModule(model), []
+    module = ClassifierModule(model, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), num_classes=10)
+    if arm == "module":
+        return module, []
+    if arm == "pruneflow":
+        pruning = ChannelPruning(strategy="activation", amount=0.5, at_step=0, log_every_n_steps=50, burst_steps=0)
+        return module, [TrainingThroughput(), NonFiniteLossGuard(), hide_unused_step_hooks(pruning)]
+    raise SystemExit(f"bench_host_overhead.py: error: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+
+
+def data(steps: int, device: str) -> SyntheticDataModule:
+    datamodule = SyntheticDataModule(num_train=32 * steps, num_test=32, input_shape=SHAPE, batch_size=32, val_size=0,
+                                     on_device=device != "cpu")  # fmt: skip
+    return datamodule
+
+
+def fit(arm: str, steps: int, device: str, callbacks: list[Callback]) -> L.LightningModule:
+    """Train ``arm`` for ``steps`` steps with ``callbacks`` added to its own."""
+    module, own = build_arm(arm)
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=1, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, callbacks=[*callbacks, *own],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data(steps, device))
+    return module
+
+
+class StepClock(Callback):
+    """Wall and CPU seconds per step over steps ``[start, end)`` (device synchronised at both ends)."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.wall = self.cpu = 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.start:
+            self._sync(pl_module)
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+        elif trainer.global_step == self.end:
+            self._sync(pl_module)
+            steps = self.end - self.start
+            self.wall = (time.perf_counter() - self.wall) / steps
+            self.cpu = (time.process_time() - self.cpu) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (1: the step's host path)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    for repeat in range(args.repeats):
+        for arm in ARMS if repeat % 2 == 0 else ARMS[::-1]:
+            clock = StepClock(args.warmup, args.steps)
+            fit(arm, args.steps + 1, args.device, [clock])
+            runs[arm].append({"wall_ms": clock.wall * 1e3, "cpu_ms": clock.cpu * 1e3})
+            print(f"repeat {repeat}: {arm:<10} {clock.wall * 1e3:7.3f} ms a step (CPU {clock.cpu * 1e3:.3f} ms)",
+                  flush=True)
+    medians = {arm: {key: statistics.median(run[key] for run in values) for key in ("wall_ms", "cpu_ms")}
+               for arm, values in runs.items()}  # fmt: skip
+    base = medians["lightning"]["wall_ms"]
+    print(f"\n{'arm':<12}{'ms a step (median of ' + str(args.repeats) + ')':>28}{'vs lightning':>14}")
+    for arm, median in medians.items():
+        print(f"{arm:<12}{median['wall_ms']:>28.3f}{median['wall_ms'] / base:>14.3f}")
+    ratio = medians["pruneflow"]["wall_ms"] / base
+    print(f"pruneflow / plain Lightning, host time a step: {ratio:.3f} (target <= 1.05)")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+                                         "medians": medians, "ratio": ratio}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
