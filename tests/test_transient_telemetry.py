@@ -176,7 +176,9 @@ def test_adam_moment_shares_match_the_update_rule(decoupled: bool) -> None:
     make = torch.optim.AdamW if decoupled else torch.optim.Adam
     logger, witness = shares_run(lambda p: make(p, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=weight_decay))
     beta1, beta2 = BETAS
-    for step in logger.steps_with("optim/pruned_update_l2/features.0"):
+    measured = logger.steps_with("optim/pruned_update_l2/features.0")
+    assert measured == [5, 6, 7, 11, 16]  # the steps taken at 4, 5, 6 (the burst), then at 10 and 15
+    for step in measured:
         taken = witness.steps[step - 1]
         w, g = taken["w"], taken["g"]
         t = float(taken["step"]) + 1

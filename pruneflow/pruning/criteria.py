@@ -221,6 +221,13 @@ class Explicit(Criterion):
                 raise ConfigError(f"mask.channels[{name}] has indices {bad} outside 0..{width - 1} ({width} channels)")
             if len(set(indices)) >= width:
                 raise ConfigError(f"mask.channels[{name}] would remove all {width} channels; keep at least one")
+        for space in spaces:  # a group loses the union of its producers' lists
+            union = {index for layer in space.producers for index in self.channels.get(layer.name, [])}
+            if space.grouped and len(union) >= space.width:
+                raise ConfigError(
+                    f"mask.channels for {', '.join(space.names)} together remove all {space.width} channels of the "
+                    f"group {'+'.join(space.names)}, which share them; keep at least one"
+                )
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         mask = already.clone()
