@@ -83,7 +83,7 @@ def test_l1_l2_and_taylor_each_choose_the_channels_their_own_measure_ranks_lowes
     torch.testing.assert_close(contribution, torch.tensor([-0.03, 4.5, 0.06, -4.5, 0.3, 0.9]))
     taylor = Taylor(batches=1)
     assert not taylor.ready()  # starts gathering
-    taylor.after_backward([layer])
+    taylor.before_optimizer_step([layer])
     assert taylor.ready()
     assert lowest_three(taylor, model) == [0, 2, 4]
 
@@ -99,7 +99,7 @@ def test_taylor_sums_every_gathered_batch_before_scoring() -> None:
     # Σ w·∂L/∂w per channel: 9·g. The sum ranks channels 3, 4, 5 lowest; the last batch alone 0, 1, 2.
     for per_channel in ([5.0, 5.0, 5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]):
         conv.weight.grad = torch.tensor(per_channel).view(6, 1, 1, 1).expand_as(conv.weight).clone()
-        taylor.after_backward([layer])
+        taylor.before_optimizer_step([layer])
     assert taylor.ready()
     torch.testing.assert_close(taylor.scores(layer.space), torch.tensor([45.0, 45.0, 45.0, 9.0, 9.0, 9.0]))
     assert lowest_three(taylor, model) == [3, 4, 5]
@@ -299,3 +299,27 @@ def test_a_module_without_forward_prunes_the_network_it_holds_or_says_how_to_poi
     assert [layer.name for layer in pruning.layers] == ["features.0", "features.3"]
     with pytest.raises(ConfigError, match=r"defines no forward.* with module=<attribute> .*: body, teacher\)"):
         fit(NoForwardModule(second=True), ChannelPruning("activation", at_step=1))
+
+
+class TaylorWitness(L.Callback):
+    """features.0's Σ w·∂L/∂w per channel with the optimizer step's whole (accumulated) gradient."""
+
+    def __init__(self) -> None:
+        self.contributions: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        conv = pl_module.model.features[0]
+        self.contributions[trainer.global_step] = (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1)
+
+
+def test_taylor_counts_optimizer_steps_and_reads_each_whole_gradient_once_under_accumulation() -> None:
+    pruning = ChannelPruning("activation", criterion="taylor", taylor_batches=3, at_step=2, log_every_n_steps=1)
+    witness = TaylorWitness()
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[pruning, witness], logger=False, enable_checkpointing=False,
+        accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(tiny_module(), train_dataloaders=toy_loader())
+    assert pruning.pruning_steps == [5]  # gathered over the optimizer steps taken at 2, 3 and 4
+    gathered = sum(witness.contributions[step] for step in (2, 3, 4))
+    torch.testing.assert_close(pruning.importance.sums["features.0"], gathered)

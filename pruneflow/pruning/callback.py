@@ -9,12 +9,13 @@ Lightning's automatic optimization):
 
     on_train_batch_start     prune when the schedule says so; cut the pruned channels out at
                              ``cut_at_epoch`` / ``cut_at_step``; arm leak probes on measured steps
-    forward / backward
-    on_after_backward        gradient telemetry (before any gradient mask); the criterion's gradients
-    on_before_optimizer_step strategy.before_optimizer_step (gradient masking); on measured steps a
+    forward / backward       (every micro-batch of an accumulation window)
+    on_before_optimizer_step once per optimizer step, with its whole gradient: gradient telemetry and
+                             the criterion's gradients (before any gradient mask), then
+                             strategy.before_optimizer_step (gradient masking); on measured steps a
                              copy of the pruned rows
     optimizer.step
-    on_train_batch_end       on measured steps the optimizer's share of the step; then
+    on_train_batch_end       after an optimizer step only: on measured steps the optimizer's share of the step; then
                              strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
                              telemetry logged
 
@@ -209,6 +210,7 @@ class ChannelPruning(Callback):
         self.telemetry: DriftTelemetry | None = None
         self.history: dict[str, list[float]] = {}
         self._measure_now = False
+        self._stepped = False  # an optimizer step was taken in this batch (not so within an accumulation window)
         self._regular_step = False  # a log_every_n_steps step (histograms), not only a burst step
         # (step, drift/producer_l2) of every measured step: the transient figures of final_metrics.
         self.drift_trace: list[tuple[int, float]] = []
@@ -454,14 +456,15 @@ class ChannelPruning(Callback):
             adopt_sizes(module, sizes)
             self.cut_sizes = sizes
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._measure_now and self.telemetry is not None:
-            self.telemetry.record_gradients()
-        self.importance.after_backward(self.layers)
-
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # Once per optimizer step, with its whole gradient: under gradient accumulation `on_after_backward`
+        # runs per micro-batch, on a partial, still accumulating `.grad`.
+        self._stepped = True
+        if self._measure_now and self.telemetry is not None:
+            self.telemetry.record_gradients()  # before any gradient mask
+        self.importance.before_optimizer_step(self.layers)
         for layer, mask in self._masked:
             self.strategy.before_optimizer_step(layer, mask)
         if self._measure_now and self.telemetry is not None:
@@ -470,6 +473,9 @@ class ChannelPruning(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._stepped:
+            return  # a micro-batch of an accumulation window: no optimizer step taken, nothing to measure
+        self._stepped = False
         if self._measure_now and self.telemetry is not None:
             # Before re-zeroing and state resets: what the optimizer itself did to the pruned rows.
             self.telemetry.record_optimizer_step(trainer.optimizers)

@@ -65,8 +65,9 @@ class Criterion:
         """Whether it can select now; one that gathers evidence over training steps starts doing so."""
         return True
 
-    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
-        """Called after every backward pass with the gradients in ``.grad``."""
+    def before_optimizer_step(self, layers: Sequence[PrunableLayer]) -> None:
+        """Called once per optimizer step, before it, with the step's whole gradient in ``.grad`` (every
+        micro-batch of an accumulation window backpropagated, no gradient mask applied yet)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -130,7 +131,7 @@ class BnGamma(Criterion):
 
 class Taylor(Criterion):
     """First-order Taylor estimate of the loss change from removing a channel: |Σ w·∂L/∂w| over the
-    kernels of every producer, summed over ``batches`` training steps gathered just before selecting."""
+    kernels of every producer, summed over ``batches`` optimizer steps gathered just before selecting."""
 
     name = "taylor"
 
@@ -150,7 +151,7 @@ class Taylor(Criterion):
         self.pending = None
         return True
 
-    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
+    def before_optimizer_step(self, layers: Sequence[PrunableLayer]) -> None:
         if self.pending is None:
             return
         for layer in layers:
@@ -179,7 +180,7 @@ class Taylor(Criterion):
 
 
 def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
-    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call after backward."""
+    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call before the optimizer step."""
     weight = layer.conv.weight
     grad = weight.grad if weight.grad is not None else _parametrized_grad(layer)
     if grad is None:
