@@ -322,4 +322,4 @@ def test_taylor_counts_optimizer_steps_and_reads_each_whole_gradient_once_under_
     trainer.fit(tiny_module(), train_dataloaders=toy_loader())
     assert pruning.pruning_steps == [5]  # gathered over the optimizer steps taken at 2, 3 and 4
     gathered = sum(witness.contributions[step] for step in (2, 3, 4))
-    torch.testing.assert_close(pruning.importance.sums["features.0"], gathered)
+    torch.testing.assert_close(pruning.criterion.sums["features.0"], gathered)

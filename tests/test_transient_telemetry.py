@@ -26,8 +26,8 @@ from tensorboard.plugins.hparams import metadata
 from test_strategies import STEPS, TinyNet, toy_loader
 
 from pruneflow import ChannelPruning, ClassifierModule
-from pruneflow.pruning.callback import transient_figures
 from pruneflow.pruning.telemetry import AGGREGATE_TAGS
+from pruneflow.pruning.telemetry_writer import transient_figures
 
 PRUNED = [1, 4]  # features.0's pruned channels (explicit)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -295,8 +295,8 @@ def test_with_gradient_accumulation_each_optimizer_step_is_measured_once_with_it
     )  # fmt: skip
     module = ClassifierModule(TinyNet("relu"), lambda p: torch.optim.SGD(p, lr=LR), num_classes=3)
     trainer = L.Trainer(
-        max_epochs=1, callbacks=[pruning, witness], logger=logger, enable_checkpointing=False, accumulate_grad_batches=2,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_epochs=1, callbacks=[pruning, witness], logger=logger, enable_checkpointing=False,
+        accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=toy_loader())
     assert trainer.global_step == STEPS // 2

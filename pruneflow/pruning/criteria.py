@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, is_count
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 
 
@@ -60,6 +60,11 @@ class Criterion:
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
+
+    @property
+    def steps_to_select(self) -> int:
+        """Optimizer steps it gathers evidence over, once a pruning event is due, before it can select."""
+        return 0
 
     def ready(self) -> bool:
         """Whether it can select now; one that gathers evidence over training steps starts doing so."""
@@ -136,11 +141,13 @@ class Taylor(Criterion):
     name = "taylor"
 
     def __init__(self, batches: int = 8) -> None:
-        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
-            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {batches!r}")
-        self.batches = batches
+        self.batches = batches  # checked by make_criterion
         self.pending: int | None = None  # gathered steps while gathering, else None
         self.sums: dict[str, Tensor] = {}
+
+    @property
+    def steps_to_select(self) -> int:
+        return self.batches
 
     def ready(self) -> bool:
         if self.pending is None:
@@ -247,9 +254,13 @@ CRITERION_NAMES = tuple(CRITERIA)
 def make_criterion(
     name: str, channels: Mapping[str, Sequence[int]] | None = None, taylor_batches: int = 8, seed: int = 0
 ) -> Criterion:
-    """The criterion called ``name`` with the settings it uses; the others must be left unset."""
+    """The criterion called ``name`` with the settings it uses; ``channels`` must be left unset for the others."""
     if name not in CRITERIA:
         raise ConfigError(f"unknown mask.criterion {name!r}; choose one of: {', '.join(CRITERION_NAMES)}")
+    if not is_count(taylor_batches) or taylor_batches < 1:
+        raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+    if not is_count(seed) or seed < 0:
+        raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
     if channels and name != EXPLICIT:
         raise ConfigError(f"mask.channels is only used with mask.criterion=explicit, not {name!r}")
     if name == EXPLICIT:
@@ -258,6 +269,4 @@ def make_criterion(
         return Taylor(taylor_batches)
     if name == Random.name:
         return Random(seed)
-    if not isinstance(taylor_batches, int) or taylor_batches < 1:
-        raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
     return CRITERIA[name]()
