@@ -293,7 +293,7 @@ class NoForwardModule(L.LightningModule):
 
 def test_a_module_without_forward_prunes_the_network_it_holds_or_says_how_to_point_at_it(caplog) -> None:
     pruning = ChannelPruning("activation", at_step=1)
-    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.callback"):
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.pruned_network"):
         fit(NoForwardModule(), pruning)
     assert "NoForwardModule defines no forward: pruning the network it holds, body" in caplog.text
     assert [layer.name for layer in pruning.layers] == ["features.0", "features.3"]

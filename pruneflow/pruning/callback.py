@@ -35,34 +35,17 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, PrunableLayer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import Criterion, Explicit, make_criterion
+from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
+from pruneflow.pruning.criteria import Criterion, make_criterion
 from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
 from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
+from pruneflow.pruning.pruned_network import find_network
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 from pruneflow.pruning.telemetry_writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
-
-
-def defines_forward(module: nn.Module) -> bool:
-    return type(module).forward is not L.LightningModule.forward
-
-
-def held_network(pl_module: L.LightningModule) -> nn.Module:
-    """The network a LightningModule without ``forward`` holds: its one direct submodule with weights."""
-    held = [(name, child) for name, child in pl_module.named_children() if next(child.parameters(), None) is not None]
-    if len(held) != 1:
-        raise ConfigError(
-            f"{type(pl_module).__name__} defines no forward, so it cannot be traced; point ChannelPruning at the "
-            f"network it holds with module=<attribute> (its submodules with weights: "
-            f"{', '.join(name for name, _ in held) or 'none'})"
-        )
-    name, network = held[0]
-    log.info("%s defines no forward: pruning the network it holds, %s", type(pl_module).__name__, name)
-    return network
 
 
 class ChannelPruning(Callback):
@@ -135,15 +118,13 @@ class ChannelPruning(Callback):
         self.criterion: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
         timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
                   "end_epoch": end_epoch}  # fmt: skip
-        self.plan = PruningPlan(self.criterion, amount, timing, cut_at_epoch, cut_at_step, self.strategy,
-                                cut_changes_outputs)  # fmt: skip
+        self.plan = PruningPlan(
+            self.criterion, amount, layers, groups, timing, cut_at_epoch=cut_at_epoch, cut_at_step=cut_at_step,
+            strategy=self.strategy, cut_changes_outputs=cut_changes_outputs,
+        )  # fmt: skip
         self.masking = Masking(self.strategy, reset_optimizer_state)
         self.writer = TelemetryWriter(self.strategy, log_every_n_steps, burst_steps)
         self.live_cut = LiveCut()
-        if not isinstance(groups, bool):
-            raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
-        self.layer_patterns = list(layers) if layers is not None else None
-        self.groups = groups
         self.module_attribute = module
         if static_masks is not None:
             warnings.warn(
@@ -197,17 +178,7 @@ class ChannelPruning(Callback):
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
-        if self.module_attribute in (None, ""):
-            return pl_module
-        if self.module_attribute == "auto":
-            candidate = getattr(pl_module, "model", None)
-            if isinstance(candidate, nn.Module):
-                return candidate
-            return pl_module if defines_forward(pl_module) else held_network(pl_module)
-        candidate = getattr(pl_module, self.module_attribute, None)
-        if not isinstance(candidate, nn.Module):
-            raise ConfigError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
-        return candidate
+        return find_network(pl_module, self.module_attribute)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Every stage: `Trainer.validate/test(ckpt_path=...)` loads weights named as the masked network names them.
@@ -219,30 +190,12 @@ class ChannelPruning(Callback):
         self.live_cut.watch_loads(trainer, network, self.state_key, self._remove_masks)
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
-        self.masking.install(self._choose_spaces(network))
+        self.masking.install(self.plan.choose_spaces(network))
         self.writer.attach(self.masking.layers, dict(network.named_modules()))
         self._set_up = True
         self.writer.write_layout(trainer)
         log.info("pruning %d channel spaces (%d layers) with mask=%s: %s", len(self.spaces), len(self.layers),
                  self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip
-
-    def _choose_spaces(self, network: nn.Module) -> list[ChannelSpace]:
-        """The channel spaces to prune, from the network's channel graph, checked by the criterion."""
-        graph = trace_channel_graph(network)
-        patterns = self.layer_patterns
-        if isinstance(self.criterion, Explicit) and patterns is None:
-            patterns = self.criterion.patterns
-        spaces = select_spaces(graph.spaces, patterns, self.groups)
-        if not spaces:
-            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
-            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
-            raise ConfigError(
-                f"{type(network).__name__} has no channel space to prune"
-                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
-                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
-            )
-        self.criterion.check(spaces)
-        return spaces
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.plan.cuts and self.cut is None:  # the epoch's length is known now: a step against an epoch
@@ -350,7 +303,7 @@ class ChannelPruning(Callback):
                 "ChannelPruning.load_state_dict needs the layers chosen in setup; restore a checkpoint through "
                 "Trainer.fit/validate/test(ckpt_path=...), which calls setup first"
             )
-        self._check_compatible(state_dict, "the checkpoint")
+        self.masking.check_compatible(state_dict, "the checkpoint")
         if state_dict.get("cut"):  # written after the cut: the masks stay history
             assert self._network is not None
             self._remove_masks()
@@ -370,20 +323,7 @@ class ChannelPruning(Callback):
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
             raise ConfigError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
-        self._check_compatible(state, origin)
-
-    def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
-        saved = current_strategy_name(state["strategy"], warn=False)  # a checkpoint may hold a former name
-        if saved != self.strategy_name:
-            raise ConfigError(
-                f"{origin} was pruned with mask={saved} but this run has mask={self.strategy_name}; "
-                f"resume with mask={saved} or start a new run"
-            )
-        if self.layer_widths and state["layers"] != self.layer_widths:
-            raise ConfigError(
-                f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
-                f"{self.layer_widths}; it comes from another model"
-            )
+        self.masking.check_compatible(state, origin)
 
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:

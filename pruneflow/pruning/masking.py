@@ -15,7 +15,7 @@ from torch import Tensor
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 from pruneflow.pruning.criteria import Criterion
-from pruneflow.pruning.strategies import MaskStrategy, zero_optimizer_state
+from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, zero_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,20 @@ class Masking:
                        if (mask := self.pruned.get(layer.name)) is not None and bool(mask.any())]  # fmt: skip
 
     # -- checkpointing ----------------------------------------------------------------------------
+    def check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
+        """Refuse, in one line, the state of a run pruned by another strategy or of another model."""
+        saved = current_strategy_name(state["strategy"], warn=False)  # a checkpoint may hold a former name
+        if saved != self.strategy.name:
+            raise ConfigError(
+                f"{origin} was pruned with mask={saved} but this run has mask={self.strategy.name}; "
+                f"resume with mask={saved} or start a new run"
+            )
+        if self.widths and state["layers"] != self.widths:
+            raise ConfigError(
+                f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
+                f"{self.widths}; it comes from another model"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "layers": dict(self.widths),

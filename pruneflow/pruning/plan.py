@@ -1,5 +1,5 @@
-"""The pruning plan: when to prune, how much, by which criterion, and when to cut — every setting checked
-against the others before training.
+"""The pruning plan: which channel spaces to prune, when, how much, by which criterion, and when to cut —
+every setting checked against the others before training.
 
 The schedule says when a pruning event is due; the criterion may need optimizer steps of its own before it
 can select (``Criterion.steps_to_select``: Taylor gathers ``taylor_batches`` gradients first), so the real
@@ -12,14 +12,16 @@ still before the first step.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+from torch import nn
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.criteria import EXPLICIT, Criterion
+from pruneflow.pruning.channels import ChannelSpace, select_spaces, trace_channel_graph
+from pruneflow.pruning.criteria import EXPLICIT, Criterion, Explicit
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
 from pruneflow.pruning.strategies import MaskStrategy
 
@@ -44,7 +46,8 @@ def steps_per_epoch(trainer: L.Trainer) -> int | None:
 
 
 class PruningPlan:
-    """What to prune when: ``due`` gives the target of a pruning event, ``cut_due`` the cut.
+    """What to prune when: ``choose_spaces`` the channel spaces (``layers`` globs, coupled ``groups``), ``due``
+    the target of a pruning event, ``cut_due`` the cut.
 
     ``timing``: ``PruningSchedule``'s arguments but the amount (``kind``, ``at_epoch``, ``at_step``, ...).
     """
@@ -53,7 +56,10 @@ class PruningPlan:
         self,
         criterion: Criterion,
         amount: float,
+        layers: Sequence[str] | None,
+        groups: bool,
         timing: Mapping[str, Any],
+        *,
         cut_at_epoch: int | None,
         cut_at_step: int | None,
         strategy: MaskStrategy,
@@ -61,6 +67,10 @@ class PruningPlan:
     ) -> None:
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
             raise ConfigError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
+        if not isinstance(groups, bool):
+            raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
+        self.layer_patterns = list(layers) if layers is not None else None
+        self.groups = groups
         self.criterion, self.amount = criterion, float(amount)
         # explicit lists carry their own counts: the schedule only says when (a target of 1 = "now").
         self.final = 1.0 if criterion.name == EXPLICIT else self.amount
@@ -97,6 +107,24 @@ class PruningPlan:
         if self.cut_at_step is not None:
             return step >= self.cut_at_step
         return self.cut_at_epoch is not None and epoch >= self.cut_at_epoch
+
+    def choose_spaces(self, network: nn.Module) -> list[ChannelSpace]:
+        """The channel spaces to prune, from the network's channel graph, checked by the criterion."""
+        graph = trace_channel_graph(network)
+        patterns = self.layer_patterns
+        if isinstance(self.criterion, Explicit) and patterns is None:
+            patterns = self.criterion.patterns
+        spaces = select_spaces(graph.spaces, patterns, self.groups)
+        if not spaces:
+            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
+            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
+            raise ConfigError(
+                f"{type(network).__name__} has no channel space to prune"
+                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
+                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
+            )
+        self.criterion.check(spaces)
+        return spaces
 
     # -- the cut against the last pruning step ------------------------------------------------------
     @property
