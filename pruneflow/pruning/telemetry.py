@@ -60,10 +60,11 @@ PRUNED_BUFFER = "pruneflow_pruned"
 # Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
 # The optimizer's share of a layer's pruned rows (sums over the rows; -1: does not apply).
 OPTIMIZER_FIELDS = ("momentum_sq", "exp_avg_sq", "exp_avg_sq_sum", "state_entries", "decay_sq", "update_sq")
-FIELDS = (
+LAYER_FIELDS = (
     "pruned", "producer_sq", "producer_max_abs", "zero_kernels", "stored_sq", "consumer_sq", "grad_sq",
-    "leak_mean", "beta_abs_sum", "gamma_abs_sum", "running_var_sum", "eval_gain_sum", *OPTIMIZER_FIELDS,
+    "leak_mean", "beta_abs_sum", "gamma_abs_sum", "running_var_sum", "eval_gain_sum",
 )  # fmt: skip
+FIELDS = (*LAYER_FIELDS, *OPTIMIZER_FIELDS)  # the order of a raw row, built by name from both
 
 
 # The aggregate tags, in the order the dashboard shows them.
@@ -191,8 +192,9 @@ class DriftTelemetry:
                     fields[field] = value if fields[field] is None else fields[field] + value
             device = layer.conv.weight.device
             self._optimizer_share[layer.name] = torch.stack(
-                [torch.full((), -1.0, device=device) if v is None else v.to(device) for v in fields.values()]
-            )
+                [torch.full((), -1.0, device=device) if fields[f] is None else fields[f].to(device)
+                 for f in OPTIMIZER_FIELDS]
+            )  # fmt: skip
 
     @torch.no_grad()
     def record_gradients(self) -> None:
@@ -253,21 +255,23 @@ class DriftTelemetry:
         optimizer_share = self._optimizer_share.pop(layer.name, None)
         if optimizer_share is None:
             optimizer_share = torch.full((len(OPTIMIZER_FIELDS),), -1.0, device=device)
-        values = [
-            pruned.sum().float(),
-            kernels.pow(2).sum(),
-            kernels.abs().amax() if kernels.numel() else zero,
-            (kernels.abs().amax(1) == 0).sum().float(),
-            stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
-            consumer_sq,
-            self._grad_sq.get(layer.name, zero - 1),
-            zero - 1 if transient_only else self._leak.get(layer.name, zero - 1),
-            norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
-            norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
-            running_var[pruned].float().sum() if running_var is not None else zero - 1,
-            _eval_gain(norm, pruned).sum() if running_var is not None and has_affine else zero - 1,
-        ]
-        return torch.cat([torch.stack([v.to(device) for v in values]), optimizer_share.to(device)])
+        values = {
+            "pruned": pruned.sum().float(),
+            "producer_sq": kernels.pow(2).sum(),
+            "producer_max_abs": kernels.abs().amax() if kernels.numel() else zero,
+            "zero_kernels": (kernels.abs().amax(1) == 0).sum().float(),
+            "stored_sq": stored.detach()[pruned].float().pow(2).sum() if stored is not None else zero - 1,
+            "consumer_sq": consumer_sq,
+            "grad_sq": self._grad_sq.get(layer.name, zero - 1),
+            "leak_mean": zero - 1 if transient_only else self._leak.get(layer.name, zero - 1),
+            "beta_abs_sum": norm.bias.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
+            "gamma_abs_sum": norm.weight.detach()[pruned].abs().float().sum() if has_affine else zero - 1,
+            "running_var_sum": running_var[pruned].float().sum() if running_var is not None else zero - 1,
+            "eval_gain_sum": _eval_gain(norm, pruned).sum() if running_var is not None and has_affine else zero - 1,
+        }
+        assert values.keys() == set(LAYER_FIELDS), sorted(values.keys() ^ set(LAYER_FIELDS))
+        row = torch.stack([values[field].to(device) for field in LAYER_FIELDS])
+        return torch.cat([row, optimizer_share.to(device)])  # stacked in OPTIMIZER_FIELDS order, by name
 
     def measure(self, transient_only: bool = False) -> dict[str, float]:
         """All metrics of all pruned layers and their aggregates, with one device→host transfer.
