@@ -215,7 +215,7 @@ class ChannelPruning(Callback):
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
                  self.criterion.name)  # fmt: skip
 
-    def _cut(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+    def _cut_now(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self.masking.pruned_amount < self.plan.final:  # `plan.check_cut` refuses this before training
             raise ConfigError(
                 f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
@@ -242,7 +242,7 @@ class ChannelPruning(Callback):
         if target is not None:
             self.prune(trainer, target)
         if self.plan.cut_due(trainer.current_epoch, trainer.global_step):
-            self._cut(trainer, pl_module, batch)
+            self._cut_now(trainer, pl_module, batch)
             return
         self.writer.plan_step(trainer.global_step, bool(self.pruned), self.pruning_steps)
 
