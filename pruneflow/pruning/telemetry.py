@@ -6,7 +6,7 @@ Per pruned layer (tags ``<metric>/<layer name>``) and aggregated over layers (ta
   bias) as the forward pass uses them; ``drift/stored_l2`` the stored weight where a
   parametrization separates the two; ``drift/zero_fraction``: share of pruned kernels exactly zero;
 - ``drift/consumer_l2``: how far the consumers' input slices for pruned channels moved since pruning;
-- ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors right after backward,
+- ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors the optimizer step receives,
   before any gradient mask — non-zero whenever anything downstream still sees the channel;
 - ``leak/activation_abs_mean``: mean |activation| of pruned channels at their channel point in
   training forwards (a BatchNorm's β shows up here). Eager networks reduce it on logging steps
@@ -198,7 +198,8 @@ class DriftTelemetry:
 
     @torch.no_grad()
     def record_gradients(self) -> None:
-        """Gradient at the pruned kernels; call after backward, before any gradient mask."""
+        """Gradient at the pruned kernels; call once per optimizer step (accumulation complete), before any
+        gradient mask."""
         for layer in self.layers:
             pruned = self.pruned.get(layer.name)
             if pruned is None:
