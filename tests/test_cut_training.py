@@ -185,6 +185,9 @@ def test_a_checkpoint_written_after_the_cut_resumes_exactly_with_plain_lightning
     resumed, resumed_pruning = make_run("adamw", cut_at_step=CUT_AT)
     fit(resumed, resumed_pruning, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert resumed_pruning.cut == pruning.cut
+    # The burst figures read the measured steps before the cut: a resume after it keeps them.
+    assert resumed_pruning.drift_trace and resumed_pruning.drift_trace == pruning.drift_trace
+    assert resumed_pruning.final_metrics() == pruning.final_metrics()
     final, reference = resumed.state_dict(), whole.state_dict()
     assert final.keys() == reference.keys()
     for key, tensor in final.items():
@@ -217,6 +220,11 @@ def test_an_allowed_cut_that_changes_outputs_reports_the_gap() -> None:
         ({"cut_at_step": 1, "at_step": 5}, "before mask.at_step=5"),
         ({"cut_at_epoch": 2, "schedule": "gradual", "end_epoch": 3}, "before the last pruning epoch 3"),
         ({"cut_at_epoch": 2, "cut_changes_outputs": "yes"}, "true or false"),
+        # Taylor selects taylor_batches optimizer steps after the schedule's pruning step.
+        ({"criterion": "taylor", "at_step": 2, "cut_at_step": 2}, r"before the last pruning step 10 \(mask.at_step=2"),
+        ({"criterion": "taylor", "at_epoch": 1, "cut_at_epoch": 1}, "taylor selects 8 optimizer steps into epoch 1"),
+        ({"criterion": "taylor", "cut_at_step": 5}, r"before the last pruning step 8 \(the first step"),
+        ({"at_step": 2, "cut_at_epoch": 0}, r"mask.cut_at_epoch=0 \(step 0\) comes before mask.at_step=2"),
     ],
 )
 def test_bad_cut_settings_are_one_line_config_errors(settings: dict, message: str) -> None:
@@ -225,10 +233,68 @@ def test_bad_cut_settings_are_one_line_config_errors(settings: dict, message: st
     assert "\n" not in str(error.value)
 
 
-def test_a_cut_due_before_pruning_finished_stops_naming_it() -> None:
-    module, pruning = make_run("sgd", cut_at_epoch=0)  # pruning at step 2 (a step and an epoch: checked when due)
-    with pytest.raises(ConfigError, match="before pruning finished"):
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [  # a step and an epoch: compared once the epoch's length (6 optimizer steps) is known, before the first step
+        ({"at_epoch": 1, "cut_at_step": 3}, r"mask.cut_at_step=3 comes before the last pruning step 6 \(epoch 1"),
+        ({"at_step": 8, "cut_at_epoch": 1}, r"mask.cut_at_epoch=1 \(step 6\) comes before mask.at_step=8"),
+        ({"criterion": "taylor", "taylor_batches": 7, "at_epoch": 1, "cut_at_epoch": 2},
+         r"mask.cut_at_epoch=2 \(step 12\) comes before the last pruning step 13"),
+    ],
+)  # fmt: skip
+def test_a_cut_before_the_real_pruning_step_is_refused_before_training(settings: dict, message: str) -> None:
+    torch.manual_seed(0)
+    network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    module = ClassifierModule(network, OPTIMIZERS["sgd"], num_classes=3)
+    pruning = ChannelPruning(strategy="activation", **settings)
+    with pytest.raises(ConfigError, match=message):
         fit(module, pruning)
+    assert module.trainer.global_step == 0 and not pruning.pruning_steps
+
+
+def test_adafactor_state_is_sliced_along_every_dim_that_follows_its_parameter() -> None:
+    # Adafactor keeps factored second moments: row_var (O, I, kh, 1), col_var (O, I, 1, kw) for a conv,
+    # (O, 1) and (1, I) for a linear layer: not shaped like the parameter, yet following it in O and I.
+    OPTIMIZERS["adafactor"] = functools.partial(torch.optim.Adafactor, lr=1e-2)
+    try:
+        module, pruning = make_run("adafactor", cut_at_step=CUT_AT)
+        fit(module, pruning, epochs=1)
+    finally:
+        del OPTIMIZERS["adafactor"]
+    assert pruning.cut is not None and module.trainer.global_step == STEPS_PER_EPOCH
+    optimizer = module.trainer.optimizers[0]
+    for parameter in module.model.parameters():
+        for value in optimizer.state[parameter].values():
+            if value.ndim:
+                assert all(size in (1, full) for size, full in zip(value.shape, parameter.shape, strict=True))
+
+
+def test_an_optimizer_whose_state_cannot_be_cut_is_refused_by_name_before_training() -> None:
+    torch.manual_seed(0)
+    network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    module = ClassifierModule(network, lambda p: torch.optim.LBFGS(p, lr=0.1), num_classes=3)
+    pruning = ChannelPruning(strategy="activation", at_step=PRUNE_AT, cut_at_step=CUT_AT)
+    with pytest.raises(ConfigError, match="cannot carry LBFGS's state across the cut") as error:
+        fit(module, pruning)
+    assert module.trainer.global_step == 0 and "\n" not in str(error.value)
+
+
+class LoadsATenClassHead(ClassifierModule):
+    """A user's ``setup`` that loads weights of another shape into the network: PyTorch's error, not a resize."""
+
+    def setup(self, stage: str) -> None:
+        other = ConvNet(input_shape=(1, 12, 12), num_classes=10, channels=(8, 12))
+        self.model.load_state_dict(other.state_dict())
+
+
+def test_a_shape_mismatch_that_no_cut_wrote_raises_pytorchs_own_error() -> None:
+    torch.manual_seed(0)
+    network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    module = LoadsATenClassHead(network, OPTIMIZERS["sgd"], num_classes=3)
+    pruning = ChannelPruning(strategy="activation", at_step=PRUNE_AT, cut_at_step=CUT_AT)
+    with pytest.raises(RuntimeError, match=r"size mismatch for classifier\.\d+\.weight"):
+        fit(module, pruning)
+    assert isinstance(network.classifier[-1], nn.Linear) and network.classifier[-1].out_features == 3
 
 
 def test_train_py_cuts_compacts_and_resumes_after_the_cut(tmp_path: Path) -> None:

@@ -83,9 +83,26 @@ def test_l1_l2_and_taylor_each_choose_the_channels_their_own_measure_ranks_lowes
     torch.testing.assert_close(contribution, torch.tensor([-0.03, 4.5, 0.06, -4.5, 0.3, 0.9]))
     taylor = Taylor(batches=1)
     assert not taylor.ready()  # starts gathering
-    taylor.after_backward([layer])
+    taylor.before_optimizer_step([layer])
     assert taylor.ready()
     assert lowest_three(taylor, model) == [0, 2, 4]
+
+
+def test_taylor_sums_every_gathered_batch_before_scoring() -> None:
+    model = TinyNet("relu")
+    layer = find_prunable_layers(model)[0]
+    conv = layer.conv  # 6 channels of 1x3x3 kernels
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    taylor = Taylor(batches=2)
+    assert not taylor.ready()  # starts gathering
+    # Σ w·∂L/∂w per channel: 9·g. The sum ranks channels 3, 4, 5 lowest; the last batch alone 0, 1, 2.
+    for per_channel in ([5.0, 5.0, 5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]):
+        conv.weight.grad = torch.tensor(per_channel).view(6, 1, 1, 1).expand_as(conv.weight).clone()
+        taylor.before_optimizer_step([layer])
+    assert taylor.ready()
+    torch.testing.assert_close(taylor.scores(layer.space), torch.tensor([45.0, 45.0, 45.0, 9.0, 9.0, 9.0]))
+    assert lowest_three(taylor, model) == [3, 4, 5]
 
 
 def test_bn_gamma_and_random_criteria() -> None:
@@ -128,10 +145,33 @@ def test_a_coupled_group_is_masked_identically_at_every_producer() -> None:
     pruning = ChannelPruning("activation", layers=["layer1.0.conv2"], groups=True, at_step=1, log_every_n_steps=1)
     fit(module, pruning)
     assert [layer.name for layer in pruning.layers] == ["conv1", "layer1.0.conv2"]
-    assert torch.equal(pruning.pruned["conv1"], pruning.pruned["layer1.0.conv2"])
-    assert int(pruning.pruned["conv1"].sum()) == 2
+    # Measured from outside the masks: the channels each channel point (bn1, layer1.0.bn2) outputs as zero.
+    outputs: dict[str, torch.Tensor] = {}
+    network = module.model
+    for name in ("bn1", "layer1.0.bn2"):
+        network.get_submodule(name).register_forward_hook(
+            lambda _, __, output, name=name: outputs.__setitem__(name, output.detach())
+        )
+    network.train()
+    with torch.no_grad():
+        network(torch.randn(16, 1, 8, 8))
+    dead = {name: (output.abs().amax((0, 2, 3)) == 0) for name, output in outputs.items()}
+    assert int(dead["bn1"].sum()) == 2
+    assert torch.equal(dead["bn1"], dead["layer1.0.bn2"])
+    assert torch.equal(dead["bn1"], pruning.pruned["conv1"].cpu())
     final = pruning.final_metrics()
     assert final["drift/producer_l2/max"] == 0.0 and final["leak/activation_abs_mean/final"] == 0.0
+
+
+def test_explicit_lists_that_together_empty_a_coupled_group_are_rejected_before_training() -> None:
+    torch.manual_seed(0)
+    module = ClassifierModule(ResNet(input_shape=(1, 8, 8), num_classes=3, depth=8, width=4),
+                              lambda p: torch.optim.SGD(p, lr=0.05), num_classes=3)  # fmt: skip
+    # Each list leaves channels of its own producer, but conv1 and layer1.0.conv2 write one 4-channel space.
+    channels = {"conv1": [0, 1], "layer1.0.conv2": [2, 3]}
+    pruning = ChannelPruning("activation", criterion="explicit", channels=channels, groups=True, at_step=10_000)
+    with pytest.raises(ConfigError, match=r"together remove all 4 channels of the group conv1\+layer1\.0\.conv2"):
+        fit(module, pruning)
 
 
 def test_amount_never_removes_a_whole_layer_and_keeps_earlier_choices() -> None:
@@ -253,9 +293,33 @@ class NoForwardModule(L.LightningModule):
 
 def test_a_module_without_forward_prunes_the_network_it_holds_or_says_how_to_point_at_it(caplog) -> None:
     pruning = ChannelPruning("activation", at_step=1)
-    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.callback"):
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.pruned_network"):
         fit(NoForwardModule(), pruning)
     assert "NoForwardModule defines no forward: pruning the network it holds, body" in caplog.text
     assert [layer.name for layer in pruning.layers] == ["features.0", "features.3"]
     with pytest.raises(ConfigError, match=r"defines no forward.* with module=<attribute> .*: body, teacher\)"):
         fit(NoForwardModule(second=True), ChannelPruning("activation", at_step=1))
+
+
+class TaylorWitness(L.Callback):
+    """features.0's Σ w·∂L/∂w per channel with the optimizer step's whole (accumulated) gradient."""
+
+    def __init__(self) -> None:
+        self.contributions: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        conv = pl_module.model.features[0]
+        self.contributions[trainer.global_step] = (conv.weight.detach() * conv.weight.grad).flatten(1).sum(1)
+
+
+def test_taylor_counts_optimizer_steps_and_reads_each_whole_gradient_once_under_accumulation() -> None:
+    pruning = ChannelPruning("activation", criterion="taylor", taylor_batches=3, at_step=2, log_every_n_steps=1)
+    witness = TaylorWitness()
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[pruning, witness], logger=False, enable_checkpointing=False,
+        accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(tiny_module(), train_dataloaders=toy_loader())
+    assert pruning.pruning_steps == [5]  # gathered over the optimizer steps taken at 2, 3 and 4
+    gathered = sum(witness.contributions[step] for step in (2, 3, 4))
+    torch.testing.assert_close(pruning.criterion.sums["features.0"], gathered)

@@ -26,8 +26,8 @@ from tensorboard.plugins.hparams import metadata
 from test_strategies import STEPS, TinyNet, toy_loader
 
 from pruneflow import ChannelPruning, ClassifierModule
-from pruneflow.pruning.callback import transient_figures
 from pruneflow.pruning.telemetry import AGGREGATE_TAGS
+from pruneflow.pruning.telemetry_writer import transient_figures
 
 PRUNED = [1, 4]  # features.0's pruned channels (explicit)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -176,7 +176,9 @@ def test_adam_moment_shares_match_the_update_rule(decoupled: bool) -> None:
     make = torch.optim.AdamW if decoupled else torch.optim.Adam
     logger, witness = shares_run(lambda p: make(p, lr=1e-2, betas=BETAS, eps=EPS, weight_decay=weight_decay))
     beta1, beta2 = BETAS
-    for step in logger.steps_with("optim/pruned_update_l2/features.0"):
+    measured = logger.steps_with("optim/pruned_update_l2/features.0")
+    assert measured == [5, 6, 7, 11, 16]  # the steps taken at 4, 5, 6 (the burst), then at 10 and 15
+    for step in measured:
         taken = witness.steps[step - 1]
         w, g = taken["w"], taken["g"]
         t = float(taken["step"]) + 1
@@ -260,3 +262,45 @@ def test_train_py_logs_the_burst_and_shares_and_the_dashboard_carries_the_new_ta
     assert {"hparams/burst/steps_to_half_drift", "hparams/optim/pruned_momentum_l2/final",
             "hparams/leak/eval_activation_abs_mean/final"} <= columns  # fmt: skip
     assert "hparams/optim/pruned_update_l2/final" in accumulator.Tags()["scalars"]
+
+
+# -- gradient accumulation: one measurement per optimizer step, with its whole gradient ---------------------
+class GradientWitness(L.Callback):
+    """features.0's gradient as the optimizer receives it: once per optimizer step, accumulation complete."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.grads[trainer.global_step] = pl_module.model.features[0].weight.grad.clone()
+
+
+class CallCountingLogger(RecordingLogger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drift_calls: list[int] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        if "drift/producer_l2" in metrics:
+            self.drift_calls.append(int(step or 0))
+
+
+def test_with_gradient_accumulation_each_optimizer_step_is_measured_once_with_its_whole_gradient() -> None:
+    torch.manual_seed(0)
+    witness, logger = GradientWitness(), CallCountingLogger()
+    pruning = ChannelPruning(
+        strategy="weight", criterion="explicit", channels={"features.0": PRUNED}, at_step=1, burst_steps=0,
+        log_every_n_steps=1,
+    )  # fmt: skip
+    module = ClassifierModule(TinyNet("relu"), lambda p: torch.optim.SGD(p, lr=LR), num_classes=3)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[pruning, witness], logger=logger, enable_checkpointing=False,
+        accumulate_grad_batches=2, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=toy_loader())
+    assert trainer.global_step == STEPS // 2
+    assert logger.drift_calls == list(range(2, STEPS // 2 + 1))  # once per optimizer step, from the one taken at 1
+    for step in logger.drift_calls:
+        logged = logger.logged[step]["grad/pruned_l2/features.0"]
+        assert logged == pytest.approx(l2(witness.grads[step - 1]), rel=1e-5)

@@ -142,10 +142,34 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def is_channels_last(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, Tensor)
+        and weight.ndim == 4
+        and not weight.is_contiguous()
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.Module:
-    """Give the named modules of ``model`` new widths in place (uninitialised): the shape of a compacted model."""
+    """Give the named modules of ``model`` the widths ``sizes`` (``Compaction.sizes``) in place, uninitialised:
+    the shape of a compacted model, whose weights load next. The one routine that adopts cut widths — for an
+    exported model, a checkpoint written after a cut in training, and its restore. A module already at its
+    widths stays (its parameters keep their identity); a rebuilt one keeps its memory format (channels-last)."""
+    rebuilt = []
     for name, widths in sizes.items():
-        replace_module(model, name, resized(name, model.get_submodule(name), widths))
+        module = model.get_submodule(name)
+        arguments, _ = _resizable(name, module)
+        if all(arguments(module).get(key) == value for key, value in widths.items()):
+            continue
+        new = resized(name, module, widths)
+        if is_channels_last(module):
+            new.to(memory_format=torch.channels_last)
+        replace_module(model, name, new)
+        rebuilt.append(name)
+    if rebuilt:
+        log.info("rebuilt at their compacted widths: %s", ", ".join(rebuilt))
     return model
 
 

@@ -26,9 +26,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from pruneflow.compaction.cut import as_mask
+from pruneflow.compaction.cut import apply_sizes, as_mask
 from pruneflow.compaction.pipeline import model_config
-from pruneflow.compaction.while_training import adopt_sizes
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import find_prunable_layers
 from pruneflow.pruning.strategies import current_strategy_name, make_strategy
@@ -97,7 +96,7 @@ def load_trained_run(
     pruned: dict[str, Tensor] = {}
     strategy = make_strategy(strategy_name)
     if state.get("cut"):  # cut while training (mask.cut_at_*): the weights are the smaller network's, unmasked
-        adopt_sizes(network, state["cut_sizes"])
+        apply_sizes(network, state["cut_sizes"])
     # Checkpoints from before `layers` was saved name only the pruned layers.
     for name in [] if state.get("cut") else (state.get("layers") or state["pruned"]):
         if name not in layers:

@@ -2,33 +2,36 @@
 
 ``compact`` (the same cut as ``compact=true``) builds the smaller modules; ``swap_in`` puts them into the
 live network in place of the masked ones and carries every optimizer over: its parameter groups point
-at the new parameters and each kept entry's state — SGD's ``momentum_buffer``, Adam's ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq`` (anything shaped like the parameter) — is cut exactly as the
-parameter was (``cut_tensor``: producer rows, consumer columns, BatchNorm entries); scalars such as
-Adam's ``step`` are kept. Learning-rate schedulers hold the optimizer, not its parameters, so they go
-on; so does gradient clipping, which reads the parameter groups. Only the replaced modules change:
-every other parameter keeps its identity and its state.
+at the new parameters and each kept entry's state is cut as the parameter was (``cut_tensor``: producer
+rows, consumer columns, BatchNorm entries) along every dim that follows the parameter's: SGD's
+``momentum_buffer``, Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (shaped like the parameter),
+Adafactor's factored ``row_var`` / ``col_var`` (the parameter's dims, some reduced to 1, which stay); scalars
+such as Adam's ``step`` are kept. State that follows no dim of its parameter is refused before anything
+changes, and optimizers whose state is not per parameter (``UNCARRIABLE_OPTIMIZERS``) by name before
+training. Learning-rate schedulers hold the optimizer, not its parameters, so they go on; so does gradient
+clipping, which reads the parameter groups. Only the replaced modules change: every other parameter keeps
+its identity and its state.
 
-A checkpoint written after the cut holds the smaller network. ``sizes_in_state_dict`` reads the widths
-back from a state dict's shapes, so a fresh (full-size) network can take that shape before the weights
-load (``apply_sizes``) — the pruning callback does it in a load-state-dict pre-hook, which plain
-``Trainer.fit(ckpt_path=...)`` reaches before it loads the weights.
+A checkpoint written after the cut holds the smaller network; the pruning callback's state records its
+widths (``TrainingCut.sizes``), which ``compaction.cut.apply_sizes`` gives a fresh network before the
+weights load.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from pruneflow.compaction.cost import count_flops, count_parameters
-from pruneflow.compaction.cut import RESIZABLE, Compaction, cut_tensor, replace_module, resized
-from pruneflow.pruning.channels import is_depthwise
+from pruneflow.compaction.cut import Compaction, CompactionError, cut_tensor, is_channels_last, replace_module
 
 log = logging.getLogger(__name__)
+
+Moved = dict[nn.Parameter, tuple[nn.Parameter, Tensor | None, Tensor | None]]
 
 
 @dataclass
@@ -52,14 +55,20 @@ class TrainingCut:
         return figures
 
 
-def _channels_last(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, Tensor)
-        and weight.ndim == 4
-        and not weight.is_contiguous()
-        and weight.is_contiguous(memory_format=torch.channels_last)
-    )
+# Optimizers whose state is not per parameter, so no cut can slice it: refused by name before training.
+UNCARRIABLE_OPTIMIZERS = {
+    "LBFGS": "its curvature history is one flat vector over every parameter",
+}
+
+
+def refuse_uncarriable(optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    for optimizer in optimizers:
+        why = UNCARRIABLE_OPTIMIZERS.get(type(optimizer).__name__)
+        if why is not None:
+            raise CompactionError(
+                f"cannot carry {type(optimizer).__name__}'s state across the cut ({why}); use another optimizer, "
+                "or cut after training with compact=true"
+            )
 
 
 @torch.no_grad()
@@ -74,17 +83,22 @@ def swap_in(
     ``network`` must be the (hook- and parametrization-free) network ``compaction`` was cut from;
     ``example``: one input, to count FLOPs per image before and after.
     """
+    optimizers = list(optimizers)
+    refuse_uncarriable(optimizers)
     params_before = count_parameters(network)
     flops_before = None if example is None else count_flops(network, example)
     old = dict(network.named_parameters())
-    moved: dict[nn.Parameter, tuple[nn.Parameter, Tensor | None, Tensor | None]] = {}
+    moved: Moved = {}
     for name, (out_keep, in_keep) in compaction.kept.items():
+        for tensor_name, parameter in compaction.model.get_submodule(name).named_parameters(recurse=False):
+            moved[old[f"{name}.{tensor_name}"]] = (parameter, out_keep, in_keep)
+    for optimizer in optimizers:  # every state checked before anything changes
+        check_state_follows(optimizer, moved)
+    for name in compaction.kept:
         new = compaction.model.get_submodule(name)
-        if _channels_last(network.get_submodule(name)):
+        if is_channels_last(network.get_submodule(name)):
             new.to(memory_format=torch.channels_last)  # keeps the parameter objects
         replace_module(network, name, new)
-        for tensor_name, parameter in new.named_parameters(recurse=False):
-            moved[old[f"{name}.{tensor_name}"]] = (parameter, out_keep, in_keep)
     for optimizer in optimizers:
         carry_optimizer(optimizer, moved)
     before, after = compaction.channels
@@ -92,11 +106,36 @@ def swap_in(
     return TrainingCut(compaction.sizes, (before, after), (params_before, count_parameters(network)), flops)
 
 
-def carry_optimizer(
-    optimizer: torch.optim.Optimizer, moved: Mapping[nn.Parameter, tuple[nn.Parameter, Tensor | None, Tensor | None]]
-) -> None:
+def follows(state: Tensor, parameter: Tensor) -> bool:
+    """Whether each dim of ``state`` is its parameter's or 1 (a statistic over that dim, e.g. Adafactor's
+    factored second moments ``row_var``, ``col_var``)."""
+    return state.ndim == parameter.ndim and all(s in (1, p) for s, p in zip(state.shape, parameter.shape, strict=True))
+
+
+def cut_state(state: Tensor, parameter: Tensor, out_keep: Tensor | None, in_keep: Tensor | None) -> Tensor:
+    """``state`` cut as its ``parameter`` is, along the dims it shares with it (dims of size 1 stay)."""
+    if state.ndim == 0:
+        return state
+    rows = out_keep if state.shape[0] == parameter.shape[0] else None
+    columns = in_keep if state.ndim >= 2 and state.shape[1] == parameter.shape[1] else None
+    return cut_tensor(state, rows, columns)
+
+
+def check_state_follows(optimizer: torch.optim.Optimizer, moved: Moved) -> None:
+    """Refuse, naming the optimizer and the entry, state that no slicing of its parameter's dims can cut."""
+    for parameter in moved:
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if isinstance(value, Tensor) and value.ndim and not follows(value, parameter):
+                raise CompactionError(
+                    f"cannot carry {type(optimizer).__name__}'s state {key!r} {tuple(value.shape)} across the cut of a "
+                    f"{tuple(parameter.shape)} parameter: its dims do not follow the parameter's; cut after training "
+                    "with compact=true"
+                )
+
+
+def carry_optimizer(optimizer: torch.optim.Optimizer, moved: Moved) -> None:
     """Point ``optimizer`` at the new parameters of ``moved`` (old → (new, rows kept, columns kept)) and cut
-    each one's per-element state as its parameter was cut."""
+    each one's state along the dims that follow its parameter (``check_state_follows`` first)."""
     for group in optimizer.param_groups:
         params = []
         for parameter in group["params"]:
@@ -108,54 +147,8 @@ def carry_optimizer(
             state = optimizer.state.pop(parameter, None)
             if state:
                 optimizer.state[new] = {
-                    key: cut_tensor(value, out_keep, in_keep)
-                    if isinstance(value, Tensor) and value.shape == parameter.shape
-                    else value
+                    key: cut_state(value, parameter, out_keep, in_keep) if isinstance(value, Tensor) else value
                     for key, value in state.items()
                 }
             params.append(new)
         group["params"] = params
-
-
-def _widths(module: nn.Module, tensor: Tensor) -> dict[str, int]:
-    """The constructor widths of ``module`` rebuilt to hold ``tensor`` as its weight (or running mean)."""
-    _, (out_arg, in_arg) = RESIZABLE[type(module)]
-    if in_arg is None:
-        return {out_arg: int(tensor.shape[0])}
-    if is_depthwise(module):
-        return {out_arg: int(tensor.shape[0]), in_arg: int(tensor.shape[0]), "groups": int(tensor.shape[0])}
-    groups = getattr(module, "groups", 1)
-    return {out_arg: int(tensor.shape[0]), in_arg: int(tensor.shape[1]) * groups}
-
-
-def sizes_in_state_dict(
-    network: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = ""
-) -> dict[str, dict[str, int]]:
-    """Widths of ``network``'s resizable modules whose tensors in ``state_dict`` (keys under ``prefix``) have
-    another shape: what ``apply_sizes`` needs to make ``network`` hold a compacted checkpoint."""
-    sizes = {}
-    for name, module in network.named_modules():
-        if type(module) not in RESIZABLE:
-            continue
-        for tensor_name in ("weight", "running_mean"):
-            own = getattr(module, tensor_name, None)
-            theirs = state_dict.get(f"{prefix}{name}.{tensor_name}")
-            if isinstance(own, Tensor) and theirs is not None:
-                if theirs.shape != own.shape:
-                    sizes[name] = _widths(module, theirs)
-                break
-    return sizes
-
-
-def adopt_sizes(network: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> None:
-    """Give ``network``'s modules the widths ``sizes`` where they differ (uninitialised: weights load next)."""
-    for name, widths in sizes.items():
-        module = network.get_submodule(name)
-        arguments = RESIZABLE[type(module)][0](module)
-        if all(arguments[key] == value for key, value in widths.items()):
-            continue
-        new = resized(name, module, widths)
-        if _channels_last(module):
-            new.to(memory_format=torch.channels_last)
-        replace_module(network, name, new)
-    log.info("network rebuilt at its cut widths: %s", dict(sizes))

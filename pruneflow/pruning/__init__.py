@@ -1,5 +1,6 @@
 """Channel pruning: the channel graph (channels), selection (criteria), masking (strategies), timing (schedule),
-measurement (telemetry), and the Lightning Callback that ties them together (callback)."""
+measurement (telemetry), and the Lightning Callback (callback) that wires its hooks to one object per job:
+plan, masking, telemetry_writer, live_cut."""
 
 from pruneflow.pruning.callback import ChannelPruning
 from pruneflow.pruning.channels import (

@@ -3,27 +3,23 @@
 It works on any LightningModule: it prunes the channel spaces of ``pl_module.<module>`` (default: the
 module's ``model`` attribute when it has one, else the LightningModule itself, else — when the
 LightningModule defines no ``forward`` — the one submodule with weights it holds), read from the
-channel graph (``channels.trace_channel_graph``). A space is selected whole: every producer of a
-coupled group or of a depthwise chain gets the same mask. Per training step (hook order in
-Lightning's automatic optimization):
+channel graph (``channels.trace_channel_graph``). The callback only wires Lightning's hooks to objects
+with one job each: the plan (``plan.PruningPlan``: what to prune when, and when to cut), the masking
+lifecycle (``masking.Masking``), the telemetry writer (``telemetry_writer.TelemetryWriter``) and the cut
+(``live_cut.LiveCut``); each carries its own part of the checkpointed state. Per training step (hook
+order in Lightning's automatic optimization):
 
-    on_train_batch_start     prune when the schedule says so; cut the pruned channels out at
-                             ``cut_at_epoch`` / ``cut_at_step``; arm leak probes on measured steps
-    forward / backward
-    on_after_backward        gradient telemetry (before any gradient mask); the criterion's gradients
-    on_before_optimizer_step strategy.before_optimizer_step (gradient masking); on measured steps a
+    on_train_batch_start     prune when the plan says so; cut the pruned channels out at
+                             ``cut_at_epoch`` / ``cut_at_step``; plan the step's telemetry
+    forward / backward       (every micro-batch of an accumulation window)
+    on_before_optimizer_step once per optimizer step, with its whole gradient: gradient telemetry and
+                             the criterion's gradients (before any gradient mask), then
+                             strategy.before_optimizer_step (gradient masking); on measured steps a
                              copy of the pruned rows
     optimizer.step
-    on_train_batch_end       on measured steps the optimizer's share of the step; then
-                             strategy.after_optimizer_step (re-zeroing), optimizer-state reset,
-                             telemetry logged
-
-Measured steps: every ``log_every_n_steps``, and every step of the ``burst_steps`` optimizer steps
-after each pruning event (the transient: under SGD a ``weight``-pruned kernel jumps within a few
-steps, between two regular logging points). Burst steps measure the pruned kernels and the
-optimizer's share only (``DriftTelemetry.measure(transient_only=True)``); consumer drift, leak,
-BatchNorm, histograms and channel-mask images stay on the regular interval. The eval-mode leak is measured on the first
-validation batch of each validation epoch.
+    on_train_batch_end       after an optimizer step only: on measured steps the optimizer's share of
+                             the step; then strategy.after_optimizer_step (re-zeroing), optimizer-state
+                             reset, telemetry logged
 """
 
 from __future__ import annotations
@@ -36,58 +32,20 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from pruneflow.errors import ConfigError, is_count
-from pruneflow.pruning.channels import ChannelSpace, PrunableLayer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import EXPLICIT, Criterion, Explicit, make_criterion
-from pruneflow.pruning.dashboard import log_pruned_layers
-from pruneflow.pruning.sparsity_schedule import PruningSchedule
-from pruneflow.pruning.strategies import (
-    STRATEGIES,
-    MaskStrategy,
-    current_strategy_name,
-    make_strategy,
-    zero_optimizer_state,
-)
-from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout
+from pruneflow.errors import ConfigError
+from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
+from pruneflow.pruning.criteria import Criterion, make_criterion
+from pruneflow.pruning.live_cut import LiveCut
+from pruneflow.pruning.masking import Masking
+from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
+from pruneflow.pruning.pruned_network import find_network
+from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
+from pruneflow.pruning.telemetry import DriftTelemetry
+from pruneflow.pruning.telemetry_writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
-
-
-def defines_forward(module: nn.Module) -> bool:
-    return type(module).forward is not L.LightningModule.forward
-
-
-def held_network(pl_module: L.LightningModule) -> nn.Module:
-    """The network a LightningModule without ``forward`` holds: its one direct submodule with weights."""
-    held = [(name, child) for name, child in pl_module.named_children() if next(child.parameters(), None) is not None]
-    if len(held) != 1:
-        raise ConfigError(
-            f"{type(pl_module).__name__} defines no forward, so it cannot be traced; point ChannelPruning at the "
-            f"network it holds with module=<attribute> (its submodules with weights: "
-            f"{', '.join(name for name, _ in held) or 'none'})"
-        )
-    name, network = held[0]
-    log.info("%s defines no forward: pruning the network it holds, %s", type(pl_module).__name__, name)
-    return network
-
-
-@torch.no_grad()
-def eval_outputs(network: nn.Module, inputs: Tensor) -> Tensor:
-    """``network``'s outputs in eval mode (BatchNorm's running statistics untouched, no dropout draws), every
-    module's training flag restored after. Through ``forward``, not ``__call__``: a network compiled in place
-    would otherwise compile an eval-mode graph (twice, around a cut) for this one look."""
-    flags = [(module, module.training) for module in network.modules()]
-    network.eval()
-    try:
-        return network.forward(inputs).float()
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 class ChannelPruning(Callback):
@@ -111,13 +69,13 @@ class ChannelPruning(Callback):
         log_every_n_steps: telemetry interval in optimizer steps.
         burst_steps: telemetry every step for this many optimizer steps after each pruning event
             (0: no burst).
-        taylor_batches: for ``taylor``: training steps whose |w·∂L/∂w| is summed before selecting.
+        taylor_batches: for ``taylor``: optimizer steps whose |w·∂L/∂w| is summed before selecting.
         seed: for ``random``.
         module: attribute of the LightningModule holding the network (``"auto"``: ``model`` if present,
             else the module itself, else — without a ``forward`` — the one submodule with weights).
         cut_at_epoch, cut_at_step: cut the pruned channels out of the network at the start of this
             epoch (or at this global step), inside the running fit, and train on the smaller network
-            from then on (see ``_cut``); after the last pruning event. None: never.
+            from then on (see ``live_cut``); at or after the last pruning step. None: never.
         cut_changes_outputs: allow the cut for strategies that leave pruned channels alive (all but
             ``activation``), which changes the network's outputs; ``metrics.json`` reports the gap.
         static_masks: deprecated and ignored (a FutureWarning says so): the forward-pass masks are
@@ -155,36 +113,18 @@ class ChannelPruning(Callback):
         cut_at_step: int | None = None,
         cut_changes_outputs: bool = False,
     ) -> None:
-        strategy = current_strategy_name(strategy)
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"unknown mask strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
-            raise ConfigError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
-        if not is_count(log_every_n_steps) or log_every_n_steps < 1:
-            raise ConfigError(f"mask.log_every_n_steps must be a positive integer, got {log_every_n_steps!r}")
-        if not is_count(taylor_batches) or taylor_batches < 1:
-            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
-        if not is_count(seed) or seed < 0:
-            raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
-        if not isinstance(reset_optimizer_state, bool):
-            raise ConfigError(f"mask.reset_optimizer_state must be true or false, got {reset_optimizer_state!r}")
-        if not is_count(burst_steps) or burst_steps < 0:
-            raise ConfigError(f"mask.burst_steps must be a non-negative integer (0: no burst), got {burst_steps!r}")
-        if not isinstance(groups, bool):
-            raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
-        self.strategy_name = strategy
-        self.strategy: MaskStrategy = make_strategy(strategy)
-        self.amount = float(amount)
-        self.criterion = criterion
-        self.importance: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
-        self.layer_patterns = list(layers) if layers is not None else None
-        self.groups = groups
-        # explicit lists carry their own counts: the schedule only says when (a target of 1 = "now").
-        scheduled_amount = 1.0 if criterion == EXPLICIT else self.amount
-        self.schedule = PruningSchedule(scheduled_amount, schedule, at_epoch, at_step, start_epoch, end_epoch)
-        self.reset_optimizer_state = bool(reset_optimizer_state)
-        self.log_every_n_steps = log_every_n_steps
-        self.burst_steps = burst_steps
+        self.strategy_name = current_strategy_name(strategy)
+        self.strategy: MaskStrategy = make_strategy(self.strategy_name)
+        self.criterion: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
+        timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
+                  "end_epoch": end_epoch}  # fmt: skip
+        self.plan = PruningPlan(
+            self.criterion, amount, layers, groups, timing, cut_at_epoch=cut_at_epoch, cut_at_step=cut_at_step,
+            strategy=self.strategy, cut_changes_outputs=cut_changes_outputs,
+        )  # fmt: skip
+        self.masking = Masking(self.strategy, reset_optimizer_state)
+        self.writer = TelemetryWriter(self.strategy, log_every_n_steps, burst_steps)
+        self.live_cut = LiveCut()
         self.module_attribute = module
         if static_masks is not None:
             warnings.warn(
@@ -193,176 +133,104 @@ class ChannelPruning(Callback):
                 FutureWarning,
                 stacklevel=2,
             )
-        self.cut_at_epoch, self.cut_at_step = cut_at_epoch, cut_at_step
-        self.cut_changes_outputs = cut_changes_outputs
-        self._check_cut_settings()
-
-        # The chosen spaces and their producers (modules of the masked network); emptied by a cut, which
-        # replaces those modules, so that the callback holds no full-size copy of them.
-        self.spaces: list[ChannelSpace] = []
-        self.layers: list[PrunableLayer] = []
-        self.layer_widths: dict[str, int] = {}  # each chosen producer's width at setup: checkpoints compare it
         self._set_up = False
-        self.pruned: dict[str, Tensor] = {}
-        self.pruned_amount = 0.0
-        self.pruning_steps: list[int] = []
-        self.telemetry: DriftTelemetry | None = None
-        self.history: dict[str, list[float]] = {}
-        self._measure_now = False
-        self._regular_step = False  # a log_every_n_steps step (histograms), not only a burst step
-        # (step, drift/producer_l2) of every measured step: the transient figures of final_metrics.
-        self.drift_trace: list[tuple[int, float]] = []
-        self._last_logged_step: int | None = None
-        self._rank_fingerprints: list[list[float]] = []
-        self._masked: list[tuple[PrunableLayer, Tensor]] = []
-        self._mask_images_pending = True  # the channel-mask images change only at pruning events
+        self._stepped = False  # an optimizer step was taken in this batch (not so within an accumulation window)
         self._network: nn.Module | None = None
-        self.cut: dict[str, Any] | None = None  # what the cut did (TrainingCut.metrics), once it happened
-        self.cut_sizes: dict[str, dict[str, int]] = {}
 
-    def _check_cut_settings(self) -> None:
-        for name in ("cut_at_epoch", "cut_at_step"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"mask.{name} must be a non-negative integer or null, got {value!r}")
-        if not isinstance(self.cut_changes_outputs, bool):
-            raise ConfigError(f"mask.cut_changes_outputs must be true or false, got {self.cut_changes_outputs!r}")
-        if self.cut_at_epoch is not None and self.cut_at_step is not None:
-            raise ConfigError(
-                f"set mask.cut_at_epoch or mask.cut_at_step, not both (got {self.cut_at_epoch} and {self.cut_at_step})"
-            )
-        if self.cut_at_epoch is None and self.cut_at_step is None:
-            return
-        if self.cut_at_step is None:
-            setting = f"mask.cut_at_epoch={self.cut_at_epoch}"
-        else:
-            setting = f"mask.cut_at_step={self.cut_at_step}"
-        why = self.strategy.why_cut_changes_outputs
-        if why is not None and not self.cut_changes_outputs:
-            raise ConfigError(
-                f"{setting} with mask={self.strategy_name} would change the network's outputs ({why}); use "
-                "mask=activation, or set mask.cut_changes_outputs=true to cut anyway (metrics.json reports the gap)"
-            )
-        schedule = self.schedule
-        last_epoch = schedule.end_epoch if schedule.kind == "gradual" else schedule.at_epoch
-        if self.cut_at_epoch is not None and last_epoch is not None and self.cut_at_epoch < last_epoch:
-            raise ConfigError(f"{setting} comes before the last pruning epoch {last_epoch}: cut at or after it")
-        if self.cut_at_step is not None and schedule.at_step is not None and self.cut_at_step < schedule.at_step:
-            raise ConfigError(f"{setting} comes before mask.at_step={schedule.at_step}: cut at or after it")
+    # -- what it holds, for readers (the compaction pipeline, reports, tests) -----------------------
+    @property
+    def pruned(self) -> dict[str, Tensor]:
+        """Each chosen producer's mask (True = pruned)."""
+        return self.masking.pruned
+
+    @property
+    def pruning_steps(self) -> list[int]:
+        return self.masking.pruning_steps
+
+    @property
+    def spaces(self) -> list[ChannelSpace]:
+        return self.masking.spaces
+
+    @property
+    def layers(self) -> list[PrunableLayer]:
+        return self.masking.layers
+
+    @property
+    def layer_widths(self) -> dict[str, int]:
+        return self.masking.widths
+
+    @property
+    def telemetry(self) -> DriftTelemetry | None:
+        return self.writer.telemetry
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return self.writer.history
+
+    @property
+    def drift_trace(self) -> list[tuple[int, float]]:
+        return self.writer.drift_trace
+
+    @property
+    def cut(self) -> dict[str, Any] | None:
+        """What the cut while training did (its ``cut/*`` metrics), once it happened; else None."""
+        return self.live_cut.report
 
     # -- setup ------------------------------------------------------------------------------------
     def network(self, pl_module: L.LightningModule) -> nn.Module:
-        if self.module_attribute in (None, ""):
-            return pl_module
-        if self.module_attribute == "auto":
-            candidate = getattr(pl_module, "model", None)
-            if isinstance(candidate, nn.Module):
-                return candidate
-            return pl_module if defines_forward(pl_module) else held_network(pl_module)
-        candidate = getattr(pl_module, self.module_attribute, None)
-        if not isinstance(candidate, nn.Module):
-            raise ConfigError(f"mask.module={self.module_attribute!r} is not a submodule of {type(pl_module).__name__}")
-        return candidate
+        return find_network(pl_module, self.module_attribute)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Every stage: `Trainer.validate/test(ckpt_path=...)` loads weights named as the masked network names them.
         if self._set_up:
             return
-        network = self.network(pl_module)
-        self._network = network
-        cuts = self.cut_at_epoch is not None or self.cut_at_step is not None
-        if cuts and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
-            raise ConfigError(
-                f"mask.cut_at_epoch/cut_at_step cannot cut under {type(trainer.strategy).__name__} with "
-                f"{trainer.world_size} processes (it shards or holds the parameters it was given); accepted: one "
-                "device or strategy=ddp, or cut after training with compact=true"
-            )
-        # A checkpoint written after a cut holds the smaller network: take its shape before its weights load.
-        # The private form, which torch had before 2.5's public register_load_state_dict_pre_hook.
-        network._register_load_state_dict_pre_hook(self._take_cut_shape, with_module=True)
-        self.spaces = self._choose_spaces(network)
-        self.layers = [layer for space in self.spaces for layer in space.producers]
-        self.layer_widths = {layer.name: layer.num_channels for layer in self.layers}
-        self._set_up = True
+        network = self._network = self.network(pl_module)
+        if self.plan.cuts:
+            LiveCut.check_strategy(trainer)
+        self.live_cut.watch_loads(trainer, network, self.state_key, self._remove_masks)
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
-        for layer in self.layers:
-            self.strategy.prepare(layer)
-        self.telemetry = DriftTelemetry(self.layers, self.strategy, dict(network.named_modules()))
-        self._write_dashboard_layout(trainer)
+        self.masking.install(self.plan.choose_spaces(network))
+        self.writer.attach(self.masking.layers, dict(network.named_modules()))
+        self._set_up = True
+        self.writer.write_layout(trainer)
         log.info("pruning %d channel spaces (%d layers) with mask=%s: %s", len(self.spaces), len(self.layers),
                  self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip
 
-    def _choose_spaces(self, network: nn.Module) -> list[ChannelSpace]:
-        """The channel spaces to prune, from the network's channel graph, checked by the criterion."""
-        graph = trace_channel_graph(network)
-        patterns = self.layer_patterns
-        if isinstance(self.importance, Explicit) and patterns is None:
-            patterns = self.importance.patterns
-        spaces = select_spaces(graph.spaces, patterns, self.groups)
-        if not spaces:
-            reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
-            coupled = sum(space.coupled and space.prunable for space in graph.spaces)
-            raise ConfigError(
-                f"{type(network).__name__} has no channel space to prune"
-                + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
-                + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
-            )
-        self.importance.check(spaces)
-        return spaces
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.plan.cuts and self.cut is None:  # the epoch's length is known now: a step against an epoch
+            self.plan.check_cut(steps_per_epoch(trainer))
+            LiveCut.check_optimizers(trainer)
 
-    @rank_zero_only
-    def _write_dashboard_layout(self, trainer: L.Trainer) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_custom_scalars(custom_scalars_layout())
-
-    # -- pruning ----------------------------------------------------------------------------------
-    def _new_masks(self, target: float) -> dict[str, Tensor]:
-        """One mask per space, the same for every producer of it."""
-        masks = {}
-        for space in self.spaces:
-            already = self.pruned.get(space.producers[0].name, torch.zeros(space.width, dtype=torch.bool)).cpu()
-            mask = self.importance.select(space, target, already)
-            masks.update((layer.name, mask) for layer in space.producers)
-        return masks
-
+    # -- pruning and the cut ----------------------------------------------------------------------
     def prune(self, trainer: L.Trainer, target: float) -> None:
         """One pruning event: select up to ``target``, apply the strategy, snapshot references, reset state."""
         # Rank 0 decides and every rank applies the same masks (scores could differ in the last bit).
-        masks = trainer.strategy.broadcast(self._new_masks(target), src=0)
-        assert self.telemetry is not None
-        for layer in self.layers:
-            mask = masks[layer.name].to(layer.conv.weight.device)
-            self.pruned[layer.name] = mask
-            if bool(mask.any()):
-                self.strategy.apply(layer, mask)
-        self._refresh_masked()
+        masks = trainer.strategy.broadcast(self.masking.select(self.criterion, target), src=0)
+        self.masking.apply(masks, target, trainer.global_step, trainer.optimizers)
         # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
         # its own kernels zeroed by then, and that is pruning, not drift.
-        for layer, mask in self._masked:
-            self.telemetry.on_pruned(layer, mask)
-        self.pruned_amount = target
-        self.pruning_steps.append(trainer.global_step)
-        if self.reset_optimizer_state:
-            self._zero_optimizer_state(trainer)
+        self.writer.on_masks(self.masking.masked, pruned_now=True)
         counts = {name: int(mask.sum()) for name, mask in self.pruned.items()}
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
-                 self.criterion)  # fmt: skip
+                 self.criterion.name)  # fmt: skip
 
-    def _refresh_masked(self) -> None:
-        self._mask_images_pending = True
-        # Decided once per pruning event on the host, so per-step hooks never ask the device `mask.any()`.
-        self._masked = [
-            (layer, mask)
-            for layer in self.layers
-            if (mask := self.pruned.get(layer.name)) is not None and bool(mask.any())
-        ]
+    def _cut_now(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        if self.masking.pruned_amount < self.plan.final:  # `plan.check_cut` refuses this before training
+            raise ConfigError(
+                f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}, before pruning finished ({self.masking.pruned_amount:.3g} of "
+                f"{self.plan.final:.3g} pruned); cut at or after the last pruning step"
+            )
+        self.live_cut.cut(trainer, pl_module, self.network(pl_module), self.pruned, batch, self._remove_masks)
+        assert self.cut is not None
+        self.writer.to_loggers(trainer, {key: float(value) for key, value in self.cut.items()}, [], False)
 
-    def _zero_optimizer_state(self, trainer: L.Trainer) -> None:
-        for optimizer in trainer.optimizers:
-            for layer, mask in self._masked:
-                zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), mask)
+    def _remove_masks(self) -> None:
+        """The masking machinery and the telemetry, and every reference to the masked modules: a cut network
+        has no pruned channels, and the modules it replaced can be freed."""
+        self.masking.remove()
+        self.writer.detach()
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_batch_start(
@@ -370,211 +238,81 @@ class ChannelPruning(Callback):
     ) -> None:
         if self.cut is not None:
             return  # the pruned channels are gone: nothing left to prune or measure
-        target = self.schedule.target(trainer.current_epoch, trainer.global_step)
-        if target > self.pruned_amount and self.importance.ready():
+        target = self.plan.due(trainer.current_epoch, trainer.global_step, self.masking.pruned_amount)
+        if target is not None:
             self.prune(trainer, target)
-        if self._cut_due(trainer):
-            self._cut(trainer, pl_module, batch)
+        if self.plan.cut_due(trainer.current_epoch, trainer.global_step):
+            self._cut_now(trainer, pl_module, batch)
             return
-        step = trainer.global_step
-        self._regular_step = step % self.log_every_n_steps == 0
-        self._measure_now = bool(self.pruned) and (self._regular_step or self.in_burst(step))
-        assert self.telemetry is not None
-        self.telemetry.arm(self._measure_now and self._regular_step)
-
-    def in_burst(self, step: int) -> bool:
-        """Whether the step taken at ``global_step == step`` is among a pruning event's first ``burst_steps``."""
-        return any(0 <= step - event < self.burst_steps for event in self.pruning_steps)
-
-    # -- the cut ----------------------------------------------------------------------------------
-    def _cut_due(self, trainer: L.Trainer) -> bool:
-        if self.cut_at_step is not None:
-            return trainer.global_step >= self.cut_at_step
-        return self.cut_at_epoch is not None and trainer.current_epoch >= self.cut_at_epoch
-
-    def _cut(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        """Cut the pruned channels out of the live network and carry the optimizers over (see
-        ``pruneflow.compaction.while_training``): training goes on, on the smaller network."""
-        # Imported here: pruneflow.compaction's pipeline imports this module.
-        from pruneflow.compaction.cut import compact
-        from pruneflow.compaction.while_training import swap_in
-
-        final = 1.0 if self.criterion == EXPLICIT else self.amount
-        if self.pruned_amount < final:
-            raise ConfigError(
-                f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}, before pruning finished ({self.pruned_amount:.3g} of {final:.3g} pruned); "
-                "cut at or after the last pruning step"
-            )
-        network = self.network(pl_module)
-        compaction = compact(network, self.pruned)  # on a copy: the live network is untouched if it refuses
-        images = batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) else None
-        if images is not None and getattr(pl_module, "channels_last", False) and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        masked_logits = None if images is None else eval_outputs(network, images)
-        self._drop_machinery()
-        result = swap_in(network, compaction, trainer.optimizers, None if images is None else images[:1])
-        rewrap_distributed(trainer)
-        self.cut_sizes = result.sizes
-        self.cut = result.metrics(trainer.global_step)
-        if masked_logits is not None:
-            # What the cut changed, on this batch: ~1e-6 for an exact cut, the gap where channels were alive.
-            cut_logits = eval_outputs(network, images)
-            self.cut["cut/batch_max_abs_diff"] = float((cut_logits - masked_logits).abs().max())
-            if masked_logits.ndim == 2:
-                agreement = (cut_logits.argmax(1) == masked_logits.argmax(1)).float().mean()
-                self.cut["cut/batch_top1_agreement"] = float(agreement)
-        log.info(
-            "step %d: cut %d of %d channels out of the network (params %d → %d); training goes on without "
-            "them, and the telemetry stops: the pruned channels no longer exist",
-            trainer.global_step, result.channels[0] - result.channels[1], result.channels[0], *result.params,
-        )  # fmt: skip
-        self._log_to_loggers(trainer, {key: float(value) for key, value in self.cut.items()}, histograms=False)
-
-    def _drop_machinery(self) -> None:
-        """Hooks, parametrizations and telemetry of the masked network, and the callback's references to its
-        modules: the cut network has no pruned channels, and the modules it replaced can be freed."""
-        for layer in self.layers:
-            self.strategy.remove(layer)
-        if self.telemetry is not None:
-            self.telemetry.remove()
-        self.telemetry = None
-        self._masked = []
-        self._measure_now = False
-        self.spaces, self.layers = [], []
-
-    def _take_cut_shape(self, module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *_: Any) -> None:
-        """Load-state-dict pre-hook of the network: a checkpoint written after a cut holds smaller tensors;
-        rebuild the modules at those widths (and drop the masks, which fit no more) before they load."""
-        from pruneflow.compaction.while_training import adopt_sizes, sizes_in_state_dict
-
-        sizes = sizes_in_state_dict(module, state_dict, prefix)
-        if sizes:
-            self._drop_machinery()
-            adopt_sizes(module, sizes)
-            self.cut_sizes = sizes
-
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._measure_now and self.telemetry is not None:
-            self.telemetry.record_gradients()
-        self.importance.after_backward(self.layers)
+        self.writer.plan_step(trainer.global_step, bool(self.pruned), self.pruning_steps)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for layer, mask in self._masked:
-            self.strategy.before_optimizer_step(layer, mask)
-        if self._measure_now and self.telemetry is not None:
-            self.telemetry.snapshot_rows()
+        # Once per optimizer step, with its whole gradient: under gradient accumulation `on_after_backward`
+        # runs per micro-batch, on a partial, still accumulating `.grad`.
+        self._stepped = True
+        self.writer.record_gradients()  # before any gradient mask
+        self.criterion.before_optimizer_step(self.layers)
+        self.masking.before_optimizer_step()
+        self.writer.snapshot_rows()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._measure_now and self.telemetry is not None:
-            # Before re-zeroing and state resets: what the optimizer itself did to the pruned rows.
-            self.telemetry.record_optimizer_step(trainer.optimizers)
-        for layer, mask in self._masked:
-            self.strategy.after_optimizer_step(layer, mask)
-        if self.reset_optimizer_state and self._masked:
-            self._zero_optimizer_state(trainer)
-        if self._measure_now:
-            regular = self._regular_step
-            metrics = self.telemetry.measure(transient_only=not regular) if self.telemetry else {}
-            self._log(trainer, metrics, histograms=regular)
-            self._measure_now = False
+        if not self._stepped:
+            return  # a micro-batch of an accumulation window: no optimizer step taken, nothing to measure
+        self._stepped = False
+        self.writer.record_optimizer_step(trainer.optimizers)
+        self.masking.after_optimizer_step(trainer.optimizers)
+        self.writer.write_step(trainer, self.masking.masked)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         # One fixed batch (the unshuffled validation set's first) per validation epoch; not the sanity check.
-        if self.telemetry is not None and self.pruned and batch_idx == 0 and dataloader_idx == 0:
-            self.telemetry.arm_eval(not trainer.sanity_checking)
+        if self.pruned and batch_idx == 0 and dataloader_idx == 0:
+            self.writer.arm_eval(not trainer.sanity_checking)
 
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.telemetry is not None and self.telemetry.eval_leak_armed:
-            self.telemetry.arm_eval(False)
-            self._log(trainer, self.telemetry.measure_eval_leak(), histograms=False)
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.writer.write_eval_leak(trainer, self.masking.masked)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The final state in full (histograms, leak, consumers), unless the last full measurement was of it.
-        if self.pruned and self.telemetry is not None and self._last_logged_step != trainer.global_step:
-            self._log(trainer, self.telemetry.measure())
-        self._rank_fingerprints = self._gather_fingerprints(trainer)
-
-    def _gather_fingerprints(self, trainer: L.Trainer) -> list[list[float]]:
-        """(mask checksum, final producer drift) of every rank: evidence that all ranks pruned alike."""
-        checksum = sum(
-            float((mask.nonzero().flatten().double() + 1).square().sum()) * (index + 1)
-            for index, mask in enumerate(self.pruned.values())
-        )
-        drift = self.history.get("drift/producer_l2", [0.0])[-1]
-        local = torch.tensor([checksum, drift], dtype=torch.float64, device=trainer.strategy.root_device)
-        gathered = trainer.strategy.all_gather(local)
-        return gathered.view(-1, 2).tolist()
-
-    def _log(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool = True) -> None:
-        if not metrics:
-            return
-        for tag, value in metrics.items():
-            self.history.setdefault(tag, []).append(value)
-        if "drift/producer_l2" in metrics:
-            self.drift_trace.append((trainer.global_step, metrics["drift/producer_l2"]))
-            if histograms:  # a full measurement; a burst step measures the kernels and optimizer shares only
-                self._last_logged_step = trainer.global_step
-        self._log_to_loggers(trainer, metrics, histograms)
-
-    @rank_zero_only
-    def _log_to_loggers(self, trainer: L.Trainer, metrics: dict[str, float], histograms: bool) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if histograms and isinstance(logger, TensorBoardLogger):
-                log_pruned_layers(logger.experiment, self._masked, self.strategy, trainer.global_step,
-                                  mask_images=self._mask_images_pending)  # fmt: skip
-        if histograms:
-            self._mask_images_pending = False
+        self.writer.write_final(trainer, self.masking.masked, self.pruned)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """All a resumed run needs to continue exactly: plain tensors, numbers and strings only, so the
-        checkpoint loads with ``torch.load(weights_only=True)``."""
-        references = self.telemetry.consumer_reference if self.telemetry else {}
+        """All a resumed run needs to continue exactly, each part from its owner: plain tensors, numbers and
+        strings only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
         return {
             "strategy": self.strategy_name,
-            "criterion": self.criterion,
-            "amount": self.amount,
-            "reset_optimizer_state": self.reset_optimizer_state,
-            "layers": dict(self.layer_widths),
-            "pruned": {name: mask.cpu() for name, mask in self.pruned.items()},
-            "pruned_amount": self.pruned_amount,
-            "pruning_steps": list(self.pruning_steps),
-            "consumer_reference": {
-                f"{producer}>{consumer}": ref.cpu() for (producer, consumer), ref in references.items()
-            },
-            "history": {tag: list(values) for tag, values in self.history.items()},
-            "drift_trace": [[float(step), value] for step, value in self.drift_trace],
-            "last_logged_step": -1 if self._last_logged_step is None else self._last_logged_step,
-            **self.importance.state_dict(),
-            "cut": dict(self.cut) if self.cut is not None else {},
-            "cut_sizes": {name: dict(widths) for name, widths in self.cut_sizes.items()} if self.cut else {},
+            "criterion": self.criterion.name,
+            "amount": self.plan.amount,
+            "reset_optimizer_state": self.masking.reset_optimizer_state,
+            **self.masking.state_dict(),
+            **self.writer.state_dict(),
+            **self.criterion.state_dict(),
+            **self.live_cut.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Apply a checkpoint's mask state. Lightning calls this after ``setup`` (machinery installed,
-        layers chosen) and after loading the weights, whether fitting, validating or testing."""
+        """Apply a checkpoint's state. Lightning calls this after ``setup`` (machinery installed, layers
+        chosen) and after loading the weights, whether fitting, validating or testing."""
         if not self._set_up:
             raise RuntimeError(
                 "ChannelPruning.load_state_dict needs the layers chosen in setup; restore a checkpoint through "
                 "Trainer.fit/validate/test(ckpt_path=...), which calls setup first"
             )
-        self._restore(state_dict)
+        self.masking.check_compatible(state_dict, "the checkpoint")
+        if state_dict.get("cut"):  # written after the cut: the masks stay history
+            assert self._network is not None
+            self._remove_masks()
+            self.live_cut.load_state_dict(state_dict, self._network)
+        self.masking.load_state_dict(state_dict)
+        if self.telemetry is not None:
+            self.writer.on_masks(self.masking.masked, pruned_now=False)
+        self.writer.load_state_dict(state_dict, self.layers)
+        self.criterion.load_state_dict(state_dict)
 
     def check_checkpoint(self, checkpoint: Mapping[str, Any], origin: str) -> None:
         """Refuse in one line, before any weight loads, a checkpoint not pruned or pruned by another strategy.
@@ -585,123 +323,20 @@ class ChannelPruning(Callback):
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
             raise ConfigError(f"checkpoint {origin} holds no {self.state_key} state: it was not a pruning run")
-        self._check_compatible(state, origin)
-
-    def _check_compatible(self, state: Mapping[str, Any], origin: str) -> None:
-        saved = current_strategy_name(state["strategy"], warn=False)  # a checkpoint may hold a former name
-        if saved != self.strategy_name:
-            raise ConfigError(
-                f"{origin} was pruned with mask={saved} but this run has mask={self.strategy_name}; "
-                f"resume with mask={saved} or start a new run"
-            )
-        if self.layer_widths and state["layers"] != self.layer_widths:
-            raise ConfigError(
-                f"{origin} pruned layers {state['layers']} but this run's model and mask.layers give "
-                f"{self.layer_widths}; it comes from another model"
-            )
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._check_compatible(state, "the checkpoint")
-        if state.get("cut"):
-            self._restore_cut(state)
-            return
-        if self.cut_sizes:
-            raise ConfigError(
-                f"the checkpoint's weights have other widths than the network ({sorted(self.cut_sizes)[:3]}) but "
-                "it records no cut: it comes from another model"
-            )
-        assert self.telemetry is not None
-        by_name = {layer.name: layer for layer in self.layers}
-        for name, mask in state["pruned"].items():
-            layer = by_name[name]
-            mask = mask.to(layer.conv.weight.device)
-            self.pruned[name] = mask
-            if bool(mask.any()):
-                self.telemetry.set_mask(layer, mask)
-                self.strategy.install(layer, mask)
-        for key, reference in state["consumer_reference"].items():
-            producer, consumer = key.split(">")
-            device = by_name[producer].conv.weight.device
-            self.telemetry.consumer_reference[(producer, consumer)] = reference.to(device)
-        self.pruned_amount = float(state["pruned_amount"])
-        self.pruning_steps = list(state["pruning_steps"])
-        self.history = {tag: list(values) for tag, values in state["history"].items()}
-        self.drift_trace = [(int(step), float(value)) for step, value in state.get("drift_trace", [])]
-        self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
-        self.importance.load_state_dict(state)
-        self._refresh_masked()
-
-    def _restore_cut(self, state: dict[str, Any]) -> None:
-        """A checkpoint written after the cut: the network has the cut widths (the weights' pre-hook took them;
-        ``adopt_sizes`` only checks here) and the masks stay history."""
-        from pruneflow.compaction.while_training import adopt_sizes
-
-        assert self._network is not None
-        self._drop_machinery()
-        adopt_sizes(self._network, state["cut_sizes"])
-        self.cut_sizes = {name: dict(widths) for name, widths in state["cut_sizes"].items()}
-        self.cut = dict(state["cut"])
-        self.pruned = {name: mask.clone() for name, mask in state["pruned"].items()}
-        self.pruned_amount = float(state["pruned_amount"])
-        self.pruning_steps = list(state["pruning_steps"])
-        self.history = {tag: list(values) for tag, values in state["history"].items()}
-        self._last_logged_step = None if state["last_logged_step"] < 0 else int(state["last_logged_step"])
+        self.masking.check_compatible(state, origin)
 
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:
         """Final and max-since-pruning of every telemetry tag, with what was pruned, when and how."""
         report: dict[str, Any] = {
             "mask/strategy": self.strategy_name,
-            "mask/criterion": self.criterion,
-            "mask/amount": self.amount,
-            "mask/reset_optimizer_state": self.reset_optimizer_state,
+            "mask/criterion": self.criterion.name,
+            "mask/amount": self.plan.amount,
+            "mask/reset_optimizer_state": self.masking.reset_optimizer_state,
             "mask/pruning_steps": list(self.pruning_steps),
             "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
-            "mask/rank_fingerprints": self._rank_fingerprints,
+            "mask/rank_fingerprints": self.writer.rank_fingerprints,
         }
-        if self.cut is not None:
-            report.update(self.cut)
-        for tag, values in self.history.items():
-            report[f"{tag}/final"] = values[-1]
-            report[f"{tag}/max"] = max(values)
-        report.update(transient_figures(self.drift_trace, self.pruning_steps, self.burst_steps))
+        report.update(self.cut or {})
+        report.update(self.writer.report(self.pruning_steps))
         return report
-
-
-def transient_figures(trace: Sequence[tuple[int, float]], events: Sequence[int], burst_steps: int) -> dict[str, Any]:
-    """The transient after pruning, from ``(step, drift/producer_l2)`` of the measured steps.
-
-    ``burst/steps_to_half_drift``: optimizer steps from the first pruning event until the producer
-    drift first reaches half its final value (left out when the final drift is 0: nothing moved);
-    ``burst/drift_after_burst``: the drift measured ``burst_steps`` steps after the first event, and
-    ``burst/drift_after_burst_per_event`` the same after each event (None where not measured).
-    A measurement logged at step s describes the weights after the optimizer step taken at s − 1.
-    """
-    if not trace or not events:
-        return {}
-    figures: dict[str, Any] = {"burst/steps": burst_steps}
-    final = trace[-1][1]
-    first = events[0]
-    if final > 0:
-        reached = next((step for step, drift in trace if step > first and drift >= final / 2), None)
-        if reached is not None:
-            figures["burst/steps_to_half_drift"] = reached - first
-    if burst_steps > 0:
-        by_step = dict(trace)
-        after = [by_step.get(event + burst_steps) for event in events]
-        figures["burst/drift_after_burst_per_event"] = after
-        if after[0] is not None:
-            figures["burst/drift_after_burst"] = after[0]
-    return figures
-
-
-def rewrap_distributed(trainer: L.Trainer) -> None:
-    """DDP reduces the gradients of the parameters it was built over: after a cut, wrap the network anew,
-    as the strategy first did (its DDP arguments and communication hooks), so the cut parameters are the
-    ones reduced. Every rank cuts the same channels at the same step (the masks are rank 0's), and the new
-    wrapper's construction broadcasts rank 0's weights, which are already equal on every rank."""
-    strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, nn.parallel.DistributedDataParallel):
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()
-        log.info("the cut network is wrapped anew in DistributedDataParallel on rank %d", trainer.global_rank)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, is_count
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 
 
@@ -69,12 +69,18 @@ class Criterion:
         )
         return positions.repeat(blocks)
 
+    @property
+    def steps_to_select(self) -> int:
+        """Optimizer steps it gathers evidence over, once a pruning event is due, before it can select."""
+        return 0
+
     def ready(self) -> bool:
         """Whether it can select now; one that gathers evidence over training steps starts doing so."""
         return True
 
-    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
-        """Called after every backward pass with the gradients in ``.grad``."""
+    def before_optimizer_step(self, layers: Sequence[PrunableLayer]) -> None:
+        """Called once per optimizer step, before it, with the step's whole gradient in ``.grad`` (every
+        micro-batch of an accumulation window backpropagated, no gradient mask applied yet)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -138,16 +144,18 @@ class BnGamma(Criterion):
 
 class Taylor(Criterion):
     """First-order Taylor estimate of the loss change from removing a channel: |Σ w·∂L/∂w| over the
-    kernels of every producer, summed over ``batches`` training steps gathered just before selecting."""
+    kernels of every producer, summed over ``batches`` optimizer steps gathered just before selecting."""
 
     name = "taylor"
 
     def __init__(self, batches: int = 8) -> None:
-        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
-            raise ConfigError(f"mask.taylor_batches must be a positive integer, got {batches!r}")
-        self.batches = batches
+        self.batches = batches  # checked by make_criterion
         self.pending: int | None = None  # gathered steps while gathering, else None
         self.sums: dict[str, Tensor] = {}
+
+    @property
+    def steps_to_select(self) -> int:
+        return self.batches
 
     def ready(self) -> bool:
         if self.pending is None:
@@ -158,7 +166,7 @@ class Taylor(Criterion):
         self.pending = None
         return True
 
-    def after_backward(self, layers: Sequence[PrunableLayer]) -> None:
+    def before_optimizer_step(self, layers: Sequence[PrunableLayer]) -> None:
         if self.pending is None:
             return
         for layer in layers:
@@ -187,7 +195,7 @@ class Taylor(Criterion):
 
 
 def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
-    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call after backward."""
+    """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call before the optimizer step."""
     weight = layer.conv.weight
     grad = weight.grad if weight.grad is not None else _parametrized_grad(layer)
     if grad is None:
@@ -239,6 +247,13 @@ class Explicit(Criterion):
                     f"{width // blocks} channels (a grouped conv writes or reads them), e.g. "
                     f"{[g * (width // blocks) for g in range(blocks)]}"
                 )
+        for space in spaces:  # a group loses the union of its producers' lists
+            union = {index for layer in space.producers for index in self.channels.get(layer.name, [])}
+            if space.grouped and len(union) >= space.width:
+                raise ConfigError(
+                    f"mask.channels for {', '.join(space.names)} together remove all {space.width} channels of the "
+                    f"group {'+'.join(space.names)}, which share them; keep at least one"
+                )
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         mask = already.clone()
@@ -257,9 +272,13 @@ CRITERION_NAMES = tuple(CRITERIA)
 def make_criterion(
     name: str, channels: Mapping[str, Sequence[int]] | None = None, taylor_batches: int = 8, seed: int = 0
 ) -> Criterion:
-    """The criterion called ``name`` with the settings it uses; the others must be left unset."""
+    """The criterion called ``name`` with the settings it uses; ``channels`` must be left unset for the others."""
     if name not in CRITERIA:
         raise ConfigError(f"unknown mask.criterion {name!r}; choose one of: {', '.join(CRITERION_NAMES)}")
+    if not is_count(taylor_batches) or taylor_batches < 1:
+        raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
+    if not is_count(seed) or seed < 0:
+        raise ConfigError(f"mask.seed must be a non-negative integer, got {seed!r}")
     if channels and name != EXPLICIT:
         raise ConfigError(f"mask.channels is only used with mask.criterion=explicit, not {name!r}")
     if name == EXPLICIT:
@@ -268,6 +287,4 @@ def make_criterion(
         return Taylor(taylor_batches)
     if name == Random.name:
         return Random(seed)
-    if not isinstance(taylor_batches, int) or taylor_batches < 1:
-        raise ConfigError(f"mask.taylor_batches must be a positive integer, got {taylor_batches!r}")
     return CRITERIA[name]()

@@ -6,7 +6,7 @@ Per pruned layer (tags ``<metric>/<layer name>``) and aggregated over layers (ta
   bias) as the forward pass uses them; ``drift/stored_l2`` the stored weight where a
   parametrization separates the two; ``drift/zero_fraction``: share of pruned kernels exactly zero;
 - ``drift/consumer_l2``: how far the consumers' input slices for pruned channels moved since pruning;
-- ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors right after backward,
+- ``grad/pruned_l2``: the gradient at the pruned kernels' trainable tensors the optimizer step receives,
   before any gradient mask — non-zero whenever anything downstream still sees the channel;
 - ``leak/activation_abs_mean``: mean |activation| of pruned channels at their channel point in
   training forwards (a BatchNorm's β shows up here). Eager networks reduce it on logging steps
@@ -60,10 +60,11 @@ PRUNED_BUFFER = "pruneflow_pruned"
 # Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
 # The optimizer's share of a layer's pruned rows (sums over the rows; -1: does not apply).
 OPTIMIZER_FIELDS = ("momentum_sq", "exp_avg_sq", "exp_avg_sq_sum", "state_entries", "decay_sq", "update_sq")
-FIELDS = (
+LAYER_FIELDS = (
     "pruned", "producer_sq", "producer_max_abs", "zero_kernels", "stored_sq", "consumer_sq", "grad_sq",
-    "leak_mean", "beta_abs_sum", "gamma_abs_sum", "running_var_sum", "eval_gain_sum", *OPTIMIZER_FIELDS,
+    "leak_mean", "beta_abs_sum", "gamma_abs_sum", "running_var_sum", "eval_gain_sum",
 )  # fmt: skip
+FIELDS = (*LAYER_FIELDS, *OPTIMIZER_FIELDS)  # the order of a raw row, built by name from both
 
 
 # The aggregate tags, in the order the dashboard shows them.
@@ -216,12 +217,14 @@ class DriftTelemetry:
                     fields[field] = value if fields[field] is None else fields[field] + value
             device = layer.conv.weight.device
             self._optimizer_share[layer.name] = torch.stack(
-                [torch.full((), -1.0, device=device) if v is None else v.to(device) for v in fields.values()]
-            )
+                [torch.full((), -1.0, device=device) if fields[f] is None else fields[f].to(device)
+                 for f in OPTIMIZER_FIELDS]
+            )  # fmt: skip
 
     @torch.no_grad()
     def record_gradients(self) -> None:
-        """Gradient at the pruned kernels; call after backward, before any gradient mask."""
+        """Gradient at the pruned kernels; call once per optimizer step (accumulation complete), before any
+        gradient mask."""
         for layer in self.layers:
             pruned = self.pruned.get(layer.name)
             if pruned is None:
@@ -288,21 +291,28 @@ class DriftTelemetry:
         optimizer_share = self._optimizer_share.pop(layer.name, None)
         if optimizer_share is None:
             optimizer_share = torch.full((len(OPTIMIZER_FIELDS),), -1.0, device=device)
-        values = [
-            pruned.sum().float(),
-            kernels.pow(2).sum(),
-            kernels.abs().amax() if kernels.numel() else zero,
-            (kernels.abs().amax(1) == 0).sum().float(),
-            stored.detach().index_select(0, index).float().pow(2).sum() if stored is not None else zero - 1,
-            consumer_sq,
-            self._grad_sq.get(layer.name, zero - 1),
-            zero - 1 if transient_only else self._layer_leak(self._leak, layer, device),
-            norm.bias.detach().index_select(0, index).abs().float().sum() if has_affine else zero - 1,
-            norm.weight.detach().index_select(0, index).abs().float().sum() if has_affine else zero - 1,
-            running_var.index_select(0, index).float().sum() if running_var is not None else zero - 1,
-            _eval_gain(norm, index).sum() if running_var is not None and has_affine else zero - 1,
-        ]
-        return torch.cat([torch.stack([v.to(device) for v in values]), optimizer_share.to(device)])
+        missing = zero - 1
+
+        def pruned_rows(tensor: Tensor) -> Tensor:  # index_select, not [pruned]: no read back to the host
+            return tensor.detach().index_select(0, index).float()
+
+        values = {
+            "pruned": pruned.sum().float(),
+            "producer_sq": kernels.pow(2).sum(),
+            "producer_max_abs": kernels.abs().amax() if kernels.numel() else zero,
+            "zero_kernels": (kernels.abs().amax(1) == 0).sum().float(),
+            "stored_sq": pruned_rows(stored).pow(2).sum() if stored is not None else missing,
+            "consumer_sq": consumer_sq,
+            "grad_sq": self._grad_sq.get(layer.name, missing),
+            "leak_mean": missing if transient_only else self._layer_leak(self._leak, layer, device),
+            "beta_abs_sum": pruned_rows(norm.bias).abs().sum() if has_affine else missing,
+            "gamma_abs_sum": pruned_rows(norm.weight).abs().sum() if has_affine else missing,
+            "running_var_sum": pruned_rows(running_var).sum() if running_var is not None else missing,
+            "eval_gain_sum": _eval_gain(norm, index).sum() if running_var is not None and has_affine else missing,
+        }
+        assert values.keys() == set(LAYER_FIELDS), sorted(values.keys() ^ set(LAYER_FIELDS))
+        row = torch.stack([values[field].to(device) for field in LAYER_FIELDS])
+        return torch.cat([row, optimizer_share.to(device)])  # stacked in OPTIMIZER_FIELDS order, by name
 
     def measure(self, transient_only: bool = False) -> dict[str, float]:
         """All metrics of all pruned layers and their aggregates, with one device→host transfer.
