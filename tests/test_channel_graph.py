@@ -372,7 +372,7 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
             leak = received[consumer.name][:, inputs]
             assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
         for layer in space.producers:
-            assert layer.conv.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
+            assert layer.producer.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
     with torch.no_grad():
         assert (compaction.model(images) - masked).abs().max() <= 1e-4
     return graph

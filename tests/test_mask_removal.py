@@ -40,7 +40,7 @@ def test_remove_leaves_a_plain_network_with_the_effective_weights(strategy: str)
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=loader)
     assert hooks(network) > 0  # the telemetry's (and the activation mask's) hooks are in place
-    effective = {layer.name: layer.conv.weight.detach().clone() for layer in pruning.layers}
+    effective = {layer.name: layer.producer.weight.detach().clone() for layer in pruning.layers}
 
     for layer in pruning.layers:
         pruning.strategy.remove(layer)
@@ -51,9 +51,9 @@ def test_remove_leaves_a_plain_network_with_the_effective_weights(strategy: str)
     assert set(network.state_dict()) == plain_keys
     assert not any(name.startswith("pruneflow_") for m in network.modules() for name, _ in m.named_buffers())
     for layer in pruning.layers:
-        assert type(layer.conv.weight) is nn.Parameter
-        assert torch.equal(layer.conv.weight, effective[layer.name])
+        assert type(layer.producer.weight) is nn.Parameter
+        assert torch.equal(layer.producer.weight, effective[layer.name])
         if strategy == "parametrize":
-            assert layer.conv.weight[pruning.pruned[layer.name]].abs().max() == 0
+            assert layer.producer.weight[pruning.pruned[layer.name]].abs().max() == 0
     network.eval()
     network(images)  # still runs as a plain network

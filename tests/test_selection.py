@@ -91,7 +91,7 @@ def test_l1_l2_and_taylor_each_choose_the_channels_their_own_measure_ranks_lowes
 def test_taylor_sums_every_gathered_batch_before_scoring() -> None:
     model = TinyNet("relu")
     layer = find_prunable_layers(model)[0]
-    conv = layer.conv  # 6 channels of 1x3x3 kernels
+    conv = layer.producer  # 6 channels of 1x3x3 kernels
     with torch.no_grad():
         conv.weight.fill_(1.0)
     taylor = Taylor(batches=2)

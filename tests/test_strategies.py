@@ -111,7 +111,7 @@ def test_activation_mask_with_state_reset_keeps_kernels_exactly_zero(optimizer: 
     assert metrics["leak/activation_abs_mean/max"] == 0.0
     assert result.received() == 0.0  # what the next conv and the linear layer actually read
     for layer in pruning.layers:
-        assert torch.all(layer.conv.weight[pruning.pruned[layer.name]] == 0)
+        assert torch.all(layer.producer.weight[pruning.pruned[layer.name]] == 0)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -121,7 +121,7 @@ def test_state_reset_zeroes_the_pruned_rows_of_every_optimizer_state_tensor(opti
     expected = {"sgd": {"momentum_buffer"}, "adam": {"exp_avg", "exp_avg_sq"}, "adamw": {"exp_avg", "exp_avg_sq"}}
     for layer in result.pruning.layers:
         pruned = result.pruning.pruned[layer.name]
-        state = torch_optimizer.state[layer.conv.weight]
+        state = torch_optimizer.state[layer.producer.weight]
         rows = {key: value for key, value in state.items() if torch.is_tensor(value) and value.ndim == 4}
         assert set(rows) == expected[optimizer], layer.name
         for key, value in rows.items():
@@ -143,7 +143,7 @@ def test_consumer_probe_catches_a_mask_applied_before_the_batchnorm(monkeypatch:
     # Broken on purpose: the channel point moved to the conv's output, before the BatchNorm adds β. The
     # telemetry reads the tensor the mask has just zeroed and still reports no leak and no gradient;
     # only what the consumers receive (SiLU(β) ≠ 0) shows the channel is alive.
-    monkeypatch.setattr(PrunableLayer, "channel_point", property(lambda layer: layer.conv))
+    monkeypatch.setattr(PrunableLayer, "channel_point", property(lambda layer: layer.producer))
     result = run("activation", "sgd", "silu")
     assert final(result.pruning, "leak/activation_abs_mean") == 0.0
     assert final(result.pruning, "grad/pruned_l2") == 0.0
@@ -331,7 +331,7 @@ def test_plain_validate_with_a_parametrize_checkpoint_evaluates_the_masked_netwo
     assert result == expected
     assert restored.pruned.keys() == pruning.pruned.keys()
     for layer in restored.layers:
-        assert bool((layer.conv.weight[restored.pruned[layer.name]] == 0).all())  # the effective weight
+        assert bool((layer.producer.weight[restored.pruned[layer.name]] == 0).all())  # the effective weight
 
 
 def fit_steps(pruning: ChannelPruning, model: nn.Module, steps: int = 2) -> None:

@@ -127,11 +127,11 @@ class ChannelPoint:
 class PrunableLayer:
     """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
 
-    ``conv`` is the producer module whatever its type (the name predates linear producers).
+    ``producer``: the module that writes the channels, a conv or a linear layer.
     """
 
     name: str
-    conv: nn.Module
+    producer: nn.Module
     norm_name: str | None = None
     norm: nn.Module | None = None
     space: ChannelSpace | None = field(default=None, repr=False)
@@ -143,23 +143,23 @@ class PrunableLayer:
     @property
     def channel_point(self) -> nn.Module:
         """Where the channel is complete: the BatchNorm after the producer, else the producer itself."""
-        return self.norm if self.norm is not None else self.conv
+        return self.norm if self.norm is not None else self.producer
 
     @property
     def num_channels(self) -> int:
-        return int(self.conv.weight.shape[0])
+        return int(self.producer.weight.shape[0])
 
     @property
     def channel_shape(self) -> tuple[int, ...]:
         """The shape a per-channel vector takes to broadcast over the channel point's output: (1, C, 1, 1)
         after a Conv2d, (1, C, 1) after a Conv1d, (C,) after a linear layer (its features are the last dim)."""
-        if isinstance(self.conv, nn.Linear):
+        if isinstance(self.producer, nn.Linear):
             return (self.num_channels,)
-        return (1, self.num_channels, *([1] * (self.conv.weight.ndim - 2)))
+        return (1, self.num_channels, *([1] * (self.producer.weight.ndim - 2)))
 
     @property
     def depthwise(self) -> bool:
-        return is_depthwise(self.conv)
+        return is_depthwise(self.producer)
 
     @property
     def consumers(self) -> list[Consumer]:

@@ -44,7 +44,7 @@ def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tenso
 
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
-    return layer.conv.weight.detach().flatten(1).float()
+    return layer.producer.weight.detach().flatten(1).float()
 
 
 class Criterion:
@@ -196,7 +196,7 @@ class Taylor(Criterion):
 
 def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
     """Σ w·∂L/∂w per output channel for the gradient now in ``.grad``; call before the optimizer step."""
-    weight = layer.conv.weight
+    weight = layer.producer.weight
     grad = weight.grad if weight.grad is not None else _parametrized_grad(layer)
     if grad is None:
         return None
@@ -204,7 +204,7 @@ def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
 
 
 def _parametrized_grad(layer: PrunableLayer) -> Tensor | None:
-    parametrizations = getattr(layer.conv, "parametrizations", None)
+    parametrizations = getattr(layer.producer, "parametrizations", None)
     if parametrizations is None or "weight" not in parametrizations:
         return None
     return parametrizations["weight"].original.grad

@@ -75,7 +75,7 @@ def log_pruned_layers(
 ) -> None:
     """Histograms of each masked layer's pruned kernels, and (``mask_images``) an image of its channel mask."""
     for layer, pruned in masked:
-        add_histogram(writer, f"pruned_kernels/{layer.name}", layer.conv.weight[pruned], step)
+        add_histogram(writer, f"pruned_kernels/{layer.name}", layer.producer.weight[pruned], step)
         stored = strategy.stored_weight(layer)
         if stored is not None:
             add_histogram(writer, f"pruned_kernels_stored/{layer.name}", stored[pruned], step)

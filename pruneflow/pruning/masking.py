@@ -62,7 +62,7 @@ class Masking:
     def apply(self, masks: Mapping[str, Tensor], target: float, step: int, optimizers: Iterable[Any]) -> None:
         """A pruning event: the strategy applies ``masks`` (zeroing kernels where it does)."""
         for layer in self.layers:
-            mask = masks[layer.name].to(layer.conv.weight.device)
+            mask = masks[layer.name].to(layer.producer.weight.device)
             self.pruned[layer.name] = mask
             if bool(mask.any()):
                 self.strategy.apply(layer, mask)
@@ -127,7 +127,7 @@ class Masking:
         self.pruned = {}
         for name, mask in state["pruned"].items():
             layer = by_name.get(name)
-            self.pruned[name] = mask.clone() if layer is None else mask.to(layer.conv.weight.device)
+            self.pruned[name] = mask.clone() if layer is None else mask.to(layer.producer.weight.device)
             if layer is not None and bool(mask.any()):
                 self.strategy.install(layer, self.pruned[name])
         self.pruned_amount = float(state["pruned_amount"])

@@ -74,9 +74,9 @@ class MaskStrategy:
 
     def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
         """The producer's leaf parameters whose rows are the pruned kernels (weight, and bias if any)."""
-        tensors = [layer.conv.weight]
-        if layer.conv.bias is not None:
-            tensors.append(layer.conv.bias)
+        tensors = [layer.producer.weight]
+        if layer.producer.bias is not None:
+            tensors.append(layer.producer.bias)
         return tensors
 
     def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
@@ -155,32 +155,32 @@ class ParametrizeMask(MaskStrategy):
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.conv, tensor_name):
-                keep = layer.conv.parametrizations[tensor_name][0].keep
+            if parametrize.is_parametrized(layer.producer, tensor_name):
+                keep = layer.producer.parametrizations[tensor_name][0].keep
                 keep.copy_(_keep_shape(pruned, keep.ndim))
             else:
-                stored = getattr(layer.conv, tensor_name)
+                stored = getattr(layer.producer, tensor_name)
                 keep = _keep_shape(pruned, stored.ndim).to(stored.device, stored.dtype)
-                parametrize.register_parametrization(layer.conv, tensor_name, ChannelMaskParametrization(keep))
+                parametrize.register_parametrization(layer.producer, tensor_name, ChannelMaskParametrization(keep))
 
     def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
-        parametrizations = getattr(layer.conv, "parametrizations", None)
+        parametrizations = getattr(layer.producer, "parametrizations", None)
         if parametrizations is None:
             return super().trainable_tensors(layer)
         return [parametrizations[name].original for name in self._tensor_names(layer) if name in parametrizations]
 
     def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
-        parametrizations = getattr(layer.conv, "parametrizations", None)
+        parametrizations = getattr(layer.producer, "parametrizations", None)
         return None if parametrizations is None else parametrizations["weight"].original
 
     def remove(self, layer: PrunableLayer) -> None:
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.conv, tensor_name):
-                parametrize.remove_parametrizations(layer.conv, tensor_name, leave_parametrized=True)
+            if parametrize.is_parametrized(layer.producer, tensor_name):
+                parametrize.remove_parametrizations(layer.producer, tensor_name, leave_parametrized=True)
 
     @staticmethod
     def _tensor_names(layer: PrunableLayer) -> list[str]:
-        return ["weight"] if layer.conv.bias is None else ["weight", "bias"]
+        return ["weight"] if layer.producer.bias is None else ["weight", "bias"]
 
 
 KEEP_BUFFER = "pruneflow_keep"
@@ -216,12 +216,12 @@ class ActivationMask(MaskStrategy):
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)
         else:
-            self._hook(layer.name, point, keep.to(layer.conv.weight.device))
+            self._hook(layer.name, point, keep.to(layer.producer.weight.device))
         # Norms reading the space among other channels (after a concatenation) write β into it again: each
         # masks the space's slice of one keep-vector it shares with the other spaces it reads.
         for extra in layer.space.points if layer.space is not None else []:
             if extra.name not in self._handles:
-                self._hook(extra.name, extra.module, torch.ones(extra.shape, device=layer.conv.weight.device))
+                self._hook(extra.name, extra.module, torch.ones(extra.shape, device=layer.producer.weight.device))
             shared = getattr(extra.module, KEEP_BUFFER).view(-1)
             shared[extra.offset : extra.offset + len(pruned)] = keep.flatten().to(shared)
 

@@ -124,7 +124,7 @@ class DriftTelemetry:
         for layer in self.layers:
             for extra in layer.space.points if layer.space is not None else []:
                 if extra.name not in self._leak:
-                    pruned = torch.zeros(extra.module.num_features, device=layer.conv.weight.device)
+                    pruned = torch.zeros(extra.module.num_features, device=layer.producer.weight.device)
                     extra.module.register_buffer(PRUNED_BUFFER, pruned, persistent=False)
                     self._leak[extra.name] = torch.full((), -1.0)
                     self._eval_leak[extra.name] = torch.full((), -1.0)
@@ -215,7 +215,7 @@ class DriftTelemetry:
                     parts["state_entries"] = torch.tensor(float(second.numel()), device=second.device)
                 for field, value in parts.items():
                     fields[field] = value if fields[field] is None else fields[field] + value
-            device = layer.conv.weight.device
+            device = layer.producer.weight.device
             self._optimizer_share[layer.name] = torch.stack(
                 [torch.full((), -1.0, device=device) if fields[f] is None else fields[f].to(device)
                  for f in OPTIMIZER_FIELDS]
@@ -268,14 +268,14 @@ class DriftTelemetry:
 
     @torch.no_grad()
     def _raw(self, layer: PrunableLayer, pruned: Tensor, transient_only: bool) -> Tensor:
-        weight = layer.conv.weight.detach()
+        weight = layer.producer.weight.detach()
         device = weight.device
         index = self.rows(layer.name, pruned, device)  # before .to(device): the cache knows the mask itself
         pruned = pruned.to(device)
         zero = torch.zeros((), device=device)
         rows = [weight.index_select(0, index).flatten(1).float()]
-        if layer.conv.bias is not None:
-            rows.append(layer.conv.bias.detach().index_select(0, index).float().view(-1, 1))
+        if layer.producer.bias is not None:
+            rows.append(layer.producer.bias.detach().index_select(0, index).float().view(-1, 1))
         kernels = torch.cat(rows, dim=1)
         stored = self.strategy.stored_weight(layer)
         consumer_sq = zero - 1 if transient_only else zero.clone()
@@ -325,7 +325,7 @@ class DriftTelemetry:
         measured = [layer for layer in self.layers if layer.name in self.pruned]
         if not measured:
             return {}
-        device = measured[0].conv.weight.device
+        device = measured[0].producer.weight.device
         table = torch.stack(
             [self._raw(layer, self.pruned[layer.name], transient_only).to(device) for layer in measured]
         ).cpu()

@@ -167,7 +167,7 @@ class TelemetryWriter:
 
     def load_state_dict(self, state: Mapping[str, Any], layers: Iterable[PrunableLayer]) -> None:
         if self.telemetry is not None:
-            device = {layer.name: layer.conv.weight.device for layer in layers}
+            device = {layer.name: layer.producer.weight.device for layer in layers}
             for key, reference in state["consumer_reference"].items():
                 producer, consumer = key.split(">")
                 self.telemetry.consumer_reference[(producer, consumer)] = reference.to(device[producer])
