@@ -73,6 +73,7 @@ ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
 SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
+UNKNOWN_OP = object()  # what a visit_* reader returns for an op it does not understand
 NORMS_ACROSS_CHANNELS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
 )  # fmt: skip
@@ -401,57 +402,11 @@ class _Tracer:
                 self.refuse(value, "reaches the network's output, whose shape would change")
             return None
         value = self.first(node)
-        if node.op == "call_module":
-            module = self.modules[str(node.target)]
-            if isinstance(module, PRODUCER_TYPES):
-                return self.producer(node, module, value)
-            if isinstance(module, NORM_TYPES):
-                return self.norm(node, module, value)
-            if isinstance(module, NORMS_ACROSS_CHANNELS):
-                self.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
-                return None
-            if isinstance(module, ZERO_PRESERVING_MODULES):
-                return value
-            if isinstance(module, REVIVING_MODULES):
-                return self.revived(value, node)
-            if isinstance(module, POOLING_MODULES):
-                return self.pooled(node, value)
-            if isinstance(module, nn.Flatten):
-                return self.flattened(node, value, module.start_dim, module.end_dim)
-        elif node.op == "call_function":
-            target = node.target
-            if target in ZERO_PRESERVING_FUNCTIONS:
-                return value
-            if target in REVIVING_FUNCTIONS:
-                return self.revived(value, node)
-            if target in POOLING_FUNCTIONS:
-                return self.pooled(node, value)
-            if target is torch.flatten:
-                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
-                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
-            if target in ADD_FUNCTIONS or target in MUL_FUNCTIONS:
-                return self.elementwise(node, target in MUL_FUNCTIONS)
-            if target is torch.cat:
-                return self.cat(node)
-            if target is operator.getitem and value is None:
-                return None
-            if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
-                return None  # a tensor's metadata carries no channel; what is built from it is judged where used
-        elif node.op == "call_method":
-            method = str(node.target)
-            if method in ZERO_PRESERVING_METHODS:
-                return value
-            if method in REVIVING_METHODS:
-                return self.revived(value, node)
-            if method == "flatten":
-                return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
-                                      self.argument(node, 2, "end_dim", -1))  # fmt: skip
-            if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
-                return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
-            if method in ("mean", "amax") and self.spatial_reduction(node, value):
-                return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
-            if method == "size":
-                return None  # a shape carries no channel; what is built from it is judged where it is used
+        reader = {"call_module": self.visit_module, "call_function": self.visit_function,
+                  "call_method": self.visit_method}.get(node.op)  # fmt: skip
+        result = UNKNOWN_OP if reader is None else reader(node, value)
+        if result is not UNKNOWN_OP:
+            return result
         values = self.input_values(node)
         if node.target in SPLIT_FUNCTIONS or (node.op == "call_method" and node.target in SPLIT_METHODS):
             for split in values:
@@ -460,6 +415,66 @@ class _Tracer:
         if any(v is not None for v in values):
             self.refuse_unknown(node, values)
         return None
+
+    def visit_module(self, node: torch.fx.Node, value: _Value | None) -> _Value | object | None:
+        """What a module call does to its input's channels; ``UNKNOWN_OP`` if the module is not understood."""
+        module = self.modules[str(node.target)]
+        if isinstance(module, PRODUCER_TYPES):
+            return self.producer(node, module, value)
+        if isinstance(module, NORM_TYPES):
+            return self.norm(node, module, value)
+        if isinstance(module, NORMS_ACROSS_CHANNELS):
+            self.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
+            return None
+        if isinstance(module, ZERO_PRESERVING_MODULES):
+            return value
+        if isinstance(module, REVIVING_MODULES):
+            return self.revived(value, node)
+        if isinstance(module, POOLING_MODULES):
+            return self.pooled(node, value)
+        if isinstance(module, nn.Flatten):
+            return self.flattened(node, value, module.start_dim, module.end_dim)
+        return UNKNOWN_OP
+
+    def visit_function(self, node: torch.fx.Node, value: _Value | None) -> _Value | object | None:
+        """What a function call does to its inputs' channels; ``UNKNOWN_OP`` if the function is not understood."""
+        target = node.target
+        if target in ZERO_PRESERVING_FUNCTIONS:
+            return value
+        if target in REVIVING_FUNCTIONS:
+            return self.revived(value, node)
+        if target in POOLING_FUNCTIONS:
+            return self.pooled(node, value)
+        if target is torch.flatten:
+            return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                  self.argument(node, 2, "end_dim", -1))  # fmt: skip
+        if target in ADD_FUNCTIONS or target in MUL_FUNCTIONS:
+            return self.elementwise(node, target in MUL_FUNCTIONS)
+        if target is torch.cat:
+            return self.cat(node)
+        if target is operator.getitem and value is None:
+            return None
+        if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
+            return None  # a tensor's metadata carries no channel; what is built from it is judged where used
+        return UNKNOWN_OP
+
+    def visit_method(self, node: torch.fx.Node, value: _Value | None) -> _Value | object | None:
+        """What a tensor method does to its tensor's channels; ``UNKNOWN_OP`` if the method is not understood."""
+        method = str(node.target)
+        if method in ZERO_PRESERVING_METHODS:
+            return value
+        if method in REVIVING_METHODS:
+            return self.revived(value, node)
+        if method == "flatten":
+            return self.flattened(node, value, self.argument(node, 1, "start_dim", 0),
+                                  self.argument(node, 2, "end_dim", -1))  # fmt: skip
+        if method in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
+            return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
+        if method in ("mean", "amax") and self.spatial_reduction(node, value):
+            return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
+        if method == "size":
+            return None  # a shape carries no channel; what is built from it is judged where it is used
+        return UNKNOWN_OP
 
     @staticmethod
     def argument(node: torch.fx.Node, position: int, keyword: str, default: Any) -> Any:
