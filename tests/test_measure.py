@@ -12,6 +12,7 @@ import torch
 
 from pruneflow import ClassifierModule
 from pruneflow.callbacks import AccuracyCurve, TrainingThroughput
+from pruneflow.callbacks import throughput as throughput_module
 from pruneflow.data import SyntheticDataModule
 from pruneflow.models import ConvNet
 
@@ -42,13 +43,34 @@ def fit(callbacks: list[L.Callback], epochs: int = 2) -> tuple[L.Trainer, Classi
     return trainer, module, data
 
 
-def test_throughput_counts_the_training_samples_after_warmup_and_excludes_validation() -> None:
+class StepClock:
+    """A ``time`` module for the throughput callback whose ``perf_counter`` moves only when ``SlowSteps``
+    advances it: the measured seconds are then exact, whatever the speed or load of the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.process_time = time.process_time
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_throughput_counts_the_training_samples_after_warmup_and_excludes_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = StepClock()
+    monkeypatch.setattr(throughput_module, "time", clock)
+    monkeypatch.setattr(time, "sleep", clock.sleep)  # SlowSteps' steps and validations advance the clock only
     throughput = TrainingThroughput(warmup_steps=3)
     fit([throughput, SlowSteps(seconds=0.02, validation_seconds=1.0)], epochs=2)
     # 600 training images in 12 batches of 50 per epoch; the first 3 steps are warm-up.
     assert throughput.samples == (2 * 12 - 3) * 50
-    # 21 timed steps of >= 20 ms each; the two 1 s validations are not in it.
-    assert 21 * 0.02 <= throughput.seconds < 21 * 0.02 + 0.9
+    # Exactly the 21 timed steps of 20 ms; the three 1 s validations (sanity check, two epochs) are not in it.
+    assert clock.now == pytest.approx(24 * 0.02 + 3 * 1.0)
+    assert throughput.seconds == pytest.approx(21 * 0.02)
     metrics = throughput.final_metrics()
     assert metrics["perf/train_samples_per_s"] == pytest.approx(throughput.samples / throughput.seconds, rel=1e-3)
 
