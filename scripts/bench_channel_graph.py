@@ -22,6 +22,9 @@ pruneflow), the same freshly seeded model is pruned by Torch-Pruning too (50 % L
 accepts, the classifier kept) and both FLOPs ratios are compared:
 
     python scripts/bench_channel_graph.py --models torch_pruning_list --batch-sizes "" --json zoo.json
+
+A list run in chunks (``--models a,b,c --size 0 --time-limit 300 --json chunk1.json``, ...) is put
+together with ``--merge chunk1.json chunk2.json --json zoo.json``.
 """
 
 from __future__ import annotations
@@ -211,6 +214,26 @@ def table_line(row: dict[str, object], batch_sizes: tuple[int, ...], compare: bo
     return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
+def table_header(batch_sizes: tuple[int, ...], compare: bool) -> str:
+    columns = ["model", "px", "handled", "prunable / spaces", "coupled", "channels cut", "agreement", "max rel diff",
+               "FLOPs ratio", "params ratio", *(["TP FLOPs ratio", "pruneflow / TP"] if compare else []),
+               *(f"speedup b{b}" for b in batch_sizes)]  # fmt: skip
+    return "| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|"
+
+
+def merge(reports: list[Path], into: Path | None) -> list[dict[str, object]]:
+    """The rows of several ``--json`` reports (a list run in chunks) in the list's order, with one summary."""
+    rows = [row for report in reports for row in json.loads(report.read_text())["rows"]]
+    order = {name: index for index, name in enumerate(TORCH_PRUNING_LIST)}
+    rows.sort(key=lambda row: order.get(row["model"], len(order)))
+    print(table_header((), compare=True))
+    print("\n".join(table_line(row, (), compare=True) for row in rows))
+    print(json.dumps(summary(rows)))
+    if into:
+        into.write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=2))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -225,16 +248,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                         help="seconds per model and tool, each in a fresh process (0: all in this process, no limit; "
                              "the list defaults to 600)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rows (and the list's summary) here")
+    parser.add_argument("--merge", type=Path, nargs="+", help="measure nothing: one table of these --json reports")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b)
     whole_list = args.models == "torch_pruning_list"
     names = TORCH_PRUNING_LIST if whole_list else tuple(args.models.split(","))
     limit = args.time_limit or (600 if whole_list else 0)
     compare = importlib.util.find_spec("torch_pruning") is not None and (whole_list or limit > 0)
     rows = []
-    print("| model | px | handled | prunable / spaces | coupled | channels cut | agreement | max rel diff | "
-          "FLOPs ratio | params ratio | " + ("TP FLOPs ratio | pruneflow / TP | " if compare else "")
-          + "".join(f"speedup b{b} | " for b in batch_sizes))  # fmt: skip
+    print(table_header(batch_sizes, compare))
     for name in names:
         size = list_size(name) if whole_list or not args.size else args.size
         row: dict[str, object] = {"model": name, "size": size}
