@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
 from pruneflow import ChannelPruning
+from pruneflow.pruning.channels import Consumer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -105,6 +106,13 @@ RECEIVED_BUFFER = "probe_received_abs_max"
 PROBE_TAG = "probe/consumer_input_abs_max"
 
 
+def input_positions(consumer: Consumer, channels: Tensor) -> Tensor:
+    """Where a space's ``channels`` lie in ``consumer``'s input. The weight's columns for a conv or a linear
+    layer; a grouped conv's columns are positions within one group (``c mod block``), its input holds the
+    whole space (after ``offset``), so the probe reads the channels themselves there."""
+    return channels + consumer.offset if consumer.kind == "grouped" else consumer.columns(channels)
+
+
 def _receive(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
     """Forward pre-hook: running max of |input| over the input columns that read pruned channels."""
     received = inputs[0].detach()
@@ -145,7 +153,8 @@ class ConsumerInputProbe(Callback):
                 module = modules[consumer.name]
                 if consumer.name not in self.consumers:
                     device = module.weight.device
-                    module.register_buffer(COLUMNS_BUFFER, torch.zeros(module.weight.shape[1], device=device), False)
+                    width = getattr(module, "in_channels", module.weight.shape[1])  # a grouped conv's whole input
+                    module.register_buffer(COLUMNS_BUFFER, torch.zeros(width, device=device), False)
                     module.register_buffer(RECEIVED_BUFFER, torch.zeros((), device=device), False)
                     self.handles.append(module.register_forward_pre_hook(_receive))
                     self.consumers[consumer.name] = module
@@ -171,7 +180,7 @@ class ConsumerInputProbe(Callback):
             channels = mask.nonzero().flatten().cpu()
             for consumer in layer.consumers:
                 columns = getattr(self.consumers[consumer.name], COLUMNS_BUFFER)
-                columns[consumer.columns(channels).to(columns.device)] = 1.0
+                columns[input_positions(consumer, channels).to(columns.device)] = 1.0
 
     def received(self) -> dict[str, float]:
         """Per consumer module: the largest |input| it received on a pruned channel's columns."""

@@ -153,3 +153,55 @@ def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
     convolutions = [line for line in lines if line.startswith("| aten::convolution_backward |")]
     assert len(convolutions) == 1 and convolutions[0].endswith("| 2 |")  # two convs, each once a step
     assert step_profile.profiler is None  # stopped after its window
+
+
+# One model of each family of Torch-Pruning's torchvision list that the channel graph handles quickly at
+# 64 px, with Torch-Pruning 1.6.1's FLOPs ratio on the same freshly seeded model (50 % L1 of every group,
+# measured by bench_channel_graph.py --models torch_pruning_list, README's table; CI has no torch_pruning).
+TORCH_PRUNING_FLOPS_RATIO = {
+    "resnet18": 3.76, "densenet121": 3.84, "efficientnet_b0": 3.58, "regnet_y_400mf": 3.90,
+    "resnext50_32x4d": 3.89, "mobilenet_v3_small": 3.35, "squeezenet1_1": 3.64, "mnasnet0_5": 3.32,
+    "googlenet": 3.71,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCH_PRUNING_FLOPS_RATIO)
+def test_channel_graph_prunes_every_family_of_torch_prunings_list_as_far_as_torch_pruning(name: str) -> None:
+    bench_channel_graph = importlib.import_module("bench_channel_graph")
+    row = bench_channel_graph.measure(name, bench_channel_graph.list_size(name))
+    assert row["handled"] == "yes" and row["size"] == 64
+    assert row["agreement"] == 1.0 and row["max_rel_diff"] <= 1e-5  # the cut model computes the masked one
+    assert row["channels_cut"] >= 0.45  # of every channel, the logits' included: only those are kept whole
+    assert row["flops_ratio"] >= 0.95 * TORCH_PRUNING_FLOPS_RATIO[name]
+
+
+@pytest.mark.slow
+def test_torch_prunings_figure_is_measured_on_the_same_model() -> None:
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is an optional dependency of the script only")
+    bench_channel_graph = importlib.import_module("bench_channel_graph")
+    row = bench_channel_graph.measure_torch_pruning("resnet18", 64)
+    assert row["tp_handled"] == "yes" and row["tp_flops_ratio"] == pytest.approx(3.76, abs=0.01)
+
+
+def test_the_zoo_list_and_its_summary() -> None:
+    bench_channel_graph = importlib.import_module("bench_channel_graph")
+    names = bench_channel_graph.TORCH_PRUNING_LIST
+    assert len(set(names)) == len(names) == 69
+    assert [bench_channel_graph.list_size(name) for name in ("resnet18", "vit_b_16", "swin_t", "maxvit_t")] == [
+        64, 224, 224, 224,
+    ]  # fmt: skip
+    rows = [
+        {"model": "a", "handled": "yes", "flops_ratio": 3.8, "tp_handled": "yes", "tp_flops_ratio": 3.8},
+        {"model": "b", "handled": "yes", "flops_ratio": 2.0, "tp_handled": "yes", "tp_flops_ratio": 3.0},
+        {"model": "c", "handled": "yes", "flops_ratio": 1.7, "tp_handled": "error", "tp_reason": "RuntimeError: x"},
+        {"model": "d", "handled": "timeout", "reason": "over 9 s", "tp_handled": "yes", "tp_flops_ratio": 3.0},
+    ]
+    assert bench_channel_graph.summary(rows) == {
+        "models": 4, "handled_pruneflow": 3, "handled_torch_pruning": 3, "handled_both": 2,
+        "median_flops_ratio_pruneflow": 2.9, "median_flops_ratio_torch_pruning": 3.4, "pruneflow_at_least_0.95_tp": 1,
+    }  # fmt: skip
+    errors = rows[2] | {"model": "e", "size": 64, "handled": "error", "reason": "ValueError: y | z"}
+    line = bench_channel_graph.table_line(errors, (), compare=True)
+    assert line.startswith("| e | 64 | error: ValueError: y \\| z | – |")  # a reason's "|" does not split the row
+    assert line.endswith("| error: RuntimeError: x | – |")

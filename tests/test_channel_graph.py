@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import lightning as L
 import pytest
 import torch
 import torchvision
+from helpers import COLUMNS_BUFFER, ConsumerInputProbe, input_positions
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
+from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
@@ -367,9 +370,7 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
     for space in graph.prunable:
         pruned = masks[space.name].nonzero().flatten()
         for consumer in space.consumers:
-            # what the consumer's input carries on the pruned channels (a grouped conv's columns are per group)
-            inputs = pruned + consumer.offset if consumer.kind == "grouped" else consumer.columns(pruned)
-            leak = received[consumer.name][:, inputs]
+            leak = received[consumer.name][:, input_positions(consumer, pruned)]
             assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
         for layer in space.producers:
             assert layer.producer.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
@@ -473,6 +474,28 @@ def test_a_grouped_conv_space_is_cut_at_the_same_positions_in_every_group(strate
     assert space_of(graph, "a").consumers == [Consumer("b", "grouped", block=2)]
     compaction = compact(GroupedBottleneck(), {"a": [1, 3, 5, 7], "b": [0, 3, 6, 9]})
     assert (compaction.model.b.groups, *compaction.model.b.weight.shape[:2]) == (4, 8, 1)
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("activation", False), ("hard", True)])
+def test_a_grouped_conv_receives_exactly_zero_on_the_pruned_channels_of_its_whole_input(
+    strategy: str, leaks: bool
+) -> None:
+    """Measured by the probe, outside the mask, at the grouped conv's input (8 channels, 2 per group):
+    ``hard`` leaks a_bn's β there, ``activation`` does not."""
+    torch.manual_seed(0)
+    images = torch.randn(48, 3, 6, 6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.arange(48) % 5), batch_size=8)
+    pruning = ChannelPruning(strategy=strategy, amount=0.5, at_step=2, groups=True)
+    probe = ConsumerInputProbe()
+    trainer = L.Trainer(max_epochs=1, callbacks=[pruning, probe], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    network = randomize_norms(GroupedBottleneck())  # β ≠ 0, so a leaking mask shows
+    trainer.fit(ClassifierModule(network, lambda params: torch.optim.SGD(params, lr=0.1), num_classes=5), loader)
+    assert probe.forwards_after_pruning == 4
+    pruned = pruning.pruned["a"]
+    assert pruned.view(4, 2).sum(1).tolist() == [1] * 4  # the same position cut in every group
+    assert torch.equal(getattr(network.b, COLUMNS_BUFFER), pruned.float())  # the input channels, not columns
+    assert probe.received()["b"] > 0.01 if leaks else probe.received()["b"] == 0
 
 
 def test_a_grouped_space_scored_per_position_and_cut_unevenly_is_refused() -> None:
