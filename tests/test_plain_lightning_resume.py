@@ -81,7 +81,8 @@ def fit(strategy: str, checkpoints: Path | None, ckpt_path: Path | None = None, 
         callbacks.append(Crash(crash_at))
     trainer = L.Trainer(
         max_epochs=EPOCHS, accelerator="cpu", devices=1, deterministic=True, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        enable_checkpointing=checkpoints is not None, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return {"weights": module.state_dict(), "pruning": pruning.state_dict(), "global_step": trainer.global_step}
