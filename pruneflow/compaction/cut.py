@@ -4,11 +4,13 @@ It reads the channel graph (``pruneflow.pruning.channels``): a channel lives in 
 written by its producers and read by its consumers. Cutting channel ``c`` of a space removes
 
 - row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
-  carry the space — and entry ``c`` of its BatchNorm (γ, β, running mean and variance); a grouped
+  carry the space — and entry ``c`` of its norm (a BatchNorm's γ, β, running mean and variance, a
+  LayerNorm's weight, bias and ``normalized_shape``); a grouped
   conv keeps its group count: its space is cut at the same positions in every group, so its rows and
   its input columns (one group's inputs on dim 1) shrink alike in each;
-- entry ``offset + c`` of every BatchNorm that reads the space among other channels (after a
-  concatenation, as DenseNet's pre-activation norms do);
+- entry ``offset + c`` of every norm that reads the space among other channels (after a
+  concatenation, as DenseNet's pre-activation norms do, or a residual addition, as ConvNeXt's
+  LayerNorms do), and of every per-channel parameter multiplied into it (ConvNeXt's ``layer_scale``);
 - the columns that read ``c`` in every consumer: a conv's input slice ``weight[:, c]``, a linear
   layer's feature ``c`` or, after a flatten, features ``c·k … (c+1)·k − 1``, shifted by the space's
   offset where it reaches the consumer through a concatenation.
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, is_depthwise, trace_channel_graph
+from pruneflow.pruning.channels import ChannelSpace, LayerNorm2d, is_depthwise, norm_width, trace_channel_graph
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,12 @@ def _norm_args(norm: nn.BatchNorm2d) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _layer_norm_args(norm: nn.LayerNorm) -> dict[str, Any]:
+    # one normalised dim (the channels): the graph admits no other
+    return {"normalized_shape": norm.normalized_shape[0], "eps": norm.eps,
+            "elementwise_affine": norm.elementwise_affine, "bias": norm.bias is not None}  # fmt: skip
+
+
 def _linear_args(linear: nn.Linear) -> dict[str, Any]:
     return {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None}
 
@@ -114,6 +122,8 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.BatchNorm1d: (_norm_args, ("num_features", None)),
     nn.BatchNorm2d: (_norm_args, ("num_features", None)),
     nn.Linear: (_linear_args, ("out_features", "in_features")),
+    nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
+    LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
 }
 
 
@@ -154,11 +164,17 @@ def is_channels_last(module: nn.Module) -> bool:
 
 def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.Module:
     """Give the named modules of ``model`` the widths ``sizes`` (``Compaction.sizes``) in place, uninitialised:
-    the shape of a compacted model, whose weights load next. The one routine that adopts cut widths — for an
+    the shape of a compacted model, whose weights load next (a per-channel parameter's entry is its new
+    ``channels`` along ``dim``). The one routine that adopts cut widths — for an
     exported model, a checkpoint written after a cut in training, and its restore. A module already at its
     widths stays (its parameters keep their identity); a rebuilt one keeps its memory format (channels-last)."""
     rebuilt = []
+    parameters = dict(model.named_parameters())
     for name, widths in sizes.items():
+        if name in parameters:
+            if resize_parameter(model, name, parameters[name], widths):
+                rebuilt.append(name)
+            continue
         module = model.get_submodule(name)
         arguments, _ = _resizable(name, module)
         if all(arguments(module).get(key) == value for key, value in widths.items()):
@@ -171,6 +187,23 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     if rebuilt:
         log.info("rebuilt at their compacted widths: %s", ", ".join(rebuilt))
     return model
+
+
+def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
+    owner, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attribute, new)
+
+
+def resize_parameter(model: nn.Module, name: str, parameter: nn.Parameter, widths: Mapping[str, int]) -> bool:
+    """Give the per-channel parameter ``name`` (``ChannelScale``) ``widths["channels"]`` entries along
+    ``widths["dim"]``, uninitialised; False where it has them already (it keeps its identity)."""
+    shape = list(parameter.shape)
+    if shape[widths["dim"]] == widths["channels"]:
+        return False
+    shape[widths["dim"]] = widths["channels"]
+    empty = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
+    replace_parameter(model, name, nn.Parameter(empty, requires_grad=parameter.requires_grad))
+    return True
 
 
 def cut_tensor(tensor: Tensor, out_keep: Tensor | None, in_keep: Tensor | None) -> Tensor:
@@ -297,16 +330,24 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
 
 
 # -- the cut --------------------------------------------------------------------------------------
+def _kept(width: int, removed: Sequence[Tensor]) -> Tensor:
+    """Indices of ``width`` entries without the ``removed`` ones."""
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[torch.cat(list(removed))] = False
+    return keep.nonzero().flatten()
+
+
 @dataclass
 class Compaction:
-    """A compacted network with what was cut: ``sizes`` (constructor widths of every rebuilt module) is
-    the plain config that, applied to a fresh instance of the original architecture, gives its shape."""
+    """A compacted network with what was cut: ``sizes`` (constructor widths of every rebuilt module, and
+    ``{"channels", "dim"}`` of every cut per-channel parameter) is the plain config that, applied to a fresh
+    instance of the original architecture (``apply_sizes``), gives its shape."""
 
     model: nn.Module
     groups: list[ChannelGroup]
     sizes: dict[str, dict[str, int]]
-    # module name → (output rows kept, input columns kept; None: all) of every rebuilt module: what
-    # ``cut_tensor`` needs to carry anything shaped like its parameters (optimizer state) over.
+    # module (or per-channel parameter) name → (output rows kept, input columns kept; None: all) of every
+    # rebuilt one: what ``cut_tensor`` needs to carry anything shaped like its parameters (optimizer state) over.
     kept: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
 
     @property
@@ -333,6 +374,8 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     out_keep: dict[str, Tensor] = {}
     cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
     cut_entries: dict[str, list[Tensor]] = {}  # and so does a norm reading it
+    widths: dict[str, int] = {}  # each such norm's width
+    scale_entries: dict[str, tuple[int, list[Tensor]]] = {}  # per-channel parameter → (its dim, entries cut)
     for group in groups:
         if not len(group.removed):
             continue
@@ -345,15 +388,14 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
         for point in group.space.points:
             cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
+            widths[point.name] = norm_width(point.module)
+        for scale in group.space.scales:
+            scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():
-        keep = torch.ones(modules[name].num_features, dtype=torch.bool)
-        keep[torch.cat(entries)] = False
-        out_keep[name] = keep.nonzero().flatten()
+        out_keep[name] = _kept(widths[name], entries)
     in_keep: dict[str, Tensor] = {}
     for name, columns in cut_columns.items():
-        keep = torch.ones(modules[name].weight.shape[1], dtype=torch.bool)
-        keep[torch.cat(columns)] = False
-        in_keep[name] = keep.nonzero().flatten()
+        in_keep[name] = _kept(modules[name].weight.shape[1], columns)
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     for name in names:  # check every type before changing anything
         _resizable(name, modules[name])
@@ -365,7 +407,16 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
         arguments = RESIZABLE[type(new)][0](new)
         widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
-    result = Compaction(model, groups, sizes, {name: (out_keep.get(name), in_keep.get(name)) for name in names})
+    kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
+    parameters = dict(model.named_parameters())
+    for name, (dim, entries) in scale_entries.items():
+        parameter = parameters[name]
+        keep = _kept(parameter.shape[dim], entries)
+        kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
+        new = cut_tensor(parameter.detach(), *kept[name]).clone()
+        replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
+        sizes[name] = {"channels": len(keep), "dim": dim}
+    result = Compaction(model, groups, sizes, kept)
     before, after = result.channels
     log.info("compaction: %d of %d channels cut from %d producers", before - after, before, len(result.removed))
     return result

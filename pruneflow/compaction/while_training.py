@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from pruneflow.compaction.cost import count_flops, count_parameters
-from pruneflow.compaction.cut import Compaction, CompactionError, cut_tensor, is_channels_last, replace_module
+from pruneflow.compaction.cut import (
+    Compaction,
+    CompactionError,
+    cut_tensor,
+    is_channels_last,
+    replace_module,
+    replace_parameter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +95,20 @@ def swap_in(
     params_before = count_parameters(network)
     flops_before = None if example is None else count_flops(network, example)
     old = dict(network.named_parameters())
+    new_parameters = dict(compaction.model.named_parameters())
     moved: Moved = {}
     for name, (out_keep, in_keep) in compaction.kept.items():
-        for tensor_name, parameter in compaction.model.get_submodule(name).named_parameters(recurse=False):
-            moved[old[f"{name}.{tensor_name}"]] = (parameter, out_keep, in_keep)
+        # a module's own parameters, or a per-channel parameter (``ChannelScale``) by its name
+        module = None if name in new_parameters else compaction.model.get_submodule(name)
+        tensor_names = [""] if module is None else [f".{t}" for t, _ in module.named_parameters(recurse=False)]
+        for tensor_name in tensor_names:
+            moved[old[name + tensor_name]] = (new_parameters[name + tensor_name], out_keep, in_keep)
     for optimizer in optimizers:  # every state checked before anything changes
         check_state_follows(optimizer, moved)
     for name in compaction.kept:
+        if name in new_parameters:
+            replace_parameter(network, name, new_parameters[name])
+            continue
         new = compaction.model.get_submodule(name)
         if is_channels_last(network.get_submodule(name)):
             new.to(memory_format=torch.channels_last)  # keeps the parameter objects

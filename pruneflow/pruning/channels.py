@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pruneflow.errors import ConfigError
@@ -78,7 +79,11 @@ NORMS_ACROSS_CHANNELS: tuple[type[nn.Module], ...] = (
     nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
 )  # fmt: skip
 PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# LayerNorms over the channels, exact type → the dim they normalise: ``nn.LayerNorm`` the last (channels-last
+# input), torchvision's ``LayerNorm2d`` dim 1. A subclass may compute something else: it stays refused.
+LAYER_NORMS: dict[type[nn.Module], int] = {nn.LayerNorm: -1, LayerNorm2d: 1}
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+PERMUTE_FUNCTIONS = {torch.permute}
 
 
 @dataclass(frozen=True)
@@ -109,18 +114,38 @@ class Consumer:
 
 @dataclass(frozen=True, eq=False)
 class ChannelPoint:
-    """A BatchNorm that reads a space among other channels — after a concatenation (DenseNet's
-    pre-activation ``norm1``) or an addition — so it belongs to no producer. It writes β into every
-    channel, so the space's channel ``c`` is masked again at its output, at ``offset + c``, and a cut
-    removes its entry ``offset + c``. ``shape`` broadcasts a vector of its ``num_features`` over its output."""
+    """A norm that reads a space among other channels — a BatchNorm after a concatenation (DenseNet's
+    pre-activation ``norm1``) or an addition, a LayerNorm over a residual stream (ConvNeXt's) — so it
+    belongs to no producer. It writes β into every channel, so the space's channel ``c`` is masked again
+    at its output, at ``offset + c``, and a cut removes its entry ``offset + c``. ``shape`` broadcasts a
+    vector of its channels over its output: (1, C, 1, 1) at dim 1, (C,) at the last dim."""
 
     name: str
     module: nn.Module
     offset: int
     shape: tuple[int, ...]
 
+    @property
+    def width(self) -> int:
+        return norm_width(self.module)
+
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
         """The norm's entries that carry the space's ``channels``."""
+        return channels + self.offset
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelScale:
+    """A per-channel parameter read outside its module and multiplied into a space (ConvNeXt's
+    ``layer_scale``, shape (C, 1, 1)): a zero channel stays zero, and a cut slices entry ``offset + c``
+    of the parameter ``name`` along its ``dim`` (0 or 1) with the space's channel ``c``."""
+
+    name: str
+    dim: int
+    offset: int
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The parameter's entries along ``dim`` that carry the space's ``channels``."""
         return channels + self.offset
 
 
@@ -134,7 +159,7 @@ class PrunableLayer:
     name: str
     producer: nn.Module
     norm_name: str | None = None
-    norm: nn.Module | None = None
+    norm: nn.Module | None = None  # a BatchNorm, or a LayerNorm over the channels
     space: ChannelSpace | None = field(default=None, repr=False)
 
     @property
@@ -143,7 +168,7 @@ class PrunableLayer:
 
     @property
     def channel_point(self) -> nn.Module:
-        """Where the channel is complete: the BatchNorm after the producer, else the producer itself."""
+        """Where the channel is complete: the norm after the producer, else the producer itself."""
         return self.norm if self.norm is not None else self.producer
 
     @property
@@ -181,12 +206,12 @@ class ChannelSpace:
     """Channels that share an index from their producers to their consumers; see the module docstring."""
 
     width: int
-    layout: str  # "channels" (dim 1 of a conv's output) or "features" (the last dim of a linear's)
     producers: list[PrunableLayer] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     coupled: bool = False
     refusals: list[str] = field(default_factory=list)
     points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
+    scales: list[ChannelScale] = field(default_factory=list)  # per-channel parameters multiplied into it
     # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
     # every group keeps its width and a reader's columns are the same for all its groups.
     groups: int = 1
@@ -238,6 +263,16 @@ def is_depthwise(module: nn.Module) -> bool:
     )
 
 
+def is_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm the graph knows to normalise over channels (exact types: ``LAYER_NORMS``)."""
+    return type(module) in LAYER_NORMS
+
+
+def norm_width(module: nn.Module) -> int:
+    """The channels a BatchNorm or a LayerNorm over channels normalises."""
+    return module.normalized_shape[0] if is_layer_norm(module) else module.num_features
+
+
 def _output_ndim(module: nn.Module) -> int | None:
     """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
     layer's input may have any rank."""
@@ -264,7 +299,7 @@ def _shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str
             for name in owners.get(id(_attribute(model, str(node.target))), [str(node.target)]):
                 shared.setdefault(name.rpartition(".")[0], f"{name} is also read by {readers}")
     for module_name, reason in shared.items():
-        if isinstance(modules.get(module_name), (*PRODUCER_TYPES, *NORM_TYPES)):
+        if isinstance(modules.get(module_name), (*PRODUCER_TYPES, *NORM_TYPES, *LAYER_NORMS)):
             log.info("channel graph: %s; its channels are not prunable", reason)
     return shared
 
@@ -281,13 +316,26 @@ def _attribute(model: nn.Module, target: str) -> Any:
 class _Value:
     """What a traced tensor's channel dimension carries: (space id, offset) segments, its total width
     (None when part of it is not a channel space), whether it was flattened, the op that made a
-    zero channel non-zero, if one did, and its number of dimensions, if known."""
+    zero channel non-zero, if one did, its number of dimensions, if known, and where its channels
+    are: dim 1 (a conv's output) or the last dim (a linear layer's; a ``permute`` moves them)."""
 
     segments: tuple[tuple[int, int], ...]
     width: int | None
     flattened: bool = False
     revived_by: str | None = None
     ndim: int | None = None  # the tensor's dimensions where known: a flatten or reduction must take all spatial ones
+    channels_last: bool = False
+
+    def channels_at(self, dim: int) -> bool:
+        """Whether the channels are at ``dim`` (negative: from the end); of a 2-D tensor dim 1 is the last."""
+        if self.channels_last:
+            return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
+        return dim == 1 or (self.ndim is not None and dim == 1 - self.ndim)
+
+    @property
+    def read_by_linear(self) -> bool:
+        """A linear layer reads the last dim: channels there, or flattened channel-major."""
+        return self.flattened or self.channels_at(-1)
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -314,6 +362,11 @@ class _Tracer:
             if node.op == "call_module":
                 self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
         self.shared = _shared_parameters(model, graph)
+        self.model = model
+        self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                self.attribute_reads[str(node.target)] = self.attribute_reads.get(str(node.target), 0) + len(node.users)
 
     def reused(self, name: str) -> str | None:
         """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
@@ -331,8 +384,8 @@ class _Tracer:
     def space(self, index: int) -> ChannelSpace:
         return self.spaces[self.root(index)]
 
-    def new_space(self, layer: PrunableLayer, layout: str) -> int:
-        self.spaces.append(ChannelSpace(layer.num_channels, layout, [layer]))
+    def new_space(self, layer: PrunableLayer) -> int:
+        self.spaces.append(ChannelSpace(layer.num_channels, [layer]))
         self.parent.append(len(self.parent))
         return len(self.parent) - 1
 
@@ -345,10 +398,11 @@ class _Tracer:
         kept.producers += merged.producers
         kept.consumers += merged.consumers
         kept.points += merged.points
+        kept.scales += merged.scales
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
-        if kept.width != merged.width or kept.layout != merged.layout:
+        if kept.width != merged.width:
             kept.refuse(f"{where} joins {kept.width} with {merged.width} channels")
         self.parent[second] = first
         return first
@@ -421,7 +475,7 @@ class _Tracer:
         module = self.modules[str(node.target)]
         if isinstance(module, PRODUCER_TYPES):
             return self.producer(node, module, value)
-        if isinstance(module, NORM_TYPES):
+        if isinstance(module, NORM_TYPES) or is_layer_norm(module):
             return self.norm(node, module, value)
         if isinstance(module, NORMS_ACROSS_CHANNELS):
             self.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
@@ -452,6 +506,8 @@ class _Tracer:
             return self.elementwise(node, target in MUL_FUNCTIONS)
         if target is torch.cat:
             return self.cat(node)
+        if target in PERMUTE_FUNCTIONS:
+            return self.permuted(node, value, self.argument(node, 1, "dims", None))
         if target is operator.getitem and value is None:
             return None
         if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
@@ -472,6 +528,9 @@ class _Tracer:
             return self.flattened(node, value, 1, -1)  # x.view(x.size(0), -1)
         if method in ("mean", "amax") and self.spatial_reduction(node, value):
             return self.flattened(node, value, 1, -1) if not self.argument(node, 2, "keepdim", False) else value
+        if method == "permute":
+            dims = node.args[1] if len(node.args) == 2 else node.args[1:] or node.kwargs.get("dims")
+            return self.permuted(node, value, dims)
         if method == "size":
             return None  # a shape carries no channel; what is built from it is judged where it is used
         return UNKNOWN_OP
@@ -486,7 +545,7 @@ class _Tracer:
         """Whether the reduction takes every spatial dim (all after the channels), leaving (N, C)."""
         dims = self.argument(node, 1, "dim", None)
         dims = [dims] if isinstance(dims, int) else dims
-        if value is None or value.ndim is None or not isinstance(dims, (list, tuple)):
+        if value is None or value.ndim is None or value.channels_last or not isinstance(dims, (list, tuple)):
             return False
         return sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(range(2, value.ndim))
 
@@ -494,7 +553,7 @@ class _Tracer:
         return None if value is None else replace(value, revived_by=_describe(node, self.modules))
 
     def pooled(self, node: torch.fx.Node, value: _Value | None) -> _Value | None:
-        if value is not None and value.flattened:
+        if value is not None and (value.flattened or value.channels_last):  # it would pool across channels
             self.refuse_unknown(node, [value])
             return None
         return value
@@ -511,10 +570,26 @@ class _Tracer:
                 return replace(value, ndim=start + 1 if end == -1 else None)
             return replace(value, ndim=value.ndim - (end % value.ndim - start))
         whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
-        if not whole or value.flattened or any(self.space(i).layout != "channels" for i, _ in value.segments):
+        if not whole or value.flattened or not value.channels_at(1):
             self.refuse_unknown(node, [value])
             return None
         return replace(value, flattened=True, ndim=2)
+
+    def permuted(self, node: torch.fx.Node, value: _Value | None, dims: Any) -> _Value | None:
+        """A permute moves the channels: to dim 1 or to the last dim they stay readable (a conv reads dim 1, a
+        linear layer the last); anywhere else, or of a flattened tensor or one of another rank, it is refused."""
+        if value is None:
+            return None
+        ndim = len(dims) if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims) else None
+        where = (ndim - 1 if value.channels_last else 1) if ndim is not None else None
+        if ndim is None or value.flattened or value.ndim not in (None, ndim) or ndim < 2:
+            self.refuse_unknown(node, [value])
+            return None
+        moved_to = [d % ndim for d in dims].index(where)
+        if moved_to not in (1, ndim - 1):
+            self.refuse(value, f"{_describe(node, self.modules)} moves them to dim {moved_to}: no reader there")
+            return None
+        return replace(value, ndim=ndim, channels_last=moved_to == ndim - 1 and ndim > 2)
 
     # producers, norms and readers
     def producer(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value:
@@ -522,22 +597,25 @@ class _Tracer:
         layer = PrunableLayer(name, module)
         if is_depthwise(module):
             single = value is not None and len(value.segments) == 1 and value.width == module.in_channels
-            if single and not value.flattened and value.revived_by is None and not self.reused(name):
+            single = single and not value.flattened and value.channels_at(1)
+            if single and value.revived_by is None and not self.reused(name):
                 ((index, _),) = value.segments
                 self.space(index).producers.append(layer)  # it carries channel c to its own channel c
                 self.writer_of[node] = layer
                 return _Value(value.segments, value.width, ndim=_output_ndim(module))
-            index = self.new_space(layer, "channels")
+            index = self.new_space(layer)
             self.spaces[index].refuse(f"depthwise conv {name} reads a tensor that is not one whole channel space")
             self.refuse(value, f"depthwise conv {name} reads them along with other channels")
             return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
         self.read(name, module, value)
-        index = self.new_space(layer, "features" if isinstance(module, nn.Linear) else "channels")
+        index = self.new_space(layer)
         if getattr(module, "groups", 1) > 1:
             self.spaces[index].groups = module.groups
         if self.reused(name):
             self.spaces[index].refuse(self.reused(name))
         self.writer_of[node] = layer
+        if isinstance(module, nn.Linear):  # its features are the last dim of a tensor of its input's rank
+            return _Value(((index, 0),), layer.num_channels, ndim=value.ndim if value else None, channels_last=True)
         return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
 
     def read(self, name: str, module: nn.Module, value: _Value | None) -> None:
@@ -553,7 +631,7 @@ class _Tracer:
             return
         if getattr(module, "groups", 1) > 1:
             whole = len(value.segments) == 1 and value.width == module.in_channels and not value.flattened
-            if not whole or self.space(value.segments[0][0]).layout != "channels":
+            if not whole or not value.channels_at(1):
                 self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them with other channels")
                 return
             ((index, _),) = value.segments
@@ -569,40 +647,48 @@ class _Tracer:
                 self.refuse(value, f"{name} reads them flattened in a layout the graph does not follow")
                 return
             per_channel = width // value.width
+        if not (value.read_by_linear if linear else value.channels_at(1) and not value.flattened):
+            self.refuse(value, f"{name} reads them along another dimension than their channels")
+            return
         for index, offset in value.segments:
-            space = self.space(index)
-            if space.layout != ("features" if linear and not value.flattened else "channels"):
-                space.refuse(f"{name} reads them along another dimension than their channels")
-                continue
-            kind = "linear" if linear else "conv"
-            space.consumers.append(Consumer(name, kind, per_channel, offset))
+            self.space(index).consumers.append(Consumer(name, "linear" if linear else "conv", per_channel, offset))
 
     def norm(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value | None:
+        """A BatchNorm (over dim 1) or a LayerNorm over the channels (``LAYER_NORMS``). Directly after its
+        producer it is the producer's norm, its channel point; reading a space among other channels (after a
+        concatenation or an addition) it is an extra ``ChannelPoint`` of each space it reads."""
         name = str(node.target)
+        width = norm_width(module)
+        dim = LAYER_NORMS.get(type(module), 1)
         source = node.args[0] if node.args else None
         writer = self.writer_of.get(source) if isinstance(source, torch.fx.Node) else None
+        across = is_layer_norm(module) and len(module.normalized_shape) > 1
         if (
             writer is not None
             and writer.norm is None
             and len(source.users) == 1
             and not self.reused(name)
-            and module.num_features == writer.num_channels
+            and not across
+            and width == writer.num_channels
+            and (value is None or value.ndim is None or value.channels_at(dim))
         ):
             writer.norm_name, writer.norm = name, module
             return value
         if value is None:
             return None
         reason = self.reused(name) or (
+            "it normalises across more than their channels" if across else
             "it reads them flattened" if value.flattened else
-            "their rank is unknown" if value.ndim is None else
-            f"it has {module.num_features} channels" if value.width != module.num_features else None
+            "it normalises another dim than their channels" if not value.channels_at(dim) else
+            "their rank is unknown" if value.ndim is None and dim == 1 else
+            f"it has {width} channels" if value.width != width else None
         )  # fmt: skip
         if reason:
             self.refuse(value, f"{type(module).__name__} {name} reads them among other channels and {reason}, so its "
                                "β would flow into a masked channel")  # fmt: skip
             return None
         # A norm after a concatenation or an addition: each space is masked again at its offset there.
-        shape = (1, module.num_features, *([1] * (value.ndim - 2)))
+        shape = (width,) if dim == -1 else (1, width, *([1] * (value.ndim - 2)))
         for index, offset in value.segments:
             self.space(index).points.append(ChannelPoint(name, module, offset, shape))
         return replace(value, revived_by=None)
@@ -616,10 +702,14 @@ class _Tracer:
         description = _describe(node, self.modules)
         if product and len(values) == 1 and len(numbers) == len(tensors) - 1:
             return values[0]  # a number times zero is zero
+        factors = [a for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        if product and len(values) == 1 and len(tensors) == 2 and factors and self.scaled(values[0], factors[0]):
+            return values[0]  # a per-channel parameter times zero is zero
         joinable = (
             len(values) == len(tensors) == 2
             and all(len(v.segments) == 1 and v.segments[0][1] == 0 and not v.flattened for v in values)
             and values[0].width == values[1].width
+            and values[0].channels_last == values[1].channels_last
         )
         if not joinable:
             for value in tensors:
@@ -630,13 +720,39 @@ class _Tracer:
         index = self.union(a.segments[0][0], b.segments[0][0], description)
         # zero times anything is zero: a product is revived only if both factors are
         revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
-        return _Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim)
+        return _Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim or b.ndim, channels_last=a.channels_last)
+
+    def scaled(self, value: _Value, factor: torch.fx.Node) -> bool:
+        """Whether ``factor`` (a ``get_attr``) is a parameter of one entry per channel along ``value``'s channels
+        (ConvNeXt's ``layer_scale``, (C, 1, 1)), read once, of no producer or norm; if so each space records it
+        (``ChannelScale``), to be cut with its channels."""
+        target = str(factor.target)
+        parameter = _attribute(self.model, target)
+        owner = self.modules.get(target.rpartition(".")[0])
+        if (
+            not isinstance(parameter, nn.Parameter)
+            or isinstance(owner, (*PRODUCER_TYPES, *NORM_TYPES, *LAYER_NORMS))
+            or self.attribute_reads.get(target, 0) != 1
+            or value.flattened
+            or value.width is None
+            or (value.ndim is None and not value.channels_last)
+            or (value.ndim is not None and parameter.ndim > value.ndim)
+        ):
+            return False
+        dim = parameter.ndim - 1 if value.channels_last else parameter.ndim - value.ndim + 1
+        others = [size for d, size in enumerate(parameter.shape) if d != dim]
+        if dim not in (0, 1) or dim >= parameter.ndim or parameter.shape[dim] != value.width or set(others) - {1}:
+            return False
+        for index, offset in value.segments:
+            self.space(index).scales.append(ChannelScale(target, dim, offset))
+        return True
 
     def cat(self, node: torch.fx.Node) -> _Value | None:
         parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
         dim = self.argument(node, 1, "dim", 0)
         values = [self.values.get(p) if isinstance(p, torch.fx.Node) else None for p in parts]
-        if dim != 1:
+        known = [value for value in values if value is not None]
+        if not isinstance(dim, int) or not all(value.channels_at(dim) for value in known):
             self.refuse_unknown(node, values)
             return None
         segments: list[tuple[int, int]] = []
@@ -657,7 +773,17 @@ class _Tracer:
                 continue
             segments += [(index, offset + inner) for index, inner in value.segments]
             offset = None if value.width is None else offset + value.width
-        return _Value(tuple(segments), offset, revived_by=revived, ndim=ndim) if segments else None
+        if not segments:
+            return None
+        return _Value(tuple(segments), offset, revived_by=revived, ndim=ndim, channels_last=known[0].channels_last)
+
+
+class _LeafNormTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer with the LayerNorms the graph knows (``LAYER_NORMS``) kept as modules: torchvision's
+    ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside its module."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return is_layer_norm(module) or super().is_leaf_module(module, qualified_name)
 
 
 def trace_channel_graph(model: nn.Module) -> ChannelGraph:
@@ -668,7 +794,7 @@ def trace_channel_graph(model: nn.Module) -> ChannelGraph:
     """
     try:
         # ``stochastic_depth`` called from the model's own forward stays one op, as it is inside torchvision
-        graph = torch.fx.Tracer(autowrap_functions=(stochastic_depth,)).trace(model)
+        graph = _LeafNormTracer(autowrap_functions=(stochastic_depth,)).trace(model)
     except Exception as exc:  # data-dependent control flow, or no forward
         reason = f"torch.fx cannot trace {type(model).__name__} ({str(exc).splitlines()[0][:200]})"
         log.warning("channel graph: %s; nothing in it is prunable", reason)
@@ -676,7 +802,7 @@ def trace_channel_graph(model: nn.Module) -> ChannelGraph:
         for name, module in model.named_modules():
             if isinstance(module, PRODUCER_TYPES):
                 layer = PrunableLayer(name, module)
-                space = ChannelSpace(layer.num_channels, "channels", [layer], refusals=[reason])
+                space = ChannelSpace(layer.num_channels, [layer], refusals=[reason])
                 layer.space = space
                 spaces.append(space)
         return ChannelGraph(spaces)

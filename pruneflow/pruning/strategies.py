@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import PrunableLayer
+from pruneflow.pruning.channels import LAYER_NORMS, PrunableLayer, is_layer_norm
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
@@ -198,9 +198,31 @@ def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor)
     return output.mul_(getattr(module, KEEP_BUFFER).to(output.dtype))
 
 
+def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    """Forward hook at a LayerNorm over channels (``LAYER_NORMS``) reading a masked space: the layer norm of its
+    input over the kept channels only, times ``keep``. Masking its output alone would not do: the norm's mean
+    and variance would still count the pruned channels' zeros, which the cut network's smaller norm does not.
+    The input's pruned channels are multiplied out of the statistics too, so nothing reaches them backwards.
+    No branch on values, the keep-vector a buffer (see ``mask_channels``): a compiled graph reads it as an input.
+    """
+    keep = getattr(module, KEEP_BUFFER).to(output.dtype)
+    dim = LAYER_NORMS[type(module)]
+    kept = keep.sum().clamp_min(1.0)
+    inputs_kept = inputs[0] * keep
+    centred = (inputs_kept - inputs_kept.sum(dim, keepdim=True) / kept) * keep
+    variance = centred.square().sum(dim, keepdim=True) / kept
+    normalised = centred * torch.rsqrt(variance + module.eps)
+    if module.weight is not None:
+        normalised = normalised * module.weight.view(keep.shape)
+    if module.bias is not None:
+        normalised = normalised + module.bias.view(keep.shape)
+    return normalised * keep
+
+
 class ActivationMask(MaskStrategy):
     """Zero the kernels and multiply the channel by 0 at its channel point (after the BatchNorm, so β
-    cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero.
+    cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero. A LayerNorm over
+    channels is recomputed over the kept channels (``mask_layer_norm``), as the cut network computes it.
     """
 
     name = "activation"
@@ -231,7 +253,7 @@ class ActivationMask(MaskStrategy):
         # Registered at setup (``prepare``), before the telemetry's hook, so it runs first by order alone:
         # ``prepend=True`` reorders the hook dict, which Dynamo guards by position on torch 2.7-2.13
         # (pytorch/pytorch#160083: ``compile=true`` then fails while building a guard).
-        self._handles[key] = point.register_forward_hook(mask_channels)
+        self._handles[key] = point.register_forward_hook(mask_layer_norm if is_layer_norm(point) else mask_channels)
 
     def remove(self, layer: PrunableLayer) -> None:
         points = [(layer.name, layer.channel_point)]

@@ -124,7 +124,7 @@ class DriftTelemetry:
         for layer in self.layers:
             for extra in layer.space.points if layer.space is not None else []:
                 if extra.name not in self._leak:
-                    pruned = torch.zeros(extra.module.num_features, device=layer.producer.weight.device)
+                    pruned = torch.zeros(extra.width, device=layer.producer.weight.device)
                     extra.module.register_buffer(PRUNED_BUFFER, pruned, persistent=False)
                     self._leak[extra.name] = torch.full((), -1.0)
                     self._eval_leak[extra.name] = torch.full((), -1.0)
@@ -286,8 +286,9 @@ class DriftTelemetry:
             reference = self.consumer_reference[(layer.name, consumer.name)]
             consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
         norm = None if transient_only else layer.norm
-        has_affine = norm is not None and norm.weight is not None
-        running_var = norm.running_var if norm is not None else None
+        # a LayerNorm over channels has no running statistics, and may have no β
+        has_affine = norm is not None and norm.weight is not None and norm.bias is not None
+        running_var = getattr(norm, "running_var", None)
         optimizer_share = self._optimizer_share.pop(layer.name, None)
         if optimizer_share is None:
             optimizer_share = torch.full((len(OPTIMIZER_FIELDS),), -1.0, device=device)
