@@ -16,6 +16,7 @@ import torch
 import torchvision
 from helpers import COLUMNS_BUFFER, ConsumerInputProbe, input_positions
 from torch import Tensor, nn
+from torchvision.models.convnext import CNBlock, LayerNorm2d
 from torchvision.ops import stochastic_depth
 
 from pruneflow import ChannelPruning, ClassifierModule
@@ -370,7 +371,8 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
     for space in graph.prunable:
         pruned = masks[space.name].nonzero().flatten()
         for consumer in space.consumers:
-            leak = received[consumer.name][:, input_positions(consumer, pruned)]
+            dim = -1 if consumer.kind == "linear" else 1  # a linear layer reads its features on the last dim
+            leak = received[consumer.name].index_select(dim, input_positions(consumer, pruned))
             assert leak.abs().max() == 0, f"{consumer.name} receives {space.name}'s masked channels"
         for layer in space.producers:
             assert layer.producer.weight.grad[pruned].abs().max() == 0, f"{layer.name}'s pruned rows get a gradient"
@@ -507,3 +509,158 @@ def test_a_grouped_space_scored_per_position_and_cut_unevenly_is_refused() -> No
     with pytest.raises(ConfigError, match=r"mask.channels\[b\] must name the same positions in each of its 4 groups"):
         Explicit({"b": [0, 1]}).check([space])
     Explicit({"b": [2, 5, 8, 11]}).check([space])
+
+
+# -- issue 23, ConvNeXt: channels moved by permute, LayerNorms over channels, per-channel layer scales -------
+class TinyConvNeXt(nn.Module):
+    """ConvNeXt's patterns with torchvision's own modules: a stride-2 conv stem with a ``LayerNorm2d``, two
+    ``CNBlock``s (depthwise conv → Permute → LayerNorm → Linear → GELU → Linear → Permute, times the
+    ``layer_scale`` parameter, stochastic depth, plus the input), a ``LayerNorm2d`` then a stride-2 conv, a
+    block at the new width, and the head avgpool → ``LayerNorm2d`` → flatten → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), LayerNorm2d(8))
+        self.blocks = nn.Sequential(CNBlock(8, 1.0, 0.0), CNBlock(8, 1.0, 0.0))
+        self.down = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 12, 2, stride=2))
+        self.block = CNBlock(12, 1.0, 0.0)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), LayerNorm2d(12), nn.Flatten(1), nn.Linear(12, 5))
+        with torch.no_grad():  # a layer scale cut at the wrong entries must show
+            for block in (*self.blocks, self.block):
+                block.layer_scale.uniform_(0.5, 1.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.block(self.down(self.blocks(self.stem(x)))))
+
+
+def test_a_convnext_residual_stream_is_one_coupled_space_with_its_layer_norms_and_layer_scales() -> None:
+    graph = trace_channel_graph(TinyConvNeXt())
+    stream = space_of(graph, "stem.0")
+    assert stream.prunable and stream.coupled, stream.refusals
+    assert stream.names == ["stem.0", "blocks.0.block.0", "blocks.0.block.5", "blocks.1.block.0", "blocks.1.block.5"]
+    assert stream.producers[0].norm_name == "stem.1"  # the LayerNorm2d right after the stem conv is its norm
+    assert [(point.name, point.shape) for point in stream.points] == [
+        ("blocks.0.block.2", (8,)), ("blocks.1.block.2", (8,)), ("down.0", (1, 8, 1, 1))
+    ]  # fmt: skip
+    assert [(scale.name, scale.dim) for scale in stream.scales] == [
+        ("blocks.0.layer_scale", 0), ("blocks.1.layer_scale", 0)
+    ]  # fmt: skip
+    assert [(c.name, c.kind) for c in stream.consumers] == [
+        ("blocks.0.block.3", "linear"), ("blocks.1.block.3", "linear"), ("down.1", "conv")
+    ]  # fmt: skip
+    assert {space.name for space in graph.prunable} == {
+        "stem.0", "blocks.0.block.3", "blocks.1.block.3", "down.1", "block.block.3"
+    }  # fmt: skip
+    assert [point.name for point in space_of(graph, "down.1").points] == ["block.block.2", "head.1"]
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_convnext_layer_norms_and_layer_scales_mask_exactly_and_cut_to_the_masked_function(strategy: str) -> None:
+    graph = check_masked_and_cut(TinyConvNeXt(), (3, 16, 16), strategy)
+    assert len(graph.prunable) == 5 and sum(space.coupled for space in graph.prunable) == 2
+
+
+def test_a_convnext_cut_slices_layer_norms_and_layer_scales_with_their_channels() -> None:
+    model = TinyConvNeXt()
+    graph = trace_channel_graph(model)
+    masks = half_of_every_space(graph)
+    kept = (~masks["stem.0"]).nonzero().flatten()
+    compaction = compact(model, masks)
+    block = compaction.model.blocks[0]
+    assert torch.equal(block.layer_scale, model.blocks[0].layer_scale[kept])
+    assert block.block[2].normalized_shape == (4,) and torch.equal(
+        block.block[2].bias, model.blocks[0].block[2].bias[kept]
+    )
+    assert compaction.model.stem[1].normalized_shape == (4,) and compaction.model.head[1].normalized_shape == (6,)
+    assert compaction.sizes["blocks.0.layer_scale"] == {"channels": 4, "dim": 0}
+    assert compaction.sizes["stem.1"] == {"normalized_shape": 4}
+
+
+class ChannelsLastBranch(nn.Module):
+    """Channels moved by ``Tensor.permute`` and ``torch.permute``: a conv with its ``LayerNorm2d``; in
+    channels-last a linear layer with its own ``nn.LayerNorm`` and a (C,) per-channel scale; back to
+    channels-first, added to the conv's output, read by a conv and a spatial mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv_norm = nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8)
+        self.fc, self.fc_norm = nn.Linear(8, 8), nn.LayerNorm(8)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.head_conv, self.out = nn.Conv2d(8, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_norm(self.conv(x))
+        y = self.gamma * nn.functional.gelu(self.fc_norm(self.fc(x.permute(0, 2, 3, 1))))
+        x = x + torch.permute(y, (0, 3, 1, 2))
+        return self.out(torch.relu(self.head_conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("strategy", ["activation", "hard"])
+def test_layer_norms_right_after_their_producers_are_their_channel_points(strategy: str) -> None:
+    graph = check_masked_and_cut(ChannelsLastBranch(), (3, 6, 6), strategy)
+    space = space_of(graph, "conv")
+    assert space.prunable and space.names == ["conv", "fc"], space.refusals
+    assert [layer.norm_name for layer in space.producers] == ["conv_norm", "fc_norm"]
+    assert [(scale.name, scale.dim) for scale in space.scales] == [("gamma", 0)]
+    assert space.consumers == [Consumer("fc", "linear"), Consumer("head_conv", "conv")]
+
+
+class SubclassedLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass: its forward may compute anything, so the graph does not guess."""
+
+
+class ChannelsMisplaced(nn.Module):
+    """conv ``a`` (4 channels of 4×4) → something that reads or moves its channels along another dim → ``b``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+        self.norm = SubclassedLayerNorm(4) if how == "layer norm subclass" else nn.LayerNorm((4, 4))
+        self.scale = nn.Parameter(torch.rand(1, 1, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        if self.how == "permute to dim 2":
+            x = x.permute(0, 2, 1, 3)
+        elif self.how == "scale along the width":
+            x = (x * self.scale).permute(0, 2, 3, 1)
+        elif self.how == "layer norm subclass":
+            x = self.norm(x.permute(0, 2, 3, 1))
+        else:
+            x = self.norm(x)  # over (H, W)
+        return self.b(x).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("permute to dim 2", ".permute() at permute moves them to dim 2: no reader there"),
+        ("scale along the width", "mul() at mul combines them with a tensor outside the channel graph"),
+        ("layer norm subclass", "reaches layer_norm() at layer_norm, whose effect on channels is not understood"),
+        ("layer norm over two dims", "LayerNorm norm reads them among other channels and it normalises across more"),
+    ],
+)
+def test_channels_read_or_moved_along_another_dim_refuse_their_space_naming_why(how: str, reason: str) -> None:
+    space = space_of(trace_channel_graph(ChannelsMisplaced(how)), "a")
+    assert not space.prunable and any(reason in refusal for refusal in space.refusals), space.refusals
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("hard", True), ("activation", False)])
+def test_telemetry_measures_the_leak_at_a_layer_norm_reading_the_residual_stream(strategy: str, leaks: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(TinyConvNeXt()).train()
+    layers = space_of(trace_channel_graph(model), "stem.0").producers
+    masking, mask = make_strategy(strategy), torch.tensor([True, False] * 4)
+    for layer in layers:
+        masking.prepare(layer)
+    telemetry = DriftTelemetry(layers, masking, dict(model.named_modules()))
+    for layer in layers:
+        masking.apply(layer, mask)
+        telemetry.on_pruned(layer, mask)
+    telemetry.arm(True)
+    model(torch.randn(4, 3, 16, 16))
+    metrics = telemetry.measure()
+    # the dwconv has no norm: its leak is the LayerNorm's output after it (β, unless masked there)
+    leak = metrics["leak/activation_abs_mean/blocks.0.block.0"]
+    assert leak > 0.1 if leaks else leak == 0

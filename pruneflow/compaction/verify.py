@@ -38,10 +38,12 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
 
 
 def randomize_norms(model: nn.Module, seed: int = 0, beta_scale: float = 1.0) -> nn.Module:
-    """Random γ, β (× ``beta_scale``) and running statistics in every BatchNorm; returns ``model`` in eval mode.
+    """Random γ, β (× ``beta_scale``) and running statistics in every BatchNorm, random weight and bias in
+    every affine LayerNorm; returns ``model`` in eval mode.
 
-    A freshly built BatchNorm is the identity in eval mode, so a norm entry cut at the wrong index would go
-    unnoticed when comparing a compacted network with its masked original; random statistics make it show.
+    A freshly built BatchNorm is the identity in eval mode (a LayerNorm's affine part too), so a norm entry
+    cut at the wrong index would go unnoticed when comparing a compacted network with its masked original;
+    random statistics make it show.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -52,6 +54,10 @@ def randomize_norms(model: nn.Module, seed: int = 0, beta_scale: float = 1.0) ->
                 module.bias.copy_(torch.randn(n, generator=generator) * beta_scale)
                 module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
                 module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                if module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * beta_scale)
     return model.eval()
 
 
