@@ -61,3 +61,22 @@ def test_train_prunes_coupled_groups_of_a_torchvision_resnet_and_compacts_exactl
     pruned = metrics["mask/pruned_channels"]
     assert pruned["conv1"] == pruned["layer1.0.conv2"] == pruned["layer1.1.conv2"] == 32  # the stem's group
     assert metrics["compact/flops_ratio"] > 2.5
+
+
+@pytest.mark.slow
+def test_train_prunes_convnext_residual_streams_through_layer_norms_and_compacts_exactly(tmp_path: Path) -> None:
+    """ConvNeXt's residual stream (stem or downsampling conv, depthwise convs, each block's second linear
+    layer, its LayerNorms and layer scales) is one coupled group per stage; pruned at 50 % with the blocks'
+    hidden spaces, most of the FLOPs go and the cut network computes what the masked one did."""
+    run_dir = tmp_path / "run"
+    result = run_train(
+        "data=synthetic", "data.input_shape=[3,32,32]", "data.num_train=32", "data.num_test=16", "data.batch_size=16",
+        "model=torchvision", "model.name=convnext_tiny", "mask=activation", "mask.groups=true", "trainer.max_epochs=1",
+        "compact=true", f"hydra.run.dir={run_dir}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
+    pruned = metrics["mask/pruned_channels"]
+    assert pruned["features.0.0"] == pruned["features.1.0.block.0"] == pruned["features.1.2.block.5"] == 48
+    assert metrics["compact/flops_ratio"] > 3.5
