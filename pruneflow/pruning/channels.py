@@ -7,15 +7,25 @@ carries it. For each space the graph knows
 - its **producers** (``PrunableLayer``): the weights that write channel ``c`` — a conv's kernel row
   ``weight[c]`` (and ``bias[c]``), a linear layer's output feature ``c``, a depthwise conv reading the
   space, which carries channel ``c`` to its own channel ``c`` and owns row ``c`` — each with its
-  **norm** (the BatchNorm applied directly to its output) and its **channel point**, where an
-  activation mask removes the channel for good: the norm's output when there is one (after β: an
-  all-zero input channel leaves BatchNorm as ``γ·(0 − 0)/√(0 + ε) + β = β``), else the producer's;
+  **norm** (the BatchNorm, or LayerNorm over the channels, applied directly to its output) and its
+  **channel point**, where an activation mask removes the channel for good: the norm's output when
+  there is one (after β: an all-zero input channel leaves BatchNorm as ``γ·(0 − 0)/√(0 + ε) + β = β``),
+  else the producer's;
 - its **consumers**: the weights that read it — a dense conv's input slice ``weight[:, c]``, a linear
   layer's input feature ``c``, or after a flatten its feature block ``c·k … (c+1)·k − 1`` — at an
   offset when the space reaches them through ``torch.cat`` along channels;
-- its **points** (``ChannelPoint``): the BatchNorms that read it among other channels — after a
-  concatenation (DenseNet's pre-activation ``norm1``) or an addition — each writes β into the space's
-  channels again, so the space is masked there too, at its offset, and cut from the norm's entries;
+- its **points** (``ChannelPoint``): the norms that read it among other channels — a BatchNorm after a
+  concatenation (DenseNet's pre-activation ``norm1``) or an addition, a LayerNorm over a residual stream
+  (ConvNeXt's) — each writes β into the space's channels again, so the space is masked there too, at its
+  offset, and cut from the norm's entries. A **LayerNorm over the channels** (``LAYER_NORMS``: ``nn.LayerNorm``
+  over the last dim of a channels-last tensor, torchvision's ``LayerNorm2d`` over dim 1, exact types) also
+  mixes the channels: its mean and variance count every channel it reads, so masking its input is not
+  enough for the masked network to equal the cut one, whose LayerNorm counts the kept channels only. The
+  ``activation`` strategy therefore recomputes it over the kept channels (``strategies.mask_layer_norm``)
+  wherever it is a channel point;
+- its **scales** (``ChannelScale``): per-channel parameters read outside their module (``get_attr``) and
+  multiplied into it — ConvNeXt's ``layer_scale``, (C, 1, 1) — which keep a zero channel at zero and are cut
+  with the space's channels; a parameter of any other shape is a tensor outside the graph, and refused;
 - its **groups**: written or read by a grouped conv (ResNeXt, RegNet), a space is cut at the same
   positions in each of the conv's groups, scored by the criterion summed over the groups, so the
   conv keeps its group count and every group keeps an equal width;
@@ -24,10 +34,19 @@ carries it. For each space the graph knows
   at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
-  reading a concatenation, a norm across channels (GroupNorm, LayerNorm), a parameter tied
+  reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
+  subclass, a LayerNorm over more than the channels), channels read along another dim than theirs, a parameter tied
   to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
   with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is guessed: a
   model ``torch.fx`` cannot trace has no prunable space.
+
+Each traced value knows where its channels are: at dim 1 (a conv's output, and what a conv reads) or at
+the last dim (a linear layer's output, and what a linear layer reads, unless flattened channel-major). A
+``permute`` (``torch.permute``, ``Tensor.permute``, torchvision's ``Permute``) moves them; one that moves them
+anywhere else, a pooling or reduction of channels-last values, an addition of values with their channels at
+different dims, is refused. ConvNeXt is read this way: each stage's residual stream (the stem or
+downsampling conv, every depthwise conv, every block's second linear layer, the LayerNorms, the layer scales)
+is one coupled space, and each block's hidden width another.
 """
 
 from __future__ import annotations
