@@ -161,7 +161,7 @@ def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
 TORCH_PRUNING_FLOPS_RATIO = {
     "resnet18": 3.76, "densenet121": 3.84, "efficientnet_b0": 3.58, "regnet_y_400mf": 3.90,
     "resnext50_32x4d": 3.89, "mobilenet_v3_small": 3.35, "squeezenet1_1": 3.64, "mnasnet0_5": 3.32,
-    "googlenet": 3.71,
+    "googlenet": 3.71, "convnext_tiny": 3.90,
 }  # fmt: skip
 
 

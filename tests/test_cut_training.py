@@ -18,6 +18,7 @@ from helpers import QUIET, run_train
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.convnext import CNBlock, LayerNorm2d
 
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction import load_trained_run
@@ -145,6 +146,40 @@ def test_residual_groups_cut_while_training_train_on_as_the_masked_run(optimizer
     assert cut_pruning.cut is not None and cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5
     assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
+
+
+def convnext_run(**mask: object) -> tuple[ClassifierModule, ChannelPruning]:
+    """ConvNeXt's residual stream: a stem conv with its LayerNorm2d, two blocks (LayerNorm and ``layer_scale``
+    in each), the head's LayerNorm2d; the stream and each block's hidden width pruned as groups."""
+    torch.manual_seed(0)
+    network = nn.Sequential(
+        nn.Conv2d(1, 8, 2, stride=2), LayerNorm2d(8), CNBlock(8, 1.0, 0.0), CNBlock(8, 1.0, 0.0),
+        nn.AdaptiveAvgPool2d(1), LayerNorm2d(8), nn.Flatten(1), nn.Linear(8, 3),
+    )  # fmt: skip
+    module = ClassifierModule(network, OPTIMIZERS["adamw"], num_classes=3, scheduler=cosine)
+    pruning = ChannelPruning(
+        strategy="activation", amount=0.5, at_step=PRUNE_AT, reset_optimizer_state=True, groups=True, **mask
+    )
+    return module, pruning
+
+
+def test_convnext_layer_norms_and_layer_scales_cut_while_training_train_on_and_resume(tmp_path: Path) -> None:
+    masked, masked_pruning = convnext_run()
+    fit(masked, masked_pruning)
+    cut, cut_pruning = convnext_run(cut_at_step=CUT_AT)
+    fit(cut, cut_pruning, ckpt_dir=tmp_path)
+    assert cut.model[2].layer_scale.shape == (4, 1, 1) and cut.model[5].normalized_shape == (4,)
+    assert cut_pruning.cut is not None and cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5
+    # the layer scales trained on after the cut with their AdamW state cut alike: on the masked run's path
+    assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
+    assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
+    resumed, resumed_pruning = convnext_run(cut_at_step=CUT_AT)
+    fit(resumed, resumed_pruning, ckpt_path=tmp_path / "epoch=0.ckpt")  # a fresh network takes the cut widths
+    assert resumed_pruning.cut == cut_pruning.cut
+    final, reference = resumed.state_dict(), cut.state_dict()
+    assert final.keys() == reference.keys()
+    for key, tensor in final.items():
+        assert torch.equal(tensor, reference[key]), key
 
 
 def test_the_telemetry_stops_at_the_cut_and_metrics_record_it() -> None:
