@@ -265,13 +265,14 @@ def test_latency_on_cuda_is_timed_on_the_gpu_in_the_runs_precision() -> None:
 
 
 class Scaled(nn.Module):
-    """A conv whose output is scaled by a tensor product: compaction does not know what that does to channels."""
+    """A conv whose output is scaled by a parameter: one entry per channel (``(1, 4, 1, 1)``) is cut with the
+    channels; any other shape (``(1, 1, 1, 5)``, along the width) compaction does not know what it does to them."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate_shape: tuple[int, ...] = (1, 1, 1, 5)) -> None:
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.gate = nn.Parameter(torch.ones(1, 4, 1, 1))
+        self.gate = nn.Parameter(torch.rand(gate_shape) + 0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.bn1(self.conv1(x)) * self.gate)
@@ -303,6 +304,10 @@ class ConvHead(nn.Module):
 def test_unsupported_structures_are_refused_naming_the_layer() -> None:
     with pytest.raises(CompactionError, match=r"of conv1: mul\(\) at mul combines them with a tensor outside"):
         compact(Scaled(), {"conv1": [0]})
+    per_channel = Scaled((1, 4, 1, 1))
+    compaction = compact(per_channel, {"conv1": [0]})
+    assert torch.equal(compaction.model.gate, per_channel.gate[:, 1:])
+    assert compaction.sizes["gate"] == {"channels": 3, "dim": 1}
     with pytest.raises(CompactionError, match="cannot cut channels of conv1: their reader conv2 is called 2 times"):
         compact(SharedConsumer(), {"conv1": [0]})
     with pytest.raises(CompactionError, match="cannot cut channels of head: reaches the network's output"):
