@@ -90,6 +90,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int
     "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
     "concat": (concat_net, (3, 8, 8), (4, 3, 0)),
     "conv1d": (conv1d_net, (2, 16), (2, 1, 0)),  # the addition joins a space with itself
+    "tiny_convnext": (lambda: TinyConvNeXt(), (3, 16, 16), (6, 5, 2)),  # LayerNorms, permutes, layer scales
 }
 
 
