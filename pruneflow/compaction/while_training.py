@@ -1,16 +1,16 @@
 """Cutting while training: the masked network made physically smaller inside a running fit.
 
-``compact`` (the same cut as ``compact=true``) builds the smaller modules; ``swap_in`` puts them into the
-live network in place of the masked ones and carries every optimizer over: its parameter groups point
-at the new parameters and each kept entry's state is cut as the parameter was (``cut_tensor``: producer
-rows, consumer columns, BatchNorm entries) along every dim that follows the parameter's: SGD's
-``momentum_buffer``, Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (shaped like the parameter),
-Adafactor's factored ``row_var`` / ``col_var`` (the parameter's dims, some reduced to 1, which stay); scalars
-such as Adam's ``step`` are kept. State that follows no dim of its parameter is refused before anything
-changes, and optimizers whose state is not per parameter (``UNCARRIABLE_OPTIMIZERS``) by name before
-training. Learning-rate schedulers hold the optimizer, not its parameters, so they go on; so does gradient
-clipping, which reads the parameter groups. Only the replaced modules change: every other parameter keeps
-its identity and its state.
+``compact`` (the same cut as ``compact=true``) builds the smaller modules; ``swap_in`` puts them into the live
+network in place of the masked ones and carries every optimizer over: its parameter groups point at the new
+parameters and each kept entry's state is cut as the parameter was (``cut_tensor``: producer rows, consumer
+columns, norm entries, per-channel parameters such as ConvNeXt's ``layer_scale``) along every dim that follows
+the parameter's: SGD's ``momentum_buffer``, Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (shaped
+like the parameter), Adafactor's factored ``row_var`` / ``col_var`` (the parameter's dims, some reduced to 1,
+which stay); scalars such as Adam's ``step`` are kept. State that follows no dim of its parameter is refused
+before anything changes, and optimizers whose state is not per parameter (``UNCARRIABLE_OPTIMIZERS``) by name
+before training. Learning-rate schedulers hold the optimizer, not its parameters, so they go on; so does
+gradient clipping, which reads the parameter groups. Only the replaced modules change: every other parameter
+keeps its identity and its state.
 
 A checkpoint written after the cut holds the smaller network; the pruning callback's state records its
 widths (``TrainingCut.sizes``), which ``compaction.cut.apply_sizes`` gives a fresh network before the

@@ -599,12 +599,13 @@ class _Tracer:
         linear layer the last); anywhere else, or of a flattened tensor or one of another rank, it is refused."""
         if value is None:
             return None
-        ndim = len(dims) if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims) else None
-        where = (ndim - 1 if value.channels_last else 1) if ndim is not None else None
-        if ndim is None or value.flattened or value.ndim not in (None, ndim) or ndim < 2:
+        ndim = len(dims) if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims) else 0
+        order = [d % ndim for d in dims] if ndim else []
+        where = ndim - 1 if value.channels_last else 1
+        if ndim < 2 or value.flattened or value.ndim not in (None, ndim) or where not in order:
             self.refuse_unknown(node, [value])
             return None
-        moved_to = [d % ndim for d in dims].index(where)
+        moved_to = order.index(where)
         if moved_to not in (1, ndim - 1):
             self.refuse(value, f"{_describe(node, self.modules)} moves them to dim {moved_to}: no reader there")
             return None
