@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Decoded-split cache entries (pruneflow.data.tensor_cache) go to one folder per test session, never into
+    the user's ~/.cache; runs of train.py started by tests inherit it through PRUNEFLOW_CACHE."""
+    folder = tmp_path_factory.mktemp("data_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PRUNEFLOW_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ Everything else lives here once: the fixed validation split, ``limit_train``, th
 device in ``on_after_batch_transfer``; on an accelerator the uint8 tensors themselves move to it once,
 so batches are cut, augmented and normalised there with no per-batch host copy.
 ``TorchvisionDataModule`` adds what data sets read from files under ``root`` share:
-``download`` and the one-line errors for missing or unreadable files.
+``download``, the one-line errors for missing or unreadable files, and the decoded-split cache
+(``pruneflow.data.tensor_cache``) that spares later runs the decoding.
 """
 
 import logging
@@ -22,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from pruneflow.data.tensor_cache import SplitCache, default_cache_dir
 from pruneflow.data.transforms import keyed_generator, normalize, random_crop_flip
 from pruneflow.errors import ConfigError
 
@@ -217,11 +219,15 @@ class InMemoryImageDataModule(L.LightningDataModule):
         """The official training (``train``) or test split: uint8 (N, C, H, W) images, int64 labels."""
         raise NotImplementedError
 
+    def load_split(self, train: bool) -> Batch:
+        """``read_split``, or where a subclass caches splits, the cached copy of what it would read."""
+        return self.read_split(train)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_images is not None:  # read once, whatever the number of stages
             return
-        train_images, train_labels = self._checked(*self.read_split(train=True), split="training")
-        self.test_images, self.test_labels = self._checked(*self.read_split(train=False), split="test")
+        train_images, train_labels = self._checked(*self.load_split(train=True), split="training")
+        self.test_images, self.test_labels = self._checked(*self.load_split(train=False), split="test")
         num_val = self.num_val(len(train_images))
         train_index, val_index = split_indices(len(train_images), num_val, self.split_seed)
         if self.limit_train is not None:
@@ -340,15 +346,49 @@ class TorchvisionDataModule(InMemoryImageDataModule):
         root: the folder torchvision's dataset class takes as ``root``.
         download: let torchvision fetch the files when they are absent. Off by default, so a wrong
             ``root`` is an error naming the folder rather than a silent download.
+        cache: keep each decoded split as a tensor file and map it in later runs
+            (``pruneflow.data.tensor_cache``: keyed by the source files' size, mtime and inode).
+        cache_dir: where those files go; None: ``$PRUNEFLOW_CACHE``, else ``$XDG_CACHE_HOME/pruneflow/data``
+            (``~/.cache/pruneflow/data``).
         **kwargs: see ``InMemoryImageDataModule``.
     """
 
-    def __init__(self, root: str | Path = "./data", download: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | Path = "./data",
+        download: bool = False,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not isinstance(download, bool):
             raise ConfigError(f"download must be true or false, got {download!r}")
+        if not isinstance(cache, bool):
+            raise ConfigError(f"cache must be true or false, got {cache!r}")
+        if cache_dir is not None and not isinstance(cache_dir, str | Path):
+            raise ConfigError(f"cache_dir must be a folder path or null (the default cache folder), got {cache_dir!r}")
         self.root = Path(root).expanduser()
         self.download = download
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+
+    def source_files(self, train: bool) -> list[Path]:
+        """The files a split is decoded from: its cache entry is current while they are unchanged."""
+        raise NotImplementedError
+
+    def read_settings(self) -> dict[str, Any]:
+        """Reader options that change the decoded tensors (beyond the source files); part of the cache key."""
+        return {}
+
+    def load_split(self, train: bool) -> Batch:
+        sources = self.source_files(train)
+        if not self.cache or not sources or not all(path.is_file() for path in sources):
+            return self.read_split(train)  # the reader says what is missing (or fetches it)
+        settings = {"folder": str(self.folder.resolve()), **self.read_settings()}
+        cache = SplitCache(self.cache_dir or default_cache_dir(), self.name, "train" if train else "test",
+                           settings, sources)  # fmt: skip
+        return cache.load_or_read(lambda: self.read_split(train))
 
     @property
     def folder(self) -> Path:

@@ -4,6 +4,8 @@
 batch files and downloads on request. ``verify=false`` reads the python-pickle batches directly and
 accepts a folder holding only some of ``data_batch_1..5`` (plus ``test_batch``), saying how many
 images it found: subsets, partial copies and modified batches train without a checksum to match.
+Either way the decoded splits are cached (``pruneflow.data.tensor_cache``); a cached split is not
+md5-checked again while its files keep their size, modification time and inode.
 """
 
 import logging
@@ -57,9 +59,37 @@ class CIFAR10DataModule(TorchvisionDataModule):
     def folder(self) -> Path:
         return self.root / CIFAR10.base_folder
 
+    def source_files(self, train: bool) -> list[Path]:
+        if self.verify:  # torchvision reads (and md5-checks) all of them, whichever split
+            return [self.folder / name for name in CHECKSUMS]
+        names = TRAIN_BATCHES if train else [TEST_BATCH]
+        return [self.folder / name for name in names if (self.folder / name).is_file()]
+
+    def read_settings(self) -> dict[str, Any]:
+        return {"verify": self.verify}
+
     def read_split(self, train: bool) -> Batch:
-        images, labels = self._read_verified(train) if self.verify else self._read_found(train)
+        return self._read_verified(train) if self.verify else self._read_found(train)
+
+    def load_split(self, train: bool) -> Batch:
+        images, labels = super().load_split(train)
         self.images_found["train" if train else "test"] = len(images)
+        if self.verify:
+            if train:
+                self.batches_found = list(TRAIN_BATCHES)
+            return images, labels
+        found = [path.name for path in self.source_files(train)]  # what read_split read, or the cache was keyed on
+        if train:
+            self.batches_found = found
+            log_once(
+                log,
+                "CIFAR-10: read %s training images from %d of %d batches (%s) in %s",
+                f"{len(images):,}", len(found), len(TRAIN_BATCHES), ", ".join(found), self.folder.resolve(),
+            )  # fmt: skip
+        else:
+            log_once(
+                log, "CIFAR-10: read %s test images (%s) in %s", f"{len(images):,}", found[0], self.folder.resolve()
+            )
         return images, labels
 
     def _read_verified(self, train: bool) -> Batch:
@@ -73,8 +103,6 @@ class CIFAR10DataModule(TorchvisionDataModule):
             lambda: CIFAR10(self.root, train=train, download=self.download),
             lambda err: self._failed_checksum(),
         )
-        if train:
-            self.batches_found = list(TRAIN_BATCHES)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # torchvision keeps HWC for PIL
         return images.contiguous(), torch.tensor(dataset.targets, dtype=torch.int64)
 
@@ -103,17 +131,6 @@ class CIFAR10DataModule(TorchvisionDataModule):
         batches = [self._read_batch(self.folder / name) for name in found]
         images = torch.from_numpy(np.concatenate([images for images, _ in batches]))
         labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]))
-        if train:
-            self.batches_found = found
-            log_once(
-                log,
-                "CIFAR-10: read %s training images from %d of %d batches (%s) in %s",
-                f"{len(images):,}", len(found), len(names), ", ".join(found), self.folder.resolve(),
-            )  # fmt: skip
-        else:
-            log_once(
-                log, "CIFAR-10: read %s test images (%s) in %s", f"{len(images):,}", found[0], self.folder.resolve()
-            )
         return images, labels
 
     @staticmethod

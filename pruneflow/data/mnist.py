@@ -56,9 +56,16 @@ class MNISTDataModule(TorchvisionDataModule):
         """The unpacked idx files torchvision expects (it checks all four, whichever split it reads)."""
         return [Path(url).stem for url, _ in self.dataset_class.resources]
 
+    def split_files(self, train: bool) -> list[str]:
+        """The split's images and labels idx files."""
+        return [name for name in self.files if name.startswith("train" if train else "t10k")]
+
+    def source_files(self, train: bool) -> list[Path]:
+        return [self.folder / name for name in self.split_files(train)]
+
     def read_split(self, train: bool) -> Batch:
         def diagnose(err: BaseException) -> DatasetCorruptError:
-            split_files = [name for name in self.files if name.startswith("train" if train else "t10k")]
+            split_files = self.split_files(train)
             for name in split_files:
                 if problem := idx_file_problem(self.folder / name):
                     return DatasetCorruptError(
