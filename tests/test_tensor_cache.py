@@ -8,6 +8,8 @@ import logging
 import os
 import pickle
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +173,23 @@ def test_default_cache_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert default_cache_dir() == tmp_path / "xdg" / "pruneflow" / "data"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "pruneflow" / "data"
+
+
+def test_concurrent_runs_each_get_whole_data_and_leave_one_valid_entry(tmp_path: Path) -> None:
+    """Runs of a sweep build the same entry at once: each writes its own temporary file and renames it over
+    the entry, so every reader sees a whole entry (or none) whichever writer wins."""
+    fake_mnist(tmp_path / "data")
+    cache = tmp_path / "cache"
+    fresh = read(MNISTDataModule(tmp_path / "data", cache=False, val_size=8))
+    start = threading.Barrier(6)
+
+    def run(_: int) -> dict[str, torch.Tensor]:
+        start.wait()
+        return read(MNISTDataModule(tmp_path / "data", cache_dir=cache, val_size=8))
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(run, range(6)))
+    for result in results:
+        assert_bit_identical(result, fresh)
+    assert sorted(path.name.split("-")[1] for path in cache.iterdir()) == ["test", "train"]
+    assert_bit_identical(read(NoReads(tmp_path / "data", cache_dir=cache, val_size=8)), fresh)
