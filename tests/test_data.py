@@ -296,7 +296,7 @@ def training_trainer(epoch: int, batch_idx: int) -> SimpleNamespace:
     """The parts of a Trainer that on_after_batch_transfer reads, during training batch ``batch_idx``."""
     progress = SimpleNamespace(current=SimpleNamespace(ready=batch_idx))
     fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
-    return SimpleNamespace(training=True, current_epoch=epoch, global_rank=1, fit_loop=fit_loop)
+    return SimpleNamespace(training=True, sanity_checking=False, current_epoch=epoch, global_rank=1, fit_loop=fit_loop)
 
 
 def test_hook_augments_training_batches_only() -> None:
@@ -377,3 +377,24 @@ def test_lightning_loop_sees_normalised_batches_with_matching_batch_index(tmp_pa
     trainer.fit(module, datamodule=datamodule)
     assert [(epoch, index) for epoch, index, *_ in module.seen] == [(e, i) for e in range(2) for i in range(5)]
     assert all(hook == (epoch, index) and dtype == torch.float32 for epoch, index, hook, dtype in module.seen)
+
+
+class ValidationBatchSizes(RecordingClassifier):
+    """Records (sanity checking?, images) of every validation batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validation_batches: list[tuple[bool, int]] = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.validation_batches.append((self.trainer.sanity_checking, len(batch[0])))
+
+
+def test_sanity_check_validates_a_training_batch_worth_and_validation_sees_whole_batches(tmp_path: Path) -> None:
+    datamodule = RecordingSynthetic(num_train=160, num_test=40, val_size=40, batch_size=16, eval_batch_size=40)
+    module = ValidationBatchSizes()
+    trainer = L.Trainer(max_epochs=1, num_sanity_val_steps=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert module.validation_batches == [(True, 16), (False, 40)]

@@ -5,7 +5,8 @@ labels (``read_split``) and gives its ``input_shape``, ``num_classes`` and norma
 Everything else lives here once: the fixed validation split, ``limit_train``, the batch iterator
 (shuffling per epoch, sharding by rank), and normalisation/augmentation of whole batches on the
 device in ``on_after_batch_transfer``; on an accelerator the uint8 tensors themselves move to it once,
-so batches are cut, augmented and normalised there with no per-batch host copy.
+so batches are cut, augmented and normalised there with no per-batch host copy. The sanity check's
+validation batches are cut to ``batch_size`` images there: it runs the code, its figures are discarded.
 ``TorchvisionDataModule`` adds what data sets read from files under ``root`` share:
 ``download``, the one-line errors for missing or unreadable files, and the decoded-split cache
 (``pruneflow.data.tensor_cache``) that spares later runs the decoding.
@@ -313,6 +314,10 @@ class InMemoryImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         trainer = self.trainer
         if trainer is None or not trainer.training:
+            if trainer is not None and trainer.sanity_checking:
+                # The sanity check runs the validation code before the first step, and its figures are
+                # discarded: a training batch's worth of images runs that code as well as 1,000 do.
+                batch = batch[0][: self.batch_size], batch[1][: self.batch_size]
             return self.transform_batch(batch, train=False)
         # Lightning runs this hook just before it counts the batch as ready, so `ready` is this batch's
         # index within the epoch; it is restored from checkpoints, which keeps augmentation resume-safe.
