@@ -1,7 +1,7 @@
 """What several test files share: where the repository and the real data lie, how to run the real entry
-point and compose the real configs in-process, and a probe that measures a guarantee from outside the
-mechanism that provides it.
-Shared test helpers that measure a guarantee from outside the mechanism that provides it.
+point and compose the real configs in-process, a probe that measures a guarantee from outside the
+mechanism that provides it, and small networks with one channel pattern each (``DenseLayers``: norms
+after concatenations; ``GroupedBottleneck``: a grouped conv in a residual block).
 
 ``ConsumerInputProbe`` reads what the *consumers* of pruned channels receive — the input slice of the
 next conv, or the linear layer's feature block after a flatten — through a forward pre-hook on each
@@ -214,3 +214,41 @@ class PaceFirstStart(Callback):
         first_start = trainer.ckpt_path is None and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
         if trainer.current_epoch >= self.from_epoch and first_start:
             time.sleep(self.seconds)
+
+
+# -- small networks with one pattern each, shared by the channel-graph and cut-while-training tests --
+class DenseLayers(nn.Module):
+    """DenseNet's pattern: each layer reads the concatenation of all before it through its own BatchNorm."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(in_channels, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(7), nn.Conv2d(7, 3, 3, padding=1)
+        self.norm3, self.fc = nn.BatchNorm2d(10), nn.Linear(10, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        features = [x, self.conv1(torch.relu(self.norm1(x)))]
+        features.append(self.conv2(torch.relu(self.norm2(torch.cat(features, 1)))))
+        x = torch.relu(self.norm3(torch.cat(features, 1)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class GroupedBottleneck(nn.Module):
+    """ResNeXt's and RegNet's bottleneck: a dense 1×1 conv, a grouped 3×3 conv (4 groups, 8 → 12 channels),
+    a dense 1×1 conv, and a residual addition."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(in_channels, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.a, self.a_bn = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
+        self.b, self.b_bn = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
+        self.c, self.c_bn = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
+        x = torch.relu(x + self.c_bn(self.c(branch)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))

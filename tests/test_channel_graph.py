@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from helpers import COLUMNS_BUFFER, ConsumerInputProbe, input_positions
+from helpers import COLUMNS_BUFFER, ConsumerInputProbe, DenseLayers, GroupedBottleneck, input_positions
 from torch import Tensor, nn
 from torchvision.models.convnext import CNBlock, LayerNorm2d
 from torchvision.ops import stochastic_depth
@@ -382,24 +382,6 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
     return graph
 
 
-class DenseLayers(nn.Module):
-    """DenseNet's pattern: each layer reads the concatenation of all before it through its own BatchNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 3, 3, padding=1)
-        self.norm2, self.conv2 = nn.BatchNorm2d(7), nn.Conv2d(7, 3, 3, padding=1)
-        self.norm3, self.fc = nn.BatchNorm2d(10), nn.Linear(10, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.stem_bn(self.stem(x)))
-        features = [x, self.conv1(torch.relu(self.norm1(x)))]
-        features.append(self.conv2(torch.relu(self.norm2(torch.cat(features, 1)))))
-        x = torch.relu(self.norm3(torch.cat(features, 1)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
 @pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
 def test_a_norm_after_a_concatenation_masks_each_space_at_its_offset(strategy: str) -> None:
     graph = check_masked_and_cut(DenseLayers(), (3, 6, 6), strategy)
@@ -449,25 +431,6 @@ def test_stochastic_depth_and_shape_reads_keep_a_space_prunable(strategy: str) -
     graph = check_masked_and_cut(StochasticResidual(), (3, 6, 6), strategy)
     assert space_of(graph, "stem").names == ["stem", "b"] and {s.name for s in graph.prunable} == {"stem", "a"}
     assert space_of(graph, "stem").consumers == [Consumer("a", "conv"), Consumer("fc", "linear", 4)]
-
-
-class GroupedBottleneck(nn.Module):
-    """ResNeXt's and RegNet's bottleneck: a dense 1×1 conv, a grouped 3×3 conv (4 groups, 8 → 12 channels),
-    a dense 1×1 conv, and a residual addition."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.stem_bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
-        self.a, self.a_bn = nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8)
-        self.b, self.b_bn = nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.BatchNorm2d(12)
-        self.c, self.c_bn = nn.Conv2d(12, 6, 1), nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.stem_bn(self.stem(x)))
-        branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
-        x = torch.relu(x + self.c_bn(self.c(branch)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 @pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import QUIET, run_train
+from helpers import QUIET, DenseLayers, GroupedBottleneck, run_train
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -148,32 +148,52 @@ def test_residual_groups_cut_while_training_train_on_as_the_masked_run(optimizer
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
 
 
-def convnext_run(**mask: object) -> tuple[ClassifierModule, ChannelPruning]:
-    """ConvNeXt's residual stream: a stem conv with its LayerNorm2d, two blocks (LayerNorm and ``layer_scale``
-    in each), the head's LayerNorm2d; the stream and each block's hidden width pruned as groups."""
-    torch.manual_seed(0)
-    network = nn.Sequential(
+def tiny_convnext() -> nn.Module:
+    """ConvNeXt's residual stream: a stem conv with its LayerNorm2d, two blocks (LayerNorm and ``layer_scale`` in
+    each), the head's LayerNorm2d; the stream and each block's hidden width pruned as groups."""
+    return nn.Sequential(
         nn.Conv2d(1, 8, 2, stride=2), LayerNorm2d(8), CNBlock(8, 1.0, 0.0), CNBlock(8, 1.0, 0.0),
         nn.AdaptiveAvgPool2d(1), LayerNorm2d(8), nn.Flatten(1), nn.Linear(8, 3),
     )  # fmt: skip
-    module = ClassifierModule(network, OPTIMIZERS["adamw"], num_classes=3, scheduler=cosine)
+
+
+PATTERN_NETWORKS = {  # name → (network, optimizer)
+    "convnext": (tiny_convnext, "adamw"),  # the layer scales' AdamW state is cut with them
+    # DenseNet's: BatchNorms reading concatenations, each cut at every space's offset. SGD: their convs' biases,
+    # followed by a BatchNorm in training, get a gradient that is zero up to rounding, which Adam would scale up
+    # to full steps in directions that differ between two equal networks of different widths.
+    "norms_after_concatenations": (functools.partial(DenseLayers, in_channels=1, num_classes=3), "sgd"),
+    # ResNeXt's: a grouped conv cut at the same positions in every group, inside a residual group
+    "grouped_conv": (functools.partial(GroupedBottleneck, in_channels=1, num_classes=3), "sgd"),
+}
+
+
+def pattern_run(pattern: str, **mask: object) -> tuple[ClassifierModule, ChannelPruning]:
+    torch.manual_seed(0)
+    network, optimizer = PATTERN_NETWORKS[pattern]
+    module = ClassifierModule(network(), OPTIMIZERS[optimizer], num_classes=3, scheduler=cosine)
     pruning = ChannelPruning(
         strategy="activation", amount=0.5, at_step=PRUNE_AT, reset_optimizer_state=True, groups=True, **mask
     )
     return module, pruning
 
 
-def test_convnext_layer_norms_and_layer_scales_cut_while_training_train_on_and_resume(tmp_path: Path) -> None:
-    masked, masked_pruning = convnext_run()
+@pytest.mark.parametrize("pattern", list(PATTERN_NETWORKS))
+def test_each_kind_of_space_cut_while_training_trains_on_and_resumes_exactly(pattern: str, tmp_path: Path) -> None:
+    """A cut inside training, of each kind of space the graph knows beyond plain conv chains, trains on as the
+    masked run does (the optimizer's state cut alike), and a checkpoint written after it resumes bit-identically in a
+    fresh network, which takes the cut widths (norm entries, grouped columns, layer scales) before loading."""
+    masked, masked_pruning = pattern_run(pattern)
     fit(masked, masked_pruning)
-    cut, cut_pruning = convnext_run(cut_at_step=CUT_AT)
+    cut, cut_pruning = pattern_run(pattern, cut_at_step=CUT_AT)
     fit(cut, cut_pruning, ckpt_dir=tmp_path)
-    assert cut.model[2].layer_scale.shape == (4, 1, 1) and cut.model[5].normalized_shape == (4,)
+    if pattern == "convnext":
+        assert cut.model[2].layer_scale.shape == (4, 1, 1) and cut.model[5].normalized_shape == (4,)
     assert cut_pruning.cut is not None and cut_pruning.cut["cut/batch_max_abs_diff"] <= 1e-5
-    # the layer scales trained on after the cut with their AdamW state cut alike: on the masked run's path
+    assert cut_pruning.cut["cut/channels_after"] < cut_pruning.cut["cut/channels_before"]
     assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
-    resumed, resumed_pruning = convnext_run(cut_at_step=CUT_AT)
+    resumed, resumed_pruning = pattern_run(pattern, cut_at_step=CUT_AT)
     fit(resumed, resumed_pruning, ckpt_path=tmp_path / "epoch=0.ckpt")  # a fresh network takes the cut widths
     assert resumed_pruning.cut == cut_pruning.cut
     final, reference = resumed.state_dict(), cut.state_dict()
