@@ -222,8 +222,10 @@ def table_header(batch_sizes: tuple[int, ...], compare: bool) -> str:
 
 
 def merge(reports: list[Path], into: Path | None) -> list[dict[str, object]]:
-    """The rows of several ``--json`` reports (a list run in chunks) in the list's order, with one summary."""
-    rows = [row for report in reports for row in json.loads(report.read_text())["rows"]]
+    """The rows of several ``--json`` reports (a list run in chunks) in the list's order, with one summary; a model
+    measured again in a later report (a rerun with a longer ``--time-limit``, or after a change) replaces its row."""
+    latest = {row["model"]: row for report in reports for row in json.loads(report.read_text())["rows"]}
+    rows = list(latest.values())
     order = {name: index for index, name in enumerate(TORCH_PRUNING_LIST)}
     rows.sort(key=lambda row: order.get(row["model"], len(order)))
     print(table_header((), compare=True))

@@ -138,6 +138,23 @@ def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupl
     assert row["speedup_b2"] > 0
 
 
+def test_channel_graph_merge_keeps_the_lists_order_and_a_models_latest_row(tmp_path: Path) -> None:
+    bench_channel_graph = importlib.import_module("bench_channel_graph")
+
+    def row(model: str, flops_ratio: float, tp_flops_ratio: float) -> dict[str, object]:
+        return {"model": model, "size": 64, "handled": "yes", "spaces": 2, "prunable": 1, "coupled": 0,
+                "channels_cut": 0.5, "agreement": 1.0, "max_rel_diff": 0.0, "flops_ratio": flops_ratio,
+                "params_ratio": 3.9, "tp_handled": "yes", "tp_flops_ratio": tp_flops_ratio}  # fmt: skip
+
+    first, rerun, merged = tmp_path / "first.json", tmp_path / "rerun.json", tmp_path / "merged.json"
+    first.write_text(json.dumps({"rows": [row("vgg11", 3.96, 3.96), row("alexnet", 1.9, 3.79)]}))
+    rerun.write_text(json.dumps({"rows": [row("alexnet", 3.79, 3.79)]}))  # measured again after a change
+    rows = bench_channel_graph.main(["--merge", str(first), str(rerun), "--json", str(merged)])
+    assert [(r["model"], r["flops_ratio"]) for r in rows] == [("alexnet", 3.79), ("vgg11", 3.96)]  # the list's order
+    summary = json.loads(merged.read_text())["summary"]
+    assert summary["models"] == 2 and summary["pruneflow_at_least_0.95_tp"] == 2
+
+
 def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
     import lightning as L
     from test_strategies import OPTIMIZERS, TinyNet, toy_loader
