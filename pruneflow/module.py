@@ -101,13 +101,12 @@ class ClassifierModule(L.LightningModule):
         # prog_bar: Lightning would read a prog_bar step value back after every step (a host sync, Lightning
         # #20995); the bars read `progress_bar_reads` when they refresh instead.
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=len(labels))
-        with torch.no_grad():
-            correct = (logits.argmax(-1) == labels).sum()
-            if self._train_loss_sum is None:
-                self._train_loss_sum, self._train_correct = loss.detach() * len(labels), correct
-            else:
-                self._train_loss_sum = self._train_loss_sum + loss.detach() * len(labels)
-                self._train_correct = self._train_correct + correct
+        # In place, on tensors allocated at the epoch's first step: two kernels for the loss and accuracy sums.
+        if self._train_loss_sum is None or self._train_correct is None:
+            self._train_loss_sum = torch.zeros((), device=loss.device, dtype=torch.float32)
+            self._train_correct = torch.zeros((), device=loss.device, dtype=torch.long)
+        self._train_loss_sum.add_(loss.detach(), alpha=len(labels))
+        self._train_correct.add_(logits.detach().argmax(-1).eq_(labels).sum())
         self._train_seen += len(labels)
         return loss
 
@@ -116,7 +115,7 @@ class ClassifierModule(L.LightningModule):
             return
         # Summed over DDP ranks (one all-reduce an epoch), then the epoch's mean loss and accuracy.
         seen = torch.tensor(float(self._train_seen), device=self._train_loss_sum.device)
-        totals = torch.stack([self._train_loss_sum.float(), self._train_correct.float(), seen])
+        totals = torch.stack([self._train_loss_sum, self._train_correct.float(), seen])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         self.log("train/loss_epoch", totals[0] / totals[2])
         self.log("train/acc", totals[1] / totals[2], prog_bar=True)

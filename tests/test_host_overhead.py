@@ -17,9 +17,13 @@ import sys
 from typing import Any
 
 import lightning as L
+import pytest
+import torch
 from helpers import REPO
 from lightning.pytorch.callbacks import Callback
+from test_strategies import TinyNet, toy_loader
 
+from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -60,3 +64,33 @@ def test_a_callback_costs_nothing_for_the_step_hooks_it_does_not_use() -> None:
     shown = calls_per_step("lightning", Callback())
     assert hidden - bare <= 12, "each skipped hook should cost Lightning one getattr and one callable()"
     assert shown - bare >= 60, "the count should see Lightning's loop calling the six empty hooks"
+
+
+class HookWatch(Callback):
+    """After every callback's ``on_train_batch_start``: which of ``callback``'s optimizer-step hooks Lightning
+    will call in this step (it skips one that is None)."""
+
+    def __init__(self, callback: Callback) -> None:
+        self.callback = callback
+        self.live: dict[int, tuple[bool, bool]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        hooks = (self.callback.on_before_optimizer_step, self.callback.on_train_batch_end)
+        self.live[trainer.global_step] = tuple(callable(hook) for hook in hooks)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(("strategy", "every_step"), [("activation", False), ("gradient", True), ("hard", True)])
+def test_pruning_calls_its_optimizer_step_hooks_only_on_steps_with_work(strategy: str, every_step: bool) -> None:
+    """Pruned at step 2, measured every 5 steps and for the 3 steps after the event: ``activation`` (nothing to do
+    around an optimizer step) has its hooks called on those steps only, and they still log the telemetry;
+    ``gradient`` and ``hard`` (a gradient mask, a re-zeroing) have them every step."""
+    pruning = ChannelPruning(strategy=strategy, amount=0.5, at_step=2, log_every_n_steps=5, burst_steps=3)
+    watch = HookWatch(pruning)
+    module = ClassifierModule(TinyNet("relu"), lambda p: torch.optim.SGD(p, lr=0.05), num_classes=3)
+    trainer = L.Trainer(max_steps=16, callbacks=[pruning, watch], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, train_dataloaders=toy_loader())
+    measured = {2, 3, 4, 5, 10, 15}
+    expected = {step: (every_step or step in measured,) * 2 for step in range(16)}
+    assert watch.live == expected
+    assert [step - 1 for step, _ in pruning.drift_trace] == sorted(measured)  # logged after the step: global_step + 1

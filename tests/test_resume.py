@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,3 +220,21 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and saved["global_step"] == 16
     assert all(torch.isfinite(value).all() for value in saved["state_dict"].values() if value.is_floating_point())
+
+
+def test_non_finite_loss_guard_names_the_first_bad_micro_batch_step_and_reads_nothing_between_checks() -> None:
+    """Four micro-batches a step (gradient accumulation): the guard keeps every loss, reads none back before a
+    check, and names the step of the first non-finite one even when later ones are finite again."""
+    guard = NonFiniteLossGuard(check_every_n_steps=3)
+    trainer = types.SimpleNamespace(global_step=0, current_epoch=0, accumulate_grad_batches=4, num_training_batches=12)
+    losses = {(1, 2): float("inf"), (2, 0): float("nan")}  # (step, micro-batch) → a non-finite loss
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 1 "):
+        for step in range(3):
+            for micro_batch in range(4):
+                trainer.global_step = step + (micro_batch == 3)  # Lightning counts the step after its last one
+                loss = torch.tensor(losses.get((step, micro_batch), 0.5))
+                guard.on_train_batch_end(trainer, None, {"loss": loss}, None, 4 * step + micro_batch)  # type: ignore[arg-type]
+                assert trainer.global_step == 3 or len(guard._losses) == 4 * step + micro_batch + 1
+    assert guard._losses == []  # the checked window is dropped: the next check starts afresh
+    guard.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 12)  # type: ignore[arg-type]
+    guard.check(trainer)  # a finite window passes

@@ -17,16 +17,19 @@ class NonFiniteLossError(ConfigError, ArithmeticError):
 
 
 class NonFiniteLossGuard(Callback):
-    """Records, on the device, the first step whose loss is not finite; checks it every
-    ``check_every_n_steps`` steps and before validation (so ``ModelCheckpoint`` never saves a diverged
-    model). No host synchronisation between checks.
+    """Keeps each step's loss on the device (a reference, no kernel) and checks them every
+    ``check_every_n_steps`` steps, before validation and at the epoch's end (so ``ModelCheckpoint`` never saves a
+    diverged model), naming the first step whose loss is not finite. No host synchronisation between checks.
     """
 
     def __init__(self, check_every_n_steps: int = 50) -> None:
         if check_every_n_steps < 1:
             raise ConfigError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = check_every_n_steps
-        self._first_bad_step: torch.Tensor | None = None
+        # The losses since the last check, each with its step: under gradient accumulation several a step.
+        self._losses: list[torch.Tensor] = []
+        self._steps: list[int] = []
+        self._checked_at = 0  # the global step last checked at (under accumulation, many batches end at one)
         hide_unused_step_hooks(self)
 
     def on_train_batch_end(
@@ -35,12 +38,13 @@ class NonFiniteLossGuard(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             return
-        step = trainer.global_step - 1  # the step this loss belongs to
-        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss.detach())
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
-        if trainer.global_step % self.check_every_n_steps == 0:
+        # The step this loss belongs to: the one just taken when the batch ended it, else the one accumulating.
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        ended_a_step = (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == trainer.num_training_batches
+        self._losses.append(loss.detach())
+        self._steps.append(trainer.global_step - 1 if ended_a_step else trainer.global_step)
+        if trainer.global_step % self.check_every_n_steps == 0 and trainer.global_step != self._checked_at:
+            self._checked_at = trainer.global_step
             self.check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -51,10 +55,14 @@ class NonFiniteLossGuard(Callback):
         self.check(trainer)
 
     def check(self, trainer: L.Trainer) -> None:
-        if self._first_bad_step is None:
+        if not self._losses:
             return
-        step = int(self._first_bad_step)
-        if step >= 0:
+        device = self._losses[-1].device
+        losses, steps = torch.stack([loss.float().to(device) for loss in self._losses]), self._steps
+        self._losses, self._steps = [], []
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):  # one read back a check
+            step = steps[int(finite.logical_not().int().argmax())]
             raise NonFiniteLossError(
                 f"training loss became non-finite at step {step} (epoch {trainer.current_epoch}); stopped "
                 f"before saving it; the last good checkpoint and the logs are kept"

@@ -5,7 +5,8 @@ through its profiler context (about fifteen Python calls a hook: six per-step ho
 ~2 % of a small network's step before it does anything). It skips a hook whose attribute is not callable,
 so a callback that sets the per-step hooks it does not override to ``None`` on its instance is skipped
 for them; ``scripts/bench_host_overhead.py`` measures the difference and ``tests/test_host_overhead.py``
-counts it.
+counts it. A callback that needs a hook on some steps only shows it for those (``show_step_hooks``): Lightning
+reads the attribute again on every call.
 """
 
 from __future__ import annotations
@@ -23,3 +24,12 @@ def hide_unused_step_hooks(callback: Callback) -> Callback:
         if getattr(type(callback), hook, None) is getattr(Callback, hook):
             setattr(callback, hook, None)
     return callback
+
+
+def show_step_hooks(callback: Callback, hooks: tuple[str, ...], shown: bool) -> None:
+    """Show ``hooks`` (the class's methods) or hide them (None on the instance) for the steps to come."""
+    for hook in hooks:
+        if shown:
+            callback.__dict__.pop(hook, None)
+        else:
+            setattr(callback, hook, None)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
+from pruneflow.callbacks.step_hooks import hide_unused_step_hooks, show_step_hooks
 from pruneflow.errors import ConfigError
 
 
@@ -59,6 +59,7 @@ class TrainingThroughput(Callback):
             self._segment_start = time.perf_counter()
             self._segment_cpu_start = time.process_time()
             self._segment_samples = 0
+            show_step_hooks(self, ("on_train_batch_start",), False)  # until the segment closes
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -75,6 +76,7 @@ class TrainingThroughput(Callback):
             self.cpu_seconds += time.process_time() - self._segment_cpu_start
             self.samples += self._segment_samples
         self._segment_start = None
+        show_step_hooks(self, ("on_train_batch_start",), True)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_segment(pl_module)

@@ -20,6 +20,10 @@ order in Lightning's automatic optimization):
     on_train_batch_end       after an optimizer step only: on measured steps the optimizer's share of
                              the step; then strategy.after_optimizer_step (re-zeroing), optimizer-state
                              reset, telemetry logged
+
+The last two are hidden from Lightning's loop on a step where neither has anything to do: not measured, and
+a strategy and criterion that do nothing around an optimizer step (``activation`` with ``l1``, say) — each live
+hook costs the loop about fifteen Python calls a step (``callbacks.step_hooks``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from pruneflow.callbacks.step_hooks import show_step_hooks
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 from pruneflow.pruning.criteria import Criterion, make_criterion
@@ -46,6 +51,8 @@ from pruneflow.pruning.telemetry import DriftTelemetry
 from pruneflow.pruning.telemetry_writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
+
+OPTIMIZER_STEP_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
 
 
 class ChannelPruning(Callback):
@@ -136,6 +143,14 @@ class ChannelPruning(Callback):
         self._set_up = False
         self._stepped = False  # an optimizer step was taken in this batch (not so within an accumulation window)
         self._network: nn.Module | None = None
+        # Whether something acts around every optimizer step, measured or not: the strategy (gradient masks,
+        # re-zeroing), the criterion (gathering gradients) or the optimizer-state reset.
+        self._acts_every_step = (
+            reset_optimizer_state
+            or type(self.strategy).before_optimizer_step is not MaskStrategy.before_optimizer_step
+            or type(self.strategy).after_optimizer_step is not MaskStrategy.after_optimizer_step
+            or type(self.criterion).before_optimizer_step is not Criterion.before_optimizer_step
+        )
 
     # -- what it holds, for readers (the compaction pipeline, reports, tests) -----------------------
     @property
@@ -236,6 +251,11 @@ class ChannelPruning(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._plan_batch(trainer, pl_module, batch)
+        step_work = self.cut is None and (self._acts_every_step or self.writer.measuring)
+        show_step_hooks(self, OPTIMIZER_STEP_HOOKS, step_work)
+
+    def _plan_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         if self.cut is not None:
             return  # the pruned channels are gone: nothing left to prune or measure
         target = self.plan.due(trainer.current_epoch, trainer.global_step, self.masking.pruned_amount)

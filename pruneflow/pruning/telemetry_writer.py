@@ -85,6 +85,11 @@ class TelemetryWriter:
         if self.telemetry is not None:
             self.telemetry.arm(self._measure_now and self._regular_step)
 
+    @property
+    def measuring(self) -> bool:
+        """Whether the step planned last is measured."""
+        return self._measure_now
+
     def record_gradients(self) -> None:
         if self._measure_now and self.telemetry is not None:
             self.telemetry.record_gradients()
