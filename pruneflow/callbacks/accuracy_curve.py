@@ -66,7 +66,9 @@ class AccuracyCurve(Callback):
             images, labels = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             if transform is not None:
                 images, labels = transform((images, labels), train=False)
-            correct = correct + (pl_module(images).argmax(-1) == labels).sum()
+            with trainer.precision_plugin.test_step_context():  # the test loop's precision (bf16 autocast, say)
+                logits = pl_module(images)
+            correct = correct + (logits.argmax(-1) == labels).sum()
             total = total + len(labels)
         pl_module.train(was_training)
         return float(correct) / max(int(total), 1)

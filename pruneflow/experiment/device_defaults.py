@@ -4,25 +4,32 @@ A run's config says ``trainer.precision: auto``, ``channels_last: auto`` and ``m
 auto``; ``resolve_fast_defaults`` turns each into the setting that is fastest on the device the
 trainer will use, before the resolved config is written, so ``config.yaml`` records what ran:
 
-============================  ==========================================  ====================
-setting                       CUDA GPU                                     CPU
-============================  ==========================================  ====================
-``trainer.precision``         ``bf16-mixed`` for a large enough training   ``32-true``
-                              batch (``SPEED_RULES``), else ``32-true``
-``channels_last``             true for a large enough batch, else false    false
-``matmul_precision``          ``high`` (TF32 float32 matmuls)              PyTorch's default
-============================  ==========================================  ====================
+======================  ====================================  =======================================
+setting                 CUDA GPU                              CPU
+======================  ====================================  =======================================
+``trainer.precision``   ``bf16-mixed`` for a large enough     ``32-true``
+                        training batch (``SPEED_RULES``),
+                        else ``32-true``
+``channels_last``       true for a large enough batch         true for a large enough batch on an x86
+                                                              CPU with AVX-512, else false
+``matmul_precision``    ``high`` (TF32 float32 matmuls)       PyTorch's default
+======================  ====================================  =======================================
 
 bf16 autocast and channels-last are never free: autocast adds a cast kernel per weight and activation,
 and channels-last convolutions of a few channels take slower kernels. A tiny network (MNIST's ConvNet:
 1.1 GFLOPs a batch of 128) is launch-bound on a GPU and pays for those launches without gaining from
 tensor cores, so ``auto`` decides by the *size of the work*: the forward FLOPs of one training batch
 (``training_batch_gflops``), against a threshold per device measured with ``scripts/bench_defaults.py``
-(its table is in the README). The CPU thresholds are infinite: fp32 NCHW, which cannot be slower than
-itself. On this project's 2-core CPU (AVX-512 BF16) the ladder, measured under heavy load, had bf16
-channels-last faster from the MNIST ConvNet up (README); whether that holds on a quiet machine decides
-whether the CPU gets finite thresholds too. The CUDA thresholds are provisional until the GPU suite
-(``scripts/bench_gpu.py --suite``, which runs the same ladder and suggests thresholds) measures them.
+(its table is in the README). On this project's 2-core CPU (AVX-512, with bf16 instructions) the ladder,
+measured on a quiet machine, has fp32 channels-last 1.26-1.54x faster than fp32 NCHW from the MNIST ConvNet
+(1.1 GFLOPs a batch) up and 0.80x on a toy network (0.002): x86 CPUs with AVX-512 get channels-last from
+1 GFLOP (``SPEED_RULES["cpu-avx512"]``); other CPUs were not measured and keep NCHW, which cannot be slower
+than itself. bf16 autocast was faster still there (2.0-2.4x with channels-last) but stays opt-in on a CPU:
+the masked and the cut network round differently in bf16 (a conv's sum over fewer channels rounds to other
+bf16 values), so a cut while training no longer trains on as the masked run to float32 precision, which
+pruneflow's CPU runs — its tests, and the exactness checks users reproduce — rely on. The CUDA thresholds are
+provisional until the GPU suite (``scripts/bench_gpu.py --suite``, which runs the same ladder and suggests
+thresholds) measures them.
 Explicit values win.
 The data sets' tensors go to the GPU with the batches (``data.on_device``, see
 ``pruneflow.data.base``), and ``compile=true`` is a separate switch because compiling costs
@@ -63,13 +70,28 @@ class SpeedRule:
 
 
 SPEED_RULES = {
-    # fp32 NCHW whatever the size: never slower than itself (see the module docstring for what the CPU ladder
-    # showed under load, and what would change this).
+    # A CPU other than x86 with AVX-512 (not measured): fp32 NCHW whatever the size, never slower than itself.
     "cpu": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=math.inf),
+    # x86 with AVX-512, measured (``bench_defaults.py --device cpu``, quiet machine, 2 threads): fp32 channels-last
+    # 1.54x fp32 NCHW for MNIST's ConvNet at batch 128 (1.09 GFLOPs), 1.26x and 1.29x for CIFAR's small VGG and
+    # ResNet-20 (8.7, 10.4), 0.80x for a toy ConvNet (0.002). bf16 never by `auto` on a CPU (module docstring).
+    "cpu-avx512": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=1.0),
     # Provisional (no GPU measurement yet): the MNIST ConvNet at batch 128 (1.1 GFLOPs) stays fp32 NCHW,
     # a CIFAR VGG11 (39 GFLOPs) or ResNet-56 (32) at batch 128 gets bf16 and channels-last, ResNet-20 (10) not.
     "cuda": SpeedRule(bf16_from_gflops=20.0, channels_last_from_gflops=20.0),
 }
+
+
+def cpu_has_avx512() -> bool:
+    """Whether PyTorch's CPU kernels run with AVX-512 here (``torch.backends.cpu.get_cpu_capability``)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def speed_rule(on_cuda: bool) -> SpeedRule:
+    """The thresholds for the device a run trains on."""
+    if on_cuda:
+        return SPEED_RULES["cuda"]
+    return SPEED_RULES["cpu-avx512" if cpu_has_avx512() else "cpu"]
 
 
 def training_batch_gflops(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> float:
@@ -86,13 +108,12 @@ def pays_off(gflops: float, threshold: float) -> bool:
 
 
 def fast_precision(on_cuda: bool, gflops: float = math.inf) -> str:
-    rule = SPEED_RULES["cuda" if on_cuda else "cpu"]
-    bf16 = on_cuda and torch.cuda.is_bf16_supported() and pays_off(gflops, rule.bf16_from_gflops)
+    bf16 = on_cuda and torch.cuda.is_bf16_supported() and pays_off(gflops, speed_rule(on_cuda).bf16_from_gflops)
     return "bf16-mixed" if bf16 else "32-true"
 
 
 def fast_channels_last(on_cuda: bool, gflops: float = math.inf) -> bool:
-    return pays_off(gflops, SPEED_RULES["cuda" if on_cuda else "cpu"].channels_last_from_gflops)
+    return pays_off(gflops, speed_rule(on_cuda).channels_last_from_gflops)
 
 
 def resolve_fast_defaults(cfg: DictConfig, gflops: float = math.inf) -> dict[str, object]:
@@ -121,5 +142,6 @@ def resolve_fast_defaults(cfg: DictConfig, gflops: float = math.inf) -> dict[str
         raise ConfigError(f"matmul_precision must be auto, null, highest, high or medium, got {matmul!r}")
     if chosen:
         size = "" if math.isinf(gflops) else f" and {gflops:.3g} GFLOPs a training batch"
-        log.info("fast defaults for %s%s: %s", "this CUDA GPU" if on_cuda else "CPU", size, chosen)
+        device = "this CUDA GPU" if on_cuda else f"this CPU ({'' if cpu_has_avx512() else 'no '}AVX-512)"
+        log.info("fast defaults for %s%s: %s", device, size, chosen)
     return chosen

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -28,7 +29,12 @@ from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoi
 from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError
 from pruneflow.experiment.cpu_share import share_cpu_cores
-from pruneflow.experiment.device_defaults import resolve_fast_defaults, training_batch_gflops, trains_on_cuda
+from pruneflow.experiment.device_defaults import (
+    resolve_fast_defaults,
+    speed_rule,
+    training_batch_gflops,
+    trains_on_cuda,
+)
 from pruneflow.experiment.hparams import log_hparams
 from pruneflow.experiment.startup import StartupPhases
 from pruneflow.module import ClassifierModule
@@ -52,10 +58,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def model_gflops_if_needed(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> float:
-    """Forward GFLOPs of a training batch where an ``auto`` speed setting on a GPU depends on it, else inf
-    (on CPU every ``auto`` is fp32 NCHW whatever the size: not worth a counted forward)."""
+    """Forward GFLOPs of a training batch where an ``auto`` speed setting depends on it, else inf (on a CPU
+    without bf16 instructions every ``auto`` is fp32 NCHW whatever the size: not worth a counted forward)."""
     autos = cfg.trainer.get("precision") == "auto" or cfg.get("channels_last") == "auto"
-    if not (autos and trains_on_cuda(cfg.trainer)):
+    rule = speed_rule(trains_on_cuda(cfg.trainer))
+    if not (autos and math.isfinite(min(rule.bf16_from_gflops, rule.channels_last_from_gflops))):
         return float("inf")
     return training_batch_gflops(model, datamodule.input_shape, datamodule.batch_size)
 
