@@ -372,14 +372,16 @@ def test_train_py_cuts_compacts_and_resumes_after_the_cut(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow  # compiling costs a minute or two on a CPU
-def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_one() -> None:
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs on a GPU
+def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_one(mode: str) -> None:
     from torch._dynamo.utils import counters
 
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         network = ConvNet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
-        module = ClassifierModule(network, OPTIMIZERS["sgd"], num_classes=3, scheduler=cosine, compile=compiled)
+        module = ClassifierModule(network, OPTIMIZERS["sgd"], num_classes=3, scheduler=cosine, compile=compiled,
+                                  compile_mode=mode)  # fmt: skip
         pruning = ChannelPruning(
             strategy="activation", at_step=PRUNE_AT, reset_optimizer_state=True, cut_at_step=CUT_AT
         )
