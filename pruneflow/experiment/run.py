@@ -59,7 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def model_gflops_if_needed(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> float:
     """Forward GFLOPs of a training batch where an ``auto`` speed setting depends on it, else inf (on a CPU
-    without bf16 instructions every ``auto`` is fp32 NCHW whatever the size: not worth a counted forward)."""
+    without AVX-512 every ``auto`` is fp32 NCHW whatever the size: not worth a counted forward)."""
     autos = cfg.trainer.get("precision") == "auto" or cfg.get("channels_last") == "auto"
     rule = speed_rule(trains_on_cuda(cfg.trainer))
     if not (autos and math.isfinite(min(rule.bf16_from_gflops, rule.channels_last_from_gflops))):
