@@ -4,7 +4,7 @@ curve evaluates the test split, leaves its own time out, and matches Lightning's
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import pytest
@@ -30,14 +30,16 @@ class SlowSteps(L.Callback):
         time.sleep(self.validation_seconds)
 
 
-def fit(callbacks: list[L.Callback], epochs: int = 2) -> tuple[L.Trainer, ClassifierModule, SyntheticDataModule]:
+def fit(
+    callbacks: list[L.Callback], epochs: int = 2, precision: str = "32-true", module_type: type = ClassifierModule
+) -> tuple[L.Trainer, ClassifierModule, SyntheticDataModule]:
     torch.manual_seed(0)
     data = SyntheticDataModule(num_train=700, num_test=300, input_shape=(1, 12, 12), batch_size=50, val_size=100)
     model = ConvNet(input_shape=(1, 12, 12), num_classes=10, channels=(4, 8))
-    module = ClassifierModule(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), num_classes=10)
+    module = module_type(model, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), num_classes=10)
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, precision=precision,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return trainer, module, data
@@ -97,6 +99,28 @@ def test_accuracy_curve_matches_the_test_loop_and_leaves_its_evaluation_out_of_t
     assert evaluation >= 5 * 0.4
     assert curve.points[-1]["seconds"] <= fit_seconds - 5 * 0.4
     assert curve.points[-1]["time"] <= time.time() - 5 * 0.4
+
+
+class LogitTypes(ClassifierModule):
+    """Records the dtype of the logits of every evaluation-mode forward."""
+
+    evaluated: ClassVar[list[torch.dtype]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if not self.training:
+            self.evaluated.append(logits.dtype)
+        return logits
+
+
+def test_accuracy_curve_evaluates_in_the_precision_of_the_trainers_test_loop() -> None:
+    """Under ``bf16-mixed`` the test loop runs the network in bf16 autocast; the curve must too, or its last
+    point is another model's accuracy than ``test/acc``."""
+    curve = AccuracyCurve(every_n_steps=1000)
+    trainer, module, _ = fit([curve], epochs=1, precision="bf16-mixed", module_type=LogitTypes)
+    LogitTypes.evaluated.clear()
+    curve.test_accuracy(trainer, module)
+    assert LogitTypes.evaluated and set(LogitTypes.evaluated) == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
