@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,15 +49,24 @@ def test_bad_names_and_options_are_one_line(name: str, cifar_stem: bool, message
     assert "\n" not in str(error.value)
 
 
-def test_train_prunes_coupled_groups_of_a_torchvision_resnet_and_compacts_exactly(tmp_path: Path) -> None:
+def train_pruned_and_compacted(
+    tmp_path: Path, name: str, side: int, num_train: int, num_test: int, batch_size: int
+) -> dict[str, Any]:
+    """``train.py`` on synthetic RGB images: torchvision's ``name``, every space (coupled groups too) pruned with
+    ``activation``, one epoch, then compacted; returns its ``metrics.json``."""
     run_dir = tmp_path / "run"
     result = run_train(
-        "data=synthetic", "data.input_shape=[3,16,16]", "data.num_train=64", "data.num_test=32", "data.batch_size=32",
-        "model=torchvision", "model.name=resnet18", "mask=activation", "mask.groups=true", "trainer.max_epochs=1",
-        "compact=true", f"hydra.run.dir={run_dir}", *QUIET,
+        "data=synthetic", f"data.input_shape=[3,{side},{side}]", f"data.num_train={num_train}",
+        f"data.num_test={num_test}", f"data.batch_size={batch_size}", "model=torchvision", f"model.name={name}",
+        "mask=activation", "mask.groups=true", "trainer.max_epochs=1", "compact=true", f"hydra.run.dir={run_dir}",
+        *QUIET,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_train_prunes_coupled_groups_of_a_torchvision_resnet_and_compacts_exactly(tmp_path: Path) -> None:
+    metrics = train_pruned_and_compacted(tmp_path, "resnet18", side=16, num_train=64, num_test=32, batch_size=32)
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_abs_diff"] <= 1e-4
     pruned = metrics["mask/pruned_channels"]
     assert pruned["conv1"] == pruned["layer1.0.conv2"] == pruned["layer1.1.conv2"] == 32  # the stem's group
@@ -68,14 +78,7 @@ def test_train_prunes_convnext_residual_streams_through_layer_norms_and_compacts
     """ConvNeXt's residual stream (stem or downsampling conv, depthwise convs, each block's second linear
     layer, its LayerNorms and layer scales) is one coupled group per stage; pruned at 50 % with the blocks'
     hidden spaces, most of the FLOPs go and the cut network computes what the masked one did."""
-    run_dir = tmp_path / "run"
-    result = run_train(
-        "data=synthetic", "data.input_shape=[3,32,32]", "data.num_train=32", "data.num_test=16", "data.batch_size=16",
-        "model=torchvision", "model.name=convnext_tiny", "mask=activation", "mask.groups=true", "trainer.max_epochs=1",
-        "compact=true", f"hydra.run.dir={run_dir}", *QUIET,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_pruned_and_compacted(tmp_path, "convnext_tiny", side=32, num_train=32, num_test=16, batch_size=16)
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
     pruned = metrics["mask/pruned_channels"]
     assert pruned["features.0.0"] == pruned["features.1.0.block.0"] == pruned["features.1.2.block.5"] == 48
