@@ -371,8 +371,11 @@ def test_train_py_cuts_compacts_and_resumes_after_the_cut(tmp_path: Path) -> Non
     assert trained.pruned == {} and trained.network.features[0].out_channels == 12  # ConvNet's 24, halved
 
 
-@pytest.mark.slow  # compiling costs a minute or two on a CPU
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs on a GPU
+# In the quick suite once, so the floor's CI run has it: up to torch 2.11, counting the cut's FLOPs through the
+# compiled network's __call__ made torch.compile skip it ever after (the cut network trained uncompiled).
+@pytest.mark.parametrize(
+    "mode", ["default", pytest.param("reduce-overhead", marks=pytest.mark.slow)]  # reduce-overhead: CUDA graphs
+)
 def test_a_compiled_network_recompiles_once_at_the_cut_and_trains_as_the_eager_one(mode: str) -> None:
     from torch._dynamo.utils import counters
 

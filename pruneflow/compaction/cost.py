@@ -39,9 +39,11 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()  # not inference_mode: torch < 2.6's FlopCounterMode sees no op under it and counts 0
 def count_flops(model: nn.Module, image: Tensor) -> int:
-    """FLOPs of one forward of ``model`` on ``image`` (a batch of one)."""
+    """FLOPs of one forward of ``model`` on ``image`` (a batch of one). Through ``forward``, not ``__call__``: a
+    network compiled in place and called under the FLOP counter (a dispatch mode) is skipped by torch.compile up to
+    torch 2.11 ever after, so a cut while training, which counts the FLOPs it removed, would train on uncompiled."""
     with evaluating(model), FlopCounterMode(display=False) as counter:
-        model(image)
+        model.forward(image)
     return int(counter.get_total_flops())
 
 
