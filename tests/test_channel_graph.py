@@ -84,7 +84,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, int
     "mobilenet_v3_small": (torchvision_model("mobilenet_v3_small"), (3, 32, 32), (28, 27, 13)),
     "densenet121": (torchvision_model("densenet121"), (3, 32, 32), (121, 120, 0)),
     "vgg11_bn": (torchvision_model("vgg11_bn"), (3, 32, 32), (11, 10, 0)),
-    "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (40, 18, 0)),
+    # channel shuffles and chunks followed position by position; only the classifier is refused
+    "shufflenet_v2_x0_5": (torchvision_model("shufflenet_v2_x0_5"), (3, 32, 32), (38, 37, 0)),
     "efficientnet_b0": (torchvision_model("efficientnet_b0"), (3, 32, 32), (41, 40, 21)),  # stochastic depth
     "regnet_y_400mf": (torchvision_model("regnet_y_400mf"), (3, 32, 32), (54, 53, 20)),  # grouped convs
     "mlp": (mlp, (1, 8, 8), (3, 2, 0)),
@@ -146,14 +147,21 @@ def test_concatenation_and_shuffles_prune_what_is_safe_and_refuse_the_rest_by_na
     grown = space_of(densenet, "features.denseblock1.denselayer1.conv2")  # masked again at every later norm1
     assert grown.prunable and grown.points[0].name == "features.denseblock1.denselayer2.norm1"
     assert grown.points[0].offset == 64 and grown.points[-1].name == "features.transition1.norm"
-    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
-        shufflenet = trace_channel_graph(torchvision_model("shufflenet_v2_x0_5")())
+    shufflenet = trace_channel_graph(torchvision_model("shufflenet_v2_x0_5")())
     branch = space_of(shufflenet, "stage3.1.branch2.0")
     assert branch.prunable and branch.names == ["stage3.1.branch2.0", "stage3.1.branch2.3"]
-    assert not space_of(shufflenet, "stage3.1.branch2.5").prunable
-    split = space_of(shufflenet, "stage2.0.branch2.5")
-    assert any("splits them by position" in r or ".view() at view" in r for r in split.refusals)  # the shuffle
-    assert "channel graph: .view() at view is not understood; not prunable: stage2.0.branch1.2" in caplog.text
+    shuffled = space_of(shufflenet, "stage3.1.branch2.5")  # through the stage's shuffles and chunks
+    assert shuffled.prunable and not shuffled.coupled
+    readers = [consumer.name for consumer in shuffled.consumers] + [point.name for point in shuffled.points]
+    assert readers == [*(f"stage3.{block}.branch2.0" for block in range(2, 7)), "stage4.0.branch1.2",
+                       "stage4.0.branch2.0", "stage4.0.branch1.0", "stage4.0.branch1.1"]  # fmt: skip
+    # each channel is read by one block's branch, or at the stage's end by the next stage's first block
+    routes = {route: len(channels) for route, channels in shuffled.routes.items()}
+    assert routes == {
+        ("stage3.2.branch2.0",): 24, ("stage3.3.branch2.0",): 12, ("stage3.4.branch2.0",): 6,
+        ("stage3.5.branch2.0",): 3, ("stage3.6.branch2.0",): 2,
+        ("stage4.0.branch1.0", "stage4.0.branch1.1", "stage4.0.branch1.2", "stage4.0.branch2.0"): 1,
+    }  # fmt: skip
 
 
 def test_spaces_reach_a_reader_through_a_concatenation_at_their_offsets() -> None:

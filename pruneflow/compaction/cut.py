@@ -41,7 +41,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, LayerNorm2d, is_depthwise, norm_width, trace_channel_graph
+from pruneflow.pruning.channels import (
+    ChannelGraph,
+    ChannelSpace,
+    Consumer,
+    LayerNorm2d,
+    channel_routes,
+    is_depthwise,
+    norm_width,
+    trace_channel_graph,
+)
 
 log = logging.getLogger(__name__)
 
@@ -370,14 +379,26 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     """
     model = effective_copy(network)
     groups = plan_cut(model, pruned)
+    reordered = [group for group in groups if _reordered(group.space)]
+    placement = _placement(model, groups, reordered) if any(len(group.removed) for group in reordered) else None
+    result = _cut(model, groups, placement)
+    before, after = result.channels
+    log.info("compaction: %d of %d channels cut from %d producers", before - after, before, len(result.removed))
+    return result
+
+
+def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement | None = None) -> Compaction:
+    """Cut ``groups`` out of ``model`` in place: kept channels in their order, except where ``placement`` (the
+    reordered spaces, ``_placement``) gives the rows and columns of a module in its own order (-1: a zero)."""
     modules = dict(model.named_modules())
     out_keep: dict[str, Tensor] = {}
     cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
     cut_entries: dict[str, list[Tensor]] = {}  # and so does a norm reading it
     widths: dict[str, int] = {}  # each such norm's width
     scale_entries: dict[str, tuple[int, list[Tensor]]] = {}  # per-channel parameter → (its dim, entries cut)
+    placed = placement.spaces if placement is not None else set()
     for group in groups:
-        if not len(group.removed):
+        if not len(group.removed) or id(group.space) in placed:
             continue
         kept = group.kept
         for layer in group.space.producers:
@@ -396,12 +417,22 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
     in_keep: dict[str, Tensor] = {}
     for name, columns in cut_columns.items():
         in_keep[name] = _kept(modules[name].weight.shape[1], columns)
+    zeros: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    if placement is not None:
+        for name, order in placement.rows.items():
+            out_keep[name], zero_rows = _ordered(order)
+            zeros[name] = (zero_rows, zeros.get(name, (None, None))[1])
+        for name, order in placement.columns.items():
+            in_keep[name], zero_columns = _ordered(order)
+            zeros[name] = (zeros.get(name, (None, None))[0], zero_columns)
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     for name in names:  # check every type before changing anything
         _resizable(name, modules[name])
     sizes: dict[str, dict[str, int]] = {}
     for name in names:
         new = cut_module(name, modules[name], out_keep.get(name), in_keep.get(name))
+        if name in zeros:
+            _zero_padding(new, *zeros[name])
         replace_module(model, name, new)
         _, (out_arg, in_arg) = RESIZABLE[type(new)]
         arguments = RESIZABLE[type(new)][0](new)
@@ -416,7 +447,166 @@ def compact(network: nn.Module, pruned: Mapping[str, MaskLike]) -> Compaction:
         new = cut_tensor(parameter.detach(), *kept[name]).clone()
         replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
         sizes[name] = {"channels": len(keep), "dim": dim}
-    result = Compaction(model, groups, sizes, kept)
-    before, after = result.channels
-    log.info("compaction: %d of %d channels cut from %d producers", before - after, before, len(result.removed))
-    return result
+    return Compaction(model, list(groups), sizes, kept)
+
+
+# -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------
+def _reordered(space: ChannelSpace) -> bool:
+    """Whether ``space`` reaches a reader reordered (through a channel shuffle or a ``chunk``)."""
+    return any(reader.at for reader in (*space.consumers, *space.points))
+
+
+@dataclass
+class _Placement:
+    """Where the reordered spaces' kept channels go in the cut network: ``rows`` (a producer's, its norm's, a
+    point's entries) and ``columns`` (a consumer's inputs) as original indices in the cut's order, -1 for a
+    zero channel that pads a slot no kept channel can take; ``spaces`` the ids of the spaces placed so."""
+
+    rows: dict[str, list[int]]
+    columns: dict[str, list[int]]
+    spaces: set[int]
+
+
+def _readers(space: ChannelSpace) -> dict[str, tuple[str, list[int]]]:
+    """Every module reading ``space`` → ("columns" or "rows", the position of each of its channels there, -1:
+    not read there)."""
+    readers: dict[str, tuple[str, list[int]]] = {}
+    for reader in (*space.consumers, *space.points):
+        kind = "columns" if isinstance(reader, Consumer) else "rows"
+        if isinstance(reader, Consumer) and reader.kind == "grouped":
+            raise CompactionError(f"cannot cut {space.name}: grouped conv {reader.name} reads it reordered")
+        if isinstance(reader, Consumer) and reader.features_per_channel != 1:
+            raise CompactionError(f"cannot cut {space.name}: {reader.name} reads it flattened and reordered")
+        at = list(reader.at) if reader.at else [reader.offset + c for c in range(space.width)]
+        readers[reader.name] = (kind, at)
+    if space.scales:
+        raise CompactionError(f"cannot cut {space.name}: a per-channel parameter reads it reordered")
+    return readers
+
+
+def _placement(model: nn.Module, groups: Sequence[ChannelGroup], reordered: Sequence[ChannelGroup]) -> _Placement:
+    """Place the reordered spaces' kept channels so that the cut network, running the model's own forward (its
+    ``chunk``s and shuffles at the cut widths), hands each of them to the very modules that read it in the
+    masked network.
+
+    Each channel has a **route**: the modules that read it. Traced at trial widths (``trace_channel_graph`` with
+    ``widths``: each reordered space as many slots as it keeps, the same for spaces that share a reader and a
+    width, as a shuffled stream's producers must), every slot of the cut network has a route too; a space's kept
+    channels take the slots of their route, in order. Where a route has fewer slots than kept channels, the
+    widths grow by one, up to the original ones, where every channel has its own slot. Slots left over hold zero
+    channels (zero kernel rows, γ = β = 0), so the cut network computes the masked one exactly at any selection;
+    the criteria select so that few are needed (``Criterion.select``, ``route_slots``)."""
+    spaces = {id(group.space): group for group in reordered}
+    readers_of = {key: set(_readers(group.space)) for key, group in spaces.items()}
+    family = {key: key for key in spaces}  # spaces cut to one width: a shuffled stream's producers
+
+    def root(key: int) -> int:
+        while family[key] != key:
+            key = family[key]
+        return key
+
+    for a in spaces:
+        for b in spaces:
+            if a < b and readers_of[a] & readers_of[b] and spaces[a].width == spaces[b].width:
+                family[root(b)] = root(a)
+    slots = {key: len(group.kept) for key, group in spaces.items()}
+    for key in spaces:
+        slots[root(key)] = max(slots[root(key)], slots[key])
+    for key in spaces:
+        slots[key] = slots[root(key)]
+    while True:
+        widths = {name: slots[key] for key, group in spaces.items() for name in group.space.names}
+        trial = {space.name: space for space in trace_channel_graph(model, widths).spaces}
+        orders = {key: _match(group, trial.get(group.space.name)) for key, group in spaces.items()}
+        short = {root(key) for key, order in orders.items() if order is None}
+        if not short:
+            break
+        growing = [key for key in spaces if root(key) in short and slots[key] < spaces[key].width]
+        if not growing:
+            names = ", ".join(spaces[key].space.name for key in spaces if root(key) in short)
+            raise CompactionError(f"cannot place the kept channels of {names} in a cut keeping the network's shuffles")
+        for key in growing:
+            slots[key] += 1
+    rows: dict[str, list[int]] = {}
+    columns: dict[str, list[int]] = {}
+    for key, group in spaces.items():
+        order = orders[key]  # slot → original channel, -1: a zero channel
+        for layer in group.space.producers:
+            rows[layer.name] = order
+            if layer.norm_name is not None:
+                rows[layer.norm_name] = order
+        original = _readers(group.space)
+        for name, (kind, slot_positions) in _readers(trial[group.space.name]).items():
+            target = rows if kind == "rows" else columns
+            placed = target.setdefault(name, [])
+            placed.extend([-1] * (max(slot_positions) + 1 - len(placed)))
+            for slot, position in enumerate(slot_positions):
+                if position >= 0 and order[slot] >= 0:
+                    placed[position] = original[name][1][order[slot]]
+    names = {group.space.name for group in spaces.values()}
+    for space in trial.values():  # a reader's other inputs would be taken for zero channels
+        readers = {c.name for c in space.consumers} & set(columns) | {p.name for p in space.points} & set(rows)
+        if readers and space.name not in names:
+            raise CompactionError(
+                f"cannot cut {', '.join(sorted(readers))}: it reads {space.name} beside channels reordered by a shuffle"
+            )
+    return _Placement(rows, columns, set(spaces))
+
+
+def _match(group: ChannelGroup, trial: ChannelSpace | None) -> list[int] | None:
+    """Slot → the kept channel of ``group`` on the slot's route, in order (-1: a zero channel); None if a route
+    has fewer slots than kept channels, or the space is not traced at the trial widths."""
+    if trial is None:
+        return None
+
+    def routes(readers: Mapping[str, tuple[str, list[int]]], width: int) -> list[tuple[str, ...]]:
+        return [tuple(sorted(name for name, (_, at) in readers.items() if at[c] >= 0)) for c in range(width)]
+
+    channel_routes_ = routes(_readers(group.space), group.width)
+    waiting: dict[tuple[str, ...], list[int]] = {}
+    for channel in group.kept.tolist():
+        waiting.setdefault(channel_routes_[channel], []).append(channel)
+    order = []
+    for route in routes(_readers(trial), trial.width):
+        queue = waiting.get(route)
+        order.append(queue.pop(0) if queue else -1)
+    return None if any(waiting.values()) else order
+
+
+def _ordered(order: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Indices to take (a zero channel takes index 0, then is zeroed) and where the zero channels are."""
+    indices = torch.tensor(order, dtype=torch.long)
+    return indices.clamp_min(0), (indices < 0).nonzero().flatten()
+
+
+@torch.no_grad()
+def _zero_padding(module: nn.Module, rows: Tensor | None, columns: Tensor | None) -> None:
+    """Make a cut module's padding rows (and input columns) zero channels: zero kernel rows and bias, a norm's
+    γ = β = 0 and running statistics (0, 1), so a padding channel is 0 wherever it goes."""
+    if rows is not None and len(rows):
+        for tensor in module.parameters():
+            tensor.index_fill_(0, rows, 0.0)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_mean is not None:
+            module.running_mean.index_fill_(0, rows, 0.0)
+            module.running_var.index_fill_(0, rows, 1.0)
+    if columns is not None and len(columns) and getattr(module, "weight", None) is not None and module.weight.ndim >= 2:
+        module.weight.index_fill_(1, columns, 0.0)
+
+
+def route_slots(model: nn.Module, graph: ChannelGraph, amount: float) -> dict[str, dict[tuple[str, ...], int]]:
+    """Slots per route of each reordered space (``ChannelSpace.routes``) in ``model`` cut with ``amount`` of every
+    reordered space pruned, found by tracing ``model`` at those widths: what ``Criterion.select`` keeps per route."""
+    from pruneflow.pruning.criteria import channels_to_prune  # the criteria read this module's callers
+
+    widths = {
+        name: space.width - channels_to_prune(space.width, amount)
+        for space in graph.spaces
+        if space.routes
+        for name in space.names
+    }
+    reordered = {space.name for space in graph.spaces if space.routes}
+    return {
+        space.name: {route: len(channels) for route, channels in channel_routes(space).items()}
+        for space in trace_channel_graph(model, widths).spaces
+        if space.name in reordered
+    }

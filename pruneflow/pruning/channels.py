@@ -52,9 +52,11 @@ is one coupled space, and each block's hidden width another.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import operator
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -121,9 +123,14 @@ class Consumer:
     features_per_channel: int = 1
     offset: int = 0
     block: int = 0
+    # channel c → the column reading it, -1: not read here — where the space reaches the consumer reordered
+    # (a channel shuffle, a ``chunk``: ``_Value.layout``), instead of at ``offset``
+    at: tuple[int, ...] = ()
 
     def columns(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices along the consumer weight's input dimension (dim 1) that read the given channels."""
+        if self.at:
+            return _placed(self.at, channels)
         if self.kind == "grouped":
             return torch.unique(channels % self.block)
         k = self.features_per_channel
@@ -143,14 +150,29 @@ class ChannelPoint:
     module: nn.Module
     offset: int
     shape: tuple[int, ...]
+    at: tuple[int, ...] = ()  # channel c → its entry, -1: not read here (a reordered space, as ``Consumer.at``)
 
     @property
     def width(self) -> int:
         return norm_width(self.module)
 
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
-        """The norm's entries that carry the space's ``channels``."""
-        return channels + self.offset
+        """The norm's entries that carry the space's ``channels`` (those it reads)."""
+        return _placed(self.at, channels) if self.at else channels + self.offset
+
+    def placed(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the space's channels this point reads, their entries) for a space of ``width`` channels."""
+        channels = torch.arange(width)
+        if not self.at:
+            return channels, channels + self.offset
+        entries = torch.tensor(self.at)
+        return channels[entries >= 0], entries[entries >= 0]
+
+
+def _placed(at: tuple[int, ...], channels: torch.Tensor) -> torch.Tensor:
+    """``at[c]`` for each of ``channels`` that is read (``at[c] >= 0``)."""
+    entries = torch.tensor(at, device=channels.device).index_select(0, channels.long())
+    return entries[entries >= 0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,6 +256,12 @@ class ChannelSpace:
     # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
     # every group keeps its width and a reader's columns are the same for all its groups.
     groups: int = 1
+    # Reordered on its way (a channel shuffle, a ``chunk``): its channels by **route** (the names of the modules
+    # that read them). A cut that keeps the network's shuffles has, at a smaller width, its own number of slots on
+    # each route (``route_slots``, by pruned share), so the criteria keep at most that many channels of each
+    # route (``Criterion.select``). Empty: every channel goes the same way.
+    routes: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
+    route_slots: Callable[[float], dict[tuple[str, ...], int]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -273,6 +301,19 @@ class ChannelGraph:
         return [space for space in self.spaces if space.prunable]
 
 
+def channel_routes(space: ChannelSpace) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``space``'s channels grouped by route, the names of the modules that read them, where it reaches a reader
+    reordered (a channel shuffle, a ``chunk``); {} where every channel goes the same way."""
+    readers = [*space.consumers, *space.points]
+    if not any(reader.at for reader in readers):
+        return {}
+    routes: dict[tuple[str, ...], list[int]] = {}
+    for channel in range(space.width):
+        route = tuple(sorted(r.name for r in readers if not r.at or r.at[channel] >= 0))
+        routes.setdefault(route, []).append(channel)
+    return {route: tuple(channels) for route, channels in routes.items()}
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A conv whose output channel c reads input channel c only (groups = in = out channels)."""
     return (
@@ -288,8 +329,11 @@ def is_layer_norm(module: nn.Module) -> bool:
 
 
 def norm_width(module: nn.Module) -> int:
-    """The channels a BatchNorm or a LayerNorm over channels normalises."""
-    return module.normalized_shape[0] if is_layer_norm(module) else module.num_features
+    """The channels a BatchNorm or a LayerNorm over channels normalises (a depthwise conv's, where it carries
+    several spaces as a ``ChannelPoint``)."""
+    if is_layer_norm(module):
+        return module.normalized_shape[0]
+    return module.out_channels if is_depthwise(module) else module.num_features
 
 
 def _output_ndim(module: nn.Module) -> int | None:
@@ -344,9 +388,17 @@ class _Value:
     revived_by: str | None = None
     ndim: int | None = None  # the tensor's dimensions where known: a flatten or reduction must take all spatial ones
     channels_last: bool = False
+    # Position by position, (space id, channel), where the spaces are reordered (a channel shuffle, a ``chunk``
+    # of a concatenation); then ``segments`` lists each space once, at offset -1 (read ``layout``, not offsets).
+    layout: tuple[tuple[int, int], ...] | None = None
+    # Mid-way through a reshape (a shuffle's ``view`` to (N, groups, C/groups, H, W)): ``probe`` is a small tensor
+    # of element indices that went through the same ops; nothing but another reshape may read it.
+    probe: torch.Tensor | None = field(default=None, compare=False)
 
     def channels_at(self, dim: int) -> bool:
         """Whether the channels are at ``dim`` (negative: from the end); of a 2-D tensor dim 1 is the last."""
+        if self.probe is not None:
+            return False
         if self.channels_last:
             return dim == -1 or (self.ndim is not None and dim == self.ndim - 1)
         return dim == 1 or (self.ndim is not None and dim == 1 - self.ndim)
@@ -355,6 +407,23 @@ class _Value:
     def read_by_linear(self) -> bool:
         """A linear layer reads the last dim: channels there, or flattened channel-major."""
         return self.flattened or self.channels_at(-1)
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What ``chunk``/``split`` along the channels returns: one ``_Value`` per part, taken by ``getitem``."""
+
+    parts: tuple[_Value | None, ...]
+
+
+# Ops a reshape probe goes through: they move elements without computing on them.
+RESHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "swapaxes"}
+RESHAPE_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.swapaxes}
+# Integer arithmetic on shapes, evaluated where its inputs are known (a shuffle's ``C // groups``).
+SHAPE_ARITHMETIC = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
+# The sizes a probe gives the dims other than the channels: distinct primes, so a reshape that mixed a spatial or
+# the batch dim into the channels could not come back to the probe's shape by chance.
+PROBE_SIZES = (2, 3, 5, 7, 11)
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -368,7 +437,10 @@ def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 class _Tracer:
     """One forward walk over an fx graph, building spaces with a union-find over their ids."""
 
-    def __init__(self, model: nn.Module, graph: torch.fx.Graph) -> None:
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, widths: Mapping[str, int] | None = None) -> None:
+        # ``widths``: producers traced as if they had these widths (``route_slots``: how a cut network would route
+        # its channels), their readers taken at whatever width reaches them
+        self.widths = widths
         self.modules = dict(model.named_modules())
         self.graph = graph
         self.spaces: list[ChannelSpace] = []
@@ -376,6 +448,7 @@ class _Tracer:
         self.values: dict[torch.fx.Node, _Value | None] = {}
         self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
         self.not_understood: dict[str, set[int]] = {}
+        self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
         self.calls: dict[str, int] = {}
         for node in graph.nodes:
             if node.op == "call_module":
@@ -386,6 +459,13 @@ class _Tracer:
         for node in graph.nodes:
             if node.op == "get_attr":
                 self.attribute_reads[str(node.target)] = self.attribute_reads.get(str(node.target), 0) + len(node.users)
+
+    def width(self, layer: PrunableLayer) -> int:
+        return layer.num_channels if self.widths is None else self.widths.get(layer.name, layer.num_channels)
+
+    def fits(self, value_width: int | None, module_width: int) -> bool:
+        """Whether a reader of ``module_width`` channels reads a value of ``value_width`` (any, at ``widths``)."""
+        return value_width == module_width or (self.widths is not None and value_width is not None)
 
     def reused(self, name: str) -> str | None:
         """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
@@ -404,7 +484,7 @@ class _Tracer:
         return self.spaces[self.root(index)]
 
     def new_space(self, layer: PrunableLayer) -> int:
-        self.spaces.append(ChannelSpace(layer.num_channels, [layer]))
+        self.spaces.append(ChannelSpace(self.width(layer), [layer]))
         self.parent.append(len(self.parent))
         return len(self.parent) - 1
 
@@ -433,16 +513,18 @@ class _Tracer:
         space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
         return space.groups
 
-    def refuse(self, value: _Value | None, reason: str) -> None:
-        for index, _ in value.segments if value is not None else ():
-            self.space(index).refuse(reason)
+    def refuse(self, value: _Value | _Parts | None, reason: str) -> None:
+        for part in value.parts if isinstance(value, _Parts) else (value,):
+            for index, _ in part.segments if part is not None else ():
+                self.space(index).refuse(reason)
 
-    def refuse_unknown(self, node: torch.fx.Node, values: Iterable[_Value | None]) -> None:
+    def refuse_unknown(self, node: torch.fx.Node, values: Iterable[_Value | _Parts | None]) -> None:
         description = _describe(node, self.modules)
         for value in values:
-            if value is not None:
-                self.refuse(value, f"reaches {description}, whose effect on channels is not understood")
-                self.not_understood.setdefault(description, set()).update(i for i, _ in value.segments)
+            for part in value.parts if isinstance(value, _Parts) else (value,):
+                if part is not None:
+                    self.refuse(part, f"reaches {description}, whose effect on channels is not understood")
+                    self.not_understood.setdefault(description, set()).update(i for i, _ in part.segments)
 
     def input_values(self, node: torch.fx.Node) -> list[_Value | None]:
         nodes: list[torch.fx.Node] = []
@@ -463,9 +545,16 @@ class _Tracer:
         spaces = [space for index, space in enumerate(self.spaces) if self.root(index) == index]
         for space in spaces:
             space.consumers = list(dict.fromkeys(space.consumers))
+            space.routes = channel_routes(space)
             for layer in space.producers:
                 layer.space = space
-        return ChannelGraph(spaces)
+        graph = ChannelGraph(spaces)
+        if self.widths is None and any(space.routes for space in spaces):
+            slots = _RouteSlots(self.model, graph)
+            for space in spaces:
+                if space.routes:
+                    space.route_slots = functools.partial(slots.of, space.name)
+        return graph
 
     def visit(self, node: torch.fx.Node) -> _Value | None:
         if node.op in ("placeholder", "get_attr"):
@@ -474,13 +563,28 @@ class _Tracer:
             for value in self.input_values(node):
                 self.refuse(value, "reaches the network's output, whose shape would change")
             return None
+        if self.shape_arithmetic(node):
+            return None
         value = self.first(node)
+        values = self.input_values(node)
+        if isinstance(value, _Parts) and node.target is operator.getitem and isinstance(node.args[1], int):
+            return value.parts[node.args[1]]
+        probing = value is not None and not isinstance(value, _Parts) and value.probe is not None
+        if probing and self.reshaping(node):
+            return self.probed(node, value)
+        if probing and (node.target == "size" or (node.target is getattr and node.args[1:2] == ("shape",))):
+            self.record_shape(node, value, self.argument(node, 1, "dim", None) if node.target == "size" else None)
+            return None
+        if any(isinstance(v, _Parts) or (v is not None and v.probe is not None) for v in values):
+            self.refuse_unknown(node, values)  # a split's tuple read whole, a reshape mid-way read by a computation
+            return None
         reader = {"call_module": self.visit_module, "call_function": self.visit_function,
                   "call_method": self.visit_method}.get(node.op)  # fmt: skip
         result = UNKNOWN_OP if reader is None else reader(node, value)
         if result is not UNKNOWN_OP:
             return result
-        values = self.input_values(node)
+        if value is not None and self.reshaping(node):
+            return self.probed(node, value)
         if node.target in SPLIT_FUNCTIONS or (node.op == "call_method" and node.target in SPLIT_METHODS):
             for split in values:
                 self.refuse(split, f"{_describe(node, self.modules)} splits them by position")
@@ -530,7 +634,11 @@ class _Tracer:
         if target is operator.getitem and value is None:
             return None
         if target is getattr and node.args[1:2] in (("shape",), ("ndim",), ("dtype",), ("device",)):
+            if node.args[1] == "shape":
+                self.record_shape(node, value, None)
             return None  # a tensor's metadata carries no channel; what is built from it is judged where used
+        if target in (torch.chunk, torch.split):
+            return self.split(node, value)
         return UNKNOWN_OP
 
     def visit_method(self, node: torch.fx.Node, value: _Value | None) -> _Value | object | None:
@@ -551,7 +659,10 @@ class _Tracer:
             dims = node.args[1] if len(node.args) == 2 else node.args[1:] or node.kwargs.get("dims")
             return self.permuted(node, value, dims)
         if method == "size":
+            self.record_shape(node, value, self.argument(node, 1, "dim", None))
             return None  # a shape carries no channel; what is built from it is judged where it is used
+        if method in ("chunk", "split"):
+            return self.split(node, value)
         return UNKNOWN_OP
 
     @staticmethod
@@ -589,7 +700,7 @@ class _Tracer:
                 return replace(value, ndim=start + 1 if end == -1 else None)
             return replace(value, ndim=value.ndim - (end % value.ndim - start))
         whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
-        if not whole or value.flattened or not value.channels_at(1):
+        if not whole or value.flattened or not value.channels_at(1) or value.layout is not None:
             self.refuse_unknown(node, [value])
             return None
         return replace(value, flattened=True, ndim=2)
@@ -611,22 +722,178 @@ class _Tracer:
             return None
         return replace(value, ndim=ndim, channels_last=moved_to == ndim - 1 and ndim > 2)
 
+    # reordered channels: splits, reshapes, shuffles
+    def layout_of(self, value: _Value) -> tuple[tuple[int, int], ...] | None:
+        """``value``'s channels position by position, (space id, channel); None where part of it is unknown."""
+        if value.layout is not None:
+            return value.layout
+        if value.width is None or value.flattened:
+            return None
+        positions: list[tuple[int, int] | None] = [None] * value.width
+        for index, offset in value.segments:
+            for channel in range(self.space(index).width):
+                positions[offset + channel] = (index, channel)
+        return None if None in positions else tuple(positions)  # type: ignore[return-value]
+
+    def with_layout(self, value: _Value, layout: Sequence[tuple[int, int]], **changes: Any) -> _Value:
+        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position."""
+        segments: list[tuple[int, int]] = []
+        position = 0
+        while position < len(layout):
+            index, channel = layout[position]
+            width = self.space(index).width
+            run = tuple((index, c) for c in range(width))
+            if channel != 0 or tuple(layout[position : position + width]) != run:
+                break
+            segments.append((index, position))
+            position += width
+        if position == len(layout):
+            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None, **changes)
+        spaces = tuple((index, -1) for index in dict.fromkeys(index for index, _ in layout))
+        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None, **changes)
+
+    def split(self, node: torch.fx.Node, value: _Value | None) -> _Parts | object | None:
+        """``chunk``/``split`` along the channels: each part carries its positions of the layout."""
+        if value is None:
+            return None
+        sections = self.argument(node, 1, "split_size_or_sections" if "split" in str(node.target) else "chunks", None)
+        if node.target in ("split", torch.split) and "split_size" in node.kwargs:
+            sections = node.kwargs["split_size"]
+        dim = self.argument(node, 2, "dim", 0)
+        layout = self.layout_of(value)
+        if layout is None or not isinstance(dim, int) or not value.channels_at(dim):
+            return UNKNOWN_OP
+        width = len(layout)
+        if node.target in ("chunk", torch.chunk):
+            if not isinstance(sections, int) or sections < 1:
+                return UNKNOWN_OP
+            size = -(-width // sections)
+            sizes = [min(size, width - start) for start in range(0, width, size)]
+        elif isinstance(sections, int) and sections > 0:
+            sizes = [min(sections, width - start) for start in range(0, width, sections)]
+        elif (
+            isinstance(sections, (list, tuple)) and all(isinstance(n, int) for n in sections) and sum(sections) == width
+        ):
+            sizes = list(sections)
+        else:
+            return UNKNOWN_OP
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return _Parts(tuple(self.with_layout(value, layout[a : a + n]) for a, n in zip(starts, sizes, strict=True)))
+
+    def probe_shape(self, value: _Value) -> tuple[int, ...] | None:
+        """The shape a probe of ``value`` has: its channels at their dim, ``PROBE_SIZES`` elsewhere."""
+        if value.ndim is None or value.width is None or value.flattened or value.ndim > len(PROBE_SIZES) + 1:
+            return None
+        where = value.ndim - 1 if value.channels_last else 1
+        others = iter(PROBE_SIZES)
+        return tuple(value.width if d == where else next(others) for d in range(value.ndim))
+
+    def record_shape(self, node: torch.fx.Node, value: _Value | None, dim: Any) -> None:
+        """``x.size()``/``x.shape`` of a channel value as its probe has it: what a reshape's arguments come from."""
+        if value is None or isinstance(value, _Parts):
+            return
+        shape = tuple(value.probe.shape) if value.probe is not None else self.probe_shape(value)
+        if shape is not None:
+            self.concrete[node] = shape if dim is None else shape[dim] if isinstance(dim, int) else None
+
+    def shape_arithmetic(self, node: torch.fx.Node) -> bool:
+        """Evaluate integer arithmetic on recorded shapes (``C // groups``); True if ``node`` was such a step."""
+        if node.op != "call_function" or node.target not in SHAPE_ARITHMETIC:
+            return False
+        known = True
+
+        def resolve(arg: Any) -> Any:
+            nonlocal known
+            if isinstance(arg, torch.fx.Node):
+                known = known and arg in self.concrete
+                return self.concrete.get(arg)
+            return arg
+
+        args = torch.fx.map_arg(node.args, resolve)
+        if (
+            not known
+            or not node.args
+            or not isinstance(node.args[0], torch.fx.Node)
+            or node.args[0] not in self.concrete
+        ):
+            return False
+        try:
+            self.concrete[node] = node.target(*args)
+        except (TypeError, IndexError, ZeroDivisionError):
+            return False
+        return True
+
+    def reshaping(self, node: torch.fx.Node) -> bool:
+        if node.op == "call_method":
+            return str(node.target) in RESHAPE_METHODS
+        return node.op == "call_function" and node.target in RESHAPE_FUNCTIONS
+
+    def probed(self, node: torch.fx.Node, value: _Value) -> _Value | None:
+        """A reshape of channels (a shuffle: view to (N, groups, C/groups, H, W), transpose, view back), followed
+        on a probe: a tensor of channel indices with distinct primes for the other dims goes through the same ops.
+        Where every index along dim 1 or the last dim holds one channel, and all channels appear, the channels are
+        readable again, reordered; until then only another reshape may read the value."""
+        layout = self.layout_of(value) if value.probe is None else value.layout
+        shape = self.probe_shape(value) if value.probe is None else None
+        if layout is None or (value.probe is None and shape is None):
+            self.refuse_unknown(node, [value])
+            return None
+        if value.probe is None:
+            where = value.ndim - 1 if value.channels_last else 1
+            view = [1] * len(shape)
+            view[where] = len(layout)
+            probe = torch.arange(len(layout)).view(view).expand(shape).contiguous()
+        else:
+            probe = value.probe
+        known = True
+
+        def resolve(arg: Any) -> Any:
+            nonlocal known
+            if isinstance(arg, torch.fx.Node):
+                known = known and arg in self.concrete
+                return self.concrete.get(arg)
+            return arg
+
+        args = torch.fx.map_arg(node.args[1:], resolve)
+        kwargs = torch.fx.map_arg(node.kwargs, resolve)
+        try:
+            if not known:
+                raise ValueError("arguments not known")
+            if node.op == "call_method":
+                result = getattr(probe, str(node.target))(*args, **kwargs)
+            else:
+                result = node.target(probe, *args, **kwargs)
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            self.refuse_unknown(node, [value])
+            return None
+        for dim in (1, result.ndim - 1) if result.ndim >= 2 else ():
+            rows = result.movedim(dim, 0).reshape(result.shape[dim], -1)
+            order = rows[:, 0]
+            one_channel_each = len(order) == len(layout) and bool((rows == order[:, None]).all())
+            if one_channel_each and bool((order.sort().values == torch.arange(len(layout))).all()):
+                moved = [layout[int(i)] for i in order]
+                return self.with_layout(value, moved, ndim=result.ndim, channels_last=dim == result.ndim - 1 > 1)
+        return replace(value, layout=layout, probe=result)
+
     # producers, norms and readers
     def producer(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value:
         name = str(node.target)
         layer = PrunableLayer(name, module)
         if is_depthwise(module):
-            single = value is not None and len(value.segments) == 1 and value.width == module.in_channels
+            single = value is not None and len(value.segments) == 1 and self.fits(value.width, module.in_channels)
             single = single and not value.flattened and value.channels_at(1)
             if single and value.revived_by is None and not self.reused(name):
                 ((index, _),) = value.segments
                 self.space(index).producers.append(layer)  # it carries channel c to its own channel c
                 self.writer_of[node] = layer
                 return _Value(value.segments, value.width, ndim=_output_ndim(module))
+            carried = self.carried(node, module, value)
+            if carried is not None:
+                return carried
             index = self.new_space(layer)
             self.spaces[index].refuse(f"depthwise conv {name} reads a tensor that is not one whole channel space")
             self.refuse(value, f"depthwise conv {name} reads them along with other channels")
-            return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
+            return _Value(((index, 0),), self.width(layer), ndim=_output_ndim(module))
         self.read(name, module, value)
         index = self.new_space(layer)
         if getattr(module, "groups", 1) > 1:
@@ -635,8 +902,44 @@ class _Tracer:
             self.spaces[index].refuse(self.reused(name))
         self.writer_of[node] = layer
         if isinstance(module, nn.Linear):  # its features are the last dim of a tensor of its input's rank
-            return _Value(((index, 0),), layer.num_channels, ndim=value.ndim if value else None, channels_last=True)
-        return _Value(((index, 0),), layer.num_channels, ndim=_output_ndim(module))
+            return _Value(((index, 0),), self.width(layer), ndim=value.ndim if value else None, channels_last=True)
+        return _Value(((index, 0),), self.width(layer), ndim=_output_ndim(module))
+
+    def carried(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value | None:
+        """A depthwise conv reading several spaces (a concatenation, a shuffled stream) carries each channel to its
+        own channel: it is a ``ChannelPoint`` of each (its rows cut with the channels, its output masked, as it may
+        add a bias), not a producer of a space of its own. None if it reads anything else."""
+        name = str(node.target)
+        if (
+            value is None
+            or not self.fits(value.width, module.in_channels)
+            or value.flattened
+            or not value.channels_at(1)
+            or value.revived_by is not None
+            or self.reused(name)
+            or (value.layout is None and len(value.segments) < 2)
+        ):
+            return None
+        ndim = _output_ndim(module)
+        shape = (1, module.out_channels, *([1] * (ndim - 2)))
+        self.add_points(name, module, value, shape)
+        return replace(value, ndim=ndim)
+
+    def add_points(self, name: str, module: nn.Module, value: _Value, shape: tuple[int, ...]) -> None:
+        """``module`` (a norm, a depthwise conv) as a ``ChannelPoint`` of every space ``value`` carries."""
+        if value.layout is None:
+            for index, offset in value.segments:
+                self.space(index).points.append(ChannelPoint(name, module, offset, shape))
+            return
+        for index, at in self.positions(value.layout).items():
+            self.space(index).points.append(ChannelPoint(name, module, 0, shape, at=at))
+
+    def positions(self, layout: tuple[tuple[int, int], ...]) -> dict[int, tuple[int, ...]]:
+        """Space id → for each of its channels, where the layout places it (-1: not in it)."""
+        at: dict[int, list[int]] = {}
+        for position, (index, channel) in enumerate(layout):
+            at.setdefault(index, [-1] * self.space(index).width)[channel] = position
+        return {index: tuple(entries) for index, entries in at.items()}
 
     def read(self, name: str, module: nn.Module, value: _Value | None) -> None:
         """Record ``module`` as a consumer of every space in ``value``, or refuse those spaces."""
@@ -650,7 +953,7 @@ class _Tracer:
             self.refuse(value, f"{value.revived_by} turns a masked channel's 0 into f(0) ≠ 0 before {name} reads it")
             return
         if getattr(module, "groups", 1) > 1:
-            whole = len(value.segments) == 1 and value.width == module.in_channels and not value.flattened
+            whole = len(value.segments) == 1 and self.fits(value.width, module.in_channels) and not value.flattened
             if not whole or not value.channels_at(1):
                 self.refuse(value, f"grouped conv {name} (groups={module.groups}) reads them with other channels")
                 return
@@ -662,6 +965,13 @@ class _Tracer:
         linear = isinstance(module, nn.Linear)
         width = module.in_features if linear else module.in_channels
         per_channel = 1
+        if value.layout is not None:
+            if value.flattened or not (value.channels_at(-1) if linear else value.channels_at(1)):
+                self.refuse(value, f"{name} reads them along another dimension than their channels")
+                return
+            for index, at in self.positions(value.layout).items():
+                self.space(index).consumers.append(Consumer(name, "linear" if linear else "conv", at=at))
+            return
         if value.flattened:
             if not linear or value.width is None or width % value.width:
                 self.refuse(value, f"{name} reads them flattened in a layout the graph does not follow")
@@ -689,7 +999,7 @@ class _Tracer:
             and len(source.users) == 1
             and not self.reused(name)
             and not across
-            and width == writer.num_channels
+            and self.fits(self.width(writer), width)
             and (value is None or value.ndim is None or value.channels_at(dim))
         ):
             writer.norm_name, writer.norm = name, module
@@ -701,16 +1011,16 @@ class _Tracer:
             "it reads them flattened" if value.flattened else
             "it normalises another dim than their channels" if not value.channels_at(dim) else
             "their rank is unknown" if value.ndim is None and dim == 1 else
-            f"it has {width} channels" if value.width != width else None
+            f"it has {width} channels" if not self.fits(value.width, width) else None
         )  # fmt: skip
         if reason:
             self.refuse(value, f"{type(module).__name__} {name} reads them among other channels and {reason}, so its "
                                "β would flow into a masked channel")  # fmt: skip
             return None
         # A norm after a concatenation or an addition: each space is masked again at its offset there.
+        width = value.width if self.widths is not None and value.width is not None else width
         shape = (width,) if dim == -1 else (1, width, *([1] * (value.ndim - 2)))
-        for index, offset in value.segments:
-            self.space(index).points.append(ChannelPoint(name, module, offset, shape))
+        self.add_points(name, module, value, shape)
         return replace(value, revived_by=None)
 
     # joins
@@ -751,6 +1061,7 @@ class _Tracer:
         owner = self.modules.get(target.rpartition(".")[0])
         if (
             not isinstance(parameter, nn.Parameter)
+            or value.layout is not None
             or isinstance(owner, (*PRODUCER_TYPES, *NORM_TYPES, *LAYER_NORMS))
             or self.attribute_reads.get(target, 0) != 1
             or value.flattened
@@ -775,6 +1086,8 @@ class _Tracer:
         if not isinstance(dim, int) or not all(value.channels_at(dim) for value in known):
             self.refuse_unknown(node, values)
             return None
+        if any(value is not None and value.layout is not None for value in values):
+            return self.cat_layouts(node, values)
         segments: list[tuple[int, int]] = []
         offset: int | None = 0
         revived = None
@@ -797,6 +1110,39 @@ class _Tracer:
             return None
         return _Value(tuple(segments), offset, revived_by=revived, ndim=ndim, channels_last=known[0].channels_last)
 
+    def cat_layouts(self, node: torch.fx.Node, values: list[_Value | None]) -> _Value | None:
+        """A concatenation of reordered spaces: their layouts one after the other."""
+        layouts = [self.layout_of(value) if value is not None else None for value in values]
+        if any(layout is None for layout in layouts):
+            for value in values:
+                if value is not None:
+                    self.refuse(
+                        value, f"{_describe(node, self.modules)} places them beside a tensor of unknown channels"
+                    )
+            return None
+        first = next(value for value in values if value is not None)
+        revived = next((value.revived_by for value in values if value is not None and value.revived_by), None)
+        joined = [position for layout in layouts for position in layout]  # type: ignore[union-attr]
+        return self.with_layout(first, joined, revived_by=revived)
+
+
+class _RouteSlots:
+    """How many slots each route of a reordered space has in the network cut to a pruned share of every
+    reordered space: traced once per share on such a cut (``compaction.cut.route_slots``), the model held weakly."""
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph) -> None:
+        self.model = weakref.ref(model)
+        self.graph = graph
+        self.cache: dict[float, dict[str, dict[tuple[str, ...], int]]] = {}
+
+    def of(self, name: str, amount: float) -> dict[tuple[str, ...], int]:
+        if amount not in self.cache:
+            from pruneflow.compaction.cut import route_slots  # compaction reads this module
+
+            model = self.model()
+            self.cache[amount] = {} if model is None else route_slots(model, self.graph, amount)
+        return self.cache[amount].get(name, {})
+
 
 class _LeafNormTracer(torch.fx.Tracer):
     """``torch.fx``'s tracer with the LayerNorms the graph knows (``LAYER_NORMS``) kept as modules: torchvision's
@@ -806,7 +1152,7 @@ class _LeafNormTracer(torch.fx.Tracer):
         return is_layer_norm(module) or super().is_leaf_module(module, qualified_name)
 
 
-def trace_channel_graph(model: nn.Module) -> ChannelGraph:
+def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
     """The channel spaces of ``model``, traced once with ``torch.fx``.
 
     A model that cannot be traced (data-dependent control flow) gets one space per conv and linear
@@ -826,7 +1172,7 @@ def trace_channel_graph(model: nn.Module) -> ChannelGraph:
                 layer.space = space
                 spaces.append(space)
         return ChannelGraph(spaces)
-    return _Tracer(model, graph).run()
+    return _Tracer(model, graph, widths).run()
 
 
 def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:

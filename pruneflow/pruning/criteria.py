@@ -42,6 +42,37 @@ def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tenso
     return pruned
 
 
+def select_by_route(
+    routes: Mapping[tuple[str, ...], Sequence[int]],
+    scores: Tensor,
+    count: int,
+    already_pruned: Tensor,
+    slots: Mapping[tuple[str, ...], int] | None = None,
+) -> Tensor:
+    """``select_channels`` on each route of a reordered space (``ChannelSpace.routes``), so that a cut keeping the
+    network's shuffles finds a slot on its route for every kept channel: with ``slots`` (the cut's slots per route,
+    ``ChannelSpace.route_slots``), each route keeps its best channels up to its slots, pruning more than ``count``
+    where the cut has fewer slots on a route than the share would keep; without, ``count`` is shared out in
+    proportion to the routes' sizes (largest remainders first). A route keeps what it pruned before."""
+    routes = list(routes.items())
+    width = sum(len(channels) for _, channels in routes)
+    exact = [count * len(channels) / width for _, channels in routes]
+    shares = [int(share) for share in exact]
+    by_remainder = sorted(range(len(routes)), key=lambda r: (-(exact[r] - shares[r]), r))
+    for route in by_remainder[: count - sum(shares)]:
+        shares[route] += 1
+    if slots is not None:
+        fitted = [len(channels) - min(len(channels), slots.get(key, 0)) for key, channels in routes]
+        if sum(fitted) < width:  # never every channel: a cut with no slot on any route is left to pad
+            shares = fitted
+    pruned = already_pruned.clone()
+    for (_, route), share in zip(routes, shares, strict=True):
+        index = torch.tensor(route, device=pruned.device)
+        chosen = select_channels(scores.index_select(0, index.to(scores.device)), share, pruned.index_select(0, index))
+        pruned[index] = chosen
+    return pruned
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -59,6 +90,10 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        if space.routes:
+            slots = space.route_slots(amount) if space.route_slots is not None else None
+            count = channels_to_prune(space.width, amount)
+            return select_by_route(space.routes, self.scores(space), count, already, slots)
         if space.groups == 1:
             return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
         # A grouped conv's space: the same positions in every group, scored summed over the groups.

@@ -245,7 +245,8 @@ class ActivationMask(MaskStrategy):
             if extra.name not in self._handles:
                 self._hook(extra.name, extra.module, torch.ones(extra.shape, device=layer.producer.weight.device))
             shared = getattr(extra.module, KEEP_BUFFER).view(-1)
-            shared[extra.offset : extra.offset + len(pruned)] = keep.flatten().to(shared)
+            channels, entries = extra.placed(len(pruned))
+            shared[entries.to(shared.device)] = keep.flatten()[channels].to(shared)
 
     def _hook(self, key: str, point: nn.Module, keep: Tensor) -> None:
         # Not persistent: checkpoints keep the model's own keys; the callback's state holds the masks.

@@ -159,7 +159,9 @@ class DriftTelemetry:
         self.pruned[layer.name] = pruned.clone()
         getattr(layer.channel_point, PRUNED_BUFFER).copy_(pruned)
         for extra in layer.space.points if layer.space is not None else []:
-            getattr(extra.module, PRUNED_BUFFER)[extra.offset : extra.offset + len(pruned)] = pruned
+            channels, entries = extra.placed(len(pruned))
+            buffer = getattr(extra.module, PRUNED_BUFFER)
+            buffer[entries.to(buffer.device)] = pruned[channels.to(pruned.device)].to(buffer)
 
     def arm(self, armed: bool) -> None:
         """Measure leaks in the coming training forward (only on logging steps: it costs a reduction)."""
