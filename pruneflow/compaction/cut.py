@@ -15,6 +15,12 @@ written by its producers and read by its consumers. Cutting channel ``c`` of a s
   layer's feature ``c`` or, after a flatten, features ``c·k … (c+1)·k − 1``, shifted by the space's
   offset where it reaches the consumer through a concatenation.
 
+A space **reordered** by a channel shuffle or a ``chunk`` (ShuffleNet's streams; ``ChannelSpace.routes``) is cut
+keeping the network's own forward: at the cut widths its shuffles and splits hand each position to other readers
+than at the full ones, so each kept channel is placed (rows of its producers, entries of its points, columns of
+its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
+zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
+
 This is the same function exactly when channel ``c`` is zero everywhere in its space. An ``activation``
 mask makes it so: it multiplies the channel by 0 at every producer's channel point (after β), and the
 graph admits between a channel point and a reader only ops that keep a zero channel zero (ReLU, SiLU,

@@ -32,8 +32,22 @@ carries it. For each space the graph knows
 - whether it is **coupled**: several producers' outputs meet in a residual addition or an elementwise
   product (a squeeze-and-excitation scale times its input), so the space is pruned as a group: masked
   at every producer's channel point (a sum or product of zeros is zero) and cut from every member;
+- its **routes**, where it is **reordered** on its way: a channel shuffle (ShuffleNet's ``view`` to
+  (N, groups, C/groups, H, W), ``transpose``, ``view`` back) or a ``chunk``/``split`` of the channels moves
+  each channel to a position of its own, so a traced value may carry its channels position by position
+  (``_Value.layout``) and each reader records where each channel of a space reaches it (``Consumer.at``,
+  ``ChannelPoint.at``). A reshape is followed on a **probe**: a small tensor of channel indices (distinct
+  primes for the other dims) goes through the same ``view``/``transpose``/``permute`` ops, with sizes read from
+  ``x.size()`` as the probe has them; where every index along dim 1 or the last dim holds one channel again, the
+  channels are readable again, reordered, and anything else reading a reshape mid-way refuses the space. A
+  depthwise conv reading several spaces (a shuffled stream, a concatenation) carries each channel at its
+  position: a ``ChannelPoint`` of each, its rows cut with the channels. A reordered space's **route** of a
+  channel is the set of modules that read it (``channel_routes``): a cut that keeps the network's own shuffles
+  and splits hands a cut network's channels to readers by position at the cut widths, so it places each kept
+  channel on a slot of the same route (``compaction.cut``), and the criteria keep no more channels on a route
+  than the cut network has slots there (``route_slots``, traced at those widths);
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
-  log, once), a reshuffle by position (``chunk``, ``split``, slicing, channel shuffles), a grouped conv
+  log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
   subclass, a LayerNorm over more than the channels), channels read along another dim than theirs, a parameter tied
   to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
