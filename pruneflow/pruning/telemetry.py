@@ -109,6 +109,7 @@ class DriftTelemetry:
         self._rows_before: dict[str, list[Tensor]] = {}
         self._optimizer_share: dict[str, Tensor] = {}
         self._row_index: dict[str, tuple[Tensor, int, Tensor]] = {}
+        self._column_index: dict[tuple[str, Consumer], tuple[Tensor, Tensor]] = {}
         self._leak_armed = False
         self._eval_leak_armed = False
         self._handles: list[RemovableHandle] = []
@@ -139,6 +140,16 @@ class DriftTelemetry:
             cached = (pruned, pruned._version, pruned.to(device).nonzero().flatten())
             self._row_index[name] = cached
         return cached[2]
+
+    def columns(self, name: str, consumer: Consumer, index: Tensor) -> Tensor:
+        """``consumer.columns(index)``, found once per mask version (``index`` is ``rows``' cached tensor): a
+        consumer reading a reordered space (``Consumer.at``) keeps the columns of the channels it reads, a
+        selection whose size only the host can know."""
+        cached = self._column_index.get((name, consumer))
+        if cached is None or cached[0] is not index:
+            cached = (index, consumer.columns(index))
+            self._column_index[(name, consumer)] = cached
+        return cached[1]
 
     # -- events -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -284,7 +295,7 @@ class DriftTelemetry:
         columns_of = index
         for consumer in [] if transient_only else layer.consumers:
             weight_now = self.consumer_weight(consumer).detach()
-            columns = consumer.columns(columns_of)
+            columns = self.columns(layer.name, consumer, columns_of)
             reference = self.consumer_reference[(layer.name, consumer.name)]
             consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
         norm = None if transient_only else layer.norm
