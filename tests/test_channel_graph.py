@@ -24,7 +24,7 @@ from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
-from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune
+from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune, select_per_head
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 
@@ -190,6 +190,18 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(1)
     masks = {}
     for space in graph.prunable:
+        if space.heads > 1:  # an attention's q, k, v rows: half of each head's, the same from q and k
+            pruned = select_per_head(torch.rand(space.width, generator=generator), space.heads,
+                                     channels_to_prune(space.width // (3 * space.heads), 0.5),
+                                     torch.zeros(space.width, dtype=torch.bool))  # fmt: skip
+            masks.update((name, pruned) for name in space.names)
+            continue
+        if space.multiple > 1:  # read by attentions: half of each head's share
+            pruned = torch.zeros(space.width, dtype=torch.bool)
+            count = space.multiple * channels_to_prune(space.width // space.multiple, 0.5)
+            pruned[torch.randperm(space.width, generator=generator)[:count]] = True
+            masks.update((name, pruned) for name in space.names)
+            continue
         block = space.width // space.groups
         mask = torch.zeros(block, dtype=torch.bool)
         mask[torch.randperm(block, generator=generator)[: channels_to_prune(block, 0.5)]] = True
@@ -360,12 +372,15 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
             masking.apply(layer, masks[layer.name])
     modules = dict(model.named_modules())
     received: dict[str, Tensor] = {}
+    # a Swin attention's qkv is never called: it reads the attention's input (its proj reads inside it, unseen)
+    units = {layer.name: layer.unit_name for layer in graph.layers if layer.unit_name is not None}
     handles = [
-        modules[consumer.name].register_forward_pre_hook(
+        modules[units.get(consumer.name, consumer.name)].register_forward_pre_hook(
             lambda module, inputs, name=consumer.name: received.__setitem__(name, inputs[0].detach())
         )
         for space in graph.prunable
         for consumer in space.consumers
+        if consumer.name.endswith(".qkv") or consumer.name not in units
     ]
     model.train()
     model(images).square().sum().backward()
@@ -379,7 +394,7 @@ def check_masked_and_cut(model: nn.Module, input_shape: tuple[int, ...], strateg
         return graph
     for space in graph.prunable:
         pruned = masks[space.name].nonzero().flatten()
-        for consumer in space.consumers:
+        for consumer in (c for c in space.consumers if c.name in received):
             dim = -1 if consumer.kind == "linear" else 1  # a linear layer reads its features on the last dim
             leak = received[consumer.name].index_select(dim, input_positions(consumer, pruned))
             assert leak.abs().sum() == 0, f"{consumer.name} receives {space.name}'s masked channels"

@@ -341,7 +341,29 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
                 "take the same positions from every group (the criteria select so)"
             )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
+    for group in groups:
+        if group.space.heads > 1:
+            _check_heads(group, groups)
     return groups
+
+
+def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
+    """An attention's q, k, v rows cut as the attention computes: the same positions from q and k, as many from
+    every head's q/k and v, and as many kept per head as its input keeps channels per head."""
+    space, heads = group.space, group.space.heads
+    pruned = torch.zeros(space.width, dtype=torch.bool)
+    pruned[group.removed] = True
+    q, k, v = pruned.view(3, heads, -1)
+    counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
+    anchor = next((g for g in groups if g.space is space.tied_to), None)
+    kept_per_head = q.shape[1] - next(iter(counts))
+    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // 3
+    if not torch.equal(q, k) or len(counts) > 1 or anchor_kept != heads * kept_per_head:
+        raise CompactionError(
+            f"cannot cut {space.name}: an attention's heads must keep the same query/key positions in q and k, as "
+            f"many in every head and of values, and {anchor_kept // heads if anchor else '?'} each (its input keeps "
+            f"{anchor_kept} channels for {heads} heads); the criteria select so (mask.groups=true)"
+        )
 
 
 # -- the cut --------------------------------------------------------------------------------------
@@ -444,6 +466,9 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         arguments = RESIZABLE[type(new)][0](new)
         widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
+    for group in groups:
+        if group.space.heads > 1 and len(group.removed):
+            _rescale_queries(model, group)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():
@@ -456,10 +481,26 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     return Compaction(model, list(groups), sizes, kept)
 
 
+@torch.no_grad()
+def _rescale_queries(model: nn.Module, group: ChannelGroup) -> None:
+    """An attention scales its logits by 1/√(head width), the width its input gives it: with d' of d positions
+    kept per head the cut one would divide by √d' where the masked one divides by √d. Its query rows (weights and
+    bias) are multiplied by √(d'/d), so the logits are the masked network's."""
+    (layer,) = group.space.producers
+    qkv = model.get_submodule(layer.name)
+    heads = group.space.heads
+    full, kept = group.width // (3 * heads), len(group.kept) // (3 * heads)
+    queries = qkv.out_features // 3
+    factor = (kept / full) ** 0.5
+    qkv.weight[:queries] *= factor
+    if qkv.bias is not None:
+        qkv.bias[:queries] *= factor
+
+
 # -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------
 def _reordered(space: ChannelSpace) -> bool:
     """Whether ``space`` reaches a reader reordered (through a channel shuffle or a ``chunk``)."""
-    return any(reader.at for reader in (*space.consumers, *space.points))
+    return bool(space.routes)
 
 
 @dataclass

@@ -68,6 +68,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import logging
+import math
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,6 +79,7 @@ import torch
 import torch.fx
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.swin_transformer import ShiftedWindowAttention, _patch_merging_pad
 from torchvision.ops import StochasticDepth, stochastic_depth
 
 from pruneflow.errors import ConfigError
@@ -216,15 +218,25 @@ class PrunableLayer:
     norm_name: str | None = None
     norm: nn.Module | None = None  # a BatchNorm, or a LayerNorm over the channels
     space: ChannelSpace | None = field(default=None, repr=False)
+    # A producer never called as a module (a Swin attention's ``qkv`` and ``proj``, whose weights the attention
+    # reads itself): the module whose output completes its channels, the attention (``WINDOW_ATTENTIONS``).
+    unit_name: str | None = None
+    unit: nn.Module | None = field(default=None, repr=False)
 
     @property
     def channel_point_name(self) -> str:
-        return self.norm_name or self.name
+        return self.unit_name or self.norm_name or self.name
 
     @property
     def channel_point(self) -> nn.Module:
-        """Where the channel is complete: the norm after the producer, else the producer itself."""
-        return self.norm if self.norm is not None else self.producer
+        """Where the channel is complete: the norm after the producer, else the producer itself (or the attention
+        that calls it)."""
+        return self.unit if self.unit is not None else self.norm if self.norm is not None else self.producer
+
+    @property
+    def inside_unit(self) -> bool:
+        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's."""
+        return self.unit is not None and self.space is not None and self.space.heads > 1
 
     @property
     def num_channels(self) -> int:
@@ -276,6 +288,14 @@ class ChannelSpace:
     # route (``Criterion.select``). Empty: every channel goes the same way.
     routes: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
     route_slots: Callable[[float], dict[tuple[str, ...], int]] | None = field(default=None, repr=False, compare=False)
+    # An attention's q, k and v rows (``qkv``, 3 × heads × head width): each head keeps as many query/key positions
+    # (cut from q and k alike) as value positions, and as many as every other head: ``heads``. Its head width
+    # follows its input's width, so it is pruned with that space (``tied_to``), and that one in multiples of
+    # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
+    heads: int = 1
+    tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
+    tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
+    multiple: int = 1
 
     @property
     def name(self) -> str:
@@ -319,7 +339,7 @@ def channel_routes(space: ChannelSpace) -> dict[tuple[str, ...], tuple[int, ...]
     """``space``'s channels grouped by route, the names of the modules that read them, where it reaches a reader
     reordered (a channel shuffle, a ``chunk``); {} where every channel goes the same way."""
     readers = [*space.consumers, *space.points]
-    if not any(reader.at for reader in readers):
+    if space.heads > 1 or not any(reader.at for reader in readers):  # an attention's value rows: not reordered
         return {}
     routes: dict[tuple[str, ...], list[int]] = {}
     for channel in range(space.width):
@@ -335,6 +355,11 @@ def is_depthwise(module: nn.Module) -> bool:
         and module.groups > 1
         and module.groups == module.in_channels == module.out_channels
     )
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """torchvision's Swin attention (exact type: V2's cosine attention is another function)."""
+    return type(module) is ShiftedWindowAttention
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -463,6 +488,7 @@ class _Tracer:
         self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
+        self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         self.calls: dict[str, int] = {}
         for node in graph.nodes:
             if node.op == "call_module":
@@ -562,6 +588,7 @@ class _Tracer:
             space.routes = channel_routes(space)
             for layer in space.producers:
                 layer.space = space
+        self.tie(spaces)
         graph = ChannelGraph(spaces)
         if self.widths is None and any(space.routes for space in spaces):
             slots = _RouteSlots(self.model, graph)
@@ -569,6 +596,23 @@ class _Tracer:
                 if space.routes:
                     space.route_slots = functools.partial(slots.of, space.name)
         return graph
+
+    def tie(self, spaces: list[ChannelSpace]) -> None:
+        """Tie each attention's q/k/v space to the space it reads: pruned together or not at all."""
+        for inner, read, _ in self.ties:
+            attention, anchor = self.space(inner), self.space(read)
+            attention.tied_to = anchor
+            anchor.tied.append(attention)
+            anchor.multiple = math.lcm(anchor.multiple, attention.heads)
+        for _ in range(2):  # a refusal on either side refuses the other
+            for inner, read, name in self.ties:
+                attention, anchor = self.space(inner), self.space(read)
+                if attention.prunable and not anchor.prunable:
+                    attention.refuse(f"attention {name}'s head width follows {anchor.name}, which is not prunable")
+                if anchor.prunable and not attention.prunable:
+                    anchor.refuse(f"attention {name}'s head width follows it, and its q, k, v rows are not prunable")
+                if anchor.width % anchor.multiple:
+                    anchor.refuse(f"its {anchor.width} channels are not a multiple of attention {name}'s heads")
 
     def visit(self, node: torch.fx.Node) -> _Value | None:
         if node.op in ("placeholder", "get_attr"):
@@ -612,6 +656,8 @@ class _Tracer:
         module = self.modules[str(node.target)]
         if isinstance(module, PRODUCER_TYPES):
             return self.producer(node, module, value)
+        if is_window_attention(module):
+            return self.attention(node, module, value)
         if isinstance(module, NORM_TYPES) or is_layer_norm(module):
             return self.norm(node, module, value)
         if isinstance(module, NORMS_ACROSS_CHANNELS):
@@ -653,6 +699,10 @@ class _Tracer:
             return None  # a tensor's metadata carries no channel; what is built from it is judged where used
         if target in (torch.chunk, torch.split):
             return self.split(node, value)
+        if target is _patch_merging_pad:  # Swin's patch merging: the 4 pixels of each 2×2 patch side by side
+            if value is None or value.flattened or not value.channels_last or self.layout_of(value) is None:
+                return UNKNOWN_OP
+            return self.with_layout(value, self.layout_of(value) * 4)
         return UNKNOWN_OP
 
     def visit_method(self, node: torch.fx.Node, value: _Value | None) -> _Value | object | None:
@@ -919,6 +969,27 @@ class _Tracer:
             return _Value(((index, 0),), self.width(layer), ndim=value.ndim if value else None, channels_last=True)
         return _Value(((index, 0),), self.width(layer), ndim=_output_ndim(module))
 
+    def attention(self, node: torch.fx.Node, module: ShiftedWindowAttention, value: _Value | None) -> _Value:
+        """torchvision's Swin attention, a leaf: ``qkv`` reads its input (a consumer), writes the q, k and v rows
+        of every head (a space of ``heads``, tied to the input's: the head width is the input's width / heads),
+        ``proj`` reads the value rows and writes the output (a new space). Both are masked at the attention's
+        output, the only place their channels exist outside it."""
+        name = str(node.target)
+        qkv = PrunableLayer(f"{name}.qkv", module.qkv, unit_name=name, unit=module)
+        proj = PrunableLayer(f"{name}.proj", module.proj, unit_name=name, unit=module)
+        self.read(qkv.name, module.qkv, value)
+        inner = self.new_space(qkv)
+        self.spaces[inner].heads = module.num_heads
+        width = module.proj.in_features
+        self.spaces[inner].consumers.append(Consumer(proj.name, "linear", at=(-1,) * (2 * width) + tuple(range(width))))
+        whole = value is not None and value.layout is None and len(value.segments) == 1 and value.segments[0][1] == 0
+        if self.reused(name) or not whole or value.width != module.qkv.in_features:
+            self.spaces[inner].refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
+        else:
+            self.ties.append((inner, value.segments[0][0], name))
+        output = self.new_space(proj)
+        return _Value(((output, 0),), width, ndim=value.ndim if value else None, channels_last=True)
+
     def carried(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value | None:
         """A depthwise conv reading several spaces (a concatenation, a shuffled stream) carries each channel to its
         own channel: it is a ``ChannelPoint`` of each (its rows cut with the channels, its output masked, as it may
@@ -1163,7 +1234,7 @@ class _LeafNormTracer(torch.fx.Tracer):
     ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside its module."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return is_layer_norm(module) or super().is_leaf_module(module, qualified_name)
+        return is_layer_norm(module) or is_window_attention(module) or super().is_leaf_module(module, qualified_name)
 
 
 def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
@@ -1209,10 +1280,11 @@ def select_spaces(
     """
     prunable = [space for space in spaces if space.prunable]
     if patterns is None:
-        return [space for space in prunable if groups or not space.coupled]
+        return _with_tied(spaces, [space for space in prunable if (groups or not space.coupled) and not space.tied_to])
     chosen: dict[int, ChannelSpace] = {}
     for pattern in patterns:
         hits = [space for space in spaces if any(fnmatch.fnmatchcase(n, str(pattern)) for n in space.names)]
+        hits = [space.tied_to if space.tied_to is not None else space for space in hits]  # pruned with what it reads
         if not hits:
             raise ConfigError(
                 f"mask.layers pattern {pattern!r} matches no conv or linear layer; the model's are: "
@@ -1229,7 +1301,13 @@ def select_spaces(
                 log.info("mask.layers %r names %s: pruning its whole group %s", pattern, ", ".join(matched),
                          ", ".join(space.names))  # fmt: skip
             chosen[id(space)] = space
-    return [space for space in spaces if id(space) in chosen]
+    return _with_tied(spaces, [space for space in spaces if id(space) in chosen])
+
+
+def _with_tied(spaces: Sequence[ChannelSpace], chosen: list[ChannelSpace]) -> list[ChannelSpace]:
+    """``chosen`` with the attention q/k/v spaces tied to any of them (``ChannelSpace.tied``), in graph order."""
+    keys = {id(space) for space in chosen} | {id(tied) for space in chosen for tied in space.tied}
+    return [space for space in spaces if id(space) in keys]
 
 
 def select_layers(

@@ -73,6 +73,17 @@ def select_by_route(
     return pruned
 
 
+def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: Tensor) -> Tensor:
+    """An attention's q, k, v rows (``ChannelSpace.heads``): in every head the ``per_head`` query/key positions of
+    lowest summed q and k score (cut from q and k alike: a product of a kept and a pruned position is 0 anyway) and
+    the ``per_head`` lowest value positions, keeping those pruned already."""
+    q, k, v = scores.detach().float().view(3, heads, -1)
+    before_q, before_k, before_v = already_pruned.view(3, heads, -1)
+    pruned_qk = torch.stack([select_channels(q[h] + k[h], per_head, before_q[h] | before_k[h]) for h in range(heads)])
+    pruned_v = torch.stack([select_channels(v[h], per_head, before_v[h]) for h in range(heads)])
+    return torch.stack([pruned_qk, pruned_qk, pruned_v]).flatten().to(already_pruned.device)
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -90,6 +101,12 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        if space.heads > 1:
+            per_head = channels_to_prune(space.width // (3 * space.heads), amount)
+            return select_per_head(self.scores(space), space.heads, per_head, already)
+        if space.multiple > 1:  # read by attentions whose head width follows it: whole multiples of their heads
+            count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
+            return select_channels(self.scores(space), count, already)
         if space.routes:
             slots = space.route_slots(amount) if space.route_slots is not None else None
             count = channels_to_prune(space.width, amount)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
+from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.channels import LAYER_NORMS, PrunableLayer, is_layer_norm
@@ -219,6 +220,35 @@ def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tenso
     return normalised * keep
 
 
+QKV_KEEP_BUFFER = "pruneflow_keep_qkv"
+
+
+def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    """Forward hook at a Swin attention whose q, k, v rows are pruned: the attention computed again with those rows
+    (weights and biases) times ``keep``, so a pruned position is 0 in every head and nothing reaches its rows
+    backwards; a mask of the output's own channels (``mask_channels``, the ``proj`` space) is applied too, in
+    whichever order the two hooks run. The attention's head width and scale stay those of its input's width; the
+    cut network's smaller heads are scaled to match (``compaction.cut``)."""
+    keep = getattr(module, QKV_KEEP_BUFFER)
+    qkv_bias = None if module.qkv.bias is None else module.qkv.bias * keep.to(module.qkv.bias.dtype)
+    recomputed = shifted_window_attention(
+        inputs[0],
+        module.qkv.weight * keep.to(module.qkv.weight.dtype).view(-1, 1),
+        module.proj.weight,
+        module.get_relative_position_bias(),
+        module.window_size,
+        module.num_heads,
+        shift_size=module.shift_size,
+        attention_dropout=module.attention_dropout,
+        dropout=module.dropout,
+        qkv_bias=qkv_bias,
+        proj_bias=module.proj.bias,
+        training=module.training,
+    )
+    output_keep = getattr(module, KEEP_BUFFER, None)
+    return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
+
+
 class ActivationMask(MaskStrategy):
     """Zero the kernels and multiply the channel by 0 at its channel point (after the BatchNorm, so β
     cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero. A LayerNorm over
@@ -235,6 +265,13 @@ class ActivationMask(MaskStrategy):
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         point = layer.channel_point
         keep = (~pruned).to(torch.float32).view(layer.channel_shape)
+        if layer.inside_unit:  # an attention's q, k, v rows: the attention is computed again without them
+            if layer.name in self._handles:
+                getattr(point, QKV_KEEP_BUFFER).copy_(keep)
+            else:
+                point.register_buffer(QKV_KEEP_BUFFER, keep.to(layer.producer.weight.device), persistent=False)
+                self._handles[layer.name] = point.register_forward_hook(mask_window_attention)
+            return
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)
         else:
@@ -257,6 +294,12 @@ class ActivationMask(MaskStrategy):
         self._handles[key] = point.register_forward_hook(mask_layer_norm if is_layer_norm(point) else mask_channels)
 
     def remove(self, layer: PrunableLayer) -> None:
+        if layer.inside_unit:
+            handle = self._handles.pop(layer.name, None)
+            if handle is not None:
+                handle.remove()
+                delattr(layer.channel_point, QKV_KEEP_BUFFER)
+            return
         points = [(layer.name, layer.channel_point)]
         points += [(extra.name, extra.module) for extra in (layer.space.points if layer.space is not None else [])]
         for key, point in points:

@@ -51,11 +51,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from pruneflow.pruning.channels import Consumer, PrunableLayer
-from pruneflow.pruning.strategies import MaskStrategy
+from pruneflow.pruning.strategies import QKV_KEEP_BUFFER, MaskStrategy
 
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
 # module to its device and a compiled graph reads its values without a recompile when pruning rewrites it.
 PRUNED_BUFFER = "pruneflow_pruned"
+QKV_PRUNED_BUFFER = "pruneflow_pruned_qkv"  # an attention's q, k, v rows (``PrunableLayer.inside_unit``)
 
 # Raw per-layer fields reduced on the device; metrics (and their aggregates) are derived from them.
 # The optimizer's share of a layer's pruned rows (sums over the rows; -1: does not apply).
@@ -115,11 +116,15 @@ class DriftTelemetry:
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
             point = layer.channel_point
-            point.register_buffer(PRUNED_BUFFER, torch.zeros(layer.num_channels), persistent=False)
+            buffer = QKV_PRUNED_BUFFER if layer.inside_unit else PRUNED_BUFFER
+            point.register_buffer(buffer, torch.zeros(layer.num_channels), persistent=False)
             # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
             self._leak[layer.name] = torch.full((), -1.0)
             self._eval_leak[layer.name] = torch.full((), -1.0)
-            self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
+            if layer.inside_unit:
+                self._handles.append(point.register_forward_hook(self._qkv_leak_hook(layer.name)))
+            else:
+                self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
         # Norms reading a space among other channels (after a concatenation) write β into it again: their
         # leak, over every pruned channel they carry, counts for each layer whose space they read.
         for layer in self.layers:
@@ -168,7 +173,7 @@ class DriftTelemetry:
     def set_mask(self, layer: PrunableLayer, pruned: Tensor) -> None:
         """The layer's pruned channels, for measuring (also when a resumed run restores them)."""
         self.pruned[layer.name] = pruned.clone()
-        getattr(layer.channel_point, PRUNED_BUFFER).copy_(pruned)
+        getattr(layer.channel_point, QKV_PRUNED_BUFFER if layer.inside_unit else PRUNED_BUFFER).copy_(pruned)
         for extra in layer.space.points if layer.space is not None else []:
             channels, entries = extra.placed(len(pruned))
             buffer = getattr(extra.module, PRUNED_BUFFER)
@@ -254,8 +259,9 @@ class DriftTelemetry:
         for layer in self.layers:
             points = [layer.channel_point, *(extra.module for extra in (layer.space.points if layer.space else []))]
             for point in points:
-                if hasattr(point, PRUNED_BUFFER):
-                    delattr(point, PRUNED_BUFFER)
+                for buffer in (PRUNED_BUFFER, QKV_PRUNED_BUFFER):
+                    if hasattr(point, buffer):
+                        delattr(point, buffer)
 
     # -- measurement ------------------------------------------------------------------------------
     @staticmethod
@@ -276,6 +282,26 @@ class DriftTelemetry:
                     self._leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
             elif torch.compiler.is_compiling() or self._eval_leak_armed:
                 self._eval_leak[name] = pruned_channel_abs_mean(output.detach(), getattr(module, PRUNED_BUFFER), shape)
+
+        return hook
+
+    def _qkv_leak_hook(self, name: str):
+        """At a Swin attention: the mean |q, k, v| of the pruned rows as the forward computed them (``qkv`` on the
+        attention's input, its rows times the ``activation`` keep-vector where there is one), on measured steps."""
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            armed = self._leak_armed if module.training else self._eval_leak_armed
+            if not (torch.compiler.is_compiling() or armed):
+                return
+            with torch.no_grad():
+                keep = getattr(module, QKV_KEEP_BUFFER, None)
+                weight, bias = module.qkv.weight, module.qkv.bias
+                if keep is not None:
+                    weight = weight * keep.to(weight.dtype).view(-1, 1)
+                    bias = None if bias is None else bias * keep.to(bias.dtype)
+                rows = torch.nn.functional.linear(inputs[0].detach(), weight, bias)
+                leak = pruned_channel_abs_mean(rows, getattr(module, QKV_PRUNED_BUFFER), (-1,))
+            (self._leak if module.training else self._eval_leak)[name] = leak
 
         return hook
 
