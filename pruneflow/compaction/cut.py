@@ -386,6 +386,9 @@ class Compaction:
     # module (or per-channel parameter) name → (output rows kept, input columns kept; None: all) of every
     # rebuilt one: what ``cut_tensor`` needs to carry anything shaped like its parameters (optimizer state) over.
     kept: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
+    # module name → (rows, input columns) that are zero channels padding a reordered space's slots (``_placement``):
+    # their optimizer state is zeroed too when a cut while training carries it over, so they stay zero
+    padding: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[str, list[int]]:
@@ -478,7 +481,7 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         new = cut_tensor(parameter.detach(), *kept[name]).clone()
         replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
         sizes[name] = {"channels": len(keep), "dim": dim}
-    return Compaction(model, list(groups), sizes, kept)
+    return Compaction(model, list(groups), sizes, kept, zeros)
 
 
 @torch.no_grad()

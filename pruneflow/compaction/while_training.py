@@ -115,9 +115,25 @@ def swap_in(
         replace_module(network, name, new)
     for optimizer in optimizers:
         carry_optimizer(optimizer, moved)
+        zero_padding_state(optimizer, compaction)
     before, after = compaction.channels
     flops = None if flops_before is None else (flops_before, count_flops(network, example))
     return TrainingCut(compaction.sizes, (before, after), (params_before, count_parameters(network)), flops)
+
+
+@torch.no_grad()
+def zero_padding_state(optimizer: torch.optim.Optimizer, compaction: Compaction) -> None:
+    """Zero the carried state of the zero channels that pad a reordered space (``Compaction.padding``): each took
+    a kept entry's state to be cut, and a momentum would move a channel whose gradient is exactly zero."""
+    for name, (rows, columns) in compaction.padding.items():
+        for parameter in compaction.model.get_submodule(name).parameters(recurse=False):
+            for value in optimizer.state.get(parameter, {}).values():
+                if not isinstance(value, Tensor) or value.ndim == 0 or not follows(value, parameter):
+                    continue
+                if rows is not None and len(rows) and value.shape[0] == parameter.shape[0]:
+                    value.index_fill_(0, rows.to(value.device), 0.0)
+                if columns is not None and len(columns) and value.ndim >= 2 and value.shape[1] == parameter.shape[1]:
+                    value.index_fill_(1, columns.to(value.device), 0.0)
 
 
 def follows(state: Tensor, parameter: Tensor) -> bool:
