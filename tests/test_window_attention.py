@@ -149,3 +149,26 @@ def test_swin_t_at_224_cuts_at_least_3x_the_flops_exactly() -> None:
         compaction = compact(model, masks)
         assert (compaction.model(images) - masked).abs().max() <= 1e-5 * masked.abs().max()
     assert count_flops(effective_copy(model), images[:1]) / count_flops(compaction.model, images[:1]) >= 3.0
+
+
+def test_the_masked_network_trains_on_as_the_cut_one_its_heads_at_their_cut_width() -> None:
+    """The masked attention divides its logits by the cut heads' √d' (its kept query rows times √(d/d')), so the
+    masked and the cut network are one function of the kept weights: the same steps keep them equal."""
+    torch.manual_seed(0)
+    model = randomize_norms(tiny_swin()).eval()  # eval: no dropout or stochastic depth, gradients all the same
+    masks, masking = half_by_l1(model), make_strategy("activation")
+    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
+    for name, mask in masks.items():
+        masking.prepare(layers[name])
+        masking.apply(layers[name], mask)
+    cut = compact(model, masks).model
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizers = [torch.optim.SGD(network.parameters(), lr=0.5) for network in (model, cut)]
+    for _ in range(3):
+        for network, optimizer in zip((model, cut), optimizers, strict=True):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(network(images), labels).backward()
+            optimizer.step()
+    with torch.no_grad():
+        masked, after = model(images), cut(images)
+    assert (masked - after).abs().max() <= 1e-4 * masked.abs().max(), (masked - after).abs().max()

@@ -469,9 +469,6 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         arguments = RESIZABLE[type(new)][0](new)
         widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
-    for group in groups:
-        if group.space.heads > 1 and len(group.removed):
-            _rescale_queries(model, group)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():
@@ -482,22 +479,6 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
         sizes[name] = {"channels": len(keep), "dim": dim}
     return Compaction(model, list(groups), sizes, kept, zeros)
-
-
-@torch.no_grad()
-def _rescale_queries(model: nn.Module, group: ChannelGroup) -> None:
-    """An attention scales its logits by 1/√(head width), the width its input gives it: with d' of d positions
-    kept per head the cut one would divide by √d' where the masked one divides by √d. Its query rows (weights and
-    bias) are multiplied by √(d'/d), so the logits are the masked network's."""
-    (layer,) = group.space.producers
-    qkv = model.get_submodule(layer.name)
-    heads = group.space.heads
-    full, kept = group.width // (3 * heads), len(group.kept) // (3 * heads)
-    queries = qkv.out_features // 3
-    factor = (kept / full) ** 0.5
-    qkv.weight[:queries] *= factor
-    if qkv.bias is not None:
-        qkv.bias[:queries] *= factor
 
 
 # -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------

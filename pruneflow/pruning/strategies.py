@@ -225,15 +225,21 @@ QKV_KEEP_BUFFER = "pruneflow_keep_qkv"
 
 def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     """Forward hook at a Swin attention whose q, k, v rows are pruned: the attention computed again with those rows
-    (weights and biases) times ``keep``, so a pruned position is 0 in every head and nothing reaches its rows
-    backwards; a mask of the output's own channels (``mask_channels``, the ``proj`` space) is applied too, in
-    whichever order the two hooks run. The attention's head width and scale stay those of its input's width; the
-    cut network's smaller heads are scaled to match (``compaction.cut``)."""
+    (weights and biases) times 0, so a pruned position is 0 in every head and nothing reaches its rows backwards;
+    a mask of the output's own channels (``mask_channels``, the ``proj`` space) is applied too, in whichever order
+    the two hooks run. The attention divides its logits by √d, d its head width as its input's width gives it; the
+    cut network's heads keep d' positions each and divide by √d', so the kept query rows are multiplied by
+    √(d/d') here: the masked network computes the cut one's function of every kept weight, gradients included,
+    and a cut while training trains on as the masked network would. No branch on values (see ``mask_channels``)."""
     keep = getattr(module, QKV_KEEP_BUFFER)
-    qkv_bias = None if module.qkv.bias is None else module.qkv.bias * keep.to(module.qkv.bias.dtype)
+    per_head = keep.view(3, module.num_heads, -1)
+    width = per_head.shape[-1]
+    temperature = (width / per_head[0].sum(-1, keepdim=True).clamp_min(1.0)).sqrt().expand_as(per_head[0])
+    rows = keep * torch.cat([temperature.unsqueeze(0), torch.ones_like(per_head[1:])]).flatten()
+    qkv_bias = None if module.qkv.bias is None else module.qkv.bias * rows.to(module.qkv.bias.dtype)
     recomputed = shifted_window_attention(
         inputs[0],
-        module.qkv.weight * keep.to(module.qkv.weight.dtype).view(-1, 1),
+        module.qkv.weight * rows.to(module.qkv.weight.dtype).view(-1, 1),
         module.proj.weight,
         module.get_relative_position_bias(),
         module.window_size,
