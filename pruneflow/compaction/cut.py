@@ -21,6 +21,11 @@ than at the full ones, so each kept channel is placed (rows of its producers, en
 its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
 zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
 
+A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
+the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
+head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
+logits by √(its cut head width), as the ``activation`` mask already does in the masked network.
+
 This is the same function exactly when channel ``c`` is zero everywhere in its space. An ``activation``
 mask makes it so: it multiplies the channel by 0 at every producer's channel point (after β), and the
 graph admits between a channel point and a reader only ops that keep a zero channel zero (ReLU, SiLU,

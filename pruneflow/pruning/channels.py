@@ -46,6 +46,14 @@ carries it. For each space the graph knows
   and splits hands a cut network's channels to readers by position at the cut widths, so it places each kept
   channel on a slot of the same route (``compaction.cut``), and the criteria keep no more channels on a route
   than the cut network has slots there (``route_slots``, traced at those widths);
+- its **heads**, where it is a Swin attention's q, k and v rows: torchvision's ``ShiftedWindowAttention`` (exact
+  type) is kept whole, a leaf; its ``qkv`` reads the residual stream (a consumer) and writes the q, k, v rows of
+  every head, a space of its own whose ``proj`` reads the value rows; ``proj`` writes the attention's output, a
+  producer of the stream. Both are masked at the attention's output, the only place their channels exist
+  outside it. The attention takes its head width from its input's width, so the heads' space is **tied** to the
+  stream (``tied_to``): pruned with it or not at all, as many positions per head as the stream keeps per head
+  (the stream is pruned in multiples of the heads, ``multiple``), the same from q and k. ``_patch_merging_pad``
+  (Swin's patch merging) places the stream 4 times side by side;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
