@@ -6,7 +6,8 @@
 Every block of a torchvision ShuffleNetV2 stage ends in ``channel_shuffle(cat(a, b), 2)``: output channel
 ``2i`` is ``a[i]`` and ``2i + 1`` is ``b[i]``. A stride-1 block first splits its input with ``chunk(2)``: the
 first half passes through as ``a``, the second half is read by the block's branch, whose output is ``b``.
-A cut that keeps the forward and the order of the kept channels (what ``pruneflow.compaction.cut`` does) must:
+A cut that keeps the forward and the order of the kept channels (what ``pruneflow.compaction.cut`` did before it
+learned to place a reordered space's channels by route) must:
 
 - cut ``a`` and ``b`` of each shuffle at the same offsets (the smaller network interleaves its halves again);
 - cut as many channels from each half of a ``chunk`` (the smaller network splits at its own middle).
@@ -17,7 +18,9 @@ branch output of each later block is cut where its pass-through half is. So each
 equation on ``E``'s indicator vector (cut channels in the first half − in the second half = 0); this script
 finds every cut size ``|E|`` that satisfies all of a stage's equations, by dynamic programming over the
 offsets. A stage with few blocks can be cut to almost any multiple of 8; the 7-block stage of most widths
-only not at all, or whole: no exact cut of its width exists without reordering its channels.
+only not at all, or whole: no exact cut of its width exists without reordering its channels, which is why
+``pruneflow.compaction.cut`` reorders them (each kept channel placed where the cut network's shuffles hand it to
+the modules that read it in the masked one).
 """
 
 from __future__ import annotations
