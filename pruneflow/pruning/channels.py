@@ -227,7 +227,7 @@ class PrunableLayer:
     norm: nn.Module | None = None  # a BatchNorm, or a LayerNorm over the channels
     space: ChannelSpace | None = field(default=None, repr=False)
     # A producer never called as a module (a Swin attention's ``qkv`` and ``proj``, whose weights the attention
-    # reads itself): the module whose output completes its channels, the attention (``WINDOW_ATTENTIONS``).
+    # reads itself): the module whose output completes its channels, the attention (``is_window_attention``).
     unit_name: str | None = None
     unit: nn.Module | None = field(default=None, repr=False)
 
