@@ -196,6 +196,9 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
+        if set(widths) == {"head_dim"}:  # an attention's head width (MaxViT's, set by the cut)
+            module.head_dim = widths["head_dim"]
+            continue
         arguments, _ = _resizable(name, module)
         if all(arguments(module).get(key) == value for key, value in widths.items()):
             continue
@@ -474,6 +477,11 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         arguments = RESIZABLE[type(new)][0](new)
         widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
+    for group in groups:  # MaxViT's attention reshapes its q, k, v by a head width of its own
+        owner = group.space.head_width_of
+        if owner is not None and len(group.removed):
+            sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
+            model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():

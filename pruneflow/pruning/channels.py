@@ -87,6 +87,7 @@ import torch
 import torch.fx
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.maxvit import PartitionAttentionLayer, RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, _patch_merging_pad
 from torchvision.ops import StochasticDepth, stochastic_depth
 
@@ -301,6 +302,7 @@ class ChannelSpace:
     # follows its input's width, so it is pruned with that space (``tied_to``), and that one in multiples of
     # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
     heads: int = 1
+    head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
     tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
     tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
     multiple: int = 1
@@ -368,6 +370,17 @@ def is_depthwise(module: nn.Module) -> bool:
 def is_window_attention(module: nn.Module) -> bool:
     """torchvision's Swin attention (exact type: V2's cosine attention is another function)."""
     return type(module) is ShiftedWindowAttention
+
+
+def is_partition_attention(module: nn.Module) -> bool:
+    """torchvision's MaxViT window or grid attention layer, exactly as torchvision builds it: partition, LayerNorm →
+    relative-position attention → dropout, LayerNorm → MLP, each with its residual, departition."""
+    if type(module) is not PartitionAttentionLayer:
+        return False
+    attention, mlp = list(module.attn_layer), list(module.mlp_layer)
+    return [type(m) for m in attention] == [nn.LayerNorm, RelativePositionalMultiHeadAttention, nn.Dropout] and [
+        type(m) for m in mlp
+    ] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear, nn.Dropout]
 
 
 def is_layer_norm(module: nn.Module) -> bool:
@@ -441,6 +454,7 @@ class _Value:
     # Mid-way through a reshape (a shuffle's ``view`` to (N, groups, C/groups, H, W)): ``probe`` is a small tensor
     # of element indices that went through the same ops; nothing but another reshape may read it.
     probe: torch.Tensor | None = field(default=None, compare=False)
+    spatial_one: bool = False  # pooled to 1 × 1 (an adaptive pooling): flattened, it is (N, C), not channel-major
 
     def channels_at(self, dim: int) -> bool:
         """Whether the channels are at ``dim`` (negative: from the end); of a 2-D tensor dim 1 is the last."""
@@ -666,6 +680,8 @@ class _Tracer:
             return self.producer(node, module, value)
         if is_window_attention(module):
             return self.attention(node, module, value)
+        if is_partition_attention(module):
+            return self.partition_attention(node, module, value)
         if isinstance(module, NORM_TYPES) or is_layer_norm(module):
             return self.norm(node, module, value)
         if isinstance(module, NORMS_ACROSS_CHANNELS):
@@ -758,7 +774,19 @@ class _Tracer:
         if value is not None and (value.flattened or value.channels_last):  # it would pool across channels
             self.refuse_unknown(node, [value])
             return None
+        if value is not None and self.pools_to_one(node):
+            return replace(value, spatial_one=True)
         return value
+
+    def pools_to_one(self, node: torch.fx.Node) -> bool:
+        """An adaptive pooling to 1 × 1: what a flatten then gives is (N, C), the channels at dim 1 and last."""
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            size = getattr(module, "output_size", None) if "Adaptive" in type(module).__name__ else None
+        else:
+            adaptive = node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+            size = self.argument(node, 1, "output_size", None) if adaptive else None
+        return size == 1 or (isinstance(size, (tuple, list)) and all(s == 1 for s in size))
 
     def flattened(self, node: torch.fx.Node, value: _Value | None, start: Any, end: Any) -> _Value | None:
         """A flatten of the spatial dims only keeps every channel; one of the channels with every dim after
@@ -772,6 +800,8 @@ class _Tracer:
                 return replace(value, ndim=start + 1 if end == -1 else None)
             return replace(value, ndim=value.ndim - (end % value.ndim - start))
         whole = start == 1 and (end == -1 or (value.ndim is not None and end == value.ndim - 1))
+        if whole and value.spatial_one and not value.flattened and value.channels_at(1):
+            return replace(value, ndim=2, spatial_one=False)  # (N, C): a linear layer or a LayerNorm reads dim 1
         if not whole or value.flattened or not value.channels_at(1) or value.layout is not None:
             self.refuse_unknown(node, [value])
             return None
@@ -997,6 +1027,40 @@ class _Tracer:
             self.ties.append((inner, value.segments[0][0], name))
         output = self.new_space(proj)
         return _Value(((output, 0),), width, ndim=value.ndim if value else None, channels_last=True)
+
+    def partition_attention(self, node: torch.fx.Node, module: PartitionAttentionLayer, value: _Value | None) -> Any:
+        """torchvision's MaxViT window or grid attention layer, a leaf: it partitions its input (N, C, H, W) into
+        windows, channels last, and adds an attention and an MLP to it, each after a LayerNorm over the channels,
+        then puts the windows back. The stream it reads is written again by the attention's ``merge`` and the MLP's
+        second layer (coupled, as residuals are), read by ``to_qkv`` and the MLP's first layer, normalised by both
+        LayerNorms (channel points); ``to_qkv`` writes the q, k, v rows of every head, a space tied to the stream
+        (``attention``), whose ``merge`` reads the value rows; the MLP's hidden width is a space of its own."""
+        name = str(node.target)
+        width = module.attn_layer[0].normalized_shape[0]
+        whole = value is not None and value.layout is None and len(value.segments) == 1 and value.segments[0][1] == 0
+        usable = whole and value.width == width and not value.flattened and value.channels_at(1)
+        if not usable or value.revived_by is not None or self.reused(name):
+            self.refuse_unknown(node, [value])
+            return None
+        (stream, _), windows = value.segments[0], replace(value, channels_last=True, ndim=4)
+        attention, mlp = module.attn_layer[1], module.mlp_layer
+        for norm_name in (f"{name}.attn_layer.0", f"{name}.mlp_layer.0"):
+            self.add_points(norm_name, self.modules[norm_name], windows, (width,))
+        qkv = PrunableLayer(f"{name}.attn_layer.1.to_qkv", attention.to_qkv)
+        self.read(qkv.name, attention.to_qkv, windows)
+        inner = self.new_space(qkv)
+        self.spaces[inner].heads = attention.n_heads
+        self.spaces[inner].head_width_of = f"{name}.attn_layer.1"
+        merge = f"{name}.attn_layer.1.merge"
+        self.spaces[inner].consumers.append(Consumer(merge, "linear", at=(-1,) * (2 * width) + tuple(range(width))))
+        self.ties.append((inner, stream, name))
+        first = PrunableLayer(f"{name}.mlp_layer.1", mlp[1])
+        self.read(first.name, mlp[1], windows)
+        hidden = self.new_space(first)
+        self.spaces[hidden].consumers.append(Consumer(f"{name}.mlp_layer.3", "linear"))
+        for layer in (PrunableLayer(merge, attention.merge), PrunableLayer(f"{name}.mlp_layer.3", mlp[3])):
+            stream = self.union(stream, self.new_space(layer), f"{name}'s residual")
+        return _Value(((stream, 0),), width, ndim=value.ndim)
 
     def carried(self, node: torch.fx.Node, module: nn.Module, value: _Value | None) -> _Value | None:
         """A depthwise conv reading several spaces (a concatenation, a shuffled stream) carries each channel to its
@@ -1242,7 +1306,12 @@ class _LeafNormTracer(torch.fx.Tracer):
     ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside its module."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return is_layer_norm(module) or is_window_attention(module) or super().is_leaf_module(module, qualified_name)
+        return (
+            is_layer_norm(module)
+            or is_window_attention(module)
+            or is_partition_attention(module)
+            or super().is_leaf_module(module, qualified_name)
+        )
 
 
 def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
