@@ -24,7 +24,9 @@ zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the cr
 A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
 the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
 head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
-logits by √(its cut head width), as the ``activation`` mask already does in the masked network.
+logits by √(its cut head width), as the ``activation`` mask already does in the masked network. MaxViT's attention
+reshapes by a head width of its own: the cut sets its ``head_dim`` (a ``sizes`` entry, so a rebuilt model has it),
+and keeps its scale, which its constructor fixed from the original width.
 
 This is the same function exactly when channel ``c`` is zero everywhere in its space. An ``activation``
 mask makes it so: it multiplies the channel by 0 at every producer's channel point (after β), and the

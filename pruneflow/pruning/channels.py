@@ -53,7 +53,12 @@ carries it. For each space the graph knows
   outside it. The attention takes its head width from its input's width, so the heads' space is **tied** to the
   stream (``tied_to``): pruned with it or not at all, as many positions per head as the stream keeps per head
   (the stream is pruned in multiples of the heads, ``multiple``), the same from q and k. ``_patch_merging_pad``
-  (Swin's patch merging) places the stream 4 times side by side;
+  (Swin's patch merging) places the stream 4 times side by side. MaxViT's ``PartitionAttentionLayer`` (exactly as
+  torchvision builds it) is a leaf too: the stream it reads is written again by its attention's ``merge`` and its
+  MLP's second layer (residuals, so coupled), read by ``to_qkv`` and the MLP's first layer, normalised by its two
+  LayerNorms; ``to_qkv``'s rows are a heads space tied to the stream, whose head width is the attention's own
+  ``head_dim`` (``head_width_of``: the cut sets it; its scale, fixed at construction, stays). A flatten after an
+  adaptive pooling to 1 × 1 is (N, C), not channel-major: a LayerNorm there (MaxViT's classifier) is a point;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
