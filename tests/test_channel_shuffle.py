@@ -15,7 +15,7 @@ from test_channel_graph import check_masked_and_cut, half_of_every_space, space_
 from torch import Tensor, nn
 from torchvision.models.shufflenetv2 import InvertedResidual, channel_shuffle
 
-from pruneflow.compaction import compact
+from pruneflow.compaction import CompactionError, compact
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.compaction.while_training import swap_in
@@ -189,3 +189,38 @@ class ShuffleNetPair(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         stream = self.first.stage(self.first.stem(x))
         return self.fc(self.second(stream).mean([2, 3]))
+
+
+class ShuffledNorm(nn.Module):
+    """Two convs shuffled together and chunked: the first half goes through a LayerNorm (channels last), the second
+    to a conv. Each space has two routes, one through the norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.norm, self.c, self.d = nn.LayerNorm(4), nn.Linear(4, 5), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = channel_shuffle(torch.cat([self.a(x), self.b(x)], dim=1), 2).chunk(2, dim=1)
+        return self.c(self.norm(first.permute(0, 2, 3, 1))).mean((1, 2)) + self.d(second).mean((2, 3))
+
+
+def test_a_cut_that_would_put_a_zero_channel_under_a_layer_norm_is_refused_naming_it() -> None:
+    model = ShuffledNorm()
+    graph = trace_channel_graph(model)
+    assert space_of(graph, "a").routes == {("c", "norm"): (0, 1), ("d",): (2, 3)}
+    # a keeps only channels the conv reads: at half width the cut has a slot for it under the norm, left empty
+    masks = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([False, False, True, True])}
+    with pytest.raises(CompactionError, match="cannot cut norm: a LayerNorm reads a reordered space"):
+        compact(model, masks)
+    # what a criterion keeps per route cuts exactly
+    masks = {"a": torch.tensor([True, False, True, False]), "b": torch.tensor([False, True, False, True])}
+    images = torch.randn(2, 3, 4, 4)
+    pruned = {name: masks[name] for name in ("a", "b")}
+    masking = make_strategy("activation")
+    for layer in graph.layers:
+        if layer.name in pruned:
+            masking.prepare(layer)
+            masking.apply(layer, pruned[layer.name])
+    with torch.no_grad():
+        assert (compact(model, pruned).model(images) - model(images)).abs().max() <= 1e-5

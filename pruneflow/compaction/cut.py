@@ -61,6 +61,7 @@ from pruneflow.pruning.channels import (
     LayerNorm2d,
     channel_routes,
     is_depthwise,
+    is_layer_norm,
     norm_width,
     trace_channel_graph,
 )
@@ -469,6 +470,11 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     for name in names:  # check every type before changing anything
         _resizable(name, modules[name])
+        if is_layer_norm(modules[name]) and name in zeros and zeros[name][0] is not None and len(zeros[name][0]):
+            raise CompactionError(
+                f"cannot cut {name}: a LayerNorm reads a reordered space whose cut needs zero channels, which would "
+                "change its mean and variance; select with a criterion (it keeps each route within its slots)"
+            )
     sizes: dict[str, dict[str, int]] = {}
     for name in names:
         new = cut_module(name, modules[name], out_keep.get(name), in_keep.get(name))
