@@ -14,13 +14,12 @@ import pytest
 import torch
 import torchvision
 from test_channel_graph import check_masked_and_cut, space_of
-from test_window_attention import half_by_l1
+from test_window_attention import masked_and_cut
 
-from pruneflow.compaction import compact, effective_copy, export_compact, load_compact
+from pruneflow.compaction import effective_copy, export_compact, load_compact
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.pruning.channels import trace_channel_graph
-from pruneflow.pruning.strategies import make_strategy
 
 STRATEGIES = ["activation", "weight", "gradient", "hard", "parametrize", "control"]
 TINY = {"input_size": [32, 32], "stem_channels": 16, "partition_size": 2, "block_channels": [16, 32],
@@ -30,16 +29,6 @@ TINY = {"input_size": [32, 32], "stem_channels": 16, "partition_size": 2, "block
 def tiny_maxvit() -> torch.nn.Module:
     """Two stages of torchvision's MaxViT (MBConv, window and grid attention): 2 and 4 heads of width 8."""
     return torchvision.models.maxvit.MaxVit(**TINY)
-
-
-def masked_and_cut(model: torch.nn.Module, images: torch.Tensor):
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
-    for name, mask in masks.items():
-        masking.prepare(layers[name])
-        masking.apply(layers[name], mask)
-    with torch.no_grad():
-        return model(images), compact(model, masks)
 
 
 def test_each_stage_is_one_coupled_space_through_its_attention_layers_with_their_heads_tied_to_it() -> None:

@@ -16,7 +16,7 @@ import torchvision
 from test_channel_graph import check_masked_and_cut, space_of
 from torchvision.models.swin_transformer import SwinTransformer
 
-from pruneflow.compaction import CompactionError, compact, effective_copy
+from pruneflow.compaction import Compaction, CompactionError, compact, effective_copy
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
@@ -42,6 +42,18 @@ def half_by_l1(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         pruned = L1().select(space, 0.5, torch.zeros(space.width, dtype=torch.bool))
         masks.update((layer.name, pruned) for layer in space.producers)
     return masks
+
+
+def masked_and_cut(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Compaction]:
+    """``model`` with half of every space (tied heads included) masked by L1 with ``activation``: its logits on
+    ``images``, and its cut."""
+    masks, masking = half_by_l1(model), make_strategy("activation")
+    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
+    for name, mask in masks.items():
+        masking.prepare(layers[name])
+        masking.apply(layers[name], mask)
+    with torch.no_grad():
+        return model(images), compact(model, masks)
 
 
 def test_the_embedding_width_is_one_coupled_space_with_each_attentions_heads_tied_to_it() -> None:
@@ -98,14 +110,8 @@ def test_half_of_swin_by_l1_cuts_at_least_3x_the_flops_exactly() -> None:
     torch.manual_seed(0)
     model = randomize_norms(tiny_swin()).eval()
     images = torch.randn(2, 3, 32, 32)
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
-    for name, mask in masks.items():
-        masking.prepare(layers[name])
-        masking.apply(layers[name], mask)
+    masked, compaction = masked_and_cut(model, images)
     with torch.no_grad():
-        masked = model(images)
-        compaction = compact(model, masks)
         assert (compaction.model(images) - masked).abs().max() <= 1e-5 * masked.abs().max()
     qkv = compaction.model.features[1][0].attn.qkv
     assert (qkv.in_features, qkv.out_features) == (8, 24)  # 2 heads of width 4
@@ -139,14 +145,8 @@ def test_swin_t_at_224_cuts_at_least_3x_the_flops_exactly() -> None:
     torch.manual_seed(0)
     model = randomize_norms(torchvision.models.swin_t(num_classes=10)).eval()
     images = torch.randn(2, 3, 224, 224)
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
-    for name, mask in masks.items():
-        masking.prepare(layers[name])
-        masking.apply(layers[name], mask)
+    masked, compaction = masked_and_cut(model, images)
     with torch.no_grad():
-        masked = model(images)
-        compaction = compact(model, masks)
         assert (compaction.model(images) - masked).abs().max() <= 1e-5 * masked.abs().max()
     assert count_flops(effective_copy(model), images[:1]) / count_flops(compaction.model, images[:1]) >= 3.0
 
@@ -156,13 +156,8 @@ def test_the_masked_network_trains_on_as_the_cut_one_its_heads_at_their_cut_widt
     masked and the cut network are one function of the kept weights: the same steps keep them equal."""
     torch.manual_seed(0)
     model = randomize_norms(tiny_swin()).eval()  # eval: no dropout or stochastic depth, gradients all the same
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    layers = {layer.name: layer for layer in trace_channel_graph(model).layers}
-    for name, mask in masks.items():
-        masking.prepare(layers[name])
-        masking.apply(layers[name], mask)
-    cut = compact(model, masks).model
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cut = masked_and_cut(model, images)[1].model
     optimizers = [torch.optim.SGD(network.parameters(), lr=0.5) for network in (model, cut)]
     for _ in range(3):
         for network, optimizer in zip((model, cut), optimizers, strict=True):

@@ -549,36 +549,7 @@ def _placement(model: nn.Module, groups: Sequence[ChannelGroup], reordered: Sequ
     channels (zero kernel rows, γ = β = 0), so the cut network computes the masked one exactly at any selection;
     the criteria select so that few are needed (``Criterion.select``, ``route_slots``)."""
     spaces = {id(group.space): group for group in reordered}
-    readers_of = {key: set(_readers(group.space)) for key, group in spaces.items()}
-    family = {key: key for key in spaces}  # spaces cut to one width: a shuffled stream's producers
-
-    def root(key: int) -> int:
-        while family[key] != key:
-            key = family[key]
-        return key
-
-    for a in spaces:
-        for b in spaces:
-            if a < b and readers_of[a] & readers_of[b] and spaces[a].width == spaces[b].width:
-                family[root(b)] = root(a)
-    slots = {key: len(group.kept) for key, group in spaces.items()}
-    for key in spaces:
-        slots[root(key)] = max(slots[root(key)], slots[key])
-    for key in spaces:
-        slots[key] = slots[root(key)]
-    while True:
-        widths = {name: slots[key] for key, group in spaces.items() for name in group.space.names}
-        trial = {space.name: space for space in trace_channel_graph(model, widths).spaces}
-        orders = {key: _match(group, trial.get(group.space.name)) for key, group in spaces.items()}
-        short = {root(key) for key, order in orders.items() if order is None}
-        if not short:
-            break
-        growing = [key for key in spaces if root(key) in short and slots[key] < spaces[key].width]
-        if not growing:
-            names = ", ".join(spaces[key].space.name for key in spaces if root(key) in short)
-            raise CompactionError(f"cannot place the kept channels of {names} in a cut keeping the network's shuffles")
-        for key in growing:
-            slots[key] += 1
+    orders, trial = _fit_slots(model, spaces)
     rows: dict[str, list[int]] = {}
     columns: dict[str, list[int]] = {}
     for key, group in spaces.items():
@@ -603,6 +574,44 @@ def _placement(model: nn.Module, groups: Sequence[ChannelGroup], reordered: Sequ
                 f"cannot cut {', '.join(sorted(readers))}: it reads {space.name} beside channels reordered by a shuffle"
             )
     return _Placement(rows, columns, set(spaces))
+
+
+def _fit_slots(
+    model: nn.Module, spaces: Mapping[int, ChannelGroup]
+) -> tuple[dict[int, list[int]], dict[str, ChannelSpace]]:
+    """The smallest widths at which every reordered space's kept channels find slots on their routes, growing a
+    family of spaces (those sharing a reader and a width) by one until they do: each space's slot → channel order
+    (``_match``) and the graph traced at those widths."""
+    readers_of = {key: set(_readers(group.space)) for key, group in spaces.items()}
+    family = {key: key for key in spaces}  # spaces cut to one width: a shuffled stream's producers
+
+    def root(key: int) -> int:
+        while family[key] != key:
+            key = family[key]
+        return key
+
+    for a in spaces:
+        for b in spaces:
+            if a < b and readers_of[a] & readers_of[b] and spaces[a].width == spaces[b].width:
+                family[root(b)] = root(a)
+    slots = {key: len(group.kept) for key, group in spaces.items()}
+    for key in spaces:
+        slots[root(key)] = max(slots[root(key)], slots[key])
+    for key in spaces:
+        slots[key] = slots[root(key)]
+    while True:
+        widths = {name: slots[key] for key, group in spaces.items() for name in group.space.names}
+        trial = {space.name: space for space in trace_channel_graph(model, widths).spaces}
+        orders = {key: _match(group, trial.get(group.space.name)) for key, group in spaces.items()}
+        short = {root(key) for key, order in orders.items() if order is None}
+        if not short:
+            return {key: order for key, order in orders.items() if order is not None}, trial
+        growing = [key for key in spaces if root(key) in short and slots[key] < spaces[key].width]
+        if not growing:
+            names = ", ".join(spaces[key].space.name for key in spaces if root(key) in short)
+            raise CompactionError(f"cannot place the kept channels of {names} in a cut keeping the network's shuffles")
+        for key in growing:
+            slots[key] += 1
 
 
 def _match(group: ChannelGroup, trial: ChannelSpace | None) -> list[int] | None:

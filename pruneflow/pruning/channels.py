@@ -492,6 +492,11 @@ SHAPE_ARITHMETIC = {operator.getitem, operator.floordiv, operator.mul, operator.
 PROBE_SIZES = (2, 3, 5, 7, 11)
 
 
+def _one_whole_space(value: _Value | None) -> bool:
+    """Whether ``value`` carries one space, whole, in its own order (what an attention's head width can follow)."""
+    return value is not None and value.layout is None and len(value.segments) == 1 and value.segments[0][1] == 0
+
+
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{type(modules[str(node.target)]).__name__} {node.target}"
@@ -907,28 +912,26 @@ class _Tracer:
         """Evaluate integer arithmetic on recorded shapes (``C // groups``); True if ``node`` was such a step."""
         if node.op != "call_function" or node.target not in SHAPE_ARITHMETIC:
             return False
-        known = True
-
-        def resolve(arg: Any) -> Any:
-            nonlocal known
-            if isinstance(arg, torch.fx.Node):
-                known = known and arg in self.concrete
-                return self.concrete.get(arg)
-            return arg
-
-        args = torch.fx.map_arg(node.args, resolve)
-        if (
-            not known
-            or not node.args
-            or not isinstance(node.args[0], torch.fx.Node)
-            or node.args[0] not in self.concrete
-        ):
+        args, known = self.resolved(node.args)
+        first = node.args[0] if node.args else None
+        if not known or not isinstance(first, torch.fx.Node) or first not in self.concrete:
             return False
         try:
             self.concrete[node] = node.target(*args)
         except (TypeError, IndexError, ZeroDivisionError):
             return False
         return True
+
+    def resolved(self, arguments: Any) -> tuple[Any, bool]:
+        """``arguments`` with each node replaced by its recorded shape or shape arithmetic; False if one is not."""
+        missing: list[torch.fx.Node] = []
+
+        def resolve(node: torch.fx.Node) -> Any:
+            if node not in self.concrete:
+                missing.append(node)
+            return self.concrete.get(node)
+
+        return torch.fx.map_arg(arguments, resolve), not missing
 
     def reshaping(self, node: torch.fx.Node) -> bool:
         if node.op == "call_method":
@@ -952,17 +955,7 @@ class _Tracer:
             probe = torch.arange(len(layout)).view(view).expand(shape).contiguous()
         else:
             probe = value.probe
-        known = True
-
-        def resolve(arg: Any) -> Any:
-            nonlocal known
-            if isinstance(arg, torch.fx.Node):
-                known = known and arg in self.concrete
-                return self.concrete.get(arg)
-            return arg
-
-        args = torch.fx.map_arg(node.args[1:], resolve)
-        kwargs = torch.fx.map_arg(node.kwargs, resolve)
+        (args, kwargs), known = self.resolved((node.args[1:], node.kwargs))
         try:
             if not known:
                 raise ValueError("arguments not known")
@@ -1025,8 +1018,7 @@ class _Tracer:
         self.spaces[inner].heads = module.num_heads
         width = module.proj.in_features
         self.spaces[inner].consumers.append(Consumer(proj.name, "linear", at=(-1,) * (2 * width) + tuple(range(width))))
-        whole = value is not None and value.layout is None and len(value.segments) == 1 and value.segments[0][1] == 0
-        if self.reused(name) or not whole or value.width != module.qkv.in_features:
+        if self.reused(name) or not _one_whole_space(value) or value.width != module.qkv.in_features:
             self.spaces[inner].refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
         else:
             self.ties.append((inner, value.segments[0][0], name))
@@ -1042,8 +1034,7 @@ class _Tracer:
         (``attention``), whose ``merge`` reads the value rows; the MLP's hidden width is a space of its own."""
         name = str(node.target)
         width = module.attn_layer[0].normalized_shape[0]
-        whole = value is not None and value.layout is None and len(value.segments) == 1 and value.segments[0][1] == 0
-        usable = whole and value.width == width and not value.flattened and value.channels_at(1)
+        usable = _one_whole_space(value) and value.width == width and not value.flattened and value.channels_at(1)
         if not usable or value.revived_by is not None or self.reused(name):
             self.refuse_unknown(node, [value])
             return None
