@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.convnext import CNBlock, LayerNorm2d
+from torchvision.ops import StochasticDepth
 
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction import load_trained_run
@@ -115,6 +116,34 @@ def test_a_run_cut_at_step_n_trains_on_as_the_masked_run(optimizer: str) -> None
     # Training went on after the cut (the masked run's kernels moved too), and on the same path.
     assert (logits(cut) - logits(masked)).abs().max() <= 1e-4
     assert_same_kept_weights(cut.model, masked.model, masked_pruning.pruned)
+
+
+class DroppingConvNet(nn.Module):
+    """Two conv → BatchNorm → ReLU blocks with stochastic depth between them (whole samples dropped, as Swin's and
+    MaxViT's blocks do): which samples depends on the random generator, not on the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), StochasticDepth(0.3, "row"),
+            nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        )  # fmt: skip
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.fc(self.features(images).mean((2, 3)))
+
+
+def test_a_cut_draws_nothing_from_the_random_generator_so_stochastic_depth_trains_on_as_in_the_masked_run() -> None:
+    runs = []
+    for cut_at_step in (None, CUT_AT):
+        torch.manual_seed(0)
+        module = ClassifierModule(DroppingConvNet(), OPTIMIZERS["sgd"], num_classes=3)
+        pruning = ChannelPruning(strategy="activation", amount=0.5, at_step=PRUNE_AT, cut_at_step=cut_at_step)
+        fit(module, pruning)
+        runs.append(logits(module))
+    masked, cut = runs
+    assert (cut - masked).abs().max() <= 1e-4  # the cut's new modules drew no weights: the same samples dropped
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

@@ -161,11 +161,16 @@ def _resizable(name: str, module: nn.Module) -> tuple[Callable[[Any], dict[str, 
 
 
 def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module:
-    """A new, uninitialised module like ``module`` with the widths in ``sizes`` (constructor keywords)."""
+    """A new, uninitialised module like ``module`` with the widths in ``sizes`` (constructor keywords).
+
+    Built on the meta device, then given empty storage: no initialisation runs, so it draws nothing from the random
+    number generator. A cut while training would otherwise shift every later dropout and stochastic-depth draw, and
+    the cut network would no longer train on as the masked one."""
     arguments, _ = _resizable(name, module)
     tensor = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
-    placement = {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
-    new = type(module)(**{**arguments(module), **sizes}, **placement)
+    dtype = {} if tensor is None else {"dtype": tensor.dtype}
+    new = type(module)(**{**arguments(module), **sizes}, device="meta", **dtype)
+    new.to_empty(device=tensor.device if tensor is not None else "cpu")
     new.train(module.training)
     return new
 
