@@ -81,6 +81,13 @@ def compact_and_verify(
             latency_precision=latency_precision,
         )
     )
+    if checked.rounding_amplified:
+        log.warning(
+            "the compacted model computes the masked one (max |Δ logit| %.2g of the largest |logit| in float64), "
+            "but in its own precision the network amplifies float rounding to %.2g of the largest |logit| "
+            "(top-1 agreement %.2f %%): an untrained or unstable network, not a wrong cut",
+            checked.max_rel_diff, checked.working_precision_rel_diff, 100 * checked.working_precision_agreement,
+        )  # fmt: skip
     if not checked.exact:
         log.warning(
             "the compacted model differs from the masked one: max |Δ logit| %.3g (%.2g of the largest |logit|), "
