@@ -108,6 +108,14 @@ def effective_copy(network: nn.Module) -> nn.Module:
             module.__class__ = type(shared.__name__, shared.__bases__, namespace)
             for tensor_name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    # A deep-copied parameter keeps its values and requires_grad only, not the attributes the user set on it.
+    originals = dict(network.named_parameters())
+    for name, parameter in dense.named_parameters():
+        owner, _, attribute = name.rpartition(".")
+        parametrized = f"{owner}{'.' if owner else ''}parametrizations.{attribute}.original"
+        original = originals.get(name, originals.get(parametrized))
+        if original is not None:
+            carry_parameter_settings(original, parameter)
     return dense
 
 
@@ -172,7 +180,18 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     new = type(module)(**{**arguments(module), **sizes}, device="meta", **dtype)
     new.to_empty(device=tensor.device if tensor is not None else "cpu")
     new.train(module.training)
+    parameters = dict(module.named_parameters())
+    for parameter_name, parameter in new.named_parameters():
+        carry_parameter_settings(parameters[parameter_name], parameter)
     return new
+
+
+def carry_parameter_settings(old: nn.Parameter, new: nn.Parameter) -> None:
+    """What a user can set on a parameter beyond its values, from ``old`` onto its rebuilt ``new``: ``requires_grad``
+    (a frozen layer stays frozen through a cut, its checkpoint's restore and ``load_compact``) and the attributes
+    the user gave it (``old.__dict__``, e.g. a no-weight-decay tag an optimizer factory reads)."""
+    new.requires_grad_(old.requires_grad)
+    new.__dict__.update(old.__dict__)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -232,8 +251,9 @@ def resize_parameter(model: nn.Module, name: str, parameter: nn.Parameter, width
     if shape[widths["dim"]] == widths["channels"]:
         return False
     shape[widths["dim"]] = widths["channels"]
-    empty = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
-    replace_parameter(model, name, nn.Parameter(empty, requires_grad=parameter.requires_grad))
+    new = nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
+    carry_parameter_settings(parameter, new)
+    replace_parameter(model, name, new)
     return True
 
 
@@ -266,8 +286,6 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
-    for (_, new_parameter), (_, parameter) in zip(new.named_parameters(), module.named_parameters(), strict=True):
-        new_parameter.requires_grad_(parameter.requires_grad)
     return new
 
 
@@ -501,8 +519,9 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
         parameter = parameters[name]
         keep = _kept(parameter.shape[dim], entries)
         kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
-        new = cut_tensor(parameter.detach(), *kept[name]).clone()
-        replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
+        new = nn.Parameter(cut_tensor(parameter.detach(), *kept[name]).clone())
+        carry_parameter_settings(parameter, new)
+        replace_parameter(model, name, new)
         sizes[name] = {"channels": len(keep), "dim": dim}
     return Compaction(model, list(groups), sizes, kept, zeros)
 
