@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import QUIET, DenseLayers, GroupedBottleneck, run_train
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.convnext import CNBlock, LayerNorm2d
@@ -483,3 +483,17 @@ def test_load_compact_keeps_the_frozen_layers_of_the_model_it_rebuilds(tmp_path:
     for name, parameter in rebuilt.features[0].named_parameters():
         assert (parameter.requires_grad, getattr(parameter, "user_tag", None)) == (False, "frozen stem"), name
 
+
+def test_a_cut_with_stochastic_weight_averaging_is_refused_in_one_line_before_training() -> None:
+    """SWA averages a copy of the network made at setup, at the full widths, which no cut can take; refused
+    before the first step rather than crashing at the SWA start epoch."""
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    averaging = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[pruning, averaging], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="cut_at_step cannot cut under StochasticWeightAveraging.*compact=true") as error:
+        trainer.fit(module, train_dataloaders=train_loader())
+    assert "\n" not in str(error.value)
+    assert trainer.global_step == 0

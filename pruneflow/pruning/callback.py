@@ -202,6 +202,7 @@ class ChannelPruning(Callback):
         network = self._network = self.network(pl_module)
         if self.plan.cuts:
             LiveCut.check_strategy(trainer)
+            LiveCut.check_callbacks(trainer)
         self.live_cut.watch_loads(trainer, network, self.state_key, self._remove_masks)
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.

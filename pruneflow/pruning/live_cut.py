@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
@@ -73,6 +74,17 @@ class LiveCut:
                 f"{trainer.world_size} processes (it shards or holds the parameters it was given); accepted: one "
                 "device or strategy=ddp, or cut after training with compact=true"
             )
+
+    @staticmethod
+    def check_callbacks(trainer: L.Trainer) -> None:
+        """At setup: refuse callbacks that hold a copy of the network at its full widths, which no cut reaches."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, StochasticWeightAveraging):
+                raise ConfigError(
+                    "mask.cut_at_epoch/cut_at_step cannot cut under StochasticWeightAveraging (it averages a copy of "
+                    "the network made at setup, at the full widths); accepted: drop one of the two, or cut after "
+                    "training with compact=true"
+                )
 
     @staticmethod
     def check_optimizers(trainer: L.Trainer) -> None:
