@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, lightning_internal
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,12 @@ class LiveCut:
         (and ``remove_masks``, which fit no more)."""
 
         def take_cut_shape(module: nn.Module, *_: Any) -> None:
-            # Lightning loads the weights before any callback state: read the widths from the checkpoint it
-            # is restoring (none outside a restore, e.g. a user's own load_state_dict in setup()).
-            checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+            # Lightning loads the weights before any callback state, and no public hook runs before them: read
+            # the widths from the checkpoint it is restoring, an internal of its checkpoint connector (empty
+            # outside a restore, e.g. a user's own load_state_dict in setup()).
+            checkpoint = lightning_internal(
+                trainer, "_checkpoint_connector._loaded_checkpoint", "restoring a checkpoint written after a cut"
+            ) or {}  # fmt: skip
             state = (checkpoint.get("callbacks") or {}).get(state_key) or {}
             if state.get("cut"):
                 remove_masks()
