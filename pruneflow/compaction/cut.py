@@ -33,7 +33,7 @@ mask makes it so: it multiplies the channel by 0 at every producer's channel poi
 graph admits between a channel point and a reader only ops that keep a zero channel zero (ReLU, SiLU,
 pooling, addition, a product with a zero factor). In a coupled space that needs every producer to mask
 ``c``; a channel masked by some producers only is still carried by the others, so it is refused with
-an error naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``none``
+an error naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``control``
 through their kernels, ``gradient``, ``hard`` and ``parametrize`` through β after the activation — so
 cutting them changes the function; ``verify`` measures by how much.
 
@@ -65,6 +65,7 @@ from pruneflow.pruning.channels import (
     norm_width,
     trace_channel_graph,
 )
+from pruneflow.pruning.criteria import channels_to_prune
 
 log = logging.getLogger(__name__)
 
@@ -681,8 +682,6 @@ def _zero_padding(module: nn.Module, rows: Tensor | None, columns: Tensor | None
 def route_slots(model: nn.Module, graph: ChannelGraph, amount: float) -> dict[str, dict[tuple[str, ...], int]]:
     """Slots per route of each reordered space (``ChannelSpace.routes``) in ``model`` cut with ``amount`` of every
     reordered space pruned, found by tracing ``model`` at those widths: what ``Criterion.select`` keeps per route."""
-    from pruneflow.pruning.criteria import channels_to_prune  # the criteria read this module's callers
-
     widths = {
         name: space.width - channels_to_prune(space.width, amount)
         for space in graph.spaces

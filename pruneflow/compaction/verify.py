@@ -2,7 +2,7 @@
 
 The masked model is the network as trained, in eval mode, with its strategy's masks in effect (an
 ``activation`` mask's hooks, a ``parametrize`` mask's parametrization). Where every cut channel was
-dead the two agree to float rounding; where pruned channels were alive (``weight``, ``none``, or β
+dead the two agree to float rounding; where pruned channels were alive (``weight``, ``control``, or β
 leaking under ``gradient``/``hard``/``parametrize``) the accuracy gap is the honest price of the cut.
 """
 
