@@ -15,14 +15,14 @@ import lightning as L
 import pytest
 import torch
 from helpers import QUIET, DenseLayers, GroupedBottleneck, run_train
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.convnext import CNBlock, LayerNorm2d
 from torchvision.ops import StochasticDepth
 
 from pruneflow import ChannelPruning, ClassifierModule
-from pruneflow.compaction import load_trained_run
+from pruneflow.compaction import export_compact, load_compact, load_trained_run
 from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
 from pruneflow.lr_schedule import cosine
@@ -431,3 +431,69 @@ def test_cutting_under_a_multi_process_strategy_other_than_ddp_is_refused_in_one
     with pytest.raises(ConfigError, match="cannot cut under SimpleNamespace with 2 processes") as error:
         pruning.setup(several_processes, module, "fit")  # type: ignore[arg-type]
     assert "\n" not in str(error.value)
+
+
+def frozen_stem_convnet(**arguments: object) -> ConvNet:
+    """A ConvNet whose first conv the user froze and tagged: the conv whose channels the cut takes."""
+    network = ConvNet(**arguments)
+    for parameter in network.features[0].parameters():
+        parameter.requires_grad_(False)
+        parameter.user_tag = "frozen stem"  # an attribute of the user's own, which a rebuild must carry too
+    return network
+
+
+def frozen_stem_run() -> tuple[ClassifierModule, ChannelPruning]:
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    torch.manual_seed(0)
+    module.model = frozen_stem_convnet(input_shape=(1, 12, 12), num_classes=3, channels=(8, 12))
+    return module, pruning
+
+
+def stem_state(module: ClassifierModule) -> dict[str, tuple[bool, str | None, Tensor]]:
+    return {
+        name: (parameter.requires_grad, getattr(parameter, "user_tag", None), parameter.detach().clone())
+        for name, parameter in module.model.features[0].named_parameters()
+    }
+
+
+def test_a_frozen_layer_cut_while_training_stays_frozen_after_a_resume(tmp_path: Path) -> None:
+    """Resuming from a checkpoint written after the cut rebuilds the cut modules: a frozen one must stay frozen
+    (and keep the attributes the user set on its parameters), so it neither trains nor changes."""
+    whole, pruning = frozen_stem_run()
+    fit(whole, pruning, epochs=1, ckpt_dir=tmp_path)  # epoch 0 ends at step 6, after the cut at step 4
+    assert pruning.cut is not None and whole.model.features[0].out_channels == 4
+    at_checkpoint = stem_state(whole)
+    assert {flags[:2] for flags in at_checkpoint.values()} == {(False, "frozen stem")}  # the cut itself kept them
+    resumed, resumed_pruning = frozen_stem_run()
+    fit(resumed, resumed_pruning, epochs=2, ckpt_path=tmp_path / "epoch=0.ckpt")
+    after = stem_state(resumed)
+    assert after.keys() == at_checkpoint.keys()
+    for name, (requires_grad, tag, tensor) in after.items():
+        assert (requires_grad, tag) == (False, "frozen stem"), name
+        assert torch.equal(tensor, at_checkpoint[name][2]), name  # it did not train after the resume
+
+
+def test_load_compact_keeps_the_frozen_layers_of_the_model_it_rebuilds(tmp_path: Path) -> None:
+    arguments = {"input_shape": [1, 12, 12], "num_classes": 3, "channels": [8, 12]}
+    model = frozen_stem_convnet(**arguments)
+    compaction = compact(model, {"features.0": [0, 1, 2, 3]})
+    config = {"_target_": f"{__name__}.frozen_stem_convnet", **arguments}
+    rebuilt = load_compact(export_compact(compaction, (1, 12, 12), tmp_path, config)["state"])
+    assert rebuilt.features[0].out_channels == 4
+    for name, parameter in rebuilt.features[0].named_parameters():
+        assert (parameter.requires_grad, getattr(parameter, "user_tag", None)) == (False, "frozen stem"), name
+
+
+def test_a_cut_with_stochastic_weight_averaging_is_refused_in_one_line_before_training() -> None:
+    """SWA averages a copy of the network made at setup, at the full widths, which no cut can take; refused
+    before the first step rather than crashing at the SWA start epoch."""
+    module, pruning = make_run("sgd", cut_at_step=CUT_AT)
+    averaging = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    trainer = L.Trainer(
+        max_epochs=2, callbacks=[pruning, averaging], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="cut_at_step cannot cut under StochasticWeightAveraging.*compact=true") as error:
+        trainer.fit(module, train_dataloaders=train_loader())
+    assert "\n" not in str(error.value)
+    assert trainer.global_step == 0

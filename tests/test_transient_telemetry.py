@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import QUIET, run_train
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata
@@ -304,3 +304,22 @@ def test_with_gradient_accumulation_each_optimizer_step_is_measured_once_with_it
     for step in logger.drift_calls:
         logged = logger.logged[step]["grad/pruned_l2/features.0"]
         assert logged == pytest.approx(l2(witness.grads[step - 1]), rel=1e-5)
+
+
+def test_a_run_ending_inside_the_burst_writes_one_point_per_step_on_every_tag(tmp_path: Path) -> None:
+    """The last burst step and the final full measurement fall on the same step: one point each, not two."""
+    pruning = ChannelPruning(strategy="weight", at_step=STEPS - 6, burst_steps=20, log_every_n_steps=1000)
+    torch.manual_seed(0)
+    module = ClassifierModule(TinyNet("relu"), lambda p: torch.optim.SGD(p, lr=LR, momentum=MOMENTUM), num_classes=3)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[pruning], logger=TensorBoardLogger(tmp_path, name="run", version=0),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=toy_loader())
+    accumulator = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert {"drift/producer_l2", "optim/pruned_update_l2", "drift/consumer_l2"} <= set(tags)
+    assert [e.step for e in accumulator.Scalars("drift/producer_l2")] == list(range(STEPS - 5, STEPS + 1))
+    steps = {tag: [event.step for event in accumulator.Scalars(tag)] for tag in tags}
+    assert {tag: points for tag, points in steps.items() if len(points) != len(set(points))} == {}

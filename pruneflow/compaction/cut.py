@@ -33,7 +33,7 @@ mask makes it so: it multiplies the channel by 0 at every producer's channel poi
 graph admits between a channel point and a reader only ops that keep a zero channel zero (ReLU, SiLU,
 pooling, addition, a product with a zero factor). In a coupled space that needs every producer to mask
 ``c``; a channel masked by some producers only is still carried by the others, so it is refused with
-an error naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``none``
+an error naming the layer. The other strategies leave pruned channels alive — ``weight`` and ``control``
 through their kernels, ``gradient``, ``hard`` and ``parametrize`` through β after the activation — so
 cutting them changes the function; ``verify`` measures by how much.
 
@@ -65,6 +65,7 @@ from pruneflow.pruning.channels import (
     norm_width,
     trace_channel_graph,
 )
+from pruneflow.pruning.criteria import channels_to_prune
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,14 @@ def effective_copy(network: nn.Module) -> nn.Module:
             module.__class__ = type(shared.__name__, shared.__bases__, namespace)
             for tensor_name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    # A deep-copied parameter keeps its values and requires_grad only, not the attributes the user set on it.
+    originals = dict(network.named_parameters())
+    for name, parameter in dense.named_parameters():
+        owner, _, attribute = name.rpartition(".")
+        parametrized = f"{owner}{'.' if owner else ''}parametrizations.{attribute}.original"
+        original = originals.get(name, originals.get(parametrized))
+        if original is not None:
+            carry_parameter_settings(original, parameter)
     return dense
 
 
@@ -172,7 +181,18 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     new = type(module)(**{**arguments(module), **sizes}, device="meta", **dtype)
     new.to_empty(device=tensor.device if tensor is not None else "cpu")
     new.train(module.training)
+    parameters = dict(module.named_parameters())
+    for parameter_name, parameter in new.named_parameters():
+        carry_parameter_settings(parameters[parameter_name], parameter)
     return new
+
+
+def carry_parameter_settings(old: nn.Parameter, new: nn.Parameter) -> None:
+    """What a user can set on a parameter beyond its values, from ``old`` onto its rebuilt ``new``: ``requires_grad``
+    (a frozen layer stays frozen through a cut, its checkpoint's restore and ``load_compact``) and the attributes
+    the user gave it (``old.__dict__``, e.g. a no-weight-decay tag an optimizer factory reads)."""
+    new.requires_grad_(old.requires_grad)
+    new.__dict__.update(old.__dict__)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -232,8 +252,9 @@ def resize_parameter(model: nn.Module, name: str, parameter: nn.Parameter, width
     if shape[widths["dim"]] == widths["channels"]:
         return False
     shape[widths["dim"]] = widths["channels"]
-    empty = torch.empty(shape, device=parameter.device, dtype=parameter.dtype)
-    replace_parameter(model, name, nn.Parameter(empty, requires_grad=parameter.requires_grad))
+    new = nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
+    carry_parameter_settings(parameter, new)
+    replace_parameter(model, name, new)
     return True
 
 
@@ -266,8 +287,6 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
-    for (_, new_parameter), (_, parameter) in zip(new.named_parameters(), module.named_parameters(), strict=True):
-        new_parameter.requires_grad_(parameter.requires_grad)
     return new
 
 
@@ -438,12 +457,29 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     """Cut ``groups`` out of ``model`` in place: kept channels in their order, except where ``placement`` (the
     reordered spaces, ``_placement``) gives the rows and columns of a module in its own order (-1: a zero)."""
     modules = dict(model.named_modules())
+    out_keep, in_keep, scale_entries = _kept_indices(modules, groups, placement.spaces if placement else set())
+    zeros = _place(placement, out_keep, in_keep) if placement is not None else {}
+    names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
+    _check_cuttable(modules, names, zeros)  # every module before changing any
+    sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
+    _set_head_widths(model, groups, sizes)
+    kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
+    _cut_scales(model, scale_entries, kept, sizes)
+    return Compaction(model, list(groups), sizes, kept, zeros)
+
+
+Entries = dict[str, list[Tensor]]
+
+
+def _kept_indices(
+    modules: Mapping[str, nn.Module], groups: Sequence[ChannelGroup], placed: set[int]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[int, list[Tensor]]]]:
+    """The rows (producers, norms, points) and input columns (consumers) each module keeps, and the entries cut
+    from each per-channel parameter (name → (its dim, entries)), over the groups that are not ``placed``."""
     out_keep: dict[str, Tensor] = {}
-    cut_columns: dict[str, list[Tensor]] = {}  # a consumer reading a concatenation loses columns of several spaces
-    cut_entries: dict[str, list[Tensor]] = {}  # and so does a norm reading it
-    widths: dict[str, int] = {}  # each such norm's width
-    scale_entries: dict[str, tuple[int, list[Tensor]]] = {}  # per-channel parameter → (its dim, entries cut)
-    placed = placement.spaces if placement is not None else set()
+    cut_columns: Entries = {}  # a consumer reading a concatenation loses columns of several spaces
+    cut_entries: Entries = {}  # and so does a norm reading it
+    scale_entries: dict[str, tuple[int, list[Tensor]]] = {}
     for group in groups:
         if not len(group.removed) or id(group.space) in placed:
             continue
@@ -456,55 +492,87 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
         for point in group.space.points:
             cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
-            widths[point.name] = norm_width(point.module)
         for scale in group.space.scales:
             scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():
-        out_keep[name] = _kept(widths[name], entries)
-    in_keep: dict[str, Tensor] = {}
-    for name, columns in cut_columns.items():
-        in_keep[name] = _kept(modules[name].weight.shape[1], columns)
+        out_keep[name] = _kept(norm_width(modules[name]), entries)
+    in_keep = {name: _kept(modules[name].weight.shape[1], columns) for name, columns in cut_columns.items()}
+    return out_keep, in_keep, scale_entries
+
+
+def _place(
+    placement: _Placement, out_keep: dict[str, Tensor], in_keep: dict[str, Tensor]
+) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """Take the reordered spaces' rows and columns in ``placement``'s order into ``out_keep`` and ``in_keep``; the
+    zero channels that pad them, by module: (rows, input columns)."""
     zeros: dict[str, tuple[Tensor | None, Tensor | None]] = {}
-    if placement is not None:
-        for name, order in placement.rows.items():
-            out_keep[name], zero_rows = _ordered(order)
-            zeros[name] = (zero_rows, zeros.get(name, (None, None))[1])
-        for name, order in placement.columns.items():
-            in_keep[name], zero_columns = _ordered(order)
-            zeros[name] = (zeros.get(name, (None, None))[0], zero_columns)
-    names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
-    for name in names:  # check every type before changing anything
+    for name, order in placement.rows.items():
+        out_keep[name], zero_rows = _ordered(order)
+        zeros[name] = (zero_rows, zeros.get(name, (None, None))[1])
+    for name, order in placement.columns.items():
+        in_keep[name], zero_columns = _ordered(order)
+        zeros[name] = (zeros.get(name, (None, None))[0], zero_columns)
+    return zeros
+
+
+def _check_cuttable(
+    modules: Mapping[str, nn.Module], names: Sequence[str], zeros: Mapping[str, tuple[Tensor | None, Tensor | None]]
+) -> None:
+    """Refuse a module type the cut cannot rebuild, and a LayerNorm that would read zero channels."""
+    for name in names:
         _resizable(name, modules[name])
-        if is_layer_norm(modules[name]) and name in zeros and zeros[name][0] is not None and len(zeros[name][0]):
+        zero_rows = zeros.get(name, (None, None))[0]
+        if is_layer_norm(modules[name]) and zero_rows is not None and len(zero_rows):
             raise CompactionError(
                 f"cannot cut {name}: a LayerNorm reads a reordered space whose cut needs zero channels, which would "
                 "change its mean and variance; select with a criterion (it keeps each route within its slots)"
             )
+
+
+def _rebuild(
+    model: nn.Module, modules: Mapping[str, nn.Module], names: Sequence[str],
+    keep: tuple[Mapping[str, Tensor], Mapping[str, Tensor]], zeros: Mapping[str, tuple[Tensor | None, Tensor | None]],
+) -> dict[str, dict[str, int]]:  # fmt: skip
+    """Replace each named module by its cut (``keep``: rows and input columns kept, by module), padding rows and
+    columns zeroed; the constructor widths of each, as ``Compaction.sizes`` records them."""
+    out_keep, in_keep = keep
     sizes: dict[str, dict[str, int]] = {}
     for name in names:
         new = cut_module(name, modules[name], out_keep.get(name), in_keep.get(name))
         if name in zeros:
             _zero_padding(new, *zeros[name])
         replace_module(model, name, new)
-        _, (out_arg, in_arg) = RESIZABLE[type(new)]
-        arguments = RESIZABLE[type(new)][0](new)
-        widths = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
-        sizes[name] = {arg: int(arguments[arg]) for arg in widths if arg is not None}
-    for group in groups:  # MaxViT's attention reshapes its q, k, v by a head width of its own
+        arguments, (out_arg, in_arg) = RESIZABLE[type(new)]
+        values = arguments(new)
+        width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
+    return sizes
+
+
+def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
+    """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one."""
+    for group in groups:
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
             sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
-    kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
+
+
+def _cut_scales(
+    model: nn.Module, scale_entries: Mapping[str, tuple[int, list[Tensor]]],
+    kept: dict[str, tuple[Tensor | None, Tensor | None]], sizes: dict[str, dict[str, int]],
+) -> None:  # fmt: skip
+    """Cut the per-channel parameters (ConvNeXt's ``layer_scale``) along their channel dim, recording what each
+    keeps in ``kept`` and its width in ``sizes``."""
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():
         parameter = parameters[name]
         keep = _kept(parameter.shape[dim], entries)
         kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
-        new = cut_tensor(parameter.detach(), *kept[name]).clone()
-        replace_parameter(model, name, nn.Parameter(new, requires_grad=parameter.requires_grad))
+        new = nn.Parameter(cut_tensor(parameter.detach(), *kept[name]).clone())
+        carry_parameter_settings(parameter, new)
+        replace_parameter(model, name, new)
         sizes[name] = {"channels": len(keep), "dim": dim}
-    return Compaction(model, list(groups), sizes, kept, zeros)
 
 
 # -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------
@@ -662,8 +730,6 @@ def _zero_padding(module: nn.Module, rows: Tensor | None, columns: Tensor | None
 def route_slots(model: nn.Module, graph: ChannelGraph, amount: float) -> dict[str, dict[tuple[str, ...], int]]:
     """Slots per route of each reordered space (``ChannelSpace.routes``) in ``model`` cut with ``amount`` of every
     reordered space pruned, found by tracing ``model`` at those widths: what ``Criterion.select`` keeps per route."""
-    from pruneflow.pruning.criteria import channels_to_prune  # the criteria read this module's callers
-
     widths = {
         name: space.width - channels_to_prune(space.width, amount)
         for space in graph.spaces

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pruneflow.data.tensor_cache import SplitCache, default_cache_dir
 from pruneflow.data.transforms import keyed_generator, normalize, random_crop_flip
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, lightning_internal
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +320,11 @@ class InMemoryImageDataModule(L.LightningDataModule):
                 batch = batch[0][: self.batch_size], batch[1][: self.batch_size]
             return self.transform_batch(batch, train=False)
         # Lightning runs this hook just before it counts the batch as ready, so `ready` is this batch's
-        # index within the epoch; it is restored from checkpoints, which keeps augmentation resume-safe.
-        batch_idx = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # index within the epoch; it is restored from checkpoints, which keeps augmentation resume-safe. The
+        # hook is not given the index, and the loop's progress has no public reader.
+        batch_idx = lightning_internal(
+            trainer, "fit_loop.epoch_loop.batch_progress.current.ready", "resume-safe augmentation"
+        )
         return self.transform_batch(
             batch, train=True, epoch=trainer.current_epoch, batch_idx=batch_idx, rank=trainer.global_rank
         )

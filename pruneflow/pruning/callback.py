@@ -44,7 +44,7 @@ from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 from pruneflow.pruning.criteria import Criterion, make_criterion
 from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
-from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
+from pruneflow.pruning.plan import PruningPlan
 from pruneflow.pruning.pruned_network import find_network
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
@@ -201,7 +201,7 @@ class ChannelPruning(Callback):
             return
         network = self._network = self.network(pl_module)
         if self.plan.cuts:
-            LiveCut.check_strategy(trainer)
+            LiveCut.check_setup(trainer)
         self.live_cut.watch_loads(trainer, network, self.state_key, self._remove_masks)
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
@@ -213,9 +213,8 @@ class ChannelPruning(Callback):
                  self.strategy_name, ", ".join("+".join(space.names) for space in self.spaces))  # fmt: skip
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.plan.cuts and self.cut is None:  # the epoch's length is known now: a step against an epoch
-            self.plan.check_cut(steps_per_epoch(trainer))
-            LiveCut.check_optimizers(trainer)
+        if self.plan.cuts and self.cut is None:
+            LiveCut.check_start(trainer, self.plan)
 
     # -- pruning and the cut ----------------------------------------------------------------------
     def prune(self, trainer: L.Trainer, target: float) -> None:
@@ -229,17 +228,6 @@ class ChannelPruning(Callback):
         counts = {name: int(mask.sum()) for name, mask in self.pruned.items()}
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
                  self.criterion.name)  # fmt: skip
-
-    def _cut_now(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        if self.masking.pruned_amount < self.plan.final:  # `plan.check_cut` refuses this before training
-            raise ConfigError(
-                f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}, before pruning finished ({self.masking.pruned_amount:.3g} of "
-                f"{self.plan.final:.3g} pruned); cut at or after the last pruning step"
-            )
-        self.live_cut.cut(trainer, pl_module, self.network(pl_module), self.pruned, batch, self._remove_masks)
-        assert self.cut is not None
-        self.writer.to_loggers(trainer, {key: float(value) for key, value in self.cut.items()}, [], False)
 
     def _remove_masks(self) -> None:
         """The masking machinery and the telemetry, and every reference to the masked modules: a cut network
@@ -262,7 +250,10 @@ class ChannelPruning(Callback):
         if target is not None:
             self.prune(trainer, target)
         if self.plan.cut_due(trainer.current_epoch, trainer.global_step):
-            self._cut_now(trainer, pl_module, batch)
+            network = self.network(pl_module)
+            report = self.live_cut.cut(trainer, pl_module, network, self.masking, self.plan.final, batch,
+                                       self._remove_masks)  # fmt: skip
+            self.writer.to_loggers(trainer, report, [], False)
             return
         self.writer.plan_step(trainer.global_step, bool(self.pruned), self.pruning_steps)
 

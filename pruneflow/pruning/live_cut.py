@@ -16,10 +16,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
-from pruneflow.errors import ConfigError
+from pruneflow.errors import ConfigError, lightning_internal
+from pruneflow.pruning.masking import Masking
+from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,29 @@ class LiveCut:
         self.sizes: dict[str, dict[str, int]] = {}  # constructor widths of every rebuilt module
 
     @staticmethod
-    def check_strategy(trainer: L.Trainer) -> None:
-        """At setup: refuse multi-process strategies other than DDP, which shard or hold the parameters."""
+    def check_setup(trainer: L.Trainer) -> None:
+        """At setup: refuse multi-process strategies other than DDP, which shard or hold the parameters, and
+        callbacks that hold a copy of the network at its full widths, which no cut reaches."""
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise ConfigError(
                 f"mask.cut_at_epoch/cut_at_step cannot cut under {type(trainer.strategy).__name__} with "
                 f"{trainer.world_size} processes (it shards or holds the parameters it was given); accepted: one "
                 "device or strategy=ddp, or cut after training with compact=true"
             )
+        for callback in trainer.callbacks:
+            if isinstance(callback, StochasticWeightAveraging):
+                raise ConfigError(
+                    "mask.cut_at_epoch/cut_at_step cannot cut under StochasticWeightAveraging (it averages a copy of "
+                    "the network made at setup, at the full widths); accepted: drop one of the two, or cut after "
+                    "training with compact=true"
+                )
+
+    @staticmethod
+    def check_start(trainer: L.Trainer, plan: PruningPlan) -> None:
+        """Before the first step, once the epoch's length is known: a cut step against the pruning epochs (and an
+        epoch against the pruning steps), and the optimizers."""
+        plan.check_cut(steps_per_epoch(trainer))
+        LiveCut.check_optimizers(trainer)
 
     @staticmethod
     def check_optimizers(trainer: L.Trainer) -> None:
@@ -82,11 +100,19 @@ class LiveCut:
         refuse_uncarriable(trainer.optimizers)
 
     def cut(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, network: nn.Module, pruned: Mapping[str, Tensor],
+        self, trainer: L.Trainer, pl_module: L.LightningModule, network: nn.Module, masking: Masking, final: float,
         batch: Any, remove_masks: Callable[[], None],
-    ) -> None:  # fmt: skip
-        """Cut ``pruned`` out of ``network`` and carry the optimizers over; ``remove_masks`` takes the masking
-        machinery off first. Training goes on, on the smaller network."""
+    ) -> dict[str, float]:  # fmt: skip
+        """Cut ``masking``'s pruned channels out of ``network`` and carry the optimizers over; ``remove_masks``
+        takes the masking machinery off first. Training goes on, on the smaller network. Refused unless the
+        ``final`` amount is pruned. Returns the report's figures."""
+        if masking.pruned_amount < final:  # `check_start` refuses this before training
+            raise ConfigError(
+                f"mask.cut_at_epoch/cut_at_step: the cut is due at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}, before pruning finished ({masking.pruned_amount:.3g} of {final:.3g} "
+                "pruned); cut at or after the last pruning step"
+            )
+        pruned = masking.pruned
         from pruneflow.compaction.cut import compact
         from pruneflow.compaction.while_training import swap_in
 
@@ -110,6 +136,7 @@ class LiveCut:
             "them, and the telemetry stops: the pruned channels no longer exist",
             trainer.global_step, result.channels[0] - result.channels[1], result.channels[0], *result.params,
         )  # fmt: skip
+        return {key: float(value) for key, value in self.report.items()}
 
     # -- checkpoints written after the cut ----------------------------------------------------------
     def watch_loads(
@@ -119,9 +146,12 @@ class LiveCut:
         (and ``remove_masks``, which fit no more)."""
 
         def take_cut_shape(module: nn.Module, *_: Any) -> None:
-            # Lightning loads the weights before any callback state: read the widths from the checkpoint it
-            # is restoring (none outside a restore, e.g. a user's own load_state_dict in setup()).
-            checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+            # Lightning loads the weights before any callback state, and no public hook runs before them: read
+            # the widths from the checkpoint it is restoring, an internal of its checkpoint connector (empty
+            # outside a restore, e.g. a user's own load_state_dict in setup()).
+            checkpoint = lightning_internal(
+                trainer, "_checkpoint_connector._loaded_checkpoint", "restoring a checkpoint written after a cut"
+            ) or {}  # fmt: skip
             state = (checkpoint.get("callbacks") or {}).get(state_key) or {}
             if state.get("cut"):
                 remove_masks()

@@ -48,6 +48,7 @@ class TelemetryWriter:
         self._measure_now = False
         self._regular_step = False  # a log_every_n_steps step (histograms), not only a burst step
         self._mask_images_pending = True  # the channel-mask images change only at pruning events
+        self._logged_at: tuple[int, set[str]] = (-1, set())  # the last step logged and its tags
 
     def attach(self, layers: Sequence[PrunableLayer], modules: dict[str, nn.Module]) -> None:
         """Measure ``layers``; after the mask's machinery, so its leak probe runs after the mask's hook."""
@@ -138,6 +139,13 @@ class TelemetryWriter:
 
     # -- logging ----------------------------------------------------------------------------------
     def log(self, trainer: L.Trainer, metrics: dict[str, float], masked: Masked, histograms: bool = True) -> None:
+        """Log ``metrics`` at the trainer's step, each tag once per step: a run that ends within a burst measures
+        its last step twice (the burst's share, then the final state in full), of the same weights."""
+        step, logged = self._logged_at
+        if step != trainer.global_step:
+            step, logged = trainer.global_step, set()
+        metrics = {tag: value for tag, value in metrics.items() if tag not in logged}
+        self._logged_at = (step, logged | set(metrics))
         if not metrics:
             return
         for tag, value in metrics.items():
