@@ -47,6 +47,17 @@ def test_any_lightning_trainer_argument_works_as_written(tmp_path: Path) -> None
     assert "max_steps: 5" in config and "limit_val_batches: 2" in config
 
 
+def test_lightnings_environment_defaults_apply_where_no_config_sets_the_argument(tmp_path: Path) -> None:
+    """``PL_TRAINER_<ARG>`` is Lightning's default for an argument the Trainer is not given: the config must pass
+    only what it sets. ``max_epochs`` is set by conf/trainer/default.yaml, so its variable does not apply."""
+    run_dir = tmp_path / "run"
+    lightning_defaults = {"PL_TRAINER_MAX_STEPS": "3", "PL_TRAINER_MAX_EPOCHS": "7"}
+    result = run_train("data=synthetic", f"hydra.run.dir={run_dir}", *QUIET, env=lightning_defaults)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+
+
 def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(

@@ -40,6 +40,7 @@ from pruneflow.experiment.device_defaults import (
 )
 from pruneflow.experiment.hparams import log_hparams
 from pruneflow.experiment.startup import StartupPhases
+from pruneflow.experiment.trainer_arguments import set_arguments
 from pruneflow.module import ClassifierModule
 from pruneflow.pruning import STRATEGIES, ChannelPruning
 
@@ -327,7 +328,11 @@ def prepare(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     phases.mark("model")
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
+        set_arguments(cfg.trainer),
+        callbacks=callbacks,
+        logger=logger or False,
+        plugins=[checkpoint_io],
+        default_root_dir=str(run_dir),
     )
     if resume is not None and checkpoint is not None:
         for callback in callbacks:
