@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from pruneflow.experiment.argv_checks import check_group_choices, check_keys
 from pruneflow.experiment.run import prepare
-from pruneflow.experiment.run_folder import discarded_if_it_fails, holds_only_hydras_files
+from pruneflow.experiment.run_folder import created_by_this_start, discarded_if_it_fails
 from pruneflow.experiment.trainer_arguments import check_trainer_arguments
 from pruneflow.experiment.user_errors import record_in_run_log, user_error_message
 
@@ -30,8 +30,8 @@ def main(cfg: DictConfig) -> float | None:
     single_run = hydra_cfg.mode == RunMode.RUN
     try:
         # A single run that fails before training leaves no folder (a sweep's job keeps its, with the error in
-        # its log, for scripts/report.py to list); a folder that held anything before this start is kept.
-        with discarded_if_it_fails(run_dir, single_run and holds_only_hydras_files(run_dir)):
+        # its log, for scripts/report.py to list); a folder that existed before this start is kept.
+        with discarded_if_it_fails(run_dir, single_run and created_by_this_start(run_dir)):
             run = prepare(cfg, run_dir, overrides=list(hydra_cfg.overrides.task) if single_run else ())
         metrics = run.fit_and_test()
     except Exception as exc:

@@ -1,7 +1,9 @@
-"""Whether a run folder is this start's own, and discarding it when the start fails before training.
+"""Whether a run's folder was created by this start, and discarding it when the start fails before training.
 
 Hydra creates the run folder, its ``.hydra/`` record and its log file before the task runs; a start refused
-by a check would otherwise leave a folder per failed attempt beside the real runs.
+by a check would otherwise leave a folder per failed attempt beside the real runs. ``OutputFolderCheck`` (a
+Hydra callback that runs before Hydra creates anything) notes whether the folder was there already: a folder
+that existed before (``resume=true``, a reused ``hydra.run.dir``) is never discarded.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Folders noted before Hydra created them: the absolute path and whether it existed already.
+_existed_before_start: dict[Path, bool] = {}
 
-def holds_only_hydras_files(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds nothing but what Hydra writes before the task starts (its ``.hydra/`` record
-    and the job's ``<job name>.log``): a folder that held a run before (``resume=true``, a reused
-    ``hydra.run.dir``) holds more."""
-    return run_dir.is_dir() and all(entry.name == ".hydra" or entry.suffix == ".log" for entry in run_dir.iterdir())
+
+def note_before_start(run_dir: Path) -> None:
+    """Note whether ``run_dir`` exists, before Hydra creates it."""
+    _existed_before_start[run_dir.absolute()] = run_dir.exists()
+
+
+def created_by_this_start(run_dir: Path) -> bool:
+    """Whether Hydra created ``run_dir`` for this start (False where nobody noted it before the start)."""
+    return _existed_before_start.get(run_dir.absolute()) is False
 
 
 @contextmanager
