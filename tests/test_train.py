@@ -32,6 +32,16 @@ def test_run_writes_config_events_checkpoints_and_metrics(tmp_path: Path) -> Non
     assert metrics["epochs"] == 2
     assert metrics["test/acc"] > 0.5  # synthetic classes are separable: training must learn
     assert {"train/loss_epoch", "train/acc", "val/acc", "test/acc"} <= scalar_tags(run_dir)
+    # The default job prunes (mask=activation, half of every channel space) and says so in its last line.
+    assert metrics["mask/strategy"] == "activation" and metrics["mask/sparsity"] == 0.5
+    assert metrics["drift/producer_l2/max"] == 0.0 and metrics["leak/activation_abs_mean/max"] == 0.0
+    last_line = result.stdout.strip().splitlines()[-1]
+    for said in (
+        f"run {run_dir} finished in ",
+        "; mask=activation pruned 84/168 channels (50%) in 3 channel spaces",
+        "; pruned kernels' drift max 0 (producer L2), leak max 0 (activation |mean|); test accuracy ",
+    ):
+        assert said in last_line, last_line
 
 
 def test_any_lightning_trainer_argument_works_as_written(tmp_path: Path) -> None:

@@ -174,6 +174,42 @@ def final_metrics(
     return metrics
 
 
+def channel_sparsity(trainer: L.Trainer) -> dict[str, Any]:
+    """The pruned fraction of the pruned channel spaces' channels (``mask/sparsity``) and their widths
+    (``mask/channels``); nothing without a ``ChannelPruning`` callback."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ChannelPruning) and callback.pruned:
+            widths = {name: int(mask.numel()) for name, mask in callback.pruned.items()}
+            pruned = sum(int(mask.sum()) for mask in callback.pruned.values())
+            return {"mask/channels": widths, "mask/sparsity": pruned / max(sum(widths.values()), 1)}
+    return {}
+
+
+def summary_line(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """The run's one closing line: where it was written, what was pruned, how far the pruned kernels drifted
+    and leaked (the largest value since pruning), and the test accuracy."""
+    try:
+        where = run_dir.relative_to(Path.cwd())
+    except ValueError:
+        where = run_dir
+    parts = [f"run {where} finished in {metrics['wall_seconds']:.1f} s"]
+    if "mask/channels" in metrics:
+        pruned, widths = metrics["mask/pruned_channels"], metrics["mask/channels"]
+        parts.append(
+            f"mask={metrics['mask/strategy']} pruned {sum(pruned.values())}/{sum(widths.values())} channels "
+            f"({metrics['mask/sparsity']:.0%}) in {len(widths)} channel spaces ({', '.join(widths)})"
+        )
+        parts.append(
+            f"pruned kernels' drift max {metrics.get('drift/producer_l2/max', float('nan')):.3g} (producer L2), "
+            f"leak max {metrics.get('leak/activation_abs_mean/max', float('nan')):.3g} (activation |mean|)"
+        )
+    else:
+        parts.append("nothing pruned (mask=disabled)")
+    if "test/acc" in metrics:
+        parts.append(f"test accuracy {metrics['test/acc']:.2%}")
+    return "; ".join(parts)
+
+
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     """``ckpt_path=<file>``, or with ``resume=true`` the run folder's ``last.ckpt`` (written atomically,
     so it is complete even after a SIGKILL), or that ``last.ckpt`` for a Slurm job that was requeued;
@@ -260,6 +296,7 @@ class Run:
         wall_seconds = time.perf_counter() - started
 
         metrics = final_metrics(trainer, fit_metrics, test_results)
+        metrics.update(channel_sparsity(trainer))
         metrics.update(
             epochs=trainer.current_epoch,
             global_step=trainer.global_step,
@@ -276,7 +313,8 @@ class Run:
             # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
             metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
             write_json_atomic(run_dir / "metrics.json", metrics)
-        log.info("run finished in %.1f s: %s", wall_seconds, {k: metrics[k] for k in metrics if k.startswith("test/")})
+        if trainer.is_global_zero:
+            log.info(summary_line(run_dir, metrics))
         return metrics
 
 
