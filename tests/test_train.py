@@ -68,6 +68,16 @@ def test_lightnings_environment_defaults_apply_where_no_config_sets_the_argument
     assert metrics["global_step"] == 3
 
 
+def test_console_shows_no_lightning_noise_and_keeps_the_warnings_about_the_run(tmp_path: Path) -> None:
+    result = run_train("data=synthetic", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    for noise in ("litlogger", "💡", "LeafSpec", "Total Flops", "| FLOPs"):
+        assert noise not in console, noise
+    assert "Trainable params" in console  # the model summary itself stays
+    assert "smaller than the logging interval" in console  # a warning about this run's settings stays
+
+
 def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_train(

@@ -31,6 +31,7 @@ from pruneflow.atomic_io import write_json_atomic, write_text_atomic
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
 from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError
+from pruneflow.experiment.console import quiet_lightning
 from pruneflow.experiment.cpu_share import share_cpu_cores
 from pruneflow.experiment.device_defaults import (
     resolve_fast_defaults,
@@ -324,6 +325,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     run_dir = Path(run_dir)
     phases = StartupPhases()
     phases.mark("imports")
+    quiet_lightning()
     validate_config(cfg)
     check_mask_settings_have_a_strategy(cfg, overrides)
     check_optimizer_arguments(cfg)
