@@ -52,9 +52,12 @@ def with_tests_on_the_path() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": python_path}
 
 
-def run_train(*overrides: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run ``python train.py <overrides>`` as a user would; never downloads (no PRUNEFLOW_DATA fallback)."""
-    env = {**with_tests_on_the_path(), "PYTHONUNBUFFERED": "1"}
+def run_train(
+    *overrides: str, cwd: Path = REPO, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python train.py <overrides>`` as a user would (with ``env`` added to the environment); never
+    downloads (no PRUNEFLOW_DATA fallback)."""
+    env = {**with_tests_on_the_path(), **(env or {}), "PYTHONUNBUFFERED": "1"}
     env.pop("PRUNEFLOW_DATA", None)
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *overrides],

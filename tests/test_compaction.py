@@ -408,7 +408,7 @@ def test_a_parametrize_checkpoint_written_before_pruning_compacts(tmp_path: Path
 
 
 def test_compact_without_a_mask_is_one_clear_line(tmp_path: Path) -> None:
-    result = run_train("data=synthetic", "compact=true", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
+    result = run_train("data=synthetic", "mask=disabled", "compact=true", f"hydra.run.dir={tmp_path / 'run'}", *QUIET)
     assert result.returncode != 0
     assert "pruneflow: error: compact=true needs mask=<strategy>" in result.stderr
 

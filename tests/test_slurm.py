@@ -182,15 +182,16 @@ def test_resume_true_continues_the_curves_without_logging_a_step_twice(tmp_path:
 
 
 def test_a_failed_run_is_listed_in_the_report_with_its_error_line(tmp_path: Path) -> None:
-    failed = tmp_path / "sweep" / "amount_too_large"
-    result = run_train("data=synthetic", "mask=weight", "mask.amount=1.5", f"hydra.run.dir={failed}", *QUIET)
+    # A sweep's job keeps its folder when it fails (a single run that fails before training leaves none).
+    sweep = tmp_path / "sweep"
+    result = run_train("-m", "data=synthetic", "mask=weight", "mask.amount=1.5", f"hydra.sweep.dir={sweep}", *QUIET)
     assert result.returncode != 0
     report = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(failed.parent)], capture_output=True, text=True
+        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep)], capture_output=True, text=True
     )
     assert report.returncode == 0, report.stderr
     line = "pruneflow: error: mask.amount must be a fraction in [0, 1), got 1.5"
-    assert f"- `amount_too_large`: {line}\n" in report.stdout
+    assert f"- `data=synthetic,mask.amount=1.5,mask=weight`: {line}\n" in report.stdout
     assert result.stderr.count(line) == 1 and line not in result.stdout  # shown once on the console
 
 

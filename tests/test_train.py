@@ -32,6 +32,16 @@ def test_run_writes_config_events_checkpoints_and_metrics(tmp_path: Path) -> Non
     assert metrics["epochs"] == 2
     assert metrics["test/acc"] > 0.5  # synthetic classes are separable: training must learn
     assert {"train/loss_epoch", "train/acc", "val/acc", "test/acc"} <= scalar_tags(run_dir)
+    # The default job prunes (mask=activation, half of every channel space) and says so in its last line.
+    assert metrics["mask/strategy"] == "activation" and metrics["mask/sparsity"] == 0.5
+    assert metrics["drift/producer_l2/max"] == 0.0 and metrics["leak/activation_abs_mean/max"] == 0.0
+    last_line = result.stdout.strip().splitlines()[-1]
+    for said in (
+        f"run {run_dir} finished in ",
+        "; mask=activation pruned 84/168 channels (50%) in 3 channel spaces",
+        "; pruned kernels' drift max 0 (producer L2), leak max 0 (activation |mean|); test accuracy ",
+    ):
+        assert said in last_line, last_line
 
 
 def test_any_lightning_trainer_argument_works_as_written(tmp_path: Path) -> None:
@@ -45,6 +55,27 @@ def test_any_lightning_trainer_argument_works_as_written(tmp_path: Path) -> None
     assert metrics["global_step"] == 5
     config = (run_dir / "config.yaml").read_text()
     assert "max_steps: 5" in config and "limit_val_batches: 2" in config
+
+
+def test_lightnings_environment_defaults_apply_where_no_config_sets_the_argument(tmp_path: Path) -> None:
+    """``PL_TRAINER_<ARG>`` is Lightning's default for an argument the Trainer is not given: the config must pass
+    only what it sets. ``max_epochs`` is set by conf/trainer/default.yaml, so its variable does not apply."""
+    run_dir = tmp_path / "run"
+    lightning_defaults = {"PL_TRAINER_MAX_STEPS": "3", "PL_TRAINER_MAX_EPOCHS": "7"}
+    result = run_train("data=synthetic", f"hydra.run.dir={run_dir}", *QUIET, env=lightning_defaults)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+
+
+def test_console_shows_no_lightning_noise_and_keeps_the_warnings_about_the_run(tmp_path: Path) -> None:
+    result = run_train("data=synthetic", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    for noise in ("litlogger", "💡", "LeafSpec", "Total Flops", "| FLOPs"):
+        assert noise not in console, noise
+    assert "Trainable params" in console  # the model summary itself stays
+    assert "smaller than the logging interval" in console  # a warning about this run's settings stays
 
 
 def test_masked_run_logs_drift_telemetry_to_tensorboard_and_metrics(tmp_path: Path) -> None:

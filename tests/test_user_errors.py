@@ -6,13 +6,15 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import QUIET, run_train
+from helpers import CONF_DIR, QUIET, compose_train, run_train
 from hydra.errors import InstantiationException
 
 from pruneflow.callbacks import NonFiniteLossError
 from pruneflow.compaction import CompactionError
 from pruneflow.data import DatasetCorruptError, DatasetNotFoundError
 from pruneflow.errors import ConfigError
+from pruneflow.experiment.argv_checks import check_group_choices, check_keys, config_groups, group_options
+from pruneflow.experiment.run import check_mask_settings_have_a_strategy
 from pruneflow.experiment.user_errors import user_error_message
 from pruneflow.pruning import ChannelPruning
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
@@ -115,3 +117,73 @@ def test_a_bool_is_not_a_number_nor_a_number_a_bool(setting: dict, expected: str
 def test_pruning_schedule_rejects_a_bool_amount() -> None:
     with pytest.raises(ConfigError, match=r"amount must be a fraction in \[0, 1\], got True"):
         PruningSchedule(True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("optimizer.lr=-0.1",), "optimizer.lr=-0.1 is refused by torch.optim.SGD: Invalid learning rate: -0.1"),
+        (("optimizer=adam", "optimizer.weight_decay=-1"), "optimizer.weight_decay=-1 is refused by torch.optim.Adam"),
+        (("scheduler.warmup_steps=-2",), "scheduler.warmup_steps must be >= 0"),
+        (("amount=0.5",), "unknown key 'amount' in 'amount=0.5'; did you mean mask.amount=0.5?"),
+        (("max_steps=3",), "did you mean trainer.max_steps=3?"),
+        (("mask=activatoin",), "unknown mask 'activatoin'; did you mean activation? (choose one of: activation,"),
+        (("maks=weight",), "unknown key 'maks' in 'maks=weight'; did you mean mask=weight?"),
+        (("mask.amout=0.3",), "unknown key 'mask.amout' in 'mask.amout=0.3'; did you mean mask.amount?"),
+        (("mask=disabled", "mask.amount=0.3"), "pruning settings given without a strategy (mask.amount=0.3 with"),
+    ],
+)
+def test_a_refused_start_is_one_line_and_leaves_no_run_folder(
+    tmp_path: Path, overrides: tuple[str, ...], expected: str
+) -> None:
+    # The default run folder (outputs/runs/<time>, under the working directory), as a user gets it.
+    result = run_train("data=synthetic", *overrides, *QUIET, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pruneflow: error: ") and expected in lines[0], lines[-20:]
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()], "a refused start left files behind"
+
+
+def test_a_refused_start_keeps_a_folder_that_held_a_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"a run's checkpoint")
+    result = run_train("data=synthetic", "optimizer.lr=-0.1", f"hydra.run.dir={run_dir}", *QUIET)
+    assert result.returncode != 0 and "optimizer.lr=-0.1" in result.stderr
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"a run's checkpoint"
+    assert "pruneflow: error: optimizer.lr=-0.1" in (run_dir / "train.log").read_text()  # why this start failed
+
+
+def test_a_sweep_with_mask_settings_runs_its_disabled_job() -> None:
+    # In a sweep, settings given beside mask=disabled are meant for the sweep's other strategies.
+    check_mask_settings_have_a_strategy(compose_train("mask=disabled", "mask.amount=0.3"), overrides=())
+    with pytest.raises(ConfigError, match=re.escape("pruning settings given without a strategy (mask.amount=0.3")):
+        check_mask_settings_have_a_strategy(compose_train("mask=disabled"), overrides=["mask.amount=0.3"])
+    check_mask_settings_have_a_strategy(compose_train("mask=weight"), overrides=["mask=weight", "mask.amount=0.3"])
+
+
+@pytest.mark.parametrize("group", config_groups(CONF_DIR))
+def test_every_groups_misspelt_option_names_the_nearest(group: str) -> None:
+    option = max(group_options(CONF_DIR, group), key=len)
+    misspelt = option[:2] + option[3:]  # its third letter left out
+    problem = check_group_choices([f"{group}={misspelt}"], CONF_DIR)
+    assert problem is not None and f"did you mean {option}?" in problem, problem
+
+
+KNOWN_KEYS = [
+    "mask.amount=0.3",
+    "data.root=x",
+    "seed=1",
+    "callbacks.throughput.warmup_steps=0",
+    "+mask.extra=1",
+    "hydra.run.dir=x",
+    "trainer.max_steps=5",
+    "optimizer.lr=0.1",
+    "model.width=4",
+    "compact=true",
+]
+
+
+@pytest.mark.parametrize("argument", KNOWN_KEYS)
+def test_keys_the_config_has_pass_the_key_check(argument: str) -> None:
+    assert check_keys([argument], CONF_DIR) is None

@@ -1,7 +1,8 @@
 """Hydra callbacks that check a run's surroundings before Hydra writes anything.
 
 Hydra creates the output folder before the task starts, so an unwritable one would otherwise fail
-inside Hydra with a stack trace. Here it is one line naming the folder and the fix.
+inside Hydra with a stack trace. Here it is one line naming the folder and the fix. The same callback notes
+whether a single run's folder existed before (``run_folder``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from pruneflow.experiment.run_folder import note_before_start
 
 
 def unwritable_reason(folder: Path) -> str | None:
@@ -41,6 +44,7 @@ class OutputFolderCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.run.dir, "hydra.run.dir")
+        note_before_start(Path(config.hydra.run.dir))  # a single run that fails before training removes its own
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config.hydra.sweep.dir, "hydra.sweep.dir")

@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,13 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pruneflow.atomic_io import write_json_atomic, write_text_atomic
 from pruneflow.callbacks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_matches
 from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
 from pruneflow.errors import ConfigError
+from pruneflow.experiment.console import quiet_lightning
 from pruneflow.experiment.cpu_share import share_cpu_cores
 from pruneflow.experiment.device_defaults import (
     resolve_fast_defaults,
@@ -37,8 +41,9 @@ from pruneflow.experiment.device_defaults import (
 )
 from pruneflow.experiment.hparams import log_hparams
 from pruneflow.experiment.startup import StartupPhases
+from pruneflow.experiment.trainer_arguments import set_arguments
 from pruneflow.module import ClassifierModule
-from pruneflow.pruning import ChannelPruning
+from pruneflow.pruning import STRATEGIES, ChannelPruning
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,59 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"compact must be true or false, got {compact!r}")
     if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
+
+
+def check_mask_settings_have_a_strategy(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse ``mask.<key>=...`` on the command line of a run that prunes nothing (``mask=disabled``): the
+    settings would be silently ignored. Only a single run's overrides are passed here: in a sweep
+    (``-m mask=disabled,weight mask.amount=0.3``) the disabled job's settings are meant for the other jobs."""
+    mask = cfg.get("mask")
+    if mask is not None and mask.get("_target_"):
+        return
+    given = [override.lstrip("+") for override in overrides if override.lstrip("+").startswith("mask.")]
+    if given:
+        others = ", ".join(name for name in STRATEGIES if name != "activation")
+        raise ConfigError(
+            f"pruning settings given without a strategy ({' '.join(given)} with mask=disabled): add mask=activation "
+            f"(or {others}), or drop them"
+        )
+
+
+def refused_setting(group: str, settings: DictConfig, exc: Exception) -> str:
+    """One line for ``exc``, raised by ``group``'s target on ``settings``: the setting it names (by key or by
+    value) as ``group.key=value``, else all of them."""
+    said = " ".join(str(exc).split())
+    words = set(re.findall(r"[-\w.]+", said))
+    values = {key: value for key, value in settings.items() if not str(key).startswith("_")}
+
+    def named(key: str, value: Any) -> bool:
+        return key in words or any(str(item) in words for item in (value if isinstance(value, ListConfig) else [value]))
+
+    named_keys = [key for key, value in values.items() if named(key, value)]
+    target = settings.get("_target_", group)
+    if len(named_keys) == 1:
+        return f"{group}.{named_keys[0]}={values[named_keys[0]]} is refused by {target}: {said}"
+    listed = ", ".join(f"{group}.{key}={value}" for key, value in values.items())
+    return f"{target} refuses its settings ({listed}): {said}"
+
+
+def check_optimizer_arguments(cfg: DictConfig) -> None:
+    """Build the optimizer, and the schedule on it, once on a stand-in parameter: an argument they refuse
+    (``optimizer.lr=-0.1``: PyTorch's "Invalid learning rate") is then one line naming the key before the run
+    starts, where it would otherwise be a traceback from inside ``fit``."""
+    try:
+        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except ConfigError:
+        raise  # ours: names the setting already
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(refused_setting("optimizer", cfg.optimizer, exc)) from exc
+    if cfg.get("scheduler"):
+        try:
+            instantiate(cfg.scheduler)(optimizer, total_steps=1)
+        except ConfigError:
+            raise  # ours: names the setting already
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(refused_setting("scheduler", cfg.scheduler, exc)) from exc
 
 
 def model_gflops_if_needed(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> float:
@@ -115,6 +173,42 @@ def final_metrics(
         if callable(report):
             metrics.update(report())
     return metrics
+
+
+def channel_sparsity(trainer: L.Trainer) -> dict[str, Any]:
+    """The pruned fraction of the pruned channel spaces' channels (``mask/sparsity``) and their widths
+    (``mask/channels``); nothing without a ``ChannelPruning`` callback."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ChannelPruning) and callback.pruned:
+            widths = {name: int(mask.numel()) for name, mask in callback.pruned.items()}
+            pruned = sum(int(mask.sum()) for mask in callback.pruned.values())
+            return {"mask/channels": widths, "mask/sparsity": pruned / max(sum(widths.values()), 1)}
+    return {}
+
+
+def summary_line(run_dir: Path, metrics: dict[str, Any]) -> str:
+    """The run's one closing line: where it was written, what was pruned, how far the pruned kernels drifted
+    and leaked (the largest value since pruning), and the test accuracy."""
+    try:
+        where = run_dir.relative_to(Path.cwd())
+    except ValueError:
+        where = run_dir
+    parts = [f"run {where} finished in {metrics['wall_seconds']:.1f} s"]
+    if "mask/channels" in metrics:
+        pruned, widths = metrics["mask/pruned_channels"], metrics["mask/channels"]
+        parts.append(
+            f"mask={metrics['mask/strategy']} pruned {sum(pruned.values())}/{sum(widths.values())} channels "
+            f"({metrics['mask/sparsity']:.0%}) in {len(widths)} channel spaces ({', '.join(widths)})"
+        )
+        parts.append(
+            f"pruned kernels' drift max {metrics.get('drift/producer_l2/max', float('nan')):.3g} (producer L2), "
+            f"leak max {metrics.get('leak/activation_abs_mean/max', float('nan')):.3g} (activation |mean|)"
+        )
+    else:
+        parts.append("nothing pruned (mask=disabled)")
+    if "test/acc" in metrics:
+        parts.append(f"test accuracy {metrics['test/acc']:.2%}")
+    return "; ".join(parts)
 
 
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -178,12 +272,63 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
         ) from exc
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
+@dataclass
+class Run:
+    """A run built and checked but not yet trained: every check that can refuse its configuration has passed.
+    ``prepare`` returns it; ``fit_and_test`` trains. ``train.py`` tells the two apart: a run that fails before
+    training leaves no run folder."""
+
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: Any
+    module: ClassifierModule
+    trainer: L.Trainer
+    logger: Logger | None
+    resume: Path | None
+
+    def fit_and_test(self) -> dict[str, Any]:
+        """Fit and test, write ``metrics.json`` (and compact with ``compact=true``); returns the final metrics."""
+        cfg, run_dir, trainer, module, datamodule = self.cfg, self.run_dir, self.trainer, self.module, self.datamodule
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=self.resume, weights_only=True)
+        fit_seconds = time.perf_counter() - started
+        fit_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        test_results = trainer.test(module, datamodule=datamodule, verbose=False)
+        wall_seconds = time.perf_counter() - started
+
+        metrics = final_metrics(trainer, fit_metrics, test_results)
+        metrics.update(channel_sparsity(trainer))
+        metrics.update(
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+            fit_seconds=round(fit_seconds, 3),
+            wall_seconds=round(wall_seconds, 3),
+        )
+        if trainer.is_global_zero:
+            if isinstance(self.logger, TensorBoardLogger):
+                log_hparams(self.logger, cfg, metrics, step=trainer.global_step)
+            write_json_atomic(run_dir / "metrics.json", metrics)
+        if cfg.get("compact") and trainer.is_global_zero:
+            from pruneflow.compaction import compact_trained_module  # only runs that compact pay for its imports
+
+            # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
+            metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
+            write_json_atomic(run_dir / "metrics.json", metrics)
+        if trainer.is_global_zero:
+            log.info(summary_line(run_dir, metrics))
+        return metrics
+
+
+def prepare(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Run:
+    """Check ``cfg`` and build everything one run needs, writing ``config.yaml`` into ``run_dir``; trains nothing.
+    ``overrides``: a single run's command line (``check_mask_settings_have_a_strategy``)."""
     run_dir = Path(run_dir)
     phases = StartupPhases()
     phases.mark("imports")
+    quiet_lightning()
     validate_config(cfg)
+    check_mask_settings_have_a_strategy(cfg, overrides)
+    check_optimizer_arguments(cfg)
     share_cpu_cores()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -223,7 +368,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     phases.mark("model")
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger or False, plugins=[checkpoint_io], default_root_dir=str(run_dir)
+        set_arguments(cfg.trainer),
+        callbacks=callbacks,
+        logger=logger or False,
+        plugins=[checkpoint_io],
+        default_root_dir=str(run_dir),
     )
     if resume is not None and checkpoint is not None:
         for callback in callbacks:
@@ -233,30 +382,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  checkpoint.get("global_step"))  # fmt: skip
         del checkpoint
     phases.mark("trainer")
+    return Run(cfg, run_dir, datamodule, module, trainer, logger, resume)
 
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    fit_seconds = time.perf_counter() - started
-    fit_metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-    test_results = trainer.test(module, datamodule=datamodule, verbose=False)
-    wall_seconds = time.perf_counter() - started
 
-    metrics = final_metrics(trainer, fit_metrics, test_results)
-    metrics.update(
-        epochs=trainer.current_epoch,
-        global_step=trainer.global_step,
-        fit_seconds=round(fit_seconds, 3),
-        wall_seconds=round(wall_seconds, 3),
-    )
-    if trainer.is_global_zero:
-        if isinstance(logger, TensorBoardLogger):
-            log_hparams(logger, cfg, metrics, step=trainer.global_step)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-    if cfg.get("compact") and trainer.is_global_zero:
-        from pruneflow.compaction import compact_trained_module  # only runs that compact pay for its imports
-
-        # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
-        metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
-        write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("run finished in %.1f s: %s", wall_seconds, {k: metrics[k] for k in metrics if k.startswith("test/")})
-    return metrics
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
+    return prepare(cfg, run_dir).fit_and_test()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -53,14 +53,24 @@ def seconds_since_process_start() -> float | None:
 
 
 class StartupPhases(Callback):
-    """Seconds of each start-up phase (``PHASES``), marked in order."""
+    """Seconds of each start-up phase (``PHASES``), marked in order.
+
+    The first run of a process counts ``imports`` from the process start; a later run in the same process (the
+    next job of a sequential sweep, a joblib worker's next job) imported nothing, so its ``imports`` is 0 and
+    its phases start when it is built, not at the process start (which would count the earlier jobs).
+    """
+
+    process_started_a_run: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        since_start = seconds_since_process_start()
         now = time.perf_counter()
-        self._process_start = now - since_start if since_start is not None else now
-        self._last = self._process_start
         self.seconds: dict[str, float] = {}
+        if StartupPhases.process_started_a_run:
+            self.seconds["imports"] = 0.0
+            self._last = now
+        else:
+            self._last = now - (seconds_since_process_start() or 0.0)
+        StartupPhases.process_started_a_run = True
         self._first_step_done = False
         hide_unused_step_hooks(self)
 

@@ -5,7 +5,9 @@ refused as "not in struct" and a user would have to guess ``+trainer.max_steps``
 ``Trainer.__init__``'s signature, declares every argument at the Trainer's own default: ``trainer.<arg>=v``
 works as written for any argument of the Lightning version installed, ``config.yaml`` records every
 argument the Trainer received, and a misspelt key is still refused (``check_trainer_arguments`` names the
-nearest argument before Hydra runs).
+nearest argument before Hydra runs). The Trainer is given only the arguments whose value differs from its own
+default (``set_arguments``): Lightning's ``PL_TRAINER_<ARG>`` environment defaults apply to the others, as
+they do to a plain ``Trainer()``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import inspect
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 SCHEMA_NAME = "_lightning_trainer"  # conf/trainer/*.yaml put it first in their defaults list
 TARGET = "lightning.pytorch.Trainer"
@@ -28,6 +31,21 @@ def trainer_arguments() -> dict[str, Any]:
     named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     parameters = inspect.signature(Trainer.__init__).parameters.values()
     return {p.name: p.default for p in parameters if p.kind in named and p.name != "self"}
+
+
+def set_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``trainer_cfg`` (the ``trainer`` group, resolved) without the arguments left at the Trainer's own default.
+    Lightning's ``PL_TRAINER_*`` variables are defaults for the arguments a Trainer is not given; the schema
+    gives every argument a value, so one at its default counts as not set (compared with its type: a
+    ``devices: 1`` is not the default ``"auto"``, a ``False`` not a ``None``)."""
+    defaults = trainer_arguments()
+    resolved = OmegaConf.to_container(trainer_cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return {
+        key: value
+        for key, value in resolved.items()
+        if key not in defaults or type(value) is not type(defaults[key]) or value != defaults[key]
+    }
 
 
 def register_trainer_schema() -> None:
