@@ -2,7 +2,7 @@
 ``python -c "import torch, lightning"`` (the floor any Lightning run pays).
 
     python scripts/bench_startup.py --root ../shared/data --repeats 5
-    python scripts/bench_startup.py --root ../shared/data --repeats 5 --against /tmp/pruneflow-before
+    python scripts/bench_startup.py --root ../shared/data --repeats 5 --against ../pruneflow-before
 
 Each repetition times ``import torch, lightning`` in a fresh process, then runs ``train.py`` (MNIST, the
 default job on 2,000 images, no logger) in a fresh process and reads its ``perf/startup/*`` phases from
@@ -11,7 +11,7 @@ median of each phase and the ratio first step / imports (goal: ≤ 1.25 on CPU).
 
 The decoded-data cache (``pruneflow.data.tensor_cache``) lives in a temporary folder: one untimed run per
 checkout builds it (its phases are printed as the cold start), the timed runs then read it. ``--against``
-names another checkout (``mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before``): its
+names another checkout (``mkdir ../pruneflow-before && git archive <commit> | tar -x -C ../pruneflow-before``): its
 ``train.py`` runs alternately with this one's, round by round, so both see the same machine load.
 """
 

@@ -1,13 +1,12 @@
 """Every GPU figure of issue 22 in one call: ``python scripts/bench_gpu.py --suite --json gpu.json``.
 
-On the GPU machine (see ../shared/device/: ``bash ../shared/device/prepare.sh`` here first, then the device
-tool with carry ``[".devcarry"]``)::
+On a GPU machine, with the data sets in a local folder and the JSON written to an output folder::
 
-    bash .devcarry/run.sh python scripts/bench_gpu.py --suite --root /tmp/pfdata --json $OUT/gpu.json
+    python scripts/bench_gpu.py --suite --root <data folder> --json <output folder>/gpu.json
 
 and on CPU, tiny, to prove it runs end to end (``--tiny`` shrinks every section to seconds)::
 
-    python scripts/bench_gpu.py --suite --device cpu --tiny --root ../shared/data --json /tmp/gpu.json
+    python scripts/bench_gpu.py --suite --device cpu --tiny --root ../shared/data --json gpu.json
 
 Sections (``--sections``, all by default; each is timed, and one that fails records its error and the
 suite goes on; the JSON is rewritten after every section, so a run cut short keeps what it measured):
@@ -27,7 +26,7 @@ suite goes on; the JSON is rewritten after every section, so a run cut short kee
 - ``defaults``: ``bench_defaults``'s precision × memory-format ladder, and the CUDA thresholds it suggests
   for ``pruneflow.experiment.device_defaults.SPEED_RULES``.
 
-``scripts/render_gpu_section.py gpu.json`` turns the JSON into the README's GPU section.
+``scripts/render_gpu_section.py gpu.json`` turns the JSON into the GPU section of docs/measurements.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Render the README's GPU section from ``scripts/bench_gpu.py --suite``'s JSON.
+"""Render the GPU section of docs/measurements.md from ``scripts/bench_gpu.py --suite``'s JSON.
 
-    python scripts/render_gpu_section.py gpu.json                     # print the section
-    python scripts/render_gpu_section.py gpu.json --readme README.md  # replace it between the README's markers
+    python scripts/render_gpu_section.py gpu.json                                # print the section
+    python scripts/render_gpu_section.py gpu.json --readme docs/measurements.md  # replace it between the markers
 
 The section lies between ``<!-- gpu-section:begin -->`` and ``<!-- gpu-section:end -->``; a section the suite
 could not measure says so, with the first line of its error, rather than leaving an old figure standing.
@@ -105,8 +105,8 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 def render(report: dict[str, Any]) -> str:
     versions = report.get("versions", {})
     head = (f"Measured on {report.get('device', '?')} (torch {versions.get('torch', '?')}, Lightning "
-            f"{versions.get('lightning', '?')}) by `bash .devcarry/run.sh python scripts/bench_gpu.py --suite "
-            f"--root /tmp/pfdata --json $OUT/gpu.json` in {fmt(report.get('seconds'), 4)} s"
+            f"{versions.get('lightning', '?')}) by `python scripts/bench_gpu.py --suite --root <data folder> "
+            f"--json <output folder>/gpu.json` in {fmt(report.get('seconds'), 4)} s"
             + (" (**--tiny dry run: not figures**)" if report.get("tiny") else "") + ".")  # fmt: skip
     table = ["| what | figure |", "| --- | --- |", *(f"| {what} | {figure} |" for what, figure in rows(report))]
     return "\n".join([BEGIN, head, "", *table, END])
@@ -115,7 +115,8 @@ def render(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", type=Path)
-    parser.add_argument("--readme", type=Path, help="replace the section between the markers in this file")
+    parser.add_argument("--readme", type=Path, help="replace the section between the markers in this Markdown file "
+                        "(docs/measurements.md)")
     args = parser.parse_args()
     section = render(json.loads(args.report.read_text()))
     if args.readme is None:

@@ -10,7 +10,7 @@ from helpers import SHARED_DATA
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that reads the real data (through the ``shared_data`` fixture) is ``slow``, as the README says,
+    """A test that reads the real data (through the ``shared_data`` fixture) is ``slow``, as docs/testing.md says,
     whether or not it carries the mark: ``pytest -m "not slow"`` never touches ../shared/data."""
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
