@@ -123,12 +123,10 @@ def pruneflow_run(root: str, epochs: int, device: str, run_dir: Path) -> dict[st
 def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path, extra: tuple[str, ...] = ()
                          ) -> dict[str, float]:  # fmt: skip
     """``pruneflow.experiment.run.train`` on the config ``python train.py`` composes from the same overrides."""
-    from hydra import compose, initialize_config_dir
-
+    from pruneflow.experiment import compose_config
     from pruneflow.experiment.run import train
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides_for(root, epochs, device, extra))
+    cfg = compose_config(overrides_for(root, epochs, device, extra))
     return pruneflow_figures(train(cfg, run_dir))
 
 

@@ -58,14 +58,9 @@ CUT_MODELS = {
 
 
 def compose(*overrides: str) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from pruneflow.experiment import compose_config
 
-    import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
-
-    repo = Path(__file__).resolve().parents[1]
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def train_in_process(scratch: Path, name: str, *overrides: str) -> dict[str, Any]:

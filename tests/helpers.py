@@ -26,14 +26,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
 from pruneflow import ChannelPruning
+from pruneflow.experiment import compose_config
 from pruneflow.pruning.channels import Consumer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +96,7 @@ def run_train_after(
 def compose_train(*overrides: str, with_hydra: bool = False) -> DictConfig:
     """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` would, without running anything;
     ``with_hydra``: with the ``hydra`` node (sweeper, launcher, output folders)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)
+    return compose_config(overrides, with_hydra=with_hydra)
 
 
 # Buffers on each probed consumer module. Buffers, not Python state: a compiled graph reads and updates

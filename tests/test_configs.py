@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from pruneflow import ChannelPruning
+from pruneflow.errors import ConfigError
+from pruneflow.experiment import compose_config
 from pruneflow.experiment.argv_checks import group_options
 from pruneflow.experiment.device_defaults import resolve_fast_defaults
 from pruneflow.experiment.run import train
@@ -84,3 +86,10 @@ def test_every_experiment_keeps_train_yamls_keys_out_of_run_folder_names() -> No
         excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
         assert excluded[: len(extended)] == extended, experiment
         assert set(excluded[len(extended) :]) <= {"experiment"}, experiment
+
+
+def test_compose_config_is_what_train_py_composes(tmp_path: Path) -> None:
+    cfg = compose_config(["mask=weight", "mask.amount=0.25"], with_hydra=True)
+    assert cfg.mask.strategy == "weight" and cfg.mask.amount == 0.25 and "sweeper" in cfg.hydra
+    with pytest.raises(ConfigError, match=f"no train.yaml in {tmp_path}; pass conf_dir="):
+        compose_config(conf_dir=tmp_path)

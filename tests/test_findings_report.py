@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
+
+from pruneflow.experiment import compose_config
 
 REPORT = REPO / "scripts" / "report.py"
 EVENT = 10  # the pruning step of every fake run
@@ -109,17 +110,16 @@ def test_findings_report_names_no_absolute_path_of_the_machine_it_ran_on(sweep: 
 
 
 def test_findings_grid_composes_the_issue_grid() -> None:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=["experiment=findings", "mask=activation_reset"], return_hydra_config=True)
-        params = cfg.hydra.sweeper.params
-        grid = [len(str(params[key]).split(",")) for key in ("mask", "optimizer", "model.activation",
-                                                             "mask.at_epoch", "seed")]  # fmt: skip
-        assert grid == [7, 3, 2, 2, 3]
-        assert cfg.mask.strategy == "activation" and cfg.mask.reset_optimizer_state
-        assert cfg.data._target_.endswith("FashionMNISTDataModule") and cfg.compact
-        cifar = compose("train", overrides=["experiment=findings_cifar"], return_hydra_config=True)
-        assert cifar.model._target_.endswith("VGG") and cifar.data._target_.endswith("CIFAR10DataModule")
-        assert str(cifar.hydra.sweeper.params["optimizer"]) == "sgd,adam"
+    cfg = compose_config(["experiment=findings", "mask=activation_reset"], with_hydra=True)
+    params = cfg.hydra.sweeper.params
+    grid = [len(str(params[key]).split(",")) for key in ("mask", "optimizer", "model.activation",
+                                                         "mask.at_epoch", "seed")]  # fmt: skip
+    assert grid == [7, 3, 2, 2, 3]
+    assert cfg.mask.strategy == "activation" and cfg.mask.reset_optimizer_state
+    assert cfg.data._target_.endswith("FashionMNISTDataModule") and cfg.compact
+    cifar = compose_config(["experiment=findings_cifar"], with_hydra=True)
+    assert cifar.model._target_.endswith("VGG") and cifar.data._target_.endswith("CIFAR10DataModule")
+    assert str(cifar.hydra.sweeper.params["optimizer"]) == "sgd,adam"
 
 
 def test_findings_name_the_cells_where_a_strategy_held_and_why() -> None:
