@@ -27,6 +27,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -154,6 +155,30 @@ def strategy_of(metrics: dict) -> str:
     return RENAMED_STRATEGIES.get(strategy, strategy)  # runs from before a rename (mask=none is now control)
 
 
+def wrapped(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken at spaces and commas into lines that fit ``width_inches`` at ``fontsize``: constrained layout
+    makes room for a tall title, never for one wider than the figure, which it clips."""
+    characters = max(int(width_inches * 72 / (0.6 * fontsize)), 20)  # a character is ~0.6 em wide
+    return textwrap.fill(text.replace(",", ", ").replace(",  ", ", "), characters)
+
+
+def set_panel_title(axis: plt.Axes, title: str, width_inches: float) -> None:
+    """A panel's title wrapped to its axes, which take about 80 % of the panel's ``width_inches`` (the rest: ticks
+    and labels); a wider title would run over the neighbouring panel or past the figure's edge."""
+    axis.set_title(wrapped(title, 0.8 * width_inches, 10), fontsize=10)
+
+
+def save_figure(figure: plt.Figure, handles: list[plt.Line2D], title: str, out: Path) -> Path:
+    """The legend in a row below the panels, where it covers neither a panel nor the title, and the title wrapped
+    to the figure's width; written to ``out``."""
+    columns = max(1, min(len(handles), int(figure.get_figwidth() / 1.4)))  # an entry takes up to ~1.4 inches
+    figure.legend(handles=handles, title="mask", loc="outside lower center", ncols=columns, fontsize=9)
+    figure.suptitle(wrapped(title, figure.get_figwidth(), 11), fontsize=11)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
 def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, dict]) -> Path | None:
     """One figure for ``tag``: a panel per configuration apart from strategy and seed, a line per strategy."""
     panels: dict[str, dict[str, list[tuple[list[int], list[float]]]]] = {}
@@ -167,7 +192,7 @@ def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, 
     columns = min(len(panels), 3)
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(5 * columns + 1.6, 3.6 * rows), squeeze=False, sharey=True, layout="constrained"
+        rows, columns, figsize=(5 * columns, 3.6 * rows + 1.0), squeeze=False, sharey=True, layout="constrained"
     )
     strategies = sorted({s for lines in panels.values() for s in lines}, key=_strategy_rank)
     # Strategies often coincide (activation and gradient share their kernels' drift, hard and parametrize
@@ -188,7 +213,7 @@ def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, 
             if len(lines[strategy]) > 1:
                 axis.fill_between(steps, low, high, color=styles[strategy]["color"], alpha=0.15, linewidth=0)
         title = ",".join(part for part in override_parts(panel) if part not in shared)
-        axis.set_title(title or "all runs", fontsize=10)
+        set_panel_title(axis, title or "all runs", width_inches=5)
         axis.set_yscale("symlog", linthresh=SYMLOG_THRESHOLD)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -197,13 +222,9 @@ def plot_curves(sweep: Path, runs: dict[str, dict], tag: str, curves: dict[str, 
     for axis in axes[:, 0]:
         axis.set_ylabel(tag)
     handles = [plt.Line2D([], [], label=strategy, **styles[strategy]) for strategy in strategies]
-    figure.legend(handles=handles, title="mask", loc="outside right upper", fontsize=9)
     over = f"; mean over {seeds} seeds, band min–max" if seeds > 1 else ""
-    figure.suptitle(f"{tag} by strategy ({', '.join(sorted(shared)) or 'all runs'}{over})", fontsize=11)
-    out = sweep / f"{tag.replace('/', '_')}.png"
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    title = f"{tag} by strategy ({', '.join(sorted(shared)) or 'all runs'}{over})"
+    return save_figure(figure, handles, title, sweep / f"{tag.replace('/', '_')}.png")
 
 
 def _strategy_rank(strategy: str) -> tuple[int, str]:
@@ -385,7 +406,7 @@ def plot_transients(sweep: Path, runs: Sequence[Run], out_dir: Path, stem: str) 
             activations = sorted({a for a, _ in panels})
             optimizers = sorted({o for _, o in panels})
             figure, axes = plt.subplots(
-                len(activations), len(optimizers), figsize=(4.6 * len(optimizers) + 1.8, 3.4 * len(activations)),
+                len(activations), len(optimizers), figsize=(4.6 * len(optimizers), 3.4 * len(activations) + 1.0),
                 squeeze=False, sharex=True, sharey=True, layout="constrained",
             )  # fmt: skip
             labels = sorted({label for lines in panels.values() for label in lines}, key=_strategy_rank)
@@ -403,7 +424,7 @@ def plot_transients(sweep: Path, runs: Sequence[Run], out_dir: Path, stem: str) 
                         axis.plot(steps, mean, label=label, **styles[label])
                         if len(lines[label]) > 1:
                             axis.fill_between(steps, low, high, color=styles[label]["color"], alpha=0.15, linewidth=0)
-                    axis.set_title(f"{optimizer}, {activation}", fontsize=10)
+                    set_panel_title(axis, f"{optimizer}, {activation}", width_inches=4.6)
                     axis.set_yscale("symlog", linthresh=SYMLOG_THRESHOLD)
                     axis.set_xscale("log")  # the first steps after pruning matter most
                     axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -414,13 +435,9 @@ def plot_transients(sweep: Path, runs: Sequence[Run], out_dir: Path, stem: str) 
                     if column == 0:
                         axis.set_ylabel(TRANSIENT_TAG)
             handles = [plt.Line2D([], [], label=label, **styles[label]) for label in labels]
-            figure.legend(handles=handles, title="mask", loc="outside right upper", fontsize=9)
-            figure.suptitle(f"Drift of the pruned kernels after pruning: {data}, pruned {timing}", fontsize=11)
+            title = f"Drift of the pruned kernels after pruning: {data}, pruned {timing}"
             slug = "_".join("".join(c if c.isalnum() else " " for c in f"{data} {timing}").lower().split())
-            out = out_dir / f"{stem}_transient_{slug}.png"
-            figure.savefig(out, dpi=110)
-            plt.close(figure)
-            figures.append(out)
+            figures.append(save_figure(figure, handles, title, out_dir / f"{stem}_transient_{slug}.png"))
     return figures
 
 

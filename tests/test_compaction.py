@@ -29,7 +29,7 @@ from pruneflow.compaction import (
     load_compact,
     load_exported,
 )
-from pruneflow.compaction.verify import randomize_norms
+from pruneflow.compaction.verify import randomize_norms, verify
 from pruneflow.models import VGG, ConvNet, ResNet
 from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
 from pruneflow.pruning.strategies import make_strategy
@@ -187,7 +187,42 @@ class ScaledLogits(nn.Module):
         return self.network(x) * self.scale
 
 
-def test_exactness_is_judged_relative_to_the_logits_scale(caplog) -> None:
+class FixedLogits(nn.Module):
+    """Logits given in advance, one row per image whatever the image: a comparison with a known difference."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits[: len(x)]
+
+
+@pytest.mark.parametrize(
+    ("scale", "relative_gap", "exact"),
+    [
+        (2e5, 1e-6, True),  # |Δ| = 0.2 at logits of 2e5 (an ulp there is 0.016): rounding, not a different function
+        (2e5, 1e-3, False),  # |Δ| = 200 there: a different function
+        (0.5, 1e-5, True),  # logits below 1 are held to an absolute 1e-4
+        (0.5, 1e-3, False),
+    ],
+)
+def test_exactness_is_judged_relative_to_the_logits_scale(scale: float, relative_gap: float, exact: bool) -> None:
+    """``verify`` fed two outputs that differ by a known amount: exact or not by that amount over the largest
+    |logit| (at least 1), not by the absolute difference, which rounding at a large scale alone makes exceed 1e-4."""
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    logits = logits / logits.abs().max() * scale  # the largest |logit| is the scale
+    gap = torch.zeros_like(logits)
+    gap[7, 3] = relative_gap * max(scale, 1.0)
+    batches = [(torch.zeros(50, 1), torch.zeros(50, dtype=torch.long))]
+
+    checked = verify(FixedLogits(logits), FixedLogits(logits + gap), batches)
+
+    assert checked.max_rel_diff == pytest.approx(relative_gap, rel=0.1)  # float32 holds the gap to half an ulp: 4 %
+    assert checked.exact is exact
+
+
+def test_the_pipeline_warns_only_where_the_cut_changed_the_function(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = ScaledLogits(randomize_norms(ConvNet(channels=(6, 8, 12))), 2e5)
     masks = random_masks(select_layers(find_prunable_layers(model), None))
@@ -196,11 +231,8 @@ def test_exactness_is_judged_relative_to_the_logits_scale(caplog) -> None:
     batches = [(torch.randn(50, 1, 28, 28, generator=generator), torch.zeros(50, dtype=torch.long))]
 
     with caplog.at_level(logging.WARNING, logger="pruneflow.compaction.pipeline"):
-        _, metrics = compact_and_verify(model, masks, batches, latency_batch_sizes=())
-
-    # float rounding at a scale of 2e5 (an ulp there is 0.016) is no difference between the functions
-    assert metrics["compact/max_abs_diff"] > 1e-4 and metrics["compact/max_rel_diff"] < 1e-6
-    assert "differs from the masked one" not in caplog.text
+        compact_and_verify(model, masks, batches, latency_batch_sizes=())
+    assert "differs from the masked one" not in caplog.text  # exact: rounding at 2e5 is no difference
     model = ScaledLogits(randomize_norms(ConvNet(channels=(6, 8, 12))), 2e5)
     mask_with("weight", model, masks)  # kernels zeroed, β alive: a real difference still warns
     with caplog.at_level(logging.WARNING, logger="pruneflow.compaction.pipeline"):

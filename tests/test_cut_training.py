@@ -493,7 +493,8 @@ def test_a_cut_with_stochastic_weight_averaging_is_refused_in_one_line_before_tr
         max_epochs=2, callbacks=[pruning, averaging], logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
-    with pytest.raises(ConfigError, match="cut_at_step cannot cut under StochasticWeightAveraging.*compact=true") as error:
+    refusal = r"cut_at_step cannot cut under StochasticWeightAveraging.*compact=true"
+    with pytest.raises(ConfigError, match=refusal) as error:
         trainer.fit(module, train_dataloaders=train_loader())
     assert "\n" not in str(error.value)
     assert trainer.global_step == 0

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from helpers import REPO
@@ -149,3 +150,35 @@ def test_findings_name_the_cells_where_a_strategy_held_and_why() -> None:
         "by cell: after 1 epoch, relu 2.5 ± 0.71; after 1 epoch, silu 2.5 ± 0.71; at initialisation, relu 0 ± 0" in text
     )
     assert "SGD's momentum buffer at up to 3 ± 0" in text
+
+
+def load_report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("report", REPORT)
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return report
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_figure_titles_fit_the_figure_and_the_legend_covers_no_title(
+    panels: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = load_report()
+    monkeypatch.setattr(report.plt, "close", lambda figure: None)  # keep the figure to measure it
+    figure, axes = report.plt.subplots(1, panels, figsize=(5 * panels, 4.6), squeeze=False, layout="constrained")
+    handles = []
+    for index, axis in enumerate(axes.flat):
+        handles += axis.plot([0, 1], [0, index], label=f"strategy{index}")
+        report.set_panel_title(axis, "optimizer=adam,model.activation=relu,trainer.max_epochs=3", width_inches=5)
+    handles += [report.plt.Line2D([], [], label=name) for name in ("control", "weight", "activation", "gradient")]
+    title = "drift/producer_l2 by strategy (" + ", ".join(f"override{i}=value{i}" for i in range(12)) + ")"
+    report.save_figure(figure, handles, title, tmp_path / "figure.png")
+    renderer = figure.canvas.get_renderer()
+    whole = figure.bbox
+    titles = [figure._suptitle, *(axis.title for axis in axes.flat)]
+    legend = figure.legends[0].get_window_extent(renderer)
+    for box in [legend, *(text.get_window_extent(renderer) for text in titles)]:
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and whole.y0 <= box.y0 and box.y1 <= whole.y1
+    assert not any(legend.overlaps(text.get_window_extent(renderer)) for text in titles)
+    report.plt.close(figure)
