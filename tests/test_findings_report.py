@@ -1,10 +1,9 @@
-"""``scripts/report.py --findings``: the findings report of a sweep, checked on a sweep written here with
+"""``pruneflow-report --findings``: the findings report of a sweep, checked on a sweep written here with
 known numbers (configs, metrics.json, event files and Hydra's multirun.yaml as a real sweep lays them out),
 and the ``experiment=findings`` grid as Hydra composes it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -17,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-REPORT = REPO / "scripts" / "report.py"
+from pruneflow.experiment import report
+
 EVENT = 10  # the pruning step of every fake run
 COMMAND = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=findings", "data.root=/data"]
 
@@ -66,9 +66,8 @@ def sweep(tmp_path: Path) -> Path:
 
 def test_findings_report_states_the_command_tables_figures_and_numbers(sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "docs" / "FINDINGS.md"
-    result = subprocess.run(
-        [sys.executable, str(REPORT), str(sweep), "--findings", str(out)], capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, "-m", "pruneflow.experiment.report", str(sweep), "--findings", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
     assert "python train.py -m " + " ".join(COMMAND) in text  # the exact sweep command, at the top
@@ -105,10 +104,6 @@ def test_findings_grid_composes_the_issue_grid() -> None:
 def test_findings_name_the_cells_where_a_strategy_held_and_why() -> None:
     # `weight` at exactly zero only where pruned at initialisation under ReLU (β = 0, ReLU's zero gradient),
     # drifting in the three other cells: the sentences must say where it held, not average it away.
-    spec = importlib.util.spec_from_file_location("report", REPORT)
-    assert spec is not None and spec.loader is not None
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
     runs = []
     for timing in ("at initialisation", "after 1 epoch"):
         for activation in ("relu", "silu"):

@@ -2,8 +2,9 @@
 around Hydra (``argv_checks``, ``hydra_callbacks``), what ``auto`` means per device (``device_defaults``),
 the CPU share of a parallel sweep job (``cpu_share``), the TensorBoard HParams row (``hparams``), how
 errors reach the user (``user_errors``), the resolvers ``conf/`` uses (``resolvers``) and the ``trainer`` group's
-schema of every Lightning ``Trainer`` argument (``trainer_arguments``). A user's own
-Lightning code does not need this package."""
+schema of every Lightning ``Trainer`` argument (``trainer_arguments``); and the two commands installed with the
+package: ``pruneflow-report`` (``report``: a sweep's table, figures and findings) and ``pruneflow-compact``
+(``compact``: cut a finished run's pruned channels out). A user's own Lightning code does not need this package."""
 
 from pruneflow.experiment.resolvers import register_resolvers
 from pruneflow.experiment.trainer_arguments import register_trainer_schema
