@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "callback": "benchmarks.callback",
     "cut-training": "benchmarks.cut_training",
     "channel-graph": "benchmarks.channel_graph",
+    "timm": "benchmarks.timm_models",
     "gpu": "benchmarks.gpu",
     "gpu-section": "benchmarks.gpu_section",
     "defaults": "benchmarks.defaults",
