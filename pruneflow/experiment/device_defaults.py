@@ -72,9 +72,10 @@ class SpeedRule:
 SPEED_RULES = {
     # A CPU other than x86 with AVX-512 (not measured): fp32 NCHW whatever the size, never slower than itself.
     "cpu": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=math.inf),
-    # x86 with AVX-512, measured (``bench_defaults.py --device cpu``, quiet machine, 2 threads): fp32 channels-last
-    # 1.54x fp32 NCHW for MNIST's ConvNet at batch 128 (1.09 GFLOPs), 1.26x and 1.29x for CIFAR's small VGG and
-    # ResNet-20 (8.7, 10.4), 0.80x for a toy ConvNet (0.002). bf16 never by `auto` on a CPU (module docstring).
+    # x86 with AVX-512, measured (``python -m benchmarks defaults --device cpu``, quiet machine, 2 threads): fp32
+    # channels-last 1.54x fp32 NCHW for MNIST's ConvNet at batch 128 (1.09 GFLOPs), 1.26x and 1.29x for CIFAR's
+    # small VGG and ResNet-20 (8.7, 10.4), 0.80x for a toy ConvNet (0.002). bf16 never by `auto` on a CPU (module
+    # docstring).
     "cpu-avx512": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=1.0),
     # Provisional (no GPU measurement yet): the MNIST ConvNet at batch 128 (1.1 GFLOPs) stays fp32 NCHW,
     # a CIFAR VGG11 (39 GFLOPs) or ResNet-56 (32) at batch 128 gets bf16 and channels-last, ResNet-20 (10) not.
