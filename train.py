@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
     single_run = hydra_cfg.mode == RunMode.RUN
     try:
         # A single run that fails before training leaves no folder (a sweep's job keeps its, with the error in
-        # its log, for scripts/report.py to list); a folder that existed before this start is kept.
+        # its log, for pruneflow-report to list); a folder that existed before this start is kept.
         with discarded_if_it_fails(run_dir, single_run and created_by_this_start(run_dir)):
             run = prepare(cfg, run_dir, overrides=list(hydra_cfg.overrides.task) if single_run else ())
         metrics = run.fit_and_test()

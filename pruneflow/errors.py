@@ -1,5 +1,5 @@
 """The one exception type pruneflow raises for input that cannot work, and that ``train.py`` and
-``scripts/compact.py`` print as one line without a traceback.
+``pruneflow-compact`` print as one line without a traceback.
 
 Every other exception (a ``ZeroDivisionError``, a ``zip(strict=True)`` mismatch, a plain ``ValueError``
 from PyTorch) is a bug somewhere and keeps its traceback. The data modules' ``DatasetNotFoundError``

@@ -1,11 +1,11 @@
-"""The benchmark scripts run as their docstrings say, on CPU, and report figures from real runs.
+"""The benchmarks (``python -m benchmarks <subcommand>``) run as their docstrings say, on CPU, and report figures
+from real runs.
 
 Timings are not asserted (they belong to the benchmarks, not to tests); what is checked is that each
-script measures what it claims: every arm ran, the figures are those of the runs' metrics.json."""
+benchmark measures what it claims: every arm ran, the figures are those of the runs' metrics.json."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import subprocess
@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-sys.path.insert(0, str(REPO / "scripts"))  # the scripts import bench_common as a sibling
-bench_common = importlib.import_module("bench_common")
-bench_overhead = importlib.import_module("bench_overhead")
-bench_time_to_accuracy = importlib.import_module("bench_time_to_accuracy")
-bench_gpu = importlib.import_module("bench_gpu")
+from benchmarks import channel_graph as bench_channel_graph
+from benchmarks import common as bench_common
+from benchmarks import gpu as bench_gpu
+from benchmarks import main as benchmarks_main
+from benchmarks import overhead as bench_overhead
+from benchmarks import time_to_accuracy as bench_time_to_accuracy
 
 
 def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], cwd=REPO, capture_output=True,
+    """``python -m benchmarks <name> <args>`` from the repository root, as the docstrings say."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks", name, *args], cwd=REPO, capture_output=True,
                             text=True, timeout=timeout)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
@@ -33,7 +35,7 @@ def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.Comple
 def test_gpu_benchmark_runs_on_cpu_eager_and_compiled(tmp_path: Path, shared_data: Path) -> None:
     report = tmp_path / "gpu.json"
     result = run_script(
-        "bench_gpu.py", "--device", "cpu", "--quick", "--root", str(shared_data), "--studies", "mnist",
+        "gpu", "--device", "cpu", "--quick", "--root", str(shared_data), "--studies", "mnist",
         "--strategies", "disabled,activation", "--json", str(report),
     )  # fmt: skip
     rows = json.loads(report.read_text())["rows"]
@@ -51,7 +53,7 @@ def test_gpu_benchmark_runs_on_cpu_eager_and_compiled(tmp_path: Path, shared_dat
 def test_overhead_benchmark_compares_train_py_with_the_bare_loop(tmp_path: Path, shared_data: Path) -> None:
     report = tmp_path / "overhead.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_overhead.py"), "--root", str(shared_data), "--repeats", "1",
+        [sys.executable, "-m", "benchmarks", "overhead", "--root", str(shared_data), "--repeats", "1",
          "--json", str(report)], cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     figures = json.loads(report.read_text())
@@ -118,18 +120,17 @@ def test_gpu_benchmark_rows_are_medians_over_repeats_per_arm() -> None:
 
 
 def test_unknown_arms_are_one_line_errors() -> None:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--device", "cpu",
                              "--strategies", "activation,magic"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "bench_gpu.py: error: unknown strategy 'magic'; choose from disabled, control, weight, activation, gradient, "
+        "benchmarks gpu: error: unknown strategy 'magic'; choose from disabled, control, weight, activation, gradient, "
         "parametrize, hard"
     )
 
 
 def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupled_groups() -> None:
-    bench_channel_graph = importlib.import_module("bench_channel_graph")
-    (row,) = bench_channel_graph.main(["--models", "cifar_resnet8", "--batch-sizes", "2", "--rounds", "1"])
+    (row,) = benchmarks_main(["channel-graph", "--models", "cifar_resnet8", "--batch-sizes", "2", "--rounds", "1"])
     # ResNet-8: three coupled groups (the stem with stage 1's residual space, stages 2 and 3), each block's
     # conv1 free, and the logits (not prunable).
     assert (row["spaces"], row["prunable"], row["coupled"]) == (7, 6, 3)
@@ -139,7 +140,6 @@ def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupl
 
 
 def test_channel_graph_merge_keeps_the_lists_order_and_a_models_latest_row(tmp_path: Path) -> None:
-    bench_channel_graph = importlib.import_module("bench_channel_graph")
 
     def row(model: str, flops_ratio: float, tp_flops_ratio: float) -> dict[str, object]:
         return {"model": model, "size": 64, "handled": "yes", "spaces": 2, "prunable": 1, "coupled": 0,
@@ -149,7 +149,7 @@ def test_channel_graph_merge_keeps_the_lists_order_and_a_models_latest_row(tmp_p
     first, rerun, merged = tmp_path / "first.json", tmp_path / "rerun.json", tmp_path / "merged.json"
     first.write_text(json.dumps({"rows": [row("vgg11", 3.96, 3.96), row("alexnet", 1.9, 3.79)]}))
     rerun.write_text(json.dumps({"rows": [row("alexnet", 3.79, 3.79)]}))  # measured again after a change
-    rows = bench_channel_graph.main(["--merge", str(first), str(rerun), "--json", str(merged)])
+    rows = benchmarks_main(["channel-graph", "--merge", str(first), str(rerun), "--json", str(merged)])
     assert [(r["model"], r["flops_ratio"]) for r in rows] == [("alexnet", 3.79), ("vgg11", 3.96)]  # the list's order
     summary = json.loads(merged.read_text())["summary"]
     assert summary["models"] == 2 and summary["pruneflow_at_least_0.95_tp"] == 2
@@ -159,9 +159,10 @@ def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
     import lightning as L
     from test_strategies import OPTIMIZERS, TinyNet, toy_loader
 
+    from benchmarks.step_profile import StepProfile
     from pruneflow import ClassifierModule
 
-    step_profile = importlib.import_module("step_profile").StepProfile(start=2, steps=3, rows=100)
+    step_profile = StepProfile(start=2, steps=3, rows=100)
     trainer = L.Trainer(max_steps=8, callbacks=[step_profile], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
     trainer.fit(ClassifierModule(TinyNet("relu"), OPTIMIZERS["sgd"], num_classes=3), train_dataloaders=toy_loader())
@@ -174,7 +175,7 @@ def test_step_profile_reports_the_ops_of_the_window_it_names() -> None:
 
 # One model of each family of Torch-Pruning's torchvision list that the channel graph handles quickly at
 # 64 px, with Torch-Pruning 1.6.1's FLOPs ratio on the same freshly seeded model (50 % L1 of every group,
-# measured by bench_channel_graph.py --models torch_pruning_list, README's table; CI has no torch_pruning).
+# measured by python -m benchmarks channel-graph --models torch_pruning_list, README's table; CI has no torch_pruning).
 TORCH_PRUNING_FLOPS_RATIO = {
     "resnet18": 3.76, "densenet121": 3.84, "efficientnet_b0": 3.58, "regnet_y_400mf": 3.90,
     "resnext50_32x4d": 3.89, "mobilenet_v3_small": 3.35, "squeezenet1_1": 3.64, "mnasnet0_5": 3.32,
@@ -185,7 +186,6 @@ TORCH_PRUNING_FLOPS_RATIO = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TORCH_PRUNING_FLOPS_RATIO)
 def test_channel_graph_prunes_every_family_of_torch_prunings_list_as_far_as_torch_pruning(name: str) -> None:
-    bench_channel_graph = importlib.import_module("bench_channel_graph")
     row = bench_channel_graph.measure(name, bench_channel_graph.list_size(name))
     assert row["handled"] == "yes" and row["size"] == 64
     assert row["agreement"] == 1.0 and row["max_rel_diff"] <= 1e-5  # the cut model computes the masked one
@@ -196,13 +196,11 @@ def test_channel_graph_prunes_every_family_of_torch_prunings_list_as_far_as_torc
 @pytest.mark.slow
 def test_torch_prunings_figure_is_measured_on_the_same_model() -> None:
     pytest.importorskip("torch_pruning", reason="Torch-Pruning is an optional dependency of the script only")
-    bench_channel_graph = importlib.import_module("bench_channel_graph")
     row = bench_channel_graph.measure_torch_pruning("resnet18", 64)
     assert row["tp_handled"] == "yes" and row["tp_flops_ratio"] == pytest.approx(3.76, abs=0.01)
 
 
 def test_the_zoo_list_and_its_summary() -> None:
-    bench_channel_graph = importlib.import_module("bench_channel_graph")
     names = bench_channel_graph.TORCH_PRUNING_LIST
     assert len(set(names)) == len(names) == 69
     assert [bench_channel_graph.list_size(name) for name in ("resnet18", "vit_b_16", "swin_t", "maxvit_t")] == [

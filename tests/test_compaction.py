@@ -6,7 +6,6 @@ zero: masks then change the output, and a compaction that dropped the wrong rows
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import subprocess
@@ -17,7 +16,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import QUIET, REPO, run_train
+from helpers import QUIET, run_train
 from test_train import scalar_tags
 from torch import Tensor, nn
 
@@ -388,12 +387,10 @@ def test_export_round_trip_loads_with_and_without_pruneflow(tmp_path: Path) -> N
 
 
 def compact_script() -> ModuleType:
-    """``scripts/compact.py`` as a module (scripts are not a package), to run its ``main`` in this process."""
-    spec = importlib.util.spec_from_file_location("compact_script", REPO / "scripts" / "compact.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``pruneflow-compact``'s module, to run its ``main`` in this process."""
+    from pruneflow.experiment import compact
+
+    return compact
 
 
 def test_compact_true_run_writes_figures_and_export_and_the_script_recompacts_its_checkpoint(

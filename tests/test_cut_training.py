@@ -396,7 +396,7 @@ def test_train_py_cuts_compacts_and_resumes_after_the_cut(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = json.loads((tmp_path / "metrics.json").read_text())
     assert resumed["epochs"] == 3 and resumed["cut/step"] == metrics["cut/step"]
-    trained = load_trained_run(tmp_path)  # what scripts/compact.py reads: the cut network, no masks
+    trained = load_trained_run(tmp_path)  # what pruneflow-compact reads: the cut network, no masks
     assert trained.pruned == {} and trained.network.features[0].out_channels == 12  # ConvNet's 24, halved
 
 

@@ -3,16 +3,12 @@ section it renders — every section, a failed one saying why (the whole suite r
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
-from helpers import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-gpu_suite = importlib.import_module("gpu_suite")
-render_gpu_section = importlib.import_module("render_gpu_section")
+from benchmarks import gpu_section as render_gpu_section
+from benchmarks import gpu_suite
+from benchmarks import main as benchmarks_main
 
 
 def ladder_row(model: str, gflops: float, bf16_cl: float) -> dict[str, object]:
@@ -48,8 +44,7 @@ def test_the_readme_section_renders_every_section_and_replaces_only_between_the_
     assert "vgg11 **×2.9** (FLOPs ×3.95)" in section and "start-up | not run" in section
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{render_gpu_section.BEGIN}\nold figures\n{render_gpu_section.END}\nafter\n")
-    sys.argv = ["render_gpu_section.py", str(path), "--readme", str(readme)]
-    render_gpu_section.main()
+    benchmarks_main(["gpu-section", str(path), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("\nafter\n") and "old figures" not in text
     assert section in text

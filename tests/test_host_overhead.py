@@ -1,6 +1,6 @@
 """Host work per training step: pruneflow's module and callbacks add little to plain Lightning's loop.
 
-Counted, not timed (``scripts/bench_host_overhead.py`` times the same arms side by side): the Python calls
+Counted, not timed (``python -m benchmarks host-overhead`` times the same arms side by side): the Python calls
 of a window of ordinary training steps, under ``cProfile``, for a plain LightningModule without callbacks and
 for ``ClassifierModule`` with pruneflow's per-step callbacks and ``ChannelPruning``. Call counts do not depend
 on the machine's speed. The bound is the count measured when this test was written (1.08x: 4,276 against
@@ -11,23 +11,18 @@ per-step walk added to the step path fails it.
 from __future__ import annotations
 
 import cProfile
-import importlib
 import pstats
-import sys
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from helpers import REPO
 from lightning.pytorch.callbacks import Callback
 from test_strategies import TinyNet, toy_loader
 
+from benchmarks import host_overhead as bench_host_overhead
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.callbacks.step_hooks import hide_unused_step_hooks
-
-sys.path.insert(0, str(REPO / "scripts"))
-bench_host_overhead = importlib.import_module("bench_host_overhead")
 
 START, STEPS = 10, 10
 

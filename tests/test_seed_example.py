@@ -1,4 +1,4 @@
-"""The seed example (scripts/seed_example.py): the effect pruneflow exists to make visible."""
+"""The seed example (examples/seed_example.py): the effect pruneflow exists to make visible."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_example.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "seed_example.py"
 spec = importlib.util.spec_from_file_location("seed_example", SCRIPT)
 assert spec is not None and spec.loader is not None
 seed_example = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""scripts/shufflenet_cut_bound.py: its chunk equations are those of torchvision's ShuffleNetV2 blocks.
+"""examples/shufflenet_cut_bound.py: its chunk equations are those of torchvision's ShuffleNetV2 blocks.
 
 Checked against the network itself: a toy stage built with torchvision's own ``channel_shuffle`` and
 ``chunk``, cut (order kept) at every subset of its offsets. Exactly the subsets the equations accept give a
@@ -15,7 +15,7 @@ import torch
 from helpers import REPO
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "examples"))
 bound = importlib.import_module("shufflenet_cut_bound")
 
 WIDTH, BLOCKS, INPUTS = 6, 2, 3

@@ -187,7 +187,7 @@ def test_a_failed_run_is_listed_in_the_report_with_its_error_line(tmp_path: Path
     result = run_train("-m", "data=synthetic", "mask=weight", "mask.amount=1.5", f"hydra.sweep.dir={sweep}", *QUIET)
     assert result.returncode != 0
     report = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep)], capture_output=True, text=True
+        [sys.executable, "-m", "pruneflow.experiment.report", str(sweep)], cwd=REPO, capture_output=True, text=True
     )
     assert report.returncode == 0, report.stderr
     line = "pruneflow: error: mask.amount must be a fraction in [0, 1), got 1.5"
@@ -296,7 +296,7 @@ def test_two_run_sweep_runs_as_two_slurm_jobs_and_reports(tmp_path: Path) -> Non
         assert sacct_rows(job, "State")[0] == ["COMPLETED"]
         assert (sweep / ".submitit" / job).is_dir()  # submitit's logs of that job
     report = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep)], capture_output=True, text=True
+        [sys.executable, "-m", "pruneflow.experiment.report", str(sweep)], cwd=REPO, capture_output=True, text=True
     )
     assert report.returncode == 0, report.stderr
     assert "2 finished runs" in report.stdout and "unfinished" not in report.stdout
@@ -317,7 +317,7 @@ def test_a_failing_job_is_a_failed_run_in_the_report_and_the_others_finish(tmp_p
     assert sacct_rows(job_ids(failed)[0], "State")[0] == ["FAILED"]
     assert sacct_rows(job_ids(finished)[0], "State")[0] == ["COMPLETED"]
     report = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "report.py"), str(sweep)], capture_output=True, text=True
+        [sys.executable, "-m", "pruneflow.experiment.report", str(sweep)], cwd=REPO, capture_output=True, text=True
     )
     assert report.returncode == 0, report.stderr
     assert "1 finished runs, 1 unfinished or failed" in report.stdout

@@ -3,7 +3,6 @@ encodes the headline comparison, the Slurm launcher's config, and the report ove
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,13 +14,8 @@ from helpers import QUIET, REPO, compose_train, run_train, run_train_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
+from pruneflow.experiment import report
 from pruneflow.experiment.cpu_share import parallel_jobs, threads_per_job
-
-REPORT = REPO / "scripts" / "report.py"
-spec = importlib.util.spec_from_file_location("report", REPORT)
-assert spec is not None and spec.loader is not None
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
 
 RUNS = [
     f"data=synthetic,mask={mask},optimizer=adam,seed={seed},trainer.max_epochs=1"
@@ -87,7 +81,8 @@ def test_report_writes_table_and_figures_and_lists_unfinished_runs(joblib_sweep:
     killed = sweep / RUNS[0].replace("seed=0", "seed=2")
     shutil.copytree(sweep / RUNS[0], killed)
     (killed / "metrics.json").unlink()
-    result = subprocess.run([sys.executable, str(REPORT), str(sweep)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pruneflow.experiment.report", str(sweep)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     text = (sweep / "report.md").read_text()
     assert "4 finished runs, 1 unfinished or failed" in text

@@ -3,7 +3,7 @@
 ``+callbacks.accuracy_curve._target_=pruneflow.callbacks.AccuracyCurve`` evaluates the test split every
 ``every_n_steps`` training steps and at the end of training, and records ``(training seconds, wall-clock
 time, step, accuracy)`` points, its own evaluation time left out of the training seconds;
-``scripts/bench_time_to_accuracy.py`` reads the curve from ``metrics.json``. Works with any
+``python -m benchmarks time-to-accuracy`` reads the curve from ``metrics.json``. Works with any
 LightningModule whose forward returns logits.
 """
 

@@ -6,7 +6,7 @@ host wait for the device, and the GPU idles while Python prepares the next step.
 a window of training steps ``[start, start + steps)`` — chosen by the caller to hold only ordinary steps:
 
 - on CUDA it runs them under ``torch.cuda.set_sync_debug_mode("error")``, so the first synchronising
-  call raises with its traceback (``scripts/bench_gpu.py`` uses this);
+  call raises with its traceback (``python -m benchmarks gpu`` uses this);
 - on any device it counts, with the PyTorch profiler, the ops that read back a value
   (``SYNC_OPS``: on CPU they cost nothing, but they are the same calls that block on a GPU), and, with a
   ``TorchFunctionMode``, the Python calls that would copy to the host on a GPU but are free no-ops on a CPU

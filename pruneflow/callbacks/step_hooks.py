@@ -4,7 +4,7 @@ Lightning calls every hook of every callback on every step, the base class's emp
 through its profiler context (about fifteen Python calls a hook: six per-step hooks make a callback cost
 ~2 % of a small network's step before it does anything). It skips a hook whose attribute is not callable,
 so a callback that sets the per-step hooks it does not override to ``None`` on its instance is skipped
-for them; ``scripts/bench_host_overhead.py`` measures the difference and ``tests/test_host_overhead.py``
+for them; ``python -m benchmarks host-overhead`` measures the difference and ``tests/test_host_overhead.py``
 counts it. A callback that needs a hook on some steps only shows it for those (``show_step_hooks``): Lightning
 reads the attribute again on every call.
 

@@ -1,7 +1,7 @@
 """TrainingThroughput: training samples per second, as a Lightning callback (on in every ``train.py`` run).
 
 It times the training batches only — after a warm-up, without validation, checkpointing and test — and
-reports ``perf/train_samples_per_s``; it is the figure ``scripts/bench_overhead.py`` compares with a
+reports ``perf/train_samples_per_s``; it is the figure ``python -m benchmarks overhead`` compares with a
 bare PyTorch loop. Works with any LightningModule.
 """
 

@@ -5,7 +5,7 @@ Masks are the means; a smaller, faster model is the end. ``cut`` builds the phys
 their whole group is pruned), ``verify`` compares it with the masked model on test data, ``cost``
 measures parameters, FLOPs and CPU latency before and after, ``export`` writes a ``torch.export``
 program and a rebuildable state, ``from_checkpoint`` reloads a finished run, and ``pipeline`` ties them
-together for ``compact=true`` runs and ``scripts/compact.py``.
+together for ``compact=true`` runs and ``pruneflow-compact``.
 """
 
 from pruneflow.compaction.cut import ChannelGroup, Compaction, CompactionError, compact, effective_copy, plan_cut

@@ -2,7 +2,7 @@
 
 These run on a batch of images that already sits on its device (the datamodules call them from
 ``on_after_batch_transfer``), so a GPU augments on the GPU and no Python touches single samples.
-They are plain functions so that tests and ``scripts/bench_data.py`` use exactly the training code.
+They are plain functions so that tests and ``python -m benchmarks data`` use exactly the training code.
 """
 
 from collections.abc import Sequence

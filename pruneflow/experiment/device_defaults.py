@@ -19,7 +19,7 @@ bf16 autocast and channels-last are never free: autocast adds a cast kernel per 
 and channels-last convolutions of a few channels take slower kernels. A tiny network (MNIST's ConvNet:
 1.1 GFLOPs a batch of 128) is launch-bound on a GPU and pays for those launches without gaining from
 tensor cores, so ``auto`` decides by the *size of the work*: the forward FLOPs of one training batch
-(``training_batch_gflops``), against a threshold per device measured with ``scripts/bench_defaults.py``
+(``training_batch_gflops``), against a threshold per device measured with ``python -m benchmarks defaults``
 (its table is in the README). On this project's 2-core CPU (AVX-512, with bf16 instructions) the ladder,
 measured on a quiet machine, has fp32 channels-last 1.26-1.54x faster than fp32 NCHW from the MNIST ConvNet
 (1.1 GFLOPs a batch) up and 0.80x on a toy network (0.002): x86 CPUs with AVX-512 get channels-last from
@@ -28,7 +28,7 @@ than itself. bf16 autocast was faster still there (2.0-2.4x with channels-last) 
 the masked and the cut network round differently in bf16 (a conv's sum over fewer channels rounds to other
 bf16 values), so a cut while training no longer trains on as the masked run to float32 precision, which
 pruneflow's CPU runs — its tests, and the exactness checks users reproduce — rely on. The CUDA thresholds are
-provisional until the GPU suite (``scripts/bench_gpu.py --suite``, which runs the same ladder and suggests
+provisional until the GPU suite (``python -m benchmarks gpu --suite``, which runs the same ladder and suggests
 thresholds) measures them.
 Explicit values win.
 The data sets' tensors go to the GPU with the batches (``data.on_device``, see
@@ -72,9 +72,10 @@ class SpeedRule:
 SPEED_RULES = {
     # A CPU other than x86 with AVX-512 (not measured): fp32 NCHW whatever the size, never slower than itself.
     "cpu": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=math.inf),
-    # x86 with AVX-512, measured (``bench_defaults.py --device cpu``, quiet machine, 2 threads): fp32 channels-last
-    # 1.54x fp32 NCHW for MNIST's ConvNet at batch 128 (1.09 GFLOPs), 1.26x and 1.29x for CIFAR's small VGG and
-    # ResNet-20 (8.7, 10.4), 0.80x for a toy ConvNet (0.002). bf16 never by `auto` on a CPU (module docstring).
+    # x86 with AVX-512, measured (``python -m benchmarks defaults --device cpu``, quiet machine, 2 threads): fp32
+    # channels-last 1.54x fp32 NCHW for MNIST's ConvNet at batch 128 (1.09 GFLOPs), 1.26x and 1.29x for CIFAR's
+    # small VGG and ResNet-20 (8.7, 10.4), 0.80x for a toy ConvNet (0.002). bf16 never by `auto` on a CPU (module
+    # docstring).
     "cpu-avx512": SpeedRule(bf16_from_gflops=math.inf, channels_last_from_gflops=1.0),
     # Provisional (no GPU measurement yet): the MNIST ConvNet at batch 128 (1.1 GFLOPs) stays fp32 NCHW,
     # a CIFAR VGG11 (39 GFLOPs) or ResNet-56 (32) at batch 128 gets bf16 and channels-last, ResNet-20 (10) not.

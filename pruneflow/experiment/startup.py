@@ -18,7 +18,7 @@ phase              from the end of the previous phase to
 =================  ==================================================================================
 
 The run log prints them in one line and ``metrics.json`` records ``perf/startup_seconds`` (process start to
-the first step's end) and ``perf/startup/<phase>_seconds``; ``scripts/bench_startup.py`` compares the
+the first step's end) and ``perf/startup/<phase>_seconds``; ``python -m benchmarks startup`` compares the
 first step's time with ``import torch, lightning``.
 """
 

@@ -1,4 +1,4 @@
-"""How errors reach the user of ``train.py`` and ``scripts/compact.py``: a ``ConfigError`` (ours, raised for
+"""How errors reach the user of ``train.py`` and ``pruneflow-compact``: a ``ConfigError`` (ours, raised for
 bad input) is shown as one line; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def record_in_run_log(exc: BaseException, message: str | None) -> None:
     """Write why the run failed into its log file (Hydra's ``<run dir>/train.log``) only, as one ERROR line.
 
     The console shows the error once already (``SystemExit``'s line, or the traceback of a bug); the
-    file keeps it beside the run, where ``scripts/report.py`` finds it for a failed run of a sweep
+    file keeps it beside the run, where ``pruneflow-report`` finds it for a failed run of a sweep
     whose console nobody saw (a Slurm job's).
     """
     line = f"pruneflow: error: {message}" if message else f"{type(exc).__name__}: {' '.join(str(exc).split())}"

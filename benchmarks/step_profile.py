@@ -5,9 +5,9 @@ A callback for ``train.py`` (any Lightning ``Trainer``): from optimizer step ``s
 per step. Used to explain a benchmark's figure, e.g. why cutting MNIST's ConvNet speeds its steps
 up less than its FLOPs ratio (the masked run, then the cut run, same window after the cut)::
 
-    PYTHONPATH=scripts python train.py data.root=../shared/data mask=activation mask.reset_optimizer_state=true \\
+    python train.py data.root=../shared/data mask=activation mask.reset_optimizer_state=true \\
         mask.at_epoch=1 mask.cut_at_epoch=1 trainer.max_epochs=2 data.limit_train=32000 \\
-        +callbacks.profile._target_=step_profile.StepProfile +callbacks.profile.start=300
+        +callbacks.profile._target_=benchmarks.step_profile.StepProfile +callbacks.profile.start=300
 
 (drop ``mask.cut_at_epoch=1`` for the masked run). The profiler's own cost inflates the wall time a
 little; compare two runs' rows with each other, not with a benchmark's samples/s.

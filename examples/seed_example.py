@@ -1,6 +1,6 @@
 """The seed example: why zeroing a kernel does not keep it at zero, and why masking the activation does.
 
-    python scripts/seed_example.py
+    python examples/seed_example.py
 
 1. Scalar chain x1 = w1·in, x2 = w2·x1, x3 = w3·x2 with w = (1, 0, 1): ∂x3/∂w = (w3·w2·in, w3·x1, x2)
    = (0, in, 0). The zeroed w2 gets the largest gradient: it depends on its input x1, not on w2.

@@ -9,7 +9,7 @@ and CPU latency speedup (medians of ``--rounds``, before and after measured side
 freshly initialised with random BatchNorm statistics (β ≠ 0, so a leaking mask would show): the
 structure, not the accuracy, is what is measured here.
 
-    python scripts/bench_channel_graph.py --models resnet18,mobilenet_v2 --json graph.json
+    python -m benchmarks channel-graph --models resnet18,mobilenet_v2 --json graph.json
 
 ``cifar_resnetN`` names pruneflow's own CIFAR ResNet of depth N (``model=resnet model.depth=N``), e.g.
 ``--models cifar_resnet56 --rounds 15`` for the ResNet-56 latency figure.
@@ -21,7 +21,7 @@ its smallest input), and reports each model as handled / refused-all / error / t
 pruneflow), the same freshly seeded model is pruned by Torch-Pruning too (50 % L1 of every group it
 accepts, the classifier kept) and both FLOPs ratios are compared:
 
-    python scripts/bench_channel_graph.py --models torch_pruning_list --batch-sizes "" --json zoo.json
+    python -m benchmarks channel-graph --models torch_pruning_list --batch-sizes "" --json zoo.json
 
 A list run in chunks (``--models a,b,c --size 0 --time-limit 300 --json chunk1.json``, ...) is put
 together with ``--merge chunk1.json chunk2.json --json zoo.json``.
@@ -99,10 +99,21 @@ def fresh(name: str, size: int) -> torch.nn.Module:
 
 
 def measure(name: str, size: int, batch_sizes: tuple[int, ...] = (), rounds: int = 5) -> dict[str, object]:
-    network = fresh(name, size)
+    return measure_network(fresh(name, size), name, size, batch_sizes, rounds)
+
+
+def measure_network(
+    network: torch.nn.Module, name: str, size: int, batch_sizes: tuple[int, ...] = (), rounds: int = 5,
+    images: int = 64,
+) -> dict[str, object]:
+    """Half of every prunable space of ``network`` (summed L1) masked by ``activation``, cut, and the cut network
+    compared with the masked one on ``images`` random images of ``size`` px; ``refusals``: each refused space's
+    first reason (the timm benchmark sorts them into causes)."""
     graph = trace_channel_graph(network)
+    refusals = [space.refusals[0] for space in graph.spaces if not space.prunable]
     if not graph.prunable:
-        return {"model": name, "size": size, "handled": "refused-all", "spaces": len(graph.spaces), "prunable": 0}
+        return {"model": name, "size": size, "handled": "refused-all", "spaces": len(graph.spaces), "prunable": 0,
+                "refusals": refusals}  # fmt: skip
     strategy, criterion = make_strategy("activation"), L1()
     masks = {}
     for space in graph.prunable:
@@ -111,7 +122,7 @@ def measure(name: str, size: int, batch_sizes: tuple[int, ...] = (), rounds: int
             masks[layer.name] = mask
             strategy.apply(layer, mask)
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(64, 3, size, size, generator=generator), torch.zeros(64, dtype=torch.long))] * 2
+    batches = [(torch.randn(images, 3, size, size, generator=generator), torch.zeros(images, dtype=torch.long))] * 2
     _, metrics = compact_and_verify(network, masks, batches, latency_batch_sizes=batch_sizes, latency_rounds=rounds)
     row: dict[str, object] = {
         "model": name,
@@ -130,6 +141,7 @@ def measure(name: str, size: int, batch_sizes: tuple[int, ...] = (), rounds: int
         "params_before": metrics["compact/params_before"],
         "params_after": metrics["compact/params_after"],
         "params_ratio": metrics["compact/params_ratio"],
+        "refusals": refusals,
     }
     for b in batch_sizes:
         row[f"speedup_b{b}"] = metrics[f"compact/latency_b{b}_speedup"]
@@ -236,8 +248,7 @@ def merge(reports: list[Path], into: Path | None) -> list[dict[str, object]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--models", default=MODELS, help="comma-separated torchvision names, cifar_resnet<depth>, or torch_pruning_list"
     )
@@ -251,7 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                              "the list defaults to 600)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the rows (and the list's summary) here")
     parser.add_argument("--merge", type=Path, nargs="+", help="measure nothing: one table of these --json reports")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
     if args.merge:
         return merge(args.merge, args.json)
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",") if b)
@@ -279,5 +292,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     return rows
 
 
-if __name__ == "__main__":
-    main()
+

@@ -1,7 +1,7 @@
-"""Render the GPU section of docs/measurements.md from ``scripts/bench_gpu.py --suite``'s JSON.
+"""Render the GPU section of docs/measurements.md from ``python -m benchmarks gpu --suite``'s JSON.
 
-    python scripts/render_gpu_section.py gpu.json                                # print the section
-    python scripts/render_gpu_section.py gpu.json --readme docs/measurements.md  # replace it between the markers
+    python -m benchmarks gpu-section gpu.json                                # print the section
+    python -m benchmarks gpu-section gpu.json --readme docs/measurements.md  # replace it between the markers
 
 The section lies between ``<!-- gpu-section:begin -->`` and ``<!-- gpu-section:end -->``; a section the suite
 could not measure says so, with the first line of its error, rather than leaving an old figure standing.
@@ -105,29 +105,29 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 def render(report: dict[str, Any]) -> str:
     versions = report.get("versions", {})
     head = (f"Measured on {report.get('device', '?')} (torch {versions.get('torch', '?')}, Lightning "
-            f"{versions.get('lightning', '?')}) by `python scripts/bench_gpu.py --suite --root <data folder> "
+            f"{versions.get('lightning', '?')}) by `python -m benchmarks gpu --suite --root <data folder> "
             f"--json <output folder>/gpu.json` in {fmt(report.get('seconds'), 4)} s"
             + (" (**--tiny dry run: not figures**)" if report.get("tiny") else "") + ".")  # fmt: skip
     table = ["| what | figure |", "| --- | --- |", *(f"| {what} | {figure} |" for what, figure in rows(report))]
     return "\n".join([BEGIN, head, "", *table, END])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("report", type=Path)
     parser.add_argument("--readme", type=Path, help="replace the section between the markers in this Markdown file "
                         "(docs/measurements.md)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     section = render(json.loads(args.report.read_text()))
     if args.readme is None:
         print(section)
         return
     text = args.readme.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"render_gpu_section.py: error: {args.readme} has no {BEGIN} ... {END} markers")
+        raise SystemExit(f"benchmarks gpu-section: error: {args.readme} has no {BEGIN} ... {END} markers")
     before, rest = text.split(BEGIN, 1)
     args.readme.write_text(before + section + rest.split(END, 1)[1])
 
 
-if __name__ == "__main__":
-    main()
+

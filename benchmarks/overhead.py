@@ -1,6 +1,6 @@
 """Benchmark: framework overhead — ``python train.py`` training against a bare PyTorch loop.
 
-    python scripts/bench_overhead.py --root ../shared/data --repeats 5
+    python -m benchmarks overhead --root ../shared/data --repeats 5
 
 Both arms train the default ConvNet on MNIST with batch 128 for ``--epochs`` epochs, each in a fresh
 process, alternating (A B, B A, ...) so that a noisy machine slows both alike. Both arms time the same
@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import REPO, ArmError, check_arm, run_train
+from benchmarks.common import REPO, ArmError, check_arm, run_train
 
 WARMUP_STEPS = 20  # as pruneflow.callbacks.TrainingThroughput's default
 NOT_EQUIVALENT_ABOVE = 1.05
@@ -131,7 +131,8 @@ def pruneflow_in_process(root: str, epochs: int, device: str, run_dir: Path, ext
 
 
 def bare_loop_run(root: str, epochs: int, device: str) -> dict[str, float]:
-    command = [sys.executable, __file__, "--bare-loop", "--root", root, "--epochs", str(epochs), "--device", device]
+    command = [sys.executable, "-m", "benchmarks", "overhead", "--bare-loop", "--root", root, "--epochs", str(epochs),
+               "--device", device]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -152,8 +153,7 @@ def verdict(ratio: float) -> str:
     return "ok" if ratio >= 0.95 else f"below target ({ratio:.3f} < 0.95)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -161,7 +161,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--in-process", action="store_true", help="both arms in this process, alternately")
     parser.add_argument("--bare-loop", action="store_true", help="(internal) run the bare loop once, print JSON")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     root = str(Path(args.root).resolve())
     if args.bare_loop:
         print(json.dumps(bare_loop(root, args.epochs, args.device)))
@@ -204,5 +206,4 @@ def main() -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
-    main()
+

@@ -1,6 +1,6 @@
 """Benchmark: wall seconds from ``python train.py`` launch to a test accuracy, with the accuracy curve.
 
-    python scripts/bench_time_to_accuracy.py --root ../shared/data --repeats 3
+    python -m benchmarks time-to-accuracy --root ../shared/data --repeats 3
 
 Two studies, each a fresh ``train.py`` process per repetition, timed from launch (interpreter start,
 imports, data loading, training) to the first point of its test-accuracy curve at the target:
@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench_common import (
+from benchmarks.common import (
     CURVE,
     check_arm,
     print_curve,
@@ -34,15 +34,16 @@ from bench_common import (
 )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw and FashionMNIST/raw")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--every-n-steps", type=int, default=100)
     parser.add_argument("--fashion-epochs", type=int, default=4)
     parser.add_argument("--studies", default="mnist,fashion_mnist")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     root = str(Path(args.root).resolve())
     studies = {
         "mnist": (0.99, [f"data.root={root}"]),
@@ -84,7 +85,7 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2))
     failures = unreached(report)
     if failures:
-        raise SystemExit("bench_time_to_accuracy.py: error: " + "; ".join(failures))
+        raise SystemExit("benchmarks time-to-accuracy: error: " + "; ".join(failures))
 
 
 def unreached(report: dict) -> list[str]:
@@ -96,7 +97,3 @@ def unreached(report: dict) -> list[str]:
             finals = ", ".join(f"{study['runs'][index]['test_acc']:.4f}" for index in missed)
             failures.append(f"{name}: repeats {missed} never reached {study['target']:.1%} (final test acc {finals})")
     return failures
-
-
-if __name__ == "__main__":
-    main()

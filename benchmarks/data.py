@@ -11,7 +11,7 @@ Both read the same images (the whole official training set, no validation split)
 in one process, in alternating order (A B, B A, ...), each counts the images it delivered (checked to be
 the whole set, every epoch), and the median epoch counts after a warm-up epoch each.
 
-    python scripts/bench_data.py --dataset all --root ../shared/data \\
+    python -m benchmarks data --dataset all --root ../shared/data \\
         --cifar-root ../shared/data/CIFAR10-subset --epochs 5 --json bench_data.json
 """
 
@@ -118,7 +118,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         for key in order:
             elapsed, seen = timed(runs[key], epoch, device)
             if seen != expected:
-                raise SystemExit(f"bench_data.py: error: {key} gave {seen} images in epoch {epoch}, not {expected}")
+                raise SystemExit(f"benchmarks data: error: {key} gave {seen} images in epoch {epoch}, not {expected}")
             if epoch >= args.warmup:
                 seconds[key].append(elapsed)
                 images[key].append(seen)
@@ -133,8 +133,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=["mnist", "cifar10", "all"], default="all")
     parser.add_argument("--root", type=Path, default=Path(os.environ.get("PRUNEFLOW_DATA", "./data")))
     parser.add_argument("--cifar-root", type=Path, default=None, help="folder holding cifar-10-batches-py/")
@@ -146,9 +145,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="torchvision DataLoader worker processes (default: the cores, at most 4)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     if args.epochs < 1 or args.warmup < 0:
-        parser.error(f"--epochs must be >= 1 and --warmup >= 0, got {args.epochs} and {args.warmup}")
+        raise SystemExit(f"benchmarks data: error: --epochs must be >= 1 and --warmup >= 0, got {args.epochs} and "
+                         f"{args.warmup}")
     args.cifar_root = args.cifar_root or args.root
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,5 +181,4 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-if __name__ == "__main__":
-    main()
+

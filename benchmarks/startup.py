@@ -1,8 +1,8 @@
 """Benchmark: start-up — how long ``python train.py`` takes to finish its first training step, against
 ``python -c "import torch, lightning"`` (the floor any Lightning run pays).
 
-    python scripts/bench_startup.py --root ../shared/data --repeats 5
-    python scripts/bench_startup.py --root ../shared/data --repeats 5 --against ../pruneflow-before
+    python -m benchmarks startup --root ../shared/data --repeats 5
+    python -m benchmarks startup --root ../shared/data --repeats 5 --against ../pruneflow-before
 
 Each repetition times ``import torch, lightning`` in a fresh process, then runs ``train.py`` (MNIST, the
 default job on 2,000 images, no logger) in a fresh process and reads its ``perf/startup/*`` phases from
@@ -11,7 +11,7 @@ median of each phase and the ratio first step / imports (goal: ≤ 1.25 on CPU).
 
 The decoded-data cache (``pruneflow.data.tensor_cache``) lives in a temporary folder: one untimed run per
 checkout builds it (its phases are printed as the cold start), the timed runs then read it. ``--against``
-names another checkout (``mkdir ../pruneflow-before && git archive <commit> | tar -x -C ../pruneflow-before``): its
+names another checkout (``mkdir ../before && git archive <commit> | tar -x -C ../before``): its
 ``train.py`` runs alternately with this one's, round by round, so both see the same machine load.
 """
 
@@ -72,14 +72,15 @@ def measure(root: str, device: str = "cpu", repeats: int = 3, against: Path | No
             **{name: summary(name_runs, imports) for name, name_runs in runs.items()}}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="../shared/data")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--against", type=Path, help="another checkout whose train.py runs alternately with this one")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     against = args.against.resolve() if args.against else None
     result = measure(str(Path(args.root).resolve()), args.device, args.repeats, against)
     names = ["this", *(["against"] if against else [])]
@@ -97,5 +98,4 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__":
-    main()
+

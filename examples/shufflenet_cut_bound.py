@@ -1,7 +1,7 @@
 """Report: how many of a ShuffleNetV2 stage's channels an exact cut can remove with the forward unchanged.
 
-    python scripts/shufflenet_cut_bound.py                       # the four torchvision ShuffleNetV2 models
-    python scripts/shufflenet_cut_bound.py --widths 48 96 --blocks 3 7
+    python examples/shufflenet_cut_bound.py                       # the four torchvision ShuffleNetV2 models
+    python examples/shufflenet_cut_bound.py --widths 48 96 --blocks 3 7
 
 Every block of a torchvision ShuffleNetV2 stage ends in ``channel_shuffle(cat(a, b), 2)``: output channel
 ``2i`` is ``a[i]`` and ``2i + 1`` is ``b[i]``. A stride-1 block first splits its input with ``chunk(2)``: the

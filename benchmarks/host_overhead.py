@@ -1,7 +1,7 @@
 """Benchmark: host work per training step — pruneflow's module and callbacks against plain Lightning.
 
-    python scripts/bench_host_overhead.py --repeats 5                # CPU, a tiny network: the step is host work
-    python scripts/bench_host_overhead.py --device cuda --repeats 5  # on a GPU: the host side of each step
+    python -m benchmarks host-overhead --repeats 5                # CPU, a tiny network: the step is host work
+    python -m benchmarks host-overhead --device cuda --repeats 5  # on a GPU: the host side of each step
 
 The arms train the same network (a 2-stage ConvNet, 4 and 8 channels, 16×16 inputs, batch 32: small enough
 that a step's time is Python, launches and Lightning's loop, not arithmetic) on the same in-memory batches
@@ -72,7 +72,7 @@ def build_arm(arm: str) -> tuple[L.LightningModule, list[Callback]]:
     if arm == "pruneflow":
         pruning = ChannelPruning(strategy="activation", amount=0.5, at_step=0, log_every_n_steps=50, burst_steps=0)
         return module, [TrainingThroughput(), NonFiniteLossGuard(), hide_unused_step_hooks(pruning)]
-    raise SystemExit(f"bench_host_overhead.py: error: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    raise SystemExit(f"benchmarks host-overhead: error: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 
 def data(steps: int, device: str) -> SyntheticDataModule:
@@ -126,15 +126,16 @@ class StepClock(Callback):
             self.median_step = statistics.median(self.steps)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (1: the step's host path)")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     for repeat in range(args.repeats):
@@ -168,5 +169,4 @@ def main() -> None:
                                          "median_step_ratio": step_ratio}, indent=2))  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
+

@@ -1,6 +1,6 @@
 """Benchmark: fine-tuning a pruned network with its masks on, or cut out of it while training (``mask.cut_at_epoch``).
 
-    python scripts/bench_cut_training.py --root ../shared/data --repeats 3
+    python -m benchmarks cut-training --root ../shared/data --repeats 3
 
 Both arms prune 50 % of every conv's channels (``mask=activation mask.reset_optimizer_state=true``, L1)
 after epoch 1, then fine-tune 4 more epochs; the ``cut`` arm cuts the pruned channels out at the start of
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_common import run_train
+from benchmarks.common import run_train
 
 FINETUNE_WINDOW = "+callbacks.finetune_throughput"
 TARGET_SHARE = 0.7  # of the FLOPs ratio
@@ -69,8 +69,7 @@ def one_run(overrides: list[str], run_dir: Path, steps_per_epoch: int, batch_siz
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw and CIFAR10-subset/")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--studies", default="mnist,cifar10")
@@ -78,7 +77,9 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=1000, help="validation images carved from the training set")
     parser.add_argument("--skip", type=int, default=2, help="fine-tuning steps after the cut left out of samples/s")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     root = Path(args.root).resolve()
     batch_size = 128  # both data configs' default
     arms = {
@@ -156,7 +157,3 @@ def summarise(study: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, An
     print(f"  final test accuracy     {summary['masked_test_acc']:>9.4f} | {summary['cut_test_acc']:.4f}")
     print(f"  parameters ratio        ×{summary['params_ratio']:.2f}\n", flush=True)  # fmt: skip
     return summary
-
-
-if __name__ == "__main__":
-    main()

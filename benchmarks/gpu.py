@@ -1,14 +1,13 @@
-#!/usr/bin/env python3
 """Benchmark: the strategy sweep on a GPU — images/s and time to accuracy, eager against compiled.
 
 On a machine with a GPU (the data copied into the checkout first, since ../shared is not there):
 
     cp -r ../shared/data .device_data              # ignored by git; travels with the working tree
-    python scripts/bench_gpu.py --root .device_data --json gpu.json
+    python -m benchmarks gpu --root .device_data --json gpu.json
 
 and the same script on CPU, sized to finish in minutes:
 
-    python scripts/bench_gpu.py --device cpu --quick --root ../shared/data
+    python -m benchmarks gpu --device cpu --quick --root ../shared/data
 
 Every arm is one ``python train.py`` process with the fast defaults of its device (on a CUDA GPU:
 bf16-mixed, channels-last, TF32 matmuls, data tensors on the GPU), pruning 50 % of every prunable
@@ -31,7 +30,7 @@ fit seconds. A table per study, and ``--json`` with every figure.
 ``--suite`` measures instead every GPU figure of the project in one call of at most about 8 minutes
 (host syncs on ordinary steps, overhead against a hand-written loop and plain Lightning, CUDA graphs,
 start-up, compaction latency, a cut's fine-tuning speedup, the precision/memory-format table): see
-``scripts/gpu_suite.py``.
+``benchmarks/gpu_suite.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_common import CURVE, REPO, ArmError, check_arm, run_train, seconds_to_accuracy
+from benchmarks.common import CURVE, REPO, ArmError, check_arm, run_train, seconds_to_accuracy
 
 STRATEGIES = ["disabled", "control", "weight", "activation", "gradient", "parametrize", "hard"]
 SMALL_VGG = "model.layers=[32,M,64,M,128,128,M,256,256,M]"
@@ -61,7 +60,7 @@ def study_overrides(name: str, root: Path, args: argparse.Namespace) -> tuple[fl
             f"trainer.max_epochs={2 if args.quick else args.cifar_epochs}",
         ]  # fmt: skip
         return args.cifar_target, overrides
-    raise SystemExit(f"bench_gpu.py: error: unknown study {name!r}; choose mnist or cifar10")
+    raise SystemExit(f"benchmarks gpu: error: unknown study {name!r}; choose mnist or cifar10")
 
 
 def run_arm(
@@ -119,8 +118,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{row['test_acc']:>10.4f}{row['fit_seconds']:>8.1f}")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_root = REPO / ".device_data" if (REPO / ".device_data").is_dir() else REPO.parent / "shared" / "data"
     parser.add_argument("--root", default=str(default_root), help="folder holding MNIST/raw and CIFAR10-subset/")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -134,12 +132,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of every arm, in alternating order")
     parser.add_argument("--min-acc", type=float, default=0.9, help="an arm below this fraction of the target fails")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--suite", action="store_true", help="every GPU figure in one call (scripts/gpu_suite.py)")
+    parser.add_argument("--suite", action="store_true", help="every GPU figure in one call (benchmarks/gpu_suite.py)")
     parser.add_argument("--sections", default="", help="--suite: comma list of sections (default: all)")
     parser.add_argument("--tiny", action="store_true", help="--suite: every section shrunk to seconds (CPU dry run)")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     if args.suite:
-        from gpu_suite import run_suite
+        from benchmarks.gpu_suite import run_suite
 
         args.root = str(Path(args.root).resolve())
         args.repeats = max(args.repeats, 1 if args.tiny else 3)
@@ -150,12 +150,12 @@ def main() -> None:
     for kind, given, accepted in (("strategy", strategies, STRATEGIES), ("mode", modes, ["eager", "compiled"])):
         unknown = [value for value in given if value not in accepted]
         if unknown:
-            raise SystemExit(f"bench_gpu.py: error: unknown {kind} {unknown[0]!r}; choose from {', '.join(accepted)}")
+            raise SystemExit(f"benchmarks gpu: error: unknown {kind} {unknown[0]!r}; choose from {', '.join(accepted)}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise SystemExit("bench_gpu.py: error: --device cuda but no CUDA GPU is visible; use --device cpu")
+            raise SystemExit("benchmarks gpu: error: --device cuda but no CUDA GPU is visible; use --device cpu")
 
     arms = [(strategy, mode == "compiled") for mode in modes for strategy in strategies]
     report: list[dict[str, Any]] = []
@@ -181,5 +181,4 @@ def main() -> None:
                                                  "rows": all_rows}, indent=2, default=str))  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
+

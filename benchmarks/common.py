@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: running ``python train.py`` as a user would, reading its figures, and
+"""What the benchmarks share: running ``python train.py`` as a user would, reading its figures, and
 checking that an arm did what it claims before its speed is reported.
 
 Each run is a fresh process in a scratch run folder; its figures come from the run's

@@ -1,7 +1,7 @@
 """Benchmark: which precision and memory format train fastest, by model size — the table behind ``auto``.
 
-    python scripts/bench_defaults.py --device cpu --repeats 3          # the README's CPU table
-    python scripts/bench_defaults.py --device cuda --repeats 5         # the same ladder on a GPU
+    python -m benchmarks defaults --device cpu --repeats 3          # the README's CPU table
+    python -m benchmarks defaults --device cuda --repeats 5         # the same ladder on a GPU
 
 For a ladder of models from a toy ConvNet to a CIFAR ResNet-56 / torchvision ResNet-18, each at its training
 batch size, times training steps (forward, cross-entropy, backward, SGD with momentum) in four settings —
@@ -10,7 +10,7 @@ median of ``--repeats`` rounds of ``--steps`` steps after a warm-up. Prints per 
 training batch, ms a step per setting, each setting's ratio to fp32 NCHW, and what ``auto`` picks there
 (``pruneflow.experiment.device_defaults``); a row where ``auto``'s pick is slower than fp32 NCHW by more than
 the noise (``--tolerance``) is flagged: the rule's threshold is wrong for this device. ``--json`` writes
-every figure (``scripts/bench_gpu.py`` runs this ladder and suggests the CUDA thresholds from it).
+every figure (``python -m benchmarks gpu`` runs this ladder and suggests the CUDA thresholds from it).
 """
 
 from __future__ import annotations
@@ -113,8 +113,7 @@ def print_row(row: dict[str, Any]) -> None:
           f"best={row['best']}{flag}", flush=True)  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -122,7 +121,9 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.05, help="noise allowed before auto counts as slower")
     parser.add_argument("--quick", action="store_true", help="the four smallest models only")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{'model':<17}{'batch':>6}{'GFLOPs':>9}" + "".join(f"{s:>18}" for s in SETTINGS) + "  (ms a step, speedup)")
@@ -130,8 +131,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
     if any(row["auto_slower"] for row in rows):
-        raise SystemExit("bench_defaults.py: auto chose a setting slower than fp32 NCHW; see the flagged rows")
+        raise SystemExit("benchmarks defaults: auto chose a setting slower than fp32 NCHW; see the flagged rows")
 
 
-if __name__ == "__main__":
-    main()
+

@@ -1,12 +1,12 @@
-"""Every GPU figure of issue 22 in one call: ``python scripts/bench_gpu.py --suite --json gpu.json``.
+"""Every GPU figure of issue 22 in one call: ``python -m benchmarks gpu --suite --json gpu.json``.
 
 On a GPU machine, with the data sets in a local folder and the JSON written to an output folder::
 
-    python scripts/bench_gpu.py --suite --root <data folder> --json <output folder>/gpu.json
+    python -m benchmarks gpu --suite --root <data folder> --json <output folder>/gpu.json
 
 and on CPU, tiny, to prove it runs end to end (``--tiny`` shrinks every section to seconds)::
 
-    python scripts/bench_gpu.py --suite --device cpu --tiny --root ../shared/data --json gpu.json
+    python -m benchmarks gpu --suite --device cpu --tiny --root ../shared/data --json gpu.json
 
 Sections (``--sections``, all by default; each is timed, and one that fails records its error and the
 suite goes on; the JSON is rewritten after every section, so a run cut short keeps what it measured):
@@ -15,7 +15,7 @@ suite goes on; the JSON is rewritten after every section, so a run cut short kee
   ``torch.cuda.set_sync_debug_mode("error")``, so any host read fails the arm with its traceback;
 - ``overhead``: ``train.py`` (``mask=activation``) against a hand-written loop, MNIST, training steps
   only, in fp32 NCHW and in bf16 channels-last (both arms in the same setting), alternated in this process;
-- ``host``: ``bench_host_overhead``'s arms (plain Lightning, ClassifierModule, pruneflow) on the device;
+- ``host``: ``benchmarks.host_overhead``'s arms (plain Lightning, ClassifierModule, pruneflow) on the device;
 - ``compile``: eager against ``compile=true compile_mode=reduce-overhead`` (CUDA graphs on a GPU),
   ``mask=activation`` pruned mid-run, samples/s of each;
 - ``startup``: one ``python train.py`` process's ``perf/startup/*`` phases and ``python -c "import torch,
@@ -23,10 +23,10 @@ suite goes on; the JSON is rewritten after every section, so a run cut short kee
 - ``latency``: compaction of a half-pruned small VGG measured on the device, fp32 and bf16, batch 1 and 256;
 - ``cut``: fine-tuning samples/s masked against cut while training (``mask.cut_at_epoch=1``) for VGG11,
   ResNet-56 and torchvision resnet18 (CIFAR stem) at batch 512 on 3×32×32 synthetic images;
-- ``defaults``: ``bench_defaults``'s precision × memory-format ladder, and the CUDA thresholds it suggests
+- ``defaults``: ``benchmarks.defaults``' precision × memory-format ladder, and the CUDA thresholds it suggests
   for ``pruneflow.experiment.device_defaults.SPEED_RULES``.
 
-``scripts/render_gpu_section.py gpu.json`` turns the JSON into the GPU section of docs/measurements.md.
+``python -m benchmarks gpu-section gpu.json`` turns the JSON into the GPU section of docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def section_sync(args: Any, scratch: Path) -> dict[str, Any]:
 
 
 def section_overhead(args: Any, scratch: Path) -> dict[str, Any]:
-    import bench_overhead
+    from benchmarks import overhead as bench_overhead
 
     limit = 4000 if args.tiny else 30000  # 234 steps a run: 214 timed after the warm-up, the suite in 8 minutes
     settings = {"fp32_nchw": ("32-true", False), "bf16_channels_last": ("bf16-mixed", True)}
@@ -114,7 +114,7 @@ def section_overhead(args: Any, scratch: Path) -> dict[str, Any]:
 
 
 def section_host(args: Any, scratch: Path) -> dict[str, Any]:
-    import bench_host_overhead as host
+    from benchmarks import host_overhead as host
 
     steps, warmup = (60, 20) if args.tiny else (300, 50)
     runs: dict[str, list[float]] = {arm: [] for arm in host.ARMS}
@@ -148,7 +148,7 @@ def section_compile(args: Any, scratch: Path) -> dict[str, Any]:
 
 
 def section_startup(args: Any, scratch: Path) -> dict[str, Any]:
-    import bench_startup
+    from benchmarks import startup as bench_startup
 
     result = bench_startup.measure(args.root, args.device, 1 if args.tiny else 2)
     print(f"startup: first step at {result['phases']['perf/startup_seconds']:.2f} s, "
@@ -206,8 +206,9 @@ def section_cut(args: Any, scratch: Path) -> dict[str, Any]:
 
 
 def section_defaults(args: Any, scratch: Path) -> dict[str, Any]:
-    import bench_defaults
     import torch
+
+    from benchmarks import defaults as bench_defaults
 
     rows = bench_defaults.measure(torch.device(args.device), 3, 3 if args.tiny else 10, args.tiny, 0.05)
     return {"rows": rows, "suggested": suggest_thresholds(rows)}
@@ -244,7 +245,7 @@ def run_suite(args: Any) -> dict[str, Any]:
     sections = args.sections.split(",") if args.sections else list(SECTIONS)
     unknown = [name for name in sections if name not in RUNNERS]
     if unknown:
-        raise SystemExit(f"bench_gpu.py: error: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+        raise SystemExit(f"benchmarks gpu: error: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     import lightning
 
     report: dict[str, Any] = {

@@ -1,8 +1,8 @@
 """Benchmark: per-strategy cost and telemetry cost — training throughput with the ChannelPruning
 callback against the same training without it.
 
-    python scripts/bench_callback.py --root ../shared/data --strategies all          # per-strategy cost
-    python scripts/bench_callback.py --root ../shared/data --log-every 1,10,50,200,off  # telemetry cost
+    python -m benchmarks callback --root ../shared/data --strategies all          # per-strategy cost
+    python -m benchmarks callback --root ../shared/data --log-every 1,10,50,200,off  # telemetry cost
 
 MNIST, the default ConvNet, batch 128, pruning 50 % of every conv at step 0. An arm is
 ``<strategy>@<telemetry interval>`` (``off``: telemetry once, at step 0, and no burst); every other
@@ -145,8 +145,7 @@ def train_once(
     return timer.steps * datamodule.batch_size / timer.seconds, clock.seconds, timer.seconds, timer.step_seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=["mnist", "synthetic"], default="mnist")
     parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw")
     parser.add_argument("--strategies", default="activation", help="comma list, or 'all'")
@@ -159,7 +158,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
 
     if args.data == "mnist":
         datamodule: L.LightningDataModule = MNISTDataModule(root=args.root, batch_size=128)
@@ -219,5 +220,4 @@ def main() -> None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 
 
-if __name__ == "__main__":
-    main()
+

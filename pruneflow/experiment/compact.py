@@ -1,8 +1,10 @@
 """Compact a finished run: cut its pruned channels out, verify against the masked model, measure, export.
 
-    python scripts/compact.py outputs/runs/<time>                  # checkpoints/last.ckpt → <run>/compact/
-    python scripts/compact.py <run> --checkpoint <run>/checkpoints/best-epoch002.ckpt --data-root ../shared/data
-    python scripts/compact.py <run> --latency-batch-sizes 1,64 --memory-format contiguous --threads 2
+    pruneflow-compact outputs/runs/<time>                  # checkpoints/last.ckpt → <run>/compact/
+    pruneflow-compact <run> --checkpoint <run>/checkpoints/best-epoch002.ckpt --data-root ../shared/data
+    pruneflow-compact <run> --latency-batch-sizes 1,64 --memory-format contiguous --threads 2
+
+(``pruneflow-compact`` is installed with the package; ``python -m pruneflow.experiment.compact`` is the same.)
 
 The network is rebuilt from the run's ``config.yaml`` with the checkpoint's weights and masks (see
 ``pruneflow.compaction.from_checkpoint``). The exported model goes to ``<run>/compact/`` (or ``--out``),
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``pruneflow-compact`` command: ``main`` with the user's errors as one line (a traceback with
+    ``PRUNEFLOW_DEBUG=1``)."""
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
     try:
         main()
@@ -87,3 +91,7 @@ if __name__ == "__main__":
         if message is None or os.environ.get("PRUNEFLOW_DEBUG"):
             raise
         sys.exit(f"pruneflow: error: {message}")
+
+
+if __name__ == "__main__":
+    cli()
