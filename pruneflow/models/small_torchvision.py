@@ -22,6 +22,12 @@ from torch import nn
 from pruneflow.errors import ConfigError
 from pruneflow.models.torchvision_zoo import conv_like, replace_module
 
+# MobileNetV3-Small's first five rows at a 1-stride stem: SE with ReLU, no SE, SE with hard-swish.
+MOBILENET_V3_SETTING = (
+    (16, 3, 16, 16, True, "RE", 2), (16, 3, 64, 24, False, "RE", 2), (24, 3, 72, 24, False, "RE", 1),
+    (24, 5, 96, 40, True, "HS", 2), (40, 5, 120, 40, True, "HS", 1),
+)  # fmt: skip
+
 
 def _fit_stem(network: nn.Module, input_channels: int, stride: int | None = None, patchify: bool = False) -> None:
     """The first conv reads ``input_channels`` and strides by ``stride`` where given. A 3×3 stem keeps its
@@ -83,10 +89,7 @@ def mobilenet_v2(
 def mobilenet_v3(
     input_shape: Sequence[int] = (3, 32, 32),
     num_classes: int = 10,
-    inverted_residual_setting: Sequence[Sequence[object]] = (
-        (16, 3, 16, 16, True, "RE", 2), (16, 3, 64, 24, False, "RE", 2), (24, 3, 72, 24, False, "RE", 1),
-        (24, 5, 96, 40, True, "HS", 2), (40, 5, 120, 40, True, "HS", 1),
-    ),  # fmt: skip
+    inverted_residual_setting: Sequence[Sequence[object]] = MOBILENET_V3_SETTING,
     last_channel: int = 256,
     stem_stride: int = 1,
     dropout: float = 0.0,
