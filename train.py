@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruneflow.experiment.argv_checks import check_group_choices, check_keys
-from pruneflow.experiment.run import prepare
+from pruneflow.experiment.run import prepare, skipped_as_complete
 from pruneflow.experiment.run_folder import created_by_this_start, discarded_if_it_fails
 from pruneflow.experiment.trainer_arguments import check_trainer_arguments
 from pruneflow.experiment.user_errors import record_in_run_log, user_error_message
@@ -28,6 +28,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     single_run = hydra_cfg.mode == RunMode.RUN
+    if (done := skipped_as_complete(cfg, run_dir)) is not None:
+        return done.get("test/acc")
     try:
         # A single run that fails before training leaves no folder (a sweep's job keeps its, with the error in
         # its log, for pruneflow-report to list); a folder that existed before this start is kept.

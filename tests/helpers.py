@@ -118,7 +118,11 @@ def _receive(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
     """Forward pre-hook: running max of |input| over the input columns that read pruned channels."""
     received = inputs[0].detach()
     columns = getattr(module, COLUMNS_BUFFER)
-    weights = columns.view(1, -1, *([1] * (received.ndim - 2)))
+    # a linear layer reads its features on the last dim (ConvNeXt's channels-last MLP, a ViT's tokens); a conv on dim 1
+    if isinstance(module, nn.Linear):
+        weights = columns.view(*([1] * (received.ndim - 1)), -1)
+    else:
+        weights = columns.view(1, -1, *([1] * (received.ndim - 2)))
     value = (received.float().abs() * weights).amax()
     received_max = getattr(module, RECEIVED_BUFFER)
     received_max.copy_(torch.maximum(received_max, value))

@@ -5,11 +5,16 @@
     <run dir>/config.yaml          the resolved config
     <run dir>/events.out.tfevents.* TensorBoard scalars (``tensorboard --logdir outputs``; conf/logger/)
     <run dir>/checkpoints/         last.ckpt and best-*.ckpt (conf/callbacks/checkpoints.yaml)
-    <run dir>/metrics.json         final figures, written atomically
+    <run dir>/metrics.json         final figures, written atomically; ``"complete": true`` once the run's last
+                                   step (testing, or compaction when asked for) has written its figures
+
+With ``resume=auto`` (a sweep that is rerun after being stopped) a run whose folder holds a complete
+``metrics.json`` is skipped, one with a ``last.ckpt`` continues from it, and any other starts over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -47,6 +52,10 @@ from pruneflow.pruning import STRATEGIES, ChannelPruning
 
 log = logging.getLogger(__name__)
 
+# false: a fresh run; true: continue the run folder's last.ckpt (refused without one); auto: skip a complete run,
+# continue one with a last.ckpt, start any other (what a rerun of a stopped sweep needs)
+RESUME_CHOICES = (False, True, "auto")
+
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would only fail (or silently misbehave) after data loading and model building."""
@@ -58,6 +67,9 @@ def validate_config(cfg: DictConfig) -> None:
     compact = cfg.get("compact", False)
     if not isinstance(compact, bool):
         raise ConfigError(f"compact must be true or false, got {compact!r}")
+    resume = cfg.get("resume", False)
+    if resume not in RESUME_CHOICES:
+        raise ConfigError(f"resume must be one of {', '.join(map(str, RESUME_CHOICES))}, got {resume!r}")
     if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
 
@@ -219,6 +231,8 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.get("ckpt_path"):
         return Path(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("resume") == "auto":
+        return last if last.is_file() else None
     if cfg.get("resume"):
         if last.is_file():
             return last
@@ -229,6 +243,21 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
                 "folder, or drop resume=true to start a new run"
             )
     return requeued_checkpoint(last)
+
+
+def complete_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's metrics when they are complete (``"complete": true``, written by a run's last step),
+    else None: no metrics.json yet (stopped while training or testing), or one written before compaction."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):  # absent; never half-written (atomic), but a hand-edited file may not parse
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("complete") is True else None
+
+
+def stale_event_files(run_dir: Path) -> bool:
+    """Whether a run that starts over in ``run_dir`` finds TensorBoard event files of a stopped earlier start."""
+    return any(run_dir.glob("events.out.tfevents.*"))
 
 
 def requeued_checkpoint(last: Path) -> Path | None:
@@ -307,13 +336,13 @@ class Run:
         if trainer.is_global_zero:
             if isinstance(self.logger, TensorBoardLogger):
                 log_hparams(self.logger, cfg, metrics, step=trainer.global_step)
-            write_json_atomic(run_dir / "metrics.json", metrics)
+            write_json_atomic(run_dir / "metrics.json", {**metrics, "complete": not cfg.get("compact")})
         if cfg.get("compact") and trainer.is_global_zero:
             from pruneflow.compaction import compact_trained_module  # only runs that compact pay for its imports
 
             # After metrics.json is written: a model that cannot be compacted must not lose the run's figures.
             metrics.update(compact_trained_module(trainer, module, datamodule, run_dir / "compact", cfg.model))
-            write_json_atomic(run_dir / "metrics.json", metrics)
+            write_json_atomic(run_dir / "metrics.json", {**metrics, "complete": True})
         if trainer.is_global_zero:
             log.info(summary_line(run_dir, metrics))
         return metrics
@@ -363,7 +392,12 @@ def prepare(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
     checkpoint = None if resume is None else check_checkpoint_matches(module, resume, checkpoint_io)
     # A resumed run purges what was logged after its checkpoint (steps > its global_step: Lightning and the
     # telemetry log at the step count after the optimizer step), so each tag shows one continuous curve.
-    logger = build_logger(cfg, run_dir, purge_step=None if checkpoint is None else int(checkpoint["global_step"]) + 1)
+    # A run that starts over where a stopped start logged (resume=auto, stopped before its first checkpoint)
+    # purges all of that (step 0 on).
+    purge_step = None if checkpoint is None else int(checkpoint["global_step"]) + 1
+    if purge_step is None and cfg.get("resume") == "auto" and stale_event_files(run_dir):
+        purge_step = 0
+    logger = build_logger(cfg, run_dir, purge_step=purge_step)
     callbacks = [*build_callbacks(cfg), phases]
     phases.mark("model")
     # default_root_dir: where checkpoints go (<run dir>/checkpoints) also with ~logger.
@@ -386,5 +420,17 @@ def prepare(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ())
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics."""
+    """Fit and test one configuration, writing everything into ``run_dir``; returns the final metrics. With
+    ``resume=auto``, a run folder that already holds complete metrics is not trained again (a rerun sweep)."""
+    if (done := skipped_as_complete(cfg, run_dir)) is not None:
+        return done
     return prepare(cfg, run_dir).fit_and_test()
+
+
+def skipped_as_complete(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any] | None:
+    """With ``resume=auto``, the metrics of a run folder that already holds complete ones (a rerun sweep skips
+    that run); else None."""
+    if cfg.get("resume") != "auto" or (done := complete_metrics(Path(run_dir))) is None:
+        return None
+    log.info("resume=auto: %s already holds complete metrics, skipped", run_dir)
+    return done

@@ -50,7 +50,7 @@ def torchvision_classifier(
     channels = int(input_shape[0])
     first_name, first = next((n, m) for n, m in network.named_modules() if isinstance(m, nn.Conv2d))
     if first.in_channels != channels:
-        _replace(network, first_name, _conv_like(first, in_channels=channels))
+        replace_module(network, first_name, conv_like(first, in_channels=channels))
     if weights is not None:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         try:
@@ -66,11 +66,12 @@ def _cifar_stem(name: str, network: nn.Module) -> None:
     conv = getattr(network, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(network, "maxpool", None), nn.MaxPool2d):
         raise ConfigError(f"model.cifar_stem=true is for ResNets (a conv1 and a maxpool); {name} has neither")
-    network.conv1 = _conv_like(conv, kernel_size=3, stride=1, padding=1)
+    network.conv1 = conv_like(conv, kernel_size=3, stride=1, padding=1)
     network.maxpool = nn.Identity()
 
 
-def _conv_like(conv: nn.Conv2d, **changes: object) -> nn.Conv2d:
+def conv_like(conv: nn.Conv2d, **changes: object) -> nn.Conv2d:
+    """A fresh conv with ``conv``'s settings but ``changes`` (new weights: a shape may change)."""
     arguments = {
         "in_channels": conv.in_channels, "out_channels": conv.out_channels, "kernel_size": conv.kernel_size,
         "stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups,
@@ -79,6 +80,7 @@ def _conv_like(conv: nn.Conv2d, **changes: object) -> nn.Conv2d:
     return nn.Conv2d(**{**arguments, **changes})
 
 
-def _replace(network: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(network: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at dotted ``name`` to ``module``."""
     parent, _, child = name.rpartition(".")
     setattr(network.get_submodule(parent) if parent else network, child, module)
