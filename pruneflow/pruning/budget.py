@@ -525,7 +525,8 @@ class _Search:
                     high = middle
                 else:
                     low = middle
-        counts = self._give_back(self.counts(high), goal)
+        # within half the tolerance above the goal: the other half is left to what the model does not describe
+        counts = self._balance(self._give_back(self.counts(high), goal * (1 + TOLERANCE / 2)), goal)
         pruned = self.pruned(counts)
         amounts = {space.name: float(pruned[self.model.index[id(space)]]) / space.width for space in self.spaces}
         return Allocation(
@@ -555,6 +556,43 @@ class _Search:
                 return counts
             counts = best
         return counts
+
+    def _balance(self, counts: np.ndarray, goal: float) -> np.ndarray:
+        """Coarse steps (``round_to``, whole groups) can leave no single give-back within the tolerance: move one
+        step of one space, or give one back and take one from another, whichever lands nearest the goal, until
+        within half the tolerance or no move comes nearer."""
+        counts = counts.copy()
+        for _ in range(len(self.ranked)):
+            distance = abs(self.cost(self.pruned(counts)) / goal - 1)
+            if distance <= TOLERANCE / 2:
+                break
+            best, best_distance = None, distance
+            for trial in self._moves(counts):
+                trial_distance = abs(self.cost(self.pruned(trial)) / goal - 1)
+                if trial_distance < best_distance:
+                    best, best_distance = trial, trial_distance
+            if best is None:
+                break
+            counts = best
+        return counts
+
+    def _moves(self, counts: np.ndarray) -> list[np.ndarray]:
+        """Every count vector one step (one allowed count up or down, never under what is already pruned) of one
+        space away from ``counts``, and every one giving a step back in one space and taking one in another."""
+        down, up = [], []
+        for i, allowed in enumerate(self.allowed):
+            position = int(np.searchsorted(allowed, counts[i]))
+            if position > 0 and allowed[position - 1] >= self.floor[i]:
+                down.append((i, int(allowed[position - 1])))
+            if position + 1 < len(allowed):
+                up.append((i, int(allowed[position + 1])))
+        moves = []
+        for changes in [[move] for move in down + up] + [[d, u] for d in down for u in up if d[0] != u[0]]:
+            trial = counts.copy()
+            for i, value in changes:
+                trial[i] = value
+            moves.append(trial)
+        return moves
 
     def _last_keys(self) -> list[Callable[[int], float]]:
         """For each ranked space, count → the rank key of its ``count``-th lowest channel."""
