@@ -42,7 +42,8 @@ from pruneflow.callbacks.step_hooks import show_step_hooks
 from pruneflow.errors import ConfigError
 from pruneflow.pruning.budget import Budget, example_image, log_allocation
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
-from pruneflow.pruning.criteria import Criterion, make_criterion
+from pruneflow.pruning.criteria import Criterion
+from pruneflow.pruning.importance import make_importance
 from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
 from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
@@ -73,7 +74,10 @@ class ChannelPruning(Callback):
             instead of ``amount``); each at most ``max_amount``.
         round_to: with ``target``: kept widths are multiples of this.
         cost_weight: with ``target``: the ranking divides importance by relative cost to this power.
-        criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
+        criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor``, ``fpgm``, ``lamp`` or ``explicit`` (use
+            ``channels``).
+        group_reduction: ``producers`` (each criterion's own reading of a group) or ``mean``, ``sum``, ``max`` over
+            every member of the group, producers and consumers (``importance``).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
             a glob naming one member of a group selects the whole group. Default: every prunable
             space (coupled groups only with ``groups``).
@@ -134,10 +138,11 @@ class ChannelPruning(Callback):
         amounts: Mapping[str, float] | None = None,
         round_to: int = 1,
         cost_weight: float = 1.0,
+        group_reduction: str = "producers",
     ) -> None:
         self.strategy_name = current_strategy_name(strategy)
         self.strategy: MaskStrategy = make_strategy(self.strategy_name)
-        self.criterion: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
+        self.criterion: Criterion = make_importance(criterion, group_reduction, channels, taylor_batches, seed)
         if target is not None and amount is not None:
             raise ConfigError(
                 f"set mask.target or mask.amount, not both (got target={target}, amount={amount}): a target chooses "

@@ -125,6 +125,7 @@ class PruningPlan:
                 + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
                 + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
             )
+        self.criterion.bind(network)
         self.criterion.check(spaces)
         return spaces
 
