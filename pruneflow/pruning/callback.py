@@ -48,6 +48,7 @@ from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
 from pruneflow.pruning.plan import PruningPlan, steps_per_epoch
 from pruneflow.pruning.pruned_network import find_network
+from pruneflow.pruning.sparsity import make_sparse_training
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 from pruneflow.pruning.telemetry_writer import TelemetryWriter
@@ -78,6 +79,8 @@ class ChannelPruning(Callback):
             ``channels``).
         group_reduction: ``producers`` (each criterion's own reading of a group) or ``mean``, ``sum``, ``max`` over
             every member of the group, producers and consumers (``importance``).
+        regularizer, regularizer_strength, regularizer_epochs: sparse training (``sparsity``): ``group_lasso`` or
+            ``bn_l1`` of that strength for that many epochs (None: until the last pruning event).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
             a glob naming one member of a group selects the whole group. Default: every prunable
             space (coupled groups only with ``groups``).
@@ -139,6 +142,9 @@ class ChannelPruning(Callback):
         round_to: int = 1,
         cost_weight: float = 1.0,
         group_reduction: str = "producers",
+        regularizer: str | None = None,
+        regularizer_strength: float = 1e-4,
+        regularizer_epochs: int | None = None,
     ) -> None:
         self.strategy_name = current_strategy_name(strategy)
         self.strategy: MaskStrategy = make_strategy(self.strategy_name)
@@ -149,6 +155,7 @@ class ChannelPruning(Callback):
                 "each space's amount"
             )
         self.budget = Budget(target, max_amount, amounts, round_to, cost_weight)
+        self.sparsity = make_sparse_training(regularizer, regularizer_strength, regularizer_epochs)
         if target is None and amount is None:
             amount = DEFAULT_AMOUNT
         timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
@@ -178,6 +185,7 @@ class ChannelPruning(Callback):
             or type(self.strategy).before_optimizer_step is not MaskStrategy.before_optimizer_step
             or type(self.strategy).after_optimizer_step is not MaskStrategy.after_optimizer_step
             or type(self.criterion).before_optimizer_step is not Criterion.before_optimizer_step
+            or self.sparsity is not None
         )
 
     # -- what it holds, for readers (the compaction pipeline, reports, tests) -----------------------
@@ -238,6 +246,8 @@ class ChannelPruning(Callback):
         if image is not None or self.budget.target is None:  # else at the first pruning event, from its batch
             self.budget.prepare(network, spaces, image)
         self.masking.install(spaces)
+        if self.sparsity is not None:
+            self.sparsity.bind(network, spaces)
         self.writer.attach(self.masking.layers, dict(network.named_modules()))
         self._set_up = True
         self.writer.write_layout(trainer)
@@ -329,6 +339,9 @@ class ChannelPruning(Callback):
         self._stepped = True
         self.writer.record_gradients()  # before any gradient mask
         self.criterion.before_optimizer_step(self.layers)
+        if self._regularizing(trainer):  # after the criterion (it reads the task's gradient), before gradient masks
+            assert self.sparsity is not None
+            self.sparsity.add_gradients()
         self.masking.before_optimizer_step()
         self.writer.snapshot_rows()
 
@@ -341,6 +354,16 @@ class ChannelPruning(Callback):
         self.writer.record_optimizer_step(trainer.optimizers)
         self.masking.after_optimizer_step(trainer.optimizers)
         self.writer.write_step(trainer, self.masking.masked)
+        if self._regularizing(trainer) and trainer.global_step % self.writer.log_every_n_steps == 0:
+            assert self.sparsity is not None
+            self.sparsity.log(trainer)
+
+    def _regularizing(self, trainer: L.Trainer) -> bool:
+        """Whether sparse training acts now: set, not cut yet, within its epochs (or before the last pruning)."""
+        if self.sparsity is None or self.cut is not None:
+            return False
+        pruning_done = bool(self.pruning_steps) and self.masking.pruned_amount >= self.plan.final
+        return self.sparsity.active(trainer.current_epoch, pruning_done)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0

@@ -95,20 +95,24 @@ class GroupMembers:
         return found
 
     def rows(
-        self, space: ChannelSpace, of: Callable[[nn.Module], Tensor | None], consumers: bool = True
+        self,
+        space: ChannelSpace,
+        of: Callable[[nn.Module], Tensor | None],
+        consumers: bool = True,
+        detach: bool = True,
     ) -> list[Tensor]:
         """Per member, a (width, n) tensor of ``of(module)`` (its weight, or weight·gradient) for each channel; the
-        producers only without ``consumers``."""
+        producers only without ``consumers``; differentiable without ``detach`` (a regulariser's penalty)."""
         members = []
         for layer in space.producers:
             value = of(layer.producer)
             if value is not None:
-                members.append(value.detach().float().flatten(1))
+                members.append((value.detach() if detach else value).float().flatten(1))
         for consumer, module in self.consumers(space) if consumers else []:
             value = of(module)
             if value is None:
                 continue
-            rows = consumer_columns(consumer, value.detach().float(), space.width)
+            rows = consumer_columns(consumer, (value.detach() if detach else value).float(), space.width)
             if rows is None:
                 if consumer.name not in self._refused:
                     self._refused.add(consumer.name)
