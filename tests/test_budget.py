@@ -10,8 +10,9 @@ import torchvision
 from test_selection import tiny_module
 from test_strategies import toy_loader
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from pruneflow import ChannelPruning
+from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction.cost import count_flops, count_parameters
 from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
@@ -172,3 +173,38 @@ def test_an_unreachable_target_names_the_largest_reachable_one_before_any_step()
         trainer.fit(module, train_dataloaders=toy_loader())
     assert trainer.global_step == 0
     assert all(torch.equal(value, module.state_dict()[name]) for name, value in before.items())
+
+
+class MaskWitness(L.Callback):
+    """Copies of the masks after each pruning event (it runs after ``ChannelPruning`` in the callback list)."""
+
+    def __init__(self, pruning: ChannelPruning) -> None:
+        self.pruning, self.events = pruning, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if len(self.pruning.pruning_steps) > len(self.events):
+            assert self.pruning.budget.last is not None
+            masks = {name: mask.clone() for name, mask in self.pruning.pruned.items()}
+            self.events.append((masks, self.pruning.budget.last.predicted_ratio))
+
+
+def test_a_gradual_schedule_reaches_the_target_over_its_steps_keeping_earlier_choices() -> None:
+    torch.manual_seed(0)
+    module = ClassifierModule(ResNet(input_shape=(3, 8, 8), depth=8), lambda p: torch.optim.SGD(p, lr=0.01),
+                              num_classes=10)  # fmt: skip
+    pruning = ChannelPruning("activation", target="flops:2.0", schedule="gradual", start_epoch=0, end_epoch=2,
+                             groups=True)  # fmt: skip
+    witness = MaskWitness(pruning)
+    trainer = L.Trainer(max_epochs=3, callbacks=[pruning, witness], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(images, labels), batch_size=16))
+    (first, first_ratio), (last, last_ratio) = witness.events  # epochs 1 and 2: 87.5 % and all of the way
+    assert abs(first_ratio / (1 / (1 - 0.875 * 0.5)) - 1) <= TOLERANCE
+    assert all(bool((last[name] | ~mask).all()) for name, mask in first.items())  # earlier choices kept
+    assert any(int(last[name].sum()) > int(mask.sum()) for name, mask in first.items())
+    image = torch.randn(1, 3, 8, 8)
+    network = module.model
+    measured = count_flops(network, image) / count_flops(compact(network, last).model, image)
+    assert abs(measured / 2.0 - 1) <= TOLERANCE, (measured, last_ratio)
