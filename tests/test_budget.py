@@ -208,3 +208,20 @@ def test_a_gradual_schedule_reaches_the_target_over_its_steps_keeping_earlier_ch
     network = module.model
     measured = count_flops(network, image) / count_flops(compact(network, last).model, image)
     assert abs(measured / 2.0 - 1) <= TOLERANCE, (measured, last_ratio)
+
+
+def test_a_latency_target_is_found_from_a_few_timed_cuts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A device whose latency is not proportional to FLOPs: 30 % fixed, 70 % FLOPs. Latency 2x needs FLOPs 3.5x.
+    def device_latency_ms(models, batch, **settings):
+        return {name: 0.3 * dense_flops + 0.7 * count_flops(model, batch[:1]) for name, model in models.items()}
+
+    monkeypatch.setattr("pruneflow.compaction.cost.device_latency_ms", device_latency_ms)
+    network, image = cifar_resnet(), torch.randn(1, 3, 32, 32)
+    dense_flops = count_flops(network, image)
+    spaces = graph_spaces(network)
+    budget = Budget("latency:2.0")
+    budget.prepare(network, spaces, image)
+    allocation = budget.calibrate_latency(network, L1(), spaces, {}, 1.0, {"device": "cpu"})
+    flops_ratio, _ = cut_costs(network, spaces, allocation.amounts, image)
+    latency_ratio = 1 / (0.3 + 0.7 / flops_ratio)
+    assert abs(latency_ratio / 2.0 - 1) <= TOLERANCE, (flops_ratio, latency_ratio)

@@ -31,8 +31,9 @@ greedy pass gives back, one step at a time, the most important pruned channels w
 rounding does not overshoot. Spaces the user fixes (``mask.amounts={glob: fraction}``) keep their amount and are
 not ranked; an attention's q/k/v space follows the stream it is tied to.
 
-``latency:`` is met through the FLOP model: a run's device is measured on the dense network and on one cut at the
-FLOPs allocation, and the FLOPs ratio is corrected by the ratio of the two (``Budget.calibrate``).
+``latency:`` is met through the FLOP model: the dense network and a cut at a FLOPs allocation are timed on the
+run's device, and the FLOPs ratio searched is corrected from the timings (``Budget.calibrate_latency``: a few cuts,
+not one per trial).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 METRICS = ("flops", "params", "latency")
 TOLERANCE = 0.02  # the cut network's measured ratio is within ±2 % of the target
 LATENCY_BATCH = 256  # latency targets are met, and checked after the cut, at this batch size
-LATENCY_CALIBRATIONS = 2  # cuts timed to correct the FLOPs ratio a latency target searches
+LATENCY_CALIBRATIONS = 4  # cuts timed, at most, to find the FLOPs ratio a latency target asks for
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,6 @@ class Budget:
                 )
             self.fixed[str(pattern)] = float(amount)
         self.model: CostModel | None = None
-        self.latency_correction = 1.0  # measured latency ratio / FLOPs ratio of a calibration cut
         self.last: Allocation | None = None
 
     # -- what is fixed by hand, what is ranked ---------------------------------------------------------
@@ -330,17 +330,14 @@ class Budget:
         ranking of all channels of the ranked spaces; ``already``: each space's mask so far, by space name."""
         if self.model is None or self.target is None:
             raise RuntimeError("Budget.allocate before Budget.prepare")
-        scores = {space.name: criterion.scores(space).detach().float().cpu() for space in _ranked(self, spaces)}
-        search = _Search(self, spaces, scores, already)
-        goal_ratio = 1.0 / (1.0 - progress * (1.0 - 1.0 / self.effective_ratio))
-        self.last = search.run(goal_ratio)
+        assert self.target is not None
+        goal_ratio = 1.0 / (1.0 - progress * (1.0 - 1.0 / self.target.ratio))
+        self.last = self._search(criterion, spaces, already).run(goal_ratio)
         return self.last
 
-    @property
-    def effective_ratio(self) -> float:
-        """The ratio searched in the cost model: the target's, corrected for latency by a calibration cut."""
-        assert self.target is not None
-        return self.target.ratio * (self.latency_correction if self.target.metric == "latency" else 1.0)
+    def _search(self, criterion: Criterion, spaces: Sequence[ChannelSpace], already: Mapping[str, Tensor]) -> _Search:
+        scores = {space.name: criterion.scores(space).detach().float().cpu() for space in _ranked(self, spaces)}
+        return _Search(self, spaces, scores, already)
 
     def calibrate_latency(
         self,
@@ -351,30 +348,41 @@ class Budget:
         progress: float,
         device_settings: Mapping[str, object],
     ) -> Allocation:
-        """Latency is not arithmetic: cut the FLOPs allocation, time it against the dense network on the run's
-        device (``device_settings``: ``device_latency_ms``'s device and precision), and search again with the
-        FLOPs ratio scaled by how far the latency ratio fell short, assuming latency proportional to FLOPs near
-        the answer; ``LATENCY_CALIBRATIONS`` cuts in all, not one per trial."""
+        """Latency is not arithmetic: cut a FLOPs allocation, time it against the dense network on the run's device
+        (``device_settings``: ``device_latency_ms``'s device and precision), and search again for the FLOPs ratio
+        the latency ratio asks for — proportionally after one timing, by the secant through the last two (in logs)
+        after more; at most ``LATENCY_CALIBRATIONS`` cuts, not one per trial. The allocation's predicted ratio is
+        its FLOPs ratio."""
         from pruneflow.compaction.cost import device_latency_ms  # compaction imports this package
         from pruneflow.compaction.cut import compact, effective_copy
 
-        assert self.last is not None and self.model is not None and self.target is not None
-        allocation = self.last
-        dense = effective_copy(network)
-        images = torch.randn(LATENCY_BATCH, *self.model.input_shape)
+        assert self.model is not None and self.target is not None
+        goal = 1.0 / (1.0 - progress * (1.0 - 1.0 / self.target.ratio))
+        search = self._search(criterion, spaces, already)
+        dense, images = effective_copy(network), torch.randn(LATENCY_BATCH, *self.model.input_shape)
+        flops_goal, timed = goal, []
+        allocation = search.run(flops_goal)
         for _ in range(LATENCY_CALIBRATIONS):
             masks = {}
             for space in spaces:
                 before = already.get(space.name, torch.zeros(space.width, dtype=torch.bool)).cpu()
                 mask = criterion.select(space, allocation.amounts[space.name], before)
                 masks.update((layer.name, mask) for layer in space.producers)
-            cut = compact(network, masks).model
-            latency = device_latency_ms({"before": dense, "after": cut}, images, rounds=3, **device_settings)
+            latency = device_latency_ms({"before": dense, "after": compact(network, masks).model}, images, rounds=3,
+                                        **device_settings)  # fmt: skip
             measured = latency["before"] / latency["after"]
-            log.info("mask.target=%s: FLOPs ratio %.3f ran %.3fx faster at batch %d", self.target,
-                     allocation.predicted_ratio, measured, LATENCY_BATCH)  # fmt: skip
-            self.latency_correction = allocation.predicted_ratio / max(measured, 1e-9) / self.target.ratio
-            allocation = self.allocate(criterion, spaces, already, progress)
+            log.info("mask.target=%s: FLOPs ratio %.3f ran %.3fx faster at batch %d (goal %.3fx)", self.target,
+                     allocation.predicted_ratio, measured, LATENCY_BATCH, goal)  # fmt: skip
+            timed.append((math.log(allocation.predicted_ratio), math.log(max(measured, 1e-9))))
+            if abs(measured / goal - 1) <= TOLERANCE / 2:
+                break
+            slope = 1.0  # proportional after one timing; then the secant through the last two, in logs
+            if len(timed) > 1 and timed[-1][1] != timed[-2][1]:
+                slope = (timed[-1][0] - timed[-2][0]) / (timed[-1][1] - timed[-2][1])
+            flops_now, latency_now = timed[-1]
+            flops_goal = math.exp(flops_now + max(slope, 0.1) * (math.log(goal) - latency_now))
+            allocation = search.run(flops_goal)
+        self.last = allocation
         return allocation
 
     def report(self) -> dict[str, object]:
@@ -439,7 +447,7 @@ class _Search:
         assert budget.model is not None and budget.target is not None
         self.model, self.spaces = budget.model, list(spaces)
         self.cost_weight = budget.cost_weight
-        self.metric = budget.target.metric
+        self.metric = "params" if budget.target.metric == "params" else "flops"  # latency: searched in FLOPs
         self.cost = self.model.of(self.metric)
         self.dense = self.model.dense(budget.target.metric)
         fixed = budget.fixed_amounts(spaces)

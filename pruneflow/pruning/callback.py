@@ -285,13 +285,13 @@ class ChannelPruning(Callback):
             budget.prepare(self._network, spaces, example_image(trainer, None, self._network, batch))
         already = {space.name: self.pruned[space.producers[0].name] for space in spaces
                    if space.producers[0].name in self.pruned}  # fmt: skip
-        allocation = budget.allocate(self.criterion, spaces, already, progress=target / self.plan.final)
-        if budget.target.metric == "latency":
+        progress = target / self.plan.final
+        if budget.target.metric == "latency":  # timed on the run's device, under its precision
             assert self._network is not None
-            device = next(self._network.parameters()).device
-            settings = {"device": device, "precision": str(trainer.precision)}
-            allocation = budget.calibrate_latency(self._network, self.criterion, spaces, already,
-                                                  target / self.plan.final, settings)  # fmt: skip
+            settings = {"device": next(self._network.parameters()).device, "precision": str(trainer.precision)}
+            allocation = budget.calibrate_latency(self._network, self.criterion, spaces, already, progress, settings)
+        else:
+            allocation = budget.allocate(self.criterion, spaces, already, progress)
         log_allocation(trainer, allocation)
         return allocation.amounts
 
