@@ -158,6 +158,12 @@ def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) ->
         (("data=synthetic", "mask=weight", "mask.amount=1.5"), "mask.amount must be a fraction in [0, 1), got 1.5"),
         (("data=synthetic", "mask=weight", "mask.criterion=magnitude"), "unknown mask.criterion 'magnitude'"),
         (("data=synthetic", "mask=weight", "mask.layers=[conv9]"), "pattern 'conv9' matches no conv or linear layer"),
+        (
+            ("data=synthetic", "mask=activation", "mask.target=flops:2", "mask.amount=0.3"),
+            "set mask.target or mask.amount, not both",
+        ),
+        (("data=synthetic", "mask=activation", "mask.target=flop:2"), "names an unknown metric 'flop'"),
+        (("data=synthetic", "mask=activation", "mask.target=flops:100"), "largest reachable target is flops:"),
         (("data=synthetic", "trainer.max_step=5"), "'max_step' in 'trainer.max_step=5'; did you mean"),
     ],
 )

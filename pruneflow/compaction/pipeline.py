@@ -197,6 +197,7 @@ def compact_trained_module(
         model_config=model_config(model_cfg, datamodule),
         **run_latency_settings(trainer, pl_module, device_of(network)),
     )
+    metrics.update(callback.budget.check_cut(metrics))  # mask.target: the measured ratio against it
     _log_scalars(trainer, metrics)
     return metrics
 

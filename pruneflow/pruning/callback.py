@@ -40,18 +40,22 @@ from torch import Tensor, nn
 
 from pruneflow.callbacks.step_hooks import show_step_hooks
 from pruneflow.errors import ConfigError
+from pruneflow.pruning.budget import Budget, example_image, log_allocation
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
-from pruneflow.pruning.criteria import Criterion, make_criterion
+from pruneflow.pruning.criteria import Criterion
+from pruneflow.pruning.importance import make_importance
 from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
 from pruneflow.pruning.plan import PruningPlan
 from pruneflow.pruning.pruned_network import find_network
+from pruneflow.pruning.sparsity import make_sparse_training
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 from pruneflow.pruning.telemetry_writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
 
+DEFAULT_AMOUNT = 0.5  # mask.amount when neither it nor mask.target is set
 OPTIMIZER_STEP_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
 
 
@@ -63,7 +67,20 @@ class ChannelPruning(Callback):
         strategy: one of ``control`` (select and measure, mask nothing), ``weight``, ``activation``,
             ``gradient``, ``parametrize``, ``hard``.
         amount: fraction of channels removed per pruned channel space, in [0, 1); never all of one.
-        criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor`` or ``explicit`` (use ``channels``).
+            Default 0.5, unless ``target`` is set (not both).
+        target: ``flops:2.0``, ``params:2.0`` or ``latency:2.0`` (on the run's device): per-space amounts from
+            one global ranking that make the cut network that many times smaller (``budget.Budget``).
+        max_amount: with ``target``: no space loses more than this fraction.
+        amounts: ``{glob: fraction}``: spaces fixed by hand (with ``target`` left out of the ranking; without,
+            instead of ``amount``); each at most ``max_amount``.
+        round_to: with ``target``: kept widths are multiples of this.
+        cost_weight: with ``target``: the ranking divides importance by relative cost to this power.
+        criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor``, ``fpgm``, ``lamp`` or ``explicit`` (use
+            ``channels``).
+        group_reduction: ``producers`` (each criterion's own reading of a group) or ``mean``, ``sum``, ``max`` over
+            every member of the group, producers and consumers (``importance``).
+        regularizer, regularizer_strength, regularizer_epochs: sparse training (``sparsity``): ``group_lasso`` or
+            ``bn_l1`` of that strength for that many epochs (None: until the last pruning event).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
             a glob naming one member of a group selects the whole group. Default: every prunable
             space (coupled groups only with ``groups``).
@@ -99,7 +116,7 @@ class ChannelPruning(Callback):
     def __init__(
         self,
         strategy: str = "activation",
-        amount: float = 0.5,
+        amount: float | None = None,
         criterion: str = "l1",
         layers: Sequence[str] | None = None,
         groups: bool = False,
@@ -119,10 +136,28 @@ class ChannelPruning(Callback):
         cut_at_epoch: int | None = None,
         cut_at_step: int | None = None,
         cut_changes_outputs: bool = False,
+        target: str | None = None,
+        max_amount: float = 0.9,
+        amounts: Mapping[str, float] | None = None,
+        round_to: int = 1,
+        cost_weight: float = 1.0,
+        group_reduction: str = "producers",
+        regularizer: str | None = None,
+        regularizer_strength: float = 1e-4,
+        regularizer_epochs: int | None = None,
     ) -> None:
         self.strategy_name = current_strategy_name(strategy)
         self.strategy: MaskStrategy = make_strategy(self.strategy_name)
-        self.criterion: Criterion = make_criterion(criterion, channels, taylor_batches, seed)
+        self.criterion: Criterion = make_importance(criterion, group_reduction, channels, taylor_batches, seed)
+        if target is not None and amount is not None:
+            raise ConfigError(
+                f"set mask.target or mask.amount, not both (got target={target}, amount={amount}): a target chooses "
+                "each space's amount"
+            )
+        self.budget = Budget(target, max_amount, amounts, round_to, cost_weight)
+        self.sparsity = make_sparse_training(regularizer, regularizer_strength, regularizer_epochs)
+        if target is None and amount is None:
+            amount = DEFAULT_AMOUNT
         timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
                   "end_epoch": end_epoch}  # fmt: skip
         self.plan = PruningPlan(
@@ -150,6 +185,7 @@ class ChannelPruning(Callback):
             or type(self.strategy).before_optimizer_step is not MaskStrategy.before_optimizer_step
             or type(self.strategy).after_optimizer_step is not MaskStrategy.after_optimizer_step
             or type(self.criterion).before_optimizer_step is not Criterion.before_optimizer_step
+            or self.sparsity is not None
         )
 
     # -- what it holds, for readers (the compaction pipeline, reports, tests) -----------------------
@@ -205,7 +241,13 @@ class ChannelPruning(Callback):
         self.live_cut.watch_loads(trainer, network, self.state_key, self._remove_masks)
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
-        self.masking.install(self.plan.choose_spaces(network))
+        spaces = self.plan.choose_spaces(network)
+        image = example_image(trainer, pl_module, network)
+        if image is not None or self.budget.target is None:  # else at the first pruning event, from its batch
+            self.budget.prepare(network, spaces, image)
+        self.masking.install(spaces)
+        if self.sparsity is not None:
+            self.sparsity.bind(network, spaces)
         self.writer.attach(self.masking.layers, dict(network.named_modules()))
         self._set_up = True
         self.writer.write_layout(trainer)
@@ -217,10 +259,11 @@ class ChannelPruning(Callback):
             LiveCut.check_start(trainer, self.plan)
 
     # -- pruning and the cut ----------------------------------------------------------------------
-    def prune(self, trainer: L.Trainer, target: float) -> None:
+    def prune(self, trainer: L.Trainer, target: float, batch: Any = None) -> None:
         """One pruning event: select up to ``target``, apply the strategy, snapshot references, reset state."""
         # Rank 0 decides and every rank applies the same masks (scores could differ in the last bit).
-        masks = trainer.strategy.broadcast(self.masking.select(self.criterion, target), src=0)
+        amounts = self._amounts(trainer, target, batch)
+        masks = trainer.strategy.broadcast(self.masking.select(self.criterion, target, amounts), src=0)
         self.masking.apply(masks, target, trainer.global_step, trainer.optimizers)
         # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
         # its own kernels zeroed by then, and that is pruning, not drift.
@@ -228,6 +271,28 @@ class ChannelPruning(Callback):
         counts = {name: int(mask.sum()) for name, mask in self.pruned.items()}
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
                  self.criterion.name)  # fmt: skip
+
+    def _amounts(self, trainer: L.Trainer, target: float, batch: Any) -> dict[str, float] | None:
+        """Per-space amounts of a pruning event at ``target`` (the schedule's share of the way): the budget's
+        allocation, or the amounts fixed by hand; None: ``target`` everywhere."""
+        budget, spaces = self.budget, self.spaces
+        if budget.target is None:
+            fixed = budget.fixed_amounts(spaces)
+            return {name: amount * target / self.plan.final for name, amount in fixed.items()} or None
+        if budget.model is None:  # no input shape at setup: the cost model reads this batch's first image
+            assert self._network is not None
+            budget.prepare(self._network, spaces, example_image(trainer, None, self._network, batch))
+        already = {space.name: self.pruned[space.producers[0].name] for space in spaces
+                   if space.producers[0].name in self.pruned}  # fmt: skip
+        progress = target / self.plan.final
+        if budget.target.metric == "latency":  # timed on the run's device, under its precision
+            assert self._network is not None
+            settings = {"device": next(self._network.parameters()).device, "precision": str(trainer.precision)}
+            allocation = budget.calibrate_latency(self._network, self.criterion, spaces, already, progress, settings)
+        else:
+            allocation = budget.allocate(self.criterion, spaces, already, progress)
+        log_allocation(trainer, allocation)
+        return allocation.amounts
 
     def _remove_masks(self) -> None:
         """The masking machinery and the telemetry, and every reference to the masked modules: a cut network
@@ -248,7 +313,7 @@ class ChannelPruning(Callback):
             return  # the pruned channels are gone: nothing left to prune or measure
         target = self.plan.due(trainer.current_epoch, trainer.global_step, self.masking.pruned_amount)
         if target is not None:
-            self.prune(trainer, target)
+            self.prune(trainer, target, batch)
         if self.plan.cut_due(trainer.current_epoch, trainer.global_step):
             network = self.network(pl_module)
             report = self.live_cut.cut(trainer, pl_module, network, self.masking, self.plan.final, batch,
@@ -265,6 +330,9 @@ class ChannelPruning(Callback):
         self._stepped = True
         self.writer.record_gradients()  # before any gradient mask
         self.criterion.before_optimizer_step(self.layers)
+        if self._regularizing(trainer):  # after the criterion (it reads the task's gradient), before gradient masks
+            assert self.sparsity is not None
+            self.sparsity.add_gradients()
         self.masking.before_optimizer_step()
         self.writer.snapshot_rows()
 
@@ -277,6 +345,16 @@ class ChannelPruning(Callback):
         self.writer.record_optimizer_step(trainer.optimizers)
         self.masking.after_optimizer_step(trainer.optimizers)
         self.writer.write_step(trainer, self.masking.masked)
+        if self._regularizing(trainer) and trainer.global_step % self.writer.log_every_n_steps == 0:
+            assert self.sparsity is not None
+            self.sparsity.log(trainer)
+
+    def _regularizing(self, trainer: L.Trainer) -> bool:
+        """Whether sparse training acts now: set, not cut yet, within its epochs (or before the last pruning)."""
+        if self.sparsity is None or self.cut is not None:
+            return False
+        pruning_done = bool(self.pruning_steps) and self.masking.pruned_amount >= self.plan.final
+        return self.sparsity.active(trainer.current_epoch, pruning_done)
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -304,6 +382,7 @@ class ChannelPruning(Callback):
             **self.writer.state_dict(),
             **self.criterion.state_dict(),
             **self.live_cut.state_dict(),
+            **self.budget.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -324,6 +403,7 @@ class ChannelPruning(Callback):
             self.writer.on_masks(self.masking.masked, pruned_now=False)
         self.writer.load_state_dict(state_dict, self.layers)
         self.criterion.load_state_dict(state_dict)
+        self.budget.load_state_dict(state_dict)
 
     def check_checkpoint(self, checkpoint: Mapping[str, Any], origin: str) -> None:
         """Refuse in one line, before any weight loads, a checkpoint not pruned or pruned by another strategy.
@@ -348,6 +428,7 @@ class ChannelPruning(Callback):
             "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
             "mask/rank_fingerprints": self.writer.rank_fingerprints,
         }
+        report.update(self.budget.report())
         report.update(self.cut or {})
         report.update(self.writer.report(self.pruning_steps))
         return report

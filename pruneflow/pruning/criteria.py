@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
@@ -96,6 +96,9 @@ class Criterion:
 
     def check(self, spaces: Sequence[ChannelSpace]) -> None:
         """Refuse, before training, spaces this criterion cannot score."""
+
+    def bind(self, network: nn.Module) -> None:
+        """The network whose spaces it scores (a group importance reads the consumers' modules by name)."""
 
     def scores(self, space: ChannelSpace) -> Tensor:
         raise NotImplementedError
@@ -256,7 +259,12 @@ def taylor_contribution(layer: PrunableLayer) -> Tensor | None:
 
 
 def _parametrized_grad(layer: PrunableLayer) -> Tensor | None:
-    parametrizations = getattr(layer.producer, "parametrizations", None)
+    return parametrized_grad(layer.producer)
+
+
+def parametrized_grad(module: nn.Module) -> Tensor | None:
+    """The gradient of a parametrized weight's stored original, where ``module.weight`` is computed."""
+    parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is None or "weight" not in parametrizations:
         return None
     return parametrizations["weight"].original.grad

@@ -50,12 +50,16 @@ class Masking:
         for layer in self.layers:
             self.strategy.prepare(layer)
 
-    def select(self, criterion: Criterion, target: float) -> dict[str, Tensor]:
-        """One mask per space up to ``target``, keeping earlier choices, the same for each of its producers."""
+    def select(
+        self, criterion: Criterion, target: float, amounts: Mapping[str, float] | None = None
+    ) -> dict[str, Tensor]:
+        """One mask per space up to ``target`` (or its own amount in ``amounts``, by space name), keeping earlier
+        choices, the same for each of its producers."""
         masks = {}
         for space in self.spaces:
             already = self.pruned.get(space.producers[0].name, torch.zeros(space.width, dtype=torch.bool)).cpu()
-            mask = criterion.select(space, target, already)
+            amount = target if amounts is None else amounts.get(space.name, target)
+            mask = criterion.select(space, amount, already)
             masks.update((layer.name, mask) for layer in space.producers)
         return masks
 

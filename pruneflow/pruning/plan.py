@@ -55,7 +55,7 @@ class PruningPlan:
     def __init__(
         self,
         criterion: Criterion,
-        amount: float,
+        amount: float | None,
         layers: Sequence[str] | None,
         groups: bool,
         timing: Mapping[str, Any],
@@ -65,15 +65,17 @@ class PruningPlan:
         strategy: MaskStrategy,
         cut_changes_outputs: bool,
     ) -> None:
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
+        if amount is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float))
+                                   or not 0.0 <= amount < 1.0):  # fmt: skip
             raise ConfigError(f"mask.amount must be a fraction in [0, 1), got {amount!r}")
         if not isinstance(groups, bool):
             raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
         self.layer_patterns = list(layers) if layers is not None else None
         self.groups = groups
-        self.criterion, self.amount = criterion, float(amount)
-        # explicit lists carry their own counts: the schedule only says when (a target of 1 = "now").
-        self.final = 1.0 if criterion.name == EXPLICIT else self.amount
+        self.criterion, self.amount = criterion, None if amount is None else float(amount)
+        # explicit lists, and a budget (amount None: mask.target), carry their own counts: the schedule only says
+        # when, and how far along (a target of 1 = "all of it, now").
+        self.final = 1.0 if criterion.name == EXPLICIT or self.amount is None else self.amount
         self.schedule = PruningSchedule(self.final, **timing)  # kind, at_epoch, at_step, start_epoch, end_epoch
         self.cut_at_epoch, self.cut_at_step = cut_at_epoch, cut_at_step
         for name in ("cut_at_epoch", "cut_at_step"):
@@ -123,6 +125,7 @@ class PruningPlan:
                 + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
                 + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
             )
+        self.criterion.bind(network)
         self.criterion.check(spaces)
         return spaces
 
