@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 import pruneflow.experiment  # noqa: F401  (registers the resolvers conf/ uses)
 from pruneflow import ChannelPruning
-from pruneflow.pruning.channels import Consumer
+from pruneflow.graph import Consumer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
