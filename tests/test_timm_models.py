@@ -13,8 +13,10 @@ from pruneflow.graph import trace_channel_graph
 
 timm = pytest.importorskip("timm")
 
-# timm CNNs whose every block is a conv → BatchNormAct2d: everything but the classifier's output is prunable
-NORM_ACT_CNNS = ("test_byobnet", "test_efficientnet")
+# timm CNNs (convs with BatchNormAct2d, Conv2dSame, SE gates; ConvNeXt's LayerNorm2d and layer scales): everything
+# but the classifier's output is prunable
+QUICK = ("test_convnext", "test_efficientnet", "test_mambaout")  # the others are slow-marked: seconds each
+PRUNABLE_UP_TO_THE_CLASSIFIER = ("test_byobnet", "test_convnext", "test_convnext2", "test_efficientnet", "test_resnet")
 
 
 def tiny(name: str) -> torch.nn.Module:
@@ -23,11 +25,18 @@ def tiny(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", timm.list_models("test_*"))
-def test_every_tiny_timm_model_traces_and_cuts_to_the_masked_function(name: str) -> None:
+def test_every_tiny_timm_model_traces_without_raising(name: str) -> None:
+    graph = trace_channel_graph(tiny(name))  # what it cannot follow it refuses, space by space, with a reason
+    assert graph.spaces and all(space.prunable or space.refusals for space in graph.spaces)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in timm.list_models("test_*")],
+)
+def test_a_tiny_timm_model_cuts_to_the_masked_function(name: str) -> None:
     model = tiny(name)
-    graph = trace_channel_graph(model)  # never raises: what it cannot follow it refuses, space by space
-    assert all(space.prunable or space.refusals for space in graph.spaces)
-    if not graph.prunable:
+    if not trace_channel_graph(model).prunable:
         return
     images = torch.randn(2, *model.pretrained_cfg["input_size"][-3:])
     masked, compaction = masked_and_cut(model, images)
@@ -37,9 +46,15 @@ def test_every_tiny_timm_model_traces_and_cuts_to_the_masked_function(name: str)
     assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
 
 
-@pytest.mark.parametrize("name", NORM_ACT_CNNS)
-def test_timm_norm_act_cnns_are_prunable_up_to_their_classifier(name: str) -> None:
+@pytest.mark.parametrize("name", PRUNABLE_UP_TO_THE_CLASSIFIER)
+def test_timm_cnns_are_prunable_up_to_their_classifier(name: str) -> None:
     graph = trace_channel_graph(tiny(name))
     refused = [space for space in graph.spaces if not space.prunable]
     assert [space.refusals for space in refused] == [["reaches the network's output, whose shape would change"]]
-    assert any(type(layer.norm).__name__ == "BatchNormAct2d" for layer in graph.layers)
+
+
+def test_norm_act_modules_are_their_convs_norms_and_layer_scales_are_cut_with_the_stream() -> None:
+    for name in ("test_byobnet", "test_efficientnet"):
+        assert any(type(layer.norm).__name__ == "BatchNormAct2d" for layer in trace_channel_graph(tiny(name)).layers)
+    stream = next(space for space in trace_channel_graph(tiny("test_convnext")).spaces if "stem.0" in space.names)
+    assert ("stages.0.blocks.0.gamma", 0) in [(scale.name, scale.dim) for scale in stream.scales]

@@ -16,7 +16,7 @@ from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
 from pruneflow.graph.records import ChannelScale
-from pruneflow.graph.registry import register_function_handler
+from pruneflow.graph.registry import register_function_handler, register_method_handler
 from pruneflow.graph.values import Value
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     description = tracer.describe(node)
     if product and len(values) == 1 and len(numbers) == len(tensors) - 1:
         return values[0]  # a number times zero is zero
-    factors = [a for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    factors = [a for a in operands if isinstance(a, torch.fx.Node) and parameter_read(a) is not None]
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
     joinable = (
@@ -65,30 +65,57 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     return Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim or b.ndim, channels_last=a.channels_last)
 
 
+def parameter_read(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The ``get_attr`` that ``node`` is, or that it reshapes to broadcast (timm's ConvNeXt:
+    ``x.mul(self.gamma.reshape(1, -1, 1, 1))``, read by nothing else); None for anything else."""
+    if node.op == "get_attr":
+        return node
+    source = node.args[0] if node.args else None
+    reshaping = node.op == "call_method" and node.target in ("reshape", "view")
+    if reshaping and isinstance(source, torch.fx.Node) and source.op == "get_attr" and len(source.users) == 1:
+        return source
+    return None
+
+
+def broadcast_shape(tracer: Tracer, factor: torch.fx.Node, parameter: nn.Parameter) -> tuple[int, ...] | None:
+    """The shape the factor multiplies with: the parameter's, or a 1-D parameter's after its reshape."""
+    if factor.op == "get_attr":
+        return tuple(parameter.shape)
+    sizes = factor.args[1] if len(factor.args) == 2 else factor.args[1:]
+    if parameter.ndim != 1 or not all(isinstance(size, int) for size in sizes):
+        return None
+    try:
+        return tuple(torch.empty(parameter.shape, device="meta").reshape(sizes).shape)
+    except RuntimeError:
+        return None
+
+
 def scaled(tracer: Tracer, value: Value, factor: torch.fx.Node) -> bool:
-    """Whether ``factor`` (a ``get_attr``) is a parameter of one entry per channel along ``value``'s channels
-    (ConvNeXt's ``layer_scale``, (C, 1, 1)), read once, of no producer or norm; if so each space records it
-    (``ChannelScale``), to be cut with its channels."""
-    target = str(factor.target)
+    """Whether ``factor`` (a ``get_attr``, or its reshape) is a parameter of one entry per channel along
+    ``value``'s channels (ConvNeXt's ``layer_scale``, (C, 1, 1)), read once, of no producer or norm; if so each
+    space records it (``ChannelScale``), to be cut with its channels."""
+    source = parameter_read(factor)
+    target = str(source.target)
     parameter = attribute(tracer.model, target)
     owner = tracer.modules.get(target.rpartition(".")[0])
+    shape = broadcast_shape(tracer, factor, parameter) if isinstance(parameter, nn.Parameter) else None
     if (
-        not isinstance(parameter, nn.Parameter)
+        shape is None
         or value.layout is not None
         or isinstance(owner, (*PRODUCER_TYPES, *NORM_TYPES, *LAYER_NORMS))
         or tracer.attribute_reads.get(target, 0) != 1
         or value.flattened
         or value.width is None
         or (value.ndim is None and not value.channels_last)
-        or (value.ndim is not None and parameter.ndim > value.ndim)
+        or (value.ndim is not None and len(shape) > value.ndim)
     ):
         return False
-    dim = parameter.ndim - 1 if value.channels_last else parameter.ndim - value.ndim + 1
-    others = [size for d, size in enumerate(parameter.shape) if d != dim]
-    if dim not in (0, 1) or dim >= parameter.ndim or parameter.shape[dim] != value.width or set(others) - {1}:
+    dim = len(shape) - 1 if value.channels_last else len(shape) - value.ndim + 1
+    others = [size for d, size in enumerate(shape) if d != dim]
+    if dim not in (0, 1) or dim >= len(shape) or shape[dim] != value.width or set(others) - {1}:
         return False
-    for index, offset in value.segments:
-        tracer.space(index).scales.append(ChannelScale(target, dim, offset))
+    for index, offset in value.segments:  # a reshaped 1-D parameter: its channels are its dim 0
+        tracer.space(index).scales.append(ChannelScale(target, dim if factor is source else 0, offset))
     return True
 
 
@@ -142,4 +169,6 @@ def cat_layouts(tracer: Tracer, node: torch.fx.Node, values: list[Value | None])
 
 register_function_handler(ADD_FUNCTIONS, add)
 register_function_handler(MUL_FUNCTIONS, multiply)
+register_method_handler(("add", "add_"), add)
+register_method_handler(("mul", "mul_"), multiply)
 register_function_handler(torch.cat, cat)
