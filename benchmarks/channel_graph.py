@@ -44,8 +44,8 @@ import torch
 from pruneflow.compaction import compact_and_verify
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
+from pruneflow.graph import trace_channel_graph
 from pruneflow.models import ResNet, torchvision_classifier
-from pruneflow.pruning.channels import trace_channel_graph
 from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.strategies import make_strategy
 

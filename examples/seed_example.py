@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow.pruning.channels import find_prunable_layers
+from pruneflow.graph import find_prunable_layers
 from pruneflow.pruning.strategies import make_strategy
 
 PRUNED_CHANNEL = 1

@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pruneflow import ChannelPruning
 from pruneflow.experiment import compose_config
-from pruneflow.pruning.channels import Consumer
+from pruneflow.graph import Consumer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

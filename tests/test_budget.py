@@ -16,10 +16,11 @@ from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction.cost import count_flops, count_parameters
 from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
+from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.models import ResNet
 from pruneflow.pruning.budget import TOLERANCE, Allocation, Budget, CostModel, allowed_counts
-from pruneflow.pruning.channels import ChannelSpace, select_spaces, trace_channel_graph
 from pruneflow.pruning.criteria import L1
+from pruneflow.pruning.selection import select_spaces
 
 
 def graph_spaces(network: nn.Module, groups: bool = True) -> list[ChannelSpace]:

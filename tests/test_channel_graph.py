@@ -23,8 +23,9 @@ from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelGraph, ChannelSpace, Consumer, select_spaces, trace_channel_graph
+from pruneflow.graph import ChannelGraph, ChannelSpace, Consumer, trace_channel_graph
 from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune, select_per_head
+from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 
@@ -176,7 +177,7 @@ def test_a_coupled_member_named_by_a_glob_selects_its_group_and_the_log_says_so(
     graph = trace_channel_graph(torchvision_model("resnet18")())
     assert all(not space.coupled for space in select_spaces(graph.spaces, None))
     assert sum(space.coupled for space in select_spaces(graph.spaces, None, groups=True)) == 4
-    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.selection"):
         (space,) = select_spaces(graph.spaces, ["layer1.1.conv2"], groups=True)
     assert space.names == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
     assert "names layer1.1.conv2: pruning its whole group conv1, layer1.0.conv2, layer1.1.conv2" in caplog.text
@@ -343,7 +344,7 @@ class SharedWeight(nn.Module):
 @pytest.mark.parametrize("how", ["functional", "tied"])
 def test_a_weight_read_anywhere_else_leaves_its_spaces_unprunable_said_once(how: str, caplog) -> None:
     model = SharedWeight(how)
-    with caplog.at_level(logging.INFO, logger="pruneflow.pruning.channels"):
+    with caplog.at_level(logging.INFO, logger="pruneflow.graph"):
         graph = trace_channel_graph(model)
     shared = ["a", "b"] if how == "tied" else ["a"]
     for name in shared:

@@ -19,7 +19,7 @@ from pruneflow.compaction import CompactionError, compact
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.compaction.while_training import swap_in
-from pruneflow.pruning.channels import trace_channel_graph
+from pruneflow.graph import trace_channel_graph
 from pruneflow.pruning.criteria import L1, select_by_route
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry

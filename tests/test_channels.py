@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from pruneflow.errors import ConfigError
+from pruneflow.graph import Consumer, find_prunable_layers, trace_channel_graph
 from pruneflow.models import VGG, ConvNet, ResNet
-from pruneflow.pruning.channels import Consumer, find_prunable_layers, select_layers, trace_channel_graph
+from pruneflow.pruning.selection import select_layers
 
 
 def by_name(model: nn.Module) -> dict:

@@ -29,8 +29,9 @@ from pruneflow.compaction import (
     load_exported,
 )
 from pruneflow.compaction.verify import randomize_norms, verify
+from pruneflow.graph import PrunableLayer, find_prunable_layers
 from pruneflow.models import VGG, ConvNet, ResNet
-from pruneflow.pruning.channels import PrunableLayer, find_prunable_layers, select_layers
+from pruneflow.pruning.selection import select_layers
 from pruneflow.pruning.strategies import make_strategy
 
 TOLERANCE = 1e-5

@@ -10,7 +10,7 @@ from torch import nn
 
 from pruneflow import ChannelPruning
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, trace_channel_graph
+from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.pruning.criteria import Criterion, select_channels
 from pruneflow.pruning.importance import lamp_scores, make_importance
 

@@ -19,7 +19,7 @@ from test_window_attention import masked_and_cut
 from pruneflow.compaction import effective_copy, export_compact, load_compact
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
-from pruneflow.pruning.channels import trace_channel_graph
+from pruneflow.graph import trace_channel_graph
 
 STRATEGIES = ["activation", "weight", "gradient", "hard", "parametrize", "control"]
 TINY = {"input_size": [32, 32], "stem_channels": 16, "partition_size": 2, "block_channels": [16, 32],

@@ -13,8 +13,8 @@ from torch import nn
 
 from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.errors import ConfigError
+from pruneflow.graph import ChannelSpace, find_prunable_layers, trace_channel_graph
 from pruneflow.models import ResNet
-from pruneflow.pruning.channels import ChannelSpace, find_prunable_layers, trace_channel_graph
 from pruneflow.pruning.criteria import (
     L1,
     L2,

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pruneflow import ChannelPruning
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import select_spaces, trace_channel_graph
+from pruneflow.graph import trace_channel_graph
+from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.sparsity import SparseTraining
 
 PLANTED = 2

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pruneflow import ChannelPruning, ClassifierModule
+from pruneflow.graph import PrunableLayer
 from pruneflow.models import make_activation
-from pruneflow.pruning.channels import PrunableLayer
 from pruneflow.pruning.strategies import KEEP_BUFFER
 
 PRUNE_AT = 6

@@ -20,8 +20,9 @@ from pruneflow.compaction import Compaction, CompactionError, compact, effective
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import select_spaces, trace_channel_graph
+from pruneflow.graph import trace_channel_graph
 from pruneflow.pruning.criteria import L1, select_per_head
+from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
 

@@ -1,6 +1,6 @@
 """Compaction's cut: from a masked network, a physically smaller one with the pruned channels taken out.
 
-It reads the channel graph (``pruneflow.pruning.channels``): a channel lives in a **channel space**,
+It reads the channel graph (``pruneflow.graph``): a channel lives in a **channel space**,
 written by its producers and read by its consumers. Cutting channel ``c`` of a space removes
 
 - row ``c`` of every producer's kernel (and bias) — convs, linear layers and the depthwise convs that
@@ -54,18 +54,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import (
-    ChannelGraph,
+from pruneflow.graph import (
     ChannelSpace,
     Consumer,
-    LayerNorm2d,
-    channel_routes,
+    UnionFind,
     is_depthwise,
     is_layer_norm,
     norm_width,
     trace_channel_graph,
 )
-from pruneflow.pruning.criteria import channels_to_prune
+from pruneflow.graph.layers import LayerNorm2d
+from pruneflow.graph.registry import MODULE_HANDLERS
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +159,23 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
 
 
 def _resizable(name: str, module: nn.Module) -> tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]:
-    entry = RESIZABLE.get(type(module))
+    entry = RESIZABLE.get(_rebuilt_as(module))
     if entry is None:
         raise CompactionError(
             f"{name} is a {type(module).__name__}; compaction rebuilds only "
-            f"{', '.join(cls.__name__ for cls in RESIZABLE)} (exact types, not subclasses)"
+            f"{', '.join(cls.__name__ for cls in RESIZABLE)} (exact types, not subclasses), and subclasses the channel "
+            "graph has a handler for"
         )
     return entry
+
+
+def _rebuilt_as(module: nn.Module) -> type[nn.Module]:
+    """The type whose constructor gives ``module``'s tensors their shapes: its own, or for a subclass the graph was
+    taught (timm's ``BatchNormAct2d``, ``Conv2dSame``: ``register_module_handler``) the nearest base in
+    ``RESIZABLE``, whose tensors it takes, its own forward and settings (its activation) kept."""
+    if type(module) in RESIZABLE or type(module) not in MODULE_HANDLERS:
+        return type(module)
+    return next((cls for cls in type(module).__mro__ if cls in RESIZABLE), type(module))
 
 
 def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module:
@@ -174,17 +183,26 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
 
     Built on the meta device, then given empty storage: no initialisation runs, so it draws nothing from the random
     number generator. A cut while training would otherwise shift every later dropout and stochastic-depth draw, and
-    the cut network would no longer train on as the masked one."""
-    arguments, _ = _resizable(name, module)
+    the cut network would no longer train on as the masked one. A taught subclass (``_rebuilt_as``) is a copy of
+    ``module`` given the new module's tensors and widths."""
+    arguments, (out_arg, in_arg) = _resizable(name, module)
     tensor = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
     dtype = {} if tensor is None else {"dtype": tensor.dtype}
-    new = type(module)(**{**arguments(module), **sizes}, device="meta", **dtype)
+    base = _rebuilt_as(module)
+    new = base(**{**arguments(module), **sizes}, device="meta", **dtype)
     new.to_empty(device=tensor.device if tensor is not None else "cpu")
     new.train(module.training)
     parameters = dict(module.named_parameters())
     for parameter_name, parameter in new.named_parameters():
         carry_parameter_settings(parameters[parameter_name], parameter)
-    return new
+    if base is type(module):
+        return new
+    like = copy.copy(module)  # its submodules (an activation) shared: they hold no per-channel tensor
+    like._parameters, like._buffers = dict(new._parameters), dict(new._buffers)
+    for attribute in (out_arg, in_arg, "groups", "normalized_shape"):
+        if attribute is not None and hasattr(new, attribute):
+            setattr(like, attribute, getattr(new, attribute))
+    return like
 
 
 def carry_parameter_settings(old: nn.Parameter, new: nn.Parameter) -> None:
@@ -542,7 +560,7 @@ def _rebuild(
         if name in zeros:
             _zero_padding(new, *zeros[name])
         replace_module(model, name, new)
-        arguments, (out_arg, in_arg) = RESIZABLE[type(new)]
+        arguments, (out_arg, in_arg) = _resizable(name, new)
         values = arguments(new)
         width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
         sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
@@ -656,17 +674,14 @@ def _fit_slots(
     family of spaces (those sharing a reader and a width) by one until they do: each space's slot → channel order
     (``_match``) and the graph traced at those widths."""
     readers_of = {key: set(_readers(group.space)) for key, group in spaces.items()}
-    family = {key: key for key in spaces}  # spaces cut to one width: a shuffled stream's producers
-
-    def root(key: int) -> int:
-        while family[key] != key:
-            key = family[key]
-        return key
-
+    family: UnionFind[int] = UnionFind()  # spaces cut to one width: a shuffled stream's producers
+    for key in spaces:
+        family.add(key)
     for a in spaces:
         for b in spaces:
             if a < b and readers_of[a] & readers_of[b] and spaces[a].width == spaces[b].width:
-                family[root(b)] = root(a)
+                family.union(a, b)
+    root = family.root
     slots = {key: len(group.kept) for key, group in spaces.items()}
     for key in spaces:
         slots[root(key)] = max(slots[root(key)], slots[key])
@@ -725,20 +740,3 @@ def _zero_padding(module: nn.Module, rows: Tensor | None, columns: Tensor | None
             module.running_var.index_fill_(0, rows, 1.0)
     if columns is not None and len(columns) and getattr(module, "weight", None) is not None and module.weight.ndim >= 2:
         module.weight.index_fill_(1, columns, 0.0)
-
-
-def route_slots(model: nn.Module, graph: ChannelGraph, amount: float) -> dict[str, dict[tuple[str, ...], int]]:
-    """Slots per route of each reordered space (``ChannelSpace.routes``) in ``model`` cut with ``amount`` of every
-    reordered space pruned, found by tracing ``model`` at those widths: what ``Criterion.select`` keeps per route."""
-    widths = {
-        name: space.width - channels_to_prune(space.width, amount)
-        for space in graph.spaces
-        if space.routes
-        for name in space.names
-    }
-    reordered = {space.name for space in graph.spaces if space.routes}
-    return {
-        space.name: {route: len(channels) for route, channels in channel_routes(space).items()}
-        for space in trace_channel_graph(model, widths).spaces
-        if space.name in reordered
-    }

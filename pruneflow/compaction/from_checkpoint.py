@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pruneflow.compaction.cut import apply_sizes, as_mask
 from pruneflow.compaction.pipeline import model_config
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import find_prunable_layers
+from pruneflow.graph import find_prunable_layers
 from pruneflow.pruning.strategies import current_strategy_name, make_strategy
 
 log = logging.getLogger(__name__)

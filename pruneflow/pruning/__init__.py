@@ -1,9 +1,8 @@
-"""Channel pruning: the channel graph (channels), selection (criteria), masking (strategies), timing (schedule),
-measurement (telemetry), and the Lightning Callback (callback) that wires its hooks to one object per job:
-plan, masking, telemetry_writer, live_cut."""
+"""Channel pruning, reading the channel graph (``pruneflow.graph``): which spaces (selection), which channels
+(criteria), masking (strategies), timing (schedule), measurement (telemetry), and the Lightning Callback (callback)
+that wires its hooks to one object per job: plan, masking, telemetry_writer, live_cut."""
 
-from pruneflow.pruning.callback import ChannelPruning
-from pruneflow.pruning.channels import (
+from pruneflow.graph import (
     ChannelGraph,
     ChannelSpace,
     Consumer,
@@ -11,6 +10,7 @@ from pruneflow.pruning.channels import (
     find_prunable_layers,
     trace_channel_graph,
 )
+from pruneflow.pruning.callback import ChannelPruning
 from pruneflow.pruning.strategies import STRATEGIES, MaskStrategy
 
 __all__ = [

@@ -53,7 +53,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.pruning.channels import PRODUCER_TYPES, ChannelSpace, is_depthwise, norm_width
+from pruneflow.graph import ChannelSpace, is_depthwise, norm_width
+from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.pruning.criteria import Criterion, channels_to_prune
 
 log = logging.getLogger(__name__)

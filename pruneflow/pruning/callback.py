@@ -3,7 +3,7 @@
 It works on any LightningModule: it prunes the channel spaces of ``pl_module.<module>`` (default: the
 module's ``model`` attribute when it has one, else the LightningModule itself, else — when the
 LightningModule defines no ``forward`` — the one submodule with weights it holds), read from the
-channel graph (``channels.trace_channel_graph``). The callback only wires Lightning's hooks to objects
+channel graph (``pruneflow.graph.trace_channel_graph``). The callback only wires Lightning's hooks to objects
 with one job each: the plan (``plan.PruningPlan``: what to prune when, and when to cut), the masking
 lifecycle (``masking.Masking``), the telemetry writer (``telemetry_writer.TelemetryWriter``) and the cut
 (``live_cut.LiveCut``); each carries its own part of the checkpointed state. Per training step (hook
@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from pruneflow.callbacks.step_hooks import show_step_hooks
 from pruneflow.errors import ConfigError
+from pruneflow.graph import ChannelSpace, PrunableLayer
 from pruneflow.pruning.budget import Budget, example_image, log_allocation
-from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
 from pruneflow.pruning.criteria import Criterion
 from pruneflow.pruning.importance import make_importance
 from pruneflow.pruning.live_cut import LiveCut

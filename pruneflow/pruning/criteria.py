@@ -18,12 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
-
-
-def channels_to_prune(num_channels: int, amount: float) -> int:
-    """How many of ``num_channels`` output channels ``amount`` removes: ⌊amount·C⌋, never all of them."""
-    return min(int(amount * num_channels + 1e-9), num_channels - 1)
+from pruneflow.graph import ChannelSpace, PrunableLayer, channels_to_prune
 
 
 def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from pruneflow.pruning.channels import PrunableLayer
+from pruneflow.graph import PrunableLayer
 from pruneflow.pruning.strategies import MaskStrategy
 
 CHANNELS_PER_ROW = 32

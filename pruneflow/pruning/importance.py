@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, Consumer, PrunableLayer, is_depthwise
+from pruneflow.graph import ChannelSpace, Consumer, PrunableLayer, is_depthwise
 from pruneflow.pruning.criteria import (
     CRITERION_NAMES,
     BnGamma,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, PrunableLayer
+from pruneflow.graph import ChannelSpace, PrunableLayer
 from pruneflow.pruning.criteria import Criterion
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, zero_optimizer_state
 

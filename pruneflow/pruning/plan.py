@@ -20,8 +20,9 @@ import lightning as L
 from torch import nn
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import ChannelSpace, select_spaces, trace_channel_graph
+from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.pruning.criteria import EXPLICIT, Criterion, Explicit
+from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.sparsity_schedule import PruningSchedule
 from pruneflow.pruning.strategies import MaskStrategy
 

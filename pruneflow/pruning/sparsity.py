@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.pruning.channels import ChannelSpace, is_depthwise
+from pruneflow.graph import ChannelSpace, is_depthwise
 from pruneflow.pruning.importance import GroupMembers
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
-from pruneflow.pruning.channels import LAYER_NORMS, PrunableLayer, is_layer_norm
+from pruneflow.graph import LAYER_NORMS, PrunableLayer, is_layer_norm
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from pruneflow.pruning.channels import Consumer, PrunableLayer
+from pruneflow.graph import Consumer, PrunableLayer
 from pruneflow.pruning.strategies import QKV_KEEP_BUFFER, MaskStrategy
 
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the

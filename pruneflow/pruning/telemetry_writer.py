@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.pruning.channels import PrunableLayer
+from pruneflow.graph import PrunableLayer
 from pruneflow.pruning.dashboard import log_pruned_layers
 from pruneflow.pruning.strategies import MaskStrategy
 from pruneflow.pruning.telemetry import DriftTelemetry, custom_scalars_layout

@@ -1,0 +1,16 @@
+"""The graph's own rules, one module per family of ops; importing this package fills the tables of
+``pruneflow.graph.registry``. A user's rules plug in the same way (``register_module_handler``, ``register_leaf``).
+
+- ``pointwise``: activations and dropout, which keep channel c in channel c (and a zero at zero, or revive it);
+- ``producers``: convs and linear layers, which write spaces, and their reading of spaces (consumers);
+- ``norms``: BatchNorms and LayerNorms over the channels, and the norms across channels the graph refuses;
+- ``joins``: additions and products (coupling spaces), per-channel scales, concatenations;
+- ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
+- ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
+- ``attention``: torchvision's Swin and MaxViT attention layers, kept whole;
+- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
+"""
+
+from pruneflow.graph.handlers import attention, joins, norms, pointwise, producers, reorderings, shapes, timm_layers
+
+__all__ = ["attention", "joins", "norms", "pointwise", "producers", "reorderings", "shapes", "timm_layers"]

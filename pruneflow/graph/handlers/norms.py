@@ -1,0 +1,80 @@
+"""Norms: a BatchNorm, or a LayerNorm over the channels (``LAYER_NORMS``), directly after its producer is that
+producer's norm and its channel point (β flows into a zeroed channel: ``γ·(0 − 0)/√(0 + ε) + β = β``, so the
+mask goes after it); reading a space among other channels (after a concatenation or an addition) it is a
+``ChannelPoint`` of each space it reads. A norm across channels (GroupNorm, a LayerNorm subclass, an InstanceNorm)
+mixes them in ways a cut does not reproduce: refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers.producers import add_points
+from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, is_layer_norm, norm_width
+from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+NORMS_ACROSS_CHANNELS: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+)  # fmt: skip
+
+
+def norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """A BatchNorm (over dim 1) or a LayerNorm over the channels: its producer's norm, or a point."""
+    name = str(node.target)
+    width = norm_width(module)
+    dim = LAYER_NORMS.get(type(module), 1)
+    source = node.args[0] if node.args else None
+    writer = tracer.writer_of.get(source) if isinstance(source, torch.fx.Node) else None
+    across = is_layer_norm(module) and len(module.normalized_shape) > 1
+    if (
+        writer is not None
+        and writer.norm is None
+        and len(source.users) == 1
+        and not tracer.reused(name)
+        and not across
+        and tracer.fits(tracer.width(writer), width)
+        and (value is None or value.ndim is None or value.channels_at(dim))
+    ):
+        writer.norm_name, writer.norm = name, module
+        return value
+    if value is None:
+        return None
+    reason = tracer.reused(name) or (
+        "it normalises across more than their channels" if across else
+        "it reads them flattened" if value.flattened else
+        "it normalises another dim than their channels" if not value.channels_at(dim) else
+        "their rank is unknown" if value.ndim is None and dim == 1 else
+        f"it has {width} channels" if not tracer.fits(value.width, width) else None
+    )  # fmt: skip
+    if reason:
+        tracer.refuse(value, f"{type(module).__name__} {name} reads them among other channels and {reason}, so its "
+                             "β would flow into a masked channel")  # fmt: skip
+        return None
+    # A norm after a concatenation or an addition: each space is masked again at its offset there.
+    width = value.width if tracer.widths is not None and value.width is not None else width
+    shape = (width,) if dim == -1 else (1, width, *([1] * (value.ndim - 2)))
+    add_points(tracer, name, module, value, shape)
+    return replace(value, revived_by=None)
+
+
+def across_channels(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
+    tracer.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
+
+
+def layer_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """A LayerNorm over the channels (exact types) is a norm; a subclass may compute something else: refused."""
+    if is_layer_norm(module):
+        return norm(tracer, node, module, value)
+    return across_channels(tracer, node, module, value)
+
+
+register_module_handler(NORM_TYPES, norm, leaf=False)
+register_module_handler(NORMS_ACROSS_CHANNELS, across_channels, leaf=False)
+register_module_handler(tuple(LAYER_NORMS), layer_norm)

@@ -1,0 +1,59 @@
+"""What the channel graph knows of layer types: producers, norms over the channels, depthwise convs, the attention
+layers it keeps whole. Read by the graph's handlers, the masking strategies and the cut."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.maxvit import PartitionAttentionLayer, RelativePositionalMultiHeadAttention
+from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# LayerNorms over the channels, exact type → the dim they normalise: ``nn.LayerNorm`` the last (channels-last
+# input), torchvision's ``LayerNorm2d`` dim 1. A subclass may compute something else: it stays refused.
+LAYER_NORMS: dict[type[nn.Module], int] = {nn.LayerNorm: -1, LayerNorm2d: 1}
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose output channel c reads input channel c only (groups = in = out channels)."""
+    return (
+        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def is_window_attention(module: nn.Module) -> bool:
+    """torchvision's Swin attention (exact type: V2's cosine attention is another function)."""
+    return type(module) is ShiftedWindowAttention
+
+
+def is_partition_attention(module: nn.Module) -> bool:
+    """torchvision's MaxViT window or grid attention layer, exactly as torchvision builds it: partition, LayerNorm →
+    relative-position attention → dropout, LayerNorm → MLP, each with its residual, departition."""
+    if type(module) is not PartitionAttentionLayer:
+        return False
+    attention, mlp = list(module.attn_layer), list(module.mlp_layer)
+    return [type(m) for m in attention] == [nn.LayerNorm, RelativePositionalMultiHeadAttention, nn.Dropout] and [
+        type(m) for m in mlp
+    ] == [nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear, nn.Dropout]
+
+
+def is_layer_norm(module: nn.Module) -> bool:
+    """A LayerNorm the graph knows to normalise over channels (exact types: ``LAYER_NORMS``)."""
+    return type(module) in LAYER_NORMS
+
+
+def norm_width(module: nn.Module) -> int:
+    """The channels a BatchNorm or a LayerNorm over channels normalises (a depthwise conv's, where it carries
+    several spaces as a ``ChannelPoint``)."""
+    if is_layer_norm(module):
+        return module.normalized_shape[0]
+    return module.out_channels if is_depthwise(module) else module.num_features
+
+
+def output_ndim(module: nn.Module) -> int | None:
+    """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
+    layer's input may have any rank."""
+    return {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))

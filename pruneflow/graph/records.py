@@ -1,0 +1,230 @@
+"""The channel graph's records: the spaces a trace finds and what reads and writes each of them.
+
+A ``ChannelSpace`` is a set of channels that share an index everywhere they flow; its producers
+(``PrunableLayer``) write them, its consumers (``Consumer``) read them, its points (``ChannelPoint``) are norms
+(or depthwise convs) reading it among other channels, its scales (``ChannelScale``) per-channel parameters
+multiplied into it. ``ChannelGraph`` holds every space of a model. The package docstring carries the physics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pruneflow.graph.layers import is_depthwise, norm_width
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A weight that reads a space's channels along its input dimension (dim 1).
+
+    ``kind`` "conv" (input slice ``weight[:, c]``), "linear" (feature block of ``features_per_channel``
+    features per channel, channel-major as a flatten orders them) or "grouped" (a grouped conv with
+    ``block`` input channels per group: its rows of group g read the g-th block of the space, channel c
+    at column ``c mod block``; the space is cut at the same positions in every block, so those columns
+    go from all rows); ``offset``: where the space starts in the consumer's input (after a ``torch.cat``).
+    """
+
+    name: str
+    kind: str
+    features_per_channel: int = 1
+    offset: int = 0
+    block: int = 0
+    # channel c → the column reading it, -1: not read here — where the space reaches the consumer reordered
+    # (a channel shuffle, a ``chunk``: ``_Value.layout``), instead of at ``offset``
+    at: tuple[int, ...] = ()
+
+    def columns(self, channels: torch.Tensor) -> torch.Tensor:
+        """Indices along the consumer weight's input dimension (dim 1) that read the given channels."""
+        if self.at:
+            return _placed(self.at, channels)
+        if self.kind == "grouped":
+            return torch.unique(channels % self.block)
+        k = self.features_per_channel
+        first = (channels + self.offset) * k
+        return (first.view(-1, 1) + torch.arange(k, device=channels.device)).flatten()
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelPoint:
+    """A norm that reads a space among other channels — a BatchNorm after a concatenation (DenseNet's
+    pre-activation ``norm1``) or an addition, a LayerNorm over a residual stream (ConvNeXt's) — so it
+    belongs to no producer. It writes β into every channel, so the space's channel ``c`` is masked again
+    at its output, at ``offset + c``, and a cut removes its entry ``offset + c``. ``shape`` broadcasts a
+    vector of its channels over its output: (1, C, 1, 1) at dim 1, (C,) at the last dim."""
+
+    name: str
+    module: nn.Module
+    offset: int
+    shape: tuple[int, ...]
+    at: tuple[int, ...] = ()  # channel c → its entry, -1: not read here (a reordered space, as ``Consumer.at``)
+
+    @property
+    def width(self) -> int:
+        return norm_width(self.module)
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The norm's entries that carry the space's ``channels`` (those it reads)."""
+        return _placed(self.at, channels) if self.at else channels + self.offset
+
+    def placed(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the space's channels this point reads, their entries) for a space of ``width`` channels."""
+        channels = torch.arange(width)
+        if not self.at:
+            return channels, channels + self.offset
+        entries = torch.tensor(self.at)
+        return channels[entries >= 0], entries[entries >= 0]
+
+
+def _placed(at: tuple[int, ...], channels: torch.Tensor) -> torch.Tensor:
+    """``at[c]`` for each of ``channels`` that is read (``at[c] >= 0``)."""
+    entries = torch.tensor(at, device=channels.device).index_select(0, channels.long())
+    return entries[entries >= 0]
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelScale:
+    """A per-channel parameter read outside its module and multiplied into a space (ConvNeXt's
+    ``layer_scale``, shape (C, 1, 1)): a zero channel stays zero, and a cut slices entry ``offset + c``
+    of the parameter ``name`` along its ``dim`` (0 or 1) with the space's channel ``c``."""
+
+    name: str
+    dim: int
+    offset: int
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The parameter's entries along ``dim`` that carry the space's ``channels``."""
+        return channels + self.offset
+
+
+@dataclass(eq=False)
+class PrunableLayer:
+    """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
+
+    ``producer``: the module that writes the channels, a conv or a linear layer.
+    """
+
+    name: str
+    producer: nn.Module
+    norm_name: str | None = None
+    norm: nn.Module | None = None  # a BatchNorm, or a LayerNorm over the channels
+    space: ChannelSpace | None = field(default=None, repr=False)
+    # A producer never called as a module (a Swin attention's ``qkv`` and ``proj``, whose weights the attention
+    # reads itself): the module whose output completes its channels, the attention (``is_window_attention``).
+    unit_name: str | None = None
+    unit: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def channel_point_name(self) -> str:
+        return self.unit_name or self.norm_name or self.name
+
+    @property
+    def channel_point(self) -> nn.Module:
+        """Where the channel is complete: the norm after the producer, else the producer itself (or the attention
+        that calls it)."""
+        return self.unit if self.unit is not None else self.norm if self.norm is not None else self.producer
+
+    @property
+    def inside_unit(self) -> bool:
+        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's."""
+        return self.unit is not None and self.space is not None and self.space.heads > 1
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.producer.weight.shape[0])
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        """The shape a per-channel vector takes to broadcast over the channel point's output: (1, C, 1, 1)
+        after a Conv2d, (1, C, 1) after a Conv1d, (C,) after a linear layer (its features are the last dim)."""
+        if isinstance(self.producer, nn.Linear):
+            return (self.num_channels,)
+        return (1, self.num_channels, *([1] * (self.producer.weight.ndim - 2)))
+
+    @property
+    def depthwise(self) -> bool:
+        return is_depthwise(self.producer)
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        return self.space.consumers if self.space is not None else []
+
+    @property
+    def coupled(self) -> bool:
+        return self.space is not None and self.space.coupled
+
+    @property
+    def consumers_complete(self) -> bool:
+        """Whether every reader of the layer's channels is known (its space is prunable)."""
+        return self.space is not None and self.space.prunable
+
+
+@dataclass(eq=False)
+class ChannelSpace:
+    """Channels that share an index from their producers to their consumers; see the module docstring."""
+
+    width: int
+    producers: list[PrunableLayer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    coupled: bool = False
+    refusals: list[str] = field(default_factory=list)
+    points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
+    scales: list[ChannelScale] = field(default_factory=list)  # per-channel parameters multiplied into it
+    # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
+    # every group keeps its width and a reader's columns are the same for all its groups.
+    groups: int = 1
+    # Reordered on its way (a channel shuffle, a ``chunk``): its channels by **route** (the names of the modules
+    # that read them). A cut that keeps the network's shuffles has, at a smaller width, its own number of slots on
+    # each route (``route_slots``, by pruned share), so the criteria keep at most that many channels of each
+    # route (``Criterion.select``). Empty: every channel goes the same way.
+    routes: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
+    route_slots: Callable[[float], dict[tuple[str, ...], int]] | None = field(default=None, repr=False, compare=False)
+    # An attention's q, k and v rows (``qkv``, 3 × heads × head width): each head keeps as many query/key positions
+    # (cut from q and k alike) as value positions, and as many as every other head: ``heads``. Its head width
+    # follows its input's width, so it is pruned with that space (``tied_to``), and that one in multiples of
+    # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
+    heads: int = 1
+    head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
+    tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
+    tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
+    multiple: int = 1
+
+    @property
+    def name(self) -> str:
+        """The first producer's name: the space's name in logs and errors."""
+        return self.producers[0].name
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.producers]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.refusals
+
+    @property
+    def grouped(self) -> bool:
+        """Pruned as a group of several producers (coupled, or carried through a depthwise conv)."""
+        return len(self.producers) > 1
+
+    def refuse(self, reason: str) -> None:
+        if reason not in self.refusals:
+            self.refusals.append(reason)
+
+
+@dataclass
+class ChannelGraph:
+    """Every channel space of a model, in the order their first producers run."""
+
+    spaces: list[ChannelSpace]
+
+    @property
+    def layers(self) -> list[PrunableLayer]:
+        return [layer for space in self.spaces for layer in space.producers]
+
+    @property
+    def prunable(self) -> list[ChannelSpace]:
+        return [space for space in self.spaces if space.prunable]

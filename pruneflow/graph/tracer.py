@@ -1,0 +1,320 @@
+"""The tracer's walk: capture a model with ``torch.fx``, then for each node look up the handler of its op
+(``registry``) and keep what it says of the node's channels, joining spaces in one union-find.
+
+The walk itself knows only what is common to every op: the network's inputs and outputs, the parts of a split,
+the probe that follows a reshape of channels (``handlers.reorderings``), and what to do when no handler
+understands an op: refuse every space that reaches it, naming the op, once in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from pruneflow.graph import registry
+from pruneflow.graph.handlers import reorderings, shapes, timm_layers
+from pruneflow.graph.layers import PRODUCER_TYPES
+from pruneflow.graph.nodes import argument, describe
+from pruneflow.graph.parameters import shared_parameters
+from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
+from pruneflow.graph.routes import RouteSlots, channel_routes
+from pruneflow.graph.union import UnionFind
+from pruneflow.graph.values import UNKNOWN, Parts, Value
+
+log = logging.getLogger(__name__)
+
+
+class Tracer:
+    """One forward walk over an fx graph, building spaces with a union-find over their ids; what handlers read
+    and change."""
+
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, widths: Mapping[str, int] | None = None) -> None:
+        # ``widths``: producers traced as if they had these widths (``route_slots``: how a cut network would route
+        # its channels), their readers taken at whatever width reaches them
+        self.widths = widths
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.graph = graph
+        self.spaces: list[ChannelSpace] = []
+        self.union_find: UnionFind[int] = UnionFind()
+        self.values: dict[torch.fx.Node, Value | Parts | None] = {}
+        self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
+        self.not_understood: dict[str, set[int]] = {}
+        self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
+        self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
+        self.calls: dict[str, int] = {}
+        self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+            if node.op == "get_attr":
+                self.attribute_reads[str(node.target)] = self.attribute_reads.get(str(node.target), 0) + len(node.users)
+        self.shared = shared_parameters(model, graph)
+
+    # widths and ownership
+    def width(self, layer: PrunableLayer) -> int:
+        return layer.num_channels if self.widths is None else self.widths.get(layer.name, layer.num_channels)
+
+    def fits(self, value_width: int | None, module_width: int) -> bool:
+        """Whether a reader of ``module_width`` channels reads a value of ``value_width`` (any, at ``widths``)."""
+        return value_width == module_width or (self.widths is not None and value_width is not None)
+
+    def reused(self, name: str) -> str | None:
+        """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
+        if self.calls.get(name, 0) > 1:
+            return f"{name} is called {self.calls[name]} times"
+        return self.shared.get(name)
+
+    def describe(self, node: torch.fx.Node) -> str:
+        return describe(node, self.modules)
+
+    # the union of spaces
+    def space(self, index: int) -> ChannelSpace:
+        return self.spaces[self.union_find.root(index)]
+
+    def new_space(self, layer: PrunableLayer) -> int:
+        self.spaces.append(ChannelSpace(self.width(layer), [layer]))
+        return self.union_find.add(len(self.spaces) - 1)
+
+    def union(self, a: int, b: int, where: str) -> int:
+        first, second = self.union_find.union(a, b)
+        if second is None:
+            return first
+        kept, merged = self.spaces[first], self.spaces[second]
+        kept.producers += merged.producers
+        kept.consumers += merged.consumers
+        kept.points += merged.points
+        kept.scales += merged.scales
+        kept.groups = self.joined_groups(kept, merged.groups, where)
+        kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
+        kept.coupled = True
+        if kept.width != merged.width:
+            kept.refuse(f"{where} joins {kept.width} with {merged.width} channels")
+        return first
+
+    @staticmethod
+    def joined_groups(space: ChannelSpace, groups: int, where: str) -> int:
+        if groups == 1 or space.groups in (1, groups):
+            return max(space.groups, groups)
+        space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
+        return space.groups
+
+    def refuse(self, value: Value | Parts | None, reason: str) -> None:
+        """Refuse every space ``value`` carries, for ``reason``."""
+        for part in value.parts if isinstance(value, Parts) else (value,):
+            for index, _ in part.segments if part is not None else ():
+                self.space(index).refuse(reason)
+
+    def refuse_unknown(self, node: torch.fx.Node, values: Iterable[Value | Parts | None]) -> None:
+        """Refuse every space reaching ``node``, an op whose effect on channels is not understood."""
+        description = self.describe(node)
+        for value in values:
+            for part in value.parts if isinstance(value, Parts) else (value,):
+                if part is not None:
+                    self.refuse(part, f"reaches {description}, whose effect on channels is not understood")
+                    self.not_understood.setdefault(description, set()).update(i for i, _ in part.segments)
+
+    # inputs
+    def input_values(self, node: torch.fx.Node) -> list[Value | Parts | None]:
+        nodes: list[torch.fx.Node] = []
+        torch.fx.map_arg((node.args, node.kwargs), lambda n: nodes.append(n))
+        return [self.values.get(n) for n in nodes]
+
+    def first(self, node: torch.fx.Node) -> Value | Parts | None:
+        arg = node.args[0] if node.args else None
+        return self.values.get(arg) if isinstance(arg, torch.fx.Node) else None
+
+    # layouts: channels position by position
+    def layout_of(self, value: Value) -> tuple[tuple[int, int], ...] | None:
+        """``value``'s channels position by position, (space id, channel); None where part of it is unknown."""
+        if value.layout is not None:
+            return value.layout
+        if value.width is None or value.flattened:
+            return None
+        positions: list[tuple[int, int] | None] = [None] * value.width
+        for index, offset in value.segments:
+            for channel in range(self.space(index).width):
+                positions[offset + channel] = (index, channel)
+        return None if None in positions else tuple(positions)  # type: ignore[return-value]
+
+    def with_layout(self, value: Value, layout: Sequence[tuple[int, int]], **changes: Any) -> Value:
+        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position."""
+        segments: list[tuple[int, int]] = []
+        position = 0
+        while position < len(layout):
+            index, channel = layout[position]
+            width = self.space(index).width
+            run = tuple((index, c) for c in range(width))
+            if channel != 0 or tuple(layout[position : position + width]) != run:
+                break
+            segments.append((index, position))
+            position += width
+        if position == len(layout):
+            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None, **changes)
+        spaces = tuple((index, -1) for index in dict.fromkeys(index for index, _ in layout))
+        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None, **changes)
+
+    def positions(self, layout: tuple[tuple[int, int], ...]) -> dict[int, tuple[int, ...]]:
+        """Space id → for each of its channels, where the layout places it (-1: not in it)."""
+        at: dict[int, list[int]] = {}
+        for position, (index, channel) in enumerate(layout):
+            at.setdefault(index, [-1] * self.space(index).width)[channel] = position
+        return {index: tuple(entries) for index, entries in at.items()}
+
+    # the walk
+    def run(self) -> ChannelGraph:
+        for node in self.graph.nodes:
+            self.values[node] = self.visit_or_refuse(node)
+        for description, indices in self.not_understood.items():
+            names = sorted({self.space(i).name for i in indices})
+            log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
+        spaces = [space for index, space in enumerate(self.spaces) if self.union_find.is_root(index)]
+        for space in spaces:
+            space.consumers = list(dict.fromkeys(space.consumers))
+            space.routes = channel_routes(space)
+            if space.routes and space.groups > 1:  # a cut places reordered channels freely, a group's rows in place
+                space.refuse(f"it is written or read in {space.groups} groups and reordered on its way (a shuffle)")
+            for layer in space.producers:
+                layer.space = space
+        self.tie()
+        graph = ChannelGraph(spaces)
+        if self.widths is None and any(space.routes for space in spaces):
+            slots = RouteSlots(self.model, graph, trace_channel_graph)
+            for space in spaces:
+                if space.routes:
+                    space.route_slots = functools.partial(slots.of, space.name)
+        return graph
+
+    def tie(self) -> None:
+        """Tie each attention's q/k/v space to the space it reads: pruned together or not at all."""
+        for inner, read, _ in self.ties:
+            attention, anchor = self.space(inner), self.space(read)
+            attention.tied_to = anchor
+            anchor.tied.append(attention)
+            anchor.multiple = math.lcm(anchor.multiple, attention.heads)
+        for _ in range(2):  # a refusal on either side refuses the other
+            for inner, read, name in self.ties:
+                attention, anchor = self.space(inner), self.space(read)
+                if attention.prunable and not anchor.prunable:
+                    attention.refuse(f"attention {name}'s head width follows {anchor.name}, which is not prunable")
+                if anchor.prunable and not attention.prunable:
+                    anchor.refuse(f"attention {name}'s head width follows it, and its q, k, v rows are not prunable")
+                if anchor.width % anchor.multiple:
+                    anchor.refuse(f"its {anchor.width} channels are not a multiple of attention {name}'s heads")
+
+    def visit_or_refuse(self, node: torch.fx.Node) -> Value | Parts | None:
+        """``visit``, except that a rule that raises (a model no rule foresaw, a user's handler) refuses what
+        reaches the op, naming it: the graph refuses what it cannot follow, it never fails a trace."""
+        try:
+            return self.visit(node)
+        except Exception as exc:  # any rule's failure is this op's refusal
+            reason = f"{self.describe(node)} could not be followed ({type(exc).__name__}: {first_line(exc)})"
+            log.info("channel graph: %s", reason)
+            for value in self.input_values(node):
+                self.refuse(value, reason)
+            return None
+
+    def visit(self, node: torch.fx.Node) -> Value | Parts | None:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            for value in self.input_values(node):
+                self.refuse(value, "reaches the network's output, whose shape would change")
+            return None
+        if shapes.shape_arithmetic(self, node):
+            return None
+        value, values = self.first(node), self.input_values(node)
+        if isinstance(value, Parts) and node.target is operator.getitem and isinstance(node.args[1], int):
+            return value.parts[node.args[1]]
+        if isinstance(value, Value) and value.probe is not None:
+            if reorderings.reshaping(node):
+                return reorderings.probed(self, node, value)
+            if node.target == "size" or (node.target is getattr and node.args[1:2] == ("shape",)):
+                dim = argument(node, 1, "dim", None) if node.target == "size" else None
+                shapes.record_shape(self, node, value, dim)
+                return None
+        if any(isinstance(v, Parts) or (v is not None and v.probe is not None) for v in values):
+            self.refuse_unknown(node, values)  # a split's tuple read whole, a reshape mid-way read by a computation
+            return None
+        result = self.dispatch(node, value)
+        if result is not UNKNOWN:
+            return result
+        if value is not None and reorderings.reshaping(node):
+            return reorderings.probed(self, node, value)
+        if any(v is not None for v in values):
+            self.refuse_unknown(node, values)
+        return None
+
+    def dispatch(self, node: torch.fx.Node, value: Value | None) -> Any:
+        """What the op's handlers say of its output; ``UNKNOWN`` if none understands it."""
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            for handler in registry.module_handlers(type(module)):
+                result = handler(self, node, module, value)
+                if result is not UNKNOWN:
+                    return result
+            return UNKNOWN
+        if node.op == "call_function":
+            handler = registry.function_handler(node.target)
+        elif node.op == "call_method":
+            handler = registry.METHOD_HANDLERS.get(str(node.target))
+        else:
+            handler = None
+        return UNKNOWN if handler is None else handler(self, node, value)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, at most 200 characters; its type where it has no message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer keeping the modules the graph has a handler for whole (``registry.LEAVES``):
+    torchvision's ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside it."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return registry.is_leaf(module) or super().is_leaf_module(module, qualified_name)
+
+
+def capture(model: nn.Module) -> torch.fx.Graph:
+    """``model``'s fx graph, with the registered leaves whole and the registered functions one op each."""
+    timm_layers.register_if_imported()
+    return _LeafTracer(autowrap_functions=tuple(registry.AUTOWRAP_FUNCTIONS)).trace(model)
+
+
+def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
+    """The channel spaces of ``model``, traced once with ``torch.fx``.
+
+    A model that cannot be traced (data-dependent control flow) gets one space per conv and linear
+    layer, each refused: without a graph, who reads a channel is unknown.
+    """
+    try:
+        graph = capture(model)
+    except Exception as exc:  # data-dependent control flow, or no forward
+        reason = f"torch.fx cannot trace {type(model).__name__} ({first_line(exc)})"
+        log.warning("channel graph: %s; nothing in it is prunable", reason)
+        spaces = []
+        for name, module in model.named_modules():
+            if isinstance(module, PRODUCER_TYPES):
+                layer = PrunableLayer(name, module)
+                space = ChannelSpace(layer.num_channels, [layer], refusals=[reason])
+                layer.space = space
+                spaces.append(space)
+        return ChannelGraph(spaces)
+    return Tracer(model, graph, widths).run()
+
+
+def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
+    """Every producer (conv, depthwise conv, linear) of a prunable space of ``model``, with its norm,
+    channel point and space."""
+    return [layer for space in trace_channel_graph(model).prunable for layer in space.producers]
