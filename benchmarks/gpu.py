@@ -1,8 +1,8 @@
 """Benchmark: the strategy sweep on a GPU — images/s and time to accuracy, eager against compiled.
 
-On a machine with a GPU (the data copied into the checkout first, since ../shared is not there):
+On a machine with a GPU, where ../shared/data is absent, with a local copy of the data sets:
 
-    cp -r ../shared/data .device_data              # ignored by git; travels with the working tree
+    cp -r <data sets> .device_data                 # ignored by git; the default --root when present
     python -m benchmarks gpu --root .device_data --json gpu.json
 
 and the same script on CPU, sized to finish in minutes:

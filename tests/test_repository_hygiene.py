@@ -1,6 +1,6 @@
 """Repository hygiene: no tracked file names a folder of one machine (absolute paths under /work, /root or a
 home folder) or tooling that is no part of the project (a borrowed GPU machine, its carry folder, its output
-variable, its preparation script, the sessions that used them). A reader of the README, the docs, a script
+variable, its preparation script, the work that used them). A reader of the README, the docs, a script
 or a generated report should find only what a clone of this repository has."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ FORBIDDEN = {
     "an absolute path of a machine's folders": re.compile(
         r"(?<![\w.~/-])" + SLASH + r"(?:work|root)" + SLASH + r"|(?<![\w.~/-])" + SLASH + "home" + SLASH + r"\w"
     ),
-    "a lent machine": re.compile(r"\b" + "le" + r"nt\b", re.IGNORECASE),
+    "a borrowed machine": re.compile(r"\b" + "le" + r"nt\b", re.IGNORECASE),
     "the device carry folder": re.compile("dev" + "carry", re.IGNORECASE),
     "the device output variable": re.compile(r"\$" + r"\{?" + "OUT" + r"\b"),
     "the device preparation script": re.compile("shared" + SLASH + "device" + r"|\bprepare" + r"\.sh\b"),
@@ -53,10 +53,10 @@ def test_the_patterns_catch_what_they_are_for() -> None:
     caught = {
         "an absolute path of a machine's folders": [f"data.root={SLASH}work{SLASH}shared/data",
                                                      f"cd {SLASH}root{SLASH}x", f"{SLASH}home{SLASH}alice/data"],
-        "a lent machine": ["no GPU was le" + "nt to it"],
+        "a borrowed machine": ["no GPU was le" + "nt to it"],
         "the device carry folder": ["bash .dev" + "carry/run.sh"],
         "the device output variable": ["--json $" + "OUT/gpu.json"],
-        "the device preparation script": [f"bash ../shared{SLASH}device{SLASH}prepare.sh"],
+        "the device preparation script": [f"bash ../shared{SLASH}device{SLASH}prepare" + ".sh"],
         "a work session": ["measured by the sess" + "ion that ran it"],
     }  # fmt: skip
     for what, lines in caught.items():
