@@ -17,7 +17,7 @@ from pruneflow.compaction.cost import count_flops, count_parameters
 from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
 from pruneflow.models import ResNet
-from pruneflow.pruning.budget import TOLERANCE, Allocation, Budget, CostModel, allowed_counts
+from pruneflow.pruning.budget import TOLERANCE, Allocation, Budget, CostModel, allocate_budget, allowed_counts
 from pruneflow.pruning.channels import ChannelSpace, select_spaces, trace_channel_graph
 from pruneflow.pruning.criteria import L1
 
@@ -37,11 +37,8 @@ def cut_costs(network: nn.Module, spaces: list[ChannelSpace], amounts: dict[str,
     return flops, count_parameters(network) / count_parameters(cut)
 
 
-def allocate(network: nn.Module, target: str, image: torch.Tensor, groups: bool = True, **settings) -> Allocation:
-    spaces = graph_spaces(network, groups)
-    budget = Budget(target, **settings)
-    budget.prepare(network, spaces, image)
-    return budget.allocate(L1(), spaces, {})
+def allocate(network: nn.Module, target: str, image: torch.Tensor, **settings) -> Allocation:
+    return allocate_budget(network, target, image, L1(), **settings)
 
 
 def cifar_resnet() -> nn.Module:
