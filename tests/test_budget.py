@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from test_selection import tiny_module
+from test_selection import fit, tiny_module
 from test_strategies import toy_loader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,7 +18,7 @@ from pruneflow.compaction.cut import compact
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.models import ResNet
-from pruneflow.pruning.budget import TOLERANCE, Allocation, Budget, CostModel, allowed_counts
+from pruneflow.pruning.budget import TOLERANCE, Allocation, Budget, CostModel, allocate_budget, allowed_counts
 from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.selection import select_spaces
 
@@ -38,11 +38,8 @@ def cut_costs(network: nn.Module, spaces: list[ChannelSpace], amounts: dict[str,
     return flops, count_parameters(network) / count_parameters(cut)
 
 
-def allocate(network: nn.Module, target: str, image: torch.Tensor, groups: bool = True, **settings) -> Allocation:
-    spaces = graph_spaces(network, groups)
-    budget = Budget(target, **settings)
-    budget.prepare(network, spaces, image)
-    return budget.allocate(L1(), spaces, {})
+def allocate(network: nn.Module, target: str, image: torch.Tensor, **settings) -> Allocation:
+    return allocate_budget(network, target, image, L1(), **settings)
 
 
 def cifar_resnet() -> nn.Module:
@@ -226,3 +223,26 @@ def test_a_latency_target_is_found_from_a_few_timed_cuts(monkeypatch: pytest.Mon
     flops_ratio, _ = cut_costs(network, spaces, allocation.amounts, image)
     latency_ratio = 1 / (0.3 + 0.7 / flops_ratio)
     assert abs(latency_ratio / 2.0 - 1) <= TOLERANCE, (flops_ratio, latency_ratio)
+
+
+def test_the_amounts_go_to_tensorboard_and_the_final_metrics(tmp_path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pruning = ChannelPruning("activation", target="flops:1.5")
+    trainer = L.Trainer(max_epochs=1, callbacks=[pruning], logger=TensorBoardLogger(tmp_path, name="run"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")  # fmt: skip
+    trainer.fit(tiny_module(), train_dataloaders=toy_loader())
+    report = pruning.final_metrics()
+    assert report["mask/target"] == "flops:1.5" and set(report["mask/amounts"]) == {"features.0", "features.3"}
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"mask/amount/features.0", "mask/amount/features.3", "mask/predicted_ratio"} <= set(events.Tags()["scalars"])
+    assert "mask/amounts/text_summary" in events.Tags()["tensors"]
+
+
+def test_amounts_fixed_by_hand_replace_the_uniform_amount_where_they_match() -> None:
+    pruning = ChannelPruning("activation", amount=0.5, amounts={"features.3": 0.25})
+    fit(tiny_module(), pruning)
+    assert {name: int(mask.sum()) for name, mask in pruning.pruned.items()} == {"features.0": 3, "features.3": 2}

@@ -28,6 +28,8 @@ from omegaconf import DictConfig
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
+from pruneflow.pruning.callback import DEFAULT_AMOUNT
+
 SUMMARY_PREFIX = "hparams/"
 
 # (tag, display name): the HParams tab's metric columns, in order.
@@ -66,7 +68,7 @@ def run_hparams(cfg: DictConfig, metrics: Mapping[str, Any]) -> dict[str, str | 
         "strategy": str(metrics.get("mask/strategy") or mask.get("strategy")) if pruned else "unpruned",
         "optimizer": _choice(cfg, "optimizer"),
         "criterion": str(mask.get("criterion")) if pruned else "none",
-        "amount": float(mask.get("amount") or 0.0) if pruned else 0.0,
+        "amount": _amount(mask) if pruned else 0.0,
         "pruning_step": ",".join(str(step) for step in pruning_steps) or "never",
         "activation": str(cfg.model.get("activation", "n/a")),
         "seed": int(cfg.seed),
@@ -74,6 +76,15 @@ def run_hparams(cfg: DictConfig, metrics: Mapping[str, Any]) -> dict[str, str | 
         "data": _choice(cfg, "data"),
         "model": _choice(cfg, "model"),
     }
+
+
+def _amount(mask: Mapping[str, Any]) -> float:
+    """The uniform amount a run pruned with: its ``mask.amount``, the callback's default when unset, and 0 under a
+    ``mask.target`` (each space has its own; ``metrics.json`` lists them)."""
+    amount = mask.get("amount")
+    if amount is None:
+        return 0.0 if mask.get("target") else DEFAULT_AMOUNT
+    return float(amount)
 
 
 def log_hparams(logger: TensorBoardLogger, cfg: DictConfig, metrics: Mapping[str, Any], step: int) -> None:

@@ -53,9 +53,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.graph import ChannelSpace, is_depthwise, norm_width
+from pruneflow.graph import ChannelSpace, is_depthwise, norm_width, trace_channel_graph
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.pruning.criteria import Criterion, channels_to_prune
+from pruneflow.pruning.selection import select_spaces
 
 log = logging.getLogger(__name__)
 
@@ -607,6 +608,27 @@ class _Search:
         """For each ranked space, count → the rank key of its ``count``-th lowest channel."""
         keys = [np.sort(self.keys[self.order_space == i]) for i in range(len(self.ranked))]
         return [lambda count, k=k: float(k[count - 1]) if 0 < count <= len(k) else -np.inf for k in keys]
+
+
+def allocate_budget(
+    network: nn.Module,
+    target: str,
+    image: Tensor,
+    criterion: Criterion,
+    layers: Sequence[str] | None = None,
+    groups: bool = True,
+    **settings: object,
+) -> Allocation:
+    """Per-space amounts and the predicted ratio for ``network`` cut to ``target`` (``"flops:2.0"``, ``"params:…"``),
+    outside any training run: what a benchmark or a user comparing pruners asks first. ``layers``/``groups`` select
+    the spaces as ``mask.layers``/``mask.groups`` do; ``settings``: ``Budget``'s (max_amount, amounts, round_to,
+    cost_weight). Latency needs timed cuts: ``Budget.calibrate_latency``."""
+    spaces = select_spaces(trace_channel_graph(network).spaces, layers, groups)
+    criterion.bind(network)
+    criterion.check(spaces)
+    budget = Budget(target, **settings)  # type: ignore[arg-type]
+    budget.prepare(network, spaces, image)
+    return budget.allocate(criterion, spaces, {})
 
 
 def example_image(
