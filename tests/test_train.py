@@ -145,6 +145,9 @@ def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) ->
         "data=synthetic,mask=activation,seed=0,trainer.max_epochs=1",
         "data=synthetic,mask=weight,seed=0,trainer.max_epochs=1",
     ]
+    # One process ran both jobs: the second imported nothing, and the first job's time is not its start-up.
+    imports = [json.loads(path.read_text())["perf/startup/imports_seconds"] for path in tmp_path.glob("*/metrics.json")]
+    assert sorted(imports)[0] == 0.0 and sorted(imports)[1] > 0.0
 
 
 @pytest.mark.parametrize(
