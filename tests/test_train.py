@@ -188,12 +188,17 @@ def test_missing_data_names_folder_files_and_both_fixes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mnist_default_config_reaches_99_percent_in_two_epochs(tmp_path: Path, shared_data: Path) -> None:
+def test_mnist_default_job_prunes_half_its_channels_and_still_reaches_98_5_percent(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    # The default job masks half of every conv's channels from its first step (mask=activation) and measured
+    # 99.0 % after two epochs; 98.5 % leaves room for another machine's rounding and thread count.
     run_dir = tmp_path / "run"
     result = run_train(f"data.root={shared_data}", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *QUIET)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["test/acc"] >= 0.99, metrics
+    assert metrics["test/acc"] >= 0.985, metrics
+    assert metrics["mask/sparsity"] == pytest.approx(0.5, abs=0.01) and metrics["leak/activation_abs_mean/final"] == 0
 
 
 @pytest.mark.slow
