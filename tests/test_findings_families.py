@@ -11,12 +11,14 @@ exactly 0 under SGD with momentum and AdamW.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import PROBE_TAG, ConsumerInputProbe
+from helpers import PROBE_TAG, QUIET, ConsumerInputProbe, run_train
 from test_channel_graph import check_masked_and_cut
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,10 +31,11 @@ SHAPE = (3, 16, 16)
 PRUNE_AT, STEPS = 3, 8
 
 # Tiny members of each family, each with every kind of block the family's config has.
+MOBILENET_V2_ROWS = [[1, 8, 1, 1], [4, 8, 2, 2]]
 MOBILENET_V3_ROWS = [[8, 3, 8, 8, True, "RE", 2], [8, 3, 24, 8, False, "RE", 1], [8, 5, 24, 16, True, "HS", 2]]
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "resnet": lambda: ResNet(SHAPE, 4, depth=8, width=4),
-    "mobilenet_v2": lambda: mobilenet_v2(SHAPE, 4, [[1, 8, 1, 1], [4, 8, 2, 2]], last_channel=16),
+    "mobilenet_v2": lambda: mobilenet_v2(SHAPE, 4, inverted_residual_setting=MOBILENET_V2_ROWS, last_channel=16),
     "mobilenet_v3": lambda: mobilenet_v3(SHAPE, 4, MOBILENET_V3_ROWS, last_channel=16),
     "convnext": lambda: convnext(SHAPE, 4, [[8, 16, 1], [16, None, 2]], layer_scale=0.5),
     "vit": lambda: vit(SHAPE, 4, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16),
@@ -97,3 +100,31 @@ def test_activation_mask_never_leaks_and_with_reset_never_drifts(family: str, re
         assert metrics["drift/zero_fraction/final"] == 1.0
     else:  # without the reset, SGD's momentum and Adam's moments from before pruning move the kernels
         assert metrics["drift/producer_l2/final"] > 0.0
+
+
+@pytest.mark.slow  # one tiny run per family through train.py: about 20 s each on two cores
+@pytest.mark.parametrize("family", ["resnet20", "mobilenet_v2", "mobilenet_v3", "convnext", "vit"])
+def test_each_family_experiment_runs_prunes_and_compacts_to_the_masked_network(family: str, tmp_path: Path) -> None:
+    result = run_train(
+        f"experiment=findings_{family}", "data=synthetic", "~data.verify", "data.input_shape=[3,32,32]",
+        "data.num_train=300", "data.num_test=100", "data.batch_size=32", "trainer.max_epochs=2",
+        "mask=activation_reset", "optimizer=adamw", f"hydra.run.dir={tmp_path}", *QUIET,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["complete"] is True and metrics["drift/producer_l2/max"] == 0.0
+    # the eval-mode leak: the training leak is read at log_every_n_steps multiples, past these 18 steps
+    assert metrics["leak/eval_activation_abs_mean/max"] == 0.0
+    assert metrics["compact/max_rel_diff"] <= 1e-4  # the cut network computes the masked one
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "channel graph: torchvision's ViT flattens the patch grid with x.reshape(n, hidden_dim, h * w) (channels stay "
+    "at dim 1; the graph refuses the reshape), prepends a class token with torch.cat on the token dim and adds "
+    "pos_embedding (parameters carrying the width on their last dim: the graph calls them tensors outside it), "
+    "and reads the stream in nn.MultiheadAttention (in_proj/out_proj, heads: no leaf rule like Swin's)"
+))  # fmt: skip
+def test_vit_embedding_width_is_one_prunable_coupled_space() -> None:
+    graph = trace_channel_graph(FAMILIES["vit"]())
+    stream = [space for space in graph.spaces if "conv_proj" in space.names]
+    assert stream and stream[0].prunable and stream[0].coupled, stream and stream[0].refusals
