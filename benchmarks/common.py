@@ -15,6 +15,7 @@ import multiprocessing
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,12 @@ def check_arm(arm: str, metrics: dict[str, Any], pruned: bool, figures: tuple[st
 
 
 def one_line(error: BaseException) -> str:
+    """The exception's type and first line, and where it was raised (a crash inside torch's FLOP counter is
+    not one inside the channel graph)."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:160]
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {text[0][:140] if text else ''}{where}"
 
 
 def _report(task: Callable[..., dict[str, Any]], args: tuple[Any, ...], results: Any) -> None:
