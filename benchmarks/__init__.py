@@ -4,7 +4,9 @@ Not part of the installed library (the package build takes ``pruneflow*`` only):
 ``train.py`` and read ``conf/`` of this checkout. Each subcommand is one module of this package that
 defines ``add_arguments(parser)`` and ``run(args)``; only the chosen one is imported, so
 ``python -m benchmarks --help`` lists them all without importing torch. What they share
-(running ``train.py`` as a user would, checking an arm before its speed counts) is in ``benchmarks.common``.
+(running ``train.py`` as a user would, checking an arm before its speed counts, a measurement in a fresh process
+under a time limit) is in ``benchmarks.common``; ``benchmarks.gpu_suite`` holds the sections of ``gpu --suite``,
+and ``benchmarks.step_profile`` is a callback for ``train.py`` that profiles a window of steps.
 """
 
 from __future__ import annotations

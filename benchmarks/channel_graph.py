@@ -33,7 +33,6 @@ import argparse
 import functools
 import importlib.util
 import json
-import multiprocessing
 import re
 import statistics
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import isolated as run_isolated
 from pruneflow.compaction import compact_and_verify
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
@@ -168,28 +168,12 @@ def measure_torch_pruning(name: str, size: int) -> dict[str, object]:
     return {"tp_handled": "yes", "tp_flops_ratio": before[0] / flops, "tp_params_ratio": before[1] / params}
 
 
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:160]
-
-
-def guarded(task: Callable[[str, int], dict[str, object]], name: str, size: int) -> dict[str, object]:
-    """``task``'s row, or an error row: an exception is a result here, not a crash of the whole list."""
-    key = "tp_handled" if task is measure_torch_pruning else "handled"
-    try:
-        return task(name, size)
-    except Exception as error:  # any failure of a tool on a model is a row
-        return {key: "error", key.replace("handled", "reason"): one_line(error)}
-
-
 def isolated(task: Callable[[str, int], dict[str, object]], name: str, size: int, limit: float) -> dict[str, object]:
-    """``guarded(task, ...)`` in a fresh process, stopped after ``limit`` seconds (a timeout row then)."""
+    """``task(name, size)`` in a fresh process, stopped after ``limit`` seconds: its row, or an error or timeout
+    row (an exception is a result here, not a crash of the whole list)."""
     key = "tp_handled" if task is measure_torch_pruning else "handled"
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        try:
-            return pool.apply_async(guarded, (task, name, size)).get(limit)
-        except multiprocessing.TimeoutError:
-            return {key: "timeout", key.replace("handled", "reason"): f"over {limit:.0f} s"}
+    kind, result = run_isolated(task, (name, size), limit)
+    return result if kind == "row" else {key: kind, key.replace("handled", "reason"): result}
 
 
 def summary(rows: list[dict[str, object]]) -> dict[str, object]:

@@ -1,5 +1,6 @@
-"""What the benchmarks share: running ``python train.py`` as a user would, reading its figures, and
-checking that an arm did what it claims before its speed is reported.
+"""What the benchmarks share: running ``python train.py`` as a user would, reading its figures, checking that
+an arm did what it claims before its speed is reported, and running one model's measurement in a fresh process
+under a time limit (``isolated``), so that one that hangs or dies is a row of a list, not its end.
 
 Each run is a fresh process in a scratch run folder; its figures come from the run's
 ``metrics.json`` (``perf/train_samples_per_s`` from ``pruneflow.callbacks.TrainingThroughput``, the
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +84,48 @@ def check_arm(arm: str, metrics: dict[str, Any], pruned: bool, figures: tuple[st
     missing = [key for key in figures if metrics.get(key) is None]
     if missing:
         raise ArmError(f"{arm}: the run reported no {', '.join(missing)}")
+
+
+def one_line(error: BaseException) -> str:
+    """The exception's type and first line, and where it was raised (a crash inside torch's FLOP counter is
+    not one inside the channel graph)."""
+    text = str(error).strip().splitlines()
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {text[0][:140] if text else ''}{where}"
+
+
+def _report(task: Callable[..., dict[str, Any]], args: tuple[Any, ...], results: Any) -> None:
+    """Runs in the child process: ``task``'s row, or the one line of its exception, sent back."""
+    try:
+        results.put(("row", task(*args)))
+    except BaseException as error:  # any failure is a result here, not the end of the list
+        results.put(("error", one_line(error)))
+
+
+def isolated(task: Callable[..., dict[str, Any]], args: tuple[Any, ...], limit: float) -> tuple[str, Any]:
+    """``task(*args)`` in a fresh process: ("row", its row), ("error", one line) where it raised or died, or
+    ("timeout", ...) after ``limit`` seconds; in this process where ``limit`` is 0."""
+    if not limit:
+        try:
+            return "row", task(*args)
+        except Exception as error:
+            return "error", one_line(error)
+    context = multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    process = context.Process(target=_report, args=(task, args, results), daemon=True)
+    process.start()
+    deadline = time.monotonic() + limit
+    while process.is_alive() and results.empty() and time.monotonic() < deadline:
+        process.join(0.2)
+    if not results.empty():
+        outcome = results.get()
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+        return outcome
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return "timeout", f"over {limit:.0f} s"
+    return "error", f"the process died (exit code {process.exitcode})"

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.channel_graph import measure_network, one_line
+from benchmarks.channel_graph import measure_network
+from benchmarks.common import isolated
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import EXACT_TOLERANCE, randomize_norms
 
@@ -166,42 +166,6 @@ def measure_torch_pruning(name: str, size: int | None = None) -> dict[str, Any]:
     flops = count_flops(network, example)  # also checks the pruned model still runs
     params = sum(p.numel() for p in network.parameters())
     return {"tp_handled": "yes", "tp_flops_ratio": before[0] / flops, "tp_params_ratio": before[1] / params}
-
-
-def _report(task: Callable[..., dict[str, Any]], args: tuple[Any, ...], results: Any) -> None:
-    """Runs in the child process: ``task``'s row, or the one line of its exception, sent back."""
-    try:
-        results.put(("row", task(*args)))
-    except BaseException as error:  # any failure is a result here, not the end of the list
-        results.put(("error", one_line(error)))
-
-
-def isolated(task: Callable[..., dict[str, Any]], args: tuple[Any, ...], limit: float) -> tuple[str, Any]:
-    """``task(*args)`` in a fresh process: ("row", its row), ("error", one line) where it raised or died, or
-    ("timeout", ...) after ``limit`` seconds; in this process where ``limit`` is 0."""
-    if not limit:
-        try:
-            return "row", task(*args)
-        except Exception as error:
-            return "error", one_line(error)
-    context = multiprocessing.get_context("spawn")
-    results = context.SimpleQueue()
-    process = context.Process(target=_report, args=(task, args, results), daemon=True)
-    process.start()
-    deadline = time.monotonic() + limit
-    while process.is_alive() and results.empty() and time.monotonic() < deadline:
-        process.join(0.2)
-    if not results.empty():
-        outcome = results.get()
-        process.join(5)
-        if process.is_alive():
-            process.kill()
-        return outcome
-    if process.is_alive():
-        process.kill()
-        process.join()
-        return "timeout", f"over {limit:.0f} s"
-    return "error", f"the process died (exit code {process.exitcode})"
 
 
 def measure(name: str, limit: float, torch_pruning: bool) -> dict[str, Any]:

@@ -139,6 +139,13 @@ def test_channel_graph_benchmark_measures_pruneflows_cifar_resnet_with_its_coupl
     assert row["speedup_b2"] > 0
 
 
+def test_a_model_whose_process_dies_is_an_error_row_not_a_wait_for_the_time_limit() -> None:
+    from dying import die
+
+    row = bench_channel_graph.isolated(die, "resnet18", 64, limit=3600)  # a Pool waited out the whole hour
+    assert row == {"handled": "error", "reason": "the process died (exit code 3)"}
+
+
 def test_channel_graph_merge_keeps_the_lists_order_and_a_models_latest_row(tmp_path: Path) -> None:
 
     def row(model: str, flops_ratio: float, tp_flops_ratio: float) -> dict[str, object]:
