@@ -108,3 +108,4 @@ def test_timm_efficientnetv2_s_with_one_squeeze_excitation_space_cut_is_exact() 
     _, metrics = compact_and_verify(network, {layer.name: mask for layer in space.producers}, images,
                                     latency_batch_sizes=())  # fmt: skip
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
+

@@ -20,8 +20,8 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Mapping
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -41,10 +41,26 @@ def count_parameters(model: nn.Module) -> int:
 def count_flops(model: nn.Module, image: Tensor) -> int:
     """FLOPs of one forward of ``model`` on ``image`` (a batch of one). Through ``forward``, not ``__call__``: a
     network compiled in place and called under the FLOP counter (a dispatch mode) is skipped by torch.compile up to
-    torch 2.11 ever after, so a cut while training, which counts the FLOPs it removed, would train on uncompiled."""
-    with evaluating(model), FlopCounterMode(display=False) as counter:
+    torch 2.11 ever after, so a cut while training, which counts the FLOPs it removed, would train on uncompiled.
+    The parameters are counted with ``requires_grad`` off: the counter's module tracker hooks every module input
+    that requires grad, and fails on one without a gradient function (a parameter expanded into a block's input,
+    as timm's CaiT does with its class token)."""
+    with evaluating(model), _without_grad(model), FlopCounterMode(display=False) as counter:
         model.forward(image)
     return int(counter.get_total_flops())
+
+
+@contextmanager
+def _without_grad(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off on every parameter of ``model`` for the block, each flag restored afterwards."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
 
 
 @torch.inference_mode()
