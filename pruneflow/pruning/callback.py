@@ -77,6 +77,7 @@ class ChannelPruning(Callback):
             space (coupled groups only with ``groups``).
         groups: include coupled groups (residual additions, squeeze-and-excitation products) in the
             default selection and allow globs to select them.
+        heads: attentions lose whole heads (``selection.select_spaces``); masked only, not cut yet.
         channels: for ``explicit``: ``{module name: [channel indices]}``.
         schedule, at_epoch, at_step, start_epoch, end_epoch: see ``PruningSchedule``.
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
@@ -135,17 +136,20 @@ class ChannelPruning(Callback):
         regularizer: str | None = None,
         regularizer_strength: float = 1e-4,
         regularizer_epochs: int | None = None,
+        heads: bool = False,
     ) -> None:
         self.strategy_name = current_strategy_name(strategy)
         self.strategy: MaskStrategy = make_strategy(self.strategy_name)
         self.criterion: Criterion = make_importance(criterion, group_reduction, channels, taylor_batches, seed)
         self.amounts = EventAmounts(amount, target, max_amount, amounts, round_to, cost_weight)
+        self.criterion.whole_heads = heads
         self.sparsity = make_sparse_training(regularizer, regularizer_strength, regularizer_epochs)
         timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
                   "end_epoch": end_epoch}  # fmt: skip
         self.plan = PruningPlan(
             self.criterion, self.amounts.amount, layers, groups, timing, cut_at_epoch=cut_at_epoch,
-            cut_at_step=cut_at_step, strategy=self.strategy, cut_changes_outputs=cut_changes_outputs,
+            cut_at_step=cut_at_step, strategy=self.strategy, cut_changes_outputs=cut_changes_outputs, heads=heads,
+            target=target,
         )  # fmt: skip
         self.masking = Masking(self.strategy, reset_optimizer_state)
         self.writer = TelemetryWriter(self.strategy, log_every_n_steps, burst_steps)
