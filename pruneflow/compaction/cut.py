@@ -407,6 +407,12 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
     q, k, v = pruned.view(3, heads, -1)
+    if pruned.view(3, heads, -1).all(-1).all(0).any():
+        raise CompactionError(
+            f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and torchvision's attention takes "
+            "its head width from its input's width, so a cut cannot drop heads yet; evaluate the masked network "
+            "(compact=false)"
+        )
     counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
     anchor = next((g for g in groups if g.space is space.tied_to), None)
     kept_per_head = q.shape[1] - next(iter(counts))

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from pruneflow.pruning.callback import DEFAULT_AMOUNT
+from pruneflow.pruning.event_amounts import DEFAULT_AMOUNT
 
 SUMMARY_PREFIX = "hparams/"
 

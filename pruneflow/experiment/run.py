@@ -72,6 +72,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume must be one of {', '.join(map(str, RESUME_CHOICES))}, got {resume!r}")
     if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
+    if compact and cfg.mask.get("heads"):
+        raise ConfigError("compact=true cannot cut whole heads (mask.heads=true) yet: run with compact=false")
 
 
 def check_mask_settings_have_a_strategy(cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -29,7 +29,6 @@ hook costs the loop about fifteen Python calls a step (``callbacks.step_hooks``)
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,21 +40,21 @@ from torch import Tensor, nn
 from pruneflow.callbacks.step_hooks import show_step_hooks
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, PrunableLayer
-from pruneflow.pruning.budget import Budget, example_image, log_allocation
+from pruneflow.pruning.budget import Budget
 from pruneflow.pruning.criteria import Criterion
+from pruneflow.pruning.event_amounts import EventAmounts
 from pruneflow.pruning.importance import make_importance
 from pruneflow.pruning.live_cut import LiveCut
 from pruneflow.pruning.masking import Masking
 from pruneflow.pruning.plan import PruningPlan
 from pruneflow.pruning.pruned_network import find_network
 from pruneflow.pruning.sparsity import make_sparse_training
-from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy
+from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, make_strategy, warn_static_masks
 from pruneflow.pruning.telemetry import DriftTelemetry
 from pruneflow.pruning.telemetry_writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AMOUNT = 0.5  # mask.amount when neither it nor mask.target is set
 OPTIMIZER_STEP_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
 
 
@@ -66,26 +65,19 @@ class ChannelPruning(Callback):
     Args:
         strategy: one of ``control`` (select and measure, mask nothing), ``weight``, ``activation``,
             ``gradient``, ``parametrize``, ``hard``.
-        amount: fraction of channels removed per pruned channel space, in [0, 1); never all of one.
-            Default 0.5, unless ``target`` is set (not both).
-        target: ``flops:2.0``, ``params:2.0`` or ``latency:2.0`` (on the run's device): per-space amounts from
-            one global ranking that make the cut network that many times smaller (``budget.Budget``).
-        max_amount: with ``target``: no space loses more than this fraction.
-        amounts: ``{glob: fraction}``: spaces fixed by hand (with ``target`` left out of the ranking; without,
-            instead of ``amount``); each at most ``max_amount``.
-        round_to: with ``target``: kept widths are multiples of this.
-        cost_weight: with ``target``: the ranking divides importance by relative cost to this power.
+        amount, target, max_amount, amounts, round_to, cost_weight: how much each space loses — one fraction
+            (default 0.5), or a ``target`` such as ``flops:2.0`` met by a global ranking (``event_amounts``).
         criterion: ``l1``, ``l2``, ``random``, ``bn_gamma``, ``taylor``, ``fpgm``, ``lamp`` or ``explicit`` (use
             ``channels``).
         group_reduction: ``producers`` (each criterion's own reading of a group) or ``mean``, ``sum``, ``max`` over
             every member of the group, producers and consumers (``importance``).
-        regularizer, regularizer_strength, regularizer_epochs: sparse training (``sparsity``): ``group_lasso`` or
-            ``bn_l1`` of that strength for that many epochs (None: until the last pruning event).
+        regularizer, regularizer_strength, regularizer_epochs: sparse training (``sparsity``).
         layers: module-name globs of producers (convs, linear layers) whose channel spaces are pruned;
             a glob naming one member of a group selects the whole group. Default: every prunable
             space (coupled groups only with ``groups``).
         groups: include coupled groups (residual additions, squeeze-and-excitation products) in the
             default selection and allow globs to select them.
+        heads: attentions lose whole heads (``selection.select_spaces``); masked only, not cut yet.
         channels: for ``explicit``: ``{module name: [channel indices]}``.
         schedule, at_epoch, at_step, start_epoch, end_epoch: see ``PruningSchedule``.
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at
@@ -102,8 +94,7 @@ class ChannelPruning(Callback):
             from then on (see ``live_cut``); at or after the last pruning step. None: never.
         cut_changes_outputs: allow the cut for strategies that leave pruned channels alive (all but
             ``activation``), which changes the network's outputs; ``metrics.json`` reports the gap.
-        static_masks: deprecated and ignored (a FutureWarning says so): the forward-pass masks are
-            always installed at setup now.
+        static_masks: deprecated and ignored (``strategies.warn_static_masks``).
 
     The strategy's forward-pass machinery (``activation``'s mask buffers and hooks, ``parametrize``'s
     parametrizations) is installed at ``setup`` for every selected layer, with nothing pruned: the
@@ -145,48 +136,31 @@ class ChannelPruning(Callback):
         regularizer: str | None = None,
         regularizer_strength: float = 1e-4,
         regularizer_epochs: int | None = None,
+        heads: bool = False,
     ) -> None:
         self.strategy_name = current_strategy_name(strategy)
         self.strategy: MaskStrategy = make_strategy(self.strategy_name)
         self.criterion: Criterion = make_importance(criterion, group_reduction, channels, taylor_batches, seed)
-        if target is not None and amount is not None:
-            raise ConfigError(
-                f"set mask.target or mask.amount, not both (got target={target}, amount={amount}): a target chooses "
-                "each space's amount"
-            )
-        self.budget = Budget(target, max_amount, amounts, round_to, cost_weight)
+        self.amounts = EventAmounts(amount, target, max_amount, amounts, round_to, cost_weight)
+        self.criterion.whole_heads = heads
         self.sparsity = make_sparse_training(regularizer, regularizer_strength, regularizer_epochs)
-        if target is None and amount is None:
-            amount = DEFAULT_AMOUNT
         timing = {"kind": schedule, "at_epoch": at_epoch, "at_step": at_step, "start_epoch": start_epoch,
                   "end_epoch": end_epoch}  # fmt: skip
         self.plan = PruningPlan(
-            self.criterion, amount, layers, groups, timing, cut_at_epoch=cut_at_epoch, cut_at_step=cut_at_step,
-            strategy=self.strategy, cut_changes_outputs=cut_changes_outputs,
+            self.criterion, self.amounts.amount, layers, groups, timing, cut_at_epoch=cut_at_epoch,
+            cut_at_step=cut_at_step, strategy=self.strategy, cut_changes_outputs=cut_changes_outputs, heads=heads,
+            target=target,
         )  # fmt: skip
         self.masking = Masking(self.strategy, reset_optimizer_state)
         self.writer = TelemetryWriter(self.strategy, log_every_n_steps, burst_steps)
         self.live_cut = LiveCut()
         self.module_attribute = module
-        if static_masks is not None:
-            warnings.warn(
-                f"mask.static_masks={static_masks!r} is ignored and will be removed: masks are always installed "
-                "at setup now; drop the setting",
-                FutureWarning,
-                stacklevel=2,
-            )
+        warn_static_masks(static_masks)
         self._set_up = False
         self._stepped = False  # an optimizer step was taken in this batch (not so within an accumulation window)
         self._network: nn.Module | None = None
-        # Whether something acts around every optimizer step, measured or not: the strategy (gradient masks,
-        # re-zeroing), the criterion (gathering gradients) or the optimizer-state reset.
-        self._acts_every_step = (
-            reset_optimizer_state
-            or type(self.strategy).before_optimizer_step is not MaskStrategy.before_optimizer_step
-            or type(self.strategy).after_optimizer_step is not MaskStrategy.after_optimizer_step
-            or type(self.criterion).before_optimizer_step is not Criterion.before_optimizer_step
-            or self.sparsity is not None
-        )
+        # Whether something acts around every optimizer step, measured or not (else its hooks are hidden).
+        self._acts_every_step = self.masking.acts_every_step(self.criterion) or self.sparsity is not None
 
     # -- what it holds, for readers (the compaction pipeline, reports, tests) -----------------------
     @property
@@ -209,6 +183,10 @@ class ChannelPruning(Callback):
     @property
     def layer_widths(self) -> dict[str, int]:
         return self.masking.widths
+
+    @property
+    def budget(self) -> Budget:
+        return self.amounts.budget
 
     @property
     def telemetry(self) -> DriftTelemetry | None:
@@ -242,9 +220,7 @@ class ChannelPruning(Callback):
         # Before Lightning loads a checkpoint's weights: parametrized names must exist for their keys to load.
         # Before the telemetry: the mask's forward hook is registered first, so it runs before the leak probe.
         spaces = self.plan.choose_spaces(network)
-        image = example_image(trainer, pl_module, network)
-        if image is not None or self.budget.target is None:  # else at the first pruning event, from its batch
-            self.budget.prepare(network, spaces, image)
+        self.amounts.setup(trainer, pl_module, network, spaces)
         self.masking.install(spaces)
         if self.sparsity is not None:
             self.sparsity.bind(network, spaces)
@@ -262,7 +238,7 @@ class ChannelPruning(Callback):
     def prune(self, trainer: L.Trainer, target: float, batch: Any = None) -> None:
         """One pruning event: select up to ``target``, apply the strategy, snapshot references, reset state."""
         # Rank 0 decides and every rank applies the same masks (scores could differ in the last bit).
-        amounts = self._amounts(trainer, target, batch)
+        amounts = self.amounts.at(trainer, self.criterion, self.spaces, self.pruned, target / self.plan.final, batch)
         masks = trainer.strategy.broadcast(self.masking.select(self.criterion, target, amounts), src=0)
         self.masking.apply(masks, target, trainer.global_step, trainer.optimizers)
         # Consumer references once every layer is pruned: a consumer that is itself a pruned producer has
@@ -271,28 +247,6 @@ class ChannelPruning(Callback):
         counts = {name: int(mask.sum()) for name, mask in self.pruned.items()}
         log.info("step %d: pruned %s (mask=%s, criterion=%s)", trainer.global_step, counts, self.strategy_name,
                  self.criterion.name)  # fmt: skip
-
-    def _amounts(self, trainer: L.Trainer, target: float, batch: Any) -> dict[str, float] | None:
-        """Per-space amounts of a pruning event at ``target`` (the schedule's share of the way): the budget's
-        allocation, or the amounts fixed by hand; None: ``target`` everywhere."""
-        budget, spaces = self.budget, self.spaces
-        if budget.target is None:
-            fixed = budget.fixed_amounts(spaces)
-            return {name: amount * target / self.plan.final for name, amount in fixed.items()} or None
-        if budget.model is None:  # no input shape at setup: the cost model reads this batch's first image
-            assert self._network is not None
-            budget.prepare(self._network, spaces, example_image(trainer, None, self._network, batch))
-        already = {space.name: self.pruned[space.producers[0].name] for space in spaces
-                   if space.producers[0].name in self.pruned}  # fmt: skip
-        progress = target / self.plan.final
-        if budget.target.metric == "latency":  # timed on the run's device, under its precision
-            assert self._network is not None
-            settings = {"device": next(self._network.parameters()).device, "precision": str(trainer.precision)}
-            allocation = budget.calibrate_latency(self._network, self.criterion, spaces, already, progress, settings)
-        else:
-            allocation = budget.allocate(self.criterion, spaces, already, progress)
-        log_allocation(trainer, allocation)
-        return allocation.amounts
 
     def _remove_masks(self) -> None:
         """The masking machinery and the telemetry, and every reference to the masked modules: a cut network
@@ -331,8 +285,7 @@ class ChannelPruning(Callback):
         self.writer.record_gradients()  # before any gradient mask
         self.criterion.before_optimizer_step(self.layers)
         if self._regularizing(trainer):  # after the criterion (it reads the task's gradient), before gradient masks
-            assert self.sparsity is not None
-            self.sparsity.add_gradients()
+            self.sparsity.add_gradients()  # type: ignore[union-attr]
         self.masking.before_optimizer_step()
         self.writer.snapshot_rows()
 
@@ -346,15 +299,12 @@ class ChannelPruning(Callback):
         self.masking.after_optimizer_step(trainer.optimizers)
         self.writer.write_step(trainer, self.masking.masked)
         if self._regularizing(trainer) and trainer.global_step % self.writer.log_every_n_steps == 0:
-            assert self.sparsity is not None
-            self.sparsity.log(trainer)
+            self.sparsity.log(trainer)  # type: ignore[union-attr]
 
     def _regularizing(self, trainer: L.Trainer) -> bool:
         """Whether sparse training acts now: set, not cut yet, within its epochs (or before the last pruning)."""
-        if self.sparsity is None or self.cut is not None:
-            return False
-        pruning_done = bool(self.pruning_steps) and self.masking.pruned_amount >= self.plan.final
-        return self.sparsity.active(trainer.current_epoch, pruning_done)
+        return (self.sparsity is not None and self.cut is None
+                and self.sparsity.active(trainer.current_epoch, self.masking.reached(self.plan.final)))  # fmt: skip
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -374,10 +324,8 @@ class ChannelPruning(Callback):
         """All a resumed run needs to continue exactly, each part from its owner: plain tensors, numbers and
         strings only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
         return {
-            "strategy": self.strategy_name,
             "criterion": self.criterion.name,
             "amount": self.plan.amount,
-            "reset_optimizer_state": self.masking.reset_optimizer_state,
             **self.masking.state_dict(),
             **self.writer.state_dict(),
             **self.criterion.state_dict(),
@@ -419,15 +367,9 @@ class ChannelPruning(Callback):
     # -- reporting --------------------------------------------------------------------------------
     def final_metrics(self) -> dict[str, Any]:
         """Final and max-since-pruning of every telemetry tag, with what was pruned, when and how."""
-        report: dict[str, Any] = {
-            "mask/strategy": self.strategy_name,
-            "mask/criterion": self.criterion.name,
-            "mask/amount": self.plan.amount,
-            "mask/reset_optimizer_state": self.masking.reset_optimizer_state,
-            "mask/pruning_steps": list(self.pruning_steps),
-            "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
-            "mask/rank_fingerprints": self.writer.rank_fingerprints,
-        }
+        report: dict[str, Any] = {"mask/criterion": self.criterion.name, "mask/amount": self.plan.amount}
+        report.update(self.masking.report())
+        report["mask/rank_fingerprints"] = self.writer.rank_fingerprints
         report.update(self.budget.report())
         report.update(self.cut or {})
         report.update(self.writer.report(self.pruning_steps))

@@ -79,6 +79,16 @@ def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: T
     return torch.stack([pruned_qk, pruned_qk, pruned_v]).flatten().to(already_pruned.device)
 
 
+def select_whole_heads(scores: Tensor, heads: int, count: int, already_pruned: Tensor) -> Tensor:
+    """An attention's q, k, v rows pruned by whole heads (``mask.heads``): each head scored by the mean of its q, k
+    and v rows' scores (a head lives in all three), the ``count`` lowest heads pruned with every row of theirs,
+    keeping heads pruned already (a gradual schedule's earlier choices)."""
+    per_head = scores.detach().float().view(3, heads, -1)
+    before = already_pruned.view(3, heads, -1).all(-1).all(0)
+    pruned_heads = select_channels(per_head.mean(dim=(0, 2)), count, before.to(per_head.device))
+    return pruned_heads.view(1, heads, 1).expand_as(per_head).flatten().to(already_pruned.device)
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -88,6 +98,7 @@ class Criterion:
     """Scores a space's channels; ``select`` prunes the lowest up to an amount, keeping earlier choices."""
 
     name: ClassVar[str]
+    whole_heads = False  # mask.heads: an attention's q, k, v space loses whole heads (``select_whole_heads``)
 
     def check(self, spaces: Sequence[ChannelSpace]) -> None:
         """Refuse, before training, spaces this criterion cannot score."""
@@ -99,6 +110,8 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        if space.heads > 1 and self.whole_heads:
+            return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.heads > 1:
             per_head = channels_to_prune(space.width // (3 * space.heads), amount)
             return select_per_head(self.scores(space), space.heads, per_head, already)

@@ -41,6 +41,17 @@ class Masking:
         # per-step hooks never ask the device `mask.any()`.
         self.masked: list[tuple[PrunableLayer, Tensor]] = []
 
+    def acts_every_step(self, criterion: Criterion) -> bool:
+        """Whether the strategy (gradient masks, re-zeroing), ``criterion`` (gathering gradients) or the
+        optimizer-state reset act around every optimizer step, measured or not."""
+        strategy = type(self.strategy)
+        return (
+            self.reset_optimizer_state
+            or strategy.before_optimizer_step is not MaskStrategy.before_optimizer_step
+            or strategy.after_optimizer_step is not MaskStrategy.after_optimizer_step
+            or type(criterion).before_optimizer_step is not Criterion.before_optimizer_step
+        )
+
     def install(self, spaces: Sequence[ChannelSpace]) -> None:
         """The forward-pass machinery on every producer of ``spaces``, nothing pruned: parameter and buffer
         names are then the same before and after pruning, so a checkpoint's weights load by name."""
@@ -117,8 +128,23 @@ class Masking:
                 f"{self.widths}; it comes from another model"
             )
 
+    def reached(self, final: float) -> bool:
+        """Whether the last pruning event (to the schedule's ``final`` amount) has happened."""
+        return bool(self.pruning_steps) and self.pruned_amount >= final
+
+    def report(self) -> dict[str, Any]:
+        """What was pruned, when and how (``metrics.json``'s ``mask/*``)."""
+        return {
+            "mask/strategy": self.strategy.name,
+            "mask/reset_optimizer_state": self.reset_optimizer_state,
+            "mask/pruning_steps": list(self.pruning_steps),
+            "mask/pruned_channels": {name: int(mask.sum()) for name, mask in self.pruned.items()},
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "strategy": self.strategy.name,
+            "reset_optimizer_state": self.reset_optimizer_state,
             "layers": dict(self.widths),
             "pruned": {name: mask.cpu() for name, mask in self.pruned.items()},
             "pruned_amount": self.pruned_amount,

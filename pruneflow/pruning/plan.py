@@ -65,6 +65,8 @@ class PruningPlan:
         cut_at_step: int | None,
         strategy: MaskStrategy,
         cut_changes_outputs: bool,
+        heads: bool = False,
+        target: str | None = None,
     ) -> None:
         if amount is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float))
                                    or not 0.0 <= amount < 1.0):  # fmt: skip
@@ -73,6 +75,14 @@ class PruningPlan:
             raise ConfigError(f"mask.groups must be true or false, got {groups!r}")
         self.layer_patterns = list(layers) if layers is not None else None
         self.groups = groups
+        if not isinstance(heads, bool):
+            raise ConfigError(f"mask.heads must be true or false, got {heads!r}")
+        if heads and (target is not None or cut_at_epoch is not None or cut_at_step is not None):
+            raise ConfigError(
+                f"mask.heads=true prunes whole heads in the masked network only: it takes mask.amount, not "
+                f"mask.target={target}, and no cut (mask.cut_at_epoch={cut_at_epoch}, mask.cut_at_step={cut_at_step})"
+            )
+        self.heads = heads
         self.criterion, self.amount = criterion, None if amount is None else float(amount)
         # explicit lists, and a budget (amount None: mask.target), carry their own counts: the schedule only says
         # when, and how far along (a target of 1 = "all of it, now").
@@ -117,7 +127,7 @@ class PruningPlan:
         patterns = self.layer_patterns
         if isinstance(self.criterion, Explicit) and patterns is None:
             patterns = self.criterion.patterns
-        spaces = select_spaces(graph.spaces, patterns, self.groups)
+        spaces = select_spaces(graph.spaces, patterns, self.groups, self.heads)
         if not spaces:
             reasons = sorted({reason for space in graph.spaces for reason in space.refusals[:1]})
             coupled = sum(space.coupled and space.prunable for space in graph.spaces)

@@ -18,12 +18,18 @@ def _spaces_of(layers: Sequence[PrunableLayer]) -> list[ChannelSpace]:
 
 
 def select_spaces(
-    spaces: Sequence[ChannelSpace], patterns: Iterable[str] | None, groups: bool = False
+    spaces: Sequence[ChannelSpace], patterns: Iterable[str] | None, groups: bool = False, heads: bool = False
 ) -> list[ChannelSpace]:
     """The spaces to prune: by default every prunable one (coupled ones only when ``groups``);
     with ``patterns``, those with a producer matching a glob. A glob naming one member of a group
     selects the group, and the log says so; a glob that selects nothing is a ``ConfigError``.
+    With ``heads`` (``mask.heads``): every attention's q, k, v space on its own, losing whole heads, and the streams
+    they are tied to left whole (their width is every head's width).
     """
+    if heads:
+        keys = {id(space) for space in select_spaces(spaces, patterns, groups) if not space.tied and not space.tied_to}
+        keys |= {id(space) for space in spaces if space.heads > 1 and space.tied_to is not None and space.prunable}
+        return [space for space in spaces if id(space) in keys]
     prunable = [space for space in spaces if space.prunable]
     if patterns is None:
         return _with_tied(spaces, [space for space in prunable if (groups or not space.coupled) and not space.tied_to])

@@ -324,6 +324,17 @@ STRATEGIES: dict[str, type[MaskStrategy]] = {
 RENAMED_STRATEGIES = {"none": "control"}
 
 
+def warn_static_masks(static_masks: bool | None) -> None:
+    """``mask.static_masks`` is deprecated and ignored: the forward-pass masks are always installed at setup now."""
+    if static_masks is not None:
+        warnings.warn(
+            f"mask.static_masks={static_masks!r} is ignored and will be removed: masks are always installed "
+            "at setup now; drop the setting",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
 def current_strategy_name(name: str, warn: bool = True) -> str:
     """``name``, or what a former strategy name is called now (with a ``FutureWarning`` if ``warn``)."""
     if name not in RENAMED_STRATEGIES:
