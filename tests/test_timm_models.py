@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_window_attention import masked_and_cut
 
+from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
 
@@ -58,3 +59,18 @@ def test_norm_act_modules_are_their_convs_norms_and_layer_scales_are_cut_with_th
         assert any(type(layer.norm).__name__ == "BatchNormAct2d" for layer in trace_channel_graph(tiny(name)).layers)
     stream = next(space for space in trace_channel_graph(tiny("test_convnext")).spaces if "stem.0" in space.names)
     assert ("stages.0.blocks.0.gamma", 0) in [(scale.name, scale.dim) for scale in stream.scales]
+
+
+def test_a_cut_timm_model_is_rebuilt_from_its_sizes_its_norm_act_modules_kept() -> None:
+    """``apply_sizes`` (export, checkpoints after a cut) rebuilds a taught subclass as its base's tensors, keeping
+    its type and activation, with hook tables of its own."""
+    model = tiny("test_efficientnet")
+    images = torch.randn(2, 3, 32, 32)
+    _, compaction = masked_and_cut(model, images)
+    fresh = timm.create_model("test_efficientnet", num_classes=10).eval()
+    before = fresh.bn1
+    apply_sizes(fresh, compaction.sizes).load_state_dict(compaction.model.state_dict())
+    assert type(fresh.bn1) is type(model.bn1) and fresh.bn1.num_features < model.bn1.num_features
+    assert fresh.bn1._forward_hooks is not before._forward_hooks and fresh.bn1._modules is not before._modules
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), compaction.model(images), rtol=1e-5, atol=1e-6)

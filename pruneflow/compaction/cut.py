@@ -197,8 +197,10 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
         carry_parameter_settings(parameters[parameter_name], parameter)
     if base is type(module):
         return new
-    like = copy.copy(module)  # its submodules (an activation) shared: they hold no per-channel tensor
-    like._parameters, like._buffers = dict(new._parameters), dict(new._buffers)
+    like = copy.copy(module)  # its settings and submodules (an activation: no per-channel tensor) kept
+    # the new module's tensors and its own (empty) hook tables; a submodule table of its own
+    like.__dict__.update({key: value for key, value in vars(new).items() if isinstance(value, dict)})
+    like._modules = dict(module._modules)
     for attribute in (out_arg, in_arg, "groups", "normalized_shape"):
         if attribute is not None and hasattr(new, attribute):
             setattr(like, attribute, getattr(new, attribute))
