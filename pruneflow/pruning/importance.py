@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, Consumer, PrunableLayer, is_depthwise
 from pruneflow.pruning.criteria import (
-    CRITERION_NAMES,
+    CRITERIA,
     BnGamma,
     Criterion,
     Taylor,
@@ -271,7 +271,12 @@ GROUP_CRITERIA: dict[str, Callable[..., Criterion]] = {
     "taylor": lambda reduction, taylor_batches, **_: GroupTaylor(taylor_batches, reduction),
 }
 GROUP_ONLY = ("fpgm", "lamp")  # no reading of their own: under ``producers`` the producers' rows, summed
-IMPORTANCE_NAMES = (*CRITERION_NAMES, *GROUP_ONLY)
+
+
+def importance_names() -> tuple[str, ...]:
+    """Every ``mask.criterion``: the registered criteria (read when asked: a user may register one in
+    ``criteria.CRITERIA`` after this module is imported) and the group-only ones."""
+    return (*CRITERIA, *GROUP_ONLY)
 
 
 def make_importance(
@@ -283,8 +288,8 @@ def make_importance(
 ) -> Criterion:
     """The criterion ``name`` reading its group as ``group_reduction`` says (``producers``: the criterion's own
     reading; ``mean``/``sum``/``max``: every member)."""
-    if name not in IMPORTANCE_NAMES:
-        raise ConfigError(f"unknown mask.criterion {name!r}; choose one of: {', '.join(IMPORTANCE_NAMES)}")
+    if name not in importance_names():
+        raise ConfigError(f"unknown mask.criterion {name!r}; choose one of: {', '.join(importance_names())}")
     if group_reduction not in REDUCTION_NAMES:
         raise ConfigError(
             f"unknown mask.group_reduction {group_reduction!r}; choose one of: {', '.join(REDUCTION_NAMES)}"
