@@ -18,8 +18,8 @@ lr 0.01 with ×0.1 at 60/80 % of the phase (Torch-Pruning's 60/80 of 100), the s
   ``GroupNormPruner`` (DepGraph's group regulariser, ``regularize`` after each backward) with
   ``GroupNormImportance(p=2, normalizer='max')`` (``GroupMagnitudeImportance`` in 1.6), global pruning, the
   classifier ignored, 400 iterative steps taken until ``tp.utils.count_ops_and_params`` reports 2.0× fewer
-  FLOPs, then fine-tuning (a fresh optimizer, as its recipe). The recipe's BatchNorm layers train in train mode
-  again after its pruning, which counts in eval mode.
+  FLOPs, then fine-tuning (a fresh optimizer, as its recipe). Every fit starts in train mode (Torch-Pruning's
+  tracing and counting leave the network in eval mode, which Lightning would keep).
 
 Both final networks are measured with the same counter (``torch.utils.flop_counter`` on the cut network, one
 32×32 image; parameters counted), tested on the whole test split. A markdown table (accuracy mean ± std per arm,
@@ -151,6 +151,9 @@ def fit(args: argparse.Namespace, module: ClassifierModule, data: L.LightningDat
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         limit_train_batches=args.limit_batches, callbacks=list(callbacks),
     )  # fmt: skip
+    # Lightning keeps each module's mode, and Torch-Pruning's tracing and counting leave the network in eval mode:
+    # BatchNorm trained on its running statistics would be another recipe
+    module.model.train()
     trainer.fit(module, datamodule=data)
     return module
 
@@ -226,7 +229,6 @@ def prune_with_torch_pruning(args: argparse.Namespace, network: nn.Module, data:
         pruner.step()
         flops, _ = tp.utils.count_ops_and_params(network, example_inputs=example)
         speed_up = dense_flops / flops
-    network.train()  # Lightning keeps each module's mode: fine-tuning BatchNorm in eval mode would be another recipe
     schedule = phased_multistep([(finetune_epochs, PHASE_MILESTONES)])
     fit(args, ClassifierModule(network, optimizer=sgd(0.01), num_classes=10, scheduler=schedule), data,
         finetune_epochs)  # fmt: skip
