@@ -53,3 +53,26 @@ def test_each_phase_restarts_the_learning_rate_and_decays_at_its_milestones() ->
 def test_bad_flags_are_refused_in_one_line_before_anything_trains(flags: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         benchmarks_main(["outcome", "--data", "synthetic", *flags])
+
+
+def test_every_fit_trains_in_train_mode_whatever_mode_the_network_was_left_in() -> None:
+    """Torch-Pruning's tracing and counting leave the network in eval mode; its BatchNorm must still train as such."""
+    import argparse
+
+    import lightning as L
+
+    from pruneflow import ClassifierModule
+
+    modes: list[bool] = []
+
+    class RecordMode(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: object) -> None:
+            modes.append(all(module.training for module in pl_module.model.modules()))
+
+    args = argparse.Namespace(data="synthetic", batch_size=16, device="cpu", limit_batches=1)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                  torch.nn.LazyLinear(10)).eval()  # fmt: skip
+    network(torch.zeros(1, 3, 32, 32))
+    module = ClassifierModule(network, optimizer=outcome.sgd(0.01), num_classes=10)
+    outcome.fit(args, module, outcome.make_data(args, seed=0), 1, [RecordMode()])
+    assert modes == [True]
