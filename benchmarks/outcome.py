@@ -28,10 +28,11 @@ FLOPs ratio, params) is printed and everything goes to ``--json``.
 Scaled, and why. The published recipe is 200 pre-training, 100 sparse-training and 100 fine-tuning epochs on
 the 50,000 CIFAR-10 images: days on a CPU. The default is sized for about one hour per full comparison (3 seeds)
 on a 2-core CPU on the 4,000-image subset: 15 pre-training, 3 sparse, 6 fine-tuning epochs (each arm 9 epochs
-after the shared 15; ResNet-56 trains at very roughly 30-40 s an epoch on 4,000 images on 2 cores, so
-3 × (15 + 2 × 9) ≈ 100 epochs). The ratios between the phases, the learning rates, milestones (as fractions),
-batch size, regulariser strength and the 2.0× target are those of the recipe; only the lengths shrink, so
-absolute accuracies are far below the paper's 93 %, and what compares is the two arms at equal FLOPs.
+after the shared 15: 3 × (15 + 2 × 9) ≈ 100 epochs at an estimated 30-40 s each for ResNet-56 on 4,000 images on
+2 cores — an estimate from its FLOPs, not yet a timed run; adjust the three flags once one is). The ratios
+between the phases, the learning rates, milestones (as fractions), batch size, regulariser strength and the 2.0×
+target are those of the recipe; only the lengths shrink, so absolute accuracies are far below the paper's 93 %,
+and what compares is the two arms at equal FLOPs.
 ``--full`` restores the published lengths (meant for a GPU, ``--device cuda``).
 """
 
