@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import statistics
@@ -291,6 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.data == "cifar10" and not (Path(args.root) / "cifar-10-batches-py").is_dir():
         raise SystemExit(f"benchmarks outcome: error: --root={args.root} holds no cifar-10-batches-py/; "
                          "give the CIFAR-10 folder, or --data synthetic for a smoke run")  # fmt: skip
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise SystemExit("benchmarks outcome: error: Torch-Pruning is not installed; pip install -e '.[bench]'")
     rows = [run_seed(args, seed, epochs) for seed in seeds]
     table = summary(rows)
     report = {"command": args.command, "epochs": epochs, "seeds": seeds, "device": args.device, "data": args.data,
