@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "gpu-section": "benchmarks.gpu_section",
     "defaults": "benchmarks.defaults",
     "time-to-accuracy": "benchmarks.time_to_accuracy",
+    "outcome": "benchmarks.outcome",
 }
 
 
