@@ -46,3 +46,16 @@ def test_train_py_prunes_and_cuts_a_timm_model_exactly(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
     assert metrics["compact/params_after"] < metrics["compact/params_before"]
+
+
+def test_weights_come_from_a_local_file_and_a_file_that_does_not_fit_is_one_line(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = timm_classifier("test_resnet", input_shape=(3, 32, 32), num_classes=4)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    torch.manual_seed(1)
+    loaded = timm_classifier("test_resnet", input_shape=(3, 32, 32), num_classes=4, weights=tmp_path / "weights.pt")
+    expected, got = source.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    with pytest.raises(ConfigError, match=r"model.weights=.* does not fit test_resnet with 7 classes") as error:
+        timm_classifier("test_resnet", input_shape=(3, 32, 32), num_classes=7, weights=tmp_path / "weights.pt")
+    assert "\n" not in str(error.value)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pruneflow.errors import ConfigError
+from pruneflow.models.torchvision_zoo import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,7 @@ def timm_classifier(
     network = _created(timm, name, arguments, size)
     _check_runs(network, name, (channels, *size))
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            network.load_state_dict(state.get("state_dict", state))
-        except RuntimeError as exc:
-            raise ConfigError(f"model.weights={str(weights)!r} does not fit {name} with {num_classes} classes: "
-                              f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
-        log.info("%s starts from %s", name, weights)
+        load_weights(network, name, weights, num_classes)
     return network
 
 

@@ -52,14 +52,20 @@ def torchvision_classifier(
     if first.in_channels != channels:
         replace_module(network, first_name, conv_like(first, in_channels=channels))
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        try:
-            network.load_state_dict(state.get("state_dict", state))
-        except RuntimeError as exc:
-            raise ConfigError(f"model.weights={str(weights)!r} does not fit {name} with {num_classes} classes: "
-                              f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
-        log.info("%s starts from %s", name, weights)
+        load_weights(network, name, weights, num_classes)
     return network
+
+
+def load_weights(network: nn.Module, name: str, weights: str | os.PathLike[str], num_classes: int) -> None:
+    """``network`` (the model ``name``) starts from the local ``state_dict`` file ``weights``; one line where the
+    file does not fit it."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict(state.get("state_dict", state))
+    except RuntimeError as exc:
+        raise ConfigError(f"model.weights={str(weights)!r} does not fit {name} with {num_classes} classes: "
+                          f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+    log.info("%s starts from %s", name, weights)
 
 
 def _cifar_stem(name: str, network: nn.Module) -> None:
