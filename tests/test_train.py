@@ -154,7 +154,8 @@ def test_sweep_gives_each_run_a_folder_named_by_its_overrides(tmp_path: Path) ->
     ("overrides", "expected"),
     [
         (("data=imagenet",), "unknown data 'imagenet'; choose one of: cifar10, fashion_mnist, mnist, synthetic"),
-        (("model=transformer",), "unknown model 'transformer'; choose one of: convnet, resnet, torchvision, vgg"),
+        (("model=transformer",), "unknown model 'transformer'; choose one of: convnet, convnext, mobilenet_v2, "
+                                 "mobilenet_v3, resnet, timm, torchvision, vgg, vit"),
         (("mask=magic",), "unknown mask 'magic'; choose one of:"),
         (("data=synthetic", "trainer.max_epochs=-3"), "trainer.max_epochs must be a positive integer, got -3"),
         (("data=synthetic", "model.activation=tanh"), "unknown activation 'tanh'; choose one of: gelu, leaky_relu"),
