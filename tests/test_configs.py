@@ -55,6 +55,8 @@ def test_every_group_is_tested() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{group}={option}" for group, option in OPTIONS])
 def test_every_option_composes_and_builds(group: str, option: str, tmp_path: Path) -> None:
+    if (group, option) == ("model", "timm"):
+        pytest.importorskip("timm")  # an optional extra: model=timm says so in one line where it is missing
     build(compose_train(f"{group}={option}", "model.width=4" if option == "resnet" else "seed=0"), tmp_path)
 
 
@@ -93,3 +95,14 @@ def test_compose_config_is_what_train_py_composes(tmp_path: Path) -> None:
     assert cfg.mask.strategy == "weight" and cfg.mask.amount == 0.25 and "sweeper" in cfg.hydra
     with pytest.raises(ConfigError, match=f"no train.yaml in {tmp_path}; pass conf_dir="):
         compose_config(conf_dir=tmp_path)
+
+
+def test_model_timm_without_timm_installed_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pruneflow.errors import ConfigError
+    from pruneflow.models import timm_classifier
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # as where the extra is not installed
+    with pytest.raises(ConfigError, match=r"model=timm needs timm, which is not installed: pip install -e"):
+        timm_classifier("resnet18")
