@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pruneflow.experiment.argv_checks import check_group_choices, check_keys
+from pruneflow.experiment.console import quiet_hydra
 from pruneflow.experiment.run import prepare, skipped_as_complete
 from pruneflow.experiment.run_folder import created_by_this_start, discarded_if_it_fails
 from pruneflow.experiment.trainer_arguments import check_trainer_arguments
@@ -46,6 +47,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    quiet_hydra()
     argv = sys.argv[1:]
     problem = check_group_choices(argv, CONF_DIR) or check_trainer_arguments(argv) or check_keys(argv, CONF_DIR)
     if problem:

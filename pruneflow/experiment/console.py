@@ -64,3 +64,11 @@ def quiet_lightning() -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
         module=r"lightning\.",
     )  # fmt: skip
+
+
+def quiet_hydra() -> None:
+    """Hydra 1.3.0 warns once per resolver it registers itself (``register_new_resolver() is deprecated``, from
+    its own code, fixed in 1.3.1): noise about Hydra, not about the run, and 18 lines before any one-line error."""
+    warnings.filterwarnings(
+        "ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning, module=r"hydra\.",
+    )  # fmt: skip
