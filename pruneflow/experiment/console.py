@@ -67,8 +67,10 @@ def quiet_lightning() -> None:
 
 
 def quiet_hydra() -> None:
-    """Hydra 1.3.0 warns once per resolver it registers itself (``register_new_resolver() is deprecated``, from
-    its own code, fixed in 1.3.1): noise about Hydra, not about the run, and 18 lines before any one-line error."""
+    """Hydra's warnings about its own code, not about the run: at its floor (1.3.0) it warns once per resolver it
+    registers (``register_new_resolver() is deprecated``) and about its own version bookkeeping under a newer
+    OmegaConf (a FutureWarning raised in ``hydra._internal``) — 20 lines before any one-line error."""
     warnings.filterwarnings(
         "ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning, module=r"hydra\.",
     )  # fmt: skip
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"hydra\._internal\.")
