@@ -21,7 +21,7 @@ from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.graph import trace_channel_graph
-from pruneflow.pruning.criteria import L1, select_per_head
+from pruneflow.pruning.criteria import L1, Explicit, select_per_head
 from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
@@ -168,3 +168,42 @@ def test_the_masked_network_trains_on_as_the_cut_one_its_heads_at_their_cut_widt
     with torch.no_grad():
         masked, after = model(images), cut(images)
     assert (masked - after).abs().max() <= 1e-4 * masked.abs().max(), (masked - after).abs().max()
+
+
+def test_an_explicit_list_for_a_stream_swin_heads_follow_is_refused_unless_the_heads_follow_too() -> (
+    None
+):
+    # Issue 31, review defect 5: a list naming the stream only passed the criterion's check, then the cut raised.
+    graph = trace_channel_graph(tiny_swin())
+    stream_only = Explicit({"features.0.0": [0, 1]})
+    spaces = select_spaces(graph.spaces, stream_only.patterns, groups=True)
+    with pytest.raises(ConfigError, match=r"features\.1\.0\.attn\.qkv.*7 each \(its input keeps 14 channels"):
+        stream_only.check(spaces)
+    # q, k and v at position 0 of both heads (head width 8): each head keeps 7, as the stream keeps 14 for 2
+    rows = [0, 8, 16, 24, 32, 40]
+    named = {"features.0.0": [0, 1], "features.1.0.attn.qkv": rows, "features.1.1.attn.qkv": rows}
+    Explicit(named).check(select_spaces(graph.spaces, list(named), groups=True))
+    uneven = {**named, "features.1.1.attn.qkv": [0, 1, 16, 17, 32, 33]}  # head 0 loses 2, head 1 none
+    with pytest.raises(ConfigError, match=r"features\.1\.1\.attn\.qkv"):
+        Explicit(uneven).check(select_spaces(graph.spaces, list(uneven), groups=True))
+
+
+def test_an_explicit_list_that_the_heads_follow_masks_and_cuts_to_the_masked_function() -> None:
+    model, images = tiny_swin().eval(), torch.randn(2, 3, 32, 32)
+    randomize_norms(model)
+    rows = [0, 8, 16, 24, 32, 40]
+    criterion = Explicit({"features.0.0": [0, 1], "features.1.0.attn.qkv": rows, "features.1.1.attn.qkv": rows})
+    graph = trace_channel_graph(model)
+    spaces = select_spaces(graph.spaces, criterion.patterns, groups=True)
+    criterion.check(spaces)
+    masking, masks = make_strategy("activation"), {}
+    for space in spaces:
+        pruned = criterion.select(space, 0.0, torch.zeros(space.width, dtype=torch.bool))
+        for layer in space.producers:
+            masking.prepare(layer)
+            masking.apply(layer, pruned)
+            masks[layer.name] = pruned
+    with torch.no_grad():
+        masked = model(images)
+        cut = compact(model, masks).model(images)
+    torch.testing.assert_close(cut, masked, rtol=1e-4, atol=1e-4 * masked.abs().max().item())

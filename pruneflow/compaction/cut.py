@@ -63,6 +63,7 @@ from pruneflow.graph import (
     norm_width,
     trace_channel_graph,
 )
+from pruneflow.graph.heads import tied_heads_problem
 from pruneflow.graph.layers import LayerNorm2d
 from pruneflow.graph.registry import MODULE_HANDLERS
 
@@ -408,23 +409,17 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     space, heads = group.space, group.space.heads
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
-    q, k, v = pruned.view(3, heads, -1)
     if pruned.view(3, heads, -1).all(-1).all(0).any():
         raise CompactionError(
             f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and torchvision's attention takes "
             "its head width from its input's width, so a cut cannot drop heads yet; evaluate the masked network "
             "(compact=false)"
         )
-    counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
     anchor = next((g for g in groups if g.space is space.tied_to), None)
-    kept_per_head = q.shape[1] - next(iter(counts))
     anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // 3
-    if not torch.equal(q, k) or len(counts) > 1 or anchor_kept != heads * kept_per_head:
-        raise CompactionError(
-            f"cannot cut {space.name}: an attention's heads must keep the same query/key positions in q and k, as "
-            f"many in every head and of values, and {anchor_kept // heads if anchor else '?'} each (its input keeps "
-            f"{anchor_kept} channels for {heads} heads); the criteria select so (mask.groups=true)"
-        )
+    problem = tied_heads_problem(space, pruned, anchor_kept)
+    if problem:
+        raise CompactionError(f"cannot cut {space.name}: {problem}; the criteria select so (mask.groups=true)")
 
 
 # -- the cut --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, PrunableLayer, channels_to_prune
+from pruneflow.graph.heads import tied_heads_problem
 
 
 def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tensor:
@@ -322,6 +323,31 @@ class Explicit(Criterion):
                     f"mask.channels for {', '.join(space.names)} together remove all {space.width} channels of the "
                     f"group {'+'.join(space.names)}, which share them; keep at least one"
                 )
+        for space in spaces:
+            if space.heads > 1 and space.tied_to is not None:
+                self._check_tied_heads(space)
+
+    def _named(self, space: ChannelSpace) -> Tensor:
+        """The channels of ``space`` its producers' lists name together."""
+        named = torch.zeros(space.width, dtype=torch.bool)
+        for layer in space.producers:
+            named[self.channels.get(layer.name, [])] = True
+        return named
+
+    def _check_tied_heads(self, heads: ChannelSpace) -> None:
+        """An attention whose head width follows the stream it reads: a list for the stream needs one for the
+        attention's q, k, v rows that the cut can follow, and the other way round (``tied_heads_problem``)."""
+        stream = heads.tied_to
+        stream_pruned, heads_pruned = self._named(stream), self._named(heads)
+        if not stream_pruned.any() and not heads_pruned.any():
+            return
+        problem = tied_heads_problem(heads, heads_pruned, stream.width - int(stream_pruned.sum()))
+        if problem:
+            raise ConfigError(
+                f"mask.channels for {stream.name} ({int(stream_pruned.sum())} channels) and {heads.name} "
+                f"({int(heads_pruned.sum())} q/k/v rows) cannot be cut: the attention's head width follows the "
+                f"stream it reads, so name its q/k/v rows too: {problem} (or rank them: mask.criterion=l1)"
+            )
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         mask = already.clone()

@@ -1,0 +1,26 @@
+"""What a cut of an attention's q, k, v rows must keep where its head width follows the stream it reads
+(``ChannelSpace.tied_to``: torchvision's Swin and MaxViT attentions): the same query/key positions from q and k,
+as many positions in every head and of values, and as many per head as the stream keeps per head. The cut checks
+it on the masks it is given; an explicit channel list (``mask.criterion=explicit``) is checked before training."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pruneflow.graph.records import ChannelSpace
+
+
+def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) -> str | None:
+    """Why pruning ``pruned`` (a bool per q/k/v row of ``space``) cannot be cut while the stream it is tied to
+    keeps ``stream_kept`` channels; None where it can."""
+    heads = space.heads
+    q, k, v = pruned.view(3, heads, -1)
+    counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
+    kept_per_head = q.shape[1] - min(counts)
+    if torch.equal(q, k) and len(counts) == 1 and stream_kept == heads * kept_per_head:
+        return None
+    return (
+        f"an attention's heads must keep the same query/key positions in q and k, as many in every head and of "
+        f"values, and {stream_kept // heads} each (its input keeps {stream_kept} channels for {heads} heads)"
+    )
