@@ -81,7 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit-batches", type=int, default=None, help="batches per epoch and per test (smoke runs)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="the report, rewritten after every seed")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the seeds --json holds and the pre-trained networks beside it (same settings)",
+    )
 
 
 def lengths(args: argparse.Namespace) -> dict[str, int]:
@@ -240,14 +245,35 @@ def prune_with_torch_pruning(args: argparse.Namespace, network: nn.Module, data:
 PRUNERS = {"pruneflow": prune_with_pruneflow, "torch-pruning": prune_with_torch_pruning}
 
 
+def pretrained(
+    args: argparse.Namespace, data: L.LightningDataModule, epochs: int, seed: int
+) -> tuple[nn.Module, float]:
+    """The seed's pre-trained network and the seconds its pre-training took: kept beside ``--json``
+    (``<json>.seed<N>.pt``) once trained, so a comparison stopped midway and run again with ``--resume`` does not
+    train it again."""
+    kept = args.json.with_suffix(f".seed{seed}.pt") if args.json else None
+    if args.resume and kept is not None and kept.is_file():
+        saved = torch.load(kept, map_location="cpu", weights_only=True)
+        if saved["settings"] == settings(args, lengths(args)):
+            network = ResNet(depth=56)
+            network.load_state_dict(saved["state_dict"])
+            return network.to(args.device) if args.device != "cpu" else network, float(saved["seconds"])
+    started = time.perf_counter()
+    network = pretrain(args, data, epochs)
+    seconds = time.perf_counter() - started
+    if kept is not None:
+        state = {"state_dict": network.state_dict(), "seconds": seconds, "settings": settings(args, lengths(args))}
+        torch.save(state, kept)
+    return network, seconds
+
+
 def run_seed(args: argparse.Namespace, seed: int, epochs: dict[str, int]) -> dict[str, Any]:
     """One seed: pre-train, then each arm from a copy of the same weights; the arms' figures and the dense ones."""
     L.seed_everything(seed, verbose=False)
     data = make_data(args, seed)
-    started = time.perf_counter()
-    dense = pretrain(args, data, epochs["pretrain_epochs"])
+    dense, seconds = pretrained(args, data, epochs["pretrain_epochs"], seed)
     row: dict[str, Any] = {"seed": seed, "dense": {**measured(dense), "test_acc": test_accuracy(args, dense, data),
-                                                   "seconds": time.perf_counter() - started}}  # fmt: skip
+                                                   "seconds": seconds}}  # fmt: skip
     for arm, prune in PRUNERS.items():
         L.seed_everything(seed, verbose=False)
         started = time.perf_counter()
@@ -294,12 +320,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "give the CIFAR-10 folder, or --data synthetic for a smoke run")  # fmt: skip
     if importlib.util.find_spec("torch_pruning") is None:
         raise SystemExit("benchmarks outcome: error: Torch-Pruning is not installed; pip install -e '.[bench]'")
-    rows = [run_seed(args, seed, epochs) for seed in seeds]
-    table = summary(rows)
-    report = {"command": args.command, "epochs": epochs, "seeds": seeds, "device": args.device, "data": args.data,
-              "root": args.root, "limit_batches": args.limit_batches, "reg": args.reg, "speed_up": SPEED_UP,
-              "rows": rows, "summary": table, "markdown": markdown(table, seeds)}  # fmt: skip
+    rows = finished_rows(args, epochs, seeds)
+    for seed in seeds:
+        if all(row["seed"] != seed for row in rows):
+            rows.append(run_seed(args, seed, epochs))
+            report = write_report(args, epochs, rows)  # after every seed: a stopped run keeps what it measured
+    report = write_report(args, epochs, rows)
     print("\n" + report["markdown"])
+    return report
+
+
+def settings(args: argparse.Namespace, epochs: dict[str, int]) -> dict[str, Any]:
+    """What a measured row depends on: rows of a run with other settings are never resumed."""
+    return {"epochs": epochs, "device": args.device, "data": args.data, "root": args.root,
+            "limit_batches": args.limit_batches, "reg": args.reg, "speed_up": SPEED_UP,
+            "batch_size": args.batch_size}  # fmt: skip
+
+
+def finished_rows(args: argparse.Namespace, epochs: dict[str, int], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """With ``--resume``: the rows ``--json`` holds for these seeds, measured with the same settings."""
+    if not (args.resume and args.json and args.json.is_file()):
+        return []
+    report = json.loads(args.json.read_text())
+    if report.get("settings") != settings(args, epochs):
+        raise SystemExit(f"benchmarks outcome: error: --resume: {args.json} was measured with other settings "
+                         f"({report.get('settings')}); give another --json, or the same flags")  # fmt: skip
+    return [row for row in report["rows"] if row["seed"] in seeds]
+
+
+def write_report(args: argparse.Namespace, epochs: dict[str, int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = sorted(rows, key=lambda row: row["seed"])
+    seeds = [row["seed"] for row in rows]
+    table = summary(rows) if rows else {}
+    report = {"command": args.command, "settings": settings(args, epochs), "epochs": epochs, "seeds": seeds,
+              "device": args.device, "data": args.data, "root": args.root, "limit_batches": args.limit_batches,
+              "reg": args.reg, "speed_up": SPEED_UP, "rows": rows, "summary": table,
+              "markdown": markdown(table, seeds)}  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        partial = args.json.with_suffix(args.json.suffix + ".partial")
+        partial.write_text(json.dumps(report, indent=2))
+        partial.replace(args.json)  # never a half-written report
     return report

@@ -6,6 +6,8 @@ comparison is the benchmark's to run, not a test's)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -76,3 +78,23 @@ def test_every_fit_trains_in_train_mode_whatever_mode_the_network_was_left_in() 
     module = ClassifierModule(network, optimizer=outcome.sgd(0.01), num_classes=10)
     outcome.fit(args, module, outcome.make_data(args, seed=0), 1, [RecordMode()])
     assert modes == [True]
+
+
+def test_resume_keeps_the_seeds_the_report_holds_and_refuses_a_report_of_other_settings(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("torch_pruning")
+    measured_seeds = []
+
+    def fake_seed(args, seed: int, epochs: dict[str, int]) -> dict:
+        measured_seeds.append(seed)
+        return {"seed": seed, **{arm: {"test_acc": 0.5, "flops": 2, "params": 2, "flops_ratio": 2.0}
+                                 for arm in ("dense", *outcome.ARMS)}}  # fmt: skip
+
+    monkeypatch.setattr(outcome, "run_seed", fake_seed)
+    report = tmp_path / "outcome.json"
+    flags = ["outcome", "--data", "synthetic", "--json", str(report), "--pretrain-epochs", "1"]
+    benchmarks_main([*flags, "--seeds", "0"])
+    assert measured_seeds == [0] and json.loads(report.read_text())["seeds"] == [0]
+    benchmarks_main([*flags, "--seeds", "0,1", "--resume"])
+    assert measured_seeds == [0, 1] and json.loads(report.read_text())["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="measured with other settings"):
+        benchmarks_main(["outcome", "--data", "synthetic", "--json", str(report), "--seeds", "0", "--resume"])
