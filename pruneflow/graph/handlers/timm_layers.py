@@ -54,7 +54,7 @@ def register() -> None:
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
-    register_module_handler(timm_layers.Conv2dSame, producer)
+    register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
     LAYER_NORMS[timm_layers.LayerNorm2d] = 1
     LAYER_NORMS[timm_layers.LayerNorm] = -1
     register_module_handler((timm_layers.LayerNorm2d, timm_layers.LayerNorm), layer_norm)
