@@ -139,3 +139,21 @@ def test_timm_linear_is_a_producer() -> None:
 
     assert refusals(model) == [OUTPUT]
     assert_cut_equals_masked(model)
+
+
+def hgnet_block(cin: int, cout: int) -> nn.Sequential:
+    """HGNetV2's conv, BatchNorm, ReLU and learnable affine (``scale · x + bias``, one of each for all channels)."""
+    from timm.models.hgnet import LearnableAffineBlock
+
+    affine = LearnableAffineBlock(scale_value=1.5, bias_value=0.3)  # a bias ≠ 0: a mask before it would leak
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), affine)
+
+
+def test_a_learnable_affine_after_a_producer_is_its_channel_point_and_cuts_exactly() -> None:
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    model = nn.Sequential(hgnet_block(3, 8), hgnet_block(8, 8), head(8))
+    assert refusals(model) == [OUTPUT]
+    assert [layer.channel_point_name for layer in trace_channel_graph(model).layers][:2] == ["0.3", "1.3"]
+    assert_cut_equals_masked(model)

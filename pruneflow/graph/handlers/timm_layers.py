@@ -8,18 +8,20 @@ and only the spaces reaching them are refused, not the whole model."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch.fx
 from torch import nn
 
+from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.layers import LAYER_NORMS
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -37,6 +39,20 @@ def norm_act(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     return norm(tracer, node, module, value)
 
 
+def scalar_affine(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """HGNetV2's ``LearnableAffineBlock``, ``scale · x + bias`` with one scale and one bias for every channel: the
+    bias makes a masked channel non-zero, so straight after a producer (its norm, its activation) it becomes that
+    producer's channel point, where the mask goes; anywhere else it revives the channels it carries."""
+    if value is None:
+        return None
+    layer = sole_writer(tracer, node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    whole = one_whole_space(value) and layer is not None and layer in tracer.space(value.segments[0][0]).producers
+    if whole and layer.unit is None and not tracer.reused(str(node.target)):
+        layer.unit_name, layer.unit = str(node.target), module
+        return replace(value, revived_by=None)
+    return replace(value, revived_by=tracer.describe(node))
+
+
 def register_if_imported() -> None:
     """Register timm's rules once timm is imported (by the model being traced): importing timm here would cost
     every user of the graph its import time."""
@@ -48,6 +64,7 @@ def register() -> None:
     import timm.layers as timm_layers
     from timm.layers import _fx as timm_fx
     from timm.layers import activations as timm_activations
+    from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
@@ -55,6 +72,7 @@ def register() -> None:
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
     register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
+    register_module_handler(LearnableAffineBlock, scalar_affine)
     LAYER_NORMS[timm_layers.LayerNorm2d] = 1
     LAYER_NORMS[timm_layers.LayerNorm] = -1
     register_module_handler((timm_layers.LayerNorm2d, timm_layers.LayerNorm), layer_norm)
