@@ -157,3 +157,26 @@ def test_a_learnable_affine_after_a_producer_is_its_channel_point_and_cuts_exact
     assert refusals(model) == [OUTPUT]
     assert [layer.channel_point_name for layer in trace_channel_graph(model).layers][:2] == ["0.3", "1.3"]
     assert_cut_equals_masked(model)
+
+
+class SameDepthwiseOnConcatenation(nn.Module):
+    """NASNet's separable conv: timm's ``Conv2dSame`` (a Conv2d subclass) depthwise on a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import Conv2dSame
+
+        self.a, self.b, self.depthwise, self.head = conv_bn(3, 4), conv_bn(3, 6), Conv2dSame(10, 10, 3, groups=10), \
+            head(10)  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.depthwise(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_a_conv_subclass_carrying_several_spaces_is_a_point_of_each() -> None:
+    """It raised inside its handler (its output rank unknown for a subclass): NASNet and PNASNet were refused."""
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    assert refusals(SameDepthwiseOnConcatenation()) == [OUTPUT]
+    assert_cut_equals_masked(SameDepthwiseOnConcatenation())

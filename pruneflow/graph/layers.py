@@ -63,4 +63,4 @@ def norm_width(module: nn.Module) -> int:
 def output_ndim(module: nn.Module) -> int | None:
     """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
     layer's input may have any rank."""
-    return {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))
+    return 3 if isinstance(module, nn.Conv1d) else 4 if isinstance(module, nn.Conv2d) else None  # subclasses too
