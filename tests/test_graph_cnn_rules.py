@@ -180,3 +180,21 @@ def test_a_conv_subclass_carrying_several_spaces_is_a_point_of_each() -> None:
 
     assert refusals(SameDepthwiseOnConcatenation()) == [OUTPUT]
     assert_cut_equals_masked(SameDepthwiseOnConcatenation())
+
+
+class PlusNumber(nn.Module):
+    """MobileOne's (FastViT's) branches summed from ``0``; a number other than 0 makes a masked channel live."""
+
+    def __init__(self, number: float = 0) -> None:
+        super().__init__()
+        self.number, self.a, self.b, self.head = number, conv_bn(3, 8), conv_bn(8, 8), head(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.b(self.a(x) + self.number))
+
+
+def test_adding_zero_keeps_the_channels_and_adding_another_number_revives_them() -> None:
+    assert refusals(PlusNumber()) == [OUTPUT]
+    assert_cut_equals_masked(PlusNumber())
+    (reason,) = refusals(PlusNumber(0.5))[0]
+    assert "add() at add turns a masked channel's 0 into f(0) ≠ 0 before b.0 reads it" in reason

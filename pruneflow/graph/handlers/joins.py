@@ -6,6 +6,7 @@ places spaces side by side, each at its offset."""
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +55,8 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     description = tracer.describe(node)
     if product and len(values) == 1 and len(numbers) == len(tensors) - 1:
         return values[0]  # a number times zero is zero
+    if not product and len(values) == 1 and len(numbers) == len(tensors) - 1:  # MobileOne's ``x + 0``
+        return values[0] if not any(numbers) else replace(values[0], revived_by=description)
     factors = [a for a in operands if isinstance(a, torch.fx.Node) and parameter_read(a) is not None]
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
