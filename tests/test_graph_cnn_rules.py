@@ -198,3 +198,64 @@ def test_adding_zero_keeps_the_channels_and_adding_another_number_revives_them()
     assert_cut_equals_masked(PlusNumber())
     (reason,) = refusals(PlusNumber(0.5))[0]
     assert "add() at add turns a masked channel's 0 into f(0) ≠ 0 before b.0 reads it" in reason
+
+
+class NormActs(nn.Module):
+    """timm's LayerNorm-and-activation over the channels (dim 1 and channels last), and a GroupNorm of one group."""
+
+    def __init__(self, group_norm: bool = False) -> None:
+        super().__init__()
+        from timm.layers import GroupNorm1Act, LayerNormAct, LayerNormAct2d
+
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm_a = GroupNorm1Act(8, act_layer=nn.SiLU) if group_norm else LayerNormAct2d(8, act_layer=nn.Sigmoid)
+        self.norm_b, self.linear, self.head = LayerNormAct(8, act_layer=nn.GELU), nn.Linear(8, 6), nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm_b(self.b(self.norm_a(self.a(x))).permute(0, 2, 3, 1))  # a sigmoid: f(0) ≠ 0, masked after it
+        return self.head(self.linear(x).mean((1, 2)))
+
+
+def test_timm_layer_norm_acts_are_norms_masked_after_their_activation_and_cut_exactly() -> None:
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    graph = trace_channel_graph(NormActs())
+    assert graph.layers[0].norm_name == "norm_a"  # a's norm; b's reads it after a permute, a point of b's space
+    assert [point.name for point in graph.layers[1].space.points] == ["norm_b"]
+    assert refusals(NormActs()) == [OUTPUT]
+    assert_cut_equals_masked(NormActs())
+
+
+def test_a_timm_group_norm_refuses_the_spaces_it_reads_in_one_line() -> None:
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    reasons = [reason for reasons in refusals(NormActs(group_norm=True)) for reason in reasons]
+    assert "GroupNorm1Act norm_a normalises across channels, 1 group(s) of 8 channels (not supported)" in reasons
+
+
+def test_a_weight_standardised_conv_refuses_what_it_reads_and_its_rows_cut_exactly() -> None:
+    """``StdConv2d`` was taken for a plain conv: its input channels were cut, every kernel row's statistics changed,
+    and the cut network differed from the masked one, silently."""
+    timm = pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    model = nn.Sequential(timm.layers.StdConv2d(3, 16, 3), nn.ReLU(), timm.layers.StdConv2d(16, 8, 3), head(8))
+    (first, *_), second = refusals(model)
+    assert "StdConv2d 2 standardises its kernel over its input channels" in first and second == OUTPUT
+    assert_cut_equals_masked(model)
+    scaled = nn.Sequential(timm.layers.ScaledStdConv2d(3, 16, 3), nn.ReLU(), head(16))
+    assert "ScaledStdConv2d 0 scales its rows by a gain" in refusals(scaled)[0][0]
+
+
+def test_timm_blur_pool_keeps_the_channels_or_refuses_them_in_one_line() -> None:
+    """A ``BlurPool2d`` built without a channel count made ``torch.fx`` fail: the whole model was refused."""
+    timm = pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    model = nn.Sequential(conv_bn(3, 8), timm.layers.BlurPool2d(), conv_bn(8, 6), head(6))
+    assert refusals(model) == [OUTPUT]
+    assert_cut_equals_masked(model)
+    per_channel = nn.Sequential(conv_bn(3, 8), timm.layers.BlurPool2d(8), conv_bn(8, 6), head(6))
+    assert "BlurPool2d 1 holds one filter per channel for 8 channels" in refusals(per_channel)[0][0]

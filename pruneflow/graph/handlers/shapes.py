@@ -102,12 +102,14 @@ def pools_to_one(tracer: Tracer, node: torch.fx.Node) -> bool:
 
 
 def spatial_reduction(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> bool:
-    """Whether the reduction takes every spatial dim (all after the channels), leaving (N, C)."""
+    """Whether the reduction takes every spatial dim (all after the channels, or between the batch and the channels
+    where they are last: MambaOut's ``x.mean((1, 2))``), leaving (N, C)."""
     dims = argument(node, 1, "dim", None)
     dims = [dims] if isinstance(dims, int) else dims
-    if value is None or value.ndim is None or value.channels_last or not isinstance(dims, (list, tuple)):
+    if value is None or value.ndim is None or value.flattened or not isinstance(dims, (list, tuple)):
         return False
-    return sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(range(2, value.ndim))
+    spatial = range(1, value.ndim - 1) if value.channels_last else range(2, value.ndim)
+    return value.ndim > 2 and sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(spatial)
 
 
 def reduced(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
@@ -115,7 +117,9 @@ def reduced(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     layer or a BatchNorm1d reads them, RepViT's head), or (N, C, 1, 1) with ``keepdim``."""
     if not spatial_reduction(tracer, node, value):
         return UNKNOWN
-    return replace(value, ndim=2, spatial_one=False) if not argument(node, 2, "keepdim", False) else value
+    if argument(node, 2, "keepdim", False):
+        return value
+    return replace(value, ndim=2, spatial_one=False, channels_last=False)  # (N, C): dim 1 is the last
 
 
 def padded(tracer: Tracer, node: torch.fx.Node, value: Value | None, pad: Any, fill: Any) -> Any:
