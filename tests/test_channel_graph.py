@@ -264,9 +264,9 @@ class Refused(nn.Module):
 @pytest.mark.parametrize(
     ("between", "reason"),
     [
-        ("constant", "add() at add combines them with a tensor outside the channel graph"),
+        ("constant", "add() at add turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
         ("sigmoid", "sigmoid() at sigmoid turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
-        ("groupnorm", "GroupNorm norm normalises across channels (not supported)"),
+        ("groupnorm", "GroupNorm norm normalises across channels, 2 group(s) of 4 channels (not supported)"),
         ("slice", "reaches getitem() at getitem, whose effect on channels is not understood"),
     ],
 )

@@ -83,7 +83,7 @@ lines), ``routes`` (routes and slots of reordered spaces), ``layers`` (what the 
 """
 
 from pruneflow.graph import handlers  # noqa: F401  (fills the tables of handlers)
-from pruneflow.graph.layers import LAYER_NORMS, is_depthwise, is_layer_norm, norm_width
+from pruneflow.graph.layers import LAYER_NORMS, is_depthwise, is_layer_norm, is_producer, norm_width
 from pruneflow.graph.records import ChannelGraph, ChannelPoint, ChannelScale, ChannelSpace, Consumer, PrunableLayer
 from pruneflow.graph.registry import (
     register_function_handler,
@@ -113,6 +113,7 @@ __all__ = [
     "find_prunable_layers",
     "is_depthwise",
     "is_layer_norm",
+    "is_producer",
     "norm_width",
     "register_function_handler",
     "register_method_handler",

@@ -45,15 +45,22 @@ def is_layer_norm(module: nn.Module) -> bool:
     return type(module) in LAYER_NORMS
 
 
+def is_producer(module: nn.Module) -> bool:
+    """A conv or a linear layer: as a ``ChannelPoint`` its rows are cut, it has no γ to score or regularise."""
+    return isinstance(module, PRODUCER_TYPES)
+
+
 def norm_width(module: nn.Module) -> int:
-    """The channels a BatchNorm or a LayerNorm over channels normalises (a depthwise conv's, where it carries
-    several spaces as a ``ChannelPoint``)."""
+    """The channels a BatchNorm or a LayerNorm over channels normalises (a conv's rows, where it is a
+    ``ChannelPoint``: a depthwise conv carrying several spaces, a conv folded into the spaces it joins)."""
     if is_layer_norm(module):
         return module.normalized_shape[0]
-    return module.out_channels if is_depthwise(module) else module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.out_channels if is_producer(module) else module.num_features
 
 
 def output_ndim(module: nn.Module) -> int | None:
     """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
     layer's input may have any rank."""
-    return {nn.Conv1d: 3, nn.Conv2d: 4}.get(type(module))
+    return 3 if isinstance(module, nn.Conv1d) else 4 if isinstance(module, nn.Conv2d) else None  # subclasses too

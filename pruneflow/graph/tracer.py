@@ -50,6 +50,7 @@ class Tracer:
         self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
+        self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         self.calls: dict[str, int] = {}
         self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
@@ -177,7 +178,8 @@ class Tracer:
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
-        spaces = [space for index, space in enumerate(self.spaces) if self.union_find.is_root(index)]
+        roots = (index for index in range(len(self.spaces)) if self.union_find.is_root(index))
+        spaces = [self.spaces[index] for index in roots if index not in self.folded]
         for space in spaces:
             space.consumers = list(dict.fromkeys(space.consumers))
             space.routes = channel_routes(space)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError
-from pruneflow.graph import ChannelSpace, Consumer, PrunableLayer, is_depthwise
+from pruneflow.graph import ChannelSpace, Consumer, PrunableLayer, is_depthwise, is_producer
 from pruneflow.pruning.criteria import (
     CRITERIA,
     BnGamma,
@@ -217,7 +217,7 @@ class GroupBnGamma(BnGamma):
         members = self._gammas(space)
         for point in space.points:
             gamma = getattr(point.module, "weight", None)
-            if gamma is None or is_depthwise(point.module):
+            if gamma is None or is_producer(point.module):
                 continue
             channels, entries = point.placed(space.width)
             row = torch.zeros(space.width)

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
-from pruneflow.graph import ChannelSpace, is_depthwise
+from pruneflow.graph import ChannelSpace, is_producer
 from pruneflow.pruning.importance import GroupMembers
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class SparseTraining:
             gammas = [layer.norm.weight.abs() for layer in space.producers
                       if layer.norm is not None and layer.norm.weight is not None]  # fmt: skip
             for point in space.points:  # a norm reading the space among other channels: its entries of the space
-                if not is_depthwise(point.module) and getattr(point.module, "weight", None) is not None:
+                if not is_producer(point.module) and getattr(point.module, "weight", None) is not None:
                     channels, entries = point.placed(space.width)
                     weight = point.module.weight
                     row = torch.zeros(space.width, device=weight.device, dtype=weight.dtype)
@@ -116,7 +116,7 @@ def _norms(space: ChannelSpace) -> list[nn.Module]:
     """The BatchNorms and LayerNorms of a space: its producers' and its channel points' (whole: every entry's γ is
     pushed, the space's and the others' a point reads)."""
     norms = [layer.norm for layer in space.producers if layer.norm is not None]
-    return norms + [point.module for point in space.points if not is_depthwise(point.module)]
+    return norms + [point.module for point in space.points if not is_producer(point.module)]
 
 
 def make_sparse_training(regularizer: str | None, strength: float, epochs: int | None) -> SparseTraining | None:

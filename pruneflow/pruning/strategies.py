@@ -217,6 +217,9 @@ def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tenso
         normalised = normalised * module.weight.view(keep.shape)
     if module.bias is not None:
         normalised = normalised + module.bias.view(keep.shape)
+    for after in (getattr(module, name, None) for name in ("drop", "act")):  # timm's LayerNormAct: before the mask
+        if after is not None:
+            normalised = after(normalised)
     return normalised * keep
 
 

@@ -6,28 +6,39 @@ places spaces side by side, each at its offset."""
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 from torch import nn
 
+from pruneflow.graph.handlers.folds import fold
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
 from pruneflow.graph.records import ChannelScale
 from pruneflow.graph.registry import register_function_handler, register_method_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import UNKNOWN, Value
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
-ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub)
 MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
 
 
 def add(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Value | None:
+    """A sum or a difference (PoolFormer's ``pool(x) - x``): zero plus or minus zero is zero."""
     return elementwise(tracer, node, product=False)
+
+
+def divide(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x / n`` for a number n keeps a zero channel at zero (RepViT's two heads averaged); by a tensor: unknown."""
+    divisor = argument(node, 1, "other", None)
+    if isinstance(value, Value) and isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor:
+        return value
+    return UNKNOWN
 
 
 def multiply(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Value | None:
@@ -44,9 +55,14 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     description = tracer.describe(node)
     if product and len(values) == 1 and len(numbers) == len(tensors) - 1:
         return values[0]  # a number times zero is zero
+    if not product and len(values) == 1 and len(numbers) == len(tensors) - 1:  # MobileOne's ``x + 0``
+        return values[0] if not any(numbers) else replace(values[0], revived_by=description)
     factors = [a for a in operands if isinstance(a, torch.fx.Node) and parameter_read(a) is not None]
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
+    result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
+    if result is not None:
+        return result
     joinable = (
         len(values) == len(tensors) == 2
         and all(len(v.segments) == 1 and v.segments[0][1] == 0 and not v.flattened for v in values)
@@ -169,6 +185,8 @@ def cat_layouts(tracer: Tracer, node: torch.fx.Node, values: list[Value | None])
 
 register_function_handler(ADD_FUNCTIONS, add)
 register_function_handler(MUL_FUNCTIONS, multiply)
-register_method_handler(("add", "add_"), add)
+register_method_handler(("add", "add_", "sub", "sub_"), add)
+register_function_handler((operator.truediv, torch.div, torch.true_divide), divide)
+register_method_handler(("div", "div_", "truediv"), divide)
 register_method_handler(("mul", "mul_"), multiply)
 register_function_handler(torch.cat, cat)

@@ -14,7 +14,8 @@ from torch import nn
 
 from pruneflow.graph.handlers.producers import add_points
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, is_layer_norm, norm_width
-from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.nodes import argument
+from pruneflow.graph.registry import register_function_handler, register_module_handler
 from pruneflow.graph.values import Value
 
 if TYPE_CHECKING:
@@ -65,7 +66,15 @@ def norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | 
 
 
 def across_channels(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
-    tracer.refuse(value, f"{type(module).__name__} {node.target} normalises across channels (not supported)")
+    groups = getattr(module, "num_groups", None)
+    detail = f", {groups} group(s) of {module.num_channels} channels" if isinstance(groups, int) else ""
+    tracer.refuse(value, f"{type(module).__name__} {node.target} normalises across channels{detail} (not supported)")
+
+
+def group_norm_function(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> None:
+    """``F.group_norm`` (a GroupNorm subclass traced into): its statistics mix the channels of a group."""
+    groups = argument(node, 1, "num_groups", None)
+    tracer.refuse(value, f"{tracer.describe(node)} normalises across channels in {groups} group(s) (not supported)")
 
 
 def layer_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
@@ -78,3 +87,4 @@ def layer_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Va
 register_module_handler(NORM_TYPES, norm, leaf=False)
 register_module_handler(NORMS_ACROSS_CHANNELS, across_channels, leaf=False)
 register_module_handler(tuple(LAYER_NORMS), layer_norm)
+register_function_handler(torch.nn.functional.group_norm, group_norm_function)

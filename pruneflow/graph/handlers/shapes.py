@@ -32,6 +32,10 @@ POOLING_MODULES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 POOLING_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
                      F.adaptive_avg_pool2d, F.adaptive_max_pool2d)  # fmt: skip
+# Resampling keeps each channel apart and a zero channel at zero (nearest, bilinear: sums of zeros)
+RESAMPLING_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+PADDING_MODULES: tuple[type[nn.Module], ...] = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+                                                nn.ReplicationPad2d)  # fmt: skip
 ADAPTIVE_POOLING_FUNCTIONS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
 # Integer arithmetic on shapes, evaluated where its inputs are known (a shuffle's ``C // groups``).
 SHAPE_ARITHMETIC = {operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, operator.neg}
@@ -98,19 +102,45 @@ def pools_to_one(tracer: Tracer, node: torch.fx.Node) -> bool:
 
 
 def spatial_reduction(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> bool:
-    """Whether the reduction takes every spatial dim (all after the channels), leaving (N, C)."""
+    """Whether the reduction takes every spatial dim (all after the channels, or between the batch and the channels
+    where they are last: MambaOut's ``x.mean((1, 2))``), leaving (N, C)."""
     dims = argument(node, 1, "dim", None)
     dims = [dims] if isinstance(dims, int) else dims
-    if value is None or value.ndim is None or value.channels_last or not isinstance(dims, (list, tuple)):
+    if value is None or value.ndim is None or value.flattened or not isinstance(dims, (list, tuple)):
         return False
-    return sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(range(2, value.ndim))
+    spatial = range(1, value.ndim - 1) if value.channels_last else range(2, value.ndim)
+    return value.ndim > 2 and sorted(d % value.ndim for d in dims if isinstance(d, int)) == list(spatial)
 
 
 def reduced(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
-    """``x.mean((2, 3))``/``x.amax(...)`` over every spatial dim: (N, C), or (N, C, 1, 1) with ``keepdim``."""
+    """``x.mean((2, 3))``/``x.amax(...)`` over every spatial dim: (N, C), the channels at dim 1 and last (a linear
+    layer or a BatchNorm1d reads them, RepViT's head), or (N, C, 1, 1) with ``keepdim``."""
     if not spatial_reduction(tracer, node, value):
         return UNKNOWN
-    return flattened(tracer, node, value, 1, -1) if not argument(node, 2, "keepdim", False) else value
+    if argument(node, 2, "keepdim", False):
+        return value
+    return replace(value, ndim=2, spatial_one=False, channels_last=False)  # (N, C): dim 1 is the last
+
+
+def padded(tracer: Tracer, node: torch.fx.Node, value: Value | None, pad: Any, fill: Any) -> Any:
+    """Padding of the spatial dims keeps every channel (timm's ``pad_same``, TResNet's); a constant other than 0
+    makes a masked channel non-zero at the border. Padding that reaches the channels: unknown."""
+    if value is None:
+        return None
+    spatial = 2 * (value.ndim - 2) if value.ndim is not None and not value.channels_last else 0
+    if not isinstance(pad, (list, tuple)) or not 0 < len(pad) <= spatial or value.flattened:
+        return UNKNOWN
+    return value if fill in (None, 0) else replace(value, revived_by=tracer.describe(node))
+
+
+def pad_function(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``F.pad(x, pad, mode, value)``: reflecting or replicating zeros gives zeros, only a constant ≠ 0 revives."""
+    constant = argument(node, 2, "mode", "constant") == "constant"
+    return padded(tracer, node, value, argument(node, 1, "pad", None), argument(node, 3, "value", 0) if constant else 0)
+
+
+def pad_module(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    return padded(tracer, node, value, module.padding, getattr(module, "value", 0))
 
 
 def permuted(tracer: Tracer, node: torch.fx.Node, value: Value | None, dims: Any) -> Value | None:
@@ -174,8 +204,19 @@ def metadata(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
 
 
 def item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
-    """``x[i]`` of something that carries no channel (a shape, a tuple of outputs) carries none either."""
-    return None if value is None else UNKNOWN
+    """``x[i]`` of something that carries no channel (a shape, a tuple of outputs) carries none either; a slice of
+    every channel (GhostNet's ``out[:, :C]`` of C channels) is the tensor itself, cropped or not in space."""
+    if value is None:
+        return None
+    index = node.args[1] if len(node.args) > 1 else None
+    at = value.ndim - 1 if value.channels_last and value.ndim is not None else 1
+    whole = isinstance(index, tuple) and all(isinstance(entry, slice) for entry in index) and not value.flattened
+    if not whole or (value.channels_last and value.ndim is None) or len(index) > (value.ndim or 0):
+        return UNKNOWN
+    channels = index[at] if len(index) > at else slice(None)
+    reaches_the_end = channels.stop is None or (value.width is not None and channels.stop >= value.width)
+    every = channels.start in (None, 0) and channels.step in (None, 1) and reaches_the_end
+    return value if every else UNKNOWN
 
 
 def shape_arithmetic(tracer: Tracer, node: torch.fx.Node) -> bool:
@@ -205,8 +246,10 @@ def resolved(tracer: Tracer, arguments: Any) -> tuple[Any, bool]:
     return torch.fx.map_arg(arguments, resolve), not missing
 
 
-register_module_handler(POOLING_MODULES, module_rule(pooled), leaf=False)
-register_function_handler(POOLING_FUNCTIONS, pooled)
+register_module_handler((*POOLING_MODULES, *RESAMPLING_MODULES), module_rule(pooled), leaf=False)
+register_function_handler((*POOLING_FUNCTIONS, F.interpolate, F.upsample), pooled)
+register_module_handler(PADDING_MODULES, pad_module, leaf=False)
+register_function_handler(F.pad, pad_function)
 register_module_handler(nn.Flatten, flatten_module, leaf=False)
 register_function_handler(torch.flatten, flatten)
 register_method_handler("flatten", flatten)

@@ -8,18 +8,20 @@ and only the spaces reaching them are refused, not the whole model."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers.norms import layer_norm, norm
+from pruneflow.graph.handlers.folds import sole_writer
+from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.layers import LAYER_NORMS
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -28,13 +30,52 @@ REGISTERED: list[bool] = []  # once: timm's rules go into the tables the first t
 
 
 def norm_act(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
-    """A BatchNorm followed by its dropout and activation, all channel-wise: a norm, its channel point at its
-    output, after the activation (so a reviving one, sigmoid, is masked too)."""
+    """A BatchNorm (or a LayerNorm over the channels) followed by its dropout and activation, all channel-wise: a
+    norm, its channel point at its output, after the activation (so a reviving one, sigmoid, is masked too)."""
     unknown = [type(part).__name__ for part in (module.drop, module.act) if not is_pointwise(part)]
     if unknown:
         tracer.refuse(value, f"{type(module).__name__} {node.target} applies {unknown[0]}, not known channel-wise")
         return None
     return norm(tracer, node, module, value)
+
+
+def scalar_affine(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """HGNetV2's ``LearnableAffineBlock``, ``scale · x + bias`` with one scale and one bias for every channel: the
+    bias makes a masked channel non-zero, so straight after a producer (its norm, its activation) it becomes that
+    producer's channel point, where the mask goes; anywhere else it revives the channels it carries."""
+    if value is None:
+        return None
+    layer = sole_writer(tracer, node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    whole = one_whole_space(value) and layer is not None and layer in tracer.space(value.segments[0][0]).producers
+    if whole and layer.unit is None and not tracer.reused(str(node.target)):
+        layer.unit_name, layer.unit = str(node.target), module
+        return replace(value, revived_by=None)
+    return replace(value, revived_by=tracer.describe(node))
+
+
+def standardised_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """timm's weight-standardised convs (``StdConv2d``: BiT's ResNetV2; ``ScaledStdConv2d``: NFNet) standardise
+    each kernel row over its input channels, so cutting an input channel changes every row: the spaces it reads are
+    refused. A row's statistics are its own, so its rows are a producer's; a per-row ``gain`` (the scaled ones) is a
+    tensor the cut does not rebuild, so there its own space is refused too."""
+    name = str(node.target)
+    tracer.refuse(value, f"{type(module).__name__} {name} standardises its kernel over its input channels, so "
+                         "cutting one would change every row")  # fmt: skip
+    output = producer(tracer, node, module, None)
+    if hasattr(module, "gain"):
+        tracer.refuse(output, f"{type(module).__name__} {name} scales its rows by a gain the cut does not rebuild")
+    return output
+
+
+def blur_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """timm's ``BlurPool2d`` (anti-aliased downsampling), kept whole (``torch.fx`` cannot expand its filter to a
+    traced width): one fixed filter per channel, no bias, so each channel stays apart and a zero stays zero. Built
+    for a given number of channels it holds a filter per channel and a group count the cut does not rebuild."""
+    if value is None or module.channels is None:
+        return value
+    tracer.refuse(value, f"BlurPool2d {node.target} holds one filter per channel for {module.channels} channels, "
+                         "which the cut does not rebuild")  # fmt: skip
+    return None
 
 
 def register_if_imported() -> None:
@@ -48,15 +89,28 @@ def register() -> None:
     import timm.layers as timm_layers
     from timm.layers import _fx as timm_fx
     from timm.layers import activations as timm_activations
+    from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
-    register_module_handler(timm_layers.Conv2dSame, producer)
+    register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
+    register_module_handler(LearnableAffineBlock, scalar_affine)
+    standardised = (timm_layers.StdConv2d, timm_layers.StdConv2dSame, timm_layers.ScaledStdConv2d,
+                    timm_layers.ScaledStdConv2dSame)  # fmt: skip
+    register_module_handler(standardised, standardised_conv)
+    register_module_handler(timm_layers.BlurPool2d, blur_pool)
     LAYER_NORMS[timm_layers.LayerNorm2d] = 1
     LAYER_NORMS[timm_layers.LayerNorm] = -1
+    # LayerNorms followed by their dropout and activation: norms over the channels, masked after the activation
+    LAYER_NORMS[timm_layers.LayerNormAct2d] = 1
+    LAYER_NORMS[timm_layers.LayerNormAct] = -1
+    register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
+    # GroupNorms (GroupNorm1: one group, PoolFormer's) normalise across channels: kept whole, refused in one line
+    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNorm1, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
+    register_module_handler(group_norms, across_channels)
     register_module_handler((timm_layers.LayerNorm2d, timm_layers.LayerNorm), layer_norm)
     register_leaf(timm_layers.LayerScale, channel_dim=-1, follows=("gamma",))
     register_leaf(timm_layers.LayerScale2d, channel_dim=1, follows=("gamma",))
