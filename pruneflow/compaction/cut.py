@@ -21,6 +21,9 @@ than at the full ones, so each kept channel is placed (rows of its producers, en
 its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
 zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
 
+timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
+``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
+
 A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
 the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
 head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
@@ -244,8 +247,8 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
-        if set(widths) == {"head_dim"}:  # an attention's head width (MaxViT's, set by the cut)
-            module.head_dim = widths["head_dim"]
+        if set(widths) <= ATTENTION_SIZES:  # an attention's head width (MaxViT's) or head count (timm's)
+            _set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
         if all(arguments(module).get(key) == value for key, value in widths.items()):
@@ -258,6 +261,16 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     if rebuilt:
         log.info("rebuilt at their compacted widths: %s", ", ".join(rebuilt))
     return model
+
+
+# An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
+# head count and width of all heads.
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim"}
+
+
+def _set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
+    for attribute, size in sizes.items():
+        setattr(module, attribute, size)
 
 
 def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
@@ -408,6 +421,14 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     space, heads = group.space, group.space.heads
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
+    if space.whole_heads:
+        per_head = pruned.view(3, heads, -1)
+        if not torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0)):
+            raise CompactionError(
+                f"cannot cut {space.name}: attention {space.heads_of} is cut in whole heads only (its q, k and v rows "
+                "together: a narrower head would change its softmax's scale); the criteria select so"
+            )
+        return
     q, k, v = pruned.view(3, heads, -1)
     if pruned.view(3, heads, -1).all(-1).all(0).any():
         raise CompactionError(
@@ -576,8 +597,15 @@ def _rebuild(
 
 
 def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
-    """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one."""
+    """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one. timm's reshapes
+    them by its head count and its output by its width: set both to the heads kept."""
     for group in groups:
+        if group.space.whole_heads and len(group.removed):
+            attention = model.get_submodule(group.space.heads_of)
+            heads = len(group.kept) // group.space.head_unit
+            sizes[group.space.heads_of] = {"num_heads": heads, "attn_dim": heads * attention.head_dim}
+            _set_attributes(attention, sizes[group.space.heads_of])
+            continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
             sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}

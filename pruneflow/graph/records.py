@@ -188,6 +188,10 @@ class ChannelSpace:
     # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
     heads: int = 1
     head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
+    # Pruned in whole heads only, not tied to any stream (timm's ``Attention``: its head width is its own): each head
+    # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
+    whole_heads: bool = False
+    heads_of: str | None = None
     tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
     tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
     multiple: int = 1
@@ -204,6 +208,11 @@ class ChannelSpace:
     @property
     def prunable(self) -> bool:
         return not self.refusals
+
+    @property
+    def head_unit(self) -> int:
+        """Channels pruned together at least: a whole head's q, k and v rows (``whole_heads``), else 1."""
+        return self.width // self.heads if self.whole_heads else 1
 
     @property
     def grouped(self) -> bool:

@@ -110,7 +110,7 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
-        if space.heads > 1 and self.whole_heads:
+        if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.heads > 1:
             per_head = channels_to_prune(space.width // (3 * space.heads), amount)
