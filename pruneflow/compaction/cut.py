@@ -248,7 +248,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
             continue
         module = model.get_submodule(name)
         if set(widths) <= ATTENTION_SIZES:  # an attention's head width (MaxViT's) or head count (timm's)
-            _set_attributes(module, widths)
+            set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
         if all(arguments(module).get(key) == value for key, value in widths.items()):
@@ -268,7 +268,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim"}
 
 
-def _set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
+def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
     for attribute, size in sizes.items():
         setattr(module, attribute, size)
 
@@ -471,6 +471,8 @@ class Compaction:
     # module name → (rows, input columns) that are zero channels padding a reordered space's slots (``_placement``):
     # their optimizer state is zeroed too when a cut while training carries it over, so they stay zero
     padding: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
+    # a parameter cut along a dim past 1 (a ViT's position embedding, (1, tokens, C)) → (its dim, entries kept)
+    kept_along: dict[str, tuple[int, Tensor]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[str, list[int]]:
@@ -511,8 +513,9 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
     _set_head_widths(model, groups, sizes)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
-    _cut_scales(model, scale_entries, kept, sizes)
-    return Compaction(model, list(groups), sizes, kept, zeros)
+    kept_along: dict[str, tuple[int, Tensor]] = {}
+    _cut_scales(model, scale_entries, kept, sizes, kept_along)
+    return Compaction(model, list(groups), sizes, kept, zeros, kept_along)
 
 
 Entries = dict[str, list[Tensor]]
@@ -539,7 +542,7 @@ def _kept_indices(
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
         for point in group.space.points:
             cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
-        for scale in group.space.scales:
+        for scale in (*group.space.scales, *group.space.sources):
             scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():
         out_keep[name] = _kept(norm_width(modules[name]), entries)
@@ -604,7 +607,7 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             attention = model.get_submodule(group.space.heads_of)
             heads = len(group.kept) // group.space.head_unit
             sizes[group.space.heads_of] = {"num_heads": heads, "attn_dim": heads * attention.head_dim}
-            _set_attributes(attention, sizes[group.space.heads_of])
+            set_attributes(attention, sizes[group.space.heads_of])
             continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
@@ -615,15 +618,19 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
 def _cut_scales(
     model: nn.Module, scale_entries: Mapping[str, tuple[int, list[Tensor]]],
     kept: dict[str, tuple[Tensor | None, Tensor | None]], sizes: dict[str, dict[str, int]],
+    kept_along: dict[str, tuple[int, Tensor]],
 ) -> None:  # fmt: skip
-    """Cut the per-channel parameters (ConvNeXt's ``layer_scale``) along their channel dim, recording what each
-    keeps in ``kept`` and its width in ``sizes``."""
+    """Cut the per-channel parameters (ConvNeXt's ``layer_scale``, a ViT's ``pos_embed``) along their channel dim,
+    recording what each keeps in ``kept`` (or ``kept_along``, a dim past 1) and its width in ``sizes``."""
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():
         parameter = parameters[name]
         keep = _kept(parameter.shape[dim], entries)
-        kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
-        new = nn.Parameter(cut_tensor(parameter.detach(), *kept[name]).clone())
+        if dim < 2:
+            kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
+        else:  # a source along its tokens' channels (a ViT's position embedding, (1, tokens, C))
+            kept_along[name] = (dim, keep)
+        new = nn.Parameter(parameter.detach().index_select(dim, keep.to(parameter.device)).clone())
         carry_parameter_settings(parameter, new)
         replace_parameter(model, name, new)
         sizes[name] = {"channels": len(keep), "dim": dim}

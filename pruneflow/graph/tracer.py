@@ -94,6 +94,7 @@ class Tracer:
         kept.consumers += merged.consumers
         kept.points += merged.points
         kept.scales += merged.scales
+        kept.sources += merged.sources
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True

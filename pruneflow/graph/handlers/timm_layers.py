@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers import timm_attention
+from pruneflow.graph.handlers import timm_attention, tokens
 from pruneflow.graph.handlers.norms import layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
@@ -52,6 +52,7 @@ def register() -> None:
 
     REGISTERED.append(True)
     timm_attention.register()
+    tokens.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
