@@ -133,3 +133,9 @@ def test_heads_of_a_vit_are_pruned_whole_and_cut_with_num_heads_set() -> None:
         cut = compact(model, masks)
         assert [block.attn.num_heads for block in cut.model.blocks] == [1] * len(model.blocks)
         np.testing.assert_allclose(cut.model(images), masked, rtol=1e-4, atol=1e-5 * float(masked.abs().max()))
+
+
+def test_a_latent_attention_pool_refuses_the_stream_it_reads_instead_of_a_cut_that_crashes() -> None:
+    model = timm.create_model("test_vit3", num_classes=10).eval()  # global_pool="map": AttentionPoolLatent
+    stream = next(space for space in trace_channel_graph(model).spaces if "patch_embed.proj" in space.names)
+    assert not stream.prunable and "attention pool attn_pool reshapes its heads by its input's width" in stream.refusals

@@ -12,7 +12,8 @@ its output the mean of zero value rows, exactly 0, in the fused and the unfused 
 heads are untouched. So a mask of ``qkv``'s output rows (a channel point at ``qkv``) is exact, and the cut takes the
 head's rows from ``qkv``, its value columns from ``proj``, and sets the attention's ``num_heads`` and ``attn_dim``.
 A q/k norm (``qk_norm``) is per head width and needs nothing; the variants whose extra parts read the heads' width
-(a gate, a norm over ``attn_dim``) are refused.
+(a gate, a norm over ``attn_dim``) are refused, and so is the latent attention pool (``global_pool="map"``),
+which reshapes by its input's width.
 """
 
 from __future__ import annotations
@@ -66,7 +67,15 @@ def timm_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     return Value(((output, 0),), tracer.width(proj), ndim=ndim, channels_last=True)
 
 
+def latent_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
+    """timm's ``AttentionPoolLatent`` (a ViT's ``global_pool="map"``), a leaf: it reshapes its attention's output by
+    its input's width read from ``x.shape``, a width no cut of that input may change; refused, in one line."""
+    tracer.refuse(value, f"attention pool {node.target} reshapes its heads by its input's width")
+
+
 def register() -> None:
     from timm.layers.attention import Attention
+    from timm.layers.attention_pool import AttentionPoolLatent
 
     register_module_handler(Attention, timm_attention, leaf=lambda module: type(module) is Attention)
+    register_module_handler(AttentionPoolLatent, latent_pool)
