@@ -139,3 +139,25 @@ def test_a_latent_attention_pool_refuses_the_stream_it_reads_instead_of_a_cut_th
     model = timm.create_model("test_vit3", num_classes=10).eval()  # global_pool="map": AttentionPoolLatent
     stream = next(space for space in trace_channel_graph(model).spaces if "patch_embed.proj" in space.names)
     assert not stream.prunable and "attention pool attn_pool reshapes its heads by its input's width" in stream.refusals
+
+
+def test_a_flops_target_on_a_vit_is_met_by_its_cut_counting_heads_whole() -> None:
+    from pruneflow.compaction.cost import count_flops
+    from pruneflow.pruning.budget import TOLERANCE, allocate_budget
+    from pruneflow.pruning.selection import select_spaces
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, img_size=32).eval()
+    image = torch.randn(1, 3, 32, 32)
+    allocation = allocate_budget(model, "flops:2.0", image, L1(), groups=True)
+    masks = {}
+    for space in select_spaces(trace_channel_graph(model).spaces, None, groups=True):
+        pruned = L1().select(space, allocation.amounts[space.name], torch.zeros(space.width, dtype=torch.bool))
+        if space.whole_heads:
+            assert (
+                allocation.pruned[space.name] % space.head_unit == 0
+                and int(pruned.sum()) == allocation.pruned[space.name]
+            )
+        masks.update((layer.name, pruned) for layer in space.producers)
+    measured = count_flops(model, image) / count_flops(compact(model, masks).model, image)
+    assert abs(measured / 2.0 - 1) <= TOLERANCE, (measured, allocation.predicted_ratio)
