@@ -161,3 +161,15 @@ def test_a_flops_target_on_a_vit_is_met_by_its_cut_counting_heads_whole() -> Non
         masks.update((layer.name, pruned) for layer in space.producers)
     measured = count_flops(model, image) / count_flops(compact(model, masks).model, image)
     assert abs(measured / 2.0 - 1) <= TOLERANCE, (measured, allocation.predicted_ratio)
+
+
+def test_an_explicit_list_naming_part_of_a_head_is_refused_before_training() -> None:
+    from pruneflow.errors import ConfigError
+    from pruneflow.pruning.criteria import Explicit
+
+    space = heads_space(Tokens())
+    whole = [part * HEADS * HEAD_DIM + row for part in range(3) for row in range(HEAD_DIM)]  # head 0
+    Explicit({"attn.qkv": whole}).check([space])
+    with pytest.raises(ConfigError, match=r"^mask.channels\[attn.qkv\] must name whole heads of attention attn") as no:
+        Explicit({"attn.qkv": whole[:-1]}).check([space])
+    assert "\n" not in str(no.value)
