@@ -24,6 +24,7 @@ timm = pytest.importorskip("timm")
 def tiny_vit(name: str = "test_vit", **settings: object) -> nn.Module:
     torch.manual_seed(0)
     settings = {"img_size": 32, **settings} if name.startswith("test_") else settings
+    settings = {key: value for key, value in settings.items() if value is not None}  # None: the model's own
     return randomize_norms(timm.create_model(name, num_classes=10, **settings)).eval()
 
 
@@ -102,3 +103,12 @@ def test_mask_heads_with_a_cut_prunes_whole_heads_of_a_vit_through_a_lightning_t
     heads = [block.attn.num_heads for block in module.model.blocks]
     assert heads == [1] * len(heads)  # 2 heads each, half pruned, cut
     assert all(block.attn.qkv.out_features == 3 * block.attn.head_dim for block in module.model.blocks)
+
+
+def test_a_width_read_from_a_shape_that_sizes_another_tensor_refuses_the_stream() -> None:
+    # timm's relative-position ViT's attention is traced into: ``x.transpose(1, 2).reshape(B, N, C)`` sizes its heads'
+    # output by the stream's width C, which a cut of the stream would change and its heads would not
+    stream = stream_of(tiny_vit("test_vit_relpos", img_size=None))
+    assert not stream.prunable
+    assert any(reason.endswith("sizes a tensor by their width, read from a shape, which a cut would not follow")
+               for reason in stream.refusals)  # fmt: skip

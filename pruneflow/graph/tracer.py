@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from pruneflow.graph import registry
+from pruneflow.graph import registry, widths
 from pruneflow.graph.handlers import reorderings, shapes, timm_layers
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe
@@ -51,6 +51,10 @@ class Tracer:
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
+        # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
+        # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
+        self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
+        self.width_reads: dict[torch.fx.Node, set[int]] = {}
         self.calls: dict[str, int] = {}
         self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
         for node in graph.nodes:
@@ -231,6 +235,7 @@ class Tracer:
             for value in self.input_values(node):
                 self.refuse(value, "reaches the network's output, whose shape would change")
             return None
+        widths.follow(self, node)
         if shapes.shape_arithmetic(self, node):
             return None
         value, values = self.first(node), self.input_values(node)
