@@ -59,3 +59,16 @@ def test_weights_come_from_a_local_file_and_a_file_that_does_not_fit_is_one_line
     with pytest.raises(ConfigError, match=r"model.weights=.* does not fit test_resnet with 7 classes") as error:
         timm_classifier("test_resnet", input_shape=(3, 32, 32), num_classes=7, weights=tmp_path / "weights.pt")
     assert "\n" not in str(error.value)
+
+
+def test_train_py_cuts_whole_heads_of_a_timm_vit_with_mask_heads_and_compact(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_train("model=timm", "model.name=test_vit", "data=synthetic", "data.input_shape=[3,32,32]",
+                       "mask=activation", "mask.heads=true", "mask.layers=[*.attn.qkv]", "compact=true",
+                       "trainer.max_steps=4", "mask.at_step=1", "data.num_train=256", "data.num_test=64",
+                       f"hydra.run.dir={run}", *QUIET)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
+    sizes = torch.load(run / "compact" / "compact_state.pt", weights_only=False)["sizes"]
+    assert {sizes[name]["num_heads"] for name in sizes if name.endswith(".attn")} == {1}  # 2 heads each, half cut

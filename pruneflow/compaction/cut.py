@@ -21,6 +21,9 @@ than at the full ones, so each kept channel is placed (rows of its producers, en
 its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
 zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
 
+timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
+``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
+
 A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
 the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
 head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
@@ -245,8 +248,8 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
-        if set(widths) == {"head_dim"}:  # an attention's head width (MaxViT's, set by the cut)
-            module.head_dim = widths["head_dim"]
+        if set(widths) <= ATTENTION_SIZES:  # an attention's head width (MaxViT's) or head count (timm's)
+            set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
         if all(arguments(module).get(key) == value for key, value in widths.items()):
@@ -259,6 +262,16 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     if rebuilt:
         log.info("rebuilt at their compacted widths: %s", ", ".join(rebuilt))
     return model
+
+
+# An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
+# head count and width of all heads.
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim"}
+
+
+def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
+    for attribute, size in sizes.items():
+        setattr(module, attribute, size)
 
 
 def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
@@ -409,6 +422,14 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     space, heads = group.space, group.space.heads
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
+    if space.whole_heads:
+        per_head = pruned.view(3, heads, -1)
+        if not torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0)):
+            raise CompactionError(
+                f"cannot cut {space.name}: attention {space.heads_of} is cut in whole heads only (its q, k and v rows "
+                "together: a narrower head would change its softmax's scale); the criteria select so"
+            )
+        return
     if pruned.view(3, heads, -1).all(-1).all(0).any():
         raise CompactionError(
             f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and torchvision's attention takes "
@@ -445,6 +466,8 @@ class Compaction:
     # module name → (rows, input columns) that are zero channels padding a reordered space's slots (``_placement``):
     # their optimizer state is zeroed too when a cut while training carries it over, so they stay zero
     padding: dict[str, tuple[Tensor | None, Tensor | None]] = field(default_factory=dict)
+    # a parameter cut along a dim past 1 (a ViT's position embedding, (1, tokens, C)) → (its dim, entries kept)
+    kept_along: dict[str, tuple[int, Tensor]] = field(default_factory=dict)
 
     @property
     def removed(self) -> dict[str, list[int]]:
@@ -485,8 +508,9 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
     _set_head_widths(model, groups, sizes)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
-    _cut_scales(model, scale_entries, kept, sizes)
-    return Compaction(model, list(groups), sizes, kept, zeros)
+    kept_along: dict[str, tuple[int, Tensor]] = {}
+    _cut_scales(model, scale_entries, kept, sizes, kept_along)
+    return Compaction(model, list(groups), sizes, kept, zeros, kept_along)
 
 
 Entries = dict[str, list[Tensor]]
@@ -513,7 +537,7 @@ def _kept_indices(
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
         for point in group.space.points:
             cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
-        for scale in group.space.scales:
+        for scale in (*group.space.scales, *group.space.sources):
             scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():
         out_keep[name] = _kept(norm_width(modules[name]), entries)
@@ -571,8 +595,15 @@ def _rebuild(
 
 
 def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
-    """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one."""
+    """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one. timm's reshapes
+    them by its head count and its output by its width: set both to the heads kept."""
     for group in groups:
+        if group.space.whole_heads and len(group.removed):
+            attention = model.get_submodule(group.space.heads_of)
+            heads = len(group.kept) // group.space.head_unit
+            sizes[group.space.heads_of] = {"num_heads": heads, "attn_dim": heads * attention.head_dim}
+            set_attributes(attention, sizes[group.space.heads_of])
+            continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
             sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
@@ -582,15 +613,19 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
 def _cut_scales(
     model: nn.Module, scale_entries: Mapping[str, tuple[int, list[Tensor]]],
     kept: dict[str, tuple[Tensor | None, Tensor | None]], sizes: dict[str, dict[str, int]],
+    kept_along: dict[str, tuple[int, Tensor]],
 ) -> None:  # fmt: skip
-    """Cut the per-channel parameters (ConvNeXt's ``layer_scale``) along their channel dim, recording what each
-    keeps in ``kept`` and its width in ``sizes``."""
+    """Cut the per-channel parameters (ConvNeXt's ``layer_scale``, a ViT's ``pos_embed``) along their channel dim,
+    recording what each keeps in ``kept`` (or ``kept_along``, a dim past 1) and its width in ``sizes``."""
     parameters = dict(model.named_parameters())
     for name, (dim, entries) in scale_entries.items():
         parameter = parameters[name]
         keep = _kept(parameter.shape[dim], entries)
-        kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
-        new = nn.Parameter(cut_tensor(parameter.detach(), *kept[name]).clone())
+        if dim < 2:
+            kept[name] = (keep, None) if dim == 0 else (None, keep)  # rows or columns: as ``cut_tensor`` takes them
+        else:  # a source along its tokens' channels (a ViT's position embedding, (1, tokens, C))
+            kept_along[name] = (dim, keep)
+        new = nn.Parameter(parameter.detach().index_select(dim, keep.to(parameter.device)).clone())
         carry_parameter_settings(parameter, new)
         replace_parameter(model, name, new)
         sizes[name] = {"channels": len(keep), "dim": dim}

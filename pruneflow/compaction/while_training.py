@@ -28,12 +28,14 @@ from torch import Tensor, nn
 
 from pruneflow.compaction.cost import count_flops, count_parameters
 from pruneflow.compaction.cut import (
+    ATTENTION_SIZES,
     Compaction,
     CompactionError,
     cut_tensor,
     is_channels_last,
     replace_module,
     replace_parameter,
+    set_attributes,
 )
 
 log = logging.getLogger(__name__)
@@ -116,9 +118,32 @@ def swap_in(
     for optimizer in optimizers:
         carry_optimizer(optimizer, moved)
         zero_padding_state(optimizer, compaction)
+    for name, widths in compaction.sizes.items():  # an attention's head count or width: attributes, not tensors
+        if set(widths) <= ATTENTION_SIZES:
+            set_attributes(network.get_submodule(name), widths)
+    for name, (dim, keep) in compaction.kept_along.items():  # a source cut along its tokens' channels
+        for optimizer in optimizers:
+            carry_along(optimizer, old[name], new_parameters[name], dim, keep)
+        replace_parameter(network, name, new_parameters[name])
     before, after = compaction.channels
     flops = None if flops_before is None else (flops_before, count_flops(network, example))
     return TrainingCut(compaction.sizes, (before, after), (params_before, count_parameters(network)), flops)
+
+
+@torch.no_grad()
+def carry_along(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter, dim: int, keep: Tensor) -> None:
+    """Point ``optimizer`` at ``new``, ``old`` cut to the entries ``keep`` along ``dim``, with its state cut alike
+    (a state shaped otherwise, a step count, as it is)."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if parameter is old else parameter for parameter in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            key: value.index_select(dim, keep.to(value.device))
+            if isinstance(value, Tensor) and value.shape == old.shape
+            else value
+            for key, value in state.items()
+        }
 
 
 @torch.no_grad()

@@ -72,8 +72,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume must be one of {', '.join(map(str, RESUME_CHOICES))}, got {resume!r}")
     if compact and not (cfg.get("mask") and cfg.mask.get("_target_")):
         raise ConfigError("compact=true needs mask=<strategy> (activation, weight, ...): without masks nothing is cut")
-    if compact and cfg.mask.get("heads"):
-        raise ConfigError("compact=true cannot cut whole heads (mask.heads=true) yet: run with compact=false")
 
 
 def check_mask_settings_have_a_strategy(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -154,7 +152,10 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
         callbacks.append(callback)
     mask_cfg = cfg.get("mask")
     if mask_cfg is not None and mask_cfg.get("_target_"):
-        callbacks.append(instantiate(mask_cfg))
+        pruning = instantiate(mask_cfg)
+        if isinstance(pruning, ChannelPruning):  # it refuses at setup what a cut after fitting could not take out
+            pruning.plan.compacts = bool(cfg.get("compact"))
+        callbacks.append(pruning)
     return [hide_unused_step_hooks(callback) for callback in callbacks]
 
 

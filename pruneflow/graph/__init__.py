@@ -26,6 +26,9 @@ carries it. For each space the graph knows
 - its **scales** (``ChannelScale``): per-channel parameters read outside their module (``get_attr``) and
   multiplied into it — ConvNeXt's ``layer_scale``, (C, 1, 1) — which keep a zero channel at zero and are cut
   with the space's channels; a parameter of any other shape is a tensor outside the graph, and refused;
+- its **sources** (``ChannelSource``): parameters that write its channels themselves, added into it or
+  concatenated with it along the tokens (a ViT's ``pos_embed``, ``cls_token``): masked by the ``activation``
+  strategy (multiplied by the keep mask), cut with the space's channels;
 - its **groups**: written or read by a grouped conv (ResNeXt, RegNet), a space is cut at the same
   positions in each of the conv's groups, scored by the criterion summed over the groups, so the
   conv keeps its group count and every group keeps an equal width;
@@ -84,7 +87,15 @@ lines), ``routes`` (routes and slots of reordered spaces), ``layers`` (what the 
 
 from pruneflow.graph import handlers  # noqa: F401  (fills the tables of handlers)
 from pruneflow.graph.layers import LAYER_NORMS, is_depthwise, is_layer_norm, is_producer, norm_width
-from pruneflow.graph.records import ChannelGraph, ChannelPoint, ChannelScale, ChannelSpace, Consumer, PrunableLayer
+from pruneflow.graph.records import (
+    ChannelGraph,
+    ChannelPoint,
+    ChannelScale,
+    ChannelSource,
+    ChannelSpace,
+    Consumer,
+    PrunableLayer,
+)
 from pruneflow.graph.registry import (
     register_function_handler,
     register_method_handler,
@@ -101,6 +112,7 @@ __all__ = [
     "ChannelGraph",
     "ChannelPoint",
     "ChannelScale",
+    "ChannelSource",
     "ChannelSpace",
     "Consumer",
     "Parts",

@@ -100,6 +100,24 @@ class ChannelScale:
         return channels + self.offset
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelSource:
+    """A parameter that writes a space's channels itself, added into the stream or concatenated with it along
+    another dim (a ViT's ``pos_embed``, ``cls_token``): entry ``offset + c`` along its ``dim`` is channel ``c`` in
+    every token it writes. A pruned channel stays 0 only if these entries are 0 (the ``activation`` strategy
+    multiplies ``owner.attribute`` by the keep mask); a cut slices them with the space's channels."""
+
+    name: str
+    owner: nn.Module = field(repr=False)
+    attribute: str
+    dim: int
+    offset: int
+
+    def channels(self, channels: torch.Tensor) -> torch.Tensor:
+        """The parameter's entries along ``dim`` that carry the space's ``channels``."""
+        return channels + self.offset
+
+
 @dataclass(eq=False)
 class PrunableLayer:
     """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
@@ -173,6 +191,7 @@ class ChannelSpace:
     refusals: list[str] = field(default_factory=list)
     points: list[ChannelPoint] = field(default_factory=list)  # norms reading it among other channels
     scales: list[ChannelScale] = field(default_factory=list)  # per-channel parameters multiplied into it
+    sources: list[ChannelSource] = field(default_factory=list)  # parameters added into it or concatenated with it
     # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
     # every group keeps its width and a reader's columns are the same for all its groups.
     groups: int = 1
@@ -188,6 +207,10 @@ class ChannelSpace:
     # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
     heads: int = 1
     head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
+    # Pruned in whole heads only, not tied to any stream (timm's ``Attention``: its head width is its own): each head
+    # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
+    whole_heads: bool = False
+    heads_of: str | None = None
     tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
     tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
     multiple: int = 1
@@ -204,6 +227,11 @@ class ChannelSpace:
     @property
     def prunable(self) -> bool:
         return not self.refusals
+
+    @property
+    def head_unit(self) -> int:
+        """Channels pruned together at least: a whole head's q, k and v rows (``whole_heads``), else 1."""
+        return self.width // self.heads if self.whole_heads else 1
 
     @property
     def grouped(self) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from pruneflow.graph import registry
+from pruneflow.graph import registry, widths
 from pruneflow.graph.handlers import reorderings, shapes, timm_layers
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe
@@ -52,6 +52,10 @@ class Tracer:
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
+        # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
+        # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
+        self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
+        self.width_reads: dict[torch.fx.Node, set[int]] = {}
         self.calls: dict[str, int] = {}
         self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
         for node in graph.nodes:
@@ -95,6 +99,7 @@ class Tracer:
         kept.consumers += merged.consumers
         kept.points += merged.points
         kept.scales += merged.scales
+        kept.sources += merged.sources
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
@@ -232,6 +237,7 @@ class Tracer:
             for value in self.input_values(node):
                 self.refuse(value, "reaches the network's output, whose shape would change")
             return None
+        widths.follow(self, node)
         if shapes.shape_arithmetic(self, node):
             return None
         value, values = self.first(node), self.input_values(node)

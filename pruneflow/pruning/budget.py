@@ -25,7 +25,8 @@ that cost more to keep are removed first whatever the weight. Channels already p
 schedule keeps earlier choices).
 
 The search. Cutting the ``n`` lowest-ranked channels, each space's count rounded down to what it can keep
-(``mask.round_to`` multiples of kept width; whole groups of a grouped conv; whole head multiples) and capped at
+(``mask.round_to`` multiples of kept width; whole groups of a grouped conv; whole head multiples; the whole heads of
+timm's attention, each its q, k and v rows) and capped at
 ``mask.max_amount``, costs less the larger ``n``: bisection finds the smallest ``n`` that meets the target, then a
 greedy pass gives back, one step at a time, the most important pruned channels while the target still holds, so
 rounding does not overshoot. Spaces the user fixes (``mask.amounts={glob: fraction}``) keep their amount and are
@@ -99,6 +100,8 @@ class Target:
 
 def pruned_count(space: ChannelSpace, amount: float) -> int:
     """How many of ``space``'s channels ``Criterion.select`` prunes at ``amount`` (a route's slots aside)."""
+    if space.whole_heads:
+        return space.head_unit * channels_to_prune(space.heads, amount)
     if space.heads > 1:
         return 3 * space.heads * channels_to_prune(space.width // (3 * space.heads), amount)
     unit = space.multiple * space.groups
@@ -109,7 +112,7 @@ def allowed_counts(space: ChannelSpace, max_amount: float, round_to: int) -> np.
     """The pruned counts ``space`` can take, ascending: whole units (a grouped conv's groups, an attention's head
     multiples), at most ``max_amount`` of it, never all of it, and a kept width that is a multiple of
     ``round_to`` (or the whole width, nothing pruned)."""
-    unit = space.multiple * space.groups
+    unit = space.multiple * space.groups * space.head_unit
     cap = min(int(max_amount * space.width + 1e-9), space.width - 1)
     counts = [p for p in range(0, cap + 1, unit) if p == 0 or (space.width - p) % round_to == 0]
     return np.asarray(counts, dtype=np.int64)
@@ -482,6 +485,9 @@ class _Search:
             score = scores[space.name].double()
             if space.groups > 1:  # a grouped conv's space is pruned by positions, the same in every group
                 score = score.view(space.groups, -1).sum(0).repeat(space.groups)
+            if space.whole_heads:  # pruned by whole heads: every row of a head ranks as its head's mean
+                per_head = score.view(3, space.heads, -1).mean(dim=(0, 2))
+                score = per_head.view(1, -1, 1).expand(3, -1, space.width // (3 * space.heads)).flatten()
             mean = float(score.mean())
             normalised = score.numpy() / (mean if mean > 0 else 1.0)
             relative_cost = per_channel[i] / mean_cost

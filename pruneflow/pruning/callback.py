@@ -77,7 +77,8 @@ class ChannelPruning(Callback):
             space (coupled groups only with ``groups``).
         groups: include coupled groups (residual additions, squeeze-and-excitation products) in the
             default selection and allow globs to select them.
-        heads: attentions lose whole heads (``selection.select_spaces``); masked only, not cut yet.
+        heads: attentions lose whole heads (``selection.select_spaces``); cut from timm's ``Attention``, masked only
+            in torchvision's Swin and MaxViT (their head width follows the stream).
         channels: for ``explicit``: ``{module name: [channel indices]}``.
         schedule, at_epoch, at_step, start_epoch, end_epoch: see ``PruningSchedule``.
         reset_optimizer_state: zero the optimizer state (momentum, Adam moments) of pruned entries at

@@ -111,7 +111,7 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
-        if space.heads > 1 and self.whole_heads:
+        if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.heads > 1:
             per_head = channels_to_prune(space.width // (3 * space.heads), amount)
@@ -323,6 +323,8 @@ class Explicit(Criterion):
                     f"mask.channels for {', '.join(space.names)} together remove all {space.width} channels of the "
                     f"group {'+'.join(space.names)}, which share them; keep at least one"
                 )
+            if space.whole_heads and union:
+                check_whole_heads(space, sorted(union))
         for space in spaces:
             if space.heads > 1 and space.tied_to is not None:
                 self._check_tied_heads(space)
@@ -356,6 +358,21 @@ class Explicit(Criterion):
         if mask.all():
             raise ConfigError(f"mask.channels would remove all {space.width} channels of the group {space.names}")
         return mask
+
+
+def check_whole_heads(space: ChannelSpace, indices: Sequence[int]) -> None:
+    """Refuse an explicit list that names part of a head of an attention pruned in whole heads (timm's)."""
+    mask = torch.zeros(space.width, dtype=torch.bool)
+    mask[list(indices)] = True
+    per_head = mask.view(3, space.heads, -1)
+    if torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0)):
+        return
+    rows, width = space.width // 3, space.width // (3 * space.heads)
+    example = [part * rows + row for part in range(3) for row in range(width)]
+    raise ConfigError(
+        f"mask.channels[{space.name}] must name whole heads of attention {space.heads_of} ({space.heads} heads of "
+        f"{width}): each head's q, k and v rows, e.g. head 0 is {example}"
+    )
 
 
 CRITERIA: dict[str, type[Criterion]] = {cls.name: cls for cls in (L1, L2, Random, BnGamma, Taylor, Explicit)}

@@ -77,12 +77,8 @@ class PruningPlan:
         self.groups = groups
         if not isinstance(heads, bool):
             raise ConfigError(f"mask.heads must be true or false, got {heads!r}")
-        if heads and (target is not None or cut_at_epoch is not None or cut_at_step is not None):
-            raise ConfigError(
-                f"mask.heads=true prunes whole heads in the masked network only: it takes mask.amount, not "
-                f"mask.target={target}, and no cut (mask.cut_at_epoch={cut_at_epoch}, mask.cut_at_step={cut_at_step})"
-            )
         self.heads = heads
+        self.compacts = False  # compact=true: the trained network is cut after fitting (set by the run)
         self.criterion, self.amount = criterion, None if amount is None else float(amount)
         # explicit lists, and a budget (amount None: mask.target), carry their own counts: the schedule only says
         # when, and how far along (a target of 1 = "all of it, now").
@@ -136,9 +132,24 @@ class PruningPlan:
                 + (f" outside its {coupled} coupled groups (set mask.groups=true)" if coupled else "")
                 + (f"; refused: {'; '.join(reasons[:3])}" if reasons else "")
             )
+        self.check_heads_cut(spaces)
         self.criterion.bind(network)
         self.criterion.check(spaces)
         return spaces
+
+    def check_heads_cut(self, spaces: Sequence[ChannelSpace]) -> None:
+        """Refuse, before training, whole heads that no cut can take out: an attention whose head width follows its
+        input's (torchvision's Swin and MaxViT, ``tied_to``) keeps its head count in a cut (a target is met by a
+        cut too)."""
+        cut = self.cuts or self.compacts or self.amount is None
+        tied = [space.name for space in spaces if space.heads > 1 and space.tied_to is not None]
+        if self.heads and cut and tied:
+            raise ConfigError(
+                f"mask.heads=true cannot cut the whole heads of {tied[0]}: torchvision's Swin and MaxViT attentions "
+                "take their head width from their input's, so they keep their head count; whole heads are cut from "
+                "timm's Attention (ViT, DeiT) only. For these, evaluate the masked network: mask.amount, no "
+                "mask.target, mask.cut_at_epoch, mask.cut_at_step or compact=true"
+            )
 
     # -- the cut against the last pruning step ------------------------------------------------------
     @property

@@ -35,7 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
-from pruneflow.graph import LAYER_NORMS, PrunableLayer, is_layer_norm
+from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
@@ -62,6 +62,7 @@ class MaskStrategy:
     def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
         if self.zeroes_kernels:
             zero_rows(self.trainable_tensors(layer), pruned)
+            zero_sources(layer, pruned)
         self.install(layer, pruned)
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
@@ -92,6 +93,28 @@ class MaskStrategy:
 def zero_rows(tensors: list[Tensor], pruned: Tensor) -> None:
     for tensor in tensors:
         tensor.mul_(_keep_shape(pruned, tensor.ndim).to(tensor.device, tensor.dtype))
+
+
+def source_tensor(source: ChannelSource) -> Tensor:
+    """The stored parameter of a source (``ChannelSource``): its ``original`` where it is masked by a
+    parametrization."""
+    if parametrize.is_parametrized(source.owner, source.attribute):
+        return source.owner.parametrizations[source.attribute].original
+    return getattr(source.owner, source.attribute)
+
+
+def source_entries(source: ChannelSource, pruned: Tensor) -> Tensor:
+    """The entries of ``source``'s channel dim that carry the ``pruned`` channels of its space."""
+    return source.channels(pruned.nonzero().flatten().to(source_tensor(source).device))
+
+
+@torch.no_grad()
+def zero_sources(layer: PrunableLayer, pruned: Tensor) -> None:
+    """Zero the pruned channels' entries of the parameters that write the layer's space themselves (a ViT's
+    position embedding and class token), as a kernel's rows are zeroed."""
+    for source in layer.space.sources if layer.space is not None else []:
+        tensor = source_tensor(source)
+        tensor.index_fill_(source.dim, source_entries(source, pruned), 0.0)
 
 
 class NoMask(MaskStrategy):
@@ -258,6 +281,21 @@ def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output:
     return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
 
 
+def mask_source(source: ChannelSource, pruned: Tensor) -> None:
+    """Multiply a source parameter (``ChannelSource``) by its keep mask, a parametrization installed once and
+    updated after: its pruned entries are 0 in the forward and get no gradient, wherever the parameter is read.
+    One keep mask per parameter, shared by the spaces it writes (each its own entries)."""
+    stored = source_tensor(source)
+    if not parametrize.is_parametrized(source.owner, source.attribute):
+        shape = [1] * stored.ndim
+        shape[source.dim] = stored.shape[source.dim]
+        keep = torch.ones(shape, device=stored.device, dtype=stored.dtype)
+        parametrize.register_parametrization(source.owner, source.attribute, ChannelMaskParametrization(keep))
+    keep = source.owner.parametrizations[source.attribute][0].keep
+    entries = source.channels(torch.arange(len(pruned), device=keep.device))
+    keep.view(-1)[entries] = (~pruned).to(keep)
+
+
 class ActivationMask(MaskStrategy):
     """Zero the kernels and multiply the channel by 0 at its channel point (after the BatchNorm, so β
     cannot leak). Nothing downstream sees the channel, so ∂L/∂kernel is exactly zero. A LayerNorm over
@@ -293,6 +331,8 @@ class ActivationMask(MaskStrategy):
             shared = getattr(extra.module, KEEP_BUFFER).view(-1)
             channels, entries = extra.placed(len(pruned))
             shared[entries.to(shared.device)] = keep.flatten()[channels].to(shared)
+        for source in layer.space.sources if layer.space is not None else []:
+            mask_source(source, pruned)
 
     def _hook(self, key: str, point: nn.Module, keep: Tensor) -> None:
         # Not persistent: checkpoints keep the model's own keys; the callback's state holds the masks.
@@ -309,6 +349,9 @@ class ActivationMask(MaskStrategy):
                 handle.remove()
                 delattr(layer.channel_point, QKV_KEEP_BUFFER)
             return
+        for source in layer.space.sources if layer.space is not None else []:
+            if parametrize.is_parametrized(source.owner, source.attribute):
+                parametrize.remove_parametrizations(source.owner, source.attribute, leave_parametrized=True)
         points = [(layer.name, layer.channel_point)]
         points += [(extra.name, extra.module) for extra in (layer.space.points if layer.space is not None else [])]
         for key, point in points:

@@ -8,9 +8,35 @@
 - ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
 - ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
 - ``attention``: torchvision's Swin and MaxViT attention layers, kept whole;
+- ``tokens``: a transformer's token stream: parameters added to it or concatenated with it (position embeddings,
+  class tokens), the tokens taken for the head (after ``joins`` and ``shapes``, whose rules it extends);
+- ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
 """
 
-from pruneflow.graph.handlers import attention, joins, norms, pointwise, producers, reorderings, shapes, timm_layers
+# ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
+from pruneflow.graph.handlers import (
+    attention,
+    joins,
+    norms,
+    pointwise,
+    producers,
+    reorderings,
+    shapes,
+    timm_attention,
+    timm_layers,
+    tokens,
+)
 
-__all__ = ["attention", "joins", "norms", "pointwise", "producers", "reorderings", "shapes", "timm_layers"]
+__all__ = [
+    "attention",
+    "joins",
+    "norms",
+    "pointwise",
+    "producers",
+    "reorderings",
+    "shapes",
+    "timm_attention",
+    "timm_layers",
+    "tokens",
+]

@@ -184,6 +184,7 @@ def record_shape(tracer: Tracer, node: torch.fx.Node, value: Value | Parts | Non
     """``x.size()``/``x.shape`` of a channel value as its probe has it: what a reshape's arguments come from."""
     if value is None or isinstance(value, Parts):
         return
+    tracer.shape_reads[node] = (value, dim if isinstance(dim, int) else None)  # a width, if at the channels
     shape = tuple(value.probe.shape) if value.probe is not None else probe_shape(value)
     if shape is not None:
         tracer.concrete[node] = shape if dim is None else shape[dim] if isinstance(dim, int) else None

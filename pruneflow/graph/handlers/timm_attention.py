@@ -1,0 +1,81 @@
+"""timm's multi-head self-attention (``timm.layers.attention.Attention``: ViT, DeiT and the models built from it),
+kept whole: its ``qkv`` reads the token stream (a consumer) and writes the q, k and v rows of every head, a space of
+**whole heads** (``ChannelSpace.whole_heads``); its ``proj`` reads the value rows and writes its output, a space of
+its own.
+
+Unlike torchvision's Swin attention, timm's reshapes q, k, v by a head width of its own (``head_dim``), not by its
+input's width, so its heads are not tied to the stream: the stream and the heads are pruned apart. Positions inside
+a head are not pruned: the fused path (``scaled_dot_product_attention``) scales the logits by 1/√(head width) from
+the tensors' shape, so a cut head width would change the softmax the masked network computed. A whole head is
+another matter: with its q, k and v rows all zero (after the bias), its logits are all 0, its softmax uniform, and
+its output the mean of zero value rows, exactly 0, in the fused and the unfused path alike; the rows of the other
+heads are untouched. So a mask of ``qkv``'s output rows (a channel point at ``qkv``) is exact, and the cut takes the
+head's rows from ``qkv``, its value columns from ``proj``, and sets the attention's ``num_heads`` and ``attn_dim``.
+A q/k norm (``qk_norm``) is per head width and needs nothing; the variants whose extra parts read the heads' width
+(a gate, a norm over ``attn_dim``) are refused, and so is the latent attention pool (``global_pool="map"``),
+which reshapes by its input's width.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers.attention import value_rows
+from pruneflow.graph.handlers.producers import read
+from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def unhandled_variant(module: nn.Module) -> str | None:
+    """Why the attention's heads cannot be cut (None: they can): the parts that read the heads' width."""
+    if getattr(module, "gate", None) is not None:
+        return "gates its heads' output with a sigmoid of its input (gated=True)"
+    if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+        return "normalises over all its heads' width (scale_norm=True)"
+    if type(module.qkv) is not nn.Linear or type(module.proj) is not nn.Linear:
+        return "projects with other layers than nn.Linear"
+    if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
+        return "has q, k, v rows that are not 3 × heads × head_dim"
+    return None
+
+
+def timm_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """timm's ``Attention``, a leaf: ``qkv`` a consumer of its input and the producer of a whole-heads space read by
+    ``proj`` at its value rows, ``proj`` the producer of the output."""
+    name = str(node.target)
+    qkv = PrunableLayer(f"{name}.qkv", module.qkv)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    read(tracer, qkv.name, module.qkv, value)
+    inner = tracer.new_space(qkv)
+    heads = tracer.spaces[inner]
+    heads.heads, heads.whole_heads, heads.heads_of = module.num_heads, True, name
+    heads.consumers.append(Consumer(proj.name, "linear", at=value_rows(module.attn_dim)))
+    reason = unhandled_variant(module) or tracer.reused(name)
+    if reason:
+        heads.refuse(f"attention {name} {reason}")
+    output = tracer.new_space(proj)
+    if tracer.reused(name):
+        tracer.spaces[output].refuse(f"attention {name}: {tracer.reused(name)}")
+    ndim = value.ndim if value is not None else None
+    return Value(((output, 0),), tracer.width(proj), ndim=ndim, channels_last=True)
+
+
+def latent_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
+    """timm's ``AttentionPoolLatent`` (a ViT's ``global_pool="map"``), a leaf: it reshapes its attention's output by
+    its input's width read from ``x.shape``, a width no cut of that input may change; refused, in one line."""
+    tracer.refuse(value, f"attention pool {node.target} reshapes its heads by its input's width")
+
+
+def register() -> None:
+    from timm.layers.attention import Attention
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    register_module_handler(Attention, timm_attention, leaf=lambda module: type(module) is Attention)
+    register_module_handler(AttentionPoolLatent, latent_pool)

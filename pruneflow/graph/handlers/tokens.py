@@ -1,0 +1,143 @@
+"""A transformer's token stream: parameters that are **sources** of the stream's channels, and the selection of
+tokens for the head.
+
+A ViT's embedding width is one space from its patch embedding to its head: ``cls_token`` (and ``reg_token``) is
+concatenated with the patch tokens along the tokens (dim 1, the channels last), ``pos_embed`` added to them. Each
+such parameter writes every channel of the stream, (1, tokens, C): a pruned channel stays 0 only if its entries are
+0, so the graph records it as a source (``ChannelSource``): the ``activation`` strategy multiplies it by the keep
+mask (a parametrization: 0 in the forward, no gradient), the cut takes its entries out with the channels. A
+parameter reaches the op directly (``get_attr``), through ``expand`` over the batch, or through timm's
+``resample_abs_pos_embed`` (per channel, at the size it already has). ``x[:, 0]`` (the class token),
+``x[:, k:]`` and a mean over the tokens keep the channels where they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers import joins, shapes
+from pruneflow.graph.nodes import argument
+from pruneflow.graph.parameters import attribute
+from pruneflow.graph.records import ChannelSource
+from pruneflow.graph.registry import register_function_handler, register_method_handler
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+# Ops a source parameter may pass through on its way: per channel, its last dim its channels still.
+PASSING_METHODS = ("expand",)
+PASSING_FUNCTIONS: list[Any] = []  # timm's ``resample_abs_pos_embed``, where timm is installed (``register``)
+
+
+def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | None:
+    """(name, parameter) of the parameter ``node`` is, or reaches through ``PASSING_*`` ops; None for anything
+    else, and for a parameter read by more than this path (its cut would leave the other reader behind)."""
+    while isinstance(node, torch.fx.Node) and node.op != "get_attr":
+        passing = (node.op == "call_method" and node.target in PASSING_METHODS) or (
+            node.op == "call_function" and node.target in PASSING_FUNCTIONS
+        )
+        if not passing or not node.args or len(node.users) != 1:
+            return None
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or tracer.attribute_reads.get(str(node.target), 0) != 1:
+        return None
+    parameter = attribute(tracer.model, str(node.target))
+    return (str(node.target), parameter) if isinstance(parameter, nn.Parameter) else None
+
+
+def add_source(tracer: Tracer, value: Value, node: Any) -> bool:
+    """Record ``node``'s parameter as a source of every space ``value`` carries, if it has one entry per channel on
+    its last dim where ``value`` has its channels (the last, in order); False if not."""
+    found = source_parameter(tracer, node)
+    if found is None or value.layout is not None or value.flattened or not value.channels_at(-1):
+        return False
+    name, parameter = found
+    if parameter.ndim < 2 or parameter.shape[-1] != value.width:
+        return False
+    owner, _, attribute_name = name.rpartition(".")
+    module = tracer.model.get_submodule(owner) if owner else tracer.model
+    for index, offset in value.segments:
+        tracer.space(index).sources.append(ChannelSource(name, module, attribute_name, parameter.ndim - 1, offset))
+    return True
+
+
+def add(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x + pos_embed``: the stream, with the parameter a source of its channels; else an addition (``joins``)."""
+    operands = [*node.args, *node.kwargs.values()]
+    values = [tracer.values.get(a) if isinstance(a, torch.fx.Node) else None for a in operands]
+    stream = [v for v in values if isinstance(v, Value)]
+    if len(operands) == 2 and len(stream) == 1:
+        other = operands[1] if values[0] is stream[0] else operands[0]
+        if add_source(tracer, stream[0], other):
+            return stream[0]
+    return joins.add(tracer, node, value)
+
+
+def cat(tracer: Tracer, node: torch.fx.Node, value: Any) -> Any:
+    """``torch.cat([cls_token, x], dim=1)`` along the tokens: the stream, each parameter a source of its channels;
+    along the channels, or of anything else, a concatenation (``joins``)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = argument(node, 1, "dim", 0)
+    values = [tracer.values.get(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+    stream = [v for v in values if v is not None]
+    if len(stream) != 1 or not isinstance(dim, int) or not isinstance(stream[0], Value) or stream[0].channels_at(dim):
+        return joins.cat(tracer, node, value)
+    (x,) = stream
+    if x.ndim is None or dim % x.ndim == 0:  # along the batch: the parameter would be one sample's, not a source
+        return joins.cat(tracer, node, value)
+    others = [part for part, v in zip(parts, values, strict=True) if v is None]
+    if all(source_parameter(tracer, part) is not None for part in others) and all(
+        add_source(tracer, x, part) for part in others
+    ):
+        return x
+    return joins.cat(tracer, node, value)
+
+
+def token_item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x[:, 0]``, ``x[:, k:]`` of channels-last tokens (N, tokens, C): the channels stay on the last dim."""
+    index = node.args[1] if len(node.args) > 1 else None
+    if value is None or not isinstance(index, tuple) or value.layout is not None or value.flattened:
+        return shapes.item(tracer, node, value)
+    if not value.channels_last or value.ndim is None or len(index) >= value.ndim or Ellipsis in index:
+        return shapes.item(tracer, node, value)
+    if index[0] != slice(None) or not all(isinstance(i, (int, slice)) for i in index):
+        return shapes.item(tracer, node, value)
+    dropped = sum(isinstance(i, int) for i in index)
+    return Value(value.segments, value.width, revived_by=value.revived_by, ndim=value.ndim - dropped,
+                 channels_last=True)  # fmt: skip
+
+
+def token_mean(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.mean(1)`` of channels-last tokens: a mean over tokens keeps each channel in place (and a zero at zero);
+    anything else as ``shapes`` reduces it."""
+    dims = argument(node, 1, "dim", None)
+    dims = [dims] if isinstance(dims, int) else dims
+    usable = value is not None and value.channels_last and value.ndim is not None and value.layout is None
+    if not usable or not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return shapes.reduced(tracer, node, value)
+    reduced = {d % value.ndim for d in dims}
+    if 0 in reduced or value.ndim - 1 in reduced:  # over the batch or the channels
+        return shapes.reduced(tracer, node, value)
+    ndim = value.ndim if argument(node, 2, "keepdim", False) else value.ndim - len(reduced)
+    return Value(value.segments, value.width, revived_by=value.revived_by, ndim=ndim, channels_last=True)
+
+
+register_function_handler((operator.add, torch.add), add)
+register_method_handler("mean", token_mean)
+register_method_handler("add", add)
+register_function_handler(torch.cat, cat)
+register_function_handler(operator.getitem, token_item)
+
+
+def register() -> None:
+    """timm's pass-through function for a position embedding (called where timm is installed)."""
+    from timm.layers import resample_abs_pos_embed
+
+    if resample_abs_pos_embed not in PASSING_FUNCTIONS:
+        PASSING_FUNCTIONS.append(resample_abs_pos_embed)

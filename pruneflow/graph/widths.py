@@ -1,0 +1,64 @@
+"""Widths read from a shape: ``B, N, C = x.shape`` gives ``C``, the width of ``x``'s channel spaces, which a cut
+changes. Reshaping ``x`` itself by it (a channel shuffle's ``C // groups``, a ViT's ``x.view(B, -1, C)``), the
+tensor follows the cut and the reshape probe follows the tensor. Sizing any other tensor by it (an attention traced
+into: ``out.transpose(1, 2).reshape(B, N, C)``, whose heads do not follow ``x``'s width) would break the cut
+network, so the spaces whose width it is are refused there, naming the op."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch.fx
+
+from pruneflow.graph.handlers.reorderings import reshaping
+from pruneflow.graph.handlers.shapes import SHAPE_ARITHMETIC
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def channel_dim(value: Value) -> int | None:
+    """Where ``value``'s channels are, counted from 0; None where its rank is unknown or it is mid-reshape."""
+    if value.ndim is None or value.probe is not None or value.flattened or value.layout is not None:
+        return None
+    return value.ndim - 1 if value.channels_last else 1
+
+
+def width_of(tracer: Tracer, node: torch.fx.Node) -> set[int]:
+    """The spaces whose width ``node`` is (``x.size(c)``, ``x.shape[c]``, arithmetic on them); empty if none."""
+    if node in tracer.width_reads:
+        return tracer.width_reads[node]
+    value, dim = tracer.shape_reads.get(node, (None, None))
+    where = None if value is None else channel_dim(value)
+    if where is None or not isinstance(dim, int) or dim % value.ndim != where:
+        return set()
+    return {index for index, _ in value.segments}
+
+
+def follow(tracer: Tracer, node: torch.fx.Node) -> None:
+    """Carry width reads through ``x.shape[i]`` and shape arithmetic; refuse the spaces whose width sizes a tensor
+    that is not theirs."""
+    arguments: list[torch.fx.Node] = []
+    torch.fx.map_arg((node.args, node.kwargs), arguments.append)
+    first = node.args[0] if node.args else None
+    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC and first in tracer.shape_reads:
+        value, dim = tracer.shape_reads[first]
+        index = node.args[1] if len(node.args) > 1 else None
+        if dim is None and isinstance(index, int):  # ``x.shape[i]``
+            tracer.shape_reads[node] = (value, index)
+        return
+    marked = set().union(*(width_of(tracer, argument) for argument in arguments))
+    if not marked:
+        return
+    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC:
+        tracer.width_reads[node] = marked
+        return
+    reshaped = tracer.values.get(first) if reshaping(node) and isinstance(first, torch.fx.Node) else None
+    if isinstance(reshaped, Value):
+        own = {tracer.union_find.root(index) for index, _ in reshaped.segments}
+        if {tracer.union_find.root(index) for index in marked} <= own:
+            return  # the tensor whose width it is, reshaped by it: it follows the cut
+    reason = f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not follow"
+    for index in marked:
+        tracer.space(index).refuse(reason)
