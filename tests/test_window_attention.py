@@ -170,9 +170,7 @@ def test_the_masked_network_trains_on_as_the_cut_one_its_heads_at_their_cut_widt
     assert (masked - after).abs().max() <= 1e-4 * masked.abs().max(), (masked - after).abs().max()
 
 
-def test_an_explicit_list_for_a_stream_swin_heads_follow_is_refused_unless_the_heads_follow_too() -> (
-    None
-):
+def test_an_explicit_list_for_a_stream_swin_heads_follow_is_refused_unless_they_follow_too() -> None:
     # Issue 31, review defect 5: a list naming the stream only passed the criterion's check, then the cut raised.
     graph = trace_channel_graph(tiny_swin())
     stream_only = Explicit({"features.0.0": [0, 1]})
