@@ -65,6 +65,8 @@ CAUSES = (
     ("tied or shared parameters", r"tied|is also read by"),
     ("grouped conv reads other channels", r"grouped conv .* reads them with other channels"),
     ("normalises across channels", r"normalises across channels"),
+    ("width read from a shape sizes another tensor", r"sizes a tensor by their width|by its input's width"),
+    ("attention variant not cut in whole heads", r"gates its heads|scale_norm=True"),
 )
 
 # Name parts that mark a small variant, smallest first: the candidates whose parameters are counted.
