@@ -5,24 +5,12 @@
 - ``producers``: convs and linear layers, which write spaces, and their reading of spaces (consumers);
 - ``norms``: BatchNorms and LayerNorms over the channels, and the norms across channels the graph refuses;
 - ``joins``: additions and products (coupling spaces), per-channel scales, concatenations;
-- ``folds``: a single conv's output joined with several spaces, its rows cut with the channels they meet;
 - ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
 - ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
 - ``attention``: torchvision's Swin and MaxViT attention layers, kept whole;
-- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, ``Linear``, LayerNorms, GroupNorms, activations, layer
-  scales, HGNetV2's learnable affine, weight-standardised convs and ``BlurPool2d`` (if installed).
+- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
 """
 
-from pruneflow.graph.handlers import (
-    attention,
-    folds,
-    joins,
-    norms,
-    pointwise,
-    producers,
-    reorderings,
-    shapes,
-    timm_layers,
-)
+from pruneflow.graph.handlers import attention, joins, norms, pointwise, producers, reorderings, shapes, timm_layers
 
-__all__ = ["attention", "folds", "joins", "norms", "pointwise", "producers", "reorderings", "shapes", "timm_layers"]
+__all__ = ["attention", "joins", "norms", "pointwise", "producers", "reorderings", "shapes", "timm_layers"]
