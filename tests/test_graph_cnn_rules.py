@@ -281,3 +281,18 @@ def test_a_reordered_space_scaled_by_a_per_channel_parameter_is_refused_in_the_g
     ((reason, *_), output) = refusals(ScaledSplitStream())
     assert "reordered on its way (a split or a shuffle) and scaled by a per-channel parameter the cut" in reason
     assert output == OUTPUT
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "lamp", "bn_gamma"])
+def test_every_group_criterion_scores_the_spaces_a_folded_conv_is_a_point_of(criterion: str) -> None:
+    """A folded conv is a point with a kernel, not a γ: the norm-reading criteria and regularisers skip it."""
+    from pruneflow.pruning.importance import make_importance
+    from pruneflow.pruning.sparsity import SparseTraining
+
+    model = GateOnConcatenation()
+    spaces = trace_channel_graph(model).prunable
+    importance, regularizer = make_importance(criterion, "mean"), SparseTraining("bn_l1", 1e-4, None)
+    importance.bind(model)
+    regularizer.bind(model, spaces)
+    for space in spaces:
+        assert importance.scores(space).shape == regularizer.norms(space).shape == (space.width,)
