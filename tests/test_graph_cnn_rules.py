@@ -259,3 +259,40 @@ def test_timm_blur_pool_keeps_the_channels_or_refuses_them_in_one_line() -> None
     assert_cut_equals_masked(model)
     per_channel = nn.Sequential(conv_bn(3, 8), timm.layers.BlurPool2d(8), conv_bn(8, 6), head(6))
     assert "BlurPool2d 1 holds one filter per channel for 8 channels" in refusals(per_channel)[0][0]
+
+
+class ScaledSplitStream(nn.Module):
+    """InceptionNeXt's block: the stream split, a depthwise conv on one part, concatenated back, and a layer scale on
+    the residual branch it is added to: a reordered space scaled by a per-channel parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.depthwise = conv_bn(3, 8), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.mix, self.gamma, self.head = nn.Conv2d(8, 8, 1), nn.Parameter(torch.full((8,), 0.5)), head(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        kept, mixed = x.split([4, 4], dim=1)
+        return self.head(x + self.mix(torch.cat([kept, self.depthwise(mixed)], dim=1)) * self.gamma.view(1, -1, 1, 1))
+
+
+def test_a_reordered_space_scaled_by_a_per_channel_parameter_is_refused_in_the_graph() -> None:
+    """It was called prunable and the cut raised ``CompactionError`` after the pruning (inception_next_atto)."""
+    ((reason, *_), output) = refusals(ScaledSplitStream())
+    assert "reordered on its way (a split or a shuffle) and scaled by a per-channel parameter the cut" in reason
+    assert output == OUTPUT
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "lamp", "bn_gamma"])
+def test_every_group_criterion_scores_the_spaces_a_folded_conv_is_a_point_of(criterion: str) -> None:
+    """A folded conv is a point with a kernel, not a γ: the norm-reading criteria and regularisers skip it."""
+    from pruneflow.pruning.importance import make_importance
+    from pruneflow.pruning.sparsity import SparseTraining
+
+    model = GateOnConcatenation()
+    spaces = trace_channel_graph(model).prunable
+    importance, regularizer = make_importance(criterion, "mean"), SparseTraining("bn_l1", 1e-4, None)
+    importance.bind(model)
+    regularizer.bind(model, spaces)
+    for space in spaces:
+        assert importance.scores(space).shape == regularizer.norms(space).shape == (space.width,)

@@ -32,6 +32,23 @@ def channel_routes(space: ChannelSpace) -> dict[tuple[str, ...], tuple[int, ...]
     return {route: tuple(channels) for route, channels in routes.items()}
 
 
+REORDERED = "(a split or a shuffle)"
+
+
+def unplaceable(space: ChannelSpace) -> str | None:
+    """Why a cut could not place a reordered space's kept channels on its routes (the cut's own checks, said in the
+    graph so that the space is refused before training, not after the pruning); None where it can."""
+    if not space.routes:
+        return None
+    if space.groups > 1:  # a cut places reordered channels freely, a group's rows in place
+        return f"it is written or read in {space.groups} groups and reordered on its way (a shuffle)"
+    if space.scales:
+        return f"it is reordered on its way {REORDERED} and scaled by a per-channel parameter the cut does not place"
+    if any(consumer.features_per_channel != 1 for consumer in space.consumers):
+        return f"it is reordered on its way {REORDERED} and read flattened, which the cut does not place"
+    return None
+
+
 def route_slots(
     model: nn.Module, graph: ChannelGraph, amount: float, trace: Trace
 ) -> dict[str, dict[tuple[str, ...], int]]:

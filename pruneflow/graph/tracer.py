@@ -26,7 +26,7 @@ from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
 from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
-from pruneflow.graph.routes import RouteSlots, channel_routes
+from pruneflow.graph.routes import RouteSlots, channel_routes, unplaceable
 from pruneflow.graph.union import UnionFind
 from pruneflow.graph.values import UNKNOWN, Parts, Value
 
@@ -188,8 +188,9 @@ class Tracer:
         for space in spaces:
             space.consumers = list(dict.fromkeys(space.consumers))
             space.routes = channel_routes(space)
-            if space.routes and space.groups > 1:  # a cut places reordered channels freely, a group's rows in place
-                space.refuse(f"it is written or read in {space.groups} groups and reordered on its way (a shuffle)")
+            reason = unplaceable(space)
+            if reason:
+                space.refuse(reason)
             for layer in space.producers:
                 layer.space = space
         self.tie()
