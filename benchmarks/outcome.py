@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the seeds --json holds and the pre-trained networks beside it (same settings)",
     )
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"which arms run, comma-separated: {', '.join(ARMS)}")
+    parser.add_argument("--cost-weight", type=float, default=1.0,
+                        help="the pruneflow arm's mask.cost_weight (0: ranked by importance alone)")  # fmt: skip
 
 
 def lengths(args: argparse.Namespace) -> dict[str, int]:
@@ -191,6 +194,7 @@ def prune_with_pruneflow(args: argparse.Namespace, network: nn.Module, data: L.L
     """Sparse training, the cut at ``flops:2.0`` and fine-tuning in one fit through ``ChannelPruning``."""
     pruning = ChannelPruning(
         strategy="activation", criterion="l2", group_reduction="sum", groups=True, target=f"flops:{SPEED_UP}",
+        cost_weight=args.cost_weight,
         regularizer="group_lasso" if sparse_epochs else None, regularizer_strength=args.reg,
         regularizer_epochs=sparse_epochs or None, at_epoch=sparse_epochs, cut_at_epoch=sparse_epochs,
         log_every_n_steps=10**9, burst_steps=0,
@@ -254,7 +258,7 @@ def pretrained(
     kept = args.json.with_suffix(f".seed{seed}.pt") if args.json else None
     if args.resume and kept is not None and kept.is_file():
         saved = torch.load(kept, map_location="cpu", weights_only=True)
-        if saved["settings"] == settings(args, lengths(args)):
+        if pretraining_settings(saved["settings"]) == pretraining_settings(settings(args, lengths(args))):
             network = ResNet(depth=56)
             network.load_state_dict(saved["state_dict"])
             return network.to(args.device) if args.device != "cpu" else network, float(saved["seconds"])
@@ -267,6 +271,20 @@ def pretrained(
     return network, seconds
 
 
+def chosen_arms(args: argparse.Namespace) -> list[str]:
+    arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise SystemExit(f"benchmarks outcome: error: --arms={args.arms}: choose among {', '.join(ARMS)}")
+    return arms
+
+
+def pretraining_settings(settings_of_a_run: dict[str, Any]) -> dict[str, Any]:
+    """What a pre-trained network depends on: a kept one is reused by any run that agrees on these."""
+    kept = {key: settings_of_a_run.get(key) for key in ("device", "data", "root", "limit_batches", "batch_size")}
+    return {**kept, "pretrain_epochs": settings_of_a_run["epochs"]["pretrain_epochs"]}
+
+
 def run_seed(args: argparse.Namespace, seed: int, epochs: dict[str, int]) -> dict[str, Any]:
     """One seed: pre-train, then each arm from a copy of the same weights; the arms' figures and the dense ones."""
     L.seed_everything(seed, verbose=False)
@@ -274,7 +292,8 @@ def run_seed(args: argparse.Namespace, seed: int, epochs: dict[str, int]) -> dic
     dense, seconds = pretrained(args, data, epochs["pretrain_epochs"], seed)
     row: dict[str, Any] = {"seed": seed, "dense": {**measured(dense), "test_acc": test_accuracy(args, dense, data),
                                                    "seconds": seconds}}  # fmt: skip
-    for arm, prune in PRUNERS.items():
+    for arm in chosen_arms(args):
+        prune = PRUNERS[arm]
         L.seed_everything(seed, verbose=False)
         started = time.perf_counter()
         network, notes = prune(args, copy.deepcopy(dense).train(), data, epochs["sparse_epochs"],
@@ -292,7 +311,7 @@ def run_seed(args: argparse.Namespace, seed: int, epochs: dict[str, int]) -> dic
 def summary(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per arm (and the dense network): accuracy mean and std over the seeds, mean FLOPs ratio, FLOPs, params."""
     result = {}
-    for arm in ("dense", *ARMS):
+    for arm in [arm for arm in ("dense", *ARMS) if all(arm in row for row in rows)]:
         accuracies = [row[arm]["test_acc"] for row in rows]
         result[arm] = {
             "acc_mean": statistics.fmean(accuracies),
@@ -315,6 +334,7 @@ def markdown(table: dict[str, dict[str, float]], seeds: Sequence[int]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     epochs, seeds = lengths(args), parse_seeds(args.seeds)  # bad flags are refused before anything trains
+    chosen_arms(args)
     if args.data == "cifar10" and not (Path(args.root) / "cifar-10-batches-py").is_dir():
         raise SystemExit(f"benchmarks outcome: error: --root={args.root} holds no cifar-10-batches-py/; "
                          "give the CIFAR-10 folder, or --data synthetic for a smoke run")  # fmt: skip
@@ -334,7 +354,7 @@ def settings(args: argparse.Namespace, epochs: dict[str, int]) -> dict[str, Any]
     """What a measured row depends on: rows of a run with other settings are never resumed."""
     return {"epochs": epochs, "device": args.device, "data": args.data, "root": args.root,
             "limit_batches": args.limit_batches, "reg": args.reg, "speed_up": SPEED_UP,
-            "batch_size": args.batch_size}  # fmt: skip
+            "batch_size": args.batch_size, "arms": chosen_arms(args), "cost_weight": args.cost_weight}  # fmt: skip
 
 
 def finished_rows(args: argparse.Namespace, epochs: dict[str, int], seeds: Sequence[int]) -> list[dict[str, Any]]:
