@@ -12,8 +12,9 @@ lr 0.01 with ×0.1 at 60/80 % of the phase (Torch-Pruning's 60/80 of 100), the s
 - **pruneflow**: what a user gets from ``pruneflow.ChannelPruning`` in a Lightning ``Trainer``: ``group_lasso``
   sparse training on every coupled group (residual groups included, strength ``--reg``) for the sparse epochs,
   then ``mask.target=flops:2.0`` — one global ranking of every channel by its group's L2 norm (summed over every
-  producer, norm and consumer of the group) per unit of cost — activation masks, and the channels cut out inside
-  the same fit (optimizer state carried over) before fine-tuning.
+  producer, norm and consumer of the group), by importance alone (``--cost-weight 0``: ranked per unit of cost,
+  ``--cost-weight 1``, the same FLOPs cost 5 points of accuracy here, see docs/measurements.md) — activation
+  masks, and the channels cut out inside the same fit (optimizer state carried over) before fine-tuning.
 - **torch-pruning**: its ``benchmarks/main.py`` recipe ``--method group_sl --global-pruning --reg 5e-4``:
   ``GroupNormPruner`` (DepGraph's group regulariser, ``regularize`` after each backward) with
   ``GroupNormImportance(p=2, normalizer='max')`` (``GroupMagnitudeImportance`` in 1.6), global pruning, the
@@ -88,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the seeds --json holds and the pre-trained networks beside it (same settings)",
     )
     parser.add_argument("--arms", default=",".join(ARMS), help=f"which arms run, comma-separated: {', '.join(ARMS)}")
-    parser.add_argument("--cost-weight", type=float, default=1.0,
-                        help="the pruneflow arm's mask.cost_weight (0: ranked by importance alone)")  # fmt: skip
+    parser.add_argument("--cost-weight", type=float, default=0.0,
+                        help="the pruneflow arm's mask.cost_weight (0: by importance alone)")  # fmt: skip
 
 
 def lengths(args: argparse.Namespace) -> dict[str, int]:
