@@ -12,8 +12,8 @@ lr 0.01 with ×0.1 at 60/80 % of the phase (Torch-Pruning's 60/80 of 100), the s
 - **pruneflow**: what a user gets from ``pruneflow.ChannelPruning`` in a Lightning ``Trainer``: ``group_lasso``
   sparse training on every coupled group (residual groups included, strength ``--reg``) for the sparse epochs,
   then ``mask.target=flops:2.0`` — one global ranking of every channel by its group's L2 norm (summed over every
-  producer, norm and consumer of the group), by importance alone (``--cost-weight 0``: ranked per unit of cost,
-  ``--cost-weight 1``, the same FLOPs cost 5 points of accuracy here, see docs/measurements.md) — activation
+  producer, norm and consumer of the group), by importance alone (``--cost-weight 0``; ``--cost-weight 1`` ranks per
+  unit of cost, which lost 5 points of accuracy at the same FLOPs here, see docs/measurements.md) — activation
   masks, and the channels cut out inside the same fit (optimizer state carried over) before fine-tuning.
 - **torch-pruning**: its ``benchmarks/main.py`` recipe ``--method group_sl --global-pruning --reg 5e-4``:
   ``GroupNormPruner`` (DepGraph's group regulariser, ``regularize`` after each backward) with
@@ -29,8 +29,9 @@ FLOPs ratio, params) is printed and everything goes to ``--json``.
 Scaled, and why. The published recipe is 200 pre-training, 100 sparse-training and 100 fine-tuning epochs on
 the 50,000 CIFAR-10 images: days on a CPU. The default is sized for about one hour per full comparison (3 seeds)
 on a 2-core CPU on the 4,000-image subset: 15 pre-training, 3 sparse, 6 fine-tuning epochs (each arm 9 epochs
-after the shared 15: 3 × (15 + 2 × 9) ≈ 100 epochs at an estimated 30-40 s each for ResNet-56 on 4,000 images on
-2 cores — an estimate from its FLOPs, not yet a timed run; adjust the three flags once one is). The ratios
+after the shared 15: 3 × (15 + 2 × 9) ≈ 100 epochs). Timed with the three seeds side by side (one process and one
+thread each) on a busy 2-core machine: 32 minutes of pre-training and 7 to 8 minutes per arm for each seed, so
+about an hour on a quiet one. The ratios
 between the phases, the learning rates, milestones (as fractions), batch size, regulariser strength and the 2.0×
 target are those of the recipe; only the lengths shrink, so absolute accuracies are far below the paper's 93 %,
 and what compares is the two arms at equal FLOPs.
