@@ -66,7 +66,7 @@ from pruneflow.graph import (
     norm_width,
     trace_channel_graph,
 )
-from pruneflow.graph.heads import tied_heads_problem
+from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
 from pruneflow.graph.layers import LayerNorm2d
 from pruneflow.graph.registry import MODULE_HANDLERS
 
@@ -423,8 +423,7 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
     if space.whole_heads:
-        per_head = pruned.view(3, heads, -1)
-        if not torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0)):
+        if not takes_whole_heads(space, pruned):
             raise CompactionError(
                 f"cannot cut {space.name}: attention {space.heads_of} is cut in whole heads only (its q, k and v rows "
                 "together: a narrower head would change its softmax's scale); the criteria select so"

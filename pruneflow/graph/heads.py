@@ -1,7 +1,9 @@
 """What a cut of an attention's q, k, v rows must keep where its head width follows the stream it reads
 (``ChannelSpace.tied_to``: torchvision's Swin and MaxViT attentions): the same query/key positions from q and k,
 as many positions in every head and of values, and as many per head as the stream keeps per head. The cut checks
-it on the masks it is given; an explicit channel list (``mask.criterion=explicit``) is checked before training."""
+it on the masks it is given; an explicit channel list (``mask.criterion=explicit``) is checked before training.
+An attention cut in whole heads (``ChannelSpace.whole_heads``: timm's) loses each head's q, k and v rows together
+or none of them (``takes_whole_heads``)."""
 
 from __future__ import annotations
 
@@ -24,3 +26,9 @@ def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) ->
         f"an attention's heads must keep the same query/key positions in q and k, as many in every head and of "
         f"values, and {stream_kept // heads} each (its input keeps {stream_kept} channels for {heads} heads)"
     )
+
+
+def takes_whole_heads(space: ChannelSpace, pruned: Tensor) -> bool:
+    """Whether ``pruned`` (a bool per q/k/v row of ``space``) takes every q, k and v row of a head or none."""
+    per_head = pruned.view(3, space.heads, -1)
+    return torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, PrunableLayer, channels_to_prune
-from pruneflow.graph.heads import tied_heads_problem
+from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
 
 
 def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tensor:
@@ -364,8 +364,7 @@ def check_whole_heads(space: ChannelSpace, indices: Sequence[int]) -> None:
     """Refuse an explicit list that names part of a head of an attention pruned in whole heads (timm's)."""
     mask = torch.zeros(space.width, dtype=torch.bool)
     mask[list(indices)] = True
-    per_head = mask.view(3, space.heads, -1)
-    if torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0)):
+    if takes_whole_heads(space, mask):
         return
     rows, width = space.width // 3, space.width // (3 * space.heads)
     example = [part * rows + row for part in range(3) for row in range(width)]
