@@ -28,27 +28,41 @@ def value_rows(width: int) -> tuple[int, ...]:
     return (-1,) * (2 * width) + tuple(range(width))
 
 
+def heads_and_output(
+    tracer: Tracer, qkv: PrunableLayer, proj: PrunableLayer, heads: int, value: Value | None
+) -> tuple[int, Value]:
+    """An attention kept whole: ``qkv`` reads ``value`` (a consumer) and writes the q, k and v rows of every head (a
+    space of ``heads``, its index returned), ``proj`` reads the value rows and writes the output (a new space)."""
+    read(tracer, qkv.name, qkv.producer, value)
+    inner = tracer.new_space(qkv)
+    tracer.spaces[inner].heads = heads
+    tracer.spaces[inner].consumers.append(Consumer(proj.name, "linear", at=value_rows(proj.producer.in_features)))
+    output = tracer.new_space(proj)
+    return inner, Value(((output, 0),), tracer.width(proj), ndim=value.ndim if value else None, channels_last=True)
+
+
+def tied_heads(
+    tracer: Tracer, name: str, qkv: PrunableLayer, proj: PrunableLayer, heads: int, value: Value | None
+) -> tuple[int, Value]:
+    """``heads_and_output`` for an attention whose head width follows the stream it reads: its q/k/v space tied to
+    ``value``'s (pruned with it or not at all)."""
+    inner, output = heads_and_output(tracer, qkv, proj, heads, value)
+    if tracer.reused(name) or not one_whole_space(value) or value.width != qkv.producer.in_features:
+        tracer.spaces[inner].refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
+    else:
+        tracer.ties.append((inner, value.segments[0][0], name))
+    return inner, output
+
+
 def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """torchvision's Swin attention, a leaf: ``qkv`` reads its input (a consumer), writes the q, k and v rows
-    of every head (a space of ``heads``, tied to the input's: the head width is the input's width / heads),
-    ``proj`` reads the value rows and writes the output (a new space). Both are masked at the attention's
-    output, the only place their channels exist outside it."""
+    """torchvision's Swin attention, a leaf (``tied_heads``: the head width is the input's width / heads). Its
+    ``qkv`` and ``proj`` are masked at the attention's output, the only place their channels exist outside it."""
     if not is_window_attention(module):  # V2's cosine attention, a subclass, is another function
         return UNKNOWN
     name = str(node.target)
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, unit_name=name, unit=module)
     proj = PrunableLayer(f"{name}.proj", module.proj, unit_name=name, unit=module)
-    read(tracer, qkv.name, module.qkv, value)
-    inner = tracer.new_space(qkv)
-    tracer.spaces[inner].heads = module.num_heads
-    width = module.proj.in_features
-    tracer.spaces[inner].consumers.append(Consumer(proj.name, "linear", at=value_rows(width)))
-    if tracer.reused(name) or not one_whole_space(value) or value.width != module.qkv.in_features:
-        tracer.spaces[inner].refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
-    else:
-        tracer.ties.append((inner, value.segments[0][0], name))
-    output = tracer.new_space(proj)
-    return Value(((output, 0),), width, ndim=value.ndim if value else None, channels_last=True)
+    return tied_heads(tracer, name, qkv, proj, module.num_heads, value)[1]
 
 
 def partition_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers.attention import value_rows
-from pruneflow.graph.handlers.producers import read
-from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.handlers.attention import heads_and_output
+from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value
 
@@ -52,19 +51,15 @@ def timm_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     name = str(node.target)
     qkv = PrunableLayer(f"{name}.qkv", module.qkv)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    read(tracer, qkv.name, module.qkv, value)
-    inner = tracer.new_space(qkv)
+    inner, output = heads_and_output(tracer, qkv, proj, module.num_heads, value)
     heads = tracer.spaces[inner]
-    heads.heads, heads.whole_heads, heads.heads_of = module.num_heads, True, name
-    heads.consumers.append(Consumer(proj.name, "linear", at=value_rows(module.attn_dim)))
+    heads.whole_heads, heads.heads_of = True, name
     reason = unhandled_variant(module) or tracer.reused(name)
     if reason:
         heads.refuse(f"attention {name} {reason}")
-    output = tracer.new_space(proj)
     if tracer.reused(name):
-        tracer.spaces[output].refuse(f"attention {name}: {tracer.reused(name)}")
-    ndim = value.ndim if value is not None else None
-    return Value(((output, 0),), tracer.width(proj), ndim=ndim, channels_last=True)
+        tracer.refuse(output, f"attention {name}: {tracer.reused(name)}")
+    return output
 
 
 def latent_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
