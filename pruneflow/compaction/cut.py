@@ -265,13 +265,18 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 
 
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
-# head count and width of all heads.
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim"}
+# head count and width of all heads, BEiT's and EVA's fused path turned off (``ChannelSpace.unfused_by_cut``).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
+    """Set an attention's sizes; its zero key bias (BEiT's, EVA's ``k_bias``, a buffer concatenated with ``q_bias``
+    and ``v_bias``) takes as many entries as its query bias, cut before (``ChannelScale``)."""
     for attribute, size in sizes.items():
         setattr(module, attribute, size)
+    key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
+    if isinstance(key_bias, Tensor) and isinstance(query_bias, Tensor) and key_bias.shape != query_bias.shape:
+        module.k_bias = key_bias.new_zeros(query_bias.shape)
 
 
 def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
@@ -505,10 +510,10 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     _check_cuttable(modules, names, zeros)  # every module before changing any
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
-    _set_head_widths(model, groups, sizes)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
+    _set_head_widths(model, groups, sizes)  # after the scales: an attention's key bias follows its cut query bias
     return Compaction(model, list(groups), sizes, kept, zeros, kept_along)
 
 
@@ -595,7 +600,8 @@ def _rebuild(
 
 def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
     """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one. timm's reshapes
-    them by its head count and its output by its width: set both to the heads kept."""
+    them by its head count and its output by its width: set both to the heads kept. BEiT's and EVA's would scale
+    their logits by the cut head width on the fused path: turn it off (``ChannelSpace.unfused_by_cut``)."""
     for group in groups:
         if group.space.whole_heads and len(group.removed):
             attention = model.get_submodule(group.space.heads_of)
@@ -607,6 +613,10 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if owner is not None and len(group.removed):
             sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
+        owner = group.space.unfused_by_cut
+        if owner is not None and len(group.removed):
+            sizes[owner] = {"fused_attn": 0}
+            set_attributes(model.get_submodule(owner), sizes[owner])
 
 
 def _cut_scales(

@@ -94,10 +94,12 @@ class ChannelScale:
     name: str
     dim: int
     offset: int
+    # channel c → its entry, -1: no entry (BEiT's ``q_bias``: the q rows of a q/k/v space only), as ``Consumer.at``
+    at: tuple[int, ...] = ()
 
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
         """The parameter's entries along ``dim`` that carry the space's ``channels``."""
-        return channels + self.offset
+        return _placed(self.at, channels) if self.at else channels + self.offset
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,6 +213,10 @@ class ChannelSpace:
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
     whole_heads: bool = False
     heads_of: str | None = None
+    # The attention whose fused path (``scaled_dot_product_attention``) would scale its logits by √(cut head width)
+    # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
+    # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).
+    unfused_by_cut: str | None = None
     tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
     tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
     multiple: int = 1

@@ -30,12 +30,17 @@ if TYPE_CHECKING:
 ModuleHandler = Callable[["Tracer", torch.fx.Node, nn.Module, "Value | None"], Any]
 OpHandler = Callable[["Tracer", torch.fx.Node, "Value | None"], Any]
 LeafTest = Callable[[nn.Module], bool]
+RowsMaskedForward = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 
 MODULE_HANDLERS: dict[type[nn.Module], ModuleHandler] = {}
 FUNCTION_HANDLERS: dict[Callable[..., Any], OpHandler] = {}
 METHOD_HANDLERS: dict[str, OpHandler] = {}
 # Module types ``torch.fx`` keeps whole (exact types) → which instances: an attention only as torchvision builds it
 LEAVES: dict[type[nn.Module], LeafTest] = {}
+# Attentions whose q/k/v rows are complete only inside them (``PrunableLayer.unit``: they read ``qkv.weight``
+# themselves) → their forward with those rows' weights and biases multiplied by a keep-vector, which the
+# ``activation`` strategy computes in their place (torchvision's Swin attention has its own, in the strategy)
+ROWS_MASKED_FORWARDS: dict[type[nn.Module], RowsMaskedForward] = {}
 # Functions ``torch.fx`` records as one op wherever the model calls them (``stochastic_depth``), not traced into
 AUTOWRAP_FUNCTIONS: list[Callable[..., Any]] = []
 

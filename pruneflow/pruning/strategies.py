@@ -36,6 +36,7 @@ from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
+from pruneflow.graph.registry import ROWS_MASKED_FORWARDS
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
@@ -281,6 +282,15 @@ def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output:
     return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
 
 
+def mask_recomputed_attention(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    """Forward hook at an attention that reads its q/k/v rows' weights itself (BEiT's and EVA's ``F.linear`` with
+    q and v biases): computed again with those rows times 0 (``ROWS_MASKED_FORWARDS``, the graph's), so a pruned
+    row is 0 in every head and nothing reaches it backwards; its output's own mask too, as for Swin's."""
+    recomputed = ROWS_MASKED_FORWARDS[type(module)](module, inputs, getattr(module, QKV_KEEP_BUFFER))
+    output_keep = getattr(module, KEEP_BUFFER, None)
+    return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
+
+
 def mask_source(source: ChannelSource, pruned: Tensor) -> None:
     """Multiply a source parameter (``ChannelSource``) by its keep mask, a parametrization installed once and
     updated after: its pruned entries are 0 in the forward and get no gradient, wherever the parameter is read.
@@ -317,7 +327,8 @@ class ActivationMask(MaskStrategy):
                 getattr(point, QKV_KEEP_BUFFER).copy_(keep)
             else:
                 point.register_buffer(QKV_KEEP_BUFFER, keep.to(layer.producer.weight.device), persistent=False)
-                self._handles[layer.name] = point.register_forward_hook(mask_window_attention)
+                hook = mask_recomputed_attention if type(point) in ROWS_MASKED_FORWARDS else mask_window_attention
+                self._handles[layer.name] = point.register_forward_hook(hook)
             return
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)

@@ -37,8 +37,13 @@ def heads_and_output(
     inner = tracer.new_space(qkv)
     tracer.spaces[inner].heads = heads
     tracer.spaces[inner].consumers.append(Consumer(proj.name, "linear", at=value_rows(proj.producer.in_features)))
-    output = tracer.new_space(proj)
-    return inner, Value(((output, 0),), tracer.width(proj), ndim=value.ndim if value else None, channels_last=True)
+    return inner, attention_output(tracer, proj, value)
+
+
+def attention_output(tracer: Tracer, proj: PrunableLayer, value: Value | None) -> Value:
+    """An attention's output: a new space written by ``proj``, channels last, of the rank of its input ``value``."""
+    return Value(((tracer.new_space(proj), 0),), tracer.width(proj), ndim=value.ndim if value else None,
+                 channels_last=True)  # fmt: skip
 
 
 def tied_heads(

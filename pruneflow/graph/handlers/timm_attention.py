@@ -32,14 +32,22 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
-def unhandled_variant(module: nn.Module) -> str | None:
-    """Why the attention's heads cannot be cut (None: they can): the parts that read the heads' width."""
+def unreadable_parts(module: nn.Module) -> str | None:
+    """Why a timm attention's q/k/v rows cannot be cut (None: they can): its parts that read all its heads' width,
+    and projections other than one ``qkv`` and one ``proj`` Linear layer. Shared by ``timm_attention_classes``."""
     if getattr(module, "gate", None) is not None:
         return "gates its heads' output with a sigmoid of its input (gated=True)"
     if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
         return "normalises over all its heads' width (scale_norm=True)"
-    if type(module.qkv) is not nn.Linear or type(module.proj) is not nn.Linear:
-        return "projects with other layers than nn.Linear"
+    if type(getattr(module, "qkv", None)) is not nn.Linear or type(module.proj) is not nn.Linear:
+        return "projects with other layers than one nn.Linear qkv and one proj"
+    return None
+
+
+def unhandled_variant(module: nn.Module) -> str | None:
+    """Why the attention's heads cannot be cut (None: they can): the parts that read the heads' width."""
+    if reason := unreadable_parts(module):
+        return reason
     if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
         return "has q, k, v rows that are not 3 × heads × head_dim"
     return None

@@ -1,0 +1,128 @@
+"""timm's attentions that reshape their heads' output by their input's width: BEiT's ``Attention``, EVA's
+``EvaAttention`` and CaiT's ``TalkingHeadAttn``, kept whole and pruned with the stream they read; CaiT's
+``ClassAttn`` refused.
+
+Each ends in ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` its input's width (CaiT's also reshapes q, k, v by
+``C // num_heads``): the width of all its heads is the width of the stream. A cut of whole heads (timm's
+``Attention``, ``timm_attention``) would leave fewer values than ``C``, a cut of the stream alone more; so these
+heads are tied to the stream as Swin's are (``attention.tied_heads``): pruned with it, as many positions per head as
+the stream keeps per head, the same query/key positions from q and k. Positions inside a head are independent once
+the logits' scale is fixed: a zero q/k position adds 0 to every logit, a zero value position gives a zero output
+column that ``proj`` no longer reads. The head count stays, so a per-head relative position bias table (BEiT's) and
+the talking-heads mixing over the heads (CaiT's ``proj_l``, ``proj_w``: Linear layers over the head dim, which mix a
+pruned head's nonzero softmax into the kept ones, so whole heads are not independent there) stay whole and exact.
+
+The scale: BEiT's and EVA's fused path (``scaled_dot_product_attention``) divides the logits by √(head width) read
+from q's shape, the full width in the masked network and the cut one in the cut network; their unfused path
+multiplies by ``scale``, fixed at construction. So the cut turns the fused path off (``ChannelSpace.unfused_by_cut``)
+and computes exactly what the masked network did. CaiT's talking heads always multiply by their ``scale``.
+
+Where the q/k/v rows are masked: the talking heads call their ``qkv`` (masked at its output). BEiT and EVA with q and
+v biases read ``qkv.weight`` through ``F.linear`` with ``cat(q_bias, k_bias, v_bias)``: the attention is the rows'
+channel point (``PrunableLayer.unit``), computed again with those rows' weights and biases times the keep mask
+(``forward_with_rows``); ``q_bias`` and ``v_bias`` are cut with the rows (``ChannelScale.at``), the zero ``k_bias``
+follows them (``compaction.cut``).
+
+Refused in one line, and the stream with them (the tie): EVA's rotary position embedding (``rope`` rotates pairs of
+positions in a head), a q/k norm (over a head's positions), the parts ``timm_attention.unreadable_parts`` names, any
+other tensor the attention is called with (the recomputed forward would not see it), and CaiT's ``ClassAttn`` (three
+layers q, k, v, the query from the class token alone: no one q/k/v space to tie).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from pruneflow.graph.handlers.attention import attention_output, tied_heads
+from pruneflow.graph.handlers.timm_attention import unreadable_parts
+from pruneflow.graph.nodes import argument
+from pruneflow.graph.records import ChannelScale, PrunableLayer
+from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def unhandled_variant(node: torch.fx.Node, module: nn.Module) -> str | None:
+    """Why the attention's heads cannot follow the stream (None: they can)."""
+    if argument(node, 1, "rope", None) is not None:
+        return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    if others:
+        return f"is called with {others[0].name} besides its input, which its masked forward would not see"
+    if not all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm")):
+        return "normalises q and k over a head's positions (qk_norm=True)"
+    if reason := unreadable_parts(module):
+        return reason
+    if not module.qkv.in_features == module.proj.in_features == module.qkv.out_features // 3:
+        return "has heads whose width is not its input's"
+    return None
+
+
+def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """BEiT's ``Attention``, EVA's ``EvaAttention``, CaiT's ``TalkingHeadAttn``, a leaf: heads tied to the stream."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    reason = unhandled_variant(node, module)
+    if reason:
+        return refused(tracer, proj, value, f"attention {name} {reason}")
+    biased = getattr(module, "q_bias", None) is not None
+    unit = {"unit_name": name, "unit": module} if biased else {}
+    qkv = PrunableLayer(f"{name}.qkv", module.qkv, **unit)
+    inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
+    if hasattr(module, "fused_attn"):
+        tracer.spaces[inner].unfused_by_cut = name
+    if biased:  # per q row and per v row of the q/k/v space
+        rows = module.q_bias.shape[0]
+        q_rows, v_rows = tuple(range(rows)) + (-1,) * (2 * rows), (-1,) * (2 * rows) + tuple(range(rows))
+        tracer.spaces[inner].scales += [ChannelScale(f"{name}.q_bias", 0, 0, at=q_rows),
+                                        ChannelScale(f"{name}.v_bias", 0, 0, at=v_rows)]  # fmt: skip
+    return output
+
+
+def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) -> Tensor:
+    """BEiT's or EVA's attention computed with its q/k/v rows (``qkv.weight``'s rows, ``q_bias``, ``v_bias``) times
+    ``keep``: the masked network's attention, its pruned rows exactly 0 (``k_bias`` is 0)."""
+    rows = keep.to(module.qkv.weight.dtype).flatten()
+    width = rows.shape[0] // 3
+    tensors = {"qkv.weight": module.qkv.weight * rows.view(-1, 1)}
+    if module.q_bias is not None:
+        tensors["q_bias"] = module.q_bias * rows[:width]
+        tensors["v_bias"] = module.v_bias * rows[2 * width :]
+    with _reparametrize_module(module, tensors):  # the module's own forward, not its call: no hook runs again
+        return module.forward(*inputs)
+
+
+def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """CaiT's ``ClassAttn``, a leaf: its heads' width is its input's, read by three layers q, k and v (the query
+    from the class token alone), no one q/k/v space to tie to the stream; refused with the stream, in one line."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    reason = f"class attention {name} reshapes its q, k, v layers' heads by its input's width"
+    return refused(tracer, proj, value, reason)
+
+
+def refused(tracer: Tracer, proj: PrunableLayer, value: Value | None, reason: str) -> Value:
+    """An attention whose heads cannot follow the stream: the stream it reads and its output refused."""
+    output = attention_output(tracer, proj, value)
+    for tensor in (value, output):
+        tracer.refuse(tensor, reason)
+    return output
+
+
+def register() -> None:
+    from timm.models.beit import Attention as BeitAttention
+    from timm.models.cait import ClassAttn, TalkingHeadAttn
+    from timm.models.eva import EvaAttention
+
+    for attention in (BeitAttention, EvaAttention, TalkingHeadAttn):
+        register_module_handler(attention, input_width_attention)
+    for attention in (BeitAttention, EvaAttention):
+        ROWS_MASKED_FORWARDS[attention] = forward_with_rows
+    register_module_handler(ClassAttn, class_attention)
