@@ -1,0 +1,133 @@
+"""timm's attention classes other than ``Attention`` (issue 31): BEiT's, EVA's, CaiT's talking heads and class
+attention, tiny configs of each.
+
+They reshape their heads' output by their input's width, so their q/k/v rows are tied to the stream they read
+(pruned with it, as many positions per head as the stream keeps per head) and their head count stays: measured here
+from outside, as the cut network's logits against the masked network's, on weights large enough that a masked
+position changes them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pruneflow.compaction import compact
+from pruneflow.compaction.cost import count_flops
+from pruneflow.compaction.cut import apply_sizes
+from pruneflow.graph import ChannelGraph, trace_channel_graph
+from pruneflow.pruning.criteria import L1
+from pruneflow.pruning.strategies import make_strategy
+
+timm = pytest.importorskip("timm")
+from timm.models.cait import TalkingHeadAttn  # noqa: E402  (after the skip: timm is an optional extra)
+
+HEADS, WIDTH = 4, 16
+
+
+def tiny(name: str, **settings: object) -> nn.Module:
+    """A 2-block, 64-wide model of ``name`` at 64 px, every parameter drawn at a scale where each one shows."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, embed_dim=64, depth=2, num_heads=HEADS, img_size=64, **settings)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+def mask_half(model: nn.Module) -> tuple[ChannelGraph, dict[str, Tensor]]:
+    """Half of every prunable space of ``model`` (summed L1) masked with ``activation``, as the benchmark does."""
+    graph = trace_channel_graph(model)
+    strategy, masks = make_strategy("activation"), {}
+    for space in graph.prunable:
+        mask = L1().select(space, 0.5, torch.zeros(space.width, dtype=torch.bool))
+        for layer in space.producers:
+            masks[layer.name] = mask
+            strategy.apply(layer, mask)
+    return graph, masks
+
+
+def assert_same(cut: Tensor, masked: Tensor) -> None:
+    scale = masked.abs().max().item()
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_beit_heads_follow_the_stream_and_its_cut_is_the_masked_network(fused: bool) -> None:
+    model = tiny("beit_base_patch16_224")
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    graph, masks = mask_half(model)
+    heads = [space for space in graph.spaces if space.name.endswith("attn.qkv")]
+    assert len(heads) == 2 and all(space.prunable and space.heads == HEADS for space in heads)
+    assert all(space.tied_to is not None and space.tied_to.name == "patch_embed.proj" for space in heads)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        masked = model(images)
+        cut = compact(model, masks)
+        assert_same(cut.model(images), masked)
+    attention = cut.model.blocks[0].attn
+    # the heads stay, each half as wide as the stream: the bias table keeps its per-head column, the fused path is off
+    assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (HEADS, 96, 32)
+    assert attention.relative_position_bias_table.shape[1] == HEADS and not attention.fused_attn
+    assert attention.q_bias.shape == attention.k_bias.shape == attention.v_bias.shape == (32,)
+    assert count_flops(cut.model, images) < count_flops(model, images) / 2.5
+
+
+def test_a_cut_beit_is_rebuilt_from_its_sizes() -> None:
+    model = tiny("beit_base_patch16_224")
+    _, masks = mask_half(model)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        cut = compact(model, masks)
+        rebuilt = apply_sizes(tiny("beit_base_patch16_224"), cut.sizes)
+        rebuilt.load_state_dict(cut.model.state_dict())
+        assert_same(rebuilt(images), cut.model(images))
+    assert rebuilt.blocks[1].attn.k_bias.shape == (32,) and not rebuilt.blocks[1].attn.fused_attn
+
+
+class TalkingTokens(nn.Module):
+    """An embedding, CaiT's talking-heads attention over the tokens, a mean over the tokens, a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, WIDTH)
+        self.attn = TalkingHeadAttn(WIDTH, num_heads=HEADS, qkv_bias=True)
+        self.head = nn.Linear(WIDTH, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def test_talking_heads_keep_their_heads_and_mixing_and_cut_exactly() -> None:
+    torch.manual_seed(0)
+    model = TalkingTokens().eval()
+    graph, masks = mask_half(model)
+    space = next(space for space in graph.spaces if space.name == "attn.qkv")
+    assert space.prunable and space.heads == HEADS and space.tied_to.name == "embed"
+    tokens = torch.randn(2, 6, 5)
+    with torch.no_grad():
+        masked = model(tokens)
+        cut = compact(model, masks)
+        assert_same(cut.model(tokens), masked)
+    attention = cut.model.attn
+    assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (HEADS, 24, 8)
+    assert attention.proj_l.in_features == attention.proj_w.in_features == HEADS  # mixing over the heads, whole
+    assert count_flops(cut.model, tokens) < count_flops(model, tokens)
+
+
+def test_eva_with_rope_is_refused_in_one_line_and_its_mlps_stay_prunable() -> None:
+    model = tiny("vit_tiny_patch16_dinov3_qkvb")
+    graph = trace_channel_graph(model)
+    stream = next(space for space in graph.spaces if space.name == "patch_embed.proj")
+    reason = stream.refusals[0]  # the first block's; the second names its own
+    assert reason.startswith("attention blocks.0.attn rotates q and k by a rotary position embedding (rope)")
+    assert "\n" not in reason
+    assert [space.name for space in graph.prunable] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+
+
+def test_caits_class_attention_is_refused_in_one_line() -> None:
+    model = tiny("cait_xxs24_224", depth_token_only=1)
+    refusals = [reason for space in trace_channel_graph(model).spaces for reason in space.refusals]
+    reason = "class attention blocks_token_only.0.attn reshapes its q, k, v layers' heads by its input's width"
+    assert reason in refusals
