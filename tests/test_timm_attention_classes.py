@@ -126,8 +126,23 @@ def test_eva_with_rope_is_refused_in_one_line_and_its_mlps_stay_prunable() -> No
     assert [space.name for space in graph.prunable] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
 
 
-def test_caits_class_attention_is_refused_in_one_line() -> None:
-    model = tiny("cait_xxs24_224", depth_token_only=1)
-    refusals = [reason for space in trace_channel_graph(model).spaces for reason in space.refusals]
-    reason = "class attention blocks_token_only.0.attn reshapes its q, k, v layers' heads by its input's width"
-    assert reason in refusals
+@pytest.mark.parametrize("fused", [True, False])
+def test_cait_with_its_class_attention_is_cut_exactly_its_stream_one_space(fused: bool) -> None:
+    model = tiny("cait_xxs24_224", depth_token_only=2)
+    for block in model.blocks_token_only:
+        block.attn.fused_attn = fused
+    graph, masks = mask_half(model)
+    class_heads = next(space for space in graph.spaces if space.name == "blocks_token_only.0.attn.q")
+    # q, k and v of the class attention: one position of a head from all three, tied to the one stream
+    assert class_heads.prunable and (class_heads.heads, class_heads.parts, class_heads.width) == (HEADS, 1, 64)
+    assert class_heads.names == [f"blocks_token_only.0.attn.{part}" for part in "qkv"]
+    assert class_heads.tied_to.name == "patch_embed.proj" and class_heads.tied_to.prunable
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        masked = model(images)
+        cut = compact(model, masks)
+        assert_same(cut.model(images), masked)
+    attention = cut.model.blocks_token_only[1].attn
+    assert (attention.num_heads, attention.q.out_features, attention.proj.in_features) == (HEADS, 32, 32)
+    assert not attention.fused_attn and cut.model.cls_token.shape == (1, 1, 32)
+    assert count_flops(cut.model, images) < count_flops(model, images) / 2.5

@@ -434,14 +434,14 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
                 "together: a narrower head would change its softmax's scale); the criteria select so"
             )
         return
-    if pruned.view(3, heads, -1).all(-1).all(0).any():
+    if pruned.view(space.parts, heads, -1).all(-1).all(0).any():
         raise CompactionError(
             f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and torchvision's attention takes "
             "its head width from its input's width, so a cut cannot drop heads yet; evaluate the masked network "
             "(compact=false)"
         )
     anchor = next((g for g in groups if g.space is space.tied_to), None)
-    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // 3
+    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // space.parts
     problem = tied_heads_problem(space, pruned, anchor_kept)
     if problem:
         raise CompactionError(f"cannot cut {space.name}: {problem}; the criteria select so (mask.groups=true)")

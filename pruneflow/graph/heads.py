@@ -17,7 +17,8 @@ def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) ->
     """Why pruning ``pruned`` (a bool per q/k/v row of ``space``) cannot be cut while the stream it is tied to
     keeps ``stream_kept`` channels; None where it can."""
     heads = space.heads
-    q, k, v = pruned.view(3, heads, -1)
+    rows = pruned.view(space.parts, heads, -1)
+    q, k, v = rows[0], rows[min(1, space.parts - 1)], rows[-1]
     counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
     kept_per_head = q.shape[1] - min(counts)
     if torch.equal(q, k) and len(counts) == 1 and stream_kept == heads * kept_per_head:

@@ -208,6 +208,9 @@ class ChannelSpace:
     # follows its input's width, so it is pruned with that space (``tied_to``), and that one in multiples of
     # ``multiple`` channels (the heads of every attention reading it), kept / heads per head.
     heads: int = 1
+    # The q/k/v rows per head position: 3 where one ``qkv`` layer writes q, k and v (all heads' q rows, then k, then
+    # v), 1 where separate q, k and v layers write them, coupled: a position is cut from all three (CaiT's ClassAttn).
+    parts: int = 3
     head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
     # Pruned in whole heads only, not tied to any stream (timm's ``Attention``: its head width is its own): each head
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.

@@ -194,6 +194,7 @@ class Tracer:
             for layer in space.producers:
                 layer.space = space
         self.tie()
+        refuse_shared_sources(spaces)
         graph = ChannelGraph(spaces)
         if self.widths is None and any(space.routes for space in spaces):
             slots = RouteSlots(self.model, graph, trace_channel_graph)
@@ -327,3 +328,16 @@ def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every producer (conv, depthwise conv, linear) of a prunable space of ``model``, with its norm,
     channel point and space."""
     return [layer for space in trace_channel_graph(model).prunable for layer in space.producers]
+
+
+def refuse_shared_sources(spaces: list[ChannelSpace]) -> None:
+    """A parameter recorded as a source of several spaces (a class token joined to two streams that stay apart): a
+    cut of one would cut it for the other, so both are refused."""
+    holders: dict[str, list[ChannelSpace]] = {}
+    for space in spaces:
+        for source in space.sources:
+            if all(held is not space for held in holders.setdefault(source.name, [])):
+                holders[source.name].append(space)
+    for name, held in holders.items():
+        for space in held if len(held) > 1 else ():
+            space.refuse(f"parameter {name} writes the channels of {len(held)} spaces that stay apart")

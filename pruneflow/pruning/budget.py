@@ -103,7 +103,7 @@ def pruned_count(space: ChannelSpace, amount: float) -> int:
     if space.whole_heads:
         return space.head_unit * channels_to_prune(space.heads, amount)
     if space.heads > 1:
-        return 3 * space.heads * channels_to_prune(space.width // (3 * space.heads), amount)
+        return space.parts * space.heads * channels_to_prune(space.width // (space.parts * space.heads), amount)
     unit = space.multiple * space.groups
     return unit * channels_to_prune(space.width // unit, amount)
 

@@ -69,10 +69,15 @@ def select_by_route(
     return pruned
 
 
-def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: Tensor) -> Tensor:
+def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: Tensor, parts: int = 3) -> Tensor:
     """An attention's q, k, v rows (``ChannelSpace.heads``): in every head the ``per_head`` query/key positions of
     lowest summed q and k score (cut from q and k alike: a product of a kept and a pruned position is 0 anyway) and
-    the ``per_head`` lowest value positions, keeping those pruned already."""
+    the ``per_head`` lowest value positions, keeping those pruned already. Rows of separate q, k and v layers
+    (``parts`` 1, coupled): the ``per_head`` positions of lowest score in every head, from all three."""
+    if parts == 1:
+        rows, before = scores.detach().float().view(heads, -1), already_pruned.view(heads, -1)
+        pruned = torch.stack([select_channels(rows[h], per_head, before[h]) for h in range(heads)])
+        return pruned.flatten().to(already_pruned.device)
     q, k, v = scores.detach().float().view(3, heads, -1)
     before_q, before_k, before_v = already_pruned.view(3, heads, -1)
     pruned_qk = torch.stack([select_channels(q[h] + k[h], per_head, before_q[h] | before_k[h]) for h in range(heads)])
@@ -114,8 +119,8 @@ class Criterion:
         if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.heads > 1:
-            per_head = channels_to_prune(space.width // (3 * space.heads), amount)
-            return select_per_head(self.scores(space), space.heads, per_head, already)
+            per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
+            return select_per_head(self.scores(space), space.heads, per_head, already, space.parts)
         if space.multiple > 1:  # read by attentions whose head width follows it: whole multiples of their heads
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)

@@ -11,6 +11,7 @@
 - ``tokens``: a transformer's token stream: parameters added to it or concatenated with it (position embeddings,
   class tokens), the tokens taken for the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
+- ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
 """
 
@@ -24,6 +25,7 @@ from pruneflow.graph.handlers import (
     reorderings,
     shapes,
     timm_attention,
+    timm_attention_classes,
     timm_layers,
     tokens,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "reorderings",
     "shapes",
     "timm_attention",
+    "timm_attention_classes",
     "timm_layers",
     "tokens",
 ]

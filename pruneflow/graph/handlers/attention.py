@@ -52,11 +52,16 @@ def tied_heads(
     """``heads_and_output`` for an attention whose head width follows the stream it reads: its q/k/v space tied to
     ``value``'s (pruned with it or not at all)."""
     inner, output = heads_and_output(tracer, qkv, proj, heads, value)
-    if tracer.reused(name) or not one_whole_space(value) or value.width != qkv.producer.in_features:
-        tracer.spaces[inner].refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
+    tie(tracer, name, inner, value, qkv.producer.in_features)
+    return inner, output
+
+
+def tie(tracer: Tracer, name: str, inner: int, value: Value | None, width: int) -> None:
+    """Tie attention ``name``'s q/k/v space ``inner`` to the stream it reads (``value``, ``width`` channels wide)."""
+    if tracer.reused(name) or not one_whole_space(value) or value.width != width:
+        tracer.space(inner).refuse(f"attention {name}'s head width follows a tensor that is not one whole space")
     else:
         tracer.ties.append((inner, value.segments[0][0], name))
-    return inner, output
 
 
 def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:

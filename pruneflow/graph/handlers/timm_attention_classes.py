@@ -1,6 +1,5 @@
 """timm's attentions that reshape their heads' output by their input's width: BEiT's ``Attention``, EVA's
-``EvaAttention`` and CaiT's ``TalkingHeadAttn``, kept whole and pruned with the stream they read; CaiT's
-``ClassAttn`` refused.
+``EvaAttention``, CaiT's ``TalkingHeadAttn`` and ``ClassAttn``, kept whole and pruned with the stream they read.
 
 Each ends in ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` its input's width (CaiT's also reshapes q, k, v by
 ``C // num_heads``): the width of all its heads is the width of the stream. A cut of whole heads (timm's
@@ -12,10 +11,14 @@ column that ``proj`` no longer reads. The head count stays, so a per-head relati
 the talking-heads mixing over the heads (CaiT's ``proj_l``, ``proj_w``: Linear layers over the head dim, which mix a
 pruned head's nonzero softmax into the kept ones, so whole heads are not independent there) stay whole and exact.
 
-The scale: BEiT's and EVA's fused path (``scaled_dot_product_attention``) divides the logits by √(head width) read
-from q's shape, the full width in the masked network and the cut one in the cut network; their unfused path
-multiplies by ``scale``, fixed at construction. So the cut turns the fused path off (``ChannelSpace.unfused_by_cut``)
-and computes exactly what the masked network did. CaiT's talking heads always multiply by their ``scale``.
+CaiT's ``ClassAttn`` has three layers ``q`` (of the class token alone), ``k`` and ``v``: their rows are one space,
+coupled (``ChannelSpace.parts`` 1: a position of a head is cut from all three), tied to the stream the same way.
+
+The scale: the fused path of BEiT's, EVA's and CaiT's class attention (``scaled_dot_product_attention``) divides
+the logits by √(head width) read from q's shape, the full width in the masked network and the cut one in the cut
+network; their unfused path multiplies by ``scale``, fixed at construction. So the cut turns the fused path off
+(``ChannelSpace.unfused_by_cut``) and computes exactly what the masked network did (at the unfused path's speed).
+CaiT's talking heads always multiply by their ``scale``.
 
 Where the q/k/v rows are masked: the talking heads call their ``qkv`` (masked at its output). BEiT and EVA with q and
 v biases read ``qkv.weight`` through ``F.linear`` with ``cat(q_bias, k_bias, v_bias)``: the attention is the rows'
@@ -24,9 +27,8 @@ channel point (``PrunableLayer.unit``), computed again with those rows' weights 
 follows them (``compaction.cut``).
 
 Refused in one line, and the stream with them (the tie): EVA's rotary position embedding (``rope`` rotates pairs of
-positions in a head), a q/k norm (over a head's positions), the parts ``timm_attention.unreadable_parts`` names, any
-other tensor the attention is called with (the recomputed forward would not see it), and CaiT's ``ClassAttn`` (three
-layers q, k, v, the query from the class token alone: no one q/k/v space to tie).
+positions in a head), a q/k norm (over a head's positions), the parts ``timm_attention.unreadable_parts`` names, and
+any other tensor the attention is called with (the recomputed forward would not see it).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from pruneflow.graph.handlers.attention import attention_output, tied_heads
+from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads
+from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.handlers.timm_attention import unreadable_parts
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.records import ChannelScale, PrunableLayer
+from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
 from pruneflow.graph.values import Value
 
@@ -100,12 +103,24 @@ def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) 
 
 
 def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """CaiT's ``ClassAttn``, a leaf: its heads' width is its input's, read by three layers q, k and v (the query
-    from the class token alone), no one q/k/v space to tie to the stream; refused with the stream, in one line."""
+    """CaiT's ``ClassAttn``, a leaf: three layers ``q`` (of the class token), ``k`` and ``v`` read the stream and
+    write the q, k and v rows of every head, one position of a head in all three (coupled, ``parts`` 1), tied to the
+    stream; ``proj`` reads them and writes the output."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    reason = f"class attention {name} reshapes its q, k, v layers' heads by its input's width"
-    return refused(tracer, proj, value, reason)
+    layers = [PrunableLayer(f"{name}.{part}", getattr(module, part)) for part in ("q", "k", "v")]
+    if not all(type(layer.producer) is nn.Linear for layer in (*layers, proj)):
+        return refused(tracer, proj, value, f"class attention {name} projects with other layers than nn.Linear")
+    for layer in layers:
+        read(tracer, layer.name, layer.producer, value)
+    inner = tracer.new_space(layers[0])
+    for layer in layers[1:]:
+        inner = tracer.union(inner, tracer.new_space(layer), f"class attention {name}'s q, k and v")
+    heads = tracer.space(inner)
+    heads.heads, heads.parts, heads.unfused_by_cut = module.num_heads, 1, name
+    heads.consumers.append(Consumer(proj.name, "linear"))
+    tie(tracer, name, inner, value, module.k.in_features)
+    return attention_output(tracer, proj, value)
 
 
 def refused(tracer: Tracer, proj: PrunableLayer, value: Value | None, reason: str) -> Value:

@@ -25,7 +25,7 @@ from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
 from pruneflow.graph.records import ChannelSource
 from pruneflow.graph.registry import register_function_handler, register_method_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -35,14 +35,24 @@ PASSING_METHODS = ("expand",)
 PASSING_FUNCTIONS: list[Any] = []  # timm's ``resample_abs_pos_embed``, where timm is installed (``register``)
 
 
+def joins_stream(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an op that records a parameter as a source of the stream it joins, or refuses it."""
+    if node.op == "call_method":
+        return node.target == "add"
+    return node.op == "call_function" and node.target in (operator.add, torch.add, torch.cat)
+
+
 def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | None:
     """(name, parameter) of the parameter ``node`` is, or reaches through ``PASSING_*`` ops; None for anything
-    else, and for a parameter read by more than this path (its cut would leave the other reader behind)."""
+    else, and for a parameter read by more than this path (its cut would leave the other reader behind) unless
+    every reader joins it to a stream (CaiT's class token, concatenated with the tokens and added to its own
+    attention's output): each then records it, and the tracer refuses it where they are different spaces."""
     while isinstance(node, torch.fx.Node) and node.op != "get_attr":
         passing = (node.op == "call_method" and node.target in PASSING_METHODS) or (
             node.op == "call_function" and node.target in PASSING_FUNCTIONS
         )
-        if not passing or not node.args or len(node.users) != 1:
+        readers = len(node.users) == 1 or all(joins_stream(user) for user in node.users)
+        if not passing or not node.args or not readers:
             return None
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or tracer.attribute_reads.get(str(node.target), 0) != 1:
@@ -81,15 +91,13 @@ def add(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
 
 def cat(tracer: Tracer, node: torch.fx.Node, value: Any) -> Any:
     """``torch.cat([cls_token, x], dim=1)`` along the tokens: the stream, each parameter a source of its channels;
-    along the channels, or of anything else, a concatenation (``joins``)."""
+    streams concatenated so (CaiT's class tokens and patch tokens) share their channels: one space (``tokens_of``).
+    Along the channels, or of anything else, a concatenation (``joins``)."""
     parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
     dim = argument(node, 1, "dim", 0)
     values = [tracer.values.get(p) if isinstance(p, torch.fx.Node) else None for p in parts]
-    stream = [v for v in values if v is not None]
-    if len(stream) != 1 or not isinstance(dim, int) or not isinstance(stream[0], Value) or stream[0].channels_at(dim):
-        return joins.cat(tracer, node, value)
-    (x,) = stream
-    if x.ndim is None or dim % x.ndim == 0:  # along the batch: the parameter would be one sample's, not a source
+    x = tokens_of(tracer, node, [v for v in values if v is not None], dim)
+    if x is None:
         return joins.cat(tracer, node, value)
     others = [part for part, v in zip(parts, values, strict=True) if v is None]
     if all(source_parameter(tracer, part) is not None for part in others) and all(
@@ -97,6 +105,25 @@ def cat(tracer: Tracer, node: torch.fx.Node, value: Any) -> Any:
     ):
         return x
     return joins.cat(tracer, node, value)
+
+
+def tokens_of(tracer: Tracer, node: torch.fx.Node, stream: list[Any], dim: Any) -> Value | None:
+    """The one stream that ``stream`` (values concatenated along ``dim``, their tokens) is: several whole spaces of
+    one width, channels last, joined; None where they are not that (``joins`` then concatenates them)."""
+    if not stream or not isinstance(dim, int) or not all(isinstance(v, Value) for v in stream):
+        return None
+    x = stream[0]
+    if x.ndim is None or dim % x.ndim == 0 or any(v.channels_at(dim) for v in stream):  # along the batch or channels
+        return None
+    if len(stream) == 1:
+        return x
+    usable = all(one_whole_space(v) and v.width == x.width and v.ndim == x.ndim and v.channels_last for v in stream)
+    if not usable or any(v.revived_by is not None for v in stream):
+        return None
+    root = x.segments[0][0]
+    for other in stream[1:]:
+        root = tracer.union(root, other.segments[0][0], tracer.describe(node))
+    return Value(((root, 0),), x.width, ndim=x.ndim, channels_last=True)
 
 
 def token_item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
