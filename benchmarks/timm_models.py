@@ -67,6 +67,8 @@ CAUSES = (
     ("normalises across channels", r"normalises across channels"),
     ("width read from a shape sizes another tensor", r"sizes a tensor by their width|by its input's width"),
     ("attention variant not cut in whole heads", r"gates its heads|scale_norm=True"),
+    ("parts of a layer's rows joined (a gate)", r"joins channels that do not line up"),
+    ("rotary position embedding (rope)", r"rotary position embedding"),
 )
 
 # Name parts that mark a small variant, smallest first: the candidates whose parameters are counted.

@@ -70,9 +70,12 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
         and values[0].channels_last == values[1].channels_last
     )
     if not joinable:
-        for value in tensors:
-            if isinstance(value, Value):
-                tracer.refuse(value, f"{description} combines them with a tensor outside the channel graph")
+        reason = f"{description} combines them with a tensor outside the channel graph"
+        if len(values) == len(tensors) == 2:  # both in the graph: parts or reorderings that do not line up
+            reason = (f"{description} joins channels that do not line up (parts of a layer's rows, as a gate "
+                      "multiplies one part by another: a cut would not keep them paired)")  # fmt: skip
+        for value in values:
+            tracer.refuse(value, reason)
         return None
     a, b = values
     index = tracer.union(a.segments[0][0], b.segments[0][0], description)
