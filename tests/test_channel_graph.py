@@ -193,8 +193,8 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
     for space in graph.prunable:
         if space.heads > 1:  # an attention's q, k, v rows: half of each head's, the same from q and k
             pruned = select_per_head(torch.rand(space.width, generator=generator), space.heads,
-                                     channels_to_prune(space.width // (3 * space.heads), 0.5),
-                                     torch.zeros(space.width, dtype=torch.bool))  # fmt: skip
+                                     channels_to_prune(space.width // (space.parts * space.heads), 0.5),
+                                     torch.zeros(space.width, dtype=torch.bool), space.parts)  # fmt: skip
             masks.update((name, pruned) for name in space.names)
             continue
         if space.multiple > 1:  # read by attentions: half of each head's share

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_channel_graph import check_masked_and_cut
 from torch import Tensor, nn
 
 from pruneflow.compaction import compact
@@ -19,11 +20,13 @@ from pruneflow.compaction.cut import apply_sizes
 from pruneflow.graph import ChannelGraph, trace_channel_graph
 from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.telemetry import DriftTelemetry
 
 timm = pytest.importorskip("timm")
 from timm.models.cait import TalkingHeadAttn  # noqa: E402  (after the skip: timm is an optional extra)
 
 HEADS, WIDTH = 4, 16
+STRATEGIES = ["activation", "weight", "gradient", "hard", "parametrize", "control"]
 
 
 def tiny(name: str, **settings: object) -> nn.Module:
@@ -84,6 +87,22 @@ def test_a_cut_beit_is_rebuilt_from_its_sizes() -> None:
         rebuilt.load_state_dict(cut.model.state_dict())
         assert_same(rebuilt(images), cut.model(images))
     assert rebuilt.blocks[1].attn.k_bias.shape == (32,) and not rebuilt.blocks[1].attn.fused_attn
+
+
+# BEiT's rows masked inside its attention under every strategy; CaiT's talking heads and class attention by
+# ``activation`` (its other strategies take no path of their own)
+CHECKED = [("beit_base_patch16_224", strategy) for strategy in STRATEGIES] + [("cait_xxs24_224", "activation")]
+
+
+@pytest.mark.parametrize(("name", "strategy"), CHECKED)
+def test_every_strategy_masks_beit_and_cait_and_the_activation_mask_leaks_nothing(name: str, strategy: str) -> None:
+    """The shared check: for ``activation`` no consumer receives a pruned channel, no pruned row gets a gradient, and
+    the cut is the masked network; every other strategy applies, trains a step and compacts."""
+    settings = {"depth_token_only": 1} if name.startswith("cait") else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, embed_dim=64, depth=2, num_heads=HEADS, img_size=64, **settings)
+    graph = check_masked_and_cut(model, (3, 64, 64), strategy)
+    assert any(space.heads > 1 and space.tied_to is not None for space in graph.prunable)
 
 
 class TalkingTokens(nn.Module):
@@ -165,3 +184,22 @@ def test_mambaouts_gate_refuses_its_hidden_width_in_one_line_and_the_stream_is_c
         cut = compact(model, masks)
         assert_same(cut.model(images), masked)
     assert count_flops(cut.model, images) < count_flops(model, images)
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("weight", True), ("activation", False)])
+def test_telemetry_counts_beits_query_and_value_biases_in_the_leak_of_its_pruned_rows(
+    strategy: str, leaks: bool
+) -> None:
+    model = tiny("beit_base_patch16_224").train()
+    (layer,) = next(space for space in trace_channel_graph(model).spaces if space.name == "blocks.0.attn.qkv").producers
+    pruned = torch.zeros(3, HEADS, WIDTH, dtype=torch.bool)
+    pruned[..., :8] = True  # half of every head's positions, the same from q, k and v
+    masking = make_strategy(strategy)
+    masking.prepare(layer)
+    telemetry = DriftTelemetry([layer], masking, dict(model.named_modules()))
+    masking.apply(layer, pruned.flatten())
+    telemetry.on_pruned(layer, pruned.flatten())
+    telemetry.arm(True)
+    model(torch.randn(2, 3, 64, 64))
+    leak = telemetry.measure()["leak/activation_abs_mean"]
+    assert leak > 0 if leaks else leak == 0  # weight zeroes qkv's rows; the biases q_bias, v_bias still write them

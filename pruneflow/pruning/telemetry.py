@@ -286,8 +286,9 @@ class DriftTelemetry:
         return hook
 
     def _qkv_leak_hook(self, name: str):
-        """At a Swin attention: the mean |q, k, v| of the pruned rows as the forward computed them (``qkv`` on the
-        attention's input, its rows times the ``activation`` keep-vector where there is one), on measured steps."""
+        """At a Swin, BEiT or EVA attention: the mean |q, k, v| of the pruned rows as the forward computed them
+        (``qkv`` on the attention's input with its bias, BEiT's and EVA's ``q_bias``, ``k_bias``, ``v_bias``, its rows
+        times the ``activation`` keep-vector where there is one), on measured steps."""
 
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             armed = self._leak_armed if module.training else self._eval_leak_armed
@@ -296,6 +297,8 @@ class DriftTelemetry:
             with torch.no_grad():
                 keep = getattr(module, QKV_KEEP_BUFFER, None)
                 weight, bias = module.qkv.weight, module.qkv.bias
+                if getattr(module, "q_bias", None) is not None:  # BEiT's, EVA's: q and v biases of their own
+                    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
                 if keep is not None:
                     weight = weight * keep.to(weight.dtype).view(-1, 1)
                     bias = None if bias is None else bias * keep.to(bias.dtype)
