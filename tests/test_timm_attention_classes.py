@@ -203,3 +203,27 @@ def test_telemetry_counts_beits_query_and_value_biases_in_the_leak_of_its_pruned
     model(torch.randn(2, 3, 64, 64))
     leak = telemetry.measure()["leak/activation_abs_mean"]
     assert leak > 0 if leaks else leak == 0  # weight zeroes qkv's rows; the biases q_bias, v_bias still write them
+
+
+class TwoStreams(nn.Module):
+    """One class token concatenated with two streams that never join: a cut of either would cut it for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, WIDTH))
+        self.embed_a, self.embed_b = nn.Conv2d(3, WIDTH, 4, 4), nn.Conv2d(3, WIDTH, 4, 4)  # patch embeddings
+        self.head_a, self.head_b = nn.Linear(WIDTH, 10), nn.Linear(WIDTH, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
+        a = torch.cat([cls_token, self.embed_a(x).flatten(2).transpose(1, 2)], dim=1)
+        b = torch.cat([cls_token, self.embed_b(x).flatten(2).transpose(1, 2)], dim=1)
+        return self.head_a(a[:, 0]) + self.head_b(b[:, 0])
+
+
+def test_a_class_token_joined_to_two_streams_that_stay_apart_refuses_both() -> None:
+    graph = trace_channel_graph(TwoStreams())
+    streams = [space for space in graph.spaces if space.name in ("embed_a", "embed_b")]
+    assert len(streams) == 2
+    for space in streams:
+        assert space.refusals == ["parameter cls_token writes the channels of 2 spaces that stay apart"]
