@@ -436,9 +436,9 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
         return
     if pruned.view(space.parts, heads, -1).all(-1).all(0).any():
         raise CompactionError(
-            f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and torchvision's attention takes "
-            "its head width from its input's width, so a cut cannot drop heads yet; evaluate the masked network "
-            "(compact=false)"
+            f"cannot cut {space.name}: whole heads are pruned (mask.heads=true), and its attention (torchvision's, "
+            "BEiT's, CaiT's) takes its head width from its input's width, so a cut cannot drop heads; evaluate the "
+            "masked network (compact=false)"
         )
     anchor = next((g for g in groups if g.space is space.tied_to), None)
     anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // space.parts

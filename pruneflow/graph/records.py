@@ -132,8 +132,9 @@ class PrunableLayer:
     norm_name: str | None = None
     norm: nn.Module | None = None  # a BatchNorm, or a LayerNorm over the channels
     space: ChannelSpace | None = field(default=None, repr=False)
-    # A producer never called as a module (a Swin attention's ``qkv`` and ``proj``, whose weights the attention
-    # reads itself): the module whose output completes its channels, the attention (``is_window_attention``).
+    # A producer never called as a module (a Swin attention's ``qkv`` and ``proj``, BEiT's and EVA's ``qkv`` with q and
+    # v biases, whose weights the attention reads itself): the module whose output completes its channels, the
+    # attention.
     unit_name: str | None = None
     unit: nn.Module | None = field(default=None, repr=False)
 
