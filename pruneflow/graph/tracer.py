@@ -122,11 +122,11 @@ class Tracer:
         space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
         return space.groups
 
-    def refuse(self, value: Value | Parts | None, reason: str) -> None:
-        """Refuse every space ``value`` carries, for ``reason``."""
+    def refuse(self, value: Value | Parts | None, reason: str, first: bool = False) -> None:
+        """Refuse every space ``value`` carries, for ``reason`` (``first``: its first reason)."""
         for part in value.parts if isinstance(value, Parts) else (value,):
             for index, _ in part.segments if part is not None else ():
-                self.space(index).refuse(reason)
+                self.space(index).refuse(reason, first)
 
     def refuse_unknown(self, node: torch.fx.Node, values: Iterable[Value | Parts | None]) -> None:
         """Refuse every space reaching ``node``, an op whose effect on channels is not understood."""
@@ -142,9 +142,9 @@ class Tracer:
         why = self.opaque[str(node.target)]
         return f"{self.describe(node)} is kept whole: torch.fx cannot trace its forward ({why})"
 
-    def refuse_all(self, values: Iterable[Value | Parts | None], reason: str) -> None:
+    def refuse_all(self, values: Iterable[Value | Parts | None], reason: str, first: bool = False) -> None:
         for value in values:
-            self.refuse(value, reason)
+            self.refuse(value, reason, first)
 
     def refuse_meeting_opaque(self) -> None:
         """Refuse every space an opaque leaf's output meets on its way (added into a stream, concatenated with it):
@@ -158,7 +158,7 @@ class Tracer:
                 if user in seen:
                     continue
                 seen.add(user)
-                self.refuse_all(self.input_values(user), reason)
+                self.refuse_all(self.input_values(user), reason, first=True)  # the join's refusal follows from it
                 if self.values.get(user) is None:  # still carrying what the leaf wrote, unknown channels
                     frontier.extend(user.users)
 
