@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_channel_graph import check_masked_and_cut, space_of
 from torch import Tensor, nn
 
@@ -62,6 +63,20 @@ class GateAddedIntoAStream(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
+class SizedByAGate(nn.Module):
+    """conv1's output resized to the gate's output's size: the gate's shape is read, not what it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate(3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(torch.relu(self.conv1(x)), size=self.gate(x[:, :, ::2, ::2]).shape[-2:])
+        return self.fc(x.mean((2, 3)))
+
+
 def test_a_submodule_fx_cannot_trace_is_kept_whole_and_only_the_space_it_reads_is_refused() -> None:
     assert list(capture(GatedNet()).opaque) == ["gate"]
     graph = trace_channel_graph(GatedNet())
@@ -82,3 +97,8 @@ def test_a_space_an_opaque_leaf_writes_into_is_refused_naming_it() -> None:
     written = space_of(graph, "conv1")
     assert written.refusals[0].startswith(KEPT_WHOLE), written.refusals  # the cause first, then the addition's
     assert {space.name for space in graph.prunable} == {"conv2"}
+
+
+def test_a_space_sized_by_an_opaque_leaf_s_shape_stays_prunable() -> None:
+    graph = check_masked_and_cut(SizedByAGate(), (3, 8, 8), "activation")
+    assert {space.name for space in graph.prunable} == {"conv1"}

@@ -155,7 +155,7 @@ class Tracer:
             reason, seen, frontier = self.kept_whole(node), {node}, list(node.users)
             while frontier:
                 user = frontier.pop()
-                if user in seen:
+                if user in seen or reads_shape(user):  # its shape sizes nothing of the spaces' channels
                     continue
                 seen.add(user)
                 self.refuse_all(self.input_values(user), reason, first=True)  # the join's refusal follows from it
@@ -316,6 +316,13 @@ class Tracer:
         else:
             handler = None
         return UNKNOWN if handler is None else handler(self, node, value)
+
+
+def reads_shape(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape, size or dimensions, not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
 
 
 def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
