@@ -16,6 +16,7 @@ Measured figures: ``docs/CHANNEL_GRAPH.md``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from pruneflow.graph import registry
 from pruneflow.graph.handlers import timm_layers
+from pruneflow.graph.registry import LeafTest
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,15 @@ class _LeafTracer(torch.fx.Tracer):
     torchvision's ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside it) and
     the opaque leaves found so far; it remembers which submodules were being traced when the trace failed."""
 
-    def __init__(self, opaque: dict[str, str]) -> None:
-        super().__init__(autowrap_functions=tuple(registry.AUTOWRAP_FUNCTIONS))
+    def __init__(self, opaque: dict[str, str], leaves: LeafTest, functions: Sequence[Callable[..., Any]]) -> None:
+        super().__init__(autowrap_functions=tuple(functions))
         self.opaque = opaque
+        self.leaves = leaves
         self.calling: list[str] = []  # the submodules whose forward is being traced, outermost first
         self.failed_in: str | None = None
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        whole = qualified_name in self.opaque or registry.is_leaf(module)
+        whole = qualified_name in self.opaque or self.leaves(module)
         return whole or super().is_leaf_module(module, qualified_name)
 
     def call_module(self, module: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -79,20 +82,28 @@ class _LeafTracer(torch.fx.Tracer):
             self.calling.pop()
 
 
-def capture(model: nn.Module) -> Capture:
+def capture(
+    model: nn.Module,
+    leaves: LeafTest | None = None,
+    functions: Sequence[Callable[..., Any]] | None = None,
+    fallback: bool = True,
+) -> Capture:
     """``model``'s fx graph, with the registered leaves whole, the registered functions one op each, and each
     submodule whose forward ``torch.fx`` cannot trace whole (an opaque leaf). Raises ``UntraceableModel`` where
-    the model's own forward cannot be traced."""
+    the model's own forward cannot be traced. ``leaves``, ``functions`` (default: the registry's) and ``fallback``
+    (False: no opaque leaf, a failure anywhere refuses the model) are there to measure each part's reach."""
     timm_layers.register_if_imported()
+    leaves = registry.is_leaf if leaves is None else leaves
+    functions = registry.AUTOWRAP_FUNCTIONS if functions is None else functions
     opaque: dict[str, str] = {}
     while True:
-        tracer = _LeafTracer(opaque)
+        tracer = _LeafTracer(opaque, leaves, functions)
         try:
             return Capture(tracer.trace(model), opaque)
         except Exception as exc:  # control flow on a proxy, or anything else a forward does with one
             failed_in = tracer.failed_in
             # retrying with an opaque module whole cannot fail in it again: a failure there is not one to isolate
-            if failed_in is None or failed_in in opaque:
+            if not fallback or failed_in is None or failed_in in opaque:
                 raise UntraceableModel(first_line(exc)) from exc
             opaque[failed_in] = f"{type(exc).__name__}: {first_line(exc)}"
             log.info("channel graph: %s is kept whole: torch.fx cannot trace its forward (%s)", failed_in,
