@@ -53,14 +53,13 @@ def first_line(exc: BaseException) -> str:
 class _LeafTracer(torch.fx.Tracer):
     """``torch.fx``'s tracer keeping whole the modules the graph has a handler for (``registry.LEAVES``:
     torchvision's ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside it) and
-    the opaque leaves found so far; it remembers which submodules were being traced when the trace failed."""
+    the opaque leaves found so far; it remembers which submodule's forward the trace failed in."""
 
     def __init__(self, opaque: dict[str, str], leaves: LeafTest, functions: Sequence[Callable[..., Any]]) -> None:
         super().__init__(autowrap_functions=tuple(functions))
         self.opaque = opaque
         self.leaves = leaves
-        self.calling: list[str] = []  # the submodules whose forward is being traced, outermost first
-        self.failed_in: str | None = None
+        self.failed_in: str | None = None  # the innermost submodule whose forward the trace failed in
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         whole = qualified_name in self.opaque or self.leaves(module)
@@ -71,15 +70,12 @@ class _LeafTracer(torch.fx.Tracer):
             name = self.path_of_module(module)
         except NameError:  # a module outside the model's tree: traced into, as ``torch.fx`` does
             return super().call_module(module, forward, args, kwargs)
-        self.calling.append(name)
         try:
             return super().call_module(module, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost: the first to see the exception on its way out
                 self.failed_in = name
             raise
-        finally:
-            self.calling.pop()
 
 
 def capture(
