@@ -35,3 +35,12 @@ def test_an_untraceable_timm_block_no_one_declared_is_kept_whole_and_the_rest_cu
     kept_whole = {reason.split(" is kept whole")[0] for space in graph.spaces for reason in space.refusals
                   if "is kept whole: torch.fx cannot trace its forward" in reason}  # fmt: skip
     assert kept_whole == {f"MobileVitBlock {name}" for name in blocks}
+
+
+def test_the_capture_benchmark_says_how_far_each_way_reaches() -> None:
+    from benchmarks.capture import WAYS, measure, table
+
+    row = measure("test_vit", WAYS)  # its own forward calls functions timm declares opaque to torch.fx
+    assert row["plain"].startswith("fails: ") and row["fallback"].startswith("fails: ")
+    assert row["declared"] == row["both"] == "captured, 0 kept whole"
+    assert table([row], WAYS).splitlines()[-1] == "| captured | 0 / 1 | 1 / 1 | 0 / 1 | 1 / 1 |"
