@@ -1,6 +1,7 @@
 """How far each way of capturing a model reaches: timm models (or the smallest of each timm module) captured by
-plain ``torch.fx``, by ``torch.fx`` with timm's declared leaves and functions only, by the opaque-leaf fallback
-alone (timm's declarations left out of the tables), by both (what the channel graph does), and optionally by
+``torch.fx`` with the graph's own leaves only ("plain", as before the graph read timm's declarations), with timm's
+declared leaves and functions too ("declared"), with the opaque-leaf fallback instead of timm's declarations
+("fallback"), with both (what the channel graph does), and optionally by
 ``torch.export`` (``--export``: concrete shapes, ATen ops, no module kept whole; slow on a CPU).
 
 Each model is built on the meta device (nothing allocated; a builder that cannot is built on the CPU) with 10
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx
 from torch import nn
 
 from benchmarks.timm_models import smallest_models
@@ -53,20 +53,17 @@ def without_timm() -> tuple[registry.LeafTest, list[Any]]:
 def attempt(way: str, model: nn.Module) -> str:
     """One way of capturing ``model``: "captured, N kept whole" or "fails: <the failure's line>"."""
     try:
-        if way == "plain":
-            torch.fx.Tracer().trace(model)
-            return "captured"
+        if way in ("plain", "fallback"):  # timm's declarations left out: the graph's own leaves only
+            leaves, functions = without_timm()
+            captured = capture(model, leaves=leaves, functions=functions, fallback=way == "fallback")
+            return f"captured, {len(captured.opaque)} kept whole"
         if way == "export":
             size = model.pretrained_cfg["input_size"][-1] if hasattr(model, "pretrained_cfg") else 224
             example = torch.randn(1, 3, size, size, device=next(model.parameters()).device)
             exported = torch.export.export(model.eval(), (example,), strict=False)
             calls = sum(node.op == "call_function" for node in exported.graph.nodes)
             return f"captured, {calls} ATen calls, no module kept whole"
-        if way == "fallback":
-            leaves, functions = without_timm()
-            captured = capture(model, leaves=leaves, functions=functions)
-        else:
-            captured = capture(model, fallback=way == "both")
+        captured = capture(model, fallback=way == "both")
         return f"captured, {len(captured.opaque)} kept whole"
     except Exception as exc:  # the way's failure is its result
         return f"fails: {first_line(exc)}"
@@ -93,7 +90,7 @@ def table(rows: list[dict[str, Any]], ways: tuple[str, ...]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="", help="timm names, comma-separated (default: smallest of each module)")
     parser.add_argument("--candidates", type=int, default=4, help="names per module whose parameters are counted")
-    parser.add_argument("--untraceable", action="store_true", help="keep only the models plain torch.fx refuses")
+    parser.add_argument("--untraceable", action="store_true", help="keep only the models the plain way refuses")
     parser.add_argument("--export", action="store_true", help="also try torch.export (minutes per model on a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
 
