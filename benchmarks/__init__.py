@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "cut-training": "benchmarks.cut_training",
     "channel-graph": "benchmarks.channel_graph",
     "timm": "benchmarks.timm_models",
+    "capture": "benchmarks.capture",
     "gpu": "benchmarks.gpu",
     "gpu-section": "benchmarks.gpu_section",
     "defaults": "benchmarks.defaults",

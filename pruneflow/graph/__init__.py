@@ -67,8 +67,10 @@ carries it. For each space the graph knows
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
   subclass, a LayerNorm over more than the channels), channels read along another dim than theirs, a parameter tied
   to another module's or read outside its module (``F.conv2d(x, self.conv.weight)``), an activation
-  with f(0) ≠ 0 between a channel point and a reader, the network's output. Nothing is guessed: a
-  model ``torch.fx`` cannot trace has no prunable space.
+  with f(0) ≠ 0 between a channel point and a reader, the network's output, a submodule ``torch.fx`` cannot
+  trace (an **opaque leaf**, kept whole by ``capture``: every space it reads, or whose tensors its output
+  meets, is refused naming it). Nothing is guessed: a model whose own forward ``torch.fx`` cannot trace, outside
+  every submodule, has no prunable space.
 
 Each traced value knows where its channels are: at dim 1 (a conv's output, and what a conv reads) or at
 the last dim (a linear layer's output, and what a linear layer reads, unless flattened channel-major). A
@@ -79,8 +81,9 @@ downsampling conv, every depthwise conv, every block's second linear layer, the 
 is one coupled space, and each block's hidden width another.
 
 The package, below ``pruning`` and ``compaction`` (both read it; it imports neither): ``records`` (the spaces and
-what reads and writes them), ``values`` (what a traced tensor carries), ``union`` (the union of spaces), ``tracer``
-(capture with ``torch.fx``, then one handler per node), ``registry`` (the tables of handlers and how to extend
+what reads and writes them), ``values`` (what a traced tensor carries), ``union`` (the union of spaces), ``capture``
+(the fx graph, with the registered leaves and the opaque ones kept whole), ``tracer`` (one handler per node of it),
+``registry`` (the tables of handlers and how to extend
 them), ``handlers`` (the graph's own rules, one module per family of ops), ``leaves`` (a layer taught in a few
 lines), ``routes`` (routes and slots of reordered spaces), ``layers`` (what the graph knows of layer types).
 """

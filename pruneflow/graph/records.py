@@ -248,9 +248,12 @@ class ChannelSpace:
         """Pruned as a group of several producers (coupled, or carried through a depthwise conv)."""
         return len(self.producers) > 1
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, first: bool = False) -> None:
+        """Add ``reason`` once; ``first``: as the first, the cause the others follow from (an opaque leaf)."""
+        if first and reason in self.refusals:
+            self.refusals.remove(reason)
         if reason not in self.refusals:
-            self.refusals.append(reason)
+            self.refusals.insert(0 if first else len(self.refusals), reason)
 
 
 @dataclass

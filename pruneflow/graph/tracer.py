@@ -21,7 +21,8 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph import registry, widths
-from pruneflow.graph.handlers import reorderings, shapes, timm_layers
+from pruneflow.graph.capture import UntraceableModel, capture, first_line
+from pruneflow.graph.handlers import reorderings, shapes
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
@@ -37,10 +38,17 @@ class Tracer:
     """One forward walk over an fx graph, building spaces with a union-find over their ids; what handlers read
     and change."""
 
-    def __init__(self, model: nn.Module, graph: torch.fx.Graph, widths: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: torch.fx.Graph,
+        widths: Mapping[str, int] | None = None,
+        opaque: Mapping[str, str] | None = None,
+    ) -> None:
         # ``widths``: producers traced as if they had these widths (``route_slots``: how a cut network would route
         # its channels), their readers taken at whatever width reaches them
         self.widths = widths
+        self.opaque = dict(opaque or {})  # submodules kept whole, torch.fx cannot trace them → why (``capture``)
         self.model = model
         self.modules = dict(model.named_modules())
         self.graph = graph
@@ -114,11 +122,11 @@ class Tracer:
         space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
         return space.groups
 
-    def refuse(self, value: Value | Parts | None, reason: str) -> None:
-        """Refuse every space ``value`` carries, for ``reason``."""
+    def refuse(self, value: Value | Parts | None, reason: str, first: bool = False) -> None:
+        """Refuse every space ``value`` carries, for ``reason`` (``first``: its first reason)."""
         for part in value.parts if isinstance(value, Parts) else (value,):
             for index, _ in part.segments if part is not None else ():
-                self.space(index).refuse(reason)
+                self.space(index).refuse(reason, first)
 
     def refuse_unknown(self, node: torch.fx.Node, values: Iterable[Value | Parts | None]) -> None:
         """Refuse every space reaching ``node``, an op whose effect on channels is not understood."""
@@ -128,6 +136,31 @@ class Tracer:
                 if part is not None:
                     self.refuse(part, f"reaches {description}, whose effect on channels is not understood")
                     self.not_understood.setdefault(description, set()).update(i for i, _ in part.segments)
+
+    # opaque leaves: submodules kept whole because torch.fx cannot trace their forward
+    def kept_whole(self, node: torch.fx.Node) -> str:
+        why = self.opaque[str(node.target)]
+        return f"{self.describe(node)} is kept whole: torch.fx cannot trace its forward ({why})"
+
+    def refuse_all(self, values: Iterable[Value | Parts | None], reason: str, first: bool = False) -> None:
+        for value in values:
+            self.refuse(value, reason, first)
+
+    def refuse_meeting_opaque(self) -> None:
+        """Refuse every space an opaque leaf's output meets on its way (added into a stream, concatenated with it):
+        what it writes is unknown, so a space it joins is refused naming it, not only the join."""
+        for node in self.graph.nodes:
+            if node.op != "call_module" or str(node.target) not in self.opaque:
+                continue
+            reason, seen, frontier = self.kept_whole(node), {node}, list(node.users)
+            while frontier:
+                user = frontier.pop()
+                if user in seen or reads_shape(user):  # its shape sizes nothing of the spaces' channels
+                    continue
+                seen.add(user)
+                self.refuse_all(self.input_values(user), reason, first=True)  # the join's refusal follows from it
+                if self.values.get(user) is None:  # still carrying what the leaf wrote, unknown channels
+                    frontier.extend(user.users)
 
     # inputs
     def input_values(self, node: torch.fx.Node) -> list[Value | Parts | None]:
@@ -180,6 +213,7 @@ class Tracer:
     def run(self) -> ChannelGraph:
         for node in self.graph.nodes:
             self.values[node] = self.visit_or_refuse(node)
+        self.refuse_meeting_opaque()
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
@@ -240,6 +274,9 @@ class Tracer:
                 self.refuse(value, "reaches the network's output, whose shape would change")
             return None
         widths.follow(self, node)
+        if node.op == "call_module" and str(node.target) in self.opaque:
+            self.refuse_all(self.input_values(node), self.kept_whole(node))
+            return None
         if shapes.shape_arithmetic(self, node):
             return None
         value, values = self.first(node), self.input_values(node)
@@ -282,36 +319,24 @@ class Tracer:
         return UNKNOWN if handler is None else handler(self, node, value)
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, at most 200 characters; its type where it has no message."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-class _LeafTracer(torch.fx.Tracer):
-    """``torch.fx``'s tracer keeping the modules the graph has a handler for whole (``registry.LEAVES``):
-    torchvision's ``LayerNorm2d`` would otherwise be traced into, its weight read by ``get_attr`` outside it."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return registry.is_leaf(module) or super().is_leaf_module(module, qualified_name)
-
-
-def capture(model: nn.Module) -> torch.fx.Graph:
-    """``model``'s fx graph, with the registered leaves whole and the registered functions one op each."""
-    timm_layers.register_if_imported()
-    return _LeafTracer(autowrap_functions=tuple(registry.AUTOWRAP_FUNCTIONS)).trace(model)
+def reads_shape(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape, size or dimensions, not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
 
 
 def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:
     """The channel spaces of ``model``, traced once with ``torch.fx``.
 
-    A model that cannot be traced (data-dependent control flow) gets one space per conv and linear
-    layer, each refused: without a graph, who reads a channel is unknown.
+    A submodule whose forward ``torch.fx`` cannot trace (control flow on a shape or a value) is kept whole
+    (``capture``), and every space it reads or meets is refused, naming it. A model whose own forward cannot be
+    traced gets one space per conv and linear layer, each refused: without a graph, who reads a channel is unknown.
     """
     try:
-        graph = capture(model)
-    except Exception as exc:  # data-dependent control flow, or no forward
-        reason = f"torch.fx cannot trace {type(model).__name__} ({first_line(exc)})"
+        captured = capture(model)
+    except UntraceableModel as exc:  # control flow in the model's own forward, outside every submodule
+        reason = f"torch.fx cannot trace {type(model).__name__} ({exc})"
         log.warning("channel graph: %s; nothing in it is prunable", reason)
         spaces = []
         for name, module in model.named_modules():
@@ -321,7 +346,7 @@ def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = Non
                 layer.space = space
                 spaces.append(space)
         return ChannelGraph(spaces)
-    return Tracer(model, graph, widths).run()
+    return Tracer(model, captured.graph, widths, captured.opaque).run()
 
 
 def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
