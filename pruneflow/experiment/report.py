@@ -4,6 +4,7 @@ of the drift and leak curves per strategy, written into the sweep folder.
     pruneflow-report outputs/sweeps/<time>            # writes <sweep>/report.md, *.png; prints the table
     pruneflow-report <sweep> --columns test/acc,drift/producer_l2/final --curves drift/stored_l2
     pruneflow-report outputs/sweeps/findings/<date> --findings docs/FINDINGS.md   # the findings report
+    pruneflow-report outputs/sweeps/findings/<date> outputs/sweeps/findings/families --findings docs/FINDINGS.md
 
 (``pruneflow-report`` is installed with the package; ``python -m pruneflow.experiment.report`` is the same.)
 
@@ -19,7 +20,18 @@ spanning them).
 ``multirun.yaml``) and wall time at the top, per data set and optimizer a table with mean ± std over
 seeds, figures of the transients (producer drift against optimizer steps since pruning, one line per
 strategy, a panel per optimizer and activation) beside the file, and plain sentences stating the
-findings with the numbers behind them.
+findings with the numbers behind them. It takes several sweep folders, or one folder holding a sweep per
+network family (``outputs/sweeps/findings/families/<family>``, ``experiment=findings_<family>``); each network
+(data set and model) is a section of the sentences and tables. With the ConvNet/VGG sweeps among the folders,
+their findings stay in the report beside the families'.
+
+Each finished run's network is rebuilt from its last checkpoint and probed where its family has a new trap
+(``traps``: the skip path, the squeeze-and-excitation gate, the LayerNorms, the layer scale, attention heads, at
+the pruned channels; cached as ``<run>/traps.json``, so a rerun is quick; ``--no-traps`` skips it). The tables then
+carry the trap columns and a one-line cause per cell, a section states each family's traps, and the ConvNet/VGG
+findings are checked on every network once, with each network's evidence and, where one contradicts a finding,
+saying so (``trap_findings``). A sweep still running is reported as far as it got: the runs each sweep has out of
+its grid are listed at the top, and each cell says how many runs it has.
 """
 
 from __future__ import annotations
@@ -640,7 +652,7 @@ def write_findings(sweeps: Path | Sequence[Path], out: Path, traps: bool = True)
     if progress:
         text += "\nSweeps still short of their grid (a cell's `seeds` column says how many runs it has):\n\n" + progress
     general = general_findings(runs)
-    if len({run.data for run in runs}) > 1 and general:
+    if general:
         text += "\n## Findings across the networks\n\n"
         text += ("The ConvNet/VGG findings, checked on each network (evidence per network; where one contradicts a "
                  "finding, it says so):\n\n")  # fmt: skip

@@ -109,17 +109,17 @@ def cell_cause(runs: Sequence[RunLike]) -> str:
         moved = (f"kernels drifted to L2 {fmt(drift)} (optimizer state), " if drifting
                  else "kernels stay at 0, ")  # fmt: skip
         return moved + "but every reader gets exactly 0 and the producers exactly 0 gradient"
-    ratios = []
+    found = []  # (what, at pruned channels, share of kept) in LEAKS' order: the family's own traps first
     for what, pruned_key, kept_key in LEAKS:
         pruned = values(runs, pruned_key)
-        if not pruned:
-            continue
-        kept = values(runs, kept_key) if kept_key else []
-        share = statistics.fmean(pruned) / statistics.fmean(kept) if kept and statistics.fmean(kept) > 0 else None
-        ratios.append((statistics.fmean(pruned), what, share))
-    if not ratios:
+        if pruned and statistics.fmean(pruned) > 0:
+            kept = statistics.fmean(values(runs, kept_key) or [0.0]) if kept_key else 0.0
+            found.append((what, statistics.fmean(pruned), statistics.fmean(pruned) / kept if kept > 0 else None))
+    if not found:
         return ""
-    size, what, share = max(ratios, key=lambda item: (item[2] if item[2] is not None else 0.0, item[0]))
+    # The first trap carrying at least half the largest share of the kept channels' size (a share where known)
+    largest = max((share for _, _, share in found if share is not None), default=None)
+    what, size, share = next(item for item in found if largest is None or (item[2] or 0.0) >= largest / 2)
     cause = f"{what} carries {size:.3g} into the pruned channels" + (f" ({share:.0%} of kept)" if share else "")
     gate = values(runs, "trap/se/gate_pruned_mean/eval")
     if gate:
@@ -128,6 +128,11 @@ def cell_cause(runs: Sequence[RunLike]) -> str:
 
 
 # -- sentences per family ------------------------------------------------------------------------------
+def _count(found: list[float]) -> str:
+    """A count every run shares as the number, else as mean ± std."""
+    return f"{found[0]:.0f}" if len(set(found)) == 1 else fmt(found)
+
+
 def trap_sentences(runs: Sequence[RunLike], order: Callable[[str], Any]) -> list[str]:
     """Per family and strategy, one sentence on each trap the family has, with its numbers (mean ± std over runs,
     eval mode)."""
@@ -138,7 +143,7 @@ def trap_sentences(runs: Sequence[RunLike], order: Callable[[str], Any]) -> list
             continue
         kinds = [kind for kind in ("residual", "se", "heads", "plain")
                  if values(family, f"trap/{kind}/spaces")]  # fmt: skip
-        spaces = ", ".join(f"{kind} {fmt(values(family, f'trap/{kind}/spaces'))}" for kind in kinds)
+        spaces = ", ".join(f"{kind} {_count(values(family, f'trap/{kind}/spaces'))}" for kind in kinds)
         only_plain = kinds == ["plain"]
         sentences.append(f"{data}: pruned channel spaces by trap: {spaces}" + (
             "; no skip path, gate, LayerNorm or attention head reads a pruned channel (the channel graph prunes "

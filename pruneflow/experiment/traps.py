@@ -288,11 +288,14 @@ def probe_run(run_dir: str | os.PathLike[str], data_root: str | os.PathLike[str]
 
 
 def cached_traps(run_dir: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> dict[str, float]:
-    """``<run>/traps.json`` where it holds this version's readings, else ``probe_run``'s, written there."""
+    """``<run>/traps.json`` where it holds this version's readings of the run's last checkpoint, else
+    ``probe_run``'s, written there (a checkpoint newer than the file, of a run trained again, is measured again)."""
     path = Path(run_dir) / TRAPS_FILE
+    checkpoint = Path(run_dir) / "checkpoints" / "last.ckpt"
     try:
         cached = json.loads(path.read_text())
-        if cached.get("traps/version") == TRAPS_VERSION:
+        newer = checkpoint.is_file() and checkpoint.stat().st_mtime > path.stat().st_mtime
+        if cached.get("traps/version") == TRAPS_VERSION and not newer:
             return cached
     except (OSError, ValueError):
         pass  # absent or unreadable: measure again
