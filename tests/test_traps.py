@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from pruneflow import ClassifierModule, compaction
 from pruneflow.experiment import compose_config, report, traps
 from pruneflow.graph import find_prunable_layers
+from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.strategies import KEEP_BUFFER, make_strategy
 
 FAMILIES = {
@@ -184,3 +185,33 @@ def test_vit_prunes_only_its_mlp_widths_so_no_stream_trap_is_read() -> None:
     assert readings["plain/spaces"] == readings["traps/pruned_spaces"] >= 2
     assert not any(key.startswith(("layernorm/", "heads/", "residual/", "se/")) for key in readings)
     assert readings["reader/pruned_abs_max/eval"] == 0.0 and readings["guarantee/grad_pruned_abs_max"] == 0.0
+
+
+def timm_vit_pruned(strategy: str) -> dict[str, float]:
+    """timm's tiny ViT (its stream, heads and LayerNorms all prunable), half of every space pruned by L1 before any
+    training (LayerNorms' β = 0), read by the probe on random images."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    network = timm.create_model("test_vit", num_classes=10, img_size=32)
+    layers = find_prunable_layers(network)
+    mask = make_strategy(strategy)
+    pruned = {}
+    for space in {id(layer.space): layer.space for layer in layers}.values():
+        chosen = L1().select(space, 0.5, torch.zeros(space.width, dtype=torch.bool))
+        for layer in space.producers:
+            pruned[layer.name] = chosen
+            mask.prepare(layer)
+            mask.apply(layer, chosen)
+    return traps.measure_traps(network, layers, pruned, torch.randn(4, 3, 32, 32), torch.arange(4), strategy)
+
+
+def test_attention_heads_and_the_stream_layer_norms_of_a_timm_vit_at_pruned_channels() -> None:
+    control, weight, masked = (timm_vit_pruned(strategy) for strategy in ("control", "weight", "activation"))
+    assert control["heads/spaces"] >= 1 and control["residual/spaces"] >= 1
+    assert control["heads/read_pruned_abs_mean/eval"] > 0.1 * control["heads/read_kept_abs_mean/eval"] > 0
+    assert masked["heads/read_pruned_abs_mean/eval"] == 0.0 and masked["heads/read_kept_abs_mean/eval"] > 0
+    assert masked["layernorm/output_pruned_abs_mean/eval"] == 0.0 and masked["guarantee/grad_pruned_abs_max"] == 0.0
+    # `weight` zeroes the stream's producers and β is still 0, yet the LayerNorm writes the pruned channels again:
+    # it subtracts the mean over every channel, kept ones included, from their zeros
+    assert weight["layernorm/beta_pruned_abs_mean"] == 0.0 and weight["layernorm/input_var_pruned/eval"] == 0.0
+    assert weight["layernorm/output_pruned_abs_mean/eval"] > 0.01 * weight["layernorm/output_kept_abs_mean/eval"]
