@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pruneflow import ClassifierModule, compaction
-from pruneflow.experiment import compose_config, report, traps
+from pruneflow.experiment import compose_config, report, trap_findings, traps
 from pruneflow.graph import find_prunable_layers
 from pruneflow.pruning.criteria import L1
 from pruneflow.pruning.strategies import KEEP_BUFFER, make_strategy
@@ -215,3 +215,23 @@ def test_attention_heads_and_the_stream_layer_norms_of_a_timm_vit_at_pruned_chan
     # it subtracts the mean over every channel, kept ones included, from their zeros
     assert weight["layernorm/beta_pruned_abs_mean"] == 0.0 and weight["layernorm/input_var_pruned/eval"] == 0.0
     assert weight["layernorm/output_pruned_abs_mean/eval"] > 0.01 * weight["layernorm/output_kept_abs_mean/eval"]
+
+
+def test_a_network_contradicting_a_convnet_finding_is_named_and_a_leaking_activation_mask_called_a_defect() -> None:
+    def run(data: str, label: str, **metrics: float) -> report.Run:
+        return report.Run(f"{data},{label}", data, "SGD", "n/a", "after 1 epoch", label, 0, metrics)
+
+    runs = [
+        run("CIFAR10 / ResNet", "activation", **{"trap/reader/pruned_abs_max/eval": 0.0,
+                                                 "trap/guarantee/grad_pruned_abs_max": 0.0}),
+        run("CIFAR10 / convnext", "activation", **{"trap/reader/pruned_abs_max/eval": 0.25,
+                                                   "trap/guarantee/grad_pruned_abs_max": 0.0}),
+        run("CIFAR10 / ResNet", "weight", **{"drift/producer_l2/final": 3.0}),
+        run("CIFAR10 / convnext", "weight", **{"drift/producer_l2/final": 0.0}),
+    ]  # fmt: skip
+    lines = trap_findings.general_findings(runs)
+    guarantee = next(line for line in lines if line.startswith("`activation` leaks nothing"))
+    assert guarantee.index("Holds on CIFAR10 / ResNet") < guarantee.index("**a defect of the mask, not a finding:**")
+    assert "CIFAR10 / convnext (1 runs: reader/pruned_abs_max/eval max 0.25" in guarantee
+    weight = next(line for line in lines if "`weight`'s kernels come back" in line)
+    assert "Holds on CIFAR10 / ResNet (1 runs, L2 3)" in weight and "**contradicted by** CIFAR10 / convnext" in weight
