@@ -168,6 +168,14 @@ def test_findings_report_of_families_states_traps_causes_and_each_family_against
     assert header.rstrip(" |").endswith("cause")
     assert "every reader gets exactly 0" in text and "the skip path carries" in text
     assert all((run / traps.TRAPS_FILE).is_file() for run in runs.values())
+    # the same from the command line with each family's sweep folder named, the cached readings reused
+    two = tmp_path / "two" / "FINDINGS.md"
+    report.main([str(families / "resnet"), str(families / "mobilenet_v3"), "--findings", str(two)])
+    text = two.read_text()
+    named = " ".join(report.relative(families / family) for family in ("resnet", "mobilenet_v3"))
+    assert f"pruneflow-report {named} --findings" in text
+    assert "### Synthetic / ResNet, SGD" in text and "### Synthetic / mobilenet_v3, SGD" in text
+    assert "convnext" not in text
 
 
 def test_vit_prunes_only_its_mlp_widths_so_no_stream_trap_is_read() -> None:
