@@ -123,7 +123,7 @@ def cell_cause(runs: Sequence[RunLike]) -> str:
     cause = f"{what} carries {size:.3g} into the pruned channels" + (f" ({share:.0%} of kept)" if share else "")
     gate = values(runs, "trap/se/gate_pruned_mean/eval")
     if gate:
-        cause += f"; SE gate {statistics.fmean(gate):.3g} there"
+        cause += f"; SE gate {statistics.fmean(gate):.4g} there"
     return cause + (f"; kernels at L2 {fmt(drift)}" if drifting else "; kernels at 0")
 
 

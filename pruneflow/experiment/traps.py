@@ -136,7 +136,7 @@ class TrapProbe:
                         self._output(layer.norm, f"{kind}/norm_pruned_abs_mean", 1, lost)
             if kind == "se":
                 for _, block in _gates(space, self.modules):
-                    self._gate(block, lost, kept)
+                    self._gate(block, space.width, lost, kept)
             self._layer_norms(space, lost, kept)
             for scale in space.scales:
                 value = self.network.get_parameter(scale.name).detach()
@@ -167,6 +167,7 @@ class TrapProbe:
         depthwise producers reading it (a ConvNeXt block's first conv reads the stream its skip adds back)."""
         readers = [(self.modules[c.name], *reader_entries(c, lost), reader_entries(c, kept)[1])
                    for c in space.consumers if c.name in self.modules]  # fmt: skip
+        # A depthwise producer after the space's first reads the space (the first writes it from its own input)
         readers += [(layer.producer, 1, lost, kept) for layer in space.producers[1:] if layer.depthwise]
         name = "skip" if kind == "residual" else "read"
         for module, dim, at_lost, at_kept in readers:
@@ -178,14 +179,18 @@ class TrapProbe:
 
             self._pre(module, read)
 
-    def _gate(self, block: nn.Module, lost: Tensor, kept: Tensor) -> None:
+    def _gate(self, block: nn.Module, width: int, lost: Tensor, kept: Tensor) -> None:
         gate = next(child for child in block.children() if isinstance(child, GATES))
 
         def gated(_: Tensor, value: Tensor) -> None:
+            if value.dim() < 2 or value.shape[1] != width:
+                return  # the gate activation used on another tensor of the block
             self.readings.add(self._key("se/gate_pruned_mean"), value.index_select(1, lost).mean())
             self.readings.add(self._key("se/gate_kept_mean"), value.index_select(1, kept).mean())
 
         def product(scaled: Tensor, out: Tensor) -> None:
+            if out.dim() < 2 or out.shape[1] != width:
+                return
             self.readings.add(self._key("se/input_pruned_abs_mean"), _abs_mean(scaled, 1, lost))
             self.readings.add(self._key("se/product_pruned_abs_mean"), _abs_mean(out, 1, lost))
             self.readings.add(self._key("se/product_kept_abs_mean"), _abs_mean(out, 1, kept))
