@@ -114,8 +114,8 @@ def _gates(space: ChannelSpace, modules: Mapping[str, nn.Module]) -> list[tuple[
 
 
 class TrapProbe:
-    """Forward hooks reading the traps of the pruned ``spaces`` (each with its mask) into ``readings``, under
-    the key prefix the current ``mode`` sets."""
+    """Forward hooks, while entered, reading the traps of the pruned ``spaces`` (each with its mask) into
+    ``readings``, each key ending in the current ``mode`` (``/eval``, ``/train``) where the mode matters."""
 
     def __init__(self, network: nn.Module, spaces: Sequence[tuple[ChannelSpace, Tensor]]) -> None:
         self.network = network
