@@ -154,9 +154,10 @@ def trap_sentences(runs: Sequence[RunLike], order: Callable[[str], Any]) -> list
             if values(members, "trap/residual/skip_pruned_abs_mean/eval"):
                 parts.append(
                     f"the skip path brings {mean(members, 'trap/residual/skip_pruned_abs_mean/eval')} into the pruned "
-                    f"stream channels (kept: {mean(members, 'trap/residual/skip_kept_abs_mean/eval')}), the stream's "
-                    f"BatchNorms write {mean(members, 'trap/residual/norm_pruned_abs_mean/eval')} there"
-                )
+                    f"stream channels (kept: {mean(members, 'trap/residual/skip_kept_abs_mean/eval')})"
+                    + (f", the stream's BatchNorms write {mean(members, 'trap/residual/norm_pruned_abs_mean/eval')} "
+                       "there" if values(members, "trap/residual/norm_pruned_abs_mean/eval") else "")
+                )  # fmt: skip
             if values(members, "trap/se/gate_pruned_mean/eval"):
                 parts.append(
                     f"the SE gate is {mean(members, 'trap/se/gate_pruned_mean/eval')} at pruned channels (kept "
