@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pruneflow.compaction.cut import apply_sizes, as_mask
 from pruneflow.compaction.pipeline import model_config
 from pruneflow.errors import ConfigError
-from pruneflow.graph import find_prunable_layers
+from pruneflow.graph import PrunableLayer, find_prunable_layers
 from pruneflow.pruning.strategies import current_strategy_name, make_strategy
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ NETWORK_PREFIX = "model."
 
 @dataclass
 class TrainedRun:
-    """A run's network as trained (masks in effect), its masks and strategy, and its data."""
+    """A run's network as trained (masks in effect), its masks and strategy, and its data; ``layers``: the
+    network's producers as the channel graph read it before the masks were installed (empty after a cut while
+    training, whose network no longer has the traced widths)."""
 
     network: nn.Module
     pruned: dict[str, Tensor]
@@ -49,6 +51,7 @@ class TrainedRun:
     datamodule: L.LightningDataModule
     checkpoint: Path
     metrics: dict[str, Any] = field(default_factory=dict)
+    layers: list[PrunableLayer] = field(default_factory=list)
 
 
 def pruning_state(checkpoint: Mapping[str, Any], path: str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -117,4 +120,5 @@ def load_trained_run(
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     log.info("loaded %s (mask=%s, %d pruned channels)", path, strategy_name, sum(int(m.sum()) for m in pruned.values()))
-    return TrainedRun(network, pruned, strategy_name, config, datamodule, path, metrics)
+    traced = [] if state.get("cut") else list(layers.values())
+    return TrainedRun(network, pruned, strategy_name, config, datamodule, path, metrics, traced)

@@ -4,6 +4,7 @@ of the drift and leak curves per strategy, written into the sweep folder.
     pruneflow-report outputs/sweeps/<time>            # writes <sweep>/report.md, *.png; prints the table
     pruneflow-report <sweep> --columns test/acc,drift/producer_l2/final --curves drift/stored_l2
     pruneflow-report outputs/sweeps/findings/<date> --findings docs/FINDINGS.md   # the findings report
+    pruneflow-report outputs/sweeps/findings/<date> outputs/sweeps/findings/families --findings docs/FINDINGS.md
 
 (``pruneflow-report`` is installed with the package; ``python -m pruneflow.experiment.report`` is the same.)
 
@@ -19,16 +20,25 @@ spanning them).
 ``multirun.yaml``) and wall time at the top, per data set and optimizer a table with mean ± std over
 seeds, figures of the transients (producer drift against optimizer steps since pruning, one line per
 strategy, a panel per optimizer and activation) beside the file, and plain sentences stating the
-findings with the numbers behind them.
+findings with the numbers behind them. It takes several sweep folders, or one folder holding a sweep per
+network family (``outputs/sweeps/findings/families/<family>``, ``experiment=findings_<family>``); each network
+(data set and model) is a section of the sentences and tables. With the ConvNet/VGG sweeps among the folders,
+their findings stay in the report beside the families'.
+
+Each finished run's network is rebuilt from its last checkpoint and probed where its family has a new trap
+(``traps``: the skip path, the squeeze-and-excitation gate, the LayerNorms, the layer scale, attention heads, at
+the pruned channels; cached as ``<run>/traps.json``, so a rerun is quick; ``--no-traps`` skips it). The tables then
+carry the trap columns and a one-line cause per cell, a section states each family's traps, and the ConvNet/VGG
+findings are checked on every network once, with each network's evidence and, where one contradicts a finding,
+saying so (``trap_findings``). A sweep still running is reported as far as it got: the runs each sweep has out of
+its grid are listed at the top, and each cell says how many runs it has.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +52,15 @@ import numpy as np
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pruneflow.experiment.report_cells import fmt, values
+from pruneflow.experiment.trap_findings import (
+    TRAP_COLUMNS,
+    cell_cause,
+    general_findings,
+    grid_size,
+    trap_sentences,
+    with_traps,
+)
 from pruneflow.pruning.strategies import RENAMED_STRATEGIES
 
 DEFAULT_COLUMNS = (
@@ -114,15 +133,6 @@ def without(run_name: str, keys: Sequence[str]) -> str:
 def configuration(run_name: str) -> str:
     """The run's overrides without its seed: runs that differ only by seed share a configuration."""
     return without(run_name, ["seed"]) or run_name
-
-
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.4g}"
-    return f"{mean:.4g} ± {statistics.stdev(values):.2g}"
 
 
 def markdown_table(runs: dict[str, dict], columns: Sequence[str]) -> str:
@@ -279,6 +289,7 @@ FINDINGS_COLUMNS = (
     ("compact/acc_gap", "compaction gap"),
 )
 TRANSIENT_TAG = "drift/producer_l2"
+TRAP_KEYS = {key for key, _ in TRAP_COLUMNS}
 
 
 class Run(NamedTuple):
@@ -352,28 +363,26 @@ def wall_hours(sweep: Path, runs: Sequence[Run]) -> tuple[float, float]:
     return (max(ends) - min(starts)) / 3600, total / 3600
 
 
-def values(runs: Sequence[Run], key: str) -> list[float]:
-    found = [run.metrics.get(key) for run in runs]
-    return [float(v) for v in found if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
 def findings_tables(runs: Sequence[Run]) -> str:
     """Per data set and optimizer: a row per (pruning time, activation, strategy), mean ± std over seeds."""
     text = ""
     for data in sorted({r.data for r in runs}):
         for optimizer in sorted({r.optimizer for r in runs if r.data == data}):
             members = [r for r in runs if r.data == data and r.optimizer == optimizer]
-            columns = [(key, title) for key, title in FINDINGS_COLUMNS if values(members, key)]
+            columns = [(key, title) for key, title in (*FINDINGS_COLUMNS, *TRAP_COLUMNS) if values(members, key)]
+            causes = any(key in TRAP_KEYS for key, _ in columns)  # the probe measured this family
             groups: dict[tuple[str, str, str], list[Run]] = {}
             for run in members:
                 groups.setdefault((run.timing, run.activation, run.label), []).append(run)
             header = ["pruned", "activation", "strategy", "seeds", *(title for _, title in columns)]
+            header += ["cause"] if causes else []
             lines = [f"\n### {data}, {optimizer}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             order = sorted(groups, key=lambda key: (key[0], key[1], _strategy_rank(key[2])))
             for timing, activation, label in order:
                 group = groups[(timing, activation, label)]
                 cells = [timing, activation, f"`{label}`", str(len(group))]
                 cells += [fmt(values(group, key)) for key, _ in columns]
+                cells += [cell_cause(group)] if causes else []
                 lines.append("| " + " | ".join(cells) + " |")
             text += "\n".join(lines) + "\n"
     return text
@@ -581,18 +590,56 @@ def findings_sentences(runs: Sequence[Run]) -> list[str]:
     return sentences
 
 
-def write_findings(sweep: Path, out: Path) -> str:
-    """Write the findings report to ``out`` (figures beside it); returns the Markdown."""
-    finished, unfinished = find_runs(sweep)
+def find_sweeps_runs(sweeps: Sequence[Path]) -> tuple[Path, dict[str, dict], list[str]]:
+    """(the folder the sweeps share, finished runs by folder name relative to it → metrics, unfinished ones)."""
+    root = Path(os.path.commonpath([sweep.resolve() for sweep in sweeps])) if len(sweeps) > 1 else sweeps[0]
+    finished: dict[str, dict] = {}
+    unfinished: list[str] = []
+    for sweep in sweeps:
+        done, started = find_runs(sweep)
+        within = sweep.resolve().relative_to(root.resolve())
+        finished.update((str(within / name), metrics) for name, metrics in done.items())
+        unfinished += [str(within / name) for name in started]
+    return root, finished, unfinished
+
+
+def sweep_progress(root: Path, sweeps: Sequence[Path], finished: dict[str, dict], unfinished: list[str]) -> str:
+    """Per sweep of the grid (a folder with Hydra's ``multirun.yaml``): its finished runs out of its grid's, and
+    those started and not finished, in one line each; empty for a single sweep that finished."""
+    lines = []
+    for sweep in sweeps:
+        for multirun in sorted(sweep.rglob("multirun.yaml")):
+            within = multirun.parent.resolve().relative_to(root.resolve())
+            prefix = "" if str(within) == "." else f"{within}/"
+            done = sum(name.startswith(prefix) for name in finished)
+            started = sum(name.startswith(prefix) for name in unfinished)
+            grid = grid_size(multirun.parent)
+            if grid is None or done < grid:
+                of = f" of {grid}" if grid else ""
+                lines.append(f"- `{relative(multirun.parent)}`: {done}{of} runs finished"
+                             + (f", {started} started and not finished" if started else "") + "\n")  # fmt: skip
+    return "".join(lines)
+
+
+def write_findings(sweeps: Path | Sequence[Path], out: Path, traps: bool = True) -> str:
+    """Write the findings report of one or more sweeps to ``out`` (figures beside it); returns the Markdown.
+    ``traps``: measure each finished run's traps at its pruned channels (``traps``; cached in its folder)."""
+    sweeps = [sweeps] if isinstance(sweeps, Path) else list(sweeps)
+    root, finished, unfinished = find_sweeps_runs(sweeps)
     if not finished:
-        raise SystemExit(f"report: error: no finished runs (folders with metrics.json) under {sweep}")
-    runs = [describe_run(sweep, name, metrics) for name, metrics in finished.items()]
+        raise SystemExit(
+            f"report: error: no finished runs (folders with metrics.json) under {', '.join(map(str, sweeps))}"
+        )
+    failures: dict[str, str] = {}
+    runs = [describe_run(root, name, with_traps(root, name, metrics, failures) if traps else metrics)
+            for name, metrics in finished.items()]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    span, total = wall_hours(sweep, runs)
-    commands = sweep_commands(sweep) or ["(no multirun.yaml found: not a Hydra multirun)"]
+    span, total = wall_hours(root, runs)
+    commands = [command for sweep in sweeps for command in sweep_commands(sweep)]
+    commands = commands or ["(no multirun.yaml found: not a Hydra multirun)"]
     text = "# Findings: do pruned channels stay pruned, and what moves them back?\n\n"
-    generated_by = f"pruneflow-report {relative(sweep)} --findings {relative(out)}"
-    text += f"Generated by `{generated_by}` from the sweep run with:\n\n"
+    generated_by = f"pruneflow-report {' '.join(relative(sweep) for sweep in sweeps)} --findings {relative(out)}"
+    text += f"Generated by `{generated_by}` from the sweep{'s' if len(commands) > 1 else ''} run with:\n\n"
     text += "```bash\n" + "\n".join(commands) + "\n```\n\n"
     text += f"{len(runs)} finished runs"
     text += f", {len(unfinished)} unfinished or failed (left out)" if unfinished else ""
@@ -601,14 +648,36 @@ def write_findings(sweep: Path, out: Path) -> str:
         "mean ± std over seeds. Drift is the L2 norm of the pruned channels' producing kernels (0: still pruned); "
         "the optimizer's shares are their largest value over the measured steps.\n"
     )
+    progress = sweep_progress(root, sweeps, finished, unfinished)
+    if progress:
+        text += "\nSweeps still short of their grid (a cell's `seeds` column says how many runs it has):\n\n" + progress
+    general = general_findings(runs)
+    if general:
+        text += "\n## Findings across the networks\n\n"
+        text += ("The ConvNet/VGG findings, checked on each network (evidence per network; where one contradicts a "
+                 "finding, it says so):\n\n")  # fmt: skip
+        text += "".join(f"- {line}\n" for line in general)
+    trap_lines = trap_sentences(runs, _strategy_rank)
+    if trap_lines:
+        text += "\n## The traps at the pruned channels\n\n"
+        text += (
+            "Measured by `pruneflow.experiment.traps` on each run's last checkpoint, one test batch in eval mode "
+            "(mean ± std over runs): what the stream's readers receive through the skip path, the squeeze-and-"
+            "excitation gate and product, the LayerNorms' statistics and output, the layer scale, at pruned "
+            "channels against kept ones.\n\n"
+        )
+        text += "".join(f"- {line}\n" for line in trap_lines)
     text += "\n## Findings\n\n" + "".join(f"- {sentence}\n" for sentence in findings_sentences(runs))
     text += "\n## The transient after pruning\n\n"
-    for figure in plot_transients(sweep, runs, out.parent, out.stem.lower()):
+    for figure in plot_transients(root, runs, out.parent, out.stem.lower()):
         text += f"![{figure.stem}]({figure.name})\n\n"
     text += "## Tables\n" + findings_tables(runs)
     if unfinished:
         text += "\nUnfinished or failed runs (no metrics.json), not reported:\n"
         text += "".join(f"- `{name}`\n" for name in unfinished)
+    if failures:
+        text += "\nRuns the trap probe could not rebuild (no trap readings):\n"
+        text += "".join(f"- `{name}`: {reason}\n" for name, reason in failures.items())
     out.write_text(text)
     return text
 
@@ -616,20 +685,27 @@ def write_findings(sweep: Path, out: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``pruneflow-report`` command."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
+    parser.add_argument("sweep", type=Path, nargs="+", help="a sweep folder; for --findings, one or more")
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="metrics.json keys, comma-separated")
     parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="TensorBoard tags to plot, comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/report.md")
     parser.add_argument("--findings", type=Path, default=None, help="write the findings report here instead")
+    parser.add_argument("--no-traps", action="store_true", help="--findings without the trap probe")
     args = parser.parse_args(argv)
-    if not args.sweep.is_dir():
-        raise SystemExit(
-            f"report: error: {args.sweep} is not a folder; pass a sweep folder such as outputs/sweeps/<time>"
-        )
+    for sweep in args.sweep:
+        if not sweep.is_dir():
+            raise SystemExit(
+                f"report: error: {sweep} is not a folder; pass a sweep folder such as outputs/sweeps/<time>"
+            )
     if args.findings is not None:
-        print(write_findings(args.sweep, args.findings))
+        print(write_findings(args.sweep, args.findings, traps=not args.no_traps))
         return
-    print(write_report(args.sweep, args.columns.split(","), [tag for tag in args.curves.split(",") if tag], args.out))
+    if len(args.sweep) > 1:
+        raise SystemExit(
+            f"report: error: {len(args.sweep)} sweep folders given; one without --findings, several with it"
+        )
+    tags = [tag for tag in args.curves.split(",") if tag]
+    print(write_report(args.sweep[0], args.columns.split(","), tags, args.out))
 
 
 if __name__ == "__main__":
