@@ -132,17 +132,17 @@ def multihead_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, 
     q, k, v rows tied to it; ``out_proj`` reads their value rows and writes its query's space (``embed_dim`` is
     both widths). Both are masked at the attention's output, (output, weights): the weights carry no channel."""
     name = str(node.target)
-    qkv = PrunableLayer(name, PackedInProjection(module), unit_name=name, unit=module)
     proj = PrunableLayer(f"{name}.out_proj", module.out_proj, unit_name=name, unit=module)
-    inner = heads_space(tracer, qkv, value, module.num_heads, proj.name, module.embed_dim)
+    reason, stream = unhandled_multihead(node, module), None
+    if reason is None:  # a packed ``in_proj`` (kdim and vdim refused: the attention has none)
+        qkv = PrunableLayer(name, PackedInProjection(module), unit_name=name, unit=module)
+        inner = heads_space(tracer, qkv, value, module.num_heads, proj.name, module.embed_dim)
+        stream = tie(tracer, inner, value, name, module.embed_dim)
+        reason = None if stream is not None else "reads a tensor that is not one whole space"
     output = tracer.new_space(proj)
-    reason = unhandled_multihead(node, module)
-    stream = None if reason else tie(tracer, inner, value, name, module.embed_dim)
     if stream is None:
-        reason = f"attention {name} {reason or 'reads a tensor that is not one whole space'}"
-        for index in (inner, output):
-            tracer.spaces[index].refuse(reason)
-        tracer.refuse(value, reason)
+        tracer.refuse(value, f"attention {name} {reason}")
+        tracer.spaces[output].refuse(f"attention {name} {reason}")
     else:
         output = tracer.union(stream, output, f"attention {name}'s output, as wide as its input")
     ndim = value.ndim if value is not None else None
