@@ -22,16 +22,25 @@ from pruneflow.pruning.callback import ChannelPruning
 from pruneflow.pruning.strategies import make_strategy
 
 
+def randomized(network: nn.Module) -> nn.Module:
+    """``network`` with random norms and a random head: torchvision's ViT starts its head at zero, whose logits
+    would be 0 whatever the network before it computes, and hide any difference."""
+    with torch.no_grad():
+        network.heads.head.weight.normal_()
+        network.heads.head.bias.normal_()
+    return randomize_norms(network)
+
+
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
     network = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
                                 num_classes=10)  # fmt: skip
-    return randomize_norms(network)
+    return randomized(network)
 
 
 def small_vit() -> nn.Module:
     torch.manual_seed(0)
-    return randomize_norms(vit(num_layers=2, hidden_dim=32, mlp_dim=64))
+    return randomized(vit(num_layers=2, hidden_dim=32, mlp_dim=64))
 
 
 MODELS = {"tiny": tiny_vit, "small_torchvision": small_vit}
