@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_channel_graph import check_masked_and_cut, space_of
 from test_window_attention import half_by_l1
 from torch import nn
 from torchvision.models import VisionTransformer
@@ -209,3 +210,10 @@ def test_whole_heads_with_a_cut_are_refused_before_training_the_head_width_follo
     with pytest.raises(ConfigError, match=refusal) as no:
         pruning.plan.choose_spaces(tiny_vit())
     assert "\n" not in str(no.value)
+
+
+@pytest.mark.parametrize("strategy", ["activation", "weight", "gradient", "hard", "parametrize", "control"])
+def test_every_strategy_masks_the_vit_and_cuts_it(strategy: str) -> None:
+    # ``activation``: what each consumer receives and each producer's pruned rows' gradient, measured from outside
+    graph = check_masked_and_cut(tiny_vit(), (3, 32, 32), strategy)
+    assert space_of(graph, "encoder.layers.encoder_layer_1.self_attention").tied_to is space_of(graph, "conv_proj")

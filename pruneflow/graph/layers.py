@@ -93,6 +93,17 @@ class PackedInProjection(nn.Linear):
         return int(self.attention.in_proj_weight.shape[0])
 
 
+def held_by(producer: nn.Module) -> nn.Module:
+    """The module holding a producer's weight and bias (a parametrization goes there): the producer itself, or the
+    attention whose packed ``in_proj`` a ``PackedInProjection`` is."""
+    return producer.attention if isinstance(producer, PackedInProjection) else producer
+
+
+def tensor_names(producer: nn.Module) -> tuple[str, str]:
+    """A producer's weight and bias as ``held_by`` names them."""
+    return ("in_proj_weight", "in_proj_bias") if isinstance(producer, PackedInProjection) else ("weight", "bias")
+
+
 def qkv_tensors(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
     """An attention's q, k, v projection (weight, bias): Swin's ``qkv`` layer, ``nn.MultiheadAttention``'s packed
     ``in_proj``."""

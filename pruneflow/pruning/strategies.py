@@ -37,6 +37,7 @@ from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
+from pruneflow.graph.layers import held_by, tensor_names
 
 
 def _keep_shape(pruned: Tensor, ndim: int) -> Tensor:
@@ -179,33 +180,37 @@ class ParametrizeMask(MaskStrategy):
     acts_in_forward = True
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        holder = held_by(layer.producer)
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.producer, tensor_name):
-                keep = layer.producer.parametrizations[tensor_name][0].keep
+            if parametrize.is_parametrized(holder, tensor_name):
+                keep = holder.parametrizations[tensor_name][0].keep
                 keep.copy_(_keep_shape(pruned, keep.ndim))
             else:
-                stored = getattr(layer.producer, tensor_name)
+                stored = getattr(holder, tensor_name)
                 keep = _keep_shape(pruned, stored.ndim).to(stored.device, stored.dtype)
-                parametrize.register_parametrization(layer.producer, tensor_name, ChannelMaskParametrization(keep))
+                parametrize.register_parametrization(holder, tensor_name, ChannelMaskParametrization(keep))
 
     def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
-        parametrizations = getattr(layer.producer, "parametrizations", None)
+        parametrizations = getattr(held_by(layer.producer), "parametrizations", None)
         if parametrizations is None:
             return super().trainable_tensors(layer)
         return [parametrizations[name].original for name in self._tensor_names(layer) if name in parametrizations]
 
     def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
-        parametrizations = getattr(layer.producer, "parametrizations", None)
-        return None if parametrizations is None else parametrizations["weight"].original
+        parametrizations = getattr(held_by(layer.producer), "parametrizations", None)
+        return None if parametrizations is None else parametrizations[self._tensor_names(layer)[0]].original
 
     def remove(self, layer: PrunableLayer) -> None:
+        holder = held_by(layer.producer)
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.producer, tensor_name):
-                parametrize.remove_parametrizations(layer.producer, tensor_name, leave_parametrized=True)
+            if parametrize.is_parametrized(holder, tensor_name):
+                parametrize.remove_parametrizations(holder, tensor_name, leave_parametrized=True)
 
     @staticmethod
     def _tensor_names(layer: PrunableLayer) -> list[str]:
-        return ["weight"] if layer.producer.bias is None else ["weight", "bias"]
+        """The producer's weight and bias as the module holding them names them (``held_by``)."""
+        weight, bias = tensor_names(layer.producer)
+        return [weight] if layer.producer.bias is None else [weight, bias]
 
 
 KEEP_BUFFER = "pruneflow_keep"
