@@ -5,11 +5,14 @@ its patches by ``hidden_dim``, an attribute the cut sets."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from test_budget import cut_costs, graph_spaces
 from test_channel_graph import check_masked_and_cut, space_of
 from test_window_attention import half_by_l1
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import VisionTransformer
 
 from pruneflow.compaction import compact
@@ -19,6 +22,7 @@ from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.models.small_torchvision import vit
+from pruneflow.pruning.budget import CostModel
 from pruneflow.pruning.callback import ChannelPruning
 from pruneflow.pruning.strategies import make_strategy
 
@@ -217,3 +221,21 @@ def test_every_strategy_masks_the_vit_and_cuts_it(strategy: str) -> None:
     # ``activation``: what each consumer receives and each producer's pruned rows' gradient, measured from outside
     graph = check_masked_and_cut(tiny_vit(), (3, 32, 32), strategy)
     assert space_of(graph, "encoder.layers.encoder_layer_1.self_attention").tied_to is space_of(graph, "conv_proj")
+
+
+def test_flops_count_the_attention_which_its_fast_path_would_hide() -> None:
+    # in inference torch runs nn.MultiheadAttention as one fused op the FLOP counter has no formula for
+    model, image = tiny_vit().eval(), torch.randn(1, 3, 32, 32)
+    with FlopCounterMode(display=False) as op_by_op:  # gradients on: the op-by-op path, as when training
+        model(image)
+    assert count_flops(model, image) == op_by_op.get_total_flops()
+
+
+def test_the_cost_model_of_a_target_predicts_the_cut_vits_flops_and_params_exactly() -> None:
+    network, image = tiny_vit().eval(), torch.randn(1, 3, 32, 32)
+    spaces = graph_spaces(network)
+    model = CostModel(network, spaces, image)
+    flops_ratio, params_ratio = cut_costs(network, spaces, {space.name: 0.5 for space in spaces}, image)
+    counts = np.array([space.width // 2 for space in spaces], dtype=np.float64)
+    assert model.measured_flops / model.flops(counts) == pytest.approx(flops_ratio, rel=1e-9)
+    assert model.measured_params / model.params(counts) == pytest.approx(params_ratio, rel=1e-9)

@@ -3,6 +3,10 @@ layers it keeps whole. Read by the graph's handlers, the masking strategies and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.maxvit import PartitionAttentionLayer, RelativePositionalMultiHeadAttention
@@ -91,6 +95,19 @@ class PackedInProjection(nn.Linear):
     @property
     def out_features(self) -> int:  # type: ignore[override]
         return int(self.attention.in_proj_weight.shape[0])
+
+
+@contextmanager
+def attention_op_by_op() -> Iterator[None]:
+    """``nn.MultiheadAttention`` on its op-by-op path for the block, as when training: its inference fast path is one
+    fused op (``_native_multi_head_attention``) the FLOP counter has no formula for, so it would count none of the
+    attention's FLOPs. Both paths compute the same function."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def held_by(producer: nn.Module) -> nn.Module:
