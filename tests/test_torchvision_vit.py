@@ -5,6 +5,8 @@ its patches by ``hidden_dim``, an attribute the cut sets."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,20 @@ def test_the_cost_model_of_a_target_predicts_the_cut_vits_flops_and_params_exact
     counts = np.array([space.width // 2 for space in spaces], dtype=np.float64)
     assert model.measured_flops / model.flops(counts) == pytest.approx(flops_ratio, rel=1e-9)
     assert model.measured_params / model.params(counts) == pytest.approx(params_ratio, rel=1e-9)
+
+
+def test_whole_heads_masked_compute_the_attention_without_them() -> None:
+    # mask.heads=true without a cut: a masked head's q, k and v rows are 0, its output 0, the other heads untouched
+    model = tiny_vit().eval()
+    reference = copy.deepcopy(model)
+    attention = "encoder.layers.encoder_layer_0.self_attention"
+    layer = next(layer for layer in trace_channel_graph(model).layers if layer.name == attention)
+    pruned = torch.tensor([True, False, False, True]).view(1, 4, 1).expand(3, 4, 8).flatten()
+    masking = make_strategy("activation")
+    masking.prepare(layer)
+    masking.apply(layer, pruned)
+    with torch.no_grad():
+        reference.get_submodule(attention).in_proj_weight[pruned] = 0
+        reference.get_submodule(attention).in_proj_bias[pruned] = 0
+        images = torch.randn(2, 3, 32, 32)
+        assert relative_gap(reference(images), model(images)) < 1e-5

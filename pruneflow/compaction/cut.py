@@ -24,6 +24,11 @@ zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the cr
 timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
 ``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
 
+``nn.MultiheadAttention`` (torchvision's ViT) is rebuilt at its input's kept width (``embed_dim``, its head count
+kept, ``head_dim`` following): its packed ``in_proj`` keeps the kept q, k, v rows of the kept input columns, its
+``out_proj`` is cut as a layer of its own; a number the model reshapes by (its ``hidden_dim``:
+``ChannelSpace.held_by``) is set to the kept width.
+
 A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
 the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
 head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
