@@ -260,3 +260,11 @@ class GroupedBottleneck(nn.Module):
         branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
         x = torch.relu(x + self.c_bn(self.c(branch)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FakeImages(L.LightningDataModule):
+    """16 random 32-px RGB images of 10 classes, in batches of 8: a Lightning run's data where values do not matter."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+        return torch.utils.data.DataLoader(data, batch_size=8)

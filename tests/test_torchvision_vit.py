@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import FakeImages
 from test_budget import cut_costs, graph_spaces
 from test_channel_graph import check_masked_and_cut, space_of
 from test_window_attention import half_by_l1
@@ -17,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import VisionTransformer
 
+from pruneflow import ClassifierModule
 from pruneflow.compaction import compact
 from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.cut import apply_sizes
@@ -258,3 +261,18 @@ def test_whole_heads_masked_compute_the_attention_without_them() -> None:
         reference.get_submodule(attention).in_proj_bias[pruned] = 0
         images = torch.randn(2, 3, 32, 32)
         assert relative_gap(reference(images), model(images)) < 1e-5
+
+
+def test_a_cut_while_training_carries_the_attentions_optimizer_state_and_trains_on() -> None:
+    model = tiny_vit()
+    pruning = ChannelPruning("activation", amount=0.5, groups=True, cut_at_step=1)
+    trainer = L.Trainer(max_steps=3, callbacks=[pruning], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    module = ClassifierModule(model, lambda parameters: torch.optim.AdamW(parameters, lr=0.01), num_classes=10)
+    trainer.fit(module, datamodule=FakeImages())
+    cut = module.model
+    assert cut.hidden_dim == 16 and tuple(cut.encoder.pos_embedding.shape) == (1, 17, 16)
+    attention = cut.encoder.layers[1].self_attention
+    assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (16, 4, 4)
+    state = trainer.optimizers[0].state[attention.in_proj_weight]
+    assert state["exp_avg"].shape == attention.in_proj_weight.shape == (48, 16)
