@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from pruneflow import ChannelPruning
 from pruneflow.experiment import compose_config
 from pruneflow.graph import Consumer
+from pruneflow.graph.layers import input_weight
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -118,8 +119,9 @@ def _receive(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
     """Forward pre-hook: running max of |input| over the input columns that read pruned channels."""
     received = inputs[0].detach()
     columns = getattr(module, COLUMNS_BUFFER)
-    # a linear layer reads its features on the last dim (ConvNeXt's channels-last MLP, a ViT's tokens); a conv on dim 1
-    if isinstance(module, nn.Linear):
+    # a linear layer (or an attention's in_proj) reads its features on the last dim (ConvNeXt's channels-last MLP, a
+    # ViT's tokens); a conv on dim 1
+    if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
         weights = columns.view(*([1] * (received.ndim - 1)), -1)
     else:
         weights = columns.view(1, -1, *([1] * (received.ndim - 2)))
@@ -157,8 +159,9 @@ class ConsumerInputProbe(Callback):
             for consumer in layer.consumers:
                 module = modules[consumer.name]
                 if consumer.name not in self.consumers:
-                    device = module.weight.device
-                    width = getattr(module, "in_channels", module.weight.shape[1])  # a grouped conv's whole input
+                    weight = input_weight(module)
+                    device = weight.device
+                    width = getattr(module, "in_channels", weight.shape[1])  # a grouped conv's whole input
                     module.register_buffer(COLUMNS_BUFFER, torch.zeros(width, device=device), False)
                     module.register_buffer(RECEIVED_BUFFER, torch.zeros((), device=device), False)
                     self.handles.append(module.register_forward_pre_hook(_receive))
@@ -257,3 +260,11 @@ class GroupedBottleneck(nn.Module):
         branch = torch.relu(self.b_bn(self.b(torch.relu(self.a_bn(self.a(x))))))
         x = torch.relu(x + self.c_bn(self.c(branch)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FakeImages(L.LightningDataModule):
+    """16 random 32-px RGB images of 10 classes, in batches of 8: a Lightning run's data where values do not matter."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+        return torch.utils.data.DataLoader(data, batch_size=8)

@@ -46,7 +46,7 @@ PRUNABLE_KINDS = {
     "mobilenet_v2": "expansions and the projection streams",
     "mobilenet_v3": "expansions, SE hidden widths, SE-gated groups",
     "convnext": "MLP hidden widths and the LayerNorm'd streams",
-    "vit": "MLP hidden widths only",
+    "vit": "the embedding width (with its attentions' q, k, v rows) and MLP hidden widths",
 }
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
@@ -65,8 +65,7 @@ def loader() -> DataLoader:
 def test_every_family_traces_into_prunable_spaces(family: str) -> None:
     graph = trace_channel_graph(FAMILIES[family]())
     assert graph.prunable, f"{family}: nothing prunable ({PRUNABLE_KINDS[family]} expected)"
-    if family != "vit":  # a ViT's residual stream is not followed (the patch flatten, the class token)
-        assert any(space.coupled for space in graph.prunable), f"{family}: no coupled group"
+    assert any(space.coupled for space in graph.prunable), f"{family}: no coupled group"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -118,12 +117,6 @@ def test_each_family_experiment_runs_prunes_and_compacts_to_the_masked_network(f
     assert metrics["compact/max_rel_diff"] <= 1e-4  # the cut network computes the masked one
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "channel graph: torchvision's ViT flattens the patch grid with x.reshape(n, hidden_dim, h * w) (channels stay "
-    "at dim 1; the graph refuses the reshape), prepends a class token with torch.cat on the token dim and adds "
-    "pos_embedding (parameters carrying the width on their last dim: the graph calls them tensors outside it), "
-    "and reads the stream in nn.MultiheadAttention (in_proj/out_proj, heads: no leaf rule like Swin's)"
-))  # fmt: skip
 def test_vit_embedding_width_is_one_prunable_coupled_space() -> None:
     graph = trace_channel_graph(FAMILIES["vit"]())
     stream = [space for space in graph.spaces if "conv_proj" in space.names]

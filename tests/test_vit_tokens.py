@@ -7,6 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import FakeImages
 from test_window_attention import half_by_l1
 from torch import nn
 
@@ -84,12 +85,6 @@ def test_a_pruned_channel_of_the_stream_stays_zero_with_no_gradient_while_traini
     assert model.pos_embed[..., pruned].abs().max() == 0 and model.cls_token[..., pruned].abs().max() == 0
     original = model.parametrizations.pos_embed.original
     assert original.grad is None or original.grad[..., pruned].abs().max() == 0
-
-
-class FakeImages(L.LightningDataModule):
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        data = torch.utils.data.TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
-        return torch.utils.data.DataLoader(data, batch_size=8)
 
 
 def test_mask_heads_with_a_cut_prunes_whole_heads_of_a_vit_through_a_lightning_trainer(tmp_path) -> None:

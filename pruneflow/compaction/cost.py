@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.compaction.verify import evaluating
 from pruneflow.errors import ConfigError
+from pruneflow.graph.layers import attention_op_by_op
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -44,8 +45,9 @@ def count_flops(model: nn.Module, image: Tensor) -> int:
     torch 2.11 ever after, so a cut while training, which counts the FLOPs it removed, would train on uncompiled.
     The parameters are counted with ``requires_grad`` off: the counter's module tracker hooks every module input
     that requires grad, and fails on one without a gradient function (a parameter expanded into a block's input,
-    as timm's CaiT does with its class token)."""
-    with evaluating(model), _without_grad(model), FlopCounterMode(display=False) as counter:
+    as timm's CaiT does with its class token). ``nn.MultiheadAttention`` is counted op by op
+    (``attention_op_by_op``)."""
+    with evaluating(model), _without_grad(model), attention_op_by_op(), FlopCounterMode(display=False) as counter:
         model.forward(image)
     return int(counter.get_total_flops())
 

@@ -24,6 +24,11 @@ zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the cr
 timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
 ``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
 
+``nn.MultiheadAttention`` (torchvision's ViT) is rebuilt at its input's kept width (``embed_dim``, its head count
+kept, ``head_dim`` following): its packed ``in_proj`` keeps the kept q, k, v rows of the kept input columns, its
+``out_proj`` is cut as a layer of its own; a number the model reshapes by (its ``hidden_dim``:
+``ChannelSpace.held_by``) is set to the kept width.
+
 A Swin attention's q, k, v rows (``ChannelSpace.heads``) are cut as rows of its ``qkv`` and columns of its ``proj``,
 the same positions from q and k and as many from every head, as many per head as the attention's input keeps per
 head (checked: its head width is its input's width / heads); the attention keeps its head count and divides its
@@ -54,6 +59,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
 from pruneflow.errors import ConfigError
@@ -67,7 +73,7 @@ from pruneflow.graph import (
     trace_channel_graph,
 )
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
-from pruneflow.graph.layers import LayerNorm2d
+from pruneflow.graph.layers import LayerNorm2d, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS
 
 log = logging.getLogger(__name__)
@@ -149,6 +155,12 @@ def _linear_args(linear: nn.Linear) -> dict[str, Any]:
     return {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None}
 
 
+def _attention_args(attention: nn.MultiheadAttention) -> dict[str, Any]:
+    # keys and values as wide as the query: the graph refuses the others
+    return {"embed_dim": attention.embed_dim, "num_heads": attention.num_heads, "dropout": attention.dropout,
+            "bias": attention.in_proj_bias is not None, "batch_first": attention.batch_first}  # fmt: skip
+
+
 # type → (constructor arguments of an instance, its (output, input) width arguments). Exact types only:
 # a subclass may compute something else from the same tensors.
 RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]] = {
@@ -157,6 +169,10 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.BatchNorm1d: (_norm_args, ("num_features", None)),
     nn.BatchNorm2d: (_norm_args, ("num_features", None)),
     nn.Linear: (_linear_args, ("out_features", "in_features")),
+    # the linear layer ``nn.MultiheadAttention`` holds as its ``out_proj`` (a name that keeps it unquantized)
+    NonDynamicallyQuantizableLinear: (_linear_args, ("out_features", "in_features")),
+    # its width is its input's, its q, k, v rows 3 × as many (``cut_multihead_attention``)
+    nn.MultiheadAttention: (_attention_args, ("embed_dim", None)),
     nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
     LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
 }
@@ -265,8 +281,9 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 
 
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
-# head count and width of all heads, BEiT's and EVA's fused path turned off (``ChannelSpace.unfused_by_cut``).
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn"}
+# head count and width of all heads, BEiT's and EVA's fused path turned off (``ChannelSpace.unfused_by_cut``); and a
+# width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn", "hidden_dim"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -314,6 +331,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     dim 1 of a weight the input; scalar buffers (``num_batches_tracked``) are copied as they are. A
     depthwise conv's row ``c`` reads input channel ``c`` only: cutting rows cuts its inputs and groups.
     """
+    if isinstance(module, nn.MultiheadAttention):
+        return cut_multihead_attention(name, module, out_keep, in_keep)
     _, (out_arg, in_arg) = _resizable(name, module)
     sizes = {}
     if out_keep is not None:
@@ -326,6 +345,28 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
     new = resized(name, module, sizes)
     new.load_state_dict(state)
+    return new
+
+
+def cut_multihead_attention(
+    name: str, attention: nn.MultiheadAttention, rows: Tensor | None, columns: Tensor | None
+) -> nn.MultiheadAttention:
+    """``nn.MultiheadAttention`` at its input's kept width (``columns``), its head count kept: its packed ``in_proj``
+    keeps the q, k, v ``rows`` of those columns, as many per head; its ``out_proj`` is taken as it is, and cut on its
+    own (it writes the stream and reads the value rows), so the two follow the same widths."""
+    width = attention.embed_dim if columns is None else len(columns)
+    kept_rows = 3 * attention.embed_dim if rows is None else len(rows)
+    if kept_rows != 3 * width or width % attention.num_heads:
+        raise CompactionError(
+            f"cannot cut attention {name}: it would keep {kept_rows} q, k, v rows for an input of {width} channels; "
+            f"nn.MultiheadAttention needs 3 × its input's width, a multiple of its {attention.num_heads} heads"
+        )
+    new = resized(name, attention, {"embed_dim": width})
+    with torch.no_grad():
+        new.in_proj_weight.copy_(cut_tensor(attention.in_proj_weight, rows, columns))
+        if attention.in_proj_bias is not None:
+            new.in_proj_bias.copy_(cut_tensor(attention.in_proj_bias, rows, None))
+    new.out_proj = attention.out_proj
     return new
 
 
@@ -510,6 +551,7 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     _check_cuttable(modules, names, zeros)  # every module before changing any
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
+    _set_held_widths(model, groups, sizes)
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
@@ -545,7 +587,7 @@ def _kept_indices(
             scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():
         out_keep[name] = _kept(norm_width(modules[name]), entries)
-    in_keep = {name: _kept(modules[name].weight.shape[1], columns) for name, columns in cut_columns.items()}
+    in_keep = {name: _kept(input_weight(modules[name]).shape[1], columns) for name, columns in cut_columns.items()}
     return out_keep, in_keep, scale_entries
 
 
@@ -617,6 +659,14 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if owner is not None and len(group.removed):
             sizes[owner] = {"fused_attn": 0}
             set_attributes(model.get_submodule(owner), sizes[owner])
+
+
+def _set_held_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
+    """Set each attribute holding a cut space's width as a number (``ChannelSpace.held_by``) to the kept width."""
+    for group in groups:
+        for owner, attribute in group.space.held_by if len(group.removed) else ():
+            sizes.setdefault(owner, {})[attribute] = len(group.kept)
+            set_attributes(model.get_submodule(owner), {attribute: len(group.kept)})
 
 
 def _cut_scales(

@@ -60,8 +60,12 @@ carries it. For each space the graph knows
   torchvision builds it) is a leaf too: the stream it reads is written again by its attention's ``merge`` and its
   MLP's second layer (residuals, so coupled), read by ``to_qkv`` and the MLP's first layer, normalised by its two
   LayerNorms; ``to_qkv``'s rows are a heads space tied to the stream, whose head width is the attention's own
-  ``head_dim`` (``head_width_of``: the cut sets it; its scale, fixed at construction, stays). A flatten after an
-  adaptive pooling to 1 × 1 is (N, C), not channel-major: a LayerNorm there (MaxViT's classifier) is a point;
+  ``head_dim`` (``head_width_of``: the cut sets it; its scale, fixed at construction, stays). torch's
+  ``nn.MultiheadAttention`` (torchvision's ViT; exact type, called as self-attention) is a leaf whose one width,
+  ``embed_dim``, is its query's, its heads' and its output's: its packed ``in_proj`` (``PackedInProjection``, the
+  attention's own tensors) reads the stream and writes a heads space tied to it; its ``out_proj`` writes the stream
+  itself; the cut rebuilds it at the kept width. A flatten after an adaptive pooling to 1 × 1 is (N, C), not
+  channel-major: a LayerNorm there (MaxViT's classifier) is a point;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm

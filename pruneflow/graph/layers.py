@@ -3,7 +3,11 @@ layers it keeps whole. Read by the graph's handlers, the masking strategies and 
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.maxvit import PartitionAttentionLayer, RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention
@@ -64,3 +68,69 @@ def output_ndim(module: nn.Module) -> int | None:
     """Dimensions of a producer's output: (N, C, L) after a Conv1d, (N, C, H, W) after a Conv2d; a linear
     layer's input may have any rank."""
     return 3 if isinstance(module, nn.Conv1d) else 4 if isinstance(module, nn.Conv2d) else None  # subclasses too
+
+
+class PackedInProjection(nn.Linear):
+    """``nn.MultiheadAttention``'s packed q, k, v projection seen as the linear layer it is (``weight``, ``bias``,
+    ``in_features``, ``out_features``): the attention's own ``in_proj_weight`` and ``in_proj_bias``, not copies, so
+    a strategy's zeroing and a criterion's scores act on the tensors the attention computes with. Not a module of
+    the model (the attention is): a producer's record only."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        nn.Module.__init__(self)  # no tensors of its own
+        self.__dict__["attention"] = attention  # not a submodule: ``modules()`` of the record stays this one
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.attention.in_proj_weight
+
+    @property
+    def bias(self) -> Tensor | None:  # type: ignore[override]
+        return self.attention.in_proj_bias
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return int(self.attention.in_proj_weight.shape[1])
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return int(self.attention.in_proj_weight.shape[0])
+
+
+@contextmanager
+def attention_op_by_op() -> Iterator[None]:
+    """``nn.MultiheadAttention`` on its op-by-op path for the block, as when training: its inference fast path is one
+    fused op (``_native_multi_head_attention``) the FLOP counter has no formula for, so it would count none of the
+    attention's FLOPs. Both paths compute the same function."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def held_by(producer: nn.Module) -> nn.Module:
+    """The module holding a producer's weight and bias (a parametrization goes there): the producer itself, or the
+    attention whose packed ``in_proj`` a ``PackedInProjection`` is."""
+    return producer.attention if isinstance(producer, PackedInProjection) else producer
+
+
+def tensor_names(producer: nn.Module) -> tuple[str, str]:
+    """A producer's weight and bias as ``held_by`` names them."""
+    return ("in_proj_weight", "in_proj_bias") if isinstance(producer, PackedInProjection) else ("weight", "bias")
+
+
+def qkv_tensors(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """An attention's q, k, v projection (weight, bias): Swin's ``qkv`` layer, ``nn.MultiheadAttention``'s packed
+    ``in_proj``, BEiT's and EVA's ``qkv`` with q and v biases of their own."""
+    if isinstance(attention, nn.MultiheadAttention):
+        return attention.in_proj_weight, attention.in_proj_bias
+    if getattr(attention, "q_bias", None) is not None:
+        return attention.qkv.weight, torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))
+    return attention.qkv.weight, attention.qkv.bias
+
+
+def input_weight(module: nn.Module) -> Tensor:
+    """The weight whose dim 1 reads a consumer's input: its ``weight``, ``nn.MultiheadAttention``'s ``in_proj``."""
+    return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight

@@ -108,6 +108,7 @@ class Tracer:
         kept.points += merged.points
         kept.scales += merged.scales
         kept.sources += merged.sources
+        kept.held_by += [held for held in merged.held_by if held not in kept.held_by]
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True

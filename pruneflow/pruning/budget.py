@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, is_depthwise, norm_width, trace_channel_graph
-from pruneflow.graph.layers import PRODUCER_TYPES
+from pruneflow.graph.layers import PRODUCER_TYPES, attention_op_by_op
 from pruneflow.pruning.criteria import Criterion, channels_to_prune
 from pruneflow.pruning.selection import select_spaces
 
@@ -133,8 +133,13 @@ class CostModel:
         self.index = {id(space): j for j, space in enumerate(self.spaces)}
         modules = dict(network.named_modules())
         layers = [(name, m) for name, m in modules.items() if isinstance(m, PRODUCER_TYPES)]
+        # a producer that is no module of the network (``nn.MultiheadAttention``'s packed in_proj), or one its
+        # attention computes with instead of calling it (``PrunableLayer.unit``), counts positions at the attention
+        records = {layer.name: layer for space in self.spaces for layer in space.producers}
+        layers += [(name, layer.producer) for name, layer in records.items() if name not in dict(layers)]
         row = {name: i for i, (name, _) in enumerate(layers)}
-        positions = _output_positions(network, [m for _, m in layers], image)
+        units = {name: records[name].unit for name, _ in layers if name in records and records[name].unit is not None}
+        positions = _output_positions(network, [units.get(name, m) for name, m in layers], image)
         self.measured_flops = positions.pop("total")
         count, width = len(layers), len(self.spaces)
         self.out_full = np.array([m.weight.shape[0] for _, m in layers], dtype=np.float64)
@@ -165,7 +170,7 @@ class CostModel:
                     self.out_rows[row[point.name], j] += read
                 else:
                     self.linear_params[j] += read * _entries_per_channel(point.module)
-            for scale in space.scales:
+            for scale in (*space.scales, *space.sources):  # a ViT's class token and position embedding too
                 parameter = network.get_parameter(scale.name)
                 self.linear_params[j] += parameter.numel() / parameter.shape[scale.dim]
         full = np.zeros(width)
@@ -216,9 +221,12 @@ def _output_positions(network: nn.Module, layers: Sequence[nn.Module], image: Te
     positions: dict[object, int] = {}
 
     def recorder(index: int) -> Callable[..., None]:
-        def record(module: nn.Module, args: object, output: Tensor) -> None:
-            # a conv's (N, C, H, W) or a linear layer's (..., C): positions per image, the batch being one
-            channels_dim = -1 if isinstance(module, nn.Linear) else 1
+        def record(module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
+            # a conv's (N, C, H, W) or a linear layer's (..., C): positions per image, the batch being one; an
+            # attention's output (``nn.MultiheadAttention``'s first), channels last
+            attention = isinstance(output, tuple) or not isinstance(module, (*PRODUCER_TYPES, nn.BatchNorm2d))
+            output = output[0] if isinstance(output, tuple) else output
+            channels_dim = -1 if isinstance(module, nn.Linear) or attention else 1
             positions[index] = positions.get(index, 0) + output.numel() // output.shape[channels_dim]
 
         return record
@@ -227,7 +235,7 @@ def _output_positions(network: nn.Module, layers: Sequence[nn.Module], image: Te
     modes = {module: module.training for module in network.modules()}
     network.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with attention_op_by_op(), FlopCounterMode(display=False) as counter:
             network.forward(image)
     finally:
         for handle in handles:

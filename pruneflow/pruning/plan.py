@@ -139,15 +139,15 @@ class PruningPlan:
 
     def check_heads_cut(self, spaces: Sequence[ChannelSpace]) -> None:
         """Refuse, before training, whole heads that no cut can take out: an attention whose head width follows its
-        input's (torchvision's Swin and MaxViT, timm's BEiT, EVA and CaiT: ``tied_to``) keeps its head count in a
-        cut (a target is met by a cut too)."""
+        input's (torchvision's Swin and MaxViT, timm's BEiT, EVA and CaiT, torch's ``nn.MultiheadAttention``:
+        ``tied_to``) keeps its head count in a cut (a target is met by a cut too)."""
         cut = self.cuts or self.compacts or self.amount is None
         tied = [space.name for space in spaces if space.heads > 1 and space.tied_to is not None]
         if self.heads and cut and tied:
             raise ConfigError(
-                f"mask.heads=true cannot cut the whole heads of {tied[0]}: torchvision's Swin and MaxViT and timm's "
-                "BEiT, EVA and CaiT attentions take their head width from their input's, so they keep their head "
-                "count; whole heads are cut from "
+                f"mask.heads=true cannot cut the whole heads of {tied[0]}: torchvision's Swin and MaxViT attentions, "
+                "timm's BEiT, EVA and CaiT attentions and torch's nn.MultiheadAttention (torchvision's ViT) take their "
+                "head width from their input's, so they keep their head count; whole heads are cut from "
                 "timm's Attention (ViT, DeiT) only. For these, evaluate the masked network: mask.amount, no "
                 "mask.target, mask.cut_at_epoch, mask.cut_at_step or compact=true"
             )

@@ -30,12 +30,14 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
+from pruneflow.graph.layers import held_by, tensor_names
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS
 
 
@@ -179,33 +181,37 @@ class ParametrizeMask(MaskStrategy):
     acts_in_forward = True
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
+        holder = held_by(layer.producer)
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.producer, tensor_name):
-                keep = layer.producer.parametrizations[tensor_name][0].keep
+            if parametrize.is_parametrized(holder, tensor_name):
+                keep = holder.parametrizations[tensor_name][0].keep
                 keep.copy_(_keep_shape(pruned, keep.ndim))
             else:
-                stored = getattr(layer.producer, tensor_name)
+                stored = getattr(holder, tensor_name)
                 keep = _keep_shape(pruned, stored.ndim).to(stored.device, stored.dtype)
-                parametrize.register_parametrization(layer.producer, tensor_name, ChannelMaskParametrization(keep))
+                parametrize.register_parametrization(holder, tensor_name, ChannelMaskParametrization(keep))
 
     def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
-        parametrizations = getattr(layer.producer, "parametrizations", None)
+        parametrizations = getattr(held_by(layer.producer), "parametrizations", None)
         if parametrizations is None:
             return super().trainable_tensors(layer)
         return [parametrizations[name].original for name in self._tensor_names(layer) if name in parametrizations]
 
     def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
-        parametrizations = getattr(layer.producer, "parametrizations", None)
-        return None if parametrizations is None else parametrizations["weight"].original
+        parametrizations = getattr(held_by(layer.producer), "parametrizations", None)
+        return None if parametrizations is None else parametrizations[self._tensor_names(layer)[0]].original
 
     def remove(self, layer: PrunableLayer) -> None:
+        holder = held_by(layer.producer)
         for tensor_name in self._tensor_names(layer):
-            if parametrize.is_parametrized(layer.producer, tensor_name):
-                parametrize.remove_parametrizations(layer.producer, tensor_name, leave_parametrized=True)
+            if parametrize.is_parametrized(holder, tensor_name):
+                parametrize.remove_parametrizations(holder, tensor_name, leave_parametrized=True)
 
     @staticmethod
     def _tensor_names(layer: PrunableLayer) -> list[str]:
-        return ["weight"] if layer.producer.bias is None else ["weight", "bias"]
+        """The producer's weight and bias as the module holding them names them (``held_by``)."""
+        weight, bias = tensor_names(layer.producer)
+        return [weight] if layer.producer.bias is None else [weight, bias]
 
 
 KEEP_BUFFER = "pruneflow_keep"
@@ -220,6 +226,9 @@ def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor)
     In place: neither BatchNorm's nor a conv's backward reads its own output, so autograd allows it,
     and the eager hot path saves an activation-sized allocation per masked layer.
     """
+    if isinstance(output, tuple):  # ``nn.MultiheadAttention``'s (output, weights): the weights carry no channel
+        output[0].mul_(getattr(module, KEEP_BUFFER).to(output[0].dtype))
+        return output
     return output.mul_(getattr(module, KEEP_BUFFER).to(output.dtype))
 
 
@@ -250,6 +259,43 @@ def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tenso
 QKV_KEEP_BUFFER = "pruneflow_keep_qkv"
 
 
+def qkv_rows(keep: Tensor, heads: int) -> Tensor:
+    """What an attention's q, k, v rows are multiplied by where ``keep`` (1 = kept) masks them: 0 for a pruned row,
+    √(d/d') for a kept query row of a head keeping d' of its d positions (the cut head divides its logits by √d',
+    the masked one by √d), 1 for the other kept rows. No branch on values (see ``mask_channels``)."""
+    per_head = keep.view(3, heads, -1)
+    width = per_head.shape[-1]
+    temperature = (width / per_head[0].sum(-1, keepdim=True).clamp_min(1.0)).sqrt().expand_as(per_head[0])
+    return keep * torch.cat([temperature.unsqueeze(0), torch.ones_like(per_head[1:])]).flatten()
+
+
+def mask_multihead_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: tuple) -> tuple:
+    """Forward hook at an ``nn.MultiheadAttention`` whose q, k, v rows are pruned: the attention computed again (its
+    own function, ``F.multi_head_attention_forward``) with its packed ``in_proj`` rows times ``qkv_rows``, as
+    ``mask_window_attention`` does for Swin's; the mask of its output's channels applied too, whichever hook runs
+    first."""
+    rows = qkv_rows(getattr(module, QKV_KEEP_BUFFER), module.num_heads)
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")  # fmt: skip
+    given = {**dict(zip(names, args, strict=False)), **kwargs}
+    query, key, value = given["query"], given["key"], given["value"]
+    batched_first = module.batch_first and query.dim() == 3
+    if batched_first:  # as ``nn.MultiheadAttention.forward``: the function takes (tokens, batch, channels)
+        query, key, value = (tensor.transpose(0, 1) for tensor in (query, key, value))
+    bias = None if module.in_proj_bias is None else module.in_proj_bias * rows.to(module.in_proj_bias.dtype)
+    attended, weights = F.multi_head_attention_forward(
+        query, key, value, module.embed_dim, module.num_heads,
+        module.in_proj_weight * rows.to(module.in_proj_weight.dtype).view(-1, 1), bias, module.bias_k, module.bias_v,
+        module.add_zero_attn, module.dropout, module.out_proj.weight, module.out_proj.bias, training=module.training,
+        key_padding_mask=given.get("key_padding_mask"), need_weights=given.get("need_weights", True),
+        attn_mask=given.get("attn_mask"), average_attn_weights=given.get("average_attn_weights", True),
+        is_causal=given.get("is_causal", False),
+    )  # fmt: skip
+    attended = attended.transpose(0, 1) if batched_first else attended
+    output_keep = getattr(module, KEEP_BUFFER, None)
+    return (attended if output_keep is None else attended * output_keep.to(attended.dtype), weights)
+
+
 def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     """Forward hook at a Swin attention whose q, k, v rows are pruned: the attention computed again with those rows
     (weights and biases) times 0, so a pruned position is 0 in every head and nothing reaches its rows backwards;
@@ -258,11 +304,7 @@ def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output:
     cut network's heads keep d' positions each and divide by √d', so the kept query rows are multiplied by
     √(d/d') here: the masked network computes the cut one's function of every kept weight, gradients included,
     and a cut while training trains on as the masked network would. No branch on values (see ``mask_channels``)."""
-    keep = getattr(module, QKV_KEEP_BUFFER)
-    per_head = keep.view(3, module.num_heads, -1)
-    width = per_head.shape[-1]
-    temperature = (width / per_head[0].sum(-1, keepdim=True).clamp_min(1.0)).sqrt().expand_as(per_head[0])
-    rows = keep * torch.cat([temperature.unsqueeze(0), torch.ones_like(per_head[1:])]).flatten()
+    rows = qkv_rows(getattr(module, QKV_KEEP_BUFFER), module.num_heads)
     qkv_bias = None if module.qkv.bias is None else module.qkv.bias * rows.to(module.qkv.bias.dtype)
     recomputed = shifted_window_attention(
         inputs[0],
@@ -327,8 +369,11 @@ class ActivationMask(MaskStrategy):
                 getattr(point, QKV_KEEP_BUFFER).copy_(keep)
             else:
                 point.register_buffer(QKV_KEEP_BUFFER, keep.to(layer.producer.weight.device), persistent=False)
-                hook = mask_recomputed_attention if type(point) in ROWS_MASKED_FORWARDS else mask_window_attention
-                self._handles[layer.name] = point.register_forward_hook(hook)
+                if isinstance(point, nn.MultiheadAttention):  # its query, key and value may come by keyword
+                    self._handles[layer.name] = point.register_forward_hook(mask_multihead_attention, with_kwargs=True)
+                else:
+                    hook = mask_recomputed_attention if type(point) in ROWS_MASKED_FORWARDS else mask_window_attention
+                    self._handles[layer.name] = point.register_forward_hook(hook)
             return
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from pruneflow.graph import Consumer, PrunableLayer
+from pruneflow.graph.layers import input_weight, qkv_tensors
 from pruneflow.pruning.strategies import QKV_KEEP_BUFFER, MaskStrategy
 
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
@@ -272,10 +273,11 @@ class DriftTelemetry:
         return torch.stack(measured).amax() if measured else torch.full((), -1.0, device=device)
 
     def consumer_weight(self, consumer: Consumer) -> Tensor:
-        return self.modules[consumer.name].weight
+        return input_weight(self.modules[consumer.name])
 
     def _leak_hook(self, name: str, shape: tuple[int, ...]):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor | tuple[Tensor, ...]) -> None:
+            output = output[0] if isinstance(output, tuple) else output  # ``nn.MultiheadAttention``'s (output, weights)
             # `is_compiling()` first: a compiled graph never reads the Python flag, so it never recompiles.
             if module.training:
                 if torch.compiler.is_compiling() or self._leak_armed:
@@ -296,9 +298,7 @@ class DriftTelemetry:
                 return
             with torch.no_grad():
                 keep = getattr(module, QKV_KEEP_BUFFER, None)
-                weight, bias = module.qkv.weight, module.qkv.bias
-                if getattr(module, "q_bias", None) is not None:  # BEiT's, EVA's: q and v biases of their own
-                    bias = torch.cat((module.q_bias, module.k_bias, module.v_bias))
+                weight, bias = qkv_tensors(module)
                 if keep is not None:
                     weight = weight * keep.to(weight.dtype).view(-1, 1)
                     bias = None if bias is None else bias * keep.to(bias.dtype)

@@ -7,9 +7,11 @@
 - ``joins``: additions and products (coupling spaces), per-channel scales, concatenations;
 - ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
 - ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
-- ``attention``: torchvision's Swin and MaxViT attention layers, kept whole;
+- ``attention``: torch's ``nn.MultiheadAttention`` (torchvision's ViT), torchvision's Swin and MaxViT attention
+  layers, kept whole;
 - ``tokens``: a transformer's token stream: parameters added to it or concatenated with it (position embeddings,
-  class tokens), the tokens taken for the head (after ``joins`` and ``shapes``, whose rules it extends);
+  class tokens), patches turned into tokens by a width an attribute holds (torchvision's ViT), the tokens taken for
+  the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).

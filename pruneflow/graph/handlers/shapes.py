@@ -204,6 +204,11 @@ def metadata(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     return None
 
 
+def rank(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> None:
+    """``x.dim()``: a number, no channel (torchvision's ViT asserts its tokens' rank with it)."""
+    return None
+
+
 def item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     """``x[i]`` of something that carries no channel (a shape, a tuple of outputs) carries none either; a slice of
     every channel (GhostNet's ``out[:, :C]`` of C channels) is the tensor itself, cropped or not in space."""
@@ -259,5 +264,6 @@ register_method_handler(("mean", "amax"), reduced)
 register_function_handler(torch.permute, permute_function)
 register_method_handler("permute", permute_method)
 register_method_handler("size", size)
+register_method_handler(("dim", "ndimension"), rank)
 register_function_handler(getattr, metadata)
 register_function_handler(operator.getitem, item)

@@ -9,6 +9,11 @@ mask (a parametrization: 0 in the forward, no gradient), the cut takes its entri
 parameter reaches the op directly (``get_attr``), through ``expand`` over the batch, or through timm's
 ``resample_abs_pos_embed`` (per channel, at the size it already has). ``x[:, 0]`` (the class token),
 ``x[:, k:]`` and a mean over the tokens keep the channels where they are.
+
+torchvision's ``VisionTransformer`` turns its patch embedding into tokens with ``x.reshape(n, self.hidden_dim,
+n_h * n_w)``: a flatten of the spatial dims, by a width ``torch.fx`` records as a number. It follows a cut only
+because the cut sets the attribute that holds it (``ChannelSpace.held_by``, ``WIDTH_HOLDERS``); a reshape by a
+number no known attribute holds goes to the probe, as any other.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 from pruneflow.graph.handlers import joins, shapes
 from pruneflow.graph.nodes import argument
@@ -33,6 +39,8 @@ if TYPE_CHECKING:
 # Ops a source parameter may pass through on its way: per channel, its last dim its channels still.
 PASSING_METHODS = ("expand",)
 PASSING_FUNCTIONS: list[Any] = []  # timm's ``resample_abs_pos_embed``, where timm is installed (``register``)
+# Models that reshape their patch embedding by a width held in an attribute: type → (the producer, the attribute)
+WIDTH_HOLDERS: dict[type[nn.Module], tuple[str, str]] = {VisionTransformer: ("conv_proj", "hidden_dim")}
 
 
 def joins_stream(node: torch.fx.Node) -> bool:
@@ -155,6 +163,33 @@ def token_mean(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     return Value(value.segments, value.width, revived_by=value.revived_by, ndim=ndim, channels_last=True)
 
 
+def width_holder(tracer: Tracer, node: torch.fx.Node, width: int) -> tuple[str, str] | None:
+    """(module, attribute) of a ``WIDTH_HOLDERS`` model holding ``width``, whose producer wrote ``node``'s input."""
+    writer = tracer.writer_of.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+    for name, module in tracer.modules.items():
+        producer, attribute = WIDTH_HOLDERS.get(type(module), (None, None))
+        if writer is not None and writer.name == f"{name}{'.' if name else ''}{producer}":
+            return (name, attribute) if getattr(module, attribute, None) == width else None
+    return None
+
+
+def patch_tokens(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.reshape(n, hidden_dim, n_h * n_w)`` of a patch embedding (N, C, H, W): its spatial dims flattened, the
+    channels at dim 1, the attribute holding ``hidden_dim`` set by the cut; anything else as ``shapes.view``."""
+    shape = node.args[1:]
+    usable = value is not None and value.ndim == 4 and value.channels_at(1) and one_whole_space(value)
+    if not usable or value.flattened or len(shape) != 3 or shape[1] != value.width:
+        return shapes.view(tracer, node, value)
+    holder = width_holder(tracer, node, value.width)
+    if holder is None:
+        return shapes.view(tracer, node, value)
+    space = tracer.space(value.segments[0][0])
+    if holder not in space.held_by:
+        space.held_by.append(holder)
+    return Value(value.segments, value.width, revived_by=value.revived_by, ndim=3)
+
+
+register_method_handler(("view", "reshape"), patch_tokens)
 register_function_handler((operator.add, torch.add), add)
 register_method_handler("mean", token_mean)
 register_method_handler("add", add)
