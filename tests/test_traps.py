@@ -178,9 +178,10 @@ def test_findings_report_of_families_states_traps_causes_and_each_family_against
     assert "convnext" not in text
 
 
-def test_vit_prunes_only_its_mlp_widths_so_no_stream_trap_is_read() -> None:
-    # torchvision's ViT: the channel graph follows no stream, head or LayerNorm'd width, only each MLP's hidden
-    # width (GELU(0) = 0): the probe must say so rather than report LayerNorm or head readings.
+def test_torchvision_vit_stream_is_read_as_a_residual_and_layernorm_trap_held_at_zero_by_activation() -> None:
+    # torchvision's ViT: the embedding width is one space through every residual, LayerNorm and attention, beside
+    # each MLP's hidden width: the probe reads the stream's skip path and its LayerNorms, and under `activation`
+    # every one of them is exactly 0 at the pruned channels while the kept ones carry signal.
     torch.manual_seed(0)
     cfg = compose_config([*FAMILIES["vit"], *TINY, "mask=activation"])
     network = instantiate(cfg.model, input_shape=[3, 16, 16], num_classes=10)
@@ -190,9 +191,13 @@ def test_vit_prunes_only_its_mlp_widths_so_no_stream_trap_is_read() -> None:
     for layer in layers:
         strategy.apply(layer, pruned[layer.name])
     readings = traps.measure_traps(network, layers, pruned, torch.randn(4, 3, 16, 16), torch.arange(4), "activation")
-    assert readings["plain/spaces"] == readings["traps/pruned_spaces"] >= 2
-    assert not any(key.startswith(("layernorm/", "heads/", "residual/", "se/")) for key in readings)
-    assert readings["reader/pruned_abs_max/eval"] == 0.0 and readings["guarantee/grad_pruned_abs_max"] == 0.0
+    assert readings["residual/spaces"] >= 1 and readings["traps/pruned_spaces"] > readings["plain/spaces"]
+    for mode in ("eval", "train"):
+        assert readings[f"residual/skip_kept_abs_mean/{mode}"] > 0 and readings[f"layernorm/input_var_kept/{mode}"] > 0
+        assert readings[f"residual/skip_pruned_abs_mean/{mode}"] == 0.0
+        assert readings[f"layernorm/output_pruned_abs_mean/{mode}"] == 0.0
+        assert readings[f"reader/pruned_abs_max/{mode}"] == 0.0
+    assert readings["guarantee/grad_pruned_abs_max"] == 0.0
 
 
 def timm_vit_pruned(strategy: str) -> dict[str, float]:
