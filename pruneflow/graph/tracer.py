@@ -22,7 +22,7 @@ from torch import nn
 
 from pruneflow.graph import registry, widths
 from pruneflow.graph.handlers import reorderings, shapes, timm_layers
-from pruneflow.graph.layers import PRODUCER_TYPES
+from pruneflow.graph.layers import PRODUCER_TYPES, is_layer_norm
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
 from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
@@ -57,6 +57,10 @@ class Tracer:
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
         self.width_reads: dict[torch.fx.Node, set[int]] = {}
         self.calls: dict[str, int] = {}
+        # a module called more than once: its first call's (inputs, output), and those whose calls read different
+        # spaces (``repeated_call``)
+        self.first_calls: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self.mixed_calls: set[str] = set()
         self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
         for node in graph.nodes:
             if node.op == "call_module":
@@ -74,9 +78,10 @@ class Tracer:
         return value_width == module_width or (self.widths is not None and value_width is not None)
 
     def reused(self, name: str) -> str | None:
-        """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
-        if self.calls.get(name, 0) > 1:
-            return f"{name} is called {self.calls[name]} times"
+        """Why module ``name``'s tensors are not its own to cut (called on different spaces, a parameter used
+        elsewhere)."""
+        if name in self.mixed_calls:
+            return f"{name} is called {self.calls[name]} times on different channel spaces"
         return self.shared.get(name)
 
     def describe(self, node: torch.fx.Node) -> str:
@@ -263,15 +268,48 @@ class Tracer:
             self.refuse_unknown(node, values)
         return None
 
+    def repeated_call(self, node: torch.fx.Node, module: nn.Module) -> Any:
+        """A later call of a module called more than once: reading what its first call read, it computes the same
+        channels, so it is that call again (its readers and rows already recorded); reading other spaces, no cut of
+        its tensors fits both, so every space it reads or writes is refused (``reused``), and this call goes to its
+        handlers (``UNKNOWN``). A module without tensors of its own (an activation) is only followed again."""
+        name = str(node.target)
+        first = self.first_calls.get(name)
+        if first is None:
+            return UNKNOWN
+        inputs, output = first
+        if name not in self.mixed_calls and self.signature(node) == inputs:
+            return output
+        if name not in self.mixed_calls and owns_tensors(module):
+            self.mixed_calls.add(name)
+            for value in (*inputs, output):
+                if isinstance(value, (Value, Parts)):
+                    self.refuse(value, self.reused(name))
+        return UNKNOWN
+
+    def signature(self, node: torch.fx.Node) -> tuple[Any, ...]:
+        """What ``node`` reads, each space named by its union's root: equal for two calls reading the same spaces."""
+        def named(value: Value | Parts | None) -> Any:
+            if not isinstance(value, Value):
+                return value
+            segments = tuple((self.union_find.root(index), offset) for index, offset in value.segments)
+            layout = value.layout and tuple((self.union_find.root(index), c) for index, c in value.layout)
+            return replace(value, segments=segments, layout=layout, probe=None)
+
+        return tuple(named(value) for value in self.input_values(node))
+
     def dispatch(self, node: torch.fx.Node, value: Value | None) -> Any:
         """What the op's handlers say of its output; ``UNKNOWN`` if none understands it."""
         if node.op == "call_module":
             module = self.modules[str(node.target)]
-            for handler in registry.module_handlers(type(module)):
-                result = handler(self, node, module, value)
-                if result is not UNKNOWN:
-                    return result
-            return UNKNOWN
+            repeated = self.repeated_call(node, module)
+            if repeated is not UNKNOWN:
+                return repeated
+            result = next((r for h in registry.module_handlers(type(module)) if (r := h(self, node, module, value))
+                           is not UNKNOWN), UNKNOWN)  # fmt: skip
+            if self.calls[str(node.target)] > 1 and str(node.target) not in self.first_calls:
+                self.first_calls[str(node.target)] = (self.signature(node), result)
+            return result
         if node.op == "call_function":
             handler = registry.function_handler(node.target)
         elif node.op == "call_method":
@@ -279,6 +317,11 @@ class Tracer:
         else:
             handler = None
         return UNKNOWN if handler is None else handler(self, node, value)
+
+
+def owns_tensors(module: nn.Module) -> bool:
+    """Whether a cut changes ``module`` (its parameters, buffers or a norm's width), so all its calls must agree."""
+    return is_layer_norm(module) or any(True for _ in (*module.parameters(), *module.buffers()))
 
 
 def first_line(exc: BaseException) -> str:
