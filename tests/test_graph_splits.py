@@ -6,12 +6,17 @@ the channels each part keeps."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_graph_cnn_rules import conv_bn, head
 from test_graph_defects import assert_cut_equals_masked
+from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
-from pruneflow.graph import trace_channel_graph
+from pruneflow.compaction import Compaction, CompactionError, compact
+from pruneflow.compaction.verify import randomize_norms
+from pruneflow.graph import register_split_sizes, trace_channel_graph
+from pruneflow.graph.handlers.reorderings import halves_of, sizes_in
 
 
 def mlp(width: int, hidden: int) -> nn.Sequential:
@@ -63,3 +68,93 @@ def test_a_module_called_on_different_spaces_refuses_them_in_one_line() -> None:
         assert len(space.refusals) == 1 and reason in space.refusals[0], space.refusals
     hidden = next(space for space in graph.spaces if "mlp.0" in space.names)
     assert reason in hidden.refusals  # and mlp.2's, which reads it and the second call's hidden space
+
+
+class PartialConv(nn.Module):
+    """FasterNet's PConv: a 3×3 conv on the first ``dim_conv3`` channels, the other ``dim_untouched`` untouched."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.dim_conv3, self.dim_untouched = width // 4, width - width // 4
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+class FasterStage(nn.Module):
+    """A FasterNet stage: two blocks ``x + mlp(pconv(x))`` on one residual stream, each splitting it alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = conv_bn(3, 16), head(16)
+        self.mixers = nn.ModuleList([PartialConv(16), PartialConv(16)])
+        self.mlps = nn.ModuleList([nn.Sequential(conv_bn(16, 24), nn.Conv2d(24, 16, 1)) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for mixer, mlp in zip(self.mixers, self.mlps, strict=True):
+            x = x + mlp(mixer(x))
+        return self.head(x)
+
+
+class CrossStage(nn.Module):
+    """CSPDarkNet's cross stage: an expansion conv split in halves by ``expand_chs // 2``; the first through a
+    residual block, the second across; concatenated again for the transition conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand_chs = 12
+        self.conv_exp, self.conv1, self.conv2 = conv_bn(3, 12), conv_bn(6, 4), conv_bn(4, 6)
+        self.conv_transition, self.head = conv_bn(12, 8), head(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.conv_exp(x).split(self.expand_chs // 2, dim=1)
+        x1 = x1 + self.conv2(self.conv1(x1))
+        return self.head(self.conv_transition(torch.cat([x1, x2], dim=1)))
+
+
+register_split_sizes(PartialConv, sizes_in("dim_conv3", "dim_untouched"))
+register_split_sizes(CrossStage, halves_of("expand_chs"))
+
+
+def cut_equal_to_masked(model: nn.Module) -> Compaction:
+    torch.manual_seed(0)
+    model = randomize_norms(model).eval()
+    images = torch.randn(4, 3, 6, 6)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    return compaction
+
+
+def test_a_split_by_sizes_its_owner_holds_cuts_each_part_and_sets_the_sizes() -> None:
+    """Each part keeps its share of the channels; the cut needs no zero channels, and sets the sizes it keeps."""
+    graph = trace_channel_graph(FasterStage())
+    stream = next(space for space in graph.spaces if "stem.0" in space.names)
+    assert stream.prunable and not stream.reordered, stream.refusals
+    assert [(split.owner, split.sizes) for split in stream.splits] == [("mixers.0", (4, 12)), ("mixers.1", (4, 12))]
+    assert list(stream.route_slots(0.5).values()) == [2, 6]
+    compaction = cut_equal_to_masked(FasterStage())
+    for name in ("mixers.0", "mixers.1"):
+        assert compaction.sizes[name] == {"dim_conv3": 2, "dim_untouched": 6}
+        mixer = compaction.model.get_submodule(name)
+        assert (mixer.dim_conv3, mixer.partial_conv3.in_channels, mixer.dim_untouched) == (2, 2, 6)
+    assert compaction.model.stem[0].out_channels == 8 and not compaction.padding
+
+
+def test_a_split_in_halves_keeps_the_first_part_no_smaller() -> None:
+    graph = trace_channel_graph(CrossStage())
+    expansion = next(space for space in graph.spaces if "conv_exp.0" in space.names)
+    assert expansion.prunable and [split.sizes for split in expansion.splits] == [(6, 6)]
+    assert list(expansion.route_slots(0.45).values()) == [4, 3]  # 7 kept: the first half takes the odd one
+    compaction = cut_equal_to_masked(CrossStage())
+    assert compaction.sizes[""] == {"expand_chs": 6} and compaction.model.expand_chs == 6
+    assert compaction.model.conv_transition[0].in_channels == 6
+
+
+def test_split_sizes_the_owner_cannot_take_are_refused_in_one_line() -> None:
+    with pytest.raises(CompactionError, match=r"^cannot cut conv_exp\.0: CrossStage \(the model\) cannot split it"):
+        compact(CrossStage(), {"conv_exp.0": [0, 1, 2]})

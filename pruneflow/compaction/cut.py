@@ -68,7 +68,7 @@ from pruneflow.graph import (
 )
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
 from pruneflow.graph.layers import LayerNorm2d
-from pruneflow.graph.registry import MODULE_HANDLERS
+from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,8 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
-        if set(widths) <= ATTENTION_SIZES:  # an attention's head width (MaxViT's) or head count (timm's)
+        # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
+        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES:
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -504,8 +505,12 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     zeros = _place(placement, out_keep, in_keep) if placement is not None else {}
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     _check_cuttable(modules, names, zeros)  # every module before changing any
+    splits = _split_settings(modules, groups)
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
     _set_head_widths(model, groups, sizes)
+    for owner, attributes in splits.items():
+        set_attributes(model.get_submodule(owner), attributes)
+        sizes[owner] = attributes
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
@@ -593,6 +598,26 @@ def _rebuild(
     return sizes
 
 
+def _split_settings(modules: Mapping[str, nn.Module], groups: Sequence[ChannelGroup]) -> dict[str, dict[str, int]]:
+    """The attributes that make each split by sizes the cut sets (``ChannelSpace.splits``) cut its space into the
+    channels each part keeps, by owner; a part left empty, or sizes its owner cannot take, refuse the cut."""
+    settings: dict[str, dict[str, int]] = {}
+    for group in groups:
+        for split in group.space.splits if len(group.removed) else ():
+            module, kept = modules[split.owner], split.kept(group.kept)
+            owner = f"{type(module).__name__} {split.owner or '(the model)'}"
+            try:
+                if 0 in kept:
+                    raise ValueError("a part would keep no channel")
+                settings[split.owner] = SPLIT_SIZES[type(module)](module, kept)
+            except ValueError as exc:
+                raise CompactionError(
+                    f"cannot cut {group.space.name}: {owner} cannot split it into parts of {kept} channels ({exc}); "
+                    "select with a criterion, which keeps each part's share"
+                ) from None
+    return settings
+
+
 def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
     """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one. timm's reshapes
     them by its head count and its output by its width: set both to the heads kept."""
@@ -632,8 +657,9 @@ def _cut_scales(
 
 # -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------
 def _reordered(space: ChannelSpace) -> bool:
-    """Whether ``space`` reaches a reader reordered (through a channel shuffle or a ``chunk``)."""
-    return bool(space.routes)
+    """Whether ``space`` reaches a reader reordered by position (a channel shuffle, a ``chunk``), not only split by
+    sizes the cut sets."""
+    return space.reordered and bool(space.routes)
 
 
 @dataclass

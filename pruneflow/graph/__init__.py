@@ -100,6 +100,7 @@ from pruneflow.graph.registry import (
     register_function_handler,
     register_method_handler,
     register_module_handler,
+    register_split_sizes,
 )
 from pruneflow.graph.routes import channel_routes, channels_to_prune, route_slots
 from pruneflow.graph.tracer import Tracer, find_prunable_layers, trace_channel_graph
@@ -130,6 +131,7 @@ __all__ = [
     "register_function_handler",
     "register_method_handler",
     "register_module_handler",
+    "register_split_sizes",
     "route_slots",
     "trace_channel_graph",
 ]

@@ -26,7 +26,7 @@ from pruneflow.graph.layers import PRODUCER_TYPES, is_layer_norm
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
 from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
-from pruneflow.graph.routes import RouteSlots, channel_routes, unplaceable
+from pruneflow.graph.routes import RouteSlots, channel_routes, split_slots, unplaceable
 from pruneflow.graph.union import UnionFind
 from pruneflow.graph.values import UNKNOWN, Parts, Value
 
@@ -50,6 +50,7 @@ class Tracer:
         self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
+        self.by_position: set[int] = set()  # spaces reordered by position (``Value.by_position``): the cut places them
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
@@ -105,6 +106,7 @@ class Tracer:
         kept.points += merged.points
         kept.scales += merged.scales
         kept.sources += merged.sources
+        kept.splits += merged.splits
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
@@ -157,8 +159,11 @@ class Tracer:
                 positions[offset + channel] = (index, channel)
         return None if None in positions else tuple(positions)  # type: ignore[return-value]
 
-    def with_layout(self, value: Value, layout: Sequence[tuple[int, int]], **changes: Any) -> Value:
-        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position."""
+    def with_layout(
+        self, value: Value, layout: Sequence[tuple[int, int]], by_position: bool = True, **changes: Any
+    ) -> Value:
+        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position
+        (``by_position``: placed so at any width, a shuffle's; else the parts of splits whose sizes the cut sets)."""
         segments: list[tuple[int, int]] = []
         position = 0
         while position < len(layout):
@@ -170,9 +175,13 @@ class Tracer:
             segments.append((index, position))
             position += width
         if position == len(layout):
-            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None, **changes)
+            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None,
+                           by_position=False, **changes)  # fmt: skip
         spaces = tuple((index, -1) for index in dict.fromkeys(index for index, _ in layout))
-        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None, **changes)
+        if by_position:
+            self.by_position.update(index for index, _ in spaces)
+        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None,
+                       by_position=by_position, **changes)  # fmt: skip
 
     def positions(self, layout: tuple[tuple[int, int], ...]) -> dict[int, tuple[int, ...]]:
         """Space id → for each of its channels, where the layout places it (-1: not in it)."""
@@ -188,22 +197,28 @@ class Tracer:
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
-        roots = (index for index in range(len(self.spaces)) if self.union_find.is_root(index))
-        spaces = [self.spaces[index] for index in roots if index not in self.folded]
-        for space in spaces:
+        roots = [i for i in range(len(self.spaces)) if self.union_find.is_root(i) and i not in self.folded]
+        spaces = [self.spaces[index] for index in roots]
+        by_position = {self.union_find.root(index) for index in self.by_position}
+        for index, space in zip(roots, spaces, strict=True):
             space.consumers = list(dict.fromkeys(space.consumers))
-            space.routes = channel_routes(space)
-            reason = unplaceable(space)
+            space.reordered = index in by_position
+            if space.reordered:  # the cut keeps the network's split sizes there, and places the channels
+                space.splits = []
+            space.routes = channel_routes(space) if space.reordered or space.splits else {}
+            reason = unplaceable(space) if space.reordered else None
             if reason:
                 space.refuse(reason)
+            if space.splits and space.routes:
+                space.route_slots = functools.partial(split_slots, space)
             for layer in space.producers:
                 layer.space = space
         self.tie()
         graph = ChannelGraph(spaces)
-        if self.widths is None and any(space.routes for space in spaces):
+        if self.widths is None and any(space.reordered and space.routes for space in spaces):
             slots = RouteSlots(self.model, graph, trace_channel_graph)
             for space in spaces:
-                if space.routes:
+                if space.reordered and space.routes:
                     space.route_slots = functools.partial(slots.of, space.name)
         return graph
 

@@ -180,7 +180,8 @@ def cat_layouts(tracer: Tracer, node: torch.fx.Node, values: list[Value | None])
     first = next(value for value in values if value is not None)
     revived = next((value.revived_by for value in values if value is not None and value.revived_by), None)
     joined = [position for layout in layouts for position in layout]  # type: ignore[union-attr]
-    return tracer.with_layout(first, joined, revived_by=revived)
+    by_position = any(value.by_position for value in values if value is not None)
+    return tracer.with_layout(first, joined, by_position, revived_by=revived)
 
 
 register_function_handler(ADD_FUNCTIONS, add)

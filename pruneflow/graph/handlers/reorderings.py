@@ -4,16 +4,19 @@ reshapes (a channel shuffle: ``view`` to (N, groups, C/groups, H, W), ``transpos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
+from torch import nn
 
 from pruneflow.graph.handlers.shapes import probe_shape, resolved
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.registry import register_function_handler, register_method_handler
-from pruneflow.graph.values import Parts, Value
+from pruneflow.graph.records import SplitSizes
+from pruneflow.graph.registry import SPLIT_SIZES, SplitResize, register_function_handler, register_method_handler
+from pruneflow.graph.values import Parts, Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -59,7 +62,43 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
     if sizes is None:
         return split_by_position(tracer, node, value)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return Parts(tuple(tracer.with_layout(value, layout[a : a + n]) for a, n in zip(starts, sizes, strict=True)))
+    by_position = not sizes_set_by_the_cut(tracer, node, value, sizes)
+    parts = (tracer.with_layout(value, layout[a : a + n], by_position) for a, n in zip(starts, sizes, strict=True))
+    return Parts(tuple(parts))
+
+
+def sizes_set_by_the_cut(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: list[int]) -> bool:
+    """Whether the split's sizes are attributes the cut can set (``register_split_sizes``, of the module whose
+    forward splits): of one space, whole and in order, into several parts. If so, the space records it."""
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()), None) if stack else None
+    name = owner[0] if owner is not None else ""
+    module = tracer.modules.get(name) if owner is not None else tracer.model
+    if type(module) not in SPLIT_SIZES or not one_whole_space(value) or len(sizes) < 2:
+        return False
+    tracer.space(value.segments[0][0]).splits.append(SplitSizes(name, tuple(sizes)))
+    return True
+
+
+def sizes_in(*attributes: str) -> SplitResize:
+    """A split by a list of sizes, each held in one of ``attributes`` (FasterNet's ``[dim_conv3, dim_untouched]``)."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        return dict(zip(attributes, sizes, strict=True))
+
+    return resize
+
+
+def halves_of(attribute: str) -> SplitResize:
+    """A split by ``x.split(self.<attribute> // 2)`` (CSPNet's ``expand_chs``): parts of ``attribute // 2`` channels,
+    so two parts only while the second keeps no more than the first."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        if len(sizes) != 2 or sizes[1] > sizes[0]:
+            raise ValueError(f"{attribute} // 2 channels go first, so the second part cannot keep more")
+        return {attribute: 2 * sizes[0]}
+
+    return resize
 
 
 def split_by_position(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> None:
