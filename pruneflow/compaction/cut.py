@@ -21,6 +21,10 @@ than at the full ones, so each kept channel is placed (rows of its producers, en
 its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
 zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
 
+A space split by sizes its owner holds (``ChannelSpace.splits``: FasterNet's partial conv) is cut plainly, each part
+keeping its kept channels in order; the cut sets the owner's sizes (``register_split_sizes``) to the channels each
+part keeps, recorded in ``sizes`` like an attention's head count.
+
 timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
 ``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
 

@@ -48,7 +48,11 @@ carries it. For each space the graph knows
   channel is the set of modules that read it (``channel_routes``): a cut that keeps the network's own shuffles
   and splits hands a cut network's channels to readers by position at the cut widths, so it places each kept
   channel on a slot of the same route (``compaction.cut``), and the criteria keep no more channels on a route
-  than the cut network has slots there (``route_slots``, traced at those widths);
+  than the cut network has slots there (``route_slots``, traced at those widths). A split by constant sizes that
+  its owner holds in attributes the cut can set (``register_split_sizes``: FasterNet's ``dim_conv3`` and
+  ``dim_untouched``, CSPNet's ``expand_chs // 2``) reorders nothing: it is recorded (``ChannelSpace.splits``), the
+  criteria keep each part's share (``split_slots``), the cut cuts each part on its own and sets the owner's sizes to
+  the channels each keeps (``reordered`` stays False: nothing to place, no zero channels);
 - its **heads**, where it is a Swin attention's q, k and v rows: torchvision's ``ShiftedWindowAttention`` (exact
   type) is kept whole, a leaf; its ``qkv`` reads the residual stream (a consumer) and writes the q, k, v rows of
   every head, a space of its own whose ``proj`` reads the value rows; ``proj`` writes the attention's output, a
@@ -62,6 +66,9 @@ carries it. For each space the graph knows
   LayerNorms; ``to_qkv``'s rows are a heads space tied to the stream, whose head width is the attention's own
   ``head_dim`` (``head_width_of``: the cut sets it; its scale, fixed at construction, stays). A flatten after an
   adaptive pooling to 1 × 1 is (N, C), not channel-major: a LayerNorm there (MaxViT's classifier) is a point;
+- a module **called more than once** (CoaT's MLP shared by its parallel streams) computes the same channels on
+  every call that reads what its first call read: it is that call again, pruned once; a module with tensors of its
+  own called on different spaces fits no cut of either, so every space it reads or writes is refused;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
