@@ -39,6 +39,19 @@ class SharedMlp(nn.Module):
         return self.head(a + b)
 
 
+class AliasedMlp(SharedMlp):
+    """CoaT builds its shared MLP as ``self.mlp2 = self.mlp3 = Mlp(...)``: one module under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp_b = self.mlp
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.a(x), self.b(x)
+        a = a + b
+        return self.head(a + self.mlp(self.norm_a(a)) + b + self.mlp_b(self.norm_b(b)))
+
+
 class MlpOnTwoSpaces(nn.Module):
     """One MLP on two streams that are different spaces: no cut of its columns fits both."""
 
@@ -58,6 +71,13 @@ def test_a_module_called_on_one_space_several_times_is_pruned_like_one_call() ->
     assert sorted(stream.names) == ["a.0", "b.0", "mlp.2"]  # mlp.2 once, though called twice
     assert [consumer.name for consumer in hidden.consumers] == ["mlp.2"]
     assert_cut_equals_masked(SharedMlp())
+
+
+def test_a_module_under_two_names_is_one_module_not_tied_parameters() -> None:
+    graph = trace_channel_graph(AliasedMlp())
+    hidden = next(space for space in graph.spaces if "mlp.0" in space.names)
+    assert hidden.prunable, hidden.refusals
+    assert_cut_equals_masked(AliasedMlp())
 
 
 def test_a_module_called_on_different_spaces_refuses_them_in_one_line() -> None:
