@@ -24,7 +24,7 @@ def mlp(width: int, hidden: int) -> nn.Sequential:
 
 
 class SharedMlp(nn.Module):
-    """CoaT's parallel block: one MLP added to two streams that a residual made one space."""
+    """CoaT's parallel block: one MLP added to two streams that a residual makes one space."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,10 +33,10 @@ class SharedMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.a(x), self.b(x)
+        y = b + self.mlp(self.norm_b(b))  # the first call reads b before the residual makes a and b one space
         a = a + b
         a = a + self.mlp(self.norm_a(a))
-        b = b + self.mlp(self.norm_b(b))
-        return self.head(a + b)
+        return self.head(a + y)
 
 
 class AliasedMlp(SharedMlp):

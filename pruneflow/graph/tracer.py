@@ -293,7 +293,7 @@ class Tracer:
         if first is None:
             return UNKNOWN
         inputs, output = first
-        if name not in self.mixed_calls and self.signature(node) == inputs:
+        if name not in self.mixed_calls and self.signature(self.input_values(node)) == self.signature(inputs):
             return output
         if name not in self.mixed_calls and owns_tensors(module):
             self.mixed_calls.add(name)
@@ -302,8 +302,9 @@ class Tracer:
                     self.refuse(value, self.reused(name))
         return UNKNOWN
 
-    def signature(self, node: torch.fx.Node) -> tuple[Any, ...]:
-        """What ``node`` reads, each space named by its union's root: equal for two calls reading the same spaces."""
+    def signature(self, values: Iterable[Value | Parts | None]) -> tuple[Any, ...]:
+        """``values`` with each space named by its union's root now (a residual may have joined two spaces since
+        the first call): equal for two calls reading the same spaces."""
         def named(value: Value | Parts | None) -> Any:
             if not isinstance(value, Value):
                 return value
@@ -311,7 +312,7 @@ class Tracer:
             layout = value.layout and tuple((self.union_find.root(index), c) for index, c in value.layout)
             return replace(value, segments=segments, layout=layout, probe=None)
 
-        return tuple(named(value) for value in self.input_values(node))
+        return tuple(named(value) for value in values)
 
     def dispatch(self, node: torch.fx.Node, value: Value | None) -> Any:
         """What the op's handlers say of its output; ``UNKNOWN`` if none understands it."""
@@ -323,7 +324,7 @@ class Tracer:
             result = next((r for h in registry.module_handlers(type(module)) if (r := h(self, node, module, value))
                            is not UNKNOWN), UNKNOWN)  # fmt: skip
             if self.calls[str(node.target)] > 1 and str(node.target) not in self.first_calls:
-                self.first_calls[str(node.target)] = (self.signature(node), result)
+                self.first_calls[str(node.target)] = (tuple(self.input_values(node)), result)
             return result
         if node.op == "call_function":
             handler = registry.function_handler(node.target)
