@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from pruneflow.compaction import Compaction, CompactionError, compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import register_split_sizes, trace_channel_graph
-from pruneflow.graph.handlers.reorderings import halves_of, sizes_in
+from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
 
 
 def mlp(width: int, hidden: int) -> nn.Sequential:
@@ -178,3 +178,43 @@ def test_a_split_in_halves_keeps_the_first_part_no_smaller() -> None:
 def test_split_sizes_the_owner_cannot_take_are_refused_in_one_line() -> None:
     with pytest.raises(CompactionError, match=r"^cannot cut conv_exp\.0: CrossStage \(the model\) cannot split it"):
         compact(CrossStage(), {"conv_exp.0": [0, 1, 2]})
+
+
+class Widening(nn.Module):
+    """RexNet's block: its output conv widens the stream, and the stream is added to its first ``in_channels``."""
+
+    def __init__(self, width: int, out: int) -> None:
+        super().__init__()
+        self.in_channels = width
+        self.conv_exp, self.conv_pwl = conv_bn(width, 2 * width), nn.Sequential(nn.Conv2d(2 * width, out, 1),
+                                                                                  nn.BatchNorm2d(out))  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = self.conv_pwl(self.conv_exp(x))
+        return torch.cat([x[:, 0 : self.in_channels] + shortcut, x[:, self.in_channels :]], dim=1)
+
+
+class WideningStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = conv_bn(3, 4), nn.Sequential(Widening(4, 6), Widening(6, 10)), head(10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+register_split_sizes(Widening, first_size_in("in_channels"))
+
+
+def test_a_stream_added_to_the_first_channels_of_a_wider_conv_is_those_channels() -> None:
+    """The stream's producers write channels 0…3 of the last block's space: their rows are cut with them."""
+    graph = trace_channel_graph(WideningStage())
+    stream = next(space for space in graph.spaces if "blocks.1.conv_pwl.0" in space.names)
+    assert stream.prunable and stream.names == ["blocks.1.conv_pwl.0"], stream.refusals
+    stem = next(point for point in stream.points if point.name == "stem.0")
+    assert stem.at == (0, 1, 2, 3, -1, -1, -1, -1, -1, -1)
+    assert not any("stem.0" in space.names for space in graph.spaces)
+    compaction = cut_equal_to_masked(WideningStage())
+    assert (compaction.model.blocks[0].in_channels, compaction.model.blocks[1].in_channels) == (2, 3)
+    assert compaction.model.stem[0].out_channels == 2 and compaction.model.head[2].in_features == 5

@@ -613,7 +613,10 @@ def _split_settings(modules: Mapping[str, nn.Module], groups: Sequence[ChannelGr
             try:
                 if 0 in kept:
                     raise ValueError("a part would keep no channel")
-                settings[split.owner] = SPLIT_SIZES[type(module)](module, kept)
+                attributes = SPLIT_SIZES[type(module)](module, kept)
+                if settings.get(split.owner, attributes) != attributes:  # one attribute sizing two spaces' parts
+                    raise ValueError(f"it needs {settings[split.owner]} for another space, {attributes} for this one")
+                settings[split.owner] = attributes
             except ValueError as exc:
                 raise CompactionError(
                     f"cannot cut {group.space.name}: {owner} cannot split it into parts of {kept} channels ({exc}); "

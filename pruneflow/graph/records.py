@@ -126,11 +126,13 @@ class SplitSizes:
 
     owner: str
     sizes: tuple[int, ...]
+    start: int = 0  # where the split space's channels are in this one (embedded in it: ``handlers.slices``)
 
     def kept(self, kept: torch.Tensor) -> list[int]:
         """How many of the ``kept`` channels each part holds."""
-        bounds = torch.tensor([sum(self.sizes[: i + 1]) for i in range(len(self.sizes))])
-        return torch.bincount(torch.bucketize(kept, bounds, right=True), minlength=len(self.sizes)).tolist()
+        bounds = torch.tensor([self.start + sum(self.sizes[: i + 1]) for i in range(len(self.sizes))])
+        inside = kept[(kept >= self.start) & (kept < bounds[-1])]
+        return torch.bincount(torch.bucketize(inside, bounds, right=True), minlength=len(self.sizes)).tolist()
 
 
 @dataclass(eq=False)

@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph import registry, widths
-from pruneflow.graph.handlers import reorderings, shapes, timm_layers
+from pruneflow.graph.handlers import reorderings, shapes, slices, timm_layers
 from pruneflow.graph.layers import PRODUCER_TYPES, is_layer_norm
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
@@ -51,6 +51,7 @@ class Tracer:
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
         self.by_position: set[int] = set()  # spaces reordered by position (``Value.by_position``): the cut places them
+        self.embedded: list[tuple[int, int, int]] = []  # (a space, the space it is added to, at) (``slices``)
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
@@ -197,6 +198,7 @@ class Tracer:
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
+        slices.embed_spaces(self)
         roots = [i for i in range(len(self.spaces)) if self.union_find.is_root(i) and i not in self.folded]
         spaces = [self.spaces[index] for index in roots]
         by_position = {self.union_find.root(index) for index in self.by_position}

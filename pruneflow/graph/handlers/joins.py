@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.folds import fold
+from pruneflow.graph.handlers.slices import embedded
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
@@ -61,6 +62,8 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
     result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
+    if result is None and not product and len(values) == len(tensors) == 2:
+        result = embedded(tracer, values)
     if result is not None:
         return result
     joinable = (

@@ -13,10 +13,10 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.shapes import probe_shape, resolved
+from pruneflow.graph.handlers.slices import sizes_set_by_the_cut
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.records import SplitSizes
-from pruneflow.graph.registry import SPLIT_SIZES, SplitResize, register_function_handler, register_method_handler
-from pruneflow.graph.values import Parts, Value, one_whole_space
+from pruneflow.graph.registry import SplitResize, register_function_handler, register_method_handler
+from pruneflow.graph.values import Parts, Value
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -67,19 +67,6 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
     return Parts(tuple(parts))
 
 
-def sizes_set_by_the_cut(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: list[int]) -> bool:
-    """Whether the split's sizes are attributes the cut can set (``register_split_sizes``, of the module whose
-    forward splits): of one space, whole and in order, into several parts. If so, the space records it."""
-    stack = node.meta.get("nn_module_stack") or {}
-    owner = next(reversed(stack.values()), None) if stack else None
-    name = owner[0] if owner is not None else ""
-    module = tracer.modules.get(name) if owner is not None else tracer.model
-    if type(module) not in SPLIT_SIZES or not one_whole_space(value) or len(sizes) < 2:
-        return False
-    tracer.space(value.segments[0][0]).splits.append(SplitSizes(name, tuple(sizes)))
-    return True
-
-
 def sizes_in(*attributes: str) -> SplitResize:
     """A split by a list of sizes, each held in one of ``attributes`` (FasterNet's ``[dim_conv3, dim_untouched]``)."""
 
@@ -97,6 +84,16 @@ def halves_of(attribute: str) -> SplitResize:
         if len(sizes) != 2 or sizes[1] > sizes[0]:
             raise ValueError(f"{attribute} // 2 channels go first, so the second part cannot keep more")
         return {attribute: 2 * sizes[0]}
+
+    return resize
+
+
+def first_size_in(attribute: str) -> SplitResize:
+    """Parts at a position held in ``attribute`` (RexNet's ``x[:, 0:in_channels]``, ``x[:, in_channels:]``): the
+    first part's size."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        return {attribute: sizes[0]}
 
     return resize
 

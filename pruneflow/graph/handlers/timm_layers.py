@@ -19,7 +19,7 @@ from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
-from pruneflow.graph.handlers.reorderings import halves_of, sizes_in
+from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
 from pruneflow.graph.layers import LAYER_NORMS
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
@@ -93,6 +93,7 @@ def register() -> None:
     from timm.layers import activations as timm_activations
     from timm.models import cspnet as timm_cspnet
     from timm.models import fasternet as timm_fasternet
+    from timm.models import rexnet as timm_rexnet
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
@@ -121,6 +122,7 @@ def register() -> None:
     # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
     register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
+    register_split_sizes(timm_rexnet.LinearBottleneck, first_size_in("in_channels"))
     register_leaf(timm_layers.LayerScale, channel_dim=-1, follows=("gamma",))
     register_leaf(timm_layers.LayerScale2d, channel_dim=1, follows=("gamma",))
     for leaf in timm_fx.get_notrace_modules():  # timm's own: traced whole, refused where reached unless taught
