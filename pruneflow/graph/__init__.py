@@ -52,7 +52,10 @@ carries it. For each space the graph knows
   its owner holds in attributes the cut can set (``register_split_sizes``: FasterNet's ``dim_conv3`` and
   ``dim_untouched``, CSPNet's ``expand_chs // 2``) reorders nothing: it is recorded (``ChannelSpace.splits``), the
   criteria keep each part's share (``split_slots``), the cut cuts each part on its own and sets the owner's sizes to
-  the channels each keeps (``reordered`` stays False: nothing to place, no zero channels);
+  the channels each keeps (``reordered`` stays False: nothing to place, no zero channels). A slice ``x[:, a:b]`` at
+  positions so held is such a part too (RexNet's ``x[:, 0:in_channels]``), and a whole space added to a run of
+  another's channels is **embedded** in them (``handlers.slices``): its producers' rows become points of the wider
+  space, its readers read the wider space's channels there;
 - its **heads**, where it is a Swin attention's q, k and v rows: torchvision's ``ShiftedWindowAttention`` (exact
   type) is kept whole, a leaf; its ``qkv`` reads the residual stream (a consumer) and writes the q, k, v rows of
   every head, a space of its own whose ``proj`` reads the value rows; ``proj`` writes the attention's output, a
