@@ -218,3 +218,43 @@ def test_a_stream_added_to_the_first_channels_of_a_wider_conv_is_those_channels(
     compaction = cut_equal_to_masked(WideningStage())
     assert (compaction.model.blocks[0].in_channels, compaction.model.blocks[1].in_channels) == (2, 3)
     assert compaction.model.stem[0].out_channels == 2 and compaction.model.head[2].in_features == 5
+
+
+class DualPath(nn.Module):
+    """DPN's block: a residual path (the first ``num_1x1_c`` channels of its input, or of a projection of it) plus
+    a conv, and a dense path (the rest) concatenated with another conv's output."""
+
+    def __init__(self, width: int, projected: bool) -> None:
+        super().__init__()
+        self.num_1x1_c = 4
+        self.proj = nn.Conv2d(width, 6, 1) if projected else None
+        self.c1x1_a, self.c1, self.c2 = conv_bn(width, 6), nn.Conv2d(6, 4, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_s = self.proj(x) if self.proj is not None else x
+        x_s1, x_s2 = x_s[:, : self.num_1x1_c], x_s[:, self.num_1x1_c :]
+        y = self.c1x1_a(x)
+        return torch.cat([x_s1 + self.c1(y), x_s2, self.c2(y)], dim=1)
+
+
+class DualPathStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = conv_bn(3, 6), head(10)
+        self.blocks = nn.Sequential(DualPath(6, projected=True), DualPath(8, projected=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+register_split_sizes(DualPath, first_size_in("num_1x1_c"))
+
+
+def test_slices_of_a_concatenation_at_a_held_position_inside_its_first_space_are_parts_of_that_space() -> None:
+    """DPN: the second block slices the concatenation (projection, dense path) inside the projection's channels."""
+    graph = trace_channel_graph(DualPathStage())
+    projection = next(space for space in graph.spaces if "blocks.0.proj" in space.names)
+    assert projection.prunable, projection.refusals
+    assert [(split.owner, split.sizes) for split in projection.splits] == [("blocks.0", (4, 2)), ("blocks.1", (4, 2))]
+    compaction = cut_equal_to_masked(DualPathStage())
+    assert [block.num_1x1_c for block in compaction.model.blocks] == [2, 2]

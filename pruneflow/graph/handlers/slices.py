@@ -20,33 +20,48 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
-def sizes_set_by_the_cut(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: list[int]) -> bool:
-    """Whether the parts' sizes are attributes the cut can set (``register_split_sizes``, of the module whose
-    forward takes them): of one space, whole and in order, in several parts. If so, the space records it."""
+def held_by(tracer: Tracer, node: torch.fx.Node) -> str | None:
+    """The module whose forward runs ``node``, if it holds the sizes of its parts (``register_split_sizes``)."""
     stack = node.meta.get("nn_module_stack") or {}
-    owner = next(reversed(stack.values()), None) if stack else None
-    name = owner[0] if owner is not None else ""
-    module = tracer.modules.get(name) if owner is not None else tracer.model
-    if type(module) not in SPLIT_SIZES or not one_whole_space(value) or len(sizes) < 2:
+    name = next(reversed(stack.values()))[0] if stack else ""
+    module = tracer.modules.get(name) if stack else tracer.model
+    return name if type(module) in SPLIT_SIZES else None
+
+
+def record(tracer: Tracer, index: int, owner: str, sizes: tuple[int, ...]) -> None:
+    space = tracer.space(index)
+    if SplitSizes(owner, sizes) not in space.splits:  # ``x[:, :C]`` and ``x[:, C:]``: one split
+        space.splits.append(SplitSizes(owner, sizes))
+
+
+def sizes_set_by_the_cut(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: list[int]) -> bool:
+    """Whether a split's sizes are attributes the cut can set: of one space, whole and in order, in several parts,
+    by a module holding them. If so, the space records it."""
+    owner = held_by(tracer, node)
+    if owner is None or not one_whole_space(value) or len(sizes) < 2:
         return False
-    space = tracer.space(value.segments[0][0])
-    split = SplitSizes(name, tuple(sizes))
-    if split not in space.splits:  # ``x[:, :C]`` and ``x[:, C:]``: one split
-        space.splits.append(split)
+    record(tracer, value.segments[0][0], owner, tuple(sizes))
     return True
 
 
 def sliced(tracer: Tracer, node: torch.fx.Node, value: Value, channels: slice) -> Any:
-    """``x[:, a:b]`` of the channels, by constant positions its owner holds: that part of the layout; else
-    ``UNKNOWN``."""
+    """``x[:, a:b]`` of the channels, at one position its owner holds (``register_split_sizes``) inside the first
+    space ``x`` carries, whole and in order (RexNet's ``x[:, 0:C]`` of a conv's output, DPN's of a concatenation):
+    that part of the layout, the space split there; else ``UNKNOWN``."""
     layout = tracer.layout_of(value)
-    start, stop = channels.start or 0, channels.stop
-    if layout is None or channels.step not in (None, 1) or not isinstance(start, int) or value.revived_by:
+    owner = held_by(tracer, node)
+    if layout is None or owner is None or channels.step not in (None, 1) or value.revived_by:
         return UNKNOWN
-    stop = len(layout) if stop is None or not isinstance(stop, int) else min(stop, len(layout))
-    sizes = [size for size in (start, stop - start, len(layout) - stop) if size > 0]
-    if not 0 <= start < stop or not sizes_set_by_the_cut(tracer, node, value, sizes):
+    start, stop = channels.start or 0, len(layout) if channels.stop is None else channels.stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
         return UNKNOWN
+    stop = min(stop, len(layout))
+    index, width = layout[0][0], tracer.space(layout[0][0]).width
+    first = layout[:width] == tuple((index, c) for c in range(width))
+    bounds = [position for position in (start, stop) if 0 < position < len(layout)]
+    if len(bounds) != 1 or not first or bounds[0] >= width:
+        return UNKNOWN
+    record(tracer, index, owner, (bounds[0], width - bounds[0]))
     return tracer.with_layout(value, layout[start:stop], by_position=False)
 
 

@@ -92,6 +92,7 @@ def register() -> None:
     from timm.layers import _fx as timm_fx
     from timm.layers import activations as timm_activations
     from timm.models import cspnet as timm_cspnet
+    from timm.models import dpn as timm_dpn
     from timm.models import fasternet as timm_fasternet
     from timm.models import rexnet as timm_rexnet
     from timm.models.hgnet import LearnableAffineBlock
@@ -123,6 +124,7 @@ def register() -> None:
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
     register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
     register_split_sizes(timm_rexnet.LinearBottleneck, first_size_in("in_channels"))
+    register_split_sizes(timm_dpn.DualPathBlock, first_size_in("num_1x1_c"))
     register_leaf(timm_layers.LayerScale, channel_dim=-1, follows=("gamma",))
     register_leaf(timm_layers.LayerScale2d, channel_dim=1, follows=("gamma",))
     for leaf in timm_fx.get_notrace_modules():  # timm's own: traced whole, refused where reached unless taught
