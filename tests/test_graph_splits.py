@@ -14,6 +14,7 @@ from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
 from pruneflow.compaction import Compaction, CompactionError, compact
+from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import register_split_sizes, trace_channel_graph
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
@@ -163,6 +164,15 @@ def test_a_split_by_sizes_its_owner_holds_cuts_each_part_and_sets_the_sizes() ->
         mixer = compaction.model.get_submodule(name)
         assert (mixer.dim_conv3, mixer.partial_conv3.in_channels, mixer.dim_untouched) == (2, 2, 6)
     assert compaction.model.stem[0].out_channels == 8 and not compaction.padding
+
+
+def test_a_fresh_network_given_the_cut_sizes_splits_as_the_cut_one() -> None:
+    compaction = cut_equal_to_masked(FasterStage())
+    fresh = apply_sizes(FasterStage(), compaction.sizes)
+    fresh.load_state_dict(compaction.model.state_dict())
+    images = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(images), compaction.model.eval()(images))
 
 
 def test_a_split_in_halves_keeps_the_first_part_no_smaller() -> None:

@@ -70,6 +70,7 @@ from pruneflow.graph import (
     norm_width,
     trace_channel_graph,
 )
+from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
 from pruneflow.graph.layers import LayerNorm2d
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
@@ -246,6 +247,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     widths stays (its parameters keep their identity); a rebuilt one keeps its memory format (channels-last)."""
     rebuilt = []
     parameters = dict(model.named_parameters())
+    register_if_imported()  # a fresh timm model, never traced: its split owners (``SPLIT_SIZES``) are timm's
     for name, widths in sizes.items():
         if name in parameters:
             if resize_parameter(model, name, parameters[name], widths):
