@@ -340,7 +340,7 @@ def test_unsupported_structures_are_refused_naming_the_layer() -> None:
     compaction = compact(per_channel, {"conv1": [0]})
     assert torch.equal(compaction.model.gate, per_channel.gate[:, 1:])
     assert compaction.sizes["gate"] == {"channels": 3, "dim": 1}
-    with pytest.raises(CompactionError, match="cannot cut channels of conv1: their reader conv2 is called 2 times"):
+    with pytest.raises(CompactionError, match="of conv1: conv2 is called 2 times on different channel spaces"):
         compact(SharedConsumer(), {"conv1": [0]})
     with pytest.raises(CompactionError, match="cannot cut channels of head: reaches the network's output"):
         compact(ConvHead(), {"head": [0]})

@@ -21,6 +21,10 @@ than at the full ones, so each kept channel is placed (rows of its producers, en
 its consumers, all in one order) on a slot that reaches the same readers; a slot no kept channel can take holds a
 zero channel (zero rows, γ = β = 0), so any selection cuts exactly, and the criteria select so that few are needed.
 
+A space split by sizes its owner holds (``ChannelSpace.splits``: FasterNet's partial conv) is cut plainly, each part
+keeping its kept channels in order; the cut sets the owner's sizes (``register_split_sizes``) to the channels each
+part keeps, recorded in ``sizes`` like an attention's head count.
+
 timm's attention (``ChannelSpace.whole_heads``) loses whole heads: the rows of each cut head's q, k and v from its
 ``qkv``, its value columns from ``proj``; its ``num_heads`` and ``attn_dim`` are set to the heads kept (``sizes``).
 
@@ -72,9 +76,10 @@ from pruneflow.graph import (
     norm_width,
     trace_channel_graph,
 )
+from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
 from pruneflow.graph.layers import LayerNorm2d, input_weight
-from pruneflow.graph.registry import MODULE_HANDLERS
+from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +263,15 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
     widths stays (its parameters keep their identity); a rebuilt one keeps its memory format (channels-last)."""
     rebuilt = []
     parameters = dict(model.named_parameters())
+    register_if_imported()  # a fresh timm model, never traced: its split owners (``SPLIT_SIZES``) are timm's
     for name, widths in sizes.items():
         if name in parameters:
             if resize_parameter(model, name, parameters[name], widths):
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
-        if set(widths) <= ATTENTION_SIZES:  # an attention's head width (MaxViT's) or head count (timm's)
+        # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
+        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES:
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -550,8 +557,12 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     zeros = _place(placement, out_keep, in_keep) if placement is not None else {}
     names = [name for name in modules if name in out_keep or name in in_keep]  # module order: a readable config
     _check_cuttable(modules, names, zeros)  # every module before changing any
+    splits = _split_settings(modules, groups)
     sizes = _rebuild(model, modules, names, (out_keep, in_keep), zeros)
     _set_held_widths(model, groups, sizes)
+    for owner, attributes in splits.items():
+        set_attributes(model.get_submodule(owner), attributes)
+        sizes[owner] = attributes
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
@@ -640,6 +651,29 @@ def _rebuild(
     return sizes
 
 
+def _split_settings(modules: Mapping[str, nn.Module], groups: Sequence[ChannelGroup]) -> dict[str, dict[str, int]]:
+    """The attributes that make each split by sizes the cut sets (``ChannelSpace.splits``) cut its space into the
+    channels each part keeps, by owner; a part left empty, or sizes its owner cannot take, refuse the cut."""
+    settings: dict[str, dict[str, int]] = {}
+    for group in groups:
+        for split in group.space.splits if len(group.removed) else ():
+            module, kept = modules[split.owner], split.kept(group.kept)
+            owner = f"{type(module).__name__} {split.owner or '(the model)'}"
+            try:
+                if 0 in kept:
+                    raise ValueError("a part would keep no channel")
+                attributes = SPLIT_SIZES[type(module)](module, kept)
+                if settings.get(split.owner, attributes) != attributes:  # one attribute sizing two spaces' parts
+                    raise ValueError(f"it needs {settings[split.owner]} for another space, {attributes} for this one")
+                settings[split.owner] = attributes
+            except ValueError as exc:
+                raise CompactionError(
+                    f"cannot cut {group.space.name}: {owner} cannot split it into parts of {kept} channels ({exc}); "
+                    "select with a criterion, which keeps each part's share"
+                ) from None
+    return settings
+
+
 def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
     """MaxViT's attention reshapes its q, k, v by a head width of its own: set it to the cut one. timm's reshapes
     them by its head count and its output by its width: set both to the heads kept. BEiT's and EVA's would scale
@@ -692,8 +726,9 @@ def _cut_scales(
 
 # -- reordered spaces: a cut that keeps the network's own channel shuffles and splits -----------------
 def _reordered(space: ChannelSpace) -> bool:
-    """Whether ``space`` reaches a reader reordered (through a channel shuffle or a ``chunk``)."""
-    return bool(space.routes)
+    """Whether ``space`` reaches a reader reordered by position (a channel shuffle, a ``chunk``), not only split by
+    sizes the cut sets."""
+    return space.reordered and bool(space.routes)
 
 
 @dataclass

@@ -48,7 +48,14 @@ carries it. For each space the graph knows
   channel is the set of modules that read it (``channel_routes``): a cut that keeps the network's own shuffles
   and splits hands a cut network's channels to readers by position at the cut widths, so it places each kept
   channel on a slot of the same route (``compaction.cut``), and the criteria keep no more channels on a route
-  than the cut network has slots there (``route_slots``, traced at those widths);
+  than the cut network has slots there (``route_slots``, traced at those widths). A split by constant sizes that
+  its owner holds in attributes the cut can set (``register_split_sizes``: FasterNet's ``dim_conv3`` and
+  ``dim_untouched``, CSPNet's ``expand_chs // 2``) reorders nothing: it is recorded (``ChannelSpace.splits``), the
+  criteria keep each part's share (``split_slots``), the cut cuts each part on its own and sets the owner's sizes to
+  the channels each keeps (``reordered`` stays False: nothing to place, no zero channels). A slice ``x[:, a:b]`` at
+  positions so held is such a part too (RexNet's ``x[:, 0:in_channels]``), and a whole space added to a run of
+  another's channels is **embedded** in them (``handlers.slices``): its producers' rows become points of the wider
+  space, its readers read the wider space's channels there;
 - its **heads**, where it is a Swin attention's q, k and v rows: torchvision's ``ShiftedWindowAttention`` (exact
   type) is kept whole, a leaf; its ``qkv`` reads the residual stream (a consumer) and writes the q, k, v rows of
   every head, a space of its own whose ``proj`` reads the value rows; ``proj`` writes the attention's output, a
@@ -66,6 +73,9 @@ carries it. For each space the graph knows
   attention's own tensors) reads the stream and writes a heads space tied to it; its ``out_proj`` writes the stream
   itself; the cut rebuilds it at the kept width. A flatten after an adaptive pooling to 1 × 1 is (N, C), not
   channel-major: a LayerNorm there (MaxViT's classifier) is a point;
+- a module **called more than once** (CoaT's MLP shared by its parallel streams) computes the same channels on
+  every call that reads what its first call read: it is that call again, pruned once; a module with tensors of its
+  own called on different spaces fits no cut of either, so every space it reads or writes is refused;
 - why it is **not prunable**, if it is not: an op the graph does not understand (its name goes to the
   log, once), a reshuffle by position it cannot follow (slicing, a split of unknown sizes), a grouped conv
   reading a concatenation, a norm across channels other than the known LayerNorms (GroupNorm, a LayerNorm
@@ -107,6 +117,7 @@ from pruneflow.graph.registry import (
     register_function_handler,
     register_method_handler,
     register_module_handler,
+    register_split_sizes,
 )
 from pruneflow.graph.routes import channel_routes, channels_to_prune, route_slots
 from pruneflow.graph.tracer import Tracer, find_prunable_layers, trace_channel_graph
@@ -137,6 +148,7 @@ __all__ = [
     "register_function_handler",
     "register_method_handler",
     "register_module_handler",
+    "register_split_sizes",
     "route_slots",
     "trace_channel_graph",
 ]

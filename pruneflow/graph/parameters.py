@@ -20,9 +20,13 @@ def shared_parameters(model: nn.Module, graph: torch.fx.Graph) -> dict[str, str]
     such a module's rows or columns would leave the other reader with the old shape, or untie the two.
     Each is said once in the log."""
     owners: dict[int, list[str]] = {}
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(model.get_parameter(name)), []).append(name)
     modules = dict(model.named_modules())
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        # one module under several names (CoaT's ``self.mlp2 = self.mlp3 = Mlp(...)``) is one owner, not a tie:
+        # ``torch.fx`` calls it by its first name, and the tracer counts its calls
+        if name.rpartition(".")[0] not in modules:
+            continue
+        owners.setdefault(id(model.get_parameter(name)), []).append(name)
     shared: dict[str, str] = {}
     for names in owners.values():
         for name in names[1:]:

@@ -120,6 +120,23 @@ class ChannelSource:
         return channels + self.offset
 
 
+@dataclass(frozen=True)
+class SplitSizes:
+    """A split of a space's channels, whole and in order, into parts of constant ``sizes`` by the forward of module
+    ``owner``, whose attributes hold them (``register_split_sizes``): each part is cut on its own, and the cut sets
+    the owner's attributes to the channels each part keeps."""
+
+    owner: str
+    sizes: tuple[int, ...]
+    start: int = 0  # where the split space's channels are in this one (embedded in it: ``handlers.slices``)
+
+    def kept(self, kept: torch.Tensor) -> list[int]:
+        """How many of the ``kept`` channels each part holds."""
+        bounds = torch.tensor([self.start + sum(self.sizes[: i + 1]) for i in range(len(self.sizes))])
+        inside = kept[(kept >= self.start) & (kept < bounds[-1])]
+        return torch.bincount(torch.bucketize(inside, bounds, right=True), minlength=len(self.sizes)).tolist()
+
+
 @dataclass(eq=False)
 class PrunableLayer:
     """One producer of a channel space — a conv (dense or depthwise) or a linear layer — with its norm.
@@ -207,6 +224,11 @@ class ChannelSpace:
     # route (``Criterion.select``). Empty: every channel goes the same way.
     routes: dict[tuple[str, ...], tuple[int, ...]] = field(default_factory=dict)
     route_slots: Callable[[float], dict[tuple[str, ...], int]] | None = field(default=None, repr=False, compare=False)
+    # Reordered by position (a shuffle, a split the cut keeps at its sizes): the cut places its channels on the slots
+    # of their routes. Its routes otherwise come from ``splits`` only, whose sizes the cut sets: each part is cut on
+    # its own, its kept channels in order.
+    reordered: bool = False
+    splits: list[SplitSizes] = field(default_factory=list)
     # An attention's q, k and v rows (``qkv``, 3 × heads × head width): each head keeps as many query/key positions
     # (cut from q and k alike) as value positions, and as many as every other head: ``heads``. Its head width
     # follows its input's width, so it is pruned with that space (``tied_to``), and that one in multiples of

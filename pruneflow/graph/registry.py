@@ -17,7 +17,7 @@ a handler from a short declaration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +31,9 @@ ModuleHandler = Callable[["Tracer", torch.fx.Node, nn.Module, "Value | None"], A
 OpHandler = Callable[["Tracer", torch.fx.Node, "Value | None"], Any]
 LeafTest = Callable[[nn.Module], bool]
 RowsMaskedForward = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
+# The attributes of a module that give a split of its input the part sizes ``sizes`` (FasterNet's ``dim_conv3`` and
+# ``dim_untouched``); a ``ValueError`` saying why where no setting of them does
+SplitResize = Callable[[nn.Module, Sequence[int]], dict[str, int]]
 
 MODULE_HANDLERS: dict[type[nn.Module], ModuleHandler] = {}
 FUNCTION_HANDLERS: dict[Callable[..., Any], OpHandler] = {}
@@ -41,6 +44,9 @@ LEAVES: dict[type[nn.Module], LeafTest] = {}
 # themselves) → their forward with those rows' weights and biases multiplied by a keep-vector, which the
 # ``activation`` strategy computes in their place (torchvision's Swin attention has its own, in the strategy)
 ROWS_MASKED_FORWARDS: dict[type[nn.Module], RowsMaskedForward] = {}
+# Module types whose own forward splits its input's channels by sizes its attributes hold (exact types) → how to set
+# them: such a split cuts each part on its own (``handlers.reorderings``), and the cut sets the sizes it keeps
+SPLIT_SIZES: dict[type[nn.Module], SplitResize] = {}
 # Functions ``torch.fx`` records as one op wherever the model calls them (``stochastic_depth``), not traced into
 AUTOWRAP_FUNCTIONS: list[Callable[..., Any]] = []
 
@@ -81,6 +87,19 @@ def register_method_handler(methods: str | tuple[str, ...], handler: OpHandler) 
     for method in (methods,) if isinstance(methods, str) else methods:
         METHOD_HANDLERS[method] = handler
     return handler
+
+
+def register_split_sizes(
+    module_types: type[nn.Module] | tuple[type[nn.Module], ...], resize: SplitResize
+) -> SplitResize:
+    """Teach the graph that ``module_types``' forward splits its input's channels by constant sizes held in its
+    attributes, and ``resize(module, sizes)`` the attributes that make it split into parts of ``sizes`` (raising
+    ``ValueError`` where none do): each part is then pruned on its own, and the cut sets the sizes."""
+    for module_type in module_types if isinstance(module_types, tuple) else (module_types,):
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise TypeError(f"register_split_sizes needs nn.Module subclasses, not {module_type!r}")
+        SPLIT_SIZES[module_type] = resize
+    return resize
 
 
 def module_rule(rule: OpHandler) -> ModuleHandler:

@@ -32,6 +32,20 @@ def channel_routes(space: ChannelSpace) -> dict[tuple[str, ...], tuple[int, ...]
     return {route: tuple(channels) for route, channels in routes.items()}
 
 
+def split_slots(space: ChannelSpace, amount: float) -> dict[tuple[str, ...], int]:
+    """Slots per route of a space split by sizes the cut sets (``ChannelSpace.splits``): the kept channels shared out
+    in proportion to the routes' widths, earlier routes taking the odd ones (a split in halves by ``C // 2`` needs
+    the first part no smaller), at least one each (a part cut to nothing would leave its reader no input)."""
+    kept = space.width - channels_to_prune(space.width, amount)
+    routes = sorted(space.routes.items(), key=lambda item: item[1][0])
+    slots, given, seen = {}, 0, 0
+    for route, channels in routes:
+        seen += len(channels)
+        share = max(1, -(-kept * seen // space.width) - given)
+        slots[route], given = min(share, len(channels)), given + share
+    return slots
+
+
 REORDERED = "(a split or a shuffle)"
 
 
@@ -57,10 +71,10 @@ def route_slots(
     widths = {
         name: space.width - channels_to_prune(space.width, amount)
         for space in graph.spaces
-        if space.routes
+        if space.reordered
         for name in space.names
     }
-    reordered = {space.name for space in graph.spaces if space.routes}
+    reordered = {space.name for space in graph.spaces if space.reordered}
     return {
         space.name: {route: len(channels) for route, channels in channel_routes(space).items()}
         for space in trace(model, widths).spaces

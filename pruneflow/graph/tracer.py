@@ -20,14 +20,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from pruneflow.graph import registry, widths
+from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
-from pruneflow.graph.handlers import reorderings, shapes
+from pruneflow.graph.handlers import reorderings, shapes, slices, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe
 from pruneflow.graph.parameters import shared_parameters
 from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
-from pruneflow.graph.routes import RouteSlots, channel_routes, unplaceable
+from pruneflow.graph.routes import RouteSlots, channel_routes, split_slots, unplaceable
 from pruneflow.graph.union import UnionFind
 from pruneflow.graph.values import UNKNOWN, Parts, Value
 
@@ -58,6 +58,8 @@ class Tracer:
         self.writer_of: dict[torch.fx.Node, PrunableLayer] = {}
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
+        self.by_position: set[int] = set()  # spaces reordered by position (``Value.by_position``): the cut places them
+        self.embedded: list[tuple[int, int, int]] = []  # (a space, the space it is added to, at) (``slices``)
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
@@ -65,6 +67,10 @@ class Tracer:
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
         self.width_reads: dict[torch.fx.Node, set[int]] = {}
         self.calls: dict[str, int] = {}
+        # a module called more than once: its first call's (inputs, output), and those whose calls read different
+        # spaces (``repeated_call``)
+        self.first_calls: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self.mixed_calls: set[str] = set()
         self.attribute_reads: dict[str, int] = {}  # get_attr target → how many ops read it
         for node in graph.nodes:
             if node.op == "call_module":
@@ -82,9 +88,10 @@ class Tracer:
         return value_width == module_width or (self.widths is not None and value_width is not None)
 
     def reused(self, name: str) -> str | None:
-        """Why module ``name``'s tensors are not its own to cut (called twice, a parameter used elsewhere)."""
-        if self.calls.get(name, 0) > 1:
-            return f"{name} is called {self.calls[name]} times"
+        """Why module ``name``'s tensors are not its own to cut (called on different spaces, a parameter used
+        elsewhere)."""
+        if name in self.mixed_calls:
+            return f"{name} is called {self.calls[name]} times on different channel spaces"
         return self.shared.get(name)
 
     def describe(self, node: torch.fx.Node) -> str:
@@ -109,6 +116,7 @@ class Tracer:
         kept.scales += merged.scales
         kept.sources += merged.sources
         kept.held_by += [held for held in merged.held_by if held not in kept.held_by]
+        kept.splits += merged.splits
         kept.groups = self.joined_groups(kept, merged.groups, where)
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
@@ -186,8 +194,11 @@ class Tracer:
                 positions[offset + channel] = (index, channel)
         return None if None in positions else tuple(positions)  # type: ignore[return-value]
 
-    def with_layout(self, value: Value, layout: Sequence[tuple[int, int]], **changes: Any) -> Value:
-        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position."""
+    def with_layout(
+        self, value: Value, layout: Sequence[tuple[int, int]], by_position: bool = True, **changes: Any
+    ) -> Value:
+        """``value`` carrying ``layout``: as segments where it is whole spaces in order, else position by position
+        (``by_position``: placed so at any width, a shuffle's; else the parts of splits whose sizes the cut sets)."""
         segments: list[tuple[int, int]] = []
         position = 0
         while position < len(layout):
@@ -199,9 +210,13 @@ class Tracer:
             segments.append((index, position))
             position += width
         if position == len(layout):
-            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None, **changes)
+            return replace(value, segments=tuple(segments), width=len(layout), layout=None, probe=None,
+                           by_position=False, **changes)  # fmt: skip
         spaces = tuple((index, -1) for index in dict.fromkeys(index for index, _ in layout))
-        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None, **changes)
+        if by_position:
+            self.by_position.update(index for index, _ in spaces)
+        return replace(value, segments=spaces, width=len(layout), layout=tuple(layout), probe=None,
+                       by_position=by_position, **changes)  # fmt: skip
 
     def positions(self, layout: tuple[tuple[int, int], ...]) -> dict[int, tuple[int, ...]]:
         """Space id → for each of its channels, where the layout places it (-1: not in it)."""
@@ -218,23 +233,30 @@ class Tracer:
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
-        roots = (index for index in range(len(self.spaces)) if self.union_find.is_root(index))
-        spaces = [self.spaces[index] for index in roots if index not in self.folded]
-        for space in spaces:
+        slices.embed_spaces(self)
+        roots = [i for i in range(len(self.spaces)) if self.union_find.is_root(i) and i not in self.folded]
+        spaces = [self.spaces[index] for index in roots]
+        by_position = {self.union_find.root(index) for index in self.by_position}
+        for index, space in zip(roots, spaces, strict=True):
             space.consumers = list(dict.fromkeys(space.consumers))
-            space.routes = channel_routes(space)
-            reason = unplaceable(space)
+            space.reordered = index in by_position
+            if space.reordered:  # the cut keeps the network's split sizes there, and places the channels
+                space.splits = []
+            space.routes = channel_routes(space) if space.reordered or space.splits else {}
+            reason = unplaceable(space) if space.reordered else None
             if reason:
                 space.refuse(reason)
+            if space.splits and space.routes:
+                space.route_slots = functools.partial(split_slots, space)
             for layer in space.producers:
                 layer.space = space
         self.tie()
-        refuse_shared_sources(spaces)
+        tokens.refuse_shared_sources(spaces)
         graph = ChannelGraph(spaces)
-        if self.widths is None and any(space.routes for space in spaces):
+        if self.widths is None and any(space.reordered and space.routes for space in spaces):
             slots = RouteSlots(self.model, graph, trace_channel_graph)
             for space in spaces:
-                if space.routes:
+                if space.reordered and space.routes:
                     space.route_slots = functools.partial(slots.of, space.name)
         return graph
 
@@ -306,11 +328,14 @@ class Tracer:
         """What the op's handlers say of its output; ``UNKNOWN`` if none understands it."""
         if node.op == "call_module":
             module = self.modules[str(node.target)]
-            for handler in registry.module_handlers(type(module)):
-                result = handler(self, node, module, value)
-                if result is not UNKNOWN:
-                    return result
-            return UNKNOWN
+            repeated = calls.repeated_call(self, node, module)
+            if repeated is not UNKNOWN:
+                return repeated
+            result = next((r for h in registry.module_handlers(type(module)) if (r := h(self, node, module, value))
+                           is not UNKNOWN), UNKNOWN)  # fmt: skip
+            if self.calls[str(node.target)] > 1 and str(node.target) not in self.first_calls:
+                self.first_calls[str(node.target)] = (tuple(self.input_values(node)), result)
+            return result
         if node.op == "call_function":
             handler = registry.function_handler(node.target)
         elif node.op == "call_method":
@@ -354,16 +379,3 @@ def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every producer (conv, depthwise conv, linear) of a prunable space of ``model``, with its norm,
     channel point and space."""
     return [layer for space in trace_channel_graph(model).prunable for layer in space.producers]
-
-
-def refuse_shared_sources(spaces: list[ChannelSpace]) -> None:
-    """A parameter recorded as a source of several spaces (a class token joined to two streams that stay apart): a
-    cut of one would cut it for the other, so both are refused."""
-    holders: dict[str, list[ChannelSpace]] = {}
-    for space in spaces:
-        for source in space.sources:
-            if all(held is not space for held in holders.setdefault(source.name, [])):
-                holders[source.name].append(space)
-    for name, held in holders.items():
-        for space in held if len(held) > 1 else ():
-            space.refuse(f"parameter {name} writes the channels of {len(held)} spaces that stay apart")

@@ -33,6 +33,9 @@ class Value:
     # of element indices that went through the same ops; nothing but another reshape may read it.
     probe: torch.Tensor | None = field(default=None, compare=False)
     spatial_one: bool = False  # pooled to 1 × 1 (an adaptive pooling): flattened, it is (N, C), not channel-major
+    # ``layout`` places channels by position whatever the cut widths (a shuffle, a split at sizes the cut keeps), so
+    # the cut must place its spaces' channels; False: the parts of splits whose sizes the cut sets, concatenated
+    by_position: bool = False
 
     def channels_at(self, dim: int) -> bool:
         """Whether the channels are at ``dim`` (negative: from the end); of a 2-D tensor dim 1 is the last."""

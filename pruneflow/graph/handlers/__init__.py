@@ -7,6 +7,8 @@
 - ``joins``: additions and products (coupling spaces), per-channel scales, concatenations;
 - ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
 - ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
+- ``slices``: parts of a space at positions its owner holds (a slice ``x[:, a:b]``, a split by sizes), cut on
+  their own; a whole space added to a run of another's channels, embedded in them (RexNet's widening residual);
 - ``attention``: torch's ``nn.MultiheadAttention`` (torchvision's ViT), torchvision's Swin and MaxViT attention
   layers, kept whole;
 - ``tokens``: a transformer's token stream: parameters added to it or concatenated with it (position embeddings,

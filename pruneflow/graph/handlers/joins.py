@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.folds import fold
+from pruneflow.graph.handlers.slices import embedded
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
@@ -61,6 +62,8 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
     result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
+    if result is None and not product and len(values) == len(tensors) == 2:
+        result = embedded(tracer, values)
     if result is not None:
         return result
     joinable = (
@@ -183,7 +186,8 @@ def cat_layouts(tracer: Tracer, node: torch.fx.Node, values: list[Value | None])
     first = next(value for value in values if value is not None)
     revived = next((value.revived_by for value in values if value is not None and value.revived_by), None)
     joined = [position for layout in layouts for position in layout]  # type: ignore[union-attr]
-    return tracer.with_layout(first, joined, revived_by=revived)
+    by_position = any(value.by_position for value in values if value is not None)
+    return tracer.with_layout(first, joined, by_position, revived_by=revived)
 
 
 register_function_handler(ADD_FUNCTIONS, add)

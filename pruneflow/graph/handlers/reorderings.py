@@ -4,15 +4,18 @@ reshapes (a channel shuffle: ``view`` to (N, groups, C/groups, H, W), ``transpos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
+from torch import nn
 
 from pruneflow.graph.handlers.shapes import probe_shape, resolved
+from pruneflow.graph.handlers.slices import sizes_set_by_the_cut
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.registry import register_function_handler, register_method_handler
+from pruneflow.graph.registry import SplitResize, register_function_handler, register_method_handler
 from pruneflow.graph.values import Parts, Value
 
 if TYPE_CHECKING:
@@ -59,7 +62,40 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
     if sizes is None:
         return split_by_position(tracer, node, value)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return Parts(tuple(tracer.with_layout(value, layout[a : a + n]) for a, n in zip(starts, sizes, strict=True)))
+    by_position = not sizes_set_by_the_cut(tracer, node, value, sizes)
+    parts = (tracer.with_layout(value, layout[a : a + n], by_position) for a, n in zip(starts, sizes, strict=True))
+    return Parts(tuple(parts))
+
+
+def sizes_in(*attributes: str) -> SplitResize:
+    """A split by a list of sizes, each held in one of ``attributes`` (FasterNet's ``[dim_conv3, dim_untouched]``)."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        return dict(zip(attributes, sizes, strict=True))
+
+    return resize
+
+
+def halves_of(attribute: str) -> SplitResize:
+    """A split by ``x.split(self.<attribute> // 2)`` (CSPNet's ``expand_chs``): parts of ``attribute // 2`` channels,
+    so two parts only while the second keeps no more than the first."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        if len(sizes) != 2 or sizes[1] > sizes[0]:
+            raise ValueError(f"{attribute} // 2 channels go first, so the second part cannot keep more")
+        return {attribute: 2 * sizes[0]}
+
+    return resize
+
+
+def first_size_in(attribute: str) -> SplitResize:
+    """Parts at a position held in ``attribute`` (RexNet's ``x[:, 0:in_channels]``, ``x[:, in_channels:]``): the
+    first part's size."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        return {attribute: sizes[0]}
+
+    return resize
 
 
 def split_by_position(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> None:

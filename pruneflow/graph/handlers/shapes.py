@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from pruneflow.graph.handlers import slices
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.registry import (
     module_rule,
@@ -222,7 +223,7 @@ def item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     channels = index[at] if len(index) > at else slice(None)
     reaches_the_end = channels.stop is None or (value.width is not None and channels.stop >= value.width)
     every = channels.start in (None, 0) and channels.step in (None, 1) and reaches_the_end
-    return value if every else UNKNOWN
+    return value if every else slices.sliced(tracer, node, value, channels)
 
 
 def shape_arithmetic(tracer: Tracer, node: torch.fx.Node) -> bool:

@@ -19,9 +19,10 @@ from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
+from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
 from pruneflow.graph.layers import LAYER_NORMS
 from pruneflow.graph.leaves import register_leaf
-from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler
+from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ def register() -> None:
     import timm.layers as timm_layers
     from timm.layers import _fx as timm_fx
     from timm.layers import activations as timm_activations
+    from timm.models import cspnet as timm_cspnet
+    from timm.models import dpn as timm_dpn
+    from timm.models import fasternet as timm_fasternet
+    from timm.models import rexnet as timm_rexnet
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
@@ -116,6 +121,11 @@ def register() -> None:
     group_norms = (timm_layers.GroupNorm, timm_layers.GroupNorm1, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
     register_module_handler(group_norms, across_channels)
     register_module_handler((timm_layers.LayerNorm2d, timm_layers.LayerNorm), layer_norm)
+    # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
+    register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
+    register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
+    register_split_sizes(timm_rexnet.LinearBottleneck, first_size_in("in_channels"))
+    register_split_sizes(timm_dpn.DualPathBlock, first_size_in("num_1x1_c"))
     register_leaf(timm_layers.LayerScale, channel_dim=-1, follows=("gamma",))
     register_leaf(timm_layers.LayerScale2d, channel_dim=1, follows=("gamma",))
     for leaf in timm_fx.get_notrace_modules():  # timm's own: traced whole, refused where reached unless taught

@@ -8,7 +8,8 @@ such parameter writes every channel of the stream, (1, tokens, C): a pruned chan
 mask (a parametrization: 0 in the forward, no gradient), the cut takes its entries out with the channels. A
 parameter reaches the op directly (``get_attr``), through ``expand`` over the batch, or through timm's
 ``resample_abs_pos_embed`` (per channel, at the size it already has). ``x[:, 0]`` (the class token),
-``x[:, k:]`` and a mean over the tokens keep the channels where they are.
+``x[:, k:]`` and a mean over the tokens keep the channels where they are. A parameter recorded as a source of two
+spaces that stay apart refuses both (``refuse_shared_sources``, after the walk): a cut of one would cut the other.
 
 torchvision's ``VisionTransformer`` turns its patch embedding into tokens with ``x.reshape(n, self.hidden_dim,
 n_h * n_w)``: a flatten of the spatial dims, by a width ``torch.fx`` records as a number. It follows a cut only
@@ -29,7 +30,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from pruneflow.graph.handlers import joins, shapes
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
-from pruneflow.graph.records import ChannelSource
+from pruneflow.graph.records import ChannelSource, ChannelSpace
 from pruneflow.graph.registry import register_function_handler, register_method_handler
 from pruneflow.graph.values import Value, one_whole_space
 
@@ -203,3 +204,16 @@ def register() -> None:
 
     if resample_abs_pos_embed not in PASSING_FUNCTIONS:
         PASSING_FUNCTIONS.append(resample_abs_pos_embed)
+
+
+def refuse_shared_sources(spaces: list[ChannelSpace]) -> None:
+    """A parameter recorded as a source of several spaces (a class token joined to two streams that stay apart): a
+    cut of one would cut it for the other, so both are refused."""
+    holders: dict[str, list[ChannelSpace]] = {}
+    for space in spaces:
+        for source in space.sources:
+            if all(held is not space for held in holders.setdefault(source.name, [])):
+                holders[source.name].append(space)
+    for name, held in holders.items():
+        for space in held if len(held) > 1 else ():
+            space.refuse(f"parameter {name} writes the channels of {len(held)} spaces that stay apart")

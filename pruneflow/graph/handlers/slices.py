@@ -1,0 +1,125 @@
+"""Parts of a space by constant positions that its owner holds in attributes (``register_split_sizes``): a slice
+``x[:, a:b]`` of the channels (DPN's, RexNet's), a split by sizes (``reorderings``), each part cut on its own and
+the owner's sizes set by the cut; and a space **embedded** in another: RexNet's stream added to the first channels
+of a wider conv's output (``x[:, 0:C] + shortcut``) is those channels. Its producers' rows (and norms' entries) are
+cut with them, as points of the wider space, masked at their outputs, and its readers read the wider space's
+channels; its own space leaves the graph (as a fold's does)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch.fx
+
+from pruneflow.graph.records import ChannelPoint, ChannelSpace, SplitSizes
+from pruneflow.graph.registry import SPLIT_SIZES
+from pruneflow.graph.values import UNKNOWN, Value, one_whole_space
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def held_by(tracer: Tracer, node: torch.fx.Node) -> str | None:
+    """The module whose forward runs ``node``, if it holds the sizes of its parts (``register_split_sizes``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    name = next(reversed(stack.values()))[0] if stack else ""
+    module = tracer.modules.get(name) if stack else tracer.model
+    return name if type(module) in SPLIT_SIZES else None
+
+
+def record(tracer: Tracer, index: int, owner: str, sizes: tuple[int, ...]) -> None:
+    space = tracer.space(index)
+    if SplitSizes(owner, sizes) not in space.splits:  # ``x[:, :C]`` and ``x[:, C:]``: one split
+        space.splits.append(SplitSizes(owner, sizes))
+
+
+def sizes_set_by_the_cut(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: list[int]) -> bool:
+    """Whether a split's sizes are attributes the cut can set: of one space, whole and in order, in several parts,
+    by a module holding them. If so, the space records it."""
+    owner = held_by(tracer, node)
+    if owner is None or not one_whole_space(value) or len(sizes) < 2:
+        return False
+    record(tracer, value.segments[0][0], owner, tuple(sizes))
+    return True
+
+
+def sliced(tracer: Tracer, node: torch.fx.Node, value: Value, channels: slice) -> Any:
+    """``x[:, a:b]`` of the channels, at one position its owner holds (``register_split_sizes``) inside the first
+    space ``x`` carries, whole and in order (RexNet's ``x[:, 0:C]`` of a conv's output, DPN's of a concatenation):
+    that part of the layout, the space split there; else ``UNKNOWN``."""
+    layout = tracer.layout_of(value)
+    owner = held_by(tracer, node)
+    if layout is None or owner is None or channels.step not in (None, 1) or value.revived_by:
+        return UNKNOWN
+    start, stop = channels.start or 0, len(layout) if channels.stop is None else channels.stop
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+        return UNKNOWN
+    stop = min(stop, len(layout))
+    index, width = layout[0][0], tracer.space(layout[0][0]).width
+    first = layout[:width] == tuple((index, c) for c in range(width))
+    bounds = [position for position in (start, stop) if 0 < position < len(layout)]
+    if len(bounds) != 1 or not first or bounds[0] >= width:
+        return UNKNOWN
+    record(tracer, index, owner, (bounds[0], width - bounds[0]))
+    return tracer.with_layout(value, layout[start:stop], by_position=False)
+
+
+def embedded(tracer: Tracer, values: list[Value]) -> Value | None:
+    """A whole space added to a run of another's channels, in order (RexNet's ``x[:, 0:C] + shortcut``): recorded,
+    to be embedded at the end (``embed_spaces``); the run's value. None for anything else."""
+    for whole, part in ((values[0], values[1]), (values[1], values[0])):
+        run = part.layout
+        if not one_whole_space(whole) or run is None or part.by_position or whole.channels_last != part.channels_last:
+            continue
+        index, first = run[0]
+        if any(entry != (index, first + i) for i, entry in enumerate(run)) or len(run) != whole.width:
+            continue
+        if tracer.space(index) is tracer.space(whole.segments[0][0]):
+            continue
+        tracer.embedded.append((whole.segments[0][0], index, first))
+        return replace(part, revived_by=part.revived_by or whole.revived_by)
+    return None
+
+
+def embed_spaces(tracer: Tracer) -> None:
+    """Each recorded space into the channels of the other it was added to, in the order they were met."""
+    for inner_index, outer_index, start in tracer.embedded:
+        inner, outer = tracer.space(inner_index), tracer.space(outer_index)
+        if inner is outer:
+            continue
+        reason = unembeddable(inner)
+        if reason:
+            for space in (inner, outer):
+                space.refuse(f"{inner.name} is added to channels {start}… of {outer.name}, and {reason}")
+            continue
+        at = [c - start if start <= c < start + inner.width else -1 for c in range(outer.width)]
+        for layer in inner.producers:
+            for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm)):
+                if name is not None and module is not None:
+                    outer.points.append(ChannelPoint(name, module, 0, layer.channel_shape, tuple(at)))
+        for consumer in inner.consumers:
+            outer.consumers.append(replace(consumer, offset=0, at=moved(at, consumer.at, consumer.offset)))
+        for point in inner.points:
+            outer.points.append(replace(point, offset=0, at=moved(at, point.at, point.offset)))
+        outer.splits += [replace(split, start=split.start + start) for split in inner.splits]
+        outer.refusals += [reason for reason in inner.refusals if reason not in outer.refusals]
+        outer.coupled = True
+        tracer.folded.add(tracer.union_find.root(inner_index))
+
+
+def unembeddable(space: ChannelSpace) -> str | None:
+    """Why ``space``'s readers and writers cannot follow the channels of another it is added to."""
+    if space.groups > 1 or space.heads > 1 or space.tied or space.tied_to is not None or space.whole_heads:
+        return "it is cut in groups or heads"
+    if space.scales or space.sources:
+        return "it is scaled by a per-channel parameter"
+    if any(consumer.kind == "grouped" or consumer.features_per_channel != 1 for consumer in space.consumers):
+        return "it is read flattened or by a grouped conv"
+    return None
+
+
+def moved(at: list[int], inner_at: tuple[int, ...], offset: int) -> tuple[int, ...]:
+    """A reader's entry of each outer channel: where it reads the inner channel there (``inner_at``, else at
+    ``offset``), -1 where it reads none."""
+    return tuple(-1 if i < 0 else (inner_at[i] if inner_at else offset + i) for i in at)
