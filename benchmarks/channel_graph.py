@@ -43,7 +43,7 @@ import torch
 from benchmarks.common import isolated as run_isolated
 from pruneflow.compaction import compact_and_verify
 from pruneflow.compaction.cost import count_flops
-from pruneflow.compaction.verify import randomize_norms
+from pruneflow.compaction.verify import randomize_norms, randomize_zero_weights
 from pruneflow.graph import trace_channel_graph
 from pruneflow.models import ResNet, torchvision_classifier
 from pruneflow.pruning.criteria import L1
@@ -93,9 +93,10 @@ def build(name: str, size: int) -> torch.nn.Module:
 
 
 def fresh(name: str, size: int) -> torch.nn.Module:
-    """``name`` with the same random weights and BatchNorm statistics in every process and for both tools."""
+    """``name`` with the same random weights and BatchNorm statistics in every process and for both tools (a layer
+    built at zero, torchvision's ViT head, given random weights: else every logit is its bias, whatever the cut)."""
     torch.manual_seed(0)
-    return randomize_norms(build(name, size), beta_scale=0.1)
+    return randomize_zero_weights(randomize_norms(build(name, size), beta_scale=0.1))
 
 
 def measure(name: str, size: int, batch_sizes: tuple[int, ...] = (), rounds: int = 5) -> dict[str, object]:

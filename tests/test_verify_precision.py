@@ -109,3 +109,17 @@ def test_timm_efficientnetv2_s_with_one_squeeze_excitation_space_cut_is_exact() 
                                     latency_batch_sizes=())  # fmt: skip
     assert metrics["compact/agreement"] == 1.0 and metrics["compact/max_rel_diff"] <= 1e-4
 
+
+
+def test_a_layer_built_at_zero_gets_random_weights_so_a_wrong_cut_cannot_hide_behind_it() -> None:
+    # torchvision's ViT builds its head at zero: every logit is then its bias and any cut "agrees" with the masked
+    # network. The benchmark's network gets random weights there; layers with weights keep theirs.
+    from pruneflow.compaction.verify import randomize_zero_weights
+
+    head, body = torch.nn.Linear(8, 3), torch.nn.Linear(4, 8)
+    torch.nn.init.zeros_(head.weight)
+    before = body.weight.clone()
+    model = randomize_zero_weights(torch.nn.Sequential(body, head))
+    assert model is not None and head.weight.abs().sum() > 0 and torch.equal(body.weight, before)
+    logits = model(torch.randn(5, 4))
+    assert logits.std(dim=0).min() > 0  # the logits depend on the input again

@@ -74,6 +74,19 @@ def randomize_norms(model: nn.Module, seed: int = 0, beta_scale: float = 1.0) ->
     return model.eval()
 
 
+def randomize_zero_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Random weights (normal, ``std``) in every conv or linear layer whose weight is all zero: torchvision's ViT
+    builds its head at zero, so every logit is its bias and a compacted network would agree with its masked original
+    whatever the cut did; random weights make a difference show."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and weight is not None and not weight.any():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+    return model
+
+
 def device_of(model: nn.Module) -> torch.device:
     tensor = next((t for t in (*model.parameters(), *model.buffers())), None)
     return torch.device("cpu") if tensor is None else tensor.device
