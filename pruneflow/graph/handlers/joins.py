@@ -63,7 +63,7 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
         return values[0]  # a per-channel parameter times zero is zero
     result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
     if result is None and len(values) == len(tensors) == 2:  # a product too: a gate times copies is zero at zero
-        result = embedded(tracer, values)
+        result = embedded(tracer, values, product)
     if result is not None:
         return result
     pairs = lined_up(tracer, values) if len(values) == len(tensors) == 2 else None

@@ -3,7 +3,10 @@
 the owner's sizes set by the cut; and a space **embedded** in another: RexNet's stream added to the first channels
 of a wider conv's output (``x[:, 0:C] + shortcut``) is those channels. Its producers' rows (and norms' entries) are
 cut with them, as points of the wider space, masked at their outputs, and its readers read the wider space's
-channels; its own space leaves the graph (as a fold's does)."""
+channels; its own space leaves the graph (as a fold's does). A whole space added to (or multiplied by) copies of
+another side by side is embedded once per copy: GhostNet's stem, read by the first block too, added to the block's
+``cat([x1, cheap(x1)])``, whose depthwise ``cheap`` carries ``x1``'s channels; its rows j and n + j are cut with
+``x1``'s channel j."""
 
 from __future__ import annotations
 
@@ -65,11 +68,11 @@ def sliced(tracer: Tracer, node: torch.fx.Node, value: Value, channels: slice) -
     return tracer.with_layout(value, layout[start:stop], by_position=False)
 
 
-def embedded(tracer: Tracer, values: list[Value]) -> Value | None:
+def embedded(tracer: Tracer, values: list[Value], product: bool = False) -> Value | None:
     """A whole space added to a run of another's channels, in order (RexNet's ``x[:, 0:C] + shortcut``), or to
     copies of one space side by side (GhostNet's shortcut conv added to ``cat([x1, cheap(x1)])``, the cheap
     depthwise carrying ``x1``'s channels): recorded, to be embedded at the end (``embed_spaces``); the other
-    value. None for anything else."""
+    value (revived as a sum or a ``product`` of the two is). None for anything else."""
     for whole, part in ((values[0], values[1]), (values[1], values[0])):
         if not one_whole_space(whole) or part.by_position or whole.channels_last != part.channels_last:
             continue
@@ -78,7 +81,8 @@ def embedded(tracer: Tracer, values: list[Value]) -> Value | None:
         if placed is None or any(tracer.space(index) is tracer.space(inner) for index, _, _ in placed):
             continue
         tracer.embedded += [(inner, index, start, at) for index, start, at in placed]
-        return replace(part, revived_by=part.revived_by or whole.revived_by)
+        revived = (part.revived_by and whole.revived_by) if product else (part.revived_by or whole.revived_by)
+        return replace(part, revived_by=revived)
     return None
 
 
