@@ -59,7 +59,8 @@ class Tracer:
         self.not_understood: dict[str, set[int]] = {}
         self.concrete: dict[torch.fx.Node, Any] = {}  # shapes and shape arithmetic a reshape probe needs
         self.by_position: set[int] = set()  # spaces reordered by position (``Value.by_position``): the cut places them
-        self.embedded: list[tuple[int, int, int]] = []  # (a space, the space it is added to, at) (``slices``)
+        # (a space, the space it is added to, where it starts there, each channel there → the space's) (``slices``)
+        self.embedded: list[tuple[int, int, int, tuple[int, ...]]] = []
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths

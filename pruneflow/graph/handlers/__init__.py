@@ -16,6 +16,8 @@
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
+- ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
+  whole, their q/k/v rows refused, the stream they read and write prunable;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
 """
 
@@ -31,6 +33,7 @@ from pruneflow.graph.handlers import (
     timm_attention,
     timm_attention_classes,
     timm_layers,
+    timm_levit,
     tokens,
 )
 
@@ -45,5 +48,6 @@ __all__ = [
     "timm_attention",
     "timm_attention_classes",
     "timm_layers",
+    "timm_levit",
     "tokens",
 ]

@@ -62,17 +62,12 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     if product and len(values) == 1 and len(tensors) == 2 and factors and scaled(tracer, values[0], factors[0]):
         return values[0]  # a per-channel parameter times zero is zero
     result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
-    if result is None and not product and len(values) == len(tensors) == 2:
-        result = embedded(tracer, values)
+    if result is None and len(values) == len(tensors) == 2:  # a product too: a gate times copies is zero at zero
+        result = embedded(tracer, values, product)
     if result is not None:
         return result
-    joinable = (
-        len(values) == len(tensors) == 2
-        and all(len(v.segments) == 1 and v.segments[0][1] == 0 and not v.flattened for v in values)
-        and values[0].width == values[1].width
-        and values[0].channels_last == values[1].channels_last
-    )
-    if not joinable:
+    pairs = lined_up(tracer, values) if len(values) == len(tensors) == 2 else None
+    if pairs is None:
         reason = f"{description} combines them with a tensor outside the channel graph"
         if len(values) == len(tensors) == 2:  # both in the graph: parts or reorderings that do not line up
             reason = (f"{description} joins channels that do not line up (parts of a layer's rows, as a gate "
@@ -81,10 +76,29 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
             tracer.refuse(value, reason)
         return None
     a, b = values
-    index = tracer.union(a.segments[0][0], b.segments[0][0], description)
+    segments = tuple((tracer.union(i, j, description), offset) for i, j, offset in pairs)
     # zero times anything is zero: a product is revived only if both factors are
     revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
-    return Value(((index, 0),), a.width, revived_by=revived, ndim=a.ndim or b.ndim, channels_last=a.channels_last)
+    return Value(segments, a.width, revived_by=revived, ndim=a.ndim or b.ndim, channels_last=a.channels_last)
+
+
+def lined_up(tracer: Tracer, values: list[Value]) -> list[tuple[int, int, int]] | None:
+    """The spaces of two values that meet channel for channel, (one, the other, offset): whole spaces at the same
+    offsets, of equal widths, filling both (one space each, or GhostNet's residual of ``[x1, cheap(x1)]`` copies
+    added to the block's input, copies too); None where they do not."""
+    a, b = values
+    if a.channels_last != b.channels_last or a.width != b.width or a.flattened or b.flattened:
+        return None
+    if len(a.segments) == len(b.segments) == 1 and a.segments[0][1] == b.segments[0][1] == 0:
+        return [(a.segments[0][0], b.segments[0][0], 0)]
+    if len(a.segments) != len(b.segments) or a.layout is not None or b.layout is not None:
+        return None
+    pairs = [(i, j, at) for (i, at), (j, other) in zip(a.segments, b.segments, strict=True) if at == other]
+    widths = [tracer.space(i).width for i, _, _ in pairs]
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    if len(pairs) != len(a.segments) or [at for _, _, at in pairs] != starts or sum(widths) != a.width:
+        return None
+    return pairs if all(tracer.space(j).width == w for (_, j, _), w in zip(pairs, widths, strict=True)) else None
 
 
 def parameter_read(node: torch.fx.Node) -> torch.fx.Node | None:

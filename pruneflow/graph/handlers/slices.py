@@ -3,7 +3,10 @@
 the owner's sizes set by the cut; and a space **embedded** in another: RexNet's stream added to the first channels
 of a wider conv's output (``x[:, 0:C] + shortcut``) is those channels. Its producers' rows (and norms' entries) are
 cut with them, as points of the wider space, masked at their outputs, and its readers read the wider space's
-channels; its own space leaves the graph (as a fold's does)."""
+channels; its own space leaves the graph (as a fold's does). A whole space added to (or multiplied by) copies of
+another side by side is embedded once per copy: GhostNet's stem, read by the first block too, added to the block's
+``cat([x1, cheap(x1)])``, whose depthwise ``cheap`` carries ``x1``'s channels; its rows j and n + j are cut with
+``x1``'s channel j."""
 
 from __future__ import annotations
 
@@ -65,26 +68,53 @@ def sliced(tracer: Tracer, node: torch.fx.Node, value: Value, channels: slice) -
     return tracer.with_layout(value, layout[start:stop], by_position=False)
 
 
-def embedded(tracer: Tracer, values: list[Value]) -> Value | None:
-    """A whole space added to a run of another's channels, in order (RexNet's ``x[:, 0:C] + shortcut``): recorded,
-    to be embedded at the end (``embed_spaces``); the run's value. None for anything else."""
+def embedded(tracer: Tracer, values: list[Value], product: bool = False) -> Value | None:
+    """A whole space added to a run of another's channels, in order (RexNet's ``x[:, 0:C] + shortcut``), or to
+    copies of one space side by side (GhostNet's shortcut conv added to ``cat([x1, cheap(x1)])``, the cheap
+    depthwise carrying ``x1``'s channels): recorded, to be embedded at the end (``embed_spaces``); the other
+    value (revived as a sum or a ``product`` of the two is). None for anything else."""
     for whole, part in ((values[0], values[1]), (values[1], values[0])):
-        run = part.layout
-        if not one_whole_space(whole) or run is None or part.by_position or whole.channels_last != part.channels_last:
+        if not one_whole_space(whole) or part.by_position or whole.channels_last != part.channels_last:
             continue
-        index, first = run[0]
-        if any(entry != (index, first + i) for i, entry in enumerate(run)) or len(run) != whole.width:
+        inner = whole.segments[0][0]
+        placed = run_of(tracer, part, whole.width) or copies_of(tracer, part, whole.width)
+        if placed is None or any(tracer.space(index) is tracer.space(inner) for index, _, _ in placed):
             continue
-        if tracer.space(index) is tracer.space(whole.segments[0][0]):
-            continue
-        tracer.embedded.append((whole.segments[0][0], index, first))
-        return replace(part, revived_by=part.revived_by or whole.revived_by)
+        tracer.embedded += [(inner, index, start, at) for index, start, at in placed]
+        revived = (part.revived_by and whole.revived_by) if product else (part.revived_by or whole.revived_by)
+        return replace(part, revived_by=revived)
     return None
+
+
+def run_of(tracer: Tracer, part: Value, width: int | None) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """A run of ``width`` channels of one space, in order: [(that space, where the run starts, channel → run)]."""
+    run = part.layout
+    if run is None or len(run) != width:
+        return None
+    index, first = run[0]
+    if any(entry != (index, first + i) for i, entry in enumerate(run)):
+        return None
+    outer = tracer.space(index).width
+    return [(index, first, tuple(c - first if first <= c < first + width else -1 for c in range(outer)))]
+
+
+def copies_of(tracer: Tracer, part: Value, width: int | None) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """Copies of one whole space side by side filling ``width`` channels (a GhostModule's ``[x1, cheap(x1)]``):
+    [(that space, 0, channel c → its position in copy k)] for each copy k."""
+    if part.layout is not None or part.flattened or len(part.segments) < 2 or part.width != width:
+        return None
+    index = part.segments[0][0]
+    copy = tracer.space(index).width
+    if any(tracer.space(i) is not tracer.space(index) or at != k * copy for k, (i, at) in enumerate(part.segments)):
+        return None
+    if copy * len(part.segments) != width:
+        return None
+    return [(index, 0, tuple(range(k * copy, (k + 1) * copy))) for k in range(len(part.segments))]
 
 
 def embed_spaces(tracer: Tracer) -> None:
     """Each recorded space into the channels of the other it was added to, in the order they were met."""
-    for inner_index, outer_index, start in tracer.embedded:
+    for inner_index, outer_index, start, at in tracer.embedded:
         inner, outer = tracer.space(inner_index), tracer.space(outer_index)
         if inner is outer:
             continue
@@ -93,7 +123,6 @@ def embed_spaces(tracer: Tracer) -> None:
             for space in (inner, outer):
                 space.refuse(f"{inner.name} is added to channels {start}… of {outer.name}, and {reason}")
             continue
-        at = [c - start if start <= c < start + inner.width else -1 for c in range(outer.width)]
         for layer in inner.producers:
             for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm)):
                 if name is not None and module is not None:
@@ -119,7 +148,7 @@ def unembeddable(space: ChannelSpace) -> str | None:
     return None
 
 
-def moved(at: list[int], inner_at: tuple[int, ...], offset: int) -> tuple[int, ...]:
+def moved(at: tuple[int, ...], inner_at: tuple[int, ...], offset: int) -> tuple[int, ...]:
     """A reader's entry of each outer channel: where it reads the inner channel there (``inner_at``, else at
     ``offset``), -1 where it reads none."""
     return tuple(-1 if i < 0 else (inner_at[i] if inner_at else offset + i) for i in at)
