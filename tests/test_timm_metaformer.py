@@ -73,3 +73,27 @@ def test_star_relu_on_a_sum_revives_the_channels_it_carries() -> None:
 def test_metaformer_no_bias_layer_norms_are_norms_and_cut_exactly() -> None:
     assert refusals(NoBiasNorms()) == [OUTPUT]
     assert_cut_equals_masked(NoBiasNorms())
+
+
+class PoolFormerV2Blocks(nn.Module):
+    """Two of PoolFormerV2's blocks on a conv stem: GroupNorms of one group (one without β, one with), the
+    ``pool(x) - x`` mixer, an MLP with StarReLU, residual scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = metaformer.MetaFormerBlock
+        self.stem, self.head = conv_bn(3, 8), head(8)
+        self.blocks = nn.Sequential(
+            block(8, norm_layer=metaformer.GroupNorm1NoBias, res_scale_init_value=0.7),
+            block(8, norm_layer=metaformer.GroupNorm1, layer_scale_init_value=0.5),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_a_group_norm_of_one_group_is_a_norm_of_the_stream_and_cuts_exactly() -> None:
+    """Its statistics span every channel and position of a sample: under ``activation`` recomputed over the kept
+    channels, as the cut norm computes them; it refused PoolFormerV2's stream."""
+    assert refusals(PoolFormerV2Blocks()) == [OUTPUT]
+    assert_cut_equals_masked(PoolFormerV2Blocks())

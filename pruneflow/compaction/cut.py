@@ -156,6 +156,12 @@ def _layer_norm_args(norm: nn.LayerNorm) -> dict[str, Any]:
             "elementwise_affine": norm.elementwise_affine, "bias": norm.bias is not None}  # fmt: skip
 
 
+def _group_norm_args(norm: nn.GroupNorm) -> dict[str, Any]:
+    # one group (``SAMPLE_NORMS``): the graph refuses the others
+    return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps, "affine": norm.affine,
+            "bias": norm.bias is not None}  # fmt: skip
+
+
 def _linear_args(linear: nn.Linear) -> dict[str, Any]:
     return {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None}
 
@@ -180,6 +186,7 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.MultiheadAttention: (_attention_args, ("embed_dim", None)),
     nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
     LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
+    nn.GroupNorm: (_group_norm_args, ("num_channels", None)),
 }
 
 

@@ -20,7 +20,7 @@ from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS
+from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
@@ -123,11 +123,15 @@ def register() -> None:
     LAYER_NORMS[metaformer.LayerNorm2dNoBias] = 1
     LAYER_NORMS[metaformer.LayerNormNoBias] = -1
     register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
-    # GroupNorms (GroupNorm1: one group, PoolFormer's) normalise across channels: kept whole, refused in one line
-    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNorm1, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
+    # GroupNorms normalise across channels: kept whole, refused in one line; but one group (PoolFormer's GroupNorm1)
+    # spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
+    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
     register_module_handler(group_norms, across_channels)
+    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias):
+        LAYER_NORMS[sample_norm] = 1
+        SAMPLE_NORMS.add(sample_norm)
     layer_norms = (timm_layers.LayerNorm2d, timm_layers.LayerNorm, metaformer.LayerNorm2dNoBias,
-                   metaformer.LayerNormNoBias)  # fmt: skip
+                   metaformer.LayerNormNoBias, timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias)  # fmt: skip
     register_module_handler(layer_norms, layer_norm)
     # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
