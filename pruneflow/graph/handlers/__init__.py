@@ -16,7 +16,8 @@
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
-- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
+- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
+- ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut.
 """
 
 # ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
@@ -31,6 +32,7 @@ from pruneflow.graph.handlers import (
     timm_attention,
     timm_attention_classes,
     timm_layers,
+    timm_metaformer,
     tokens,
 )
 
@@ -45,5 +47,6 @@ __all__ = [
     "timm_attention",
     "timm_attention_classes",
     "timm_layers",
+    "timm_metaformer",
     "tokens",
 ]
