@@ -156,6 +156,12 @@ def _layer_norm_args(norm: nn.LayerNorm) -> dict[str, Any]:
             "elementwise_affine": norm.elementwise_affine, "bias": norm.bias is not None}  # fmt: skip
 
 
+def _group_norm_args(norm: nn.GroupNorm) -> dict[str, Any]:
+    # one group (``SAMPLE_NORMS``): the graph refuses the others
+    return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps, "affine": norm.affine,
+            "bias": norm.bias is not None}  # fmt: skip
+
+
 def _linear_args(linear: nn.Linear) -> dict[str, Any]:
     return {"in_features": linear.in_features, "out_features": linear.out_features, "bias": linear.bias is not None}
 
@@ -180,6 +186,7 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.MultiheadAttention: (_attention_args, ("embed_dim", None)),
     nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
     LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
+    nn.GroupNorm: (_group_norm_args, ("num_channels", None)),
 }
 
 
@@ -289,15 +296,16 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
 # head count and width of all heads, BEiT's and EVA's fused path turned off (``ChannelSpace.unfused_by_cut``); and a
-# width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim).
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn", "hidden_dim"}
+# width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn", "hidden_dim", "shape"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
     """Set an attention's sizes; its zero key bias (BEiT's, EVA's ``k_bias``, a buffer concatenated with ``q_bias``
     and ``v_bias``) takes as many entries as its query bias, cut before (``ChannelScale``)."""
     for attribute, size in sizes.items():
-        setattr(module, attribute, size)
+        held = getattr(module, attribute, None)  # a shape held as a tuple (MetaFormer's ``Scale``): its first size
+        setattr(module, attribute, (size, *held[1:]) if isinstance(held, tuple) else size)
     key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
     if isinstance(key_bias, Tensor) and isinstance(query_bias, Tensor) and key_bias.shape != query_bias.shape:
         module.k_bias = key_bias.new_zeros(query_bias.shape)

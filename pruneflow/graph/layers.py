@@ -16,6 +16,9 @@ PRODUCER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # LayerNorms over the channels, exact type → the dim they normalise: ``nn.LayerNorm`` the last (channels-last
 # input), torchvision's ``LayerNorm2d`` dim 1. A subclass may compute something else: it stays refused.
 LAYER_NORMS: dict[type[nn.Module], int] = {nn.LayerNorm: -1, LayerNorm2d: 1}
+# Of those, the norms whose statistics span every channel and position of a sample (timm's ``GroupNorm1``, a
+# GroupNorm of one group): over the kept channels they are the cut norm's, as a LayerNorm's are
+SAMPLE_NORMS: set[type[nn.Module]] = set()
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -49,6 +52,12 @@ def is_layer_norm(module: nn.Module) -> bool:
     return type(module) in LAYER_NORMS
 
 
+def statistics_dims(module: nn.Module, ndim: int) -> tuple[int, ...]:
+    """The dims a LayerNorm over the channels (``LAYER_NORMS``) takes its mean and variance over: the channels', or
+    every dim but the batch for a norm over the whole sample (``SAMPLE_NORMS``); counted from 0."""
+    return tuple(range(1, ndim)) if type(module) in SAMPLE_NORMS else (LAYER_NORMS[type(module)] % ndim,)
+
+
 def is_producer(module: nn.Module) -> bool:
     """A conv or a linear layer: as a ``ChannelPoint`` its rows are cut, it has no γ to score or regularise."""
     return isinstance(module, PRODUCER_TYPES)
@@ -58,7 +67,7 @@ def norm_width(module: nn.Module) -> int:
     """The channels a BatchNorm or a LayerNorm over channels normalises (a conv's rows, where it is a
     ``ChannelPoint``: a depthwise conv carrying several spaces, a conv folded into the spaces it joins)."""
     if is_layer_norm(module):
-        return module.normalized_shape[0]
+        return module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[0]
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.out_channels if is_producer(module) else module.num_features

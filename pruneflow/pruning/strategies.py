@@ -25,6 +25,7 @@ kernel's gradient — is exactly zero.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import ClassVar
 
@@ -37,7 +38,7 @@ from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
-from pruneflow.graph.layers import held_by, tensor_names
+from pruneflow.graph.layers import held_by, statistics_dims, tensor_names
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS
 
 
@@ -235,16 +236,19 @@ def mask_channels(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor)
 def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
     """Forward hook at a LayerNorm over channels (``LAYER_NORMS``) reading a masked space: the layer norm of its
     input over the kept channels only, times ``keep``. Masking its output alone would not do: the norm's mean
-    and variance would still count the pruned channels' zeros, which the cut network's smaller norm does not.
+    and variance would still count the pruned channels' zeros, which the cut network's smaller norm does not. A
+    norm over the whole sample (timm's ``GroupNorm1``: ``SAMPLE_NORMS``) counts every position of the kept channels.
     The input's pruned channels are multiplied out of the statistics too, so nothing reaches them backwards.
     No branch on values, the keep-vector a buffer (see ``mask_channels``): a compiled graph reads it as an input.
     """
     keep = getattr(module, KEEP_BUFFER).to(output.dtype)
-    dim = LAYER_NORMS[type(module)]
-    kept = keep.sum().clamp_min(1.0)
+    dims = statistics_dims(module, inputs[0].ndim)
+    channel_dim = LAYER_NORMS[type(module)] % inputs[0].ndim
+    # a norm over the whole sample (GroupNorm1) counts every position of each kept channel
+    kept = keep.sum().clamp_min(1.0) * math.prod(inputs[0].shape[d] for d in dims if d != channel_dim)
     inputs_kept = inputs[0] * keep
-    centred = (inputs_kept - inputs_kept.sum(dim, keepdim=True) / kept) * keep
-    variance = centred.square().sum(dim, keepdim=True) / kept
+    centred = (inputs_kept - inputs_kept.sum(dims, keepdim=True) / kept) * keep
+    variance = centred.square().sum(dims, keepdim=True) / kept
     normalised = centred * torch.rsqrt(variance + module.eps)
     if module.weight is not None:
         normalised = normalised * module.weight.view(keep.shape)

@@ -18,7 +18,8 @@
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
-- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed).
+- ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
+- ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut.
 """
 
 # ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
@@ -34,6 +35,7 @@ from pruneflow.graph.handlers import (
     timm_attention_classes,
     timm_layers,
     timm_levit,
+    timm_metaformer,
     tokens,
 )
 
@@ -49,5 +51,6 @@ __all__ = [
     "timm_attention_classes",
     "timm_layers",
     "timm_levit",
+    "timm_metaformer",
     "tokens",
 ]

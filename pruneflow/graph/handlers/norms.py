@@ -33,7 +33,7 @@ def norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | 
     dim = LAYER_NORMS.get(type(module), 1)
     source = node.args[0] if node.args else None
     writer = tracer.writer_of.get(source) if isinstance(source, torch.fx.Node) else None
-    across = is_layer_norm(module) and len(module.normalized_shape) > 1
+    across = is_layer_norm(module) and len(getattr(module, "normalized_shape", ())) > 1
     if (
         writer is not None
         and writer.norm is None

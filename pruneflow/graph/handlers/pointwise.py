@@ -32,10 +32,11 @@ ZERO_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
 REVIVING_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 ZERO_PRESERVING_FUNCTIONS = (
     torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu, F.hardswish, F.mish, torch.tanh, F.dropout,
+    torch.square,  # MetaFormer's SquaredReLU: relu(x)²
     stochastic_depth,  # drops whole samples (or rows): each kept one is scaled, every channel alike
 )  # fmt: skip
 REVIVING_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
-ZERO_PRESERVING_METHODS = ("relu", "relu_", "tanh", "contiguous", "clone")
+ZERO_PRESERVING_METHODS = ("relu", "relu_", "tanh", "square", "contiguous", "clone")
 REVIVING_METHODS = ("sigmoid",)
 
 

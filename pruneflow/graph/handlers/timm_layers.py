@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, tokens
+from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, timm_metaformer, tokens
 from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS
+from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
@@ -94,6 +94,7 @@ def register() -> None:
     from timm.models import cspnet as timm_cspnet
     from timm.models import dpn as timm_dpn
     from timm.models import fasternet as timm_fasternet
+    from timm.models import metaformer
     from timm.models import rexnet as timm_rexnet
     from timm.models.hgnet import LearnableAffineBlock
 
@@ -101,13 +102,15 @@ def register() -> None:
     timm_attention.register()
     timm_attention_classes.register()
     timm_levit.register()
+    timm_metaformer.register()
     tokens.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
     register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
-    register_module_handler(LearnableAffineBlock, scalar_affine)
+    # MetaFormer's StarReLU, ``s · relu(x)² + b``, one s and one b for all channels: a scalar affine after a square
+    register_module_handler((LearnableAffineBlock, metaformer.StarReLU), scalar_affine)
     standardised = (timm_layers.StdConv2d, timm_layers.StdConv2dSame, timm_layers.ScaledStdConv2d,
                     timm_layers.ScaledStdConv2dSame)  # fmt: skip
     register_module_handler(standardised, standardised_conv)
@@ -117,11 +120,20 @@ def register() -> None:
     # LayerNorms followed by their dropout and activation: norms over the channels, masked after the activation
     LAYER_NORMS[timm_layers.LayerNormAct2d] = 1
     LAYER_NORMS[timm_layers.LayerNormAct] = -1
+    # MetaFormer's LayerNorms without β: the same function, β = 0 (cut as the LayerNorm they derive from)
+    LAYER_NORMS[metaformer.LayerNorm2dNoBias] = 1
+    LAYER_NORMS[metaformer.LayerNormNoBias] = -1
     register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
-    # GroupNorms (GroupNorm1: one group, PoolFormer's) normalise across channels: kept whole, refused in one line
-    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNorm1, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
+    # GroupNorms normalise across channels: kept whole, refused in one line; but one group (PoolFormer's GroupNorm1)
+    # spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
+    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
     register_module_handler(group_norms, across_channels)
-    register_module_handler((timm_layers.LayerNorm2d, timm_layers.LayerNorm), layer_norm)
+    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias):
+        LAYER_NORMS[sample_norm] = 1
+        SAMPLE_NORMS.add(sample_norm)
+    layer_norms = (timm_layers.LayerNorm2d, timm_layers.LayerNorm, metaformer.LayerNorm2dNoBias,
+                   metaformer.LayerNormNoBias, timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias)  # fmt: skip
+    register_module_handler(layer_norms, layer_norm)
     # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
     register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
