@@ -14,7 +14,7 @@ import torch
 from helpers import FakeImages
 from test_budget import cut_costs, graph_spaces
 from test_channel_graph import check_masked_and_cut, space_of
-from test_window_attention import half_by_l1
+from test_window_attention import masked_half
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import VisionTransformer
@@ -84,15 +84,6 @@ def test_the_embedding_width_is_one_prunable_space_through_each_attention(build)
     assert [space.name for space in heads] == [f"{b}.self_attention" for b in blocks]
     assert all(space.prunable and space.heads == model.encoder.layers[0].num_heads for space in heads)
 
-
-def masked_half(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Half of every space (the stream with its tied q, k, v rows) by L1, masked with ``activation``."""
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    for layer in trace_channel_graph(model).layers:
-        if layer.name in masks:
-            masking.prepare(layer)
-            masking.apply(layer, masks[layer.name])
-    return masks
 
 
 @pytest.mark.parametrize("build", MODELS.values(), ids=MODELS)

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import FakeImages
-from test_window_attention import half_by_l1
+from test_window_attention import masked_half
 from torch import nn
 
 from pruneflow import ChannelPruning, ClassifierModule
@@ -17,7 +17,6 @@ from pruneflow.compaction.cost import count_flops
 from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms, verify
 from pruneflow.graph import ChannelSpace, trace_channel_graph
-from pruneflow.pruning.strategies import make_strategy
 
 timm = pytest.importorskip("timm")
 
@@ -44,14 +43,6 @@ def test_the_embedding_width_is_one_space_with_its_token_and_position_embedding_
     assert sorted((source.name, source.dim) for source in stream.sources) == [("cls_token", 2), ("pos_embed", 2)]
     assert {consumer.name for consumer in stream.consumers} >= {"head", "blocks.0.attn.qkv", "blocks.0.mlp.fc1"}
 
-
-def masked_half(model: nn.Module) -> dict[str, torch.Tensor]:
-    masks, masking = half_by_l1(model), make_strategy("activation")
-    for layer in trace_channel_graph(model).layers:
-        if layer.name in masks:
-            masking.prepare(layer)
-            masking.apply(layer, masks[layer.name])
-    return masks
 
 
 @pytest.mark.parametrize("name", ["test_vit", "vit_tiny_patch16_224"])

@@ -45,6 +45,16 @@ def half_by_l1(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
+
+def masked_half(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Half of every space (a stream with its tied q, k, v rows) by L1, masked with ``activation``."""
+    masks, masking = half_by_l1(model), make_strategy("activation")
+    for layer in trace_channel_graph(model).layers:
+        if layer.name in masks:
+            masking.prepare(layer)
+            masking.apply(layer, masks[layer.name])
+    return masks
+
 def masked_and_cut(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Compaction]:
     """``model`` with half of every space (tied heads included) masked by L1 with ``activation``: its logits on
     ``images``, and its cut."""
