@@ -52,7 +52,15 @@ def mobilenet() -> nn.Module:  # depthwise convs carrying a space, a linear clas
     return torchvision.models.mobilenet_v2(num_classes=10).eval()
 
 
-@pytest.mark.parametrize("make", [cifar_resnet, mobilenet])
+def timm_vit() -> nn.Module:  # an attention whose matrix products the FLOP counter counts from torch 2.15 on CPU
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=4
+    ).eval()
+
+
+@pytest.mark.parametrize("make", [cifar_resnet, mobilenet, timm_vit])
 def test_the_cost_model_predicts_the_cut_networks_flops_and_params_exactly(make) -> None:
     network, image = make(), torch.randn(1, 3, 32, 32)
     spaces = graph_spaces(network)

@@ -13,7 +13,8 @@ the spaces the layer writes (as a producer, or as a depthwise conv carrying them
 reads (as a consumer: ``features_per_channel`` columns each after a flatten, one column per group's block for a
 grouped conv), so each layer's cost is bilinear in the pruned counts; norms and per-channel scales are linear.
 ``positions`` come from ONE forward pass with shape hooks (under the FLOP counter, which also gives the measured
-total); what the model does not describe (an attention's matrix products, a layer called outside its module) is a
+total); an attention's matrix products (which the counter counts on CPU from torch 2.15) are linear in the kept
+rows of the q/k/v layer that feeds it; what the model does not describe (a layer called outside its module) is a
 constant, the measured total minus the modelled one. A trial is then a few vector products: no retrace, no
 forward per trial.
 
@@ -55,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, is_depthwise, norm_width, trace_channel_graph
-from pruneflow.graph.layers import PRODUCER_TYPES, attention_op_by_op
+from pruneflow.graph.layers import PRODUCER_TYPES, PackedInProjection, attention_op_by_op
 from pruneflow.pruning.criteria import Criterion, channels_to_prune
 from pruneflow.pruning.selection import select_spaces
 
@@ -139,7 +140,12 @@ class CostModel:
         layers += [(name, layer.producer) for name, layer in records.items() if name not in dict(layers)]
         row = {name: i for i, (name, _) in enumerate(layers)}
         units = {name: records[name].unit for name, _ in layers if name in records and records[name].unit is not None}
-        positions = _output_positions(network, [units.get(name, m) for name, m in layers], image)
+        attentions = {
+            i: attention for i, (name, m) in enumerate(layers) if (attention := _attention_of(name, m, modules))
+        }
+        positions, attention_flops = _output_positions(
+            network, [units.get(name, m) for name, m in layers], attentions, image
+        )
         self.measured_flops = positions.pop("total")
         count, width = len(layers), len(self.spaces)
         self.out_full = np.array([m.weight.shape[0] for _, m in layers], dtype=np.float64)
@@ -147,6 +153,8 @@ class CostModel:
         kernel = np.array([m.weight[0, 0].numel() for _, m in layers], dtype=np.float64)
         self.flops_per_pair = 2.0 * kernel * np.array([positions.get(i, 0) for i in range(count)], dtype=np.float64)
         self.params_per_pair = kernel
+        # the matrix products of an attention, by the qkv layer that feeds it: linear in its kept rows
+        self.attention_flops = np.array([attention_flops.get(i, 0) for i in range(count)], dtype=np.float64)
         self.bias = np.array([getattr(m, "bias", None) is not None for _, m in layers], dtype=np.float64)
         self.out_rows = np.zeros((count, width))  # channels of layer i's output per pruned channel of space j
         self.in_rows = np.zeros((count, width))  # input columns per group of layer i per pruned channel of space j
@@ -183,7 +191,7 @@ class CostModel:
 
     def _modelled_flops(self, pruned: np.ndarray) -> float:
         out, inputs = self._widths(pruned)
-        return float(np.sum(self.flops_per_pair * out * inputs))
+        return float(np.sum(self.flops_per_pair * out * inputs + self.attention_flops * out / self.out_full))
 
     def _modelled_params(self, pruned: np.ndarray) -> float:
         out, inputs = self._widths(pruned)
@@ -214,11 +222,25 @@ def _entries_per_channel(module: nn.Module) -> float:
     return sum(p.numel() for p in module.parameters(recurse=False)) / norm_width(module)
 
 
+def _attention_of(name: str, layer: nn.Module, modules: Mapping[str, nn.Module]) -> nn.Module | None:
+    """The attention a q/k/v projection feeds, whose matrix products scale with the projection's kept rows:
+    ``nn.MultiheadAttention`` for its packed ``in_proj``, the parent of a layer named ``qkv`` (timm's attentions)."""
+    if isinstance(layer, PackedInProjection):
+        return layer.attention
+    parent, _, leaf = name.rpartition(".")
+    return modules.get(parent) if leaf == "qkv" else None
+
+
 @torch.no_grad()
-def _output_positions(network: nn.Module, layers: Sequence[nn.Module], image: Tensor) -> dict[object, int]:
+def _output_positions(
+    network: nn.Module, layers: Sequence[nn.Module], attentions: Mapping[int, nn.Module], image: Tensor
+) -> tuple[dict[object, int], dict[int, int]]:
     """Output positions per image of each of ``layers`` (by index; summed where a layer runs several times), and
-    under ``"total"`` the FLOPs ``torch.utils.flop_counter`` counts: one forward, in eval mode."""
+    under ``"total"`` the FLOPs ``torch.utils.flop_counter`` counts: one forward, in eval mode. Second, the FLOPs
+    the counter gives the attention ops (``scaled_dot_product_attention`` and its kernels; counted on CPU from
+    torch 2.15) inside each of ``attentions`` (by the index of the layer feeding it)."""
     positions: dict[object, int] = {}
+    attention_flops: dict[int, int] = {}
 
     def recorder(index: int) -> Callable[..., None]:
         def record(module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
@@ -231,7 +253,24 @@ def _output_positions(network: nn.Module, layers: Sequence[nn.Module], image: Te
 
         return record
 
+    def attention_ops() -> int:
+        return sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+
+    def timer(index: int) -> tuple[Callable[..., None], Callable[..., None]]:
+        before: list[int] = []
+
+        def start(module: nn.Module, args: object) -> None:
+            before.append(attention_ops())
+
+        def stop(module: nn.Module, args: object, output: object) -> None:
+            attention_flops[index] = attention_flops.get(index, 0) + attention_ops() - before.pop()
+
+        return start, stop
+
     handles = [layer.register_forward_hook(recorder(i)) for i, layer in enumerate(layers)]
+    for index, attention in attentions.items():
+        start, stop = timer(index)
+        handles += [attention.register_forward_pre_hook(start), attention.register_forward_hook(stop)]
     modes = {module: module.training for module in network.modules()}
     network.eval()
     try:
@@ -243,7 +282,7 @@ def _output_positions(network: nn.Module, layers: Sequence[nn.Module], image: Te
         for module, training in modes.items():
             module.training = training
     positions["total"] = int(counter.get_total_flops())
-    return positions
+    return positions, attention_flops
 
 
 # -- the budget -------------------------------------------------------------------------------------
