@@ -20,7 +20,8 @@ limit), so one that hangs or dies cannot stop the list; ``--jobs`` models at a t
 ``inexact cut`` (agreement < 1 or a max relative difference over ``EXACT_TOLERANCE``), ``crash`` (an exception
 anywhere, with its one line) and ``over time``. Each refused space's reason is sorted into a cause
 (``CAUSES``). The JSON and the Markdown report are rewritten after every model, so a run stopped midway keeps
-what it measured; ``--resume`` skips the models the JSON already holds.
+what it measured; ``--resume`` skips the models the JSON already holds; ``--torch-pruning-from`` takes
+Torch-Pruning's figures from an earlier run's JSON (they do not depend on pruneflow: the same seeded model).
 
 The smallest model of a module is chosen by parameter count, counted on the meta device (nothing allocated)
 for the ``--candidates`` names of each module that look smallest by name; models over ``--max-params`` are
@@ -172,8 +173,9 @@ def measure_torch_pruning(name: str, size: int | None = None) -> dict[str, Any]:
     return {"tp_handled": "yes", "tp_flops_ratio": before[0] / flops, "tp_params_ratio": before[1] / params}
 
 
-def measure(name: str, limit: float, torch_pruning: bool) -> dict[str, Any]:
-    """One model's row: pruneflow's outcome and figures, and Torch-Pruning's beside them."""
+def measure(name: str, limit: float, torch_pruning: bool, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One model's row: pruneflow's outcome and figures, and Torch-Pruning's beside them (``earlier``: its figures
+    from an earlier run on the same model, taken instead of measuring them again)."""
     started = time.monotonic()
     kind, result = isolated(measure_pruneflow, (name,), limit)
     row: dict[str, Any] = {"model": name}
@@ -183,7 +185,9 @@ def measure(name: str, limit: float, torch_pruning: bool) -> dict[str, Any]:
         row |= {"handled": kind, "reason": result}
     row["outcome"] = outcome(row)
     row["seconds"] = time.monotonic() - started
-    if torch_pruning:
+    if torch_pruning and earlier:
+        row |= earlier
+    elif torch_pruning:
         kind, result = isolated(measure_torch_pruning, (name, row.get("size")), limit)
         row |= result if kind == "row" else {"tp_handled": kind, "tp_reason": result}
         row["tp_outcome"] = tp_outcome(row)
@@ -338,6 +342,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the rows, causes and summary here (after every model)")
     parser.add_argument("--out", type=Path, help="write the Markdown report here (after every model)")
     parser.add_argument("--resume", action="store_true", help="keep the rows --json already holds; measure the rest")
+    parser.add_argument("--torch-pruning-from", type=Path, metavar="JSON",
+                        help="take Torch-Pruning's figures from an earlier run's --json where it holds the model (they "
+                        "do not depend on pruneflow's code: the same seeded model); measure the others")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -358,6 +365,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     if args.resume and args.json and args.json.exists():
         done = {row["model"]: row for row in json.loads(args.json.read_text())["rows"]}
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.torch_pruning_from:
+        if not args.torch_pruning_from.is_file():
+            raise SystemExit(f"benchmarks timm: error: --torch-pruning-from {args.torch_pruning_from}: no such file; "
+                             "give the --json of an earlier run")  # fmt: skip
+        earlier_rows = json.loads(args.torch_pruning_from.read_text())["rows"]
+        earlier = {row["model"]: {key: value for key, value in row.items() if key.startswith("tp_")}
+                   for row in earlier_rows if "tp_outcome" in row}  # fmt: skip
     rows: list[dict[str, Any]] = []
     left_out: list[dict[str, Any]] = []
     print(table_header(torch_pruning), flush=True)
@@ -375,7 +390,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             elif entry["model"] in done:
                 record(entry, done[entry["model"]])
             else:
-                running.append((entry, pool.submit(measure, entry["model"], args.time_limit, torch_pruning)))
+                running.append((entry, pool.submit(measure, entry["model"], args.time_limit, torch_pruning,
+                                                        earlier.get(entry["model"]))))
             while len(running) >= args.jobs:  # the next module is chosen while this many are measured
                 record(*_result(running.pop(0)))
         for job in running:

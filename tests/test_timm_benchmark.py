@@ -43,6 +43,24 @@ def test_timm_benchmark_rows_on_timms_tiny_models(tmp_path: Path) -> None:
         assert "Torch-Pruning 1.6.1" in text
 
 
+def test_torch_prunings_figures_are_taken_from_an_earlier_run_where_it_holds_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    earlier = tmp_path / "earlier.json"
+    kept = {"tp_handled": "yes", "tp_flops_ratio": 2.5, "tp_params_ratio": 2.0, "tp_outcome": "2-3x"}
+    earlier.write_text(json.dumps({"rows": [{"model": "a", "flops_ratio": 9.0, **kept}]}))
+    measured = {"tp_handled": "yes", "tp_flops_ratio": 3.5, "tp_params_ratio": 3.0}
+    monkeypatch.setattr(timm_models, "models_to_run", lambda args: [{"family": "f", "model": m} for m in "ab"])
+    refused = {"handled": "refused-all", "refusals": ["x"]}
+    monkeypatch.setattr(timm_models, "measure_pruneflow", lambda name, size=None: refused)
+    monkeypatch.setattr(timm_models, "measure_torch_pruning", lambda name, size=None: measured)
+    rows = benchmarks_main(["timm", "--time-limit", "0", "--torch-pruning", "--torch-pruning-from", str(earlier)])
+    assert {key: rows[0][key] for key in kept} == kept  # taken, pruneflow's own figures measured again
+    assert rows[0]["outcome"] == "refused entirely" and rows[1]["tp_flops_ratio"] == 3.5 and "tp_outcome" in rows[1]
+    with pytest.raises(SystemExit, match=r"--torch-pruning-from .*missing\.json: no such file"):
+        benchmarks_main(["timm", "--time-limit", "0", "--torch-pruning-from", str(tmp_path / "missing.json")])
+
+
 def test_outcome_of_a_row() -> None:
     exact = {"handled": "yes", "agreement": 1.0, "max_rel_diff": 1e-7}
     assert timm_models.outcome({**exact, "flops_ratio": 3.0}) == ">=3x"
