@@ -73,6 +73,10 @@ def test_findings_report_states_the_command_tables_figures_and_numbers(sweep: Pa
     assert "python train.py -m " + " ".join(COMMAND) in text  # the exact sweep command, at the top
     assert text.index("```bash") < text.index("## Findings")
     assert "8 finished runs, 1 unfinished or failed" in text and "`mask=weight,optimizer=sgd,seed=2`" in text
+    # soft filter pruning's regrowth, checked on the weight runs pruned after pre-training (their drift)
+    regrowth = next(line for line in text.splitlines() if "arXiv:1808.06866" in line)
+    assert text.index("## Against the published claims") < text.index(regrowth)
+    assert "`weight` after pre-training: L2 3 ± 1.2, 4 runs" in regrowth and "Differs" not in regrowth
     # mean ± std over the two seeds, in the weight row of each optimizer's table
     drift = f"{statistics.fmean([2.0, 4.0]):.4g} ± {statistics.stdev([2.0, 4.0]):.2g}"
     rows = [line for line in text.splitlines() if line.startswith("| after 1 epoch | relu | `weight` |")]

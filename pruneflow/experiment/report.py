@@ -52,6 +52,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pruneflow.experiment.published_claims import published_comparison
 from pruneflow.experiment.report_cells import fmt, values
 from pruneflow.experiment.trap_findings import (
     TRAP_COLUMNS,
@@ -667,6 +668,12 @@ def write_findings(sweeps: Path | Sequence[Path], out: Path, traps: bool = True)
             "channels against kept ones.\n\n"
         )
         text += "".join(f"- {line}\n" for line in trap_lines)
+    published = published_comparison(runs)
+    if published:
+        text += "\n## Against the published claims\n\n"
+        text += ("What has been said, without figures, about masked weights coming back, checked on each network's "
+                 "runs:\n\n")  # fmt: skip
+        text += "".join(f"- {line}\n" for line in published)
     text += "\n## Findings\n\n" + "".join(f"- {sentence}\n" for sentence in findings_sentences(runs))
     text += "\n## The transient after pruning\n\n"
     for figure in plot_transients(root, runs, out.parent, out.stem.lower()):
