@@ -3,6 +3,7 @@ refusal sorted into a cause, and that a model which hangs or kills its process i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -54,6 +55,12 @@ def test_torch_prunings_figures_are_taken_from_an_earlier_run_where_it_holds_the
     refused = {"handled": "refused-all", "refusals": ["x"]}
     monkeypatch.setattr(timm_models, "measure_pruneflow", lambda name, size=None: refused)
     monkeypatch.setattr(timm_models, "measure_torch_pruning", lambda name, size=None: measured)
+    find_spec = importlib.util.find_spec  # neither timm nor Torch-Pruning is needed: nothing is built
+
+    def installed(name: str, *args: object) -> object:
+        return object() if name in ("timm", "torch_pruning") else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", installed)
     rows = benchmarks_main(["timm", "--time-limit", "0", "--torch-pruning", "--torch-pruning-from", str(earlier)])
     assert {key: rows[0][key] for key in kept} == kept  # taken, pruneflow's own figures measured again
     assert rows[0]["outcome"] == "refused entirely" and rows[1]["tp_flops_ratio"] == 3.5 and "tp_outcome" in rows[1]
