@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from pruneflow.graph.handlers import joins, shapes
-from pruneflow.graph.nodes import argument
+from pruneflow.graph.nodes import argument, reads_shape
 from pruneflow.graph.parameters import attribute
 from pruneflow.graph.records import ChannelSource, ChannelSpace
 from pruneflow.graph.registry import register_function_handler, register_method_handler
@@ -60,7 +60,8 @@ def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | No
         passing = (node.op == "call_method" and node.target in PASSING_METHODS) or (
             node.op == "call_function" and node.target in PASSING_FUNCTIONS
         )
-        readers = len(node.users) == 1 or all(joins_stream(user) for user in node.users)
+        users = [user for user in node.users if not reads_shape(user)]  # its shape sizes nothing of its channels
+        readers = len(users) == 1 or all(joins_stream(user) for user in users)
         if not passing or not node.args or not readers:
             return None
         node = node.args[0]
@@ -70,19 +71,33 @@ def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | No
     return (str(node.target), parameter) if isinstance(parameter, nn.Parameter) else None
 
 
+def source_dim(value: Value, parameter: nn.Parameter) -> int | None:
+    """The dim of ``parameter`` that meets ``value``'s channels when broadcast against it (aligned from the right:
+    the last of channels-last tokens, dim 1 of a (1, C, H, W) position embedding added to a conv's output), if it
+    has one entry per channel there; None if not."""
+    if value.layout is not None or value.flattened or parameter.ndim < 2 or value.probe is not None:
+        return None
+    if value.channels_last:
+        dim = parameter.ndim - 1
+    elif value.ndim is None:
+        return None
+    else:
+        dim = 1 - (value.ndim - parameter.ndim)
+    return dim if dim >= 0 and parameter.shape[dim] == value.width else None
+
+
 def add_source(tracer: Tracer, value: Value, node: Any) -> bool:
     """Record ``node``'s parameter as a source of every space ``value`` carries, if it has one entry per channel on
-    its last dim where ``value`` has its channels (the last, in order); False if not."""
+    the dim that meets ``value``'s channels (``source_dim``); False if not."""
     found = source_parameter(tracer, node)
-    if found is None or value.layout is not None or value.flattened or not value.channels_at(-1):
+    dim = None if found is None else source_dim(value, found[1])
+    if found is None or dim is None:
         return False
-    name, parameter = found
-    if parameter.ndim < 2 or parameter.shape[-1] != value.width:
-        return False
+    name = found[0]
     owner, _, attribute_name = name.rpartition(".")
     module = tracer.model.get_submodule(owner) if owner else tracer.model
     for index, offset in value.segments:
-        tracer.space(index).sources.append(ChannelSource(name, module, attribute_name, parameter.ndim - 1, offset))
+        tracer.space(index).sources.append(ChannelSource(name, module, attribute_name, dim, offset))
     return True
 
 
@@ -190,7 +205,29 @@ def patch_tokens(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
     return Value(value.segments, value.width, revived_by=value.revived_by, ndim=3)
 
 
-register_method_handler(("view", "reshape"), patch_tokens)
+def spatial_reshape(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.reshape(B, C, H, W)`` of tokens (B, C, H·W), channels at dim 1: only the dims after the channels are
+    reshaped (PiT's tokens back to a map), so each channel stays in place, ``B`` read from a tensor's dim 0 and
+    ``C`` from a shape of ``x``'s own spaces (a number would not follow a cut); anything else as ``patch_tokens``."""
+    shape = node.args[1:]
+    usable = value is not None and not value.channels_last and value.ndim is not None and value.ndim >= 3
+    if not usable or value.layout is not None or value.flattened or value.probe is not None or len(shape) < 3:
+        return patch_tokens(tracer, node, value)
+    batch = tracer.shape_reads.get(shape[0]) if isinstance(shape[0], torch.fx.Node) else None
+    if batch is None or batch[1] != 0 or not own_width(tracer, shape[1], value):
+        return patch_tokens(tracer, node, value)
+    return Value(value.segments, value.width, revived_by=value.revived_by, ndim=len(shape))
+
+
+def own_width(tracer: Tracer, entry: Any, value: Value) -> bool:
+    """Whether ``entry`` of a shape is read from the width of ``value``'s spaces, all of them (it follows a cut)."""
+    from pruneflow.graph.widths import width_of  # ``widths`` imports this package's ``reorderings``
+
+    marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)} if isinstance(entry, torch.fx.Node) else set()
+    return bool(marked) and marked == {tracer.union_find.root(index) for index, _ in value.segments}
+
+
+register_method_handler(("view", "reshape"), spatial_reshape)
 register_function_handler((operator.add, torch.add), add)
 register_method_handler("mean", token_mean)
 register_method_handler("add", add)
