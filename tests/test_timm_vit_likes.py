@@ -1,0 +1,69 @@
+"""timm's ViT-likes on tiny configurations (small widths, depths and images: seconds): their token streams, MLP
+hidden widths and heads are prunable where a cut is exact, and half of every prunable space masked (L1,
+``activation``) and cut gives the masked network's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_window_attention import masked_and_cut
+from torch import nn
+
+from pruneflow.compaction.verify import randomize_norms
+from pruneflow.graph import ChannelGraph, ChannelSpace, trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+
+def space_of(graph: ChannelGraph, layer: str) -> ChannelSpace:
+    return next(space for space in graph.spaces if layer in space.names)
+
+
+def assert_cut_equals_masked(model: nn.Module, size: int) -> None:
+    torch.manual_seed(0)
+    model = randomize_norms(model).eval()  # β ≠ 0: a leaking mask would show
+    images = torch.randn(2, 3, size, size)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert compaction.channels[1] < compaction.channels[0]
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+
+
+def tiny_pit() -> nn.Module:
+    from timm.models.pit import PoolingVisionTransformer
+
+    torch.manual_seed(0)
+    return PoolingVisionTransformer(img_size=32, patch_size=4, stride=2, base_dims=(8, 8), depth=(1, 1),
+                                    heads=(2, 4), mlp_ratio=2, num_classes=10)  # fmt: skip
+
+
+def tiny_visformer() -> nn.Module:
+    from timm.models.visformer import Visformer
+
+    torch.manual_seed(0)
+    return Visformer(img_size=32, init_channels=8, embed_dim=24, depth=(1, 1, 1), num_heads=3, mlp_ratio=2.0,
+                     group=8, attn_stage="011", spatial_conv="100", norm_layer=nn.BatchNorm2d,
+                     embed_norm=nn.BatchNorm2d, num_classes=10)  # fmt: skip
+
+
+def test_pit_stream_takes_its_map_position_embedding_and_class_token_as_sources_and_cuts_exactly() -> None:
+    """PiT adds a (1, C, H, W) position embedding to its patch embedding's map, concatenates a class token whose
+    shape it reads, and reshapes its tokens back to a map (B, C, H, W) between stages: all follow the stream."""
+    graph = trace_channel_graph(tiny_pit())
+    stream = space_of(graph, "patch_embed.conv")
+    assert stream.prunable, stream.refusals
+    assert {"transformers.0.blocks.0.attn.proj", "transformers.0.blocks.0.mlp.fc2"} <= set(stream.names)
+    assert sorted((source.name, source.dim) for source in stream.sources) == [("cls_token", 2), ("pos_embed", 1)]
+    # the next stage's stream: its class token's Linear and its pooling conv, concatenated along the tokens
+    assert space_of(graph, "transformers.1.pool.fc") is space_of(graph, "transformers.1.pool.conv")
+    assert_cut_equals_masked(tiny_pit(), 32)
+
+
+def test_visformer_attention_on_a_map_is_cut_in_whole_heads_and_cuts_exactly() -> None:
+    graph = trace_channel_graph(tiny_visformer())
+    heads = space_of(graph, "stage2.0.attn.qkv")
+    assert heads.prunable and heads.whole_heads and heads.heads == 3, heads.refusals
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
+    assert_cut_equals_masked(tiny_visformer(), 32)
