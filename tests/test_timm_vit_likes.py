@@ -67,3 +67,23 @@ def test_visformer_attention_on_a_map_is_cut_in_whole_heads_and_cuts_exactly() -
     assert heads.prunable and heads.whole_heads and heads.heads == 3, heads.refusals
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert_cut_equals_masked(tiny_visformer(), 32)
+
+
+def tiny_vit_relpos(**options: object) -> nn.Module:
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    torch.manual_seed(0)
+    return VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2,
+                                   num_classes=10, **options)  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{}, {"rel_pos_type": "bias", "class_token": True, "global_pool": "token"}])
+def test_vit_relpos_attention_ties_its_heads_to_the_stream_and_cuts_exactly(options: dict[str, object]) -> None:
+    """ViT-RelPos reshapes q, k, v by its ``head_dim`` and its heads' output by its input's width: its heads follow
+    the stream (the cut sets ``head_dim``), its per-head relative position bias stays whole."""
+    graph = trace_channel_graph(tiny_vit_relpos(**options))
+    heads = space_of(graph, "blocks.0.attn.qkv")
+    assert heads.prunable and heads.tied_to is space_of(graph, "patch_embed.proj"), heads.refusals
+    assert heads.head_width_of == "blocks.0.attn"
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
+    assert_cut_equals_masked(tiny_vit_relpos(**options), 32)

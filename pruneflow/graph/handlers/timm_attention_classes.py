@@ -1,11 +1,13 @@
 """timm's attentions that reshape their heads' output by their input's width: BEiT's ``Attention``, EVA's
-``EvaAttention``, CaiT's ``TalkingHeadAttn`` and ``ClassAttn``, kept whole and pruned with the stream they read.
+``EvaAttention``, CaiT's ``TalkingHeadAttn`` and ``ClassAttn``, ViT-RelPos's ``RelPosAttention``, kept whole and
+pruned with the stream they read.
 
 Each ends in ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` its input's width (CaiT's also reshapes q, k, v by
 ``C // num_heads``): the width of all its heads is the width of the stream. A cut of whole heads (timm's
 ``Attention``, ``timm_attention``) would leave fewer values than ``C``, a cut of the stream alone more; so these
 heads are tied to the stream as Swin's are (``attention.tied_heads``): pruned with it, as many positions per head as
-the stream keeps per head, the same query/key positions from q and k. Positions inside a head are independent once
+the stream keeps per head, the same query/key positions from q and k (ViT-RelPos reshapes q, k, v by its ``head_dim``:
+the cut sets it). Positions inside a head are independent once
 the logits' scale is fixed: a zero q/k position adds 0 to every logit, a zero value position gives a zero output
 column that ``proj`` no longer reads. The head count stays, so a per-head relative position bias table (BEiT's) and
 the talking-heads mixing over the heads (CaiT's ``proj_l``, ``proj_w``: Linear layers over the head dim, which mix a
@@ -81,6 +83,8 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
     if hasattr(module, "fused_attn"):
         tracer.spaces[inner].unfused_by_cut = name
+    if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
+        tracer.spaces[inner].head_width_of = name
     if biased:  # per q row and per v row of the q/k/v space
         rows = module.q_bias.shape[0]
         q_rows, v_rows = tuple(range(rows)) + (-1,) * (2 * rows), (-1,) * (2 * rows) + tuple(range(rows))
@@ -135,8 +139,9 @@ def register() -> None:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.eva import EvaAttention
+    from timm.models.vision_transformer_relpos import RelPosAttention
 
-    for attention in (BeitAttention, EvaAttention, TalkingHeadAttn):
+    for attention in (BeitAttention, EvaAttention, TalkingHeadAttn, RelPosAttention):
         register_module_handler(attention, input_width_attention)
     for attention in (BeitAttention, EvaAttention):
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
