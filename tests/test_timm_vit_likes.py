@@ -87,3 +87,24 @@ def test_vit_relpos_attention_ties_its_heads_to_the_stream_and_cuts_exactly(opti
     assert heads.head_width_of == "blocks.0.attn"
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert_cut_equals_masked(tiny_vit_relpos(**options), 32)
+
+
+def tiny_crossvit() -> nn.Module:
+    from timm.models.crossvit import CrossVit
+
+    torch.manual_seed(0)
+    return CrossVit(img_size=32, patch_size=(8, 16), embed_dim=(16, 24), depth=((1, 1, 1),), num_heads=(2, 2),
+                    mlp_ratio=(2.0, 2.0, 2.0), num_classes=10)  # fmt: skip
+
+
+def test_crossvit_branches_are_streams_and_their_cross_attention_is_a_class_attention() -> None:
+    """CrossViT takes its class tokens by ``x[:, 0:1, ...]``, projects each to the other branch, concatenates it
+    with that branch's tokens and lets it attend to them (``CrossAttention``'s ``wq``, ``wk``, ``wv``): each branch
+    one stream, its cross attention's q/k/v rows tied to it, as CaiT's class attention."""
+    graph = trace_channel_graph(tiny_crossvit())
+    small, large = space_of(graph, "patch_embed.0.proj"), space_of(graph, "patch_embed.1.proj")
+    assert small.prunable and large.prunable, (small.refusals, large.refusals)
+    assert {"blocks.0.projs.1.2", "blocks.0.revert_projs.0.2"} <= set(small.names)
+    cross = space_of(graph, "blocks.0.fusion.0.0.attn.wq")
+    assert cross.prunable and cross.tied_to is large and cross.parts == 1
+    assert_cut_equals_masked(tiny_crossvit(), 32)

@@ -151,8 +151,11 @@ def tokens_of(tracer: Tracer, node: torch.fx.Node, stream: list[Any], dim: Any) 
 
 
 def token_item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
-    """``x[:, 0]``, ``x[:, k:]`` of channels-last tokens (N, tokens, C): the channels stay on the last dim."""
+    """``x[:, 0]``, ``x[:, k:]``, ``x[:, 0:1, ...]`` of channels-last tokens (N, tokens, C): the channels stay on the
+    last dim."""
     index = node.args[1] if len(node.args) > 1 else None
+    if isinstance(index, tuple) and index[-1:] == (Ellipsis,):  # ``x[:, 0:1, ...]``: the dims left, whole
+        index = index[:-1]
     if value is None or not isinstance(index, tuple) or value.layout is not None or value.flattened:
         return shapes.item(tracer, node, value)
     if not value.channels_last or value.ndim is None or len(index) >= value.ndim or Ellipsis in index:
