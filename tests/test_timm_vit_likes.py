@@ -108,3 +108,26 @@ def test_crossvit_branches_are_streams_and_their_cross_attention_is_a_class_atte
     cross = space_of(graph, "blocks.0.fusion.0.0.attn.wq")
     assert cross.prunable and cross.tied_to is large and cross.parts == 1
     assert_cut_equals_masked(tiny_crossvit(), 32)
+
+
+def tiny_naflexvit(**options: object) -> nn.Module:
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    torch.manual_seed(0)
+    settings = {"pos_embed": "factorized", "reg_tokens": 2, "global_pool": "avg", **options}
+    config = NaFlexVitCfg(patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, pos_embed_grid_size=(4, 4),
+                          **settings)  # fmt: skip
+    return NaFlexVit(config, num_classes=10, img_size=32)
+
+
+@pytest.mark.parametrize("options", [{}, {"pos_embed": "learned", "class_token": True, "global_pool": "token"}])
+def test_naflexvit_patch_embedding_writes_the_stream_its_tables_and_tokens_are_sources(options: dict) -> None:
+    """NaFlexViT's ``NaFlexEmbeds`` (kept whole by timm) writes the stream with its position tables and prefix tokens
+    as sources; ``global_pool_naflex`` pools each channel over the tokens."""
+    graph = trace_channel_graph(tiny_naflexvit(**options))
+    stream = space_of(graph, "embeds.proj")
+    assert stream.prunable and "blocks.1.mlp.fc2" in stream.names, stream.refusals
+    tables = {"embeds.pos_embed", "embeds.cls_token"} if options else {"embeds.pos_embed_y", "embeds.pos_embed_x"}
+    assert {source.name for source in stream.sources} == tables | {"embeds.reg_token"}
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
+    assert_cut_equals_masked(tiny_naflexvit(**options), 32)
