@@ -131,3 +131,17 @@ def test_naflexvit_patch_embedding_writes_the_stream_its_tables_and_tokens_are_s
     assert {source.name for source in stream.sources} == tables | {"embeds.reg_token"}
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert_cut_equals_masked(tiny_naflexvit(**options), 32)
+
+
+def test_an_attention_with_rotary_embeddings_is_cut_in_whole_heads() -> None:
+    """timm's ``AttentionRope`` (Qwen3-ViT) reshapes by its own head width, as timm's ``Attention``: a head whose
+    value rows are 0 gives 0 whatever the rotation did to its q and k. Qwen3-ViT's position embedding reaches the
+    stream through ``resample_pos_embed_grid`` and ``.to(dtype)``: a source of it."""
+    torch.manual_seed(0)
+    model = timm.create_model("qwen3_vit_88m", num_classes=10, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                              img_size=32)  # fmt: skip
+    graph = trace_channel_graph(model)
+    heads = space_of(graph, "encoder.blocks.0.attn.qkv")
+    assert heads.prunable and heads.whole_heads and heads.heads == 2, heads.refusals
+    assert [source.name for source in space_of(graph, "encoder.patch_embed.proj").sources] == ["encoder.pos_embed"]
+    assert_cut_equals_masked(model, 32)

@@ -38,8 +38,10 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 # Ops a source parameter may pass through on its way: per channel, its last dim its channels still.
-PASSING_METHODS = ("expand",)
-PASSING_FUNCTIONS: list[Any] = []  # timm's ``resample_abs_pos_embed``, where timm is installed (``register``)
+PASSING_METHODS = ("expand", "to")  # ``to``: Qwen3-ViT casts its resampled position embedding to the stream's dtype
+# timm's ``resample_abs_pos_embed`` and Qwen3-ViT's ``resample_pos_embed_grid`` (an interpolation of each channel over
+# the grid), where timm is installed (``register``)
+PASSING_FUNCTIONS: list[Any] = []
 # Models that reshape their patch embedding by a width held in an attribute: type → (the producer, the attribute)
 WIDTH_HOLDERS: dict[type[nn.Module], tuple[str, str]] = {VisionTransformer: ("conv_proj", "hidden_dim")}
 
@@ -239,11 +241,11 @@ register_function_handler(operator.getitem, token_item)
 
 
 def register() -> None:
-    """timm's pass-through function for a position embedding (called where timm is installed)."""
+    """timm's pass-through functions for a position embedding (called where timm is installed)."""
     from timm.layers import resample_abs_pos_embed
+    from timm.models.qwen3_vit import resample_pos_embed_grid
 
-    if resample_abs_pos_embed not in PASSING_FUNCTIONS:
-        PASSING_FUNCTIONS.append(resample_abs_pos_embed)
+    PASSING_FUNCTIONS.extend(f for f in (resample_abs_pos_embed, resample_pos_embed_grid) if f not in PASSING_FUNCTIONS)
 
 
 def refuse_shared_sources(spaces: list[ChannelSpace]) -> None:
