@@ -6,10 +6,13 @@ concatenated with the patch tokens along the tokens (dim 1, the channels last), 
 such parameter writes every channel of the stream, (1, tokens, C): a pruned channel stays 0 only if its entries are
 0, so the graph records it as a source (``ChannelSource``): the ``activation`` strategy multiplies it by the keep
 mask (a parametrization: 0 in the forward, no gradient), the cut takes its entries out with the channels. A
-parameter reaches the op directly (``get_attr``), through ``expand`` over the batch, or through timm's
-``resample_abs_pos_embed`` (per channel, at the size it already has). ``x[:, 0]`` (the class token),
-``x[:, k:]`` and a mean over the tokens keep the channels where they are. A parameter recorded as a source of two
-spaces that stay apart refuses both (``refuse_shared_sources``, after the walk): a cut of one would cut the other.
+parameter reaches the op directly (``get_attr``), through ``expand`` over the batch (its shape may be read besides),
+``.to(dtype)``, or through timm's ``resample_abs_pos_embed`` and Qwen3-ViT's ``resample_pos_embed_grid`` (per
+channel). Added to a conv's map (PiT, Visformer), a (1, C, H, W) parameter is a source along its dim 1: the dim that
+meets the channels when broadcast. ``x[:, 0]`` (the class token), ``x[:, k:]``, ``x[:, 0:1, ...]`` and a mean over
+the tokens keep the channels where they are, and so does ``x.reshape(B, C, H, W)`` of tokens (B, C, H·W) by a
+batch and a width read from shapes (PiT's tokens back to a map). A parameter recorded as a source of two spaces that
+stay apart refuses both (``refuse_shared_sources``, after the walk): a cut of one would cut the other.
 
 torchvision's ``VisionTransformer`` turns its patch embedding into tokens with ``x.reshape(n, self.hidden_dim,
 n_h * n_w)``: a flatten of the spatial dims, by a width ``torch.fx`` records as a number. It follows a cut only
