@@ -62,9 +62,14 @@ def test_pit_stream_takes_its_map_position_embedding_and_class_token_as_sources_
 
 
 def test_visformer_attention_on_a_map_is_cut_in_whole_heads_and_cuts_exactly() -> None:
+    """Visformer's attention works on a map with 1 × 1 convs; each stage adds a (1, C, H, W) position embedding to
+    its map, a source along dim 1 (the cut below takes half of each stage's channels from it)."""
     graph = trace_channel_graph(tiny_visformer())
     heads = space_of(graph, "stage2.0.attn.qkv")
     assert heads.prunable and heads.whole_heads and heads.heads == 3, heads.refusals
+    for stage in (1, 2, 3):
+        sources = space_of(graph, f"patch_embed{stage}.proj").sources
+        assert [(source.name, source.dim) for source in sources] == [(f"pos_embed{stage}", 1)]
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert_cut_equals_masked(tiny_visformer(), 32)
 
