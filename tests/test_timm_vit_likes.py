@@ -50,7 +50,9 @@ def tiny_visformer() -> nn.Module:
 
 def test_pit_stream_takes_its_map_position_embedding_and_class_token_as_sources_and_cuts_exactly() -> None:
     """PiT adds a (1, C, H, W) position embedding to its patch embedding's map, concatenates a class token whose
-    shape it reads, and reshapes its tokens back to a map (B, C, H, W) between stages: all follow the stream."""
+    shape it reads, and reshapes its tokens back to a map (B, C, H, W) between stages: all follow the stream. (The
+    next stage's pooling, a depthwise conv writing 2 channels per channel, reads it as a grouped conv of 1 channel per
+    group: the cut keeps the same positions in every group, so this stream keeps all its channels there.)"""
     graph = trace_channel_graph(tiny_pit())
     stream = space_of(graph, "patch_embed.conv")
     assert stream.prunable, stream.refusals
