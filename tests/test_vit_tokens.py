@@ -92,9 +92,18 @@ def test_mask_heads_with_a_cut_prunes_whole_heads_of_a_vit_through_a_lightning_t
 
 
 def test_a_width_read_from_a_shape_that_sizes_another_tensor_refuses_the_stream() -> None:
-    # timm's relative-position ViT's attention is traced into: ``x.transpose(1, 2).reshape(B, N, C)`` sizes its heads'
-    # output by the stream's width C, which a cut of the stream would change and its heads would not
-    stream = stream_of(tiny_vit("test_vit_relpos", img_size=None))
+    # an attention traced into (a subclass of timm's relative-position attention, which no rule keeps whole):
+    # ``x.transpose(1, 2).reshape(B, N, C)`` sizes its heads' output by the stream's width C, which a cut of the
+    # stream would change and its heads would not
+    from timm.models.vision_transformer_relpos import RelPosAttention
+
+    class TracedAttention(RelPosAttention):
+        pass
+
+    model = tiny_vit("test_vit_relpos", img_size=None)
+    for block in model.blocks:
+        block.attn.__class__ = TracedAttention
+    stream = stream_of(model)
     assert not stream.prunable
     assert any(reason.endswith("sizes a tensor by their width, read from a shape, which a cut would not follow")
                for reason in stream.refusals)  # fmt: skip

@@ -23,3 +23,10 @@ def argument(node: torch.fx.Node, position: int, keyword: str, default: Any) -> 
     if keyword in node.kwargs:
         return node.kwargs[keyword]
     return node.args[position] if len(node.args) > position else default
+
+
+def reads_shape(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape, size or dimensions, not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))

@@ -24,7 +24,7 @@ from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
 from pruneflow.graph.handlers import reorderings, shapes, slices, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
-from pruneflow.graph.nodes import argument, describe
+from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
 from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
 from pruneflow.graph.routes import RouteSlots, channel_routes, split_slots, unplaceable
@@ -344,13 +344,6 @@ class Tracer:
         else:
             handler = None
         return UNKNOWN if handler is None else handler(self, node, value)
-
-
-def reads_shape(node: torch.fx.Node) -> bool:
-    """Whether ``node`` reads a tensor's shape, size or dimensions, not its values."""
-    if node.op == "call_method":
-        return node.target in ("size", "dim")
-    return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
 
 
 def trace_channel_graph(model: nn.Module, widths: Mapping[str, int] | None = None) -> ChannelGraph:

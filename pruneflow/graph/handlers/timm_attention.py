@@ -11,7 +11,9 @@ another matter: with its q, k and v rows all zero (after the bias), its logits a
 its output the mean of zero value rows, exactly 0, in the fused and the unfused path alike; the rows of the other
 heads are untouched. So a mask of ``qkv``'s output rows (a channel point at ``qkv``) is exact, and the cut takes the
 head's rows from ``qkv``, its value columns from ``proj``, and sets the attention's ``num_heads`` and ``attn_dim``.
-A q/k norm (``qk_norm``) is per head width and needs nothing; the variants whose extra parts read the heads' width
+A q/k norm (``qk_norm``) is per head width and needs nothing, and so is a rotary position embedding
+(``AttentionRope``: Qwen3-ViT, NaFlexViT with rope), which rotates pairs of positions inside a head: a head's zero
+value rows give it a zero output whatever its q and k became; the variants whose extra parts read the heads' width
 (a gate, a norm over ``attn_dim``) are refused, and so is the latent attention pool (``global_pool="map"``),
 which reshapes by its input's width.
 """
@@ -50,6 +52,8 @@ def unhandled_variant(module: nn.Module) -> str | None:
         return reason
     if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
         return "has q, k, v rows that are not 3 × heads × head_dim"
+    if getattr(module, "num_kv_groups", 1) != 1:
+        return "shares its keys and values among groups of heads"
     return None
 
 
@@ -77,8 +81,9 @@ def latent_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: V
 
 
 def register() -> None:
-    from timm.layers.attention import Attention
+    from timm.layers.attention import Attention, AttentionRope
     from timm.layers.attention_pool import AttentionPoolLatent
 
-    register_module_handler(Attention, timm_attention, leaf=lambda module: type(module) is Attention)
+    exact = (Attention, AttentionRope)  # a subclass may have another forward: traced into
+    register_module_handler(exact, timm_attention, leaf=lambda module: type(module) in exact)
     register_module_handler(AttentionPoolLatent, latent_pool)

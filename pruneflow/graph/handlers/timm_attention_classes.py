@@ -1,18 +1,21 @@
 """timm's attentions that reshape their heads' output by their input's width: BEiT's ``Attention``, EVA's
-``EvaAttention``, CaiT's ``TalkingHeadAttn`` and ``ClassAttn``, kept whole and pruned with the stream they read.
+``EvaAttention``, CaiT's ``TalkingHeadAttn`` and ``ClassAttn``, ViT-RelPos's ``RelPosAttention``, kept whole and
+pruned with the stream they read.
 
 Each ends in ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` its input's width (CaiT's also reshapes q, k, v by
 ``C // num_heads``): the width of all its heads is the width of the stream. A cut of whole heads (timm's
 ``Attention``, ``timm_attention``) would leave fewer values than ``C``, a cut of the stream alone more; so these
 heads are tied to the stream as Swin's are (``attention.tied_heads``): pruned with it, as many positions per head as
-the stream keeps per head, the same query/key positions from q and k. Positions inside a head are independent once
+the stream keeps per head, the same query/key positions from q and k (ViT-RelPos reshapes q, k, v by its ``head_dim``:
+the cut sets it). Positions inside a head are independent once
 the logits' scale is fixed: a zero q/k position adds 0 to every logit, a zero value position gives a zero output
 column that ``proj`` no longer reads. The head count stays, so a per-head relative position bias table (BEiT's) and
 the talking-heads mixing over the heads (CaiT's ``proj_l``, ``proj_w``: Linear layers over the head dim, which mix a
 pruned head's nonzero softmax into the kept ones, so whole heads are not independent there) stay whole and exact.
 
-CaiT's ``ClassAttn`` has three layers ``q`` (of the class token alone), ``k`` and ``v``: their rows are one space,
-coupled (``ChannelSpace.parts`` 1: a position of a head is cut from all three), tied to the stream the same way.
+CaiT's ``ClassAttn`` has three layers ``q`` (of the class token alone), ``k`` and ``v`` (CrossViT's ``CrossAttention``
+``wq``, ``wk``, ``wv``, its scale fixed): their rows are one space, coupled (``ChannelSpace.parts`` 1: a position of
+a head is cut from all three), tied to the stream the same way.
 
 The scale: the fused path of BEiT's, EVA's and CaiT's class attention (``scaled_dot_product_attention``) divides
 the logits by √(head width) read from q's shape, the full width in the masked network and the cut one in the cut
@@ -81,6 +84,8 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
     if hasattr(module, "fused_attn"):
         tracer.spaces[inner].unfused_by_cut = name
+    if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
+        tracer.spaces[inner].head_width_of = name
     if biased:  # per q row and per v row of the q/k/v space
         rows = module.q_bias.shape[0]
         q_rows, v_rows = tuple(range(rows)) + (-1,) * (2 * rows), (-1,) * (2 * rows) + tuple(range(rows))
@@ -102,13 +107,18 @@ def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) 
         return module.forward(*inputs)
 
 
+# Class attentions (the class token's query against every token's key and value) → their q, k and v layers
+CLASS_ATTENTION_PARTS: dict[type[nn.Module], tuple[str, str, str]] = {}
+
+
 def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """CaiT's ``ClassAttn``, a leaf: three layers ``q`` (of the class token), ``k`` and ``v`` read the stream and
+    """CaiT's ``ClassAttn`` and CrossViT's ``CrossAttention`` (``wq``, ``wk``, ``wv``), a leaf: three layers ``q``
+    (of the class token), ``k`` and ``v`` read the stream and
     write the q, k and v rows of every head, one position of a head in all three (coupled, ``parts`` 1), tied to the
     stream; ``proj`` reads them and writes the output."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    layers = [PrunableLayer(f"{name}.{part}", getattr(module, part)) for part in ("q", "k", "v")]
+    layers = [PrunableLayer(f"{name}.{part}", getattr(module, part)) for part in CLASS_ATTENTION_PARTS[type(module)]]
     if not all(type(layer.producer) is nn.Linear for layer in (*layers, proj)):
         return refused(tracer, proj, value, f"class attention {name} projects with other layers than nn.Linear")
     for layer in layers:
@@ -119,7 +129,7 @@ def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     heads = tracer.space(inner)
     heads.heads, heads.parts, heads.unfused_by_cut = module.num_heads, 1, name
     heads.consumers.append(Consumer(proj.name, "linear"))
-    tie(tracer, name, inner, value, module.k.in_features)
+    tie(tracer, name, inner, value, layers[1].producer.in_features)
     return attention_output(tracer, proj, value)
 
 
@@ -134,10 +144,13 @@ def refused(tracer: Tracer, proj: PrunableLayer, value: Value | None, reason: st
 def register() -> None:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
+    from timm.models.crossvit import CrossAttention
     from timm.models.eva import EvaAttention
+    from timm.models.vision_transformer_relpos import RelPosAttention
 
-    for attention in (BeitAttention, EvaAttention, TalkingHeadAttn):
+    for attention in (BeitAttention, EvaAttention, TalkingHeadAttn, RelPosAttention):
         register_module_handler(attention, input_width_attention)
     for attention in (BeitAttention, EvaAttention):
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
-    register_module_handler(ClassAttn, class_attention)
+    CLASS_ATTENTION_PARTS.update({ClassAttn: ("q", "k", "v"), CrossAttention: ("wq", "wk", "wv")})
+    register_module_handler((ClassAttn, CrossAttention), class_attention)

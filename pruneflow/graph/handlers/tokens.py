@@ -6,10 +6,13 @@ concatenated with the patch tokens along the tokens (dim 1, the channels last), 
 such parameter writes every channel of the stream, (1, tokens, C): a pruned channel stays 0 only if its entries are
 0, so the graph records it as a source (``ChannelSource``): the ``activation`` strategy multiplies it by the keep
 mask (a parametrization: 0 in the forward, no gradient), the cut takes its entries out with the channels. A
-parameter reaches the op directly (``get_attr``), through ``expand`` over the batch, or through timm's
-``resample_abs_pos_embed`` (per channel, at the size it already has). ``x[:, 0]`` (the class token),
-``x[:, k:]`` and a mean over the tokens keep the channels where they are. A parameter recorded as a source of two
-spaces that stay apart refuses both (``refuse_shared_sources``, after the walk): a cut of one would cut the other.
+parameter reaches the op directly (``get_attr``), through ``expand`` over the batch (its shape may be read besides),
+``.to(dtype)``, or through timm's ``resample_abs_pos_embed`` and Qwen3-ViT's ``resample_pos_embed_grid`` (per
+channel). Added to a conv's map (PiT, Visformer), a (1, C, H, W) parameter is a source along its dim 1: the dim that
+meets the channels when broadcast. ``x[:, 0]`` (the class token), ``x[:, k:]``, ``x[:, 0:1, ...]`` and a mean over
+the tokens keep the channels where they are, and so does ``x.reshape(B, C, H, W)`` of tokens (B, C, H·W) by a
+batch and a width read from shapes (PiT's tokens back to a map). A parameter recorded as a source of two spaces that
+stay apart refuses both (``refuse_shared_sources``, after the walk): a cut of one would cut the other.
 
 torchvision's ``VisionTransformer`` turns its patch embedding into tokens with ``x.reshape(n, self.hidden_dim,
 n_h * n_w)``: a flatten of the spatial dims, by a width ``torch.fx`` records as a number. It follows a cut only
@@ -28,7 +31,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from pruneflow.graph.handlers import joins, shapes
-from pruneflow.graph.nodes import argument
+from pruneflow.graph.nodes import argument, reads_shape
 from pruneflow.graph.parameters import attribute
 from pruneflow.graph.records import ChannelSource, ChannelSpace
 from pruneflow.graph.registry import register_function_handler, register_method_handler
@@ -38,8 +41,10 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 # Ops a source parameter may pass through on its way: per channel, its last dim its channels still.
-PASSING_METHODS = ("expand",)
-PASSING_FUNCTIONS: list[Any] = []  # timm's ``resample_abs_pos_embed``, where timm is installed (``register``)
+PASSING_METHODS = ("expand", "to")  # ``to``: Qwen3-ViT casts its resampled position embedding to the stream's dtype
+# timm's ``resample_abs_pos_embed`` and Qwen3-ViT's ``resample_pos_embed_grid`` (an interpolation of each channel over
+# the grid), where timm is installed (``register``)
+PASSING_FUNCTIONS: list[Any] = []
 # Models that reshape their patch embedding by a width held in an attribute: type → (the producer, the attribute)
 WIDTH_HOLDERS: dict[type[nn.Module], tuple[str, str]] = {VisionTransformer: ("conv_proj", "hidden_dim")}
 
@@ -60,7 +65,8 @@ def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | No
         passing = (node.op == "call_method" and node.target in PASSING_METHODS) or (
             node.op == "call_function" and node.target in PASSING_FUNCTIONS
         )
-        readers = len(node.users) == 1 or all(joins_stream(user) for user in node.users)
+        users = [user for user in node.users if not reads_shape(user)]  # its shape sizes nothing of its channels
+        readers = len(users) == 1 or all(joins_stream(user) for user in users)
         if not passing or not node.args or not readers:
             return None
         node = node.args[0]
@@ -70,19 +76,33 @@ def source_parameter(tracer: Tracer, node: Any) -> tuple[str, nn.Parameter] | No
     return (str(node.target), parameter) if isinstance(parameter, nn.Parameter) else None
 
 
+def source_dim(value: Value, parameter: nn.Parameter) -> int | None:
+    """The dim of ``parameter`` that meets ``value``'s channels when broadcast against it (aligned from the right:
+    the last of channels-last tokens, dim 1 of a (1, C, H, W) position embedding added to a conv's output), if it
+    has one entry per channel there; None if not."""
+    if value.layout is not None or value.flattened or parameter.ndim < 2 or value.probe is not None:
+        return None
+    if value.channels_last:
+        dim = parameter.ndim - 1
+    elif value.ndim is None:
+        return None
+    else:
+        dim = 1 - (value.ndim - parameter.ndim)
+    return dim if dim >= 0 and parameter.shape[dim] == value.width else None
+
+
 def add_source(tracer: Tracer, value: Value, node: Any) -> bool:
     """Record ``node``'s parameter as a source of every space ``value`` carries, if it has one entry per channel on
-    its last dim where ``value`` has its channels (the last, in order); False if not."""
+    the dim that meets ``value``'s channels (``source_dim``); False if not."""
     found = source_parameter(tracer, node)
-    if found is None or value.layout is not None or value.flattened or not value.channels_at(-1):
+    dim = None if found is None else source_dim(value, found[1])
+    if found is None or dim is None:
         return False
-    name, parameter = found
-    if parameter.ndim < 2 or parameter.shape[-1] != value.width:
-        return False
+    name = found[0]
     owner, _, attribute_name = name.rpartition(".")
     module = tracer.model.get_submodule(owner) if owner else tracer.model
     for index, offset in value.segments:
-        tracer.space(index).sources.append(ChannelSource(name, module, attribute_name, parameter.ndim - 1, offset))
+        tracer.space(index).sources.append(ChannelSource(name, module, attribute_name, dim, offset))
     return True
 
 
@@ -136,8 +156,11 @@ def tokens_of(tracer: Tracer, node: torch.fx.Node, stream: list[Any], dim: Any) 
 
 
 def token_item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
-    """``x[:, 0]``, ``x[:, k:]`` of channels-last tokens (N, tokens, C): the channels stay on the last dim."""
+    """``x[:, 0]``, ``x[:, k:]``, ``x[:, 0:1, ...]`` of channels-last tokens (N, tokens, C): the channels stay on the
+    last dim."""
     index = node.args[1] if len(node.args) > 1 else None
+    if isinstance(index, tuple) and index[-1:] == (Ellipsis,):  # ``x[:, 0:1, ...]``: the dims left, whole
+        index = index[:-1]
     if value is None or not isinstance(index, tuple) or value.layout is not None or value.flattened:
         return shapes.item(tracer, node, value)
     if not value.channels_last or value.ndim is None or len(index) >= value.ndim or Ellipsis in index:
@@ -190,7 +213,29 @@ def patch_tokens(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
     return Value(value.segments, value.width, revived_by=value.revived_by, ndim=3)
 
 
-register_method_handler(("view", "reshape"), patch_tokens)
+def spatial_reshape(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.reshape(B, C, H, W)`` of tokens (B, C, H·W), channels at dim 1: only the dims after the channels are
+    reshaped (PiT's tokens back to a map), so each channel stays in place, ``B`` read from a tensor's dim 0 and
+    ``C`` from a shape of ``x``'s own spaces (a number would not follow a cut); anything else as ``patch_tokens``."""
+    shape = node.args[1:]
+    usable = value is not None and not value.channels_last and value.ndim is not None and value.ndim >= 3
+    if not usable or value.layout is not None or value.flattened or value.probe is not None or len(shape) < 3:
+        return patch_tokens(tracer, node, value)
+    batch = tracer.shape_reads.get(shape[0]) if isinstance(shape[0], torch.fx.Node) else None
+    if batch is None or batch[1] != 0 or not own_width(tracer, shape[1], value):
+        return patch_tokens(tracer, node, value)
+    return Value(value.segments, value.width, revived_by=value.revived_by, ndim=len(shape))
+
+
+def own_width(tracer: Tracer, entry: Any, value: Value) -> bool:
+    """Whether ``entry`` of a shape is read from the width of ``value``'s spaces, all of them (it follows a cut)."""
+    from pruneflow.graph.widths import width_of  # ``widths`` imports this package's ``reorderings``
+
+    marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)} if isinstance(entry, torch.fx.Node) else set()
+    return bool(marked) and marked == {tracer.union_find.root(index) for index, _ in value.segments}
+
+
+register_method_handler(("view", "reshape"), spatial_reshape)
 register_function_handler((operator.add, torch.add), add)
 register_method_handler("mean", token_mean)
 register_method_handler("add", add)
@@ -199,11 +244,11 @@ register_function_handler(operator.getitem, token_item)
 
 
 def register() -> None:
-    """timm's pass-through function for a position embedding (called where timm is installed)."""
+    """timm's pass-through functions for a position embedding (called where timm is installed)."""
     from timm.layers import resample_abs_pos_embed
+    from timm.models.qwen3_vit import resample_pos_embed_grid
 
-    if resample_abs_pos_embed not in PASSING_FUNCTIONS:
-        PASSING_FUNCTIONS.append(resample_abs_pos_embed)
+    PASSING_FUNCTIONS.extend(f for f in (resample_abs_pos_embed, resample_pos_embed_grid) if f not in PASSING_FUNCTIONS)
 
 
 def refuse_shared_sources(spaces: list[ChannelSpace]) -> None:
