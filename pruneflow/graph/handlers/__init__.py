@@ -19,7 +19,9 @@
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
-- ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut.
+- ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
+- ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
+  patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
 """
 
 # ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
@@ -36,6 +38,7 @@ from pruneflow.graph.handlers import (
     timm_layers,
     timm_levit,
     timm_metaformer,
+    timm_windows,
     tokens,
 )
 
@@ -52,5 +55,6 @@ __all__ = [
     "timm_layers",
     "timm_levit",
     "timm_metaformer",
+    "timm_windows",
     "tokens",
 ]

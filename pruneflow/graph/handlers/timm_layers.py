@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, timm_metaformer, tokens
+from pruneflow.graph.handlers import (
+    timm_attention,
+    timm_attention_classes,
+    timm_levit,
+    timm_metaformer,
+    timm_windows,
+    tokens,
+)
 from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
@@ -103,6 +110,7 @@ def register() -> None:
     timm_attention_classes.register()
     timm_levit.register()
     timm_metaformer.register()
+    timm_windows.register()
     tokens.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))

@@ -1,0 +1,161 @@
+"""Window attention, channels last: the reshapes that cut a feature map (B, H, W, C) into windows and put it back,
+the patch merging that lays 2 × 2 neighbours side by side, and timm's window attentions (Swin, SwinV2, SwinV2-CR).
+
+A reshape whose last size is its input's width read from a shape (``C`` of ``B, H, W, C = x.shape``), of a tensor
+whose channels are last, keeps them last and in order: in row-major order its last dim is its input's last dim,
+whatever the other sizes (``window_partition``'s ``x.view(B, H // ws, ws, W // ws, ws, C)``, ``view(-1, ws * ws,
+C)``, a block's ``x.reshape(B, -1, C)``). Read from a shape, the width follows a cut; where it is another tensor's
+(the attention's output viewed by its input's ``C``), the two must end up one space (the residual joins them),
+which ``widths`` checks after the walk. A number written in the model instead would not follow a cut: such a
+reshape goes to the probe (``reorderings``) as before. timm's ``window_reverse`` (a function ``torch.fx`` records
+as one op) does the same, reading ``C`` from its input.
+
+A flatten of the dims just before the channels, whose sizes are numbers in the reshape that made them (patch
+merging's ``reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)``), lays that many copies of
+the channels side by side: the stream read 4 times over by the merging's norm and reduction, as torchvision's
+``_patch_merging_pad`` is read (``attention.patch_merging_pad``).
+
+The attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's
+and SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so
+their head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the
+stream's unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's
+logits are scaled by ``scale``, fixed at construction (its fused path, which would divide by the cut head width,
+is turned off by the cut: ``ChannelSpace.unfused_by_cut``); SwinV2's and SwinV2-CR's cosine attention normalises q
+and k over a head's positions, where a zero position adds nothing. The relative position bias is per head and the
+head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
+(``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers import shapes, tokens
+from pruneflow.graph.handlers.attention import tied_heads
+from pruneflow.graph.handlers.timm_attention import unreadable_parts
+from pruneflow.graph.handlers.timm_attention_classes import bias_scales, forward_with_rows, refused
+from pruneflow.graph.nodes import argument
+from pruneflow.graph.records import PrunableLayer
+from pruneflow.graph.registry import (
+    ROWS_MASKED_FORWARDS,
+    register_function_handler,
+    register_method_handler,
+    register_module_handler,
+)
+from pruneflow.graph.values import Value
+from pruneflow.graph.widths import channel_dim
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def channels_last(value: Value | None) -> bool:
+    """Whether ``value``'s channels are whole and in its last dim, of a known rank (what a window op reads)."""
+    usable = value is not None and value.ndim is not None and value.layout is None and value.probe is None
+    return usable and not value.flattened and value.channels_at(-1)
+
+
+def read_width(tracer: Tracer, size: Any, width: int | None) -> bool:
+    """Whether ``size`` is the width ``width`` of a tensor's channels, read from its shape (``x.shape[-1]``)."""
+    source, dim = tracer.shape_reads.get(size, (None, None)) if isinstance(size, torch.fx.Node) else (None, None)
+    where = channel_dim(source) if source is not None else None
+    return where is not None and isinstance(dim, int) and dim % source.ndim == where and source.width == width
+
+
+def windows_view(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.view(..., C)``/``x.reshape(..., C)`` of channels-last ``x``, ``C`` its width read from a shape: the
+    channels stay last, in order; anything else as ``tokens.patch_tokens`` (then ``shapes.view``) reads it."""
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if not channels_last(value) or len(sizes) < 2 or not read_width(tracer, sizes[-1], value.width):
+        return tokens.patch_tokens(tracer, node, value)
+    return replace(value, ndim=len(sizes), channels_last=len(sizes) > 2)
+
+
+def window_reverse(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """timm's ``window_reverse(windows, window_size, ...)``: windows (B·nW, ws, ws, C) back to (B, H, W, C), ``C``
+    read from the windows' shape: the channels stay last."""
+    if not channels_last(value):
+        tracer.refuse_unknown(node, [value])
+        return None
+    return replace(value, ndim=4, channels_last=True)
+
+
+def literal_sizes(node: Any, ndim: int) -> list[int | None] | None:
+    """The sizes of ``node``'s dims that are numbers in the reshape that made it (through permutes and
+    ``contiguous``), None for the others; None where no such reshape made it."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_method":
+        return None
+    if node.target == "contiguous":
+        return literal_sizes(node.args[0], ndim)
+    if node.target == "permute":
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+        before = literal_sizes(node.args[0], ndim)
+        return [before[d] for d in dims] if before is not None and all(isinstance(d, int) for d in dims) else None
+    if node.target in ("view", "reshape"):
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return [s if isinstance(s, int) and s > 0 else None for s in sizes] if len(sizes) == ndim else None
+    return None
+
+
+def merged_neighbours(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.flatten(k)`` of channels-last ``x`` whose dims k … before the channels have sizes written as numbers
+    (patch merging's 2 × 2): that many copies of the channels side by side; anything else as ``shapes.flatten``."""
+    start, end = argument(node, 1, "start_dim", 0), argument(node, 2, "end_dim", -1)
+    if not channels_last(value) or not isinstance(start, int) or end not in (-1, value.ndim - 1):
+        return shapes.flatten(tracer, node, value)
+    start %= value.ndim
+    sizes = literal_sizes(node.args[0], value.ndim) if 0 < start < value.ndim - 1 else None
+    copied = sizes[start:-1] if sizes is not None else [None]
+    layout = tracer.layout_of(value)
+    if None in copied or layout is None:
+        return shapes.flatten(tracer, node, value)
+    ndim = start + 1
+    return tracer.with_layout(value, layout * math.prod(copied), ndim=ndim, channels_last=ndim > 2)
+
+
+def unhandled_window_variant(tracer: Tracer, node: torch.fx.Node, module: nn.Module) -> str | None:
+    """Why a window attention's heads cannot follow the stream (None: they can)."""
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    if any(tracer.values.get(other) is not None for other in others):
+        return "is called with another tensor of channels besides its input"
+    if reason := unreadable_parts(module):
+        return reason
+    if module.qkv.out_features != 3 * module.qkv.in_features or module.proj.in_features != module.qkv.in_features:
+        return "has heads whose width is not its input's (head_dim set)"
+    return None
+
+
+def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """timm's Swin, SwinV2 and SwinV2-CR window attention, a leaf: heads tied to the stream (module docstring)."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    reason = unhandled_window_variant(tracer, node, module)
+    if reason:
+        return refused(tracer, proj, value, f"window attention {name} {reason}")
+    biased = getattr(module, "q_bias", None) is not None
+    qkv = PrunableLayer(f"{name}.qkv", module.qkv, **({"unit_name": name, "unit": module} if biased else {}))
+    inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
+    if hasattr(module, "fused_attn") or biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
+        tracer.spaces[inner].unfused_by_cut = name
+    if biased:
+        tracer.spaces[inner].scales += bias_scales(name, module)
+    return output
+
+
+def register() -> None:
+    from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
+
+    register_method_handler(("view", "reshape"), windows_view)
+    register_method_handler("flatten", merged_neighbours)
+    for module in (swin_transformer, swin_transformer_v2, swin_transformer_v2_cr):
+        register_function_handler(module.window_reverse, window_reverse)
+    attentions = (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention,
+                  swin_transformer_v2_cr.WindowMultiHeadAttention)  # fmt: skip
+    register_module_handler(attentions, window_attention)
+    ROWS_MASKED_FORWARDS[swin_transformer_v2.WindowAttention] = forward_with_rows
