@@ -68,6 +68,7 @@ def refuse_foreign_widths(tracer: Tracer) -> None:
         roots = {tracer.union_find.root(index) for index in own}
         if {tracer.union_find.root(index) for index in marked} <= roots:
             continue  # the tensor whose width it is, reshaped by it: it follows the cut
-        reason = f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not follow"
+        reason = (f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not "
+                  "follow")  # fmt: skip
         for index in marked:
             tracer.space(index).refuse(reason)
