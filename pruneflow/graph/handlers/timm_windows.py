@@ -29,6 +29,8 @@ head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` a
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,7 @@ from torch import nn
 
 from pruneflow.graph.handlers import shapes, tokens
 from pruneflow.graph.handlers.attention import tied_heads
-from pruneflow.graph.handlers.timm_attention import unreadable_parts
+from pruneflow.graph.handlers.timm_attention import timm_attention, unreadable_parts
 from pruneflow.graph.handlers.timm_attention_classes import bias_scales, forward_with_rows, refused
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.records import PrunableLayer
@@ -68,11 +70,46 @@ def read_width(tracer: Tracer, size: Any, width: int | None) -> bool:
     return where is not None and isinstance(dim, int) and dim % source.ndim == where and source.width == width
 
 
+def position_reads(tracer: Tracer, size: Any) -> list[tuple[Value, int]] | None:
+    """The (tensor, dim) sizes read from shapes whose product ``size`` is (``H * W``); None for anything else."""
+    if not isinstance(size, torch.fx.Node):
+        return None
+    if size in tracer.shape_reads:
+        source, dim = tracer.shape_reads[size]
+        return [(source, dim)] if isinstance(dim, int) and source.ndim is not None else None
+    if size.op != "call_function" or size.target is not operator.mul or len(size.args) != 2:
+        return None
+    factors = [position_reads(tracer, factor) for factor in size.args]
+    return None if factors[0] is None or factors[1] is None else factors[0] + factors[1]
+
+
+def every_position(tracer: Tracer, value: Value, sizes: Sequence[Any]) -> bool:
+    """Whether ``sizes`` are every size but the channels' of one tensor of ``value``'s spaces, each once, read from
+    its shape (SAM's ``x.reshape(B, H * W, -1)``, ``B, H, W, _ = x.shape``): what ``-1`` leaves is the width. The
+    stream keeps its positions between the read and the reshape, as a block's residual stream does."""
+    reads = [position_reads(tracer, size) for size in sizes]
+    if any(read is None for read in reads):
+        return False
+    dims = [entry for read in reads for entry in read]  # type: ignore[union-attr]
+    source = dims[0][0] if dims else None
+    where = channel_dim(source) if source is not None else None
+    if where is None or any(other is not source for other, _ in dims) or source.width != value.width:
+        return False
+    roots = [{tracer.union_find.root(index) for index, _ in v.segments} for v in (source, value)]
+    return roots[0] == roots[1] and sorted(d % source.ndim for _, d in dims) == [
+        d for d in range(source.ndim) if d != where
+    ]
+
+
 def windows_view(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
-    """``x.view(..., C)``/``x.reshape(..., C)`` of channels-last ``x``, ``C`` its width read from a shape: the
-    channels stay last, in order; anything else as ``tokens.patch_tokens`` (then ``shapes.view``) reads it."""
+    """``x.view(..., C)``/``x.reshape(..., C)`` of channels-last ``x``, ``C`` its width read from a shape, or ``-1``
+    after every other size of a tensor of its spaces: the channels stay last, in order; anything else as
+    ``tokens.patch_tokens`` (then ``shapes.view``) reads it."""
     sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-    if not channels_last(value) or len(sizes) < 2 or not read_width(tracer, sizes[-1], value.width):
+    if not channels_last(value) or len(sizes) < 2:
+        return tokens.patch_tokens(tracer, node, value)
+    width = read_width(tracer, sizes[-1], value.width)
+    if not width and not (sizes[-1] == -1 and every_position(tracer, value, sizes[:-1])):
         return tokens.patch_tokens(tracer, node, value)
     return replace(value, ndim=len(sizes), channels_last=len(sizes) > 2)
 
@@ -149,12 +186,17 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
 
 
 def register() -> None:
-    from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr
+    from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr, vision_transformer_sam
 
     register_method_handler(("view", "reshape"), windows_view)
     register_method_handler("flatten", merged_neighbours)
     for module in (swin_transformer, swin_transformer_v2, swin_transformer_v2_cr):
         register_function_handler(module.window_reverse, window_reverse)
+    # SAM's ``window_unpartition`` reads ``C`` as the ``-1`` left once the windows' other sizes are put back: one op
+    register_function_handler(vision_transformer_sam.window_unpartition, window_reverse, autowrap=True)
+    # SAM's attention reshapes by its head count and ``-1``: whole heads, as timm's ``Attention`` (its relative
+    # position tables are per position of a head, shared by all heads, so a head's positions stay)
+    register_module_handler(vision_transformer_sam.Attention, timm_attention)
     attentions = (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention,
                   swin_transformer_v2_cr.WindowMultiHeadAttention)  # fmt: skip
     register_module_handler(attentions, window_attention)
