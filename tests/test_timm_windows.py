@@ -99,10 +99,13 @@ def test_swin_with_its_fused_path_cuts_to_the_masked_one_at_the_scale_it_was_bui
 
 @pytest.mark.parametrize("strategy", ["activation", "weight"])
 def test_swinv2_masks_exactly_and_recomputes_its_biased_attention_with_its_window_mask(strategy: str) -> None:
-    """SwinV2's q and v biases are read through ``F.linear``: its attention is computed again, with ``mask=``."""
-    model = tiny("swinv2_tiny_window16_256")
+    """SwinV2's q and v biases are read through ``F.linear``: its attention is computed again, with ``mask=``.
+    Traced in training mode, as the callback traces it, with stochastic depth (timm's ``DropPath``, kept whole)."""
+    model = tiny("swinv2_tiny_window16_256", drop_path_rate=0.1)
     assert model.layers[0].blocks[1].attn_mask is not None  # the shifted block's mask reaches the recomputation
-    check_masked_and_cut(model, (3, 32, 32), strategy)
+    graph = check_masked_and_cut(model, (3, 32, 32), strategy)
+    heads = space_of(graph.spaces, "layers.0.blocks.1.attn.qkv")
+    assert heads.prunable and heads.producers[0].unit_name == "layers.0.blocks.1.attn"
 
 
 def test_samvit_is_cut_in_whole_heads_through_padded_windows() -> None:
