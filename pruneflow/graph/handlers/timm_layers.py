@@ -121,8 +121,7 @@ def register() -> None:
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
-    # stochastic depth scales each sample by 0 or 1/keep, every channel alike: kept whole, as training traces it
-    # (traced into, its ``x.new_empty(...).bernoulli_()`` would refuse every stream it reaches)
+    # stochastic depth: each sample times 0 or 1/keep, all channels alike; kept whole (traced, its noise refuses)
     register_module_handler(timm_layers.DropPath, module_rule(passes))
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
     register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
