@@ -186,12 +186,13 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
 
 
 def register() -> None:
-    from timm.models import swin_transformer, swin_transformer_v2, swin_transformer_v2_cr, vision_transformer_sam
+    from timm.models import nest, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr, vision_transformer_sam
 
     register_method_handler(("view", "reshape"), windows_view)
     register_method_handler("flatten", merged_neighbours)
-    for module in (swin_transformer, swin_transformer_v2, swin_transformer_v2_cr):
-        register_function_handler(module.window_reverse, window_reverse)
+    for function in (swin_transformer.window_reverse, swin_transformer_v2.window_reverse,
+                     swin_transformer_v2_cr.window_reverse, nest.deblockify):  # fmt: skip
+        register_function_handler(function, window_reverse)
     # SAM's ``window_unpartition`` reads ``C`` as the ``-1`` left once the windows' other sizes are put back: one op
     register_function_handler(vision_transformer_sam.window_unpartition, window_reverse, autowrap=True)
     # SAM's attention reshapes by its head count and ``-1``: whole heads, as timm's ``Attention`` (its relative
