@@ -120,6 +120,24 @@ def test_samvit_is_cut_in_whole_heads_through_padded_windows() -> None:
     assert compacted.blocks[0].attn.num_heads == 2 and compacted.blocks[0].attn.rel_pos_h.shape[1] == 8
 
 
+def test_hiera_is_cut_in_whole_heads_through_its_unrolled_mask_units() -> None:
+    """Hiera's unroll flattens strides into the batch, its q pooling takes a max over positions, its attention is cut
+    in whole heads held in ``heads`` and ``dim_out``; its forward's ``mask=None`` is traced as None, as called."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "hiera_tiny_224", num_classes=10, embed_dim=16, num_heads=2, stages=(1, 1, 1, 1), img_size=64
+    )
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    graph = trace_channel_graph(model.eval())
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head.fc"]
+    assert space_of(graph.spaces, "blocks.1.attn.qkv").head_attributes == ("heads", "dim_out")
+    cut, masked, compacted = masked_and_cut(model, 64)
+    assert_same(cut, masked)
+    attention = compacted.blocks[1].attn  # 4 heads of 8 at 32 channels: 2 kept
+    assert (attention.heads, attention.dim_out, attention.proj.in_features) == (2, 16, 16)
+
+
 class Windows(nn.Module):
     """A conv's channels, last, cut into windows of 2 and put back by its width read from its shape, or by one
     written as a number (``constant``), which a cut would not follow."""

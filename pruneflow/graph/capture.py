@@ -15,6 +15,7 @@ Measured figures: ``docs/CHANNEL_GRAPH.md``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,17 @@ class _LeafTracer(torch.fx.Tracer):
             raise
 
 
+def optional_arguments(model: nn.Module) -> dict[str, None]:
+    """The model's forward arguments after its input that default to None, traced as None: what a call with the
+    input alone runs (Hiera's ``mask``); a proxy there would take the branch of a given one."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: every argument a proxy, as before
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: None for p in parameters if p.default is None and p.kind in kinds}
+
+
 def capture(
     model: nn.Module,
     leaves: LeafTest | None = None,
@@ -95,7 +107,7 @@ def capture(
     while True:
         tracer = _LeafTracer(opaque, leaves, functions)
         try:
-            return Capture(tracer.trace(model), opaque)
+            return Capture(tracer.trace(model, concrete_args=optional_arguments(model)), opaque)
         except Exception as exc:  # control flow on a proxy, or anything else a forward does with one
             failed_in = tracer.failed_in
             # retrying with an opaque module whole cannot fail in it again: a failure there is not one to isolate

@@ -39,6 +39,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers import shapes, tokens
+from pruneflow.graph.handlers import timm_attention as timm_attention_module
 from pruneflow.graph.handlers.attention import tied_heads
 from pruneflow.graph.handlers.timm_attention import timm_attention, unreadable_parts
 from pruneflow.graph.handlers.timm_attention_classes import bias_scales, forward_with_rows, refused
@@ -142,9 +143,14 @@ def literal_sizes(node: Any, ndim: int) -> list[int | None] | None:
 
 def merged_neighbours(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     """``x.flatten(k)`` of channels-last ``x`` whose dims k … before the channels have sizes written as numbers
-    (patch merging's 2 × 2): that many copies of the channels side by side; anything else as ``shapes.flatten``."""
+    (patch merging's 2 × 2): that many copies of the channels side by side; a flatten of dims before the channels
+    only (Hiera's unroll, strides into the batch) keeps them last; anything else as ``shapes.flatten``."""
     start, end = argument(node, 1, "start_dim", 0), argument(node, 2, "end_dim", -1)
-    if not channels_last(value) or not isinstance(start, int) or end not in (-1, value.ndim - 1):
+    if not channels_last(value) or not isinstance(start, int) or not isinstance(end, int):
+        return shapes.flatten(tracer, node, value)
+    if value.ndim > 2 and start % value.ndim <= end % value.ndim < value.ndim - 1:
+        return replace(value, ndim=value.ndim - (end % value.ndim - start % value.ndim))
+    if end not in (-1, value.ndim - 1):
         return shapes.flatten(tracer, node, value)
     start %= value.ndim
     sizes = literal_sizes(node.args[0], value.ndim) if 0 < start < value.ndim - 1 else None
@@ -186,10 +192,21 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
 
 
 def register() -> None:
-    from timm.models import nest, swin_transformer, swin_transformer_v2, swin_transformer_v2_cr, vision_transformer_sam
+    from timm.models import (
+        hiera,
+        nest,
+        swin_transformer,
+        swin_transformer_v2,
+        swin_transformer_v2_cr,
+        vision_transformer_sam,
+    )
 
     register_method_handler(("view", "reshape"), windows_view)
     register_method_handler("flatten", merged_neighbours)
+    register_method_handler("amax", tokens.token_mean)  # a max over positions (Hiera's q pooling), as a mean's
+    # Hiera's attention reshapes by its head count and head width, held in ``heads``, ``head_dim``: whole heads
+    timm_attention_module.HEAD_ATTRIBUTES[hiera.MaskUnitAttention] = ("heads", "dim_out")
+    register_module_handler(hiera.MaskUnitAttention, timm_attention)
     for function in (swin_transformer.window_reverse, swin_transformer_v2.window_reverse,
                      swin_transformer_v2_cr.window_reverse, nest.deblockify):  # fmt: skip
         register_function_handler(function, window_reverse)
