@@ -79,15 +79,17 @@ class _LeafTracer(torch.fx.Tracer):
             raise
 
 
-def optional_arguments(model: nn.Module) -> dict[str, None]:
-    """The model's forward arguments after its input that default to None, traced as None: what a call with the
-    input alone runs (Hiera's ``mask``); a proxy there would take the branch of a given one."""
+def optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The model's forward arguments after its input with a default of None or a plain constant, traced at it:
+    what a call with the input alone runs (Hiera's ``mask=None``, a ViT's ``attn_mask=None, is_causal=False``); a
+    proxy there would take the branch of a given mask, or fail on ``None or is_causal``."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())[1:]
-    except (TypeError, ValueError):  # no signature to read: every argument a proxy, as before
+    except (TypeError, ValueError):  # no signature to read: every argument a proxy
         return {}
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name: None for p in parameters if p.default is None and p.kind in kinds}
+    constant = (type(None), bool, int, float, str)
+    return {p.name: p.default for p in parameters if p.kind in kinds and type(p.default) in constant}
 
 
 def capture(
