@@ -138,6 +138,19 @@ def test_hiera_is_cut_in_whole_heads_through_its_unrolled_mask_units() -> None:
     assert (attention.heads, attention.dim_out, attention.proj.in_features) == (2, 16, 16)
 
 
+def test_an_attention_of_one_head_is_not_cut_in_whole_heads() -> None:
+    """Hiera's first stage has 1 head (``num_heads=1``): pruning it would leave none; its stream is cut."""
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", num_classes=10, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1),
+                              img_size=64).eval()  # fmt: skip
+    graph = trace_channel_graph(model)
+    single = space_of(graph.spaces, "blocks.0.attn.qkv")
+    assert not single.prunable and "single head" in single.refusals[0]
+    assert space_of(graph.spaces, "patch_embed.proj").prunable
+    cut, masked, _ = masked_and_cut(model, 64)
+    assert_same(cut, masked)
+
+
 class Windows(nn.Module):
     """A conv's channels, last, cut into windows of 2 and put back by its width read from its shape, or by one
     written as a number (``constant``), which a cut would not follow."""

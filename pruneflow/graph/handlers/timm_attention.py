@@ -53,6 +53,8 @@ def unhandled_variant(module: nn.Module) -> str | None:
     if reason := unreadable_parts(module):
         return reason
     count = HEAD_ATTRIBUTES.get(type(module), ("num_heads",))[0]
+    if getattr(module, count) < 2:  # its only head: pruned, nothing would be left (Hiera's first stage)
+        return "has a single head, which a cut in whole heads cannot take"
     if module.qkv.out_features != 3 * getattr(module, count) * module.head_dim:
         return "has q, k, v rows that are not 3 × heads × head_dim"
     return None
