@@ -1,21 +1,25 @@
 """Window attention, channels last: the reshapes that cut a feature map (B, H, W, C) into windows and put it back,
-the patch merging that lays 2 × 2 neighbours side by side, and timm's window attentions (Swin, SwinV2, SwinV2-CR).
+the patch merging that lays 2 × 2 neighbours side by side, and timm's window attentions (Swin, SwinV2, SwinV2-CR,
+SAM-ViT, Hiera).
 
 A reshape whose last size is its input's width read from a shape (``C`` of ``B, H, W, C = x.shape``), of a tensor
 whose channels are last, keeps them last and in order: in row-major order its last dim is its input's last dim,
 whatever the other sizes (``window_partition``'s ``x.view(B, H // ws, ws, W // ws, ws, C)``, ``view(-1, ws * ws,
 C)``, a block's ``x.reshape(B, -1, C)``). Read from a shape, the width follows a cut; where it is another tensor's
 (the attention's output viewed by its input's ``C``), the two must end up one space (the residual joins them),
-which ``widths`` checks after the walk. A number written in the model instead would not follow a cut: such a
-reshape goes to the probe (``reorderings``) as before. timm's ``window_reverse`` (a function ``torch.fx`` records
-as one op) does the same, reading ``C`` from its input.
+which ``widths`` checks after the walk. ``-1`` last does the same where every other size is one of the sizes but the
+channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``). A number written in the
+model instead would not follow a cut: such a reshape goes to the probe (``reorderings``) as before. timm's
+``window_reverse``, NesT's ``deblockify`` and SAM's ``window_unpartition`` (each recorded as one op) read ``C`` from
+their input and keep it last.
 
 A flatten of the dims just before the channels, whose sizes are numbers in the reshape that made them (patch
 merging's ``reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)``), lays that many copies of
 the channels side by side: the stream read 4 times over by the merging's norm and reduction, as torchvision's
-``_patch_merging_pad`` is read (``attention.patch_merging_pad``).
+``_patch_merging_pad`` is read (``attention.patch_merging_pad``). A flatten of dims before the channels only (Hiera's
+unroll, strides into the batch) and a max over positions (its q pooling) keep them last.
 
-The attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's
+Swin's attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's
 and SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so
 their head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the
 stream's unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's
@@ -24,6 +28,9 @@ is turned off by the cut: ``ChannelSpace.unfused_by_cut``); SwinV2's and SwinV2-
 and k over a head's positions, where a zero position adds nothing. The relative position bias is per head and the
 head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
 (``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
+SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in whole heads, as
+timm's ``Attention`` (``timm_attention``). NesT's writes its heads' output head-minor, an order a tied cut does not
+place: it is not taught, and stays refused.
 """
 
 from __future__ import annotations
