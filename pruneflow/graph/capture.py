@@ -15,6 +15,7 @@ Measured figures: ``docs/CHANNEL_GRAPH.md``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,19 @@ class _LeafTracer(torch.fx.Tracer):
             raise
 
 
+def optional_arguments(model: nn.Module) -> dict[str, Any]:
+    """The model's forward arguments after its input with a default of None or a plain constant, traced at it:
+    what a call with the input alone runs (Hiera's ``mask=None``, a ViT's ``attn_mask=None, is_causal=False``); a
+    proxy there would take the branch of a given mask, or fail on ``None or is_causal``."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: every argument a proxy
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    constant = (type(None), bool, int, float, str)
+    return {p.name: p.default for p in parameters if p.kind in kinds and type(p.default) in constant}
+
+
 def capture(
     model: nn.Module,
     leaves: LeafTest | None = None,
@@ -95,7 +109,7 @@ def capture(
     while True:
         tracer = _LeafTracer(opaque, leaves, functions)
         try:
-            return Capture(tracer.trace(model), opaque)
+            return Capture(tracer.trace(model, concrete_args=optional_arguments(model)), opaque)
         except Exception as exc:  # control flow on a proxy, or anything else a forward does with one
             failed_in = tracer.failed_in
             # retrying with an opaque module whole cannot fail in it again: a failure there is not one to isolate

@@ -242,6 +242,8 @@ class ChannelSpace:
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
     whole_heads: bool = False
     heads_of: str | None = None
+    # the attributes of ``heads_of`` holding its head count and the width of all its heads (Hiera's: heads, dim_out)
+    head_attributes: tuple[str, str] = ("num_heads", "attn_dim")
     # The attention whose fused path (``scaled_dot_product_attention``) would scale its logits by √(cut head width)
     # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
     # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 ModuleHandler = Callable[["Tracer", torch.fx.Node, nn.Module, "Value | None"], Any]
 OpHandler = Callable[["Tracer", torch.fx.Node, "Value | None"], Any]
 LeafTest = Callable[[nn.Module], bool]
-RowsMaskedForward = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
+RowsMaskedForward = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor], torch.Tensor]
 # The attributes of a module that give a split of its input the part sizes ``sizes`` (FasterNet's ``dim_conv3`` and
 # ``dim_untouched``); a ``ValueError`` saying why where no setting of them does
 SplitResize = Callable[[nn.Module, Sequence[int]], dict[str, int]]
@@ -41,8 +41,9 @@ METHOD_HANDLERS: dict[str, OpHandler] = {}
 # Module types ``torch.fx`` keeps whole (exact types) → which instances: an attention only as torchvision builds it
 LEAVES: dict[type[nn.Module], LeafTest] = {}
 # Attentions whose q/k/v rows are complete only inside them (``PrunableLayer.unit``: they read ``qkv.weight``
-# themselves) → their forward with those rows' weights and biases multiplied by a keep-vector, which the
-# ``activation`` strategy computes in their place (torchvision's Swin attention has its own, in the strategy)
+# themselves) → their forward (on the call's arguments and keywords) with those rows' weights and biases multiplied
+# by a keep-vector, which the ``activation`` strategy computes in their place (torchvision's Swin attention has its
+# own, in the strategy)
 ROWS_MASKED_FORWARDS: dict[type[nn.Module], RowsMaskedForward] = {}
 # Module types whose own forward splits its input's channels by sizes its attributes hold (exact types) → how to set
 # them: such a split cuts each part on its own (``handlers.reorderings``), and the cut sets the sizes it keeps

@@ -67,6 +67,7 @@ class Tracer:
         # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
         self.width_reads: dict[torch.fx.Node, set[int]] = {}
+        self.sized_by_width: list[tuple[torch.fx.Node, set[int], list[int]]] = []  # (op, widths' spaces, its tensor's)
         self.calls: dict[str, int] = {}
         # a module called more than once: its first call's (inputs, output), and those whose calls read different
         # spaces (``repeated_call``)
@@ -231,6 +232,7 @@ class Tracer:
         for node in self.graph.nodes:
             self.values[node] = self.visit_or_refuse(node)
         self.refuse_meeting_opaque()
+        widths.refuse_foreign_widths(self)
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))

@@ -2,7 +2,8 @@
 changes. Reshaping ``x`` itself by it (a channel shuffle's ``C // groups``, a ViT's ``x.view(B, -1, C)``), the
 tensor follows the cut and the reshape probe follows the tensor. Sizing any other tensor by it (an attention traced
 into: ``out.transpose(1, 2).reshape(B, N, C)``, whose heads do not follow ``x``'s width) would break the cut
-network, so the spaces whose width it is are refused there, naming the op."""
+network, so the spaces whose width it is are refused there, naming the op — after the walk, where the two tensors'
+spaces are known to stay apart."""
 
 from __future__ import annotations
 
@@ -55,10 +56,19 @@ def follow(tracer: Tracer, node: torch.fx.Node) -> None:
         tracer.width_reads[node] = marked
         return
     reshaped = tracer.values.get(first) if reshaping(node) and isinstance(first, torch.fx.Node) else None
-    if isinstance(reshaped, Value):
-        own = {tracer.union_find.root(index) for index, _ in reshaped.segments}
-        if {tracer.union_find.root(index) for index in marked} <= own:
-            return  # the tensor whose width it is, reshaped by it: it follows the cut
-    reason = f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not follow"
-    for index in marked:
-        tracer.space(index).refuse(reason)
+    own = [index for index, _ in reshaped.segments] if isinstance(reshaped, Value) else []
+    tracer.sized_by_width.append((node, marked, own))
+
+
+def refuse_foreign_widths(tracer: Tracer) -> None:
+    """After the walk: refuse the spaces whose width sized a tensor that is not theirs. A tensor that became theirs
+    further on counts as theirs (Swin's attention output, viewed by its input's width before the residual joins
+    the two): joined, they are cut alike."""
+    for node, marked, own in tracer.sized_by_width:
+        roots = {tracer.union_find.root(index) for index in own}
+        if {tracer.union_find.root(index) for index in marked} <= roots:
+            continue  # the tensor whose width it is, reshaped by it: it follows the cut
+        reason = (f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not "
+                  "follow")  # fmt: skip
+        for index in marked:
+            tracer.space(index).refuse(reason)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -328,11 +328,14 @@ def mask_window_attention(module: nn.Module, inputs: tuple[Tensor, ...], output:
     return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
 
 
-def mask_recomputed_attention(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-    """Forward hook at an attention that reads its q/k/v rows' weights itself (BEiT's and EVA's ``F.linear`` with
-    q and v biases): computed again with those rows times 0 (``ROWS_MASKED_FORWARDS``, the graph's), so a pruned
-    row is 0 in every head and nothing reaches it backwards; its output's own mask too, as for Swin's."""
-    recomputed = ROWS_MASKED_FORWARDS[type(module)](module, inputs, getattr(module, QKV_KEEP_BUFFER))
+def mask_recomputed_attention(
+    module: nn.Module, inputs: tuple[Tensor, ...], keywords: dict[str, Any], output: Tensor
+) -> Tensor:
+    """Forward hook at an attention that reads its q/k/v rows' weights itself (BEiT's, EVA's and SwinV2's
+    ``F.linear`` with q and v biases): computed again with those rows times 0 (``ROWS_MASKED_FORWARDS``, the
+    graph's), with the arguments it was called with (SwinV2's ``mask=``), so a pruned row is 0 in every head and
+    nothing reaches it backwards; its output's own mask too, as for Swin's."""
+    recomputed = ROWS_MASKED_FORWARDS[type(module)](module, inputs, keywords, getattr(module, QKV_KEEP_BUFFER))
     output_keep = getattr(module, KEEP_BUFFER, None)
     return recomputed if output_keep is None else recomputed * output_keep.to(recomputed.dtype)
 
@@ -375,9 +378,10 @@ class ActivationMask(MaskStrategy):
                 point.register_buffer(QKV_KEEP_BUFFER, keep.to(layer.producer.weight.device), persistent=False)
                 if isinstance(point, nn.MultiheadAttention):  # its query, key and value may come by keyword
                     self._handles[layer.name] = point.register_forward_hook(mask_multihead_attention, with_kwargs=True)
+                elif type(point) in ROWS_MASKED_FORWARDS:  # computed again with the keywords it is called with
+                    self._handles[layer.name] = point.register_forward_hook(mask_recomputed_attention, with_kwargs=True)
                 else:
-                    hook = mask_recomputed_attention if type(point) in ROWS_MASKED_FORWARDS else mask_window_attention
-                    self._handles[layer.name] = point.register_forward_hook(hook)
+                    self._handles[layer.name] = point.register_forward_hook(mask_window_attention)
             return
         if layer.name in self._handles:
             getattr(point, KEEP_BUFFER).copy_(keep)

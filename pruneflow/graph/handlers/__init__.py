@@ -22,6 +22,8 @@
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
+- ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
+  patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
 """
 
 # ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
@@ -39,6 +41,7 @@ from pruneflow.graph.handlers import (
     timm_levit,
     timm_metaformer,
     timm_vit_likes,
+    timm_windows,
     tokens,
 )
 
@@ -56,5 +59,6 @@ __all__ = [
     "timm_levit",
     "timm_metaformer",
     "timm_vit_likes",
+    "timm_windows",
     "tokens",
 ]

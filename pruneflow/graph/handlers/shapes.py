@@ -124,11 +124,14 @@ def reduced(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
 
 
 def padded(tracer: Tracer, node: torch.fx.Node, value: Value | None, pad: Any, fill: Any) -> Any:
-    """Padding of the spatial dims keeps every channel (timm's ``pad_same``, TResNet's); a constant other than 0
-    makes a masked channel non-zero at the border. Padding that reaches the channels: unknown."""
+    """Padding of the spatial dims keeps every channel (timm's ``pad_same``, TResNet's; Swin's windows, channels
+    last, pad (0, 0) on them: ``(0, 0, 0, pad_w, 0, pad_h)``); a constant other than 0 makes a masked channel
+    non-zero at the border. Padding that reaches the channels or the batch: unknown."""
     if value is None:
         return None
-    spatial = 2 * (value.ndim - 2) if value.ndim is not None and not value.channels_last else 0
+    spatial = 2 * (value.ndim - 2) if value.ndim is not None and not value.flattened else 0
+    if value.channels_last:  # pad's first pair is the last dim's, the channels': it must add none
+        spatial = spatial + 2 if isinstance(pad, (list, tuple)) and tuple(pad[:2]) == (0, 0) else 0
     if not isinstance(pad, (list, tuple)) or not 0 < len(pad) <= spatial or value.flattened:
         return UNKNOWN
     return value if fill in (None, 0) else replace(value, revived_by=tracer.describe(node))
@@ -142,6 +145,18 @@ def pad_function(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
 
 def pad_module(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     return padded(tracer, node, value, module.padding, getattr(module, "value", 0))
+
+
+def rolled(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``torch.roll(x, shifts, dims)`` along dims other than the channels' (Swin's shifted windows) moves positions,
+    not channels; along the channels, or flattened (no ``dims``): unknown."""
+    dims = argument(node, 2, "dims", None)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if value is None or not isinstance(dims, (list, tuple)) or not dims or value.flattened or value.ndim is None:
+        return UNKNOWN if value is not None else None
+    if any(not isinstance(d, int) or value.channels_at(d) for d in dims) or value.layout is not None:
+        return UNKNOWN
+    return value
 
 
 def permuted(tracer: Tracer, node: torch.fx.Node, value: Value | None, dims: Any) -> Value | None:
@@ -263,6 +278,8 @@ register_method_handler("flatten", flatten)
 register_method_handler(("view", "reshape"), view)
 register_method_handler(("mean", "amax"), reduced)
 register_function_handler(torch.permute, permute_function)
+register_function_handler(torch.roll, rolled)
+register_method_handler("roll", rolled)
 register_method_handler("permute", permute_method)
 register_method_handler("size", size)
 register_method_handler(("dim", "ndimension"), rank)

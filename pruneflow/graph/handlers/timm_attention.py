@@ -33,6 +33,10 @@ from pruneflow.graph.values import Value
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
+# Attentions whose head count and width of all heads are held in other attributes than ``num_heads`` and ``attn_dim``
+# (Hiera's ``heads``, ``dim_out``): type → those attributes, which the cut sets
+HEAD_ATTRIBUTES: dict[type[nn.Module], tuple[str, str]] = {}
+
 
 def unreadable_parts(module: nn.Module) -> str | None:
     """Why a timm attention's q/k/v rows cannot be cut (None: they can): its parts that read all its heads' width,
@@ -50,7 +54,10 @@ def unhandled_variant(module: nn.Module) -> str | None:
     """Why the attention's heads cannot be cut (None: they can): the parts that read the heads' width."""
     if reason := unreadable_parts(module):
         return reason
-    if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
+    count = HEAD_ATTRIBUTES.get(type(module), ("num_heads",))[0]
+    if getattr(module, count) < 2:  # its only head: pruned, nothing would be left (Hiera's first stage)
+        return "has a single head, which a cut in whole heads cannot take"
+    if module.qkv.out_features != 3 * getattr(module, count) * module.head_dim:
         return "has q, k, v rows that are not 3 × heads × head_dim"
     if getattr(module, "num_kv_groups", 1) != 1:
         return "shares its keys and values among groups of heads"
@@ -63,9 +70,10 @@ def timm_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     name = str(node.target)
     qkv = PrunableLayer(f"{name}.qkv", module.qkv)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    inner, output = heads_and_output(tracer, qkv, proj, module.num_heads, value)
+    attributes = HEAD_ATTRIBUTES.get(type(module), ("num_heads", "attn_dim"))
+    inner, output = heads_and_output(tracer, qkv, proj, getattr(module, attributes[0]), value)
     heads = tracer.spaces[inner]
-    heads.whole_heads, heads.heads_of = True, name
+    heads.whole_heads, heads.heads_of, heads.head_attributes = True, name, attributes
     reason = unhandled_variant(module) or tracer.reused(name)
     if reason:
         heads.refuse(f"attention {name} {reason}")

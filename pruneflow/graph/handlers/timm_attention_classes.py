@@ -86,17 +86,21 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
         tracer.spaces[inner].unfused_by_cut = name
     if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
         tracer.spaces[inner].head_width_of = name
-    if biased:  # per q row and per v row of the q/k/v space
-        rows = module.q_bias.shape[0]
-        q_rows, v_rows = tuple(range(rows)) + (-1,) * (2 * rows), (-1,) * (2 * rows) + tuple(range(rows))
-        tracer.spaces[inner].scales += [ChannelScale(f"{name}.q_bias", 0, 0, at=q_rows),
-                                        ChannelScale(f"{name}.v_bias", 0, 0, at=v_rows)]  # fmt: skip
+    if biased:
+        tracer.spaces[inner].scales += bias_scales(name, module)
     return output
 
 
-def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) -> Tensor:
-    """BEiT's or EVA's attention computed with its q/k/v rows (``qkv.weight``'s rows, ``q_bias``, ``v_bias``) times
-    ``keep``: the masked network's attention, its pruned rows exactly 0 (``k_bias`` is 0)."""
+def bias_scales(name: str, module: nn.Module) -> list[ChannelScale]:
+    """An attention's ``q_bias`` and ``v_bias``, one entry per q row and per v row of its q/k/v space."""
+    rows = module.q_bias.shape[0]
+    q_rows, v_rows = tuple(range(rows)) + (-1,) * (2 * rows), (-1,) * (2 * rows) + tuple(range(rows))
+    return [ChannelScale(f"{name}.q_bias", 0, 0, at=q_rows), ChannelScale(f"{name}.v_bias", 0, 0, at=v_rows)]
+
+
+def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keywords: dict[str, Any], keep: Tensor) -> Tensor:
+    """BEiT's, EVA's or SwinV2's attention computed with its q/k/v rows (``qkv.weight``'s rows, ``q_bias``,
+    ``v_bias``) times ``keep``: the masked network's attention, its pruned rows exactly 0 (``k_bias`` is 0)."""
     rows = keep.to(module.qkv.weight.dtype).flatten()
     width = rows.shape[0] // 3
     tensors = {"qkv.weight": module.qkv.weight * rows.view(-1, 1)}
@@ -104,7 +108,7 @@ def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) 
         tensors["q_bias"] = module.q_bias * rows[:width]
         tensors["v_bias"] = module.v_bias * rows[2 * width :]
     with _reparametrize_module(module, tensors):  # the module's own forward, not its call: no hook runs again
-        return module.forward(*inputs)
+        return module.forward(*inputs, **keywords)
 
 
 # Class attentions (the class token's query against every token's key and value) → their q, k and v layers

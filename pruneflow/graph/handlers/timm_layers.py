@@ -20,16 +20,23 @@ from pruneflow.graph.handlers import (
     timm_levit,
     timm_metaformer,
     timm_vit_likes,
+    timm_windows,
     tokens,
 )
 from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
-from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
+from pruneflow.graph.handlers.pointwise import is_pointwise, passes, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
 from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS
 from pruneflow.graph.leaves import register_leaf
-from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
+from pruneflow.graph.registry import (
+    AUTOWRAP_FUNCTIONS,
+    LEAVES,
+    module_rule,
+    register_module_handler,
+    register_split_sizes,
+)
 from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
@@ -106,15 +113,14 @@ def register() -> None:
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
-    timm_attention.register()
-    timm_attention_classes.register()
-    timm_levit.register()
-    timm_metaformer.register()
-    timm_vit_likes.register()
-    tokens.register()
+    for family in (timm_attention, timm_attention_classes, timm_levit, timm_metaformer, timm_vit_likes, timm_windows,
+                   tokens):  # fmt: skip
+        family.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
     register_pointwise((timm_activations.Sigmoid, timm_activations.HardSigmoid), preserves_zero=False)
+    # stochastic depth: each sample times 0 or 1/keep, all channels alike; kept whole (traced, its noise refuses)
+    register_module_handler(timm_layers.DropPath, module_rule(passes))
     register_module_handler(timm_layers.BatchNormAct2d, norm_act)
     register_module_handler((timm_layers.Conv2dSame, timm_layers.Linear), producer)
     # MetaFormer's StarReLU, ``s · relu(x)² + b``, one s and one b for all channels: a scalar affine after a square
