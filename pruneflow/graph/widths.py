@@ -59,6 +59,10 @@ def follow(tracer: Tracer, node: torch.fx.Node) -> None:
         own = {tracer.union_find.root(index) for index, _ in reshaped.segments}
         if {tracer.union_find.root(index) for index in marked} <= own:
             return  # the tensor whose width it is, reshaped by it: it follows the cut
+        # another tensor's width sizes this one (PVT-v2's ``sr(x).reshape(B, C, -1)``, C read from the attention's
+        # input): cut on its own, its channels would no longer fill that shape
+        tracer.refuse(reshaped, f"{tracer.describe(node)} reshapes them by another tensor's width, read from a "
+                                "shape, which their cut would not follow")  # fmt: skip
     reason = f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not follow"
     for index in marked:
         tracer.space(index).refuse(reason)

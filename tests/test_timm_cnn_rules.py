@@ -1,0 +1,36 @@
+"""The channel graph on what timm's smallest models are built from, where a cut raised or a whole model was
+refused: each rule on the smallest module that shows it (seconds), half of every prunable space masked and cut,
+and the cut network equal to the masked one — or the space refused in one line, never an exception."""
+
+from __future__ import annotations
+
+from test_graph_defects import assert_cut_equals_masked
+from torch import Tensor, nn
+
+from pruneflow.graph import trace_channel_graph
+
+
+def refusals(model: nn.Module) -> dict[str, list[str]]:
+    return {space.name: space.refusals for space in trace_channel_graph(model).spaces if not space.prunable}
+
+
+class ReshapedByAnotherWidth(nn.Module):
+    """PVT-v2's spatial reduction: ``sr(x).reshape(B, C, -1)``, C read from the shape of ``x``, not of ``sr(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.stem = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU()), nn.Conv2d(6, 8, 1)
+        self.sr, self.head = nn.Conv2d(8, 8, 2, stride=2), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(self.pre(x))
+        batch, channels = x.shape[0], x.shape[1]
+        reduced = self.sr(x).reshape(batch, channels, -1)
+        return self.head(reduced.mean(-1))
+
+
+def test_a_tensor_reshaped_by_another_tensors_width_is_refused_not_cut() -> None:
+    """It raised in the cut network (PVT-v2's LayerNorm after ``sr`` got the stream's width): sr was cut alone."""
+    refused = refusals(ReshapedByAnotherWidth())
+    assert "reshapes them by another tensor's width" in " ".join(refused["sr"]), refused
+    assert_cut_equals_masked(ReshapedByAnotherWidth())  # ``pre`` alone is cut
