@@ -34,3 +34,25 @@ def test_a_tensor_reshaped_by_another_tensors_width_is_refused_not_cut() -> None
     refused = refusals(ReshapedByAnotherWidth())
     assert "reshapes them by another tensor's width" in " ".join(refused["sr"]), refused
     assert_cut_equals_masked(ReshapedByAnotherWidth())  # ``pre`` alone is cut
+
+
+class UnfoldedByHeads(nn.Module):
+    """VOLO's outlook attention: ``unfold(v(x)).reshape(B, heads, C // heads, ...)``, C read from ``x``'s shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.stem = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU()), nn.Conv2d(6, 8, 1)
+        self.v, self.unfold, self.head = nn.Conv2d(8, 8, 1), nn.Unfold(3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(self.pre(x))
+        batch, channels = x.shape[0], x.shape[1]
+        values = self.unfold(self.v(x)).reshape(batch, 2, channels // 2, -1)
+        return self.head(values.mean(-1).flatten(1))
+
+
+def test_arithmetic_on_a_width_read_from_a_shape_is_that_width() -> None:
+    """VOLO raised in the cut: ``C // heads`` was not followed as a width, so the stream was cut under it."""
+    refused = refusals(UnfoldedByHeads())
+    assert "sizes a tensor by their width" in " ".join(refused["stem"]), refused
+    assert_cut_equals_masked(UnfoldedByHeads())  # ``pre`` alone is cut

@@ -42,16 +42,17 @@ def follow(tracer: Tracer, node: torch.fx.Node) -> None:
     arguments: list[torch.fx.Node] = []
     torch.fx.map_arg((node.args, node.kwargs), arguments.append)
     first = node.args[0] if node.args else None
-    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC and first in tracer.shape_reads:
-        value, dim = tracer.shape_reads[first]
+    arithmetic = node.op == "call_function" and node.target in SHAPE_ARITHMETIC
+    if arithmetic and first in tracer.shape_reads and tracer.shape_reads[first][1] is None:
+        value, _ = tracer.shape_reads[first]
         index = node.args[1] if len(node.args) > 1 else None
-        if dim is None and isinstance(index, int):  # ``x.shape[i]``
+        if isinstance(index, int):  # ``x.shape[i]``; arithmetic on ``x.shape[i]`` is a width read, below
             tracer.shape_reads[node] = (value, index)
         return
     marked = set().union(*(width_of(tracer, argument) for argument in arguments))
     if not marked:
         return
-    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC:
+    if arithmetic:
         tracer.width_reads[node] = marked
         return
     reshaped = tracer.values.get(first) if reshaping(node) and isinstance(first, torch.fx.Node) else None
