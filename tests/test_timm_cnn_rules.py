@@ -4,6 +4,7 @@ and the cut network equal to the masked one — or the space refused in one line
 
 from __future__ import annotations
 
+import pytest
 from test_graph_defects import assert_cut_equals_masked
 from torch import Tensor, nn
 
@@ -56,3 +57,20 @@ def test_arithmetic_on_a_width_read_from_a_shape_is_that_width() -> None:
     refused = refusals(UnfoldedByHeads())
     assert "sizes a tensor by their width" in " ".join(refused["stem"]), refused
     assert_cut_equals_masked(UnfoldedByHeads())  # ``pre`` alone is cut
+
+
+def test_a_scaled_standardised_convs_rows_are_cut_with_their_gain_and_its_inputs_refused() -> None:
+    """NFNet was refused entirely: the gain, one entry per row, was said not to be rebuilt by the cut."""
+    timm = pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    def scaled(cin: int, cout: int, groups: int = 1) -> nn.Module:
+        conv = timm.layers.ScaledStdConv2d(cin, cout, 3, groups=groups, gamma=1.7)
+        nn.init.uniform_(conv.gain, 0.5, 2.0)  # one gain per row, each its own: a row cut with another's would show
+        return conv
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), scaled(8, 8), nn.ReLU(), scaled(8, 8, groups=8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))  # fmt: skip
+    refused = refusals(model)
+    assert list(refused) == ["0", "8"] and "standardises its kernel over its input channels" in refused["0"][0]
+    assert_cut_equals_masked(model)  # the rows of 2, carried through the depthwise 4, and 4's gain with them

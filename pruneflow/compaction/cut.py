@@ -236,7 +236,25 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     for attribute in (out_arg, in_arg, "groups", "normalized_shape"):
         if attribute is not None and hasattr(new, attribute):
             setattr(like, attribute, getattr(new, attribute))
+    _own_row_parameters(module, like, out_arg)
     return like
+
+
+def _own_row_parameters(module: nn.Module, like: nn.Module, out_arg: str) -> None:
+    """The parameters a taught subclass adds to its base's, one entry per output row along dim 0 (timm's
+    ``ScaledStdConv2d``'s ``gain``), given ``like``'s row count, uninitialised: they are cut with the rows."""
+    rows, old_rows = (getattr(m, out_arg) for m in (like, module))
+    rows, old_rows = (width[0] if isinstance(width, tuple) else width for width in (rows, old_rows))  # a LayerNorm's
+    for name, parameter in module.named_parameters(recurse=False):
+        if name in like._parameters or parameter is None:
+            continue
+        if parameter.ndim == 0 or parameter.shape[0] != old_rows:
+            raise CompactionError(f"{name} of a {type(module).__name__} has no entry per output row; compaction "
+                                  "cuts only parameters shaped (rows, ...) beside its base's")  # fmt: skip
+        shape = (rows, *parameter.shape[1:])
+        new = nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
+        carry_parameter_settings(parameter, new)
+        like._parameters[name] = new
 
 
 def carry_parameter_settings(old: nn.Parameter, new: nn.Parameter) -> None:

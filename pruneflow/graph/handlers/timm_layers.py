@@ -20,7 +20,7 @@ from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS
+from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS, is_depthwise
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
@@ -57,16 +57,16 @@ def scalar_affine(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
 
 def standardised_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
     """timm's weight-standardised convs (``StdConv2d``: BiT's ResNetV2; ``ScaledStdConv2d``: NFNet) standardise
-    each kernel row over its input channels, so cutting an input channel changes every row: the spaces it reads are
-    refused. A row's statistics are its own, so its rows are a producer's; a per-row ``gain`` (the scaled ones) is a
-    tensor the cut does not rebuild, so there its own space is refused too."""
-    name = str(node.target)
-    tracer.refuse(value, f"{type(module).__name__} {name} standardises its kernel over its input channels, so "
-                         "cutting one would change every row")  # fmt: skip
-    output = producer(tracer, node, module, None)
-    if hasattr(module, "gain"):
-        tracer.refuse(output, f"{type(module).__name__} {name} scales its rows by a gain the cut does not rebuild")
-    return output
+    each kernel row over its own fan-in (its input channels and taps; the scaled ones then multiply it by a per-row
+    ``gain`` and ``gamma / √fan-in``). A row's statistics are its own: its rows are a producer's, cut with their
+    gain. Cutting an input channel would change every row: no stored kernel of the cut width standardises to the
+    kept columns (those have no zero mean), so the spaces it reads are refused — except by a depthwise one, whose
+    row reads its own channel only and goes with it."""
+    if is_depthwise(module):
+        return producer(tracer, node, module, value)
+    tracer.refuse(value, f"{type(module).__name__} {node.target} standardises its kernel over its input channels, "
+                         "so cutting one would change every row")  # fmt: skip
+    return producer(tracer, node, module, None)
 
 
 def blur_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
