@@ -74,3 +74,32 @@ def test_a_scaled_standardised_convs_rows_are_cut_with_their_gain_and_its_inputs
     refused = refusals(model)
     assert list(refused) == ["0", "8"] and "standardises its kernel over its input channels" in refused["0"][0]
     assert_cut_equals_masked(model)  # the rows of 2, carried through the depthwise 4, and 4's gain with them
+
+
+class RmsNormed(nn.Module):
+    """MobileNetV5's norms: timm's ``RmsNormAct2d`` after each conv, an ``RmsNorm2d`` over a residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import RmsNorm2d, RmsNormAct2d
+
+        def conv_rms(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), RmsNormAct2d(cout, act_layer=nn.GELU))
+
+        self.a, self.b, self.c, self.norm = conv_rms(3, 8), conv_rms(8, 8), conv_rms(8, 6), RmsNorm2d(8)
+        for norm in (self.a[1], self.b[1], self.norm):
+            nn.init.uniform_(norm.weight, 0.5, 2.0)  # γ of each channel its own: a γ cut with another would show
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        return self.head(self.c(self.norm(x + self.b(x))))
+
+
+def test_an_rms_norm_is_recomputed_over_the_kept_channels_and_cut_with_them() -> None:
+    """MobileNetV5 was refused entirely: RmsNorm2d's ``x.pow(2)`` was traced into and not understood."""
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    assert list(refusals(RmsNormed())) == ["head.2"]
+    assert_cut_equals_masked(RmsNormed())

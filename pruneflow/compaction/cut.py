@@ -190,8 +190,14 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
 }
 
 
+def _taught_norm_args(norm: nn.Module) -> dict[str, Any]:
+    return {"normalized_shape": norm.normalized_shape[0]}
+
+
 def _resizable(name: str, module: nn.Module) -> tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]:
     entry = RESIZABLE.get(_rebuilt_as(module))
+    if entry is None and is_layer_norm(module):  # taught to the graph with no base compaction builds (an RMS norm)
+        return _taught_norm_args, ("normalized_shape", None)
     if entry is None:
         raise CompactionError(
             f"{name} is a {type(module).__name__}; compaction rebuilds only "
@@ -218,6 +224,8 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     the cut network would no longer train on as the masked one. A taught subclass (``_rebuilt_as``) is a copy of
     ``module`` given the new module's tensors and widths."""
     arguments, (out_arg, in_arg) = _resizable(name, module)
+    if arguments is _taught_norm_args:
+        return _resized_taught_norm(module, sizes["normalized_shape"])
     tensor = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
     dtype = {} if tensor is None else {"dtype": tensor.dtype}
     base = _rebuilt_as(module)
@@ -255,6 +263,25 @@ def _own_row_parameters(module: nn.Module, like: nn.Module, out_arg: str) -> Non
         new = nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
         carry_parameter_settings(parameter, new)
         like._parameters[name] = new
+
+
+def _resized_taught_norm(module: nn.Module, width: int) -> nn.Module:
+    """A copy of a norm over the channels that no constructor here builds (timm's ``RmsNorm2d``, ``LAYER_NORMS``),
+    ``width`` channels wide: each parameter has one entry per channel, uninitialised; its settings and submodules
+    (an activation) kept, hook tables of its own."""
+    like = copy.copy(module)
+    like.__dict__.update({key: type(value)() for key, value in vars(module).items()
+                          if key.startswith("_") and isinstance(value, dict)})  # fmt: skip
+    like._modules = dict(module._modules)
+    like._buffers = dict(module._buffers)
+    for name, parameter in module.named_parameters(recurse=False):
+        new = nn.Parameter(torch.empty((width, *parameter.shape[1:]), device=parameter.device, dtype=parameter.dtype))
+        carry_parameter_settings(parameter, new)
+        like._parameters[name] = new
+    for name in module._parameters:  # a parameter registered as None (no γ) stays so
+        like._parameters.setdefault(name, None)
+    like.normalized_shape = (width,)
+    return like
 
 
 def carry_parameter_settings(old: nn.Parameter, new: nn.Parameter) -> None:

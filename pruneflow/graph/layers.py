@@ -19,6 +19,9 @@ LAYER_NORMS: dict[type[nn.Module], int] = {nn.LayerNorm: -1, LayerNorm2d: 1}
 # Of those, the norms whose statistics span every channel and position of a sample (timm's ``GroupNorm1``, a
 # GroupNorm of one group): over the kept channels they are the cut norm's, as a LayerNorm's are
 SAMPLE_NORMS: set[type[nn.Module]] = set()
+# Of those, the norms that divide by the channels' root mean square and take no mean (timm's ``RmsNorm2d``), with a
+# per-channel γ and no β: over the kept channels they are the cut norm's too
+RMS_NORMS: set[type[nn.Module]] = set()
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -20,7 +20,7 @@ from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS, is_depthwise
+from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
@@ -124,6 +124,13 @@ def register() -> None:
     LAYER_NORMS[metaformer.LayerNorm2dNoBias] = 1
     LAYER_NORMS[metaformer.LayerNormNoBias] = -1
     register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
+    # RMS norms (MobileNetV5's): γ · x / √(mean of x² over the channels + ε), no mean taken, no β
+    rms_norms = {timm_layers.RmsNorm2d: 1, timm_layers.RmsNormAct2d: 1, timm_layers.RmsNorm: -1,
+                 timm_layers.RmsNormAct: -1}  # fmt: skip
+    LAYER_NORMS.update(rms_norms)
+    RMS_NORMS.update(rms_norms)
+    register_module_handler((timm_layers.RmsNorm2d, timm_layers.RmsNorm), layer_norm)
+    register_module_handler((timm_layers.RmsNormAct2d, timm_layers.RmsNormAct), norm_act)
     # GroupNorms normalise across channels: kept whole, refused in one line; but one group (PoolFormer's GroupNorm1)
     # spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
     group_norms = (timm_layers.GroupNorm, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
