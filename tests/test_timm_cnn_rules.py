@@ -103,3 +103,19 @@ def test_an_rms_norm_is_recomputed_over_the_kept_channels_and_cut_with_them() ->
 
     assert list(refusals(RmsNormed())) == ["head.2"]
     assert_cut_equals_masked(RmsNormed())
+
+
+def test_vggs_conv_mlp_head_is_two_producers_and_cuts_exactly() -> None:
+    """VGG's ``ConvMlp`` pre-logits, kept whole, was not understood: the last stage and both of its convs were
+    refused (vgg11 2.58×, Torch-Pruning 3.96×)."""
+    pytest.importorskip("timm")
+    from timm.models.vgg import ConvMlp
+
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          ConvMlp(8, 12, kernel_size=7, drop_rate=0.0), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(12, 5))  # fmt: skip
+    assert list(refusals(model)) == ["6"]
+    assert [space.name for space in trace_channel_graph(model).prunable] == ["0", "3.fc1", "3.fc2"]
+    assert_cut_equals_masked(model)  # a 6 × 6 input: pooled up to 7 × 7 inside

@@ -17,11 +17,12 @@ from torch import nn
 from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, timm_metaformer, tokens
 from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
-from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
-from pruneflow.graph.handlers.producers import producer
+from pruneflow.graph.handlers.pointwise import ZERO_PRESERVING_MODULES, is_pointwise, register_pointwise
+from pruneflow.graph.handlers.producers import producer, read
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise
+from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise, output_ndim
 from pruneflow.graph.leaves import register_leaf
+from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
 
@@ -69,6 +70,26 @@ def standardised_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, va
     return producer(tracer, node, module, None)
 
 
+def conv_mlp(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """VGG's ``ConvMlp`` head, kept whole (its forward pools a small input up to its kernel size, a branch on a
+    shape): ``act2(fc2(drop(act1(fc1(x)))))``, so ``fc1`` reads ``x``'s spaces and writes one that ``fc2`` reads,
+    and ``fc2`` writes the output's; the pooling is channel-wise. Their activations must keep a zero a zero (the
+    mask is at each conv's output)."""
+    name = str(node.target)
+    acts = (module.act1, module.act2)
+    reviving = [type(act).__name__ for act in acts if not isinstance(act, ZERO_PRESERVING_MODULES)]
+    if reviving or tracer.reused(name):
+        reason = tracer.reused(name) or f"applies {reviving[0]}, not known to keep a zero a zero"
+        tracer.refuse(value, f"ConvMlp {name} {reason}")
+        return None
+    for conv in ("fc1", "fc2"):
+        layer = PrunableLayer(f"{name}.{conv}", getattr(module, conv))
+        read(tracer, layer.name, layer.producer, value)
+        index = tracer.new_space(layer)
+        value = Value(((index, 0),), tracer.width(layer), ndim=output_ndim(layer.producer))
+    return value
+
+
 def blur_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
     """timm's ``BlurPool2d`` (anti-aliased downsampling), kept whole (``torch.fx`` cannot expand its filter to a
     traced width): one fixed filter per channel, no bias, so each channel stays apart and a zero stays zero. Built
@@ -96,6 +117,7 @@ def register() -> None:
     from timm.models import fasternet as timm_fasternet
     from timm.models import metaformer
     from timm.models import rexnet as timm_rexnet
+    from timm.models import vgg as timm_vgg
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
@@ -115,6 +137,7 @@ def register() -> None:
                     timm_layers.ScaledStdConv2dSame)  # fmt: skip
     register_module_handler(standardised, standardised_conv)
     register_module_handler(timm_layers.BlurPool2d, blur_pool)
+    register_module_handler(timm_vgg.ConvMlp, conv_mlp)
     LAYER_NORMS[timm_layers.LayerNorm2d] = 1
     LAYER_NORMS[timm_layers.LayerNorm] = -1
     # LayerNorms followed by their dropout and activation: norms over the channels, masked after the activation
