@@ -5,7 +5,9 @@ and the cut network equal to the masked one — or the space refused in one line
 from __future__ import annotations
 
 import pytest
+import torch
 from test_graph_defects import assert_cut_equals_masked
+from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
 from pruneflow.graph import trace_channel_graph
@@ -119,3 +121,51 @@ def test_vggs_conv_mlp_head_is_two_producers_and_cuts_exactly() -> None:
     assert list(refusals(model)) == ["6"]
     assert [space.name for space in trace_channel_graph(model).prunable] == ["0", "3.fc1", "3.fc2"]
     assert_cut_equals_masked(model)  # a 6 × 6 input: pooled up to 7 × 7 inside
+
+
+class GroupNormed(nn.Module):
+    """BiT's (and the R26-ViT hybrids') conv, GroupNorm and activation: torch's ``nn.GroupNorm`` after one conv,
+    timm's ``GroupNormAct`` after another, a GroupNorm over a residual sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers import GroupNormAct
+
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), GroupNormAct(8, num_groups=2))
+        self.norm, self.head = nn.GroupNorm(4, 8), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        for norm in (self.a[1], self.b[1], self.norm):  # γ and β of each channel its own
+            nn.init.uniform_(norm.weight, 0.5, 2.0)
+            nn.init.uniform_(norm.bias, -0.5, 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.a(x)
+        return self.head(self.norm(x + self.b(x)))
+
+
+def test_a_group_norm_of_several_groups_is_cut_in_whole_groups() -> None:
+    """The GroupNorms refused their spaces (vit_tiny_r_s16_p8_224's stem: "32 group(s) of 64 channels")."""
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+
+    graph = trace_channel_graph(GroupNormed())
+    assert [(space.names, space.block) for space in graph.prunable] == [(["a.0", "b.0"], 4)]  # groups of 2 and 4
+    assert_cut_equals_masked(GroupNormed())
+    _, compaction = masked_and_cut(GroupNormed(), torch.randn(2, 3, 6, 6))
+    assert compaction.sizes["b.1"] == {"num_channels": 4, "num_groups": 1}  # of 2 groups of 4 channels, 1 kept
+
+
+class GroupNormOnConcatenation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.norm = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+
+def test_a_group_norm_reading_several_spaces_refuses_them_naming_its_groups() -> None:
+    refused = refusals(GroupNormOnConcatenation())
+    assert refused["a"] == refused["b"] == ["GroupNorm norm normalises across channels, 2 group(s) of 8 channels "
+                                            "(not supported)"]  # fmt: skip

@@ -241,7 +241,7 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     # the new module's tensors and its own (empty) hook tables; a submodule table of its own
     like.__dict__.update({key: value for key, value in vars(new).items() if isinstance(value, dict)})
     like._modules = dict(module._modules)
-    for attribute in (out_arg, in_arg, "groups", "normalized_shape"):
+    for attribute in (out_arg, in_arg, "groups", "normalized_shape", "num_groups"):
         if attribute is not None and hasattr(new, attribute):
             setattr(like, attribute, getattr(new, attribute))
     _own_row_parameters(module, like, out_arg)
@@ -399,6 +399,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         sizes[out_arg] = len(out_keep)
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
+    if out_keep is not None and isinstance(module, nn.GroupNorm) and module.num_groups > 1:  # ``ChannelSpace.block``
+        sizes["num_groups"] = module.num_groups * len(out_keep) // module.num_channels
     if in_keep is not None and in_arg is not None:
         # a grouped conv's weight holds one group's inputs on dim 1; the same columns go from every group
         sizes[in_arg] = len(in_keep) * getattr(module, "groups", 1)
@@ -514,6 +516,13 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
                 f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a grouped conv "
                 f"writes or reads its space in {space.groups} groups of {space.width // space.groups}, and a cut must "
                 "take the same positions from every group (the criteria select so)"
+            )
+        by_norm_group = everywhere.view(-1, space.block)
+        if not torch.equal(by_norm_group.all(-1), by_norm_group.any(-1)):
+            raise CompactionError(
+                f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a GroupNorm "
+                f"normalises it in groups of {space.block} channels, and a cut must take whole groups (the criteria "
+                "select so)"
             )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     for group in groups:
@@ -700,6 +709,7 @@ def _rebuild(
         arguments, (out_arg, in_arg) = _resizable(name, new)
         values = arguments(new)
         width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        width_args += ["num_groups"] if isinstance(new, nn.GroupNorm) else []
         sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
     return sizes
 

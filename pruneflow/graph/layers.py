@@ -69,8 +69,10 @@ def is_producer(module: nn.Module) -> bool:
 def norm_width(module: nn.Module) -> int:
     """The channels a BatchNorm or a LayerNorm over channels normalises (a conv's rows, where it is a
     ``ChannelPoint``: a depthwise conv carrying several spaces, a conv folded into the spaces it joins)."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     if is_layer_norm(module):
-        return module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[0]
+        return module.normalized_shape[0]
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.out_channels if is_producer(module) else module.num_features

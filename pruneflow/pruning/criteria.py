@@ -95,6 +95,15 @@ def select_whole_heads(scores: Tensor, heads: int, count: int, already_pruned: T
     return pruned_heads.view(1, heads, 1).expand_as(per_head).flatten().to(already_pruned.device)
 
 
+def select_blocks(scores: Tensor, block: int, count: int, already_pruned: Tensor) -> Tensor:
+    """A space normalised in groups of ``block`` channels (``ChannelSpace.block``: a GroupNorm's): the ``count``
+    groups of lowest mean score pruned with every channel of theirs, keeping groups pruned already."""
+    per_block = scores.detach().float().view(-1, block)
+    before = already_pruned.view(-1, block).all(-1)
+    pruned = select_channels(per_block.mean(-1), count, before.to(per_block.device))
+    return pruned.view(-1, 1).expand_as(per_block).flatten().to(already_pruned.device)
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -121,6 +130,9 @@ class Criterion:
         if space.heads > 1:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
             return select_per_head(self.scores(space), space.heads, per_head, already, space.parts)
+        if space.block > 1:  # normalised by a GroupNorm: its whole groups only
+            count = channels_to_prune(space.width // space.block, amount)
+            return select_blocks(self.scores(space), space.block, count, already)
         if space.multiple > 1:  # read by attentions whose head width follows it: whole multiples of their heads
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)

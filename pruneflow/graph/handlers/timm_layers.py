@@ -16,11 +16,11 @@ from torch import nn
 
 from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, timm_metaformer, tokens
 from pruneflow.graph.handlers.folds import sole_writer
-from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
+from pruneflow.graph.handlers.norms import group_norm, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import ZERO_PRESERVING_MODULES, is_pointwise, register_pointwise
 from pruneflow.graph.handlers.producers import producer, read
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise, output_ndim
+from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise, is_layer_norm, output_ndim
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import AUTOWRAP_FUNCTIONS, LEAVES, register_module_handler, register_split_sizes
@@ -33,12 +33,15 @@ REGISTERED: list[bool] = []  # once: timm's rules go into the tables the first t
 
 
 def norm_act(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
-    """A BatchNorm (or a LayerNorm over the channels) followed by its dropout and activation, all channel-wise: a
-    norm, its channel point at its output, after the activation (so a reviving one, sigmoid, is masked too)."""
+    """A BatchNorm (or a LayerNorm over the channels, a GroupNorm) followed by its dropout and activation, all
+    channel-wise: a norm, its channel point at its output, after the activation (so a reviving one, sigmoid, is
+    masked too)."""
     unknown = [type(part).__name__ for part in (module.drop, module.act) if not is_pointwise(part)]
     if unknown:
         tracer.refuse(value, f"{type(module).__name__} {node.target} applies {unknown[0]}, not known channel-wise")
         return None
+    if isinstance(module, nn.GroupNorm) and not is_layer_norm(module):
+        return group_norm(tracer, node, module, value)
     return norm(tracer, node, module, value)
 
 
@@ -154,11 +157,11 @@ def register() -> None:
     RMS_NORMS.update(rms_norms)
     register_module_handler((timm_layers.RmsNorm2d, timm_layers.RmsNorm), layer_norm)
     register_module_handler((timm_layers.RmsNormAct2d, timm_layers.RmsNormAct), norm_act)
-    # GroupNorms normalise across channels: kept whole, refused in one line; but one group (PoolFormer's GroupNorm1)
-    # spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
-    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
-    register_module_handler(group_norms, across_channels)
-    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias):
+    # GroupNorms normalise each group of channels: pruned in whole groups (``group_norm``); one group (PoolFormer's
+    # GroupNorm1) spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
+    register_module_handler(timm_layers.GroupNorm, group_norm)
+    register_module_handler((timm_layers.GroupNormAct, timm_layers.GroupNorm1Act), norm_act)
+    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias, timm_layers.GroupNorm1Act):
         LAYER_NORMS[sample_norm] = 1
         SAMPLE_NORMS.add(sample_norm)
     layer_norms = (timm_layers.LayerNorm2d, timm_layers.LayerNorm, metaformer.LayerNorm2dNoBias,
