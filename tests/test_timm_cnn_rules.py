@@ -169,3 +169,15 @@ def test_a_group_norm_reading_several_spaces_refuses_them_naming_its_groups() ->
     refused = refusals(GroupNormOnConcatenation())
     assert refused["a"] == refused["b"] == ["GroupNorm norm normalises across channels, 2 group(s) of 8 channels "
                                             "(not supported)"]  # fmt: skip
+
+
+def test_an_explicit_list_naming_part_of_a_group_norms_group_is_refused_in_one_line() -> None:
+    pytest.importorskip("timm")
+    import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
+    from pruneflow.errors import ConfigError
+    from pruneflow.pruning.criteria import Explicit
+
+    spaces = trace_channel_graph(GroupNormed()).spaces
+    Explicit({"a.0": [4, 5, 6, 7]}).check(spaces)
+    with pytest.raises(ConfigError, match=r"must name whole groups .* in groups of 4 channels, e.g. \[0, 1, 2, 3\]"):
+        Explicit({"a.0": [1, 2]}).check(spaces)

@@ -342,6 +342,8 @@ class Explicit(Criterion):
                 )
             if space.whole_heads and union:
                 check_whole_heads(space, sorted(union))
+            if space.block > 1 and union:
+                check_whole_blocks(space, sorted(union))
         for space in spaces:
             if space.heads > 1 and space.tied_to is not None:
                 self._check_tied_heads(space)
@@ -375,6 +377,18 @@ class Explicit(Criterion):
         if mask.all():
             raise ConfigError(f"mask.channels would remove all {space.width} channels of the group {space.names}")
         return mask
+
+
+def check_whole_blocks(space: ChannelSpace, indices: Sequence[int]) -> None:
+    """Refuse an explicit list that names part of a group of a space a GroupNorm normalises in groups."""
+    named = torch.zeros(space.width, dtype=torch.bool)
+    named[list(indices)] = True
+    blocks = named.view(-1, space.block)
+    if not torch.equal(blocks.all(-1), blocks.any(-1)):
+        raise ConfigError(
+            f"mask.channels[{space.name}] must name whole groups of the GroupNorm that normalises it in groups of "
+            f"{space.block} channels, e.g. {list(range(space.block))}"
+        )
 
 
 def check_whole_heads(space: ChannelSpace, indices: Sequence[int]) -> None:
