@@ -111,6 +111,26 @@ def register_if_imported() -> None:
         register()
 
 
+def register_rms_and_group_norms() -> None:
+    import timm.layers as timm_layers
+    from timm.models import metaformer
+
+    # RMS norms (MobileNetV5's): γ · x / √(mean of x² over the channels + ε), no mean taken, no β
+    rms_norms = {timm_layers.RmsNorm2d: 1, timm_layers.RmsNormAct2d: 1, timm_layers.RmsNorm: -1,
+                 timm_layers.RmsNormAct: -1}  # fmt: skip
+    LAYER_NORMS.update(rms_norms)
+    RMS_NORMS.update(rms_norms)
+    register_module_handler((timm_layers.RmsNorm2d, timm_layers.RmsNorm), layer_norm)
+    register_module_handler((timm_layers.RmsNormAct2d, timm_layers.RmsNormAct), norm_act)
+    # GroupNorms normalise each group of channels: pruned in whole groups (``group_norm``); one group (PoolFormer's
+    # GroupNorm1) spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
+    register_module_handler(timm_layers.GroupNorm, group_norm)
+    register_module_handler((timm_layers.GroupNormAct, timm_layers.GroupNorm1Act), norm_act)
+    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias, timm_layers.GroupNorm1Act):
+        LAYER_NORMS[sample_norm] = 1
+        SAMPLE_NORMS.add(sample_norm)
+
+
 def register() -> None:
     import timm.layers as timm_layers
     from timm.layers import _fx as timm_fx
@@ -150,20 +170,7 @@ def register() -> None:
     LAYER_NORMS[metaformer.LayerNorm2dNoBias] = 1
     LAYER_NORMS[metaformer.LayerNormNoBias] = -1
     register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
-    # RMS norms (MobileNetV5's): γ · x / √(mean of x² over the channels + ε), no mean taken, no β
-    rms_norms = {timm_layers.RmsNorm2d: 1, timm_layers.RmsNormAct2d: 1, timm_layers.RmsNorm: -1,
-                 timm_layers.RmsNormAct: -1}  # fmt: skip
-    LAYER_NORMS.update(rms_norms)
-    RMS_NORMS.update(rms_norms)
-    register_module_handler((timm_layers.RmsNorm2d, timm_layers.RmsNorm), layer_norm)
-    register_module_handler((timm_layers.RmsNormAct2d, timm_layers.RmsNormAct), norm_act)
-    # GroupNorms normalise each group of channels: pruned in whole groups (``group_norm``); one group (PoolFormer's
-    # GroupNorm1) spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
-    register_module_handler(timm_layers.GroupNorm, group_norm)
-    register_module_handler((timm_layers.GroupNormAct, timm_layers.GroupNorm1Act), norm_act)
-    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias, timm_layers.GroupNorm1Act):
-        LAYER_NORMS[sample_norm] = 1
-        SAMPLE_NORMS.add(sample_norm)
+    register_rms_and_group_norms()
     layer_norms = (timm_layers.LayerNorm2d, timm_layers.LayerNorm, metaformer.LayerNorm2dNoBias,
                    metaformer.LayerNormNoBias, timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias)  # fmt: skip
     register_module_handler(layer_norms, layer_norm)
