@@ -266,13 +266,18 @@ class Refused(nn.Module):
     [
         ("constant", "add() at add turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
         ("sigmoid", "sigmoid() at sigmoid turns a masked channel's 0 into f(0) ≠ 0 before b reads it"),
-        ("groupnorm", "GroupNorm norm normalises across channels, 2 group(s) of 4 channels (not supported)"),
         ("slice", "reaches getitem() at getitem, whose effect on channels is not understood"),
     ],
 )
 def test_what_would_revive_or_reshuffle_a_channel_refuses_its_space_naming_it(between: str, reason: str) -> None:
     space = space_of(trace_channel_graph(Refused(between)), "a")
     assert not space.prunable and any(reason in refusal for refusal in space.refusals), space.refusals
+
+
+def test_a_group_norm_between_prunes_the_space_in_whole_groups() -> None:
+    """It refused the space ("2 group(s) of 4 channels"); whole groups keep every kept group's statistics."""
+    space = space_of(trace_channel_graph(Refused("groupnorm")), "a")
+    assert space.prunable and space.block == 2, space.refusals
 
 
 # -- issue 21: what only looks like a channel-major flatten, and weights read elsewhere -------------

@@ -227,12 +227,13 @@ def test_timm_layer_norm_acts_are_norms_masked_after_their_activation_and_cut_ex
     assert_cut_equals_masked(NormActs())
 
 
-def test_a_timm_group_norm_refuses_the_spaces_it_reads_in_one_line() -> None:
+def test_a_timm_group_norm_of_one_group_with_its_activation_is_a_norm_over_the_sample_and_cuts_exactly() -> None:
+    """``GroupNorm1Act`` was refused ("1 group(s) of 8 channels"): one group spans the sample, as ``GroupNorm1``."""
     pytest.importorskip("timm")
     import pruneflow.graph.handlers.timm_layers  # noqa: F401  (timm is imported: its rules register at trace)
 
-    reasons = [reason for reasons in refusals(NormActs(group_norm=True)) for reason in reasons]
-    assert "GroupNorm1Act norm_a normalises across channels, 1 group(s) of 8 channels (not supported)" in reasons
+    assert refusals(NormActs(group_norm=True)) == [OUTPUT]
+    assert_cut_equals_masked(NormActs(group_norm=True))
 
 
 def test_a_weight_standardised_conv_refuses_what_it_reads_and_its_rows_cut_exactly() -> None:
@@ -246,7 +247,8 @@ def test_a_weight_standardised_conv_refuses_what_it_reads_and_its_rows_cut_exact
     assert "StdConv2d 2 standardises its kernel over its input channels" in first and second == OUTPUT
     assert_cut_equals_masked(model)
     scaled = nn.Sequential(timm.layers.ScaledStdConv2d(3, 16, 3), nn.ReLU(), head(16))
-    assert "ScaledStdConv2d 0 scales its rows by a gain" in refusals(scaled)[0][0]
+    assert refusals(scaled) == [OUTPUT]  # its rows, their gains with them (``test_timm_cnn_rules``)
+    assert_cut_equals_masked(scaled)
 
 
 def test_timm_blur_pool_keeps_the_channels_or_refuses_them_in_one_line() -> None:

@@ -190,8 +190,14 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
 }
 
 
+def _taught_norm_args(norm: nn.Module) -> dict[str, Any]:
+    return {"normalized_shape": norm.normalized_shape[0]}
+
+
 def _resizable(name: str, module: nn.Module) -> tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]:
     entry = RESIZABLE.get(_rebuilt_as(module))
+    if entry is None and is_layer_norm(module):  # taught to the graph with no base compaction builds (an RMS norm)
+        return _taught_norm_args, ("normalized_shape", None)
     if entry is None:
         raise CompactionError(
             f"{name} is a {type(module).__name__}; compaction rebuilds only "
@@ -218,6 +224,8 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     the cut network would no longer train on as the masked one. A taught subclass (``_rebuilt_as``) is a copy of
     ``module`` given the new module's tensors and widths."""
     arguments, (out_arg, in_arg) = _resizable(name, module)
+    if arguments is _taught_norm_args:
+        return _resized_taught_norm(module, sizes["normalized_shape"])
     tensor = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
     dtype = {} if tensor is None else {"dtype": tensor.dtype}
     base = _rebuilt_as(module)
@@ -233,9 +241,46 @@ def resized(name: str, module: nn.Module, sizes: Mapping[str, int]) -> nn.Module
     # the new module's tensors and its own (empty) hook tables; a submodule table of its own
     like.__dict__.update({key: value for key, value in vars(new).items() if isinstance(value, dict)})
     like._modules = dict(module._modules)
-    for attribute in (out_arg, in_arg, "groups", "normalized_shape"):
+    for attribute in (out_arg, in_arg, "groups", "normalized_shape", "num_groups"):
         if attribute is not None and hasattr(new, attribute):
             setattr(like, attribute, getattr(new, attribute))
+    _own_row_parameters(module, like, out_arg)
+    return like
+
+
+def _own_row_parameters(module: nn.Module, like: nn.Module, out_arg: str) -> None:
+    """The parameters a taught subclass adds to its base's, one entry per output row along dim 0 (timm's
+    ``ScaledStdConv2d``'s ``gain``), given ``like``'s row count, uninitialised: they are cut with the rows."""
+    rows, old_rows = (getattr(m, out_arg) for m in (like, module))
+    rows, old_rows = (width[0] if isinstance(width, tuple) else width for width in (rows, old_rows))  # a LayerNorm's
+    for name, parameter in module.named_parameters(recurse=False):
+        if name in like._parameters or parameter is None:
+            continue
+        if parameter.ndim == 0 or parameter.shape[0] != old_rows:
+            raise CompactionError(f"{name} of a {type(module).__name__} has no entry per output row; compaction "
+                                  "cuts only parameters shaped (rows, ...) beside its base's")  # fmt: skip
+        shape = (rows, *parameter.shape[1:])
+        new = nn.Parameter(torch.empty(shape, device=parameter.device, dtype=parameter.dtype))
+        carry_parameter_settings(parameter, new)
+        like._parameters[name] = new
+
+
+def _resized_taught_norm(module: nn.Module, width: int) -> nn.Module:
+    """A copy of a norm over the channels that no constructor here builds (timm's ``RmsNorm2d``, ``LAYER_NORMS``),
+    ``width`` channels wide: each parameter has one entry per channel, uninitialised; its settings and submodules
+    (an activation) kept, hook tables of its own."""
+    like = copy.copy(module)
+    like.__dict__.update({key: type(value)() for key, value in vars(module).items()
+                          if key.startswith("_") and isinstance(value, dict)})  # fmt: skip
+    like._modules = dict(module._modules)
+    like._buffers = dict(module._buffers)
+    for name, parameter in module.named_parameters(recurse=False):
+        new = nn.Parameter(torch.empty((width, *parameter.shape[1:]), device=parameter.device, dtype=parameter.dtype))
+        carry_parameter_settings(parameter, new)
+        like._parameters[name] = new
+    for name in module._parameters:  # a parameter registered as None (no γ) stays so
+        like._parameters.setdefault(name, None)
+    like.normalized_shape = (width,)
     return like
 
 
@@ -355,6 +400,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         sizes[out_arg] = len(out_keep)
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
+    if out_keep is not None and isinstance(module, nn.GroupNorm) and module.num_groups > 1:  # ``ChannelSpace.block``
+        sizes["num_groups"] = module.num_groups * len(out_keep) // module.num_channels
     if in_keep is not None and in_arg is not None:
         # a grouped conv's weight holds one group's inputs on dim 1; the same columns go from every group
         sizes[in_arg] = len(in_keep) * getattr(module, "groups", 1)
@@ -470,6 +517,13 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
                 f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a grouped conv "
                 f"writes or reads its space in {space.groups} groups of {space.width // space.groups}, and a cut must "
                 "take the same positions from every group (the criteria select so)"
+            )
+        by_norm_group = everywhere.view(-1, space.block)
+        if not torch.equal(by_norm_group.all(-1), by_norm_group.any(-1)):
+            raise CompactionError(
+                f"cannot cut channels {everywhere.nonzero().flatten().tolist()} of {space.name}: a GroupNorm "
+                f"normalises it in groups of {space.block} channels, and a cut must take whole groups (the criteria "
+                "select so)"
             )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     for group in groups:
@@ -656,6 +710,7 @@ def _rebuild(
         arguments, (out_arg, in_arg) = _resizable(name, new)
         values = arguments(new)
         width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        width_args += ["num_groups"] if isinstance(new, nn.GroupNorm) else []
         sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
     return sizes
 

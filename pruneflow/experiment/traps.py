@@ -229,7 +229,7 @@ class TrapProbe:
         add(self._key("layernorm/var_ratio"), (every.var(-1, unbiased=False) / (kept_var + norm.eps)).mean())
         add(self._key("layernorm/output_pruned_abs_mean"), y.index_select(-1, lost).abs().mean())
         add(self._key("layernorm/output_kept_abs_mean"), y.index_select(-1, kept).abs().mean())
-        if norm.bias is not None:
+        if getattr(norm, "bias", None) is not None:  # an RMS norm has no β
             add("layernorm/beta_pruned_abs_mean", norm.bias.detach().abs().index_select(0, lost).mean())
 
 

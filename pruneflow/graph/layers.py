@@ -19,6 +19,9 @@ LAYER_NORMS: dict[type[nn.Module], int] = {nn.LayerNorm: -1, LayerNorm2d: 1}
 # Of those, the norms whose statistics span every channel and position of a sample (timm's ``GroupNorm1``, a
 # GroupNorm of one group): over the kept channels they are the cut norm's, as a LayerNorm's are
 SAMPLE_NORMS: set[type[nn.Module]] = set()
+# Of those, the norms that divide by the channels' root mean square and take no mean (timm's ``RmsNorm2d``), with a
+# per-channel γ and no β: over the kept channels they are the cut norm's too
+RMS_NORMS: set[type[nn.Module]] = set()
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -66,8 +69,10 @@ def is_producer(module: nn.Module) -> bool:
 def norm_width(module: nn.Module) -> int:
     """The channels a BatchNorm or a LayerNorm over channels normalises (a conv's rows, where it is a
     ``ChannelPoint``: a depthwise conv carrying several spaces, a conv folded into the spaces it joins)."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     if is_layer_norm(module):
-        return module.num_channels if isinstance(module, nn.GroupNorm) else module.normalized_shape[0]
+        return module.normalized_shape[0]
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.out_channels if is_producer(module) else module.num_features

@@ -218,6 +218,9 @@ class ChannelSpace:
     # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
     # every group keeps its width and a reader's columns are the same for all its groups.
     groups: int = 1
+    # Normalised in groups of ``block`` consecutive channels (a GroupNorm of several groups): pruned in whole blocks
+    # only, so every kept group's mean and variance stay its own, and the cut norm keeps the groups it keeps.
+    block: int = 1
     # Reordered on its way (a channel shuffle, a ``chunk``): its channels by **route** (the names of the modules
     # that read them). A cut that keeps the network's shuffles has, at a smaller width, its own number of slots on
     # each route (``route_slots``, by pruned share), so the criteria keep at most that many channels of each

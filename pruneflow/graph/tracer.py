@@ -22,7 +22,7 @@ from torch import nn
 
 from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
-from pruneflow.graph.handlers import reorderings, shapes, slices, tokens
+from pruneflow.graph.handlers import norms, reorderings, shapes, slices, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
@@ -120,6 +120,7 @@ class Tracer:
         kept.held_by += [held for held in merged.held_by if held not in kept.held_by]
         kept.splits += merged.splits
         kept.groups = self.joined_groups(kept, merged.groups, where)
+        kept.block = math.lcm(kept.block, merged.block)  # whole blocks of both norms' groups
         kept.refusals += [reason for reason in merged.refusals if reason not in kept.refusals]
         kept.coupled = True
         if kept.width != merged.width:
@@ -255,6 +256,7 @@ class Tracer:
                 layer.space = space
         self.tie()
         tokens.refuse_shared_sources(spaces)
+        norms.refuse_mixed_blocks(spaces)
         graph = ChannelGraph(spaces)
         if self.widths is None and any(space.reordered and space.routes for space in spaces):
             slots = RouteSlots(self.model, graph, trace_channel_graph)

@@ -43,16 +43,17 @@ def follow(tracer: Tracer, node: torch.fx.Node) -> None:
     arguments: list[torch.fx.Node] = []
     torch.fx.map_arg((node.args, node.kwargs), arguments.append)
     first = node.args[0] if node.args else None
-    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC and first in tracer.shape_reads:
-        value, dim = tracer.shape_reads[first]
+    arithmetic = node.op == "call_function" and node.target in SHAPE_ARITHMETIC
+    if arithmetic and first in tracer.shape_reads and tracer.shape_reads[first][1] is None:
+        value, _ = tracer.shape_reads[first]
         index = node.args[1] if len(node.args) > 1 else None
-        if dim is None and isinstance(index, int):  # ``x.shape[i]``
+        if isinstance(index, int):  # ``x.shape[i]``; arithmetic on ``x.shape[i]`` is a width read, below
             tracer.shape_reads[node] = (value, index)
         return
     marked = set().union(*(width_of(tracer, argument) for argument in arguments))
     if not marked:
         return
-    if node.op == "call_function" and node.target in SHAPE_ARITHMETIC:
+    if arithmetic:
         tracer.width_reads[node] = marked
         return
     reshaped = tracer.values.get(first) if reshaping(node) and isinstance(first, torch.fx.Node) else None
@@ -63,11 +64,16 @@ def follow(tracer: Tracer, node: torch.fx.Node) -> None:
 def refuse_foreign_widths(tracer: Tracer) -> None:
     """After the walk: refuse the spaces whose width sized a tensor that is not theirs. A tensor that became theirs
     further on counts as theirs (Swin's attention output, viewed by its input's width before the residual joins
-    the two): joined, they are cut alike."""
+    the two): joined, they are cut alike. The tensor reshaped by another's width is refused too (PVT-v2's
+    ``sr(x).reshape(B, C, -1)``, C read from the attention's input): cut on its own, its channels would no longer
+    fill that shape."""
     for node, marked, own in tracer.sized_by_width:
         roots = {tracer.union_find.root(index) for index in own}
         if {tracer.union_find.root(index) for index in marked} <= roots:
             continue  # the tensor whose width it is, reshaped by it: it follows the cut
+        for index in own:
+            tracer.space(index).refuse(f"{tracer.describe(node)} reshapes them by another tensor's width, read from "
+                                       "a shape, which their cut would not follow")  # fmt: skip
         reason = (f"{tracer.describe(node)} sizes a tensor by their width, read from a shape, which a cut would not "
                   "follow")  # fmt: skip
         for index in marked:

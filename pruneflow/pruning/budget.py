@@ -105,15 +105,15 @@ def pruned_count(space: ChannelSpace, amount: float) -> int:
         return space.head_unit * channels_to_prune(space.heads, amount)
     if space.heads > 1:
         return space.parts * space.heads * channels_to_prune(space.width // (space.parts * space.heads), amount)
-    unit = space.multiple * space.groups
+    unit = space.multiple * space.groups * space.block
     return unit * channels_to_prune(space.width // unit, amount)
 
 
 def allowed_counts(space: ChannelSpace, max_amount: float, round_to: int) -> np.ndarray:
     """The pruned counts ``space`` can take, ascending: whole units (a grouped conv's groups, an attention's head
-    multiples), at most ``max_amount`` of it, never all of it, and a kept width that is a multiple of
-    ``round_to`` (or the whole width, nothing pruned)."""
-    unit = space.multiple * space.groups * space.head_unit
+    multiples, a GroupNorm's groups), at most ``max_amount`` of it, never all of it, and a kept width that is a
+    multiple of ``round_to`` (or the whole width, nothing pruned)."""
+    unit = space.multiple * space.groups * space.head_unit * space.block
     cap = min(int(max_amount * space.width + 1e-9), space.width - 1)
     counts = [p for p in range(0, cap + 1, unit) if p == 0 or (space.width - p) % round_to == 0]
     return np.asarray(counts, dtype=np.int64)
@@ -532,6 +532,8 @@ class _Search:
             score = scores[space.name].double()
             if space.groups > 1:  # a grouped conv's space is pruned by positions, the same in every group
                 score = score.view(space.groups, -1).sum(0).repeat(space.groups)
+            if space.block > 1:  # pruned by a GroupNorm's whole groups: every channel ranks as its group's mean
+                score = score.view(-1, space.block).mean(-1).repeat_interleave(space.block)
             if space.whole_heads:  # pruned by whole heads: every row of a head ranks as its head's mean
                 per_head = score.view(3, space.heads, -1).mean(dim=(0, 2))
                 score = per_head.view(1, -1, 1).expand(3, -1, space.width // (3 * space.heads)).flatten()

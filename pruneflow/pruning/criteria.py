@@ -95,6 +95,15 @@ def select_whole_heads(scores: Tensor, heads: int, count: int, already_pruned: T
     return pruned_heads.view(1, heads, 1).expand_as(per_head).flatten().to(already_pruned.device)
 
 
+def select_blocks(scores: Tensor, block: int, count: int, already_pruned: Tensor) -> Tensor:
+    """A space normalised in groups of ``block`` channels (``ChannelSpace.block``: a GroupNorm's): the ``count``
+    groups of lowest mean score pruned with every channel of theirs, keeping groups pruned already."""
+    per_block = scores.detach().float().view(-1, block)
+    before = already_pruned.view(-1, block).all(-1)
+    pruned = select_channels(per_block.mean(-1), count, before.to(per_block.device))
+    return pruned.view(-1, 1).expand_as(per_block).flatten().to(already_pruned.device)
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -121,6 +130,9 @@ class Criterion:
         if space.heads > 1:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
             return select_per_head(self.scores(space), space.heads, per_head, already, space.parts)
+        if space.block > 1:  # normalised by a GroupNorm: its whole groups only
+            count = channels_to_prune(space.width // space.block, amount)
+            return select_blocks(self.scores(space), space.block, count, already)
         if space.multiple > 1:  # read by attentions whose head width follows it: whole multiples of their heads
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)
@@ -330,6 +342,8 @@ class Explicit(Criterion):
                 )
             if space.whole_heads and union:
                 check_whole_heads(space, sorted(union))
+            if space.block > 1 and union:
+                check_whole_blocks(space, sorted(union))
         for space in spaces:
             if space.heads > 1 and space.tied_to is not None:
                 self._check_tied_heads(space)
@@ -363,6 +377,18 @@ class Explicit(Criterion):
         if mask.all():
             raise ConfigError(f"mask.channels would remove all {space.width} channels of the group {space.names}")
         return mask
+
+
+def check_whole_blocks(space: ChannelSpace, indices: Sequence[int]) -> None:
+    """Refuse an explicit list that names part of a group of a space a GroupNorm normalises in groups."""
+    named = torch.zeros(space.width, dtype=torch.bool)
+    named[list(indices)] = True
+    blocks = named.view(-1, space.block)
+    if not torch.equal(blocks.all(-1), blocks.any(-1)):
+        raise ConfigError(
+            f"mask.channels[{space.name}] must name whole groups of the GroupNorm that normalises it in groups of "
+            f"{space.block} channels, e.g. {list(range(space.block))}"
+        )
 
 
 def check_whole_heads(space: ChannelSpace, indices: Sequence[int]) -> None:

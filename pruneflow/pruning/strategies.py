@@ -38,7 +38,7 @@ from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
-from pruneflow.graph.layers import held_by, statistics_dims, tensor_names
+from pruneflow.graph.layers import RMS_NORMS, held_by, statistics_dims, tensor_names
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS
 
 
@@ -247,12 +247,14 @@ def mask_layer_norm(module: nn.Module, inputs: tuple[Tensor, ...], output: Tenso
     # a norm over the whole sample (GroupNorm1) counts every position of each kept channel
     kept = keep.sum().clamp_min(1.0) * math.prod(inputs[0].shape[d] for d in dims if d != channel_dim)
     inputs_kept = inputs[0] * keep
-    centred = (inputs_kept - inputs_kept.sum(dims, keepdim=True) / kept) * keep
+    centred = inputs_kept  # an RMS norm takes no mean: the root of the kept channels' mean square is the cut norm's
+    if type(module) not in RMS_NORMS:
+        centred = (inputs_kept - inputs_kept.sum(dims, keepdim=True) / kept) * keep
     variance = centred.square().sum(dims, keepdim=True) / kept
     normalised = centred * torch.rsqrt(variance + module.eps)
     if module.weight is not None:
         normalised = normalised * module.weight.view(keep.shape)
-    if module.bias is not None:
+    if getattr(module, "bias", None) is not None:  # an RMS norm has no β
         normalised = normalised + module.bias.view(keep.shape)
     for after in (getattr(module, name, None) for name in ("drop", "act")):  # timm's LayerNormAct: before the mask
         if after is not None:

@@ -329,7 +329,7 @@ class DriftTelemetry:
             consumer_sq = consumer_sq + (weight_now[:, columns] - reference[:, columns]).float().pow(2).sum()
         norm = None if transient_only else layer.norm
         # a LayerNorm over channels has no running statistics, and may have no β
-        has_affine = norm is not None and norm.weight is not None and norm.bias is not None
+        has_affine = norm is not None and norm.weight is not None and getattr(norm, "bias", None) is not None
         running_var = getattr(norm, "running_var", None)
         optimizer_share = self._optimizer_share.pop(layer.name, None)
         if optimizer_share is None:

@@ -6,6 +6,7 @@ mixes them in ways a cut does not reproduce: refused."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -16,13 +17,14 @@ from pruneflow.graph.handlers.producers import add_points
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, is_layer_norm, norm_width
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.registry import register_function_handler, register_module_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
+    from pruneflow.graph.records import ChannelSpace
     from pruneflow.graph.tracer import Tracer
 
 NORMS_ACROSS_CHANNELS: tuple[type[nn.Module], ...] = (
-    nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
+    nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LocalResponseNorm,
 )  # fmt: skip
 
 
@@ -65,6 +67,33 @@ def norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | 
     return replace(value, revived_by=None)
 
 
+def group_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """A GroupNorm of G groups normalises each group of C/G consecutive channels over its own channels and positions.
+    Reading one whole space, it is that space's norm (or a point of it), and the space is pruned in whole groups
+    only (``ChannelSpace.block``): a kept group's statistics are then its own, as in the cut norm of fewer groups,
+    and a pruned group is masked at its output. Reading anything else, its groups would straddle the cut: refused."""
+    if value is None:
+        return None
+    whole = one_whole_space(value) and tracer.fits(value.width, module.num_channels) and value.channels_at(1)
+    if not whole or value.flattened:
+        return across_channels(tracer, node, module, value)
+    space = tracer.space(value.segments[0][0])
+    space.block = math.lcm(space.block, module.num_channels // module.num_groups)
+    return norm(tracer, node, module, value)
+
+
+def refuse_mixed_blocks(spaces: list[ChannelSpace]) -> None:
+    """A space cut in whole GroupNorm groups cannot also be cut at the same positions in each group of a grouped
+    conv, in head multiples, or placed by route: refused, naming both."""
+    for space in spaces:
+        heads = space.heads > 1 or space.multiple > 1 or space.tied
+        reordered = space.reordered or space.splits
+        other = "a grouped conv's groups" if space.groups > 1 else "attention heads" if heads else \
+            "a reordering" if reordered else None  # fmt: skip
+        if space.block > 1 and other:
+            space.refuse(f"it is normalised in groups of {space.block} channels and also cut by {other}")
+
+
 def across_channels(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> None:
     groups = getattr(module, "num_groups", None)
     detail = f", {groups} group(s) of {module.num_channels} channels" if isinstance(groups, int) else ""
@@ -86,5 +115,6 @@ def layer_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Va
 
 register_module_handler(NORM_TYPES, norm, leaf=False)
 register_module_handler(NORMS_ACROSS_CHANNELS, across_channels, leaf=False)
+register_module_handler(nn.GroupNorm, group_norm, leaf=False)
 register_module_handler(tuple(LAYER_NORMS), layer_norm)
 register_function_handler(torch.nn.functional.group_norm, group_norm_function)

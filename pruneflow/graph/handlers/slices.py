@@ -141,6 +141,8 @@ def unembeddable(space: ChannelSpace) -> str | None:
     """Why ``space``'s readers and writers cannot follow the channels of another it is added to."""
     if space.groups > 1 or space.heads > 1 or space.tied or space.tied_to is not None or space.whole_heads:
         return "it is cut in groups or heads"
+    if space.block > 1:
+        return "a GroupNorm normalises it in groups"
     if space.scales or space.sources:
         return "it is scaled by a per-channel parameter"
     if any(consumer.kind == "grouped" or consumer.features_per_channel != 1 for consumer in space.consumers):

@@ -24,12 +24,13 @@ from pruneflow.graph.handlers import (
     tokens,
 )
 from pruneflow.graph.handlers.folds import sole_writer
-from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
-from pruneflow.graph.handlers.pointwise import is_pointwise, passes, register_pointwise
-from pruneflow.graph.handlers.producers import producer
+from pruneflow.graph.handlers.norms import group_norm, layer_norm, norm
+from pruneflow.graph.handlers.pointwise import ZERO_PRESERVING_MODULES, is_pointwise, passes, register_pointwise
+from pruneflow.graph.handlers.producers import producer, read
 from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
-from pruneflow.graph.layers import LAYER_NORMS, SAMPLE_NORMS
+from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise, is_layer_norm, output_ndim
 from pruneflow.graph.leaves import register_leaf
+from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import (
     AUTOWRAP_FUNCTIONS,
     LEAVES,
@@ -46,12 +47,15 @@ REGISTERED: list[bool] = []  # once: timm's rules go into the tables the first t
 
 
 def norm_act(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
-    """A BatchNorm (or a LayerNorm over the channels) followed by its dropout and activation, all channel-wise: a
-    norm, its channel point at its output, after the activation (so a reviving one, sigmoid, is masked too)."""
+    """A BatchNorm (or a LayerNorm over the channels, a GroupNorm) followed by its dropout and activation, all
+    channel-wise: a norm, its channel point at its output, after the activation (so a reviving one, sigmoid, is
+    masked too)."""
     unknown = [type(part).__name__ for part in (module.drop, module.act) if not is_pointwise(part)]
     if unknown:
         tracer.refuse(value, f"{type(module).__name__} {node.target} applies {unknown[0]}, not known channel-wise")
         return None
+    if isinstance(module, nn.GroupNorm) and not is_layer_norm(module):
+        return group_norm(tracer, node, module, value)
     return norm(tracer, node, module, value)
 
 
@@ -71,16 +75,36 @@ def scalar_affine(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
 
 def standardised_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
     """timm's weight-standardised convs (``StdConv2d``: BiT's ResNetV2; ``ScaledStdConv2d``: NFNet) standardise
-    each kernel row over its input channels, so cutting an input channel changes every row: the spaces it reads are
-    refused. A row's statistics are its own, so its rows are a producer's; a per-row ``gain`` (the scaled ones) is a
-    tensor the cut does not rebuild, so there its own space is refused too."""
+    each kernel row over its own fan-in (its input channels and taps; the scaled ones then multiply it by a per-row
+    ``gain`` and ``gamma / √fan-in``). A row's statistics are its own: its rows are a producer's, cut with their
+    gain. Cutting an input channel would change every row: no stored kernel of the cut width standardises to the
+    kept columns (those have no zero mean), so the spaces it reads are refused — except by a depthwise one, whose
+    row reads its own channel only and goes with it."""
+    if is_depthwise(module):
+        return producer(tracer, node, module, value)
+    tracer.refuse(value, f"{type(module).__name__} {node.target} standardises its kernel over its input channels, "
+                         "so cutting one would change every row")  # fmt: skip
+    return producer(tracer, node, module, None)
+
+
+def conv_mlp(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """VGG's ``ConvMlp`` head, kept whole (its forward pools a small input up to its kernel size, a branch on a
+    shape): ``act2(fc2(drop(act1(fc1(x)))))``, so ``fc1`` reads ``x``'s spaces and writes one that ``fc2`` reads,
+    and ``fc2`` writes the output's; the pooling is channel-wise. Their activations must keep a zero a zero (the
+    mask is at each conv's output)."""
     name = str(node.target)
-    tracer.refuse(value, f"{type(module).__name__} {name} standardises its kernel over its input channels, so "
-                         "cutting one would change every row")  # fmt: skip
-    output = producer(tracer, node, module, None)
-    if hasattr(module, "gain"):
-        tracer.refuse(output, f"{type(module).__name__} {name} scales its rows by a gain the cut does not rebuild")
-    return output
+    acts = (module.act1, module.act2)
+    reviving = [type(act).__name__ for act in acts if not isinstance(act, ZERO_PRESERVING_MODULES)]
+    if reviving or tracer.reused(name):
+        reason = tracer.reused(name) or f"applies {reviving[0]}, not known to keep a zero a zero"
+        tracer.refuse(value, f"ConvMlp {name} {reason}")
+        return None
+    for conv in ("fc1", "fc2"):
+        layer = PrunableLayer(f"{name}.{conv}", getattr(module, conv))
+        read(tracer, layer.name, layer.producer, value)
+        index = tracer.new_space(layer)
+        value = Value(((index, 0),), tracer.width(layer), ndim=output_ndim(layer.producer))
+    return value
 
 
 def blur_pool(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
@@ -101,6 +125,26 @@ def register_if_imported() -> None:
         register()
 
 
+def register_rms_and_group_norms() -> None:
+    import timm.layers as timm_layers
+    from timm.models import metaformer
+
+    # RMS norms (MobileNetV5's): γ · x / √(mean of x² over the channels + ε), no mean taken, no β
+    rms_norms = {timm_layers.RmsNorm2d: 1, timm_layers.RmsNormAct2d: 1, timm_layers.RmsNorm: -1,
+                 timm_layers.RmsNormAct: -1}  # fmt: skip
+    LAYER_NORMS.update(rms_norms)
+    RMS_NORMS.update(rms_norms)
+    register_module_handler((timm_layers.RmsNorm2d, timm_layers.RmsNorm), layer_norm)
+    register_module_handler((timm_layers.RmsNormAct2d, timm_layers.RmsNormAct), norm_act)
+    # GroupNorms normalise each group of channels: pruned in whole groups (``group_norm``); one group (PoolFormer's
+    # GroupNorm1) spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
+    register_module_handler(timm_layers.GroupNorm, group_norm)
+    register_module_handler((timm_layers.GroupNormAct, timm_layers.GroupNorm1Act), norm_act)
+    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias, timm_layers.GroupNorm1Act):
+        LAYER_NORMS[sample_norm] = 1
+        SAMPLE_NORMS.add(sample_norm)
+
+
 def register() -> None:
     import timm.layers as timm_layers
     from timm.layers import _fx as timm_fx
@@ -110,6 +154,7 @@ def register() -> None:
     from timm.models import fasternet as timm_fasternet
     from timm.models import metaformer
     from timm.models import rexnet as timm_rexnet
+    from timm.models import vgg as timm_vgg
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
@@ -129,6 +174,7 @@ def register() -> None:
                     timm_layers.ScaledStdConv2dSame)  # fmt: skip
     register_module_handler(standardised, standardised_conv)
     register_module_handler(timm_layers.BlurPool2d, blur_pool)
+    register_module_handler(timm_vgg.ConvMlp, conv_mlp)
     LAYER_NORMS[timm_layers.LayerNorm2d] = 1
     LAYER_NORMS[timm_layers.LayerNorm] = -1
     # LayerNorms followed by their dropout and activation: norms over the channels, masked after the activation
@@ -138,13 +184,7 @@ def register() -> None:
     LAYER_NORMS[metaformer.LayerNorm2dNoBias] = 1
     LAYER_NORMS[metaformer.LayerNormNoBias] = -1
     register_module_handler((timm_layers.LayerNormAct2d, timm_layers.LayerNormAct), norm_act)
-    # GroupNorms normalise across channels: kept whole, refused in one line; but one group (PoolFormer's GroupNorm1)
-    # spans every channel of the sample, which a cut reproduces as a LayerNorm's (``SAMPLE_NORMS``)
-    group_norms = (timm_layers.GroupNorm, timm_layers.GroupNormAct, timm_layers.GroupNorm1Act)
-    register_module_handler(group_norms, across_channels)
-    for sample_norm in (timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias):
-        LAYER_NORMS[sample_norm] = 1
-        SAMPLE_NORMS.add(sample_norm)
+    register_rms_and_group_norms()
     layer_norms = (timm_layers.LayerNorm2d, timm_layers.LayerNorm, metaformer.LayerNorm2dNoBias,
                    metaformer.LayerNormNoBias, timm_layers.GroupNorm1, metaformer.GroupNorm1NoBias)  # fmt: skip
     register_module_handler(layer_norms, layer_norm)
