@@ -46,7 +46,7 @@ from torch import nn
 from benchmarks.channel_graph import measure_network
 from benchmarks.common import isolated
 from pruneflow.compaction.cost import count_flops
-from pruneflow.compaction.verify import EXACT_TOLERANCE, randomize_norms
+from pruneflow.compaction.verify import EXACT_TOLERANCE, randomize_norms, randomize_zero_weights
 
 OUTCOMES = (">=3x", "2-3x", "<2x", "refused entirely", "inexact cut", "crash", "over time")
 SMALL_SIZE = 64  # px, where the model's input size is not fixed
@@ -126,11 +126,13 @@ def smallest_models(candidates: int) -> Iterator[dict[str, Any]]:
 
 def build(name: str, size: int | None = None) -> tuple[nn.Module, int]:
     """``name`` with the same random weights and BatchNorm statistics in every process and for both tools, and
-    the input size it is measured at (``size``, or the smallest of 64 px and its own that a forward accepts)."""
+    the input size it is measured at (``size``, or the smallest of 64 px and its own that a forward accepts). A
+    layer timm builds at zero (Hiera's head) gets random weights: at zero, every logit would be its bias and any cut
+    would agree with the masked network."""
     import timm
 
     torch.manual_seed(0)
-    network = randomize_norms(timm.create_model(name, num_classes=10), beta_scale=0.1)
+    network = randomize_zero_weights(randomize_norms(timm.create_model(name, num_classes=10), beta_scale=0.1))
     if size is None:
         config = network.pretrained_cfg
         size = config["input_size"][-1]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from benchmarks import common, timm_models
 from benchmarks import main as benchmarks_main
@@ -112,3 +113,14 @@ def test_a_model_that_hangs_or_kills_its_process_is_a_row() -> None:
     assert common.isolated(os._exit, (3,), limit=600) == ("error", "the process died (exit code 3)")
     kind, line = common.isolated(int, ("x",), limit=0)
     assert kind == "error" and line.startswith("ValueError: invalid literal for int() with base 10: 'x' (at common.py:")
+
+
+def test_a_layer_timm_builds_at_zero_gets_random_weights_so_a_cut_that_changed_the_logits_shows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    timm = pytest.importorskip("timm", reason="timm is an optional extra")
+    head = nn.Linear(8, 10)
+    nn.init.zeros_(head.weight)  # as timm builds Hiera's head: every logit would be its bias whatever the cut did
+    monkeypatch.setattr(timm, "create_model", lambda name, num_classes: nn.Sequential(nn.Conv2d(3, 8, 1), head))
+    network, size = timm_models.build("zero_head", size=32)
+    assert size == 32 and network[1].weight.any() and network[0].weight.any()
