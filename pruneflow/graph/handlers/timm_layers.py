@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.handlers import timm_attention, timm_attention_classes, timm_levit, timm_metaformer, tokens
+from pruneflow.graph.handlers import (
+    timm_additive_attention,
+    timm_attention,
+    timm_attention_classes,
+    timm_levit,
+    timm_metaformer,
+    tokens,
+)
 from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import across_channels, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import is_pointwise, register_pointwise
@@ -102,6 +109,7 @@ def register() -> None:
     timm_attention.register()
     timm_attention_classes.register()
     timm_levit.register()
+    timm_additive_attention.register()
     timm_metaformer.register()
     tokens.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
