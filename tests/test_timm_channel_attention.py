@@ -1,6 +1,7 @@
-"""timm's attentions that mix tokens by their channels' statistics, kept whole: SwiftFormer's additive attention
-(an L2 normalisation over the channels, a learned ``w_g``). Each is traced on a tiny network, half of every space
-masked by ``activation`` and cut, and the cut network compared with the masked one."""
+"""timm's attentions kept whole where their insides defeat the op-by-op walk: SwiftFormer's additive attention
+(an L2 normalisation over the channels, a learned ``w_g``) and MViTv2's pooling attention (q, k, v pooled per head,
+whole heads cut). Each is traced on a tiny network, half of every space masked by ``activation`` and cut, and the
+cut network compared with the masked one."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 from test_graph_cnn_rules import OUTPUT, conv_bn, head, refusals
 from test_graph_defects import assert_cut_equals_masked
+from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
 
 swiftformer = pytest.importorskip("timm.models.swiftformer")
+mvitv2 = pytest.importorskip("timm.models.mvitv2")
 import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
 
 
@@ -46,3 +49,34 @@ def test_a_tiny_swiftformer_masked_and_cut_computes_the_masked_network() -> None
     unpruned = [space.refusals for space in trace_channel_graph(randomize_norms(model)).spaces if not space.prunable]
     assert unpruned == [OUTPUT]
     assert_cut_equals_masked(model)
+
+
+def tiny_mvitv2() -> nn.Module:
+    """Two stages of one block, 2 and 4 heads of 8 positions (16 and 32 wide), q pooled by 2 in the second, 32 px."""
+    torch.manual_seed(0)
+    config = mvitv2.MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=2)
+    return randomize_norms(mvitv2.MultiScaleVit(config, img_size=(32, 32), num_classes=10)).eval()
+
+
+def test_mvitv2s_pooling_attention_is_cut_in_whole_heads_and_computes_the_masked_network() -> None:
+    model = tiny_mvitv2()
+    graph = trace_channel_graph(model)
+    heads = [space for space in graph.spaces if space.heads_of is not None]
+    assert [(space.heads_of, space.heads, space.prunable) for space in heads] == [
+        ("stages.0.blocks.0.attn", 2, True), ("stages.1.blocks.0.attn", 4, True)]  # fmt: skip
+    images = torch.randn(2, 3, 32, 32)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    attention = compaction.model.stages[1].blocks[0].attn
+    assert (attention.num_heads, attention.dim_out, attention.proj.in_features) == (2, 16, 16)
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+
+
+def test_a_one_head_pooling_attention_is_refused_in_one_line() -> None:
+    torch.manual_seed(0)
+    config = mvitv2.MultiScaleVitCfg(depths=(1,), embed_dim=16, num_heads=1, stride_q=((1, 1),))
+    graph = trace_channel_graph(mvitv2.MultiScaleVit(config, img_size=(32, 32), num_classes=10))
+    (heads,) = [space for space in graph.spaces if space.heads_of is not None]
+    assert heads.refusals[0] == ("pooling attention stages.0.blocks.0.attn has one head, and whole heads are all it "
+                                 "can lose")  # fmt: skip

@@ -295,9 +295,10 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 
 
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
-# head count and width of all heads, BEiT's and EVA's fused path turned off (``ChannelSpace.unfused_by_cut``); and a
-# width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by).
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "fused_attn", "hidden_dim", "shape"}
+# head count and width of all heads (MViTv2's ``dim_out``), BEiT's and EVA's fused path turned off
+# (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim,
+# the shape MetaFormer's ``Scale`` views by).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "dim_out", "fused_attn", "hidden_dim", "shape"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -690,7 +691,7 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if group.space.whole_heads and len(group.removed):
             attention = model.get_submodule(group.space.heads_of)
             heads = len(group.kept) // group.space.head_unit
-            sizes[group.space.heads_of] = {"num_heads": heads, "attn_dim": heads * attention.head_dim}
+            sizes[group.space.heads_of] = {"num_heads": heads, group.space.heads_width: heads * attention.head_dim}
             set_attributes(attention, sizes[group.space.heads_of])
             continue
         owner = group.space.head_width_of

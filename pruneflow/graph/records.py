@@ -242,6 +242,7 @@ class ChannelSpace:
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
     whole_heads: bool = False
     heads_of: str | None = None
+    heads_width: str = "attn_dim"  # ``heads_of``'s attribute holding the width of all its heads (MViTv2's ``dim_out``)
     # The attention whose fused path (``scaled_dot_product_attention``) would scale its logits by √(cut head width)
     # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
     # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).

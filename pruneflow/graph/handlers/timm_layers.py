@@ -20,6 +20,7 @@ from pruneflow.graph.handlers import (
     timm_attention_classes,
     timm_levit,
     timm_metaformer,
+    timm_mvitv2,
     tokens,
 )
 from pruneflow.graph.handlers.folds import sole_writer
@@ -110,6 +111,7 @@ def register() -> None:
     timm_attention_classes.register()
     timm_levit.register()
     timm_additive_attention.register()
+    timm_mvitv2.register()
     timm_metaformer.register()
     tokens.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
