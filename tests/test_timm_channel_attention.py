@@ -58,18 +58,21 @@ def tiny_mvitv2() -> nn.Module:
     return randomize_norms(mvitv2.MultiScaleVit(config, img_size=(32, 32), num_classes=10)).eval()
 
 
-def test_mvitv2s_pooling_attention_is_cut_in_whole_heads_and_computes_the_masked_network() -> None:
+def test_mvitv2s_pooling_attention_is_cut_in_whole_heads_its_stream_with_it_as_the_masked_network_computes() -> None:
     model = tiny_mvitv2()
     graph = trace_channel_graph(model)
     heads = [space for space in graph.spaces if space.heads_of is not None]
     assert [(space.heads_of, space.heads, space.prunable) for space in heads] == [
         ("stages.0.blocks.0.attn", 2, True), ("stages.1.blocks.0.attn", 4, True)]  # fmt: skip
+    # each stage's stream too, through the shortcut's Linear and max pooling where the stage widens and pools
+    assert [space.refusals for space in graph.spaces if not space.prunable] == [OUTPUT]
     images = torch.randn(2, 3, 32, 32)
     masked, compaction = masked_and_cut(model, images)
     with torch.no_grad():
         cut = compaction.model(images)
     attention = compaction.model.stages[1].blocks[0].attn
     assert (attention.num_heads, attention.dim_out, attention.proj.in_features) == (2, 16, 16)
+    assert compaction.model.stages[1].blocks[0].shortcut_proj_attn.out_features == 16
     assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
 
 

@@ -21,6 +21,7 @@ are judged outside it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch.fx
@@ -28,9 +29,12 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from pruneflow.graph.handlers.attention import heads_and_output
+from pruneflow.graph.handlers.pointwise import is_pointwise
+from pruneflow.graph.handlers.producers import add_points, read
+from pruneflow.graph.layers import is_layer_norm
 from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
-from pruneflow.graph.values import Parts, Value
+from pruneflow.graph.values import Parts, Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -50,9 +54,13 @@ def unhandled_variant(module: nn.Module) -> str | None:
 
 
 def pooling_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Parts:
-    """``MultiScaleAttention``, a leaf returning (output, pooled size): ``qkv`` a consumer of ``value`` and the
-    producer of a space of whole heads, masked at the attention; ``proj`` the producer of the output."""
-    name = str(node.target)
+    """``MultiScaleAttention``, a leaf returning (output, pooled size): ``pooling_heads``."""
+    return Parts((pooling_heads(tracer, str(node.target), module, value), None))
+
+
+def pooling_heads(tracer: Tracer, name: str, module: nn.Module, value: Value | None) -> Value:
+    """Attention ``name``'s ``qkv`` a consumer of ``value`` and the producer of a space of whole heads, masked at
+    the attention; its ``proj`` the producer of the output, returned."""
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, unit_name=name, unit=module)
     proj = PrunableLayer(f"{name}.proj", module.proj)
     inner, output = heads_and_output(tracer, qkv, proj, module.num_heads, value)
@@ -62,7 +70,7 @@ def pooling_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, va
         heads.refuse(f"pooling attention {name} {reason}")
     if tracer.reused(name):
         tracer.refuse(output, f"pooling attention {name}: {tracer.reused(name)}")
-    return Parts((output, None))
+    return output
 
 
 def forward_without_heads(module: nn.Module, inputs: tuple[Any, ...], keep: Tensor) -> Any:
@@ -73,8 +81,67 @@ def forward_without_heads(module: nn.Module, inputs: tuple[Any, ...], keep: Tens
         return module.forward(*inputs)  # its own forward, not its call: no hook runs again
 
 
-def register() -> None:
+def residual(tracer: Tracer, shortcut: Value | None, branch: Value, reason: str) -> Value | None:
+    """``shortcut + branch``, each one whole space (the branch a layer's output): one space; a shortcut the graph
+    does not follow refuses the branch's."""
+    if not one_whole_space(shortcut) or shortcut.width != branch.width:
+        tracer.refuse(branch, f"{reason} adds it to a tensor outside the channel graph")
+        return None
+    root = tracer.union(shortcut.segments[0][0], branch.segments[0][0], reason)
+    return Value(((root, 0),), branch.width, ndim=3, channels_last=True)
+
+
+def normalised(tracer: Tracer, name: str, value: Value | None) -> Value | None:
+    """A LayerNorm over the stream's channels, a point of its space (recomputed over the kept channels)."""
+    module = tracer.modules[name]
+    if value is None or not is_layer_norm(module) or value.width != module.normalized_shape[0]:
+        tracer.refuse(value, f"{type(module).__name__} {name} normalises them as the graph does not follow")
+        return None
+    add_points(tracer, name, module, value, (value.width,))
+    return replace(value, revived_by=None)
+
+
+def linear(tracer: Tracer, name: str, value: Value | None) -> Value:
+    """Linear layer ``name`` reading ``value`` (a consumer) and writing a space of its own, channels last."""
+    layer = PrunableLayer(name, tracer.modules[name])
+    read(tracer, name, layer.producer, value)
+    return Value(((tracer.new_space(layer), 0),), layer.producer.out_features, ndim=3, channels_last=True)
+
+
+def multiscale_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Parts:
+    """``MultiScaleBlock``, a leaf (its shortcut's pooling reshapes tokens to the grid by a size the attention
+    returns, which the walk cannot know): ``x + attn(norm1(x))``, ``x + mlp(norm2(x))``, each shortcut through its
+    Linear layer where the width changes (``shortcut_proj_attn``/``_mlp``) and max-pooled over the grid per channel
+    where the attention pools its queries (a masked channel's zeros stay 0)."""
+    name = str(node.target)
+    usable = one_whole_space(value) and value.channels_last and value.ndim == 3 and not tracer.reused(name)
+    if not usable or value.revived_by is not None:
+        tracer.refuse(value, f"multi-scale block {name} {tracer.reused(name) or 'reads them as it cannot follow'}")
+        value = None
+    normed = normalised(tracer, f"{name}.norm1", value)
+    shortcut = value if module.shortcut_proj_attn is None else linear(tracer, f"{name}.shortcut_proj_attn", normed)
+    attention = pooling_heads(tracer, f"{name}.attn", module.attn, normed)
+    x = residual(tracer, shortcut, attention, f"multi-scale block {name}'s attention residual")
+    normed = normalised(tracer, f"{name}.norm2", x)
+    shortcut = x if module.shortcut_proj_mlp is None else linear(tracer, f"{name}.shortcut_proj_mlp", normed)
+    hidden = linear(tracer, f"{name}.mlp.fc1", normed)
+    if not (isinstance(module.mlp.norm, nn.Identity) and is_pointwise(module.mlp.act)):
+        tracer.refuse(hidden, f"multi-scale block {name}'s MLP normalises or gates its hidden width")
+        hidden = None
+    output = residual(tracer, shortcut, linear(tracer, f"{name}.mlp.fc2", hidden), f"multi-scale block {name}'s MLP")
+    return Parts((output, None))
+
+
+def is_plain_block(module: nn.Module) -> bool:
+    """A block the handler reads: its attention the pooling attention (not the pool-first variant)."""
     from timm.models.mvitv2 import MultiScaleAttention
 
+    return type(module.attn) is MultiScaleAttention and type(module.mlp).__name__ == "Mlp"
+
+
+def register() -> None:
+    from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock
+
     register_module_handler(MultiScaleAttention, pooling_attention)
+    register_module_handler(MultiScaleBlock, multiscale_block, leaf=is_plain_block)
     ROWS_MASKED_FORWARDS[MultiScaleAttention] = forward_without_heads
