@@ -1,7 +1,8 @@
 """timm's attentions kept whole where their insides defeat the op-by-op walk: SwiftFormer's additive attention
 (an L2 normalisation over the channels, a learned ``w_g``) and MViTv2's pooling attention (q, k, v pooled per head,
-whole heads cut). Each is traced on a tiny network, half of every space masked by ``activation`` and cut, and the
-cut network compared with the masked one."""
+whole heads cut), each traced on a tiny network, half of every space masked by ``activation`` and cut, and the
+cut network compared with the masked one; DaViT's channel attention (a softmax across a head's positions), refused
+in one line."""
 
 from __future__ import annotations
 
@@ -83,3 +84,26 @@ def test_a_one_head_pooling_attention_is_refused_in_one_line() -> None:
     (heads,) = [space for space in graph.spaces if space.heads_of is not None]
     assert heads.refusals[0] == ("pooling attention stages.0.blocks.0.attn has one head, and whole heads are all it "
                                  "can lose")  # fmt: skip
+
+
+class ChannelAttentionBlock(nn.Module):
+    """A conv stem turned into tokens, DaViT's channel attention added to them, a mean over the tokens, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.davit import ChannelAttention
+
+        self.stem, self.attn, self.head = conv_bn(3, 8), ChannelAttention(8, num_heads=2), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+def test_davits_channel_attention_refuses_its_rows_and_the_stream_in_one_line() -> None:
+    """Its softmax runs across a head's positions: a masked position adds exp(0) to the kept ones' denominators."""
+    reason = ("channel attention attn takes a softmax across each head's positions (a masked one still counts) and "
+              "reshapes its heads by its input's width")  # fmt: skip
+    graph = trace_channel_graph(ChannelAttentionBlock())
+    rows, stream = (next(s for s in graph.spaces if name in s.names) for name in ("attn.qkv", "stem.0"))
+    assert rows.refusals == [reason] and reason in stream.refusals
