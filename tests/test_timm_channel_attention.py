@@ -13,6 +13,7 @@ from test_graph_defects import assert_cut_equals_masked
 from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
+from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
 
@@ -75,6 +76,10 @@ def test_mvitv2s_pooling_attention_is_cut_in_whole_heads_its_stream_with_it_as_t
     assert (attention.num_heads, attention.dim_out, attention.proj.in_features) == (2, 16, 16)
     assert compaction.model.stages[1].blocks[0].shortcut_proj_attn.out_features == 16
     assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    rebuilt = apply_sizes(tiny_mvitv2(), compaction.sizes).eval()  # a checkpoint of the cut network loads into it
+    rebuilt.load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), cut)
 
 
 def test_a_one_head_pooling_attention_is_refused_in_one_line() -> None:
