@@ -6,13 +6,16 @@ in one line."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from helpers import FakeImages
 from test_graph_cnn_rules import OUTPUT, conv_bn, head, refusals
 from test_graph_defects import assert_cut_equals_masked
 from test_window_attention import masked_and_cut
 from torch import Tensor, nn
 
+from pruneflow import ChannelPruning, ClassifierModule
 from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
@@ -112,3 +115,15 @@ def test_davits_channel_attention_refuses_its_rows_and_the_stream_in_one_line() 
     graph = trace_channel_graph(ChannelAttentionBlock())
     rows, stream = (next(s for s in graph.spaces if name in s.names) for name in ("attn.qkv", "stem.0"))
     assert rows.refusals == [reason] and reason in stream.refusals
+
+
+def test_a_tiny_mvitv2_trains_pruned_through_a_lightning_trainer_and_is_cut(tmp_path) -> None:
+    """The attention's recomputed forward returns its (output, pooled size) pair through training, telemetry
+    and the cut at a step."""
+    pruning = ChannelPruning("activation", amount=0.5, cut_at_step=2)
+    trainer = L.Trainer(max_steps=3, callbacks=[pruning], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        accelerator="cpu")  # fmt: skip
+    module = ClassifierModule(tiny_mvitv2(), lambda parameters: torch.optim.SGD(parameters, lr=0.01), num_classes=10)
+    trainer.fit(module, datamodule=FakeImages())
+    assert [stage.blocks[0].attn.num_heads for stage in module.model.stages] == [1, 2]
