@@ -98,6 +98,14 @@ def test_refusals_are_sorted_into_causes_with_an_example() -> None:
     ]  # fmt: skip
 
 
+
+def test_the_attentions_that_cannot_be_cut_have_causes_of_their_own() -> None:
+    softmax = "channel attention a takes a softmax across each head's positions (a masked one still counts) and " \
+              "reshapes its heads by its input's width"
+    assert timm_models.cause(softmax) == "softmax across a head's positions"
+    assert timm_models.cause("pooling attention a has one head, and whole heads are all it can lose") == (
+        "single-head attention cut in whole heads")
+
 def test_the_smallest_looking_names_come_first() -> None:
     assert sorted(["convit_base", "convit_small", "convit_tiny"], key=timm_models.looks_small)[0] == "convit_tiny"
     assert sorted(["cait_s24_224", "cait_xxs36_224", "cait_xxs24_224"], key=timm_models.looks_small)[0] == (

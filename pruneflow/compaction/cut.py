@@ -340,9 +340,9 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 
 
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
-# head count and width of all heads (Hiera's ``heads`` and ``dim_out``), BEiT's and EVA's fused path turned off
-# (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a ViT's hidden_dim,
-# the shape MetaFormer's ``Scale`` views by).
+# head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
+# path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
+# ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape"}
 
 

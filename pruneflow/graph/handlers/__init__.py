@@ -16,8 +16,13 @@
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
+  DaViT's channel attention, refused in one line;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
+- ``timm_additive_attention``: SwiftFormer's additive attention, kept whole, its query, key and ``proj`` rows one
+  space (``F.normalize`` over channels a masked 0 adds nothing to), ``w_g`` cut with them;
+- ``timm_mvitv2``: MViTv2's pooling attention, kept whole and cut in whole heads (masked at ``proj``'s columns), and
+  its ``MultiScaleBlock``, kept whole, its stream followed through the pooled shortcut;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does

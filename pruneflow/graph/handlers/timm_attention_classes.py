@@ -29,6 +29,10 @@ channel point (``PrunableLayer.unit``), computed again with those rows' weights 
 (``forward_with_rows``); ``q_bias`` and ``v_bias`` are cut with the rows (``ChannelScale.at``), the zero ``k_bias``
 follows them (``compaction.cut``).
 
+DaViT's ``ChannelAttention`` (``softmax(kᵀ v) @ qᵀ``: the softmax runs across a head's positions) reshapes by its
+input's width too, but a masked position there adds exp(0) to every kept position's denominator: refused in one line,
+its q/k/v rows and the stream it reads.
+
 Refused in one line, and the stream with them (the tie): EVA's rotary position embedding (``rope`` rotates pairs of
 positions in a head), a q/k norm (over a head's positions), the parts ``timm_attention.unreadable_parts`` names, and
 any other tensor the attention is called with (the recomputed forward would not see it).
@@ -43,7 +47,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads
+from pruneflow.graph.handlers.attention import attention_output, heads_space, tie, tied_heads
 from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.handlers.timm_attention import unreadable_parts
 from pruneflow.graph.nodes import argument
@@ -137,6 +141,19 @@ def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     return attention_output(tracer, proj, value)
 
 
+def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """DaViT's ``ChannelAttention``, a leaf: ``softmax(kᵀ v) @ qᵀ`` per head, a softmax across a head's positions (a
+    masked position's logit is 0 and adds exp(0) to every kept one's denominator), its heads reshaped by its input's
+    width: neither a head's positions nor the stream can be cut; its q/k/v rows and the stream refused in one line."""
+    name = str(node.target)
+    reason = (f"channel attention {name} takes a softmax across each head's positions (a masked one still counts) "
+              "and reshapes its heads by its input's width")  # fmt: skip
+    qkv = PrunableLayer(f"{name}.qkv", module.qkv)
+    inner = heads_space(tracer, qkv, value, module.num_heads, f"{name}.proj", module.proj.in_features)
+    tracer.spaces[inner].refuse(reason)
+    return refused(tracer, PrunableLayer(f"{name}.proj", module.proj), value, reason)
+
+
 def refused(tracer: Tracer, proj: PrunableLayer, value: Value | None, reason: str) -> Value:
     """An attention whose heads cannot follow the stream: the stream it reads and its output refused."""
     output = attention_output(tracer, proj, value)
@@ -149,6 +166,7 @@ def register() -> None:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.crossvit import CrossAttention
+    from timm.models.davit import ChannelAttention
     from timm.models.eva import EvaAttention
     from timm.models.vision_transformer_relpos import RelPosAttention
 
@@ -158,3 +176,4 @@ def register() -> None:
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
     CLASS_ATTENTION_PARTS.update({ClassAttn: ("q", "k", "v"), CrossAttention: ("wq", "wk", "wv")})
     register_module_handler((ClassAttn, CrossAttention), class_attention)
+    register_module_handler(ChannelAttention, channel_attention)
