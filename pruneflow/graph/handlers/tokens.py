@@ -228,10 +228,13 @@ def spatial_reshape(tracer: Tracer, node: torch.fx.Node, value: Value | None) ->
 
 
 def own_width(tracer: Tracer, entry: Any, value: Value) -> bool:
-    """Whether ``entry`` of a shape is read from the width of ``value``'s spaces, all of them (it follows a cut)."""
+    """Whether ``entry`` of a shape is the width of ``value``'s spaces, all of them, read as it is (it follows a
+    cut); arithmetic on it (``c // 2``) is another size, which would mix the channels with the dims after them."""
     from pruneflow.graph.widths import width_of  # ``widths`` imports this package's ``reorderings``
 
-    marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)} if isinstance(entry, torch.fx.Node) else set()
+    if not isinstance(entry, torch.fx.Node) or entry in tracer.width_reads:
+        return False
+    marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)}
     return bool(marked) and marked == {tracer.union_find.root(index) for index, _ in value.segments}
 
 
