@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from pruneflow.experiment.report_cells import fmt, values
-from pruneflow.experiment.trap_findings import RunLike
+from pruneflow.experiment.trap_findings import RunLike, by_family
 
 AT_INITIALISATION = "at initialisation"
 DRIFT = "drift/producer_l2/final"
@@ -110,13 +110,8 @@ def published_comparison(runs: Sequence[RunLike]) -> list[str]:
     """One line per published claim with runs to check it: its source, the networks that agree, those that
     differ (with the evidence of each)."""
     lines = []
-    families = sorted({r.data for r in runs})
     for claim in PUBLISHED_CLAIMS:
-        agree, differ = [], []
-        for family in families:
-            status, evidence = claim.check([r for r in runs if r.data == family])
-            if status is not None:
-                (agree if status else differ).append(f"{family} ({evidence})")
+        agree, differ = by_family(claim.check, runs)
         if not agree and not differ:
             continue
         line = f"*{claim.text}* — {claim.source}. Agrees: " + ("; ".join(agree) if agree else "no network") + "."

@@ -622,6 +622,13 @@ def sweep_progress(root: Path, sweeps: Sequence[Path], finished: dict[str, dict]
     return "".join(lines)
 
 
+def bullet_section(title: str, introduction: str, lines: Sequence[str]) -> str:
+    """A section of the findings report: its title, a sentence, a bullet per line; nothing without lines."""
+    if not lines:
+        return ""
+    return f"\n## {title}\n\n{introduction}\n\n" + "".join(f"- {line}\n" for line in lines)
+
+
 def write_findings(sweeps: Path | Sequence[Path], out: Path, traps: bool = True) -> str:
     """Write the findings report of one or more sweeps to ``out`` (figures beside it); returns the Markdown.
     ``traps``: measure each finished run's traps at its pruned channels (``traps``; cached in its folder)."""
@@ -652,28 +659,25 @@ def write_findings(sweeps: Path | Sequence[Path], out: Path, traps: bool = True)
     progress = sweep_progress(root, sweeps, finished, unfinished)
     if progress:
         text += "\nSweeps still short of their grid (a cell's `seeds` column says how many runs it has):\n\n" + progress
-    general = general_findings(runs)
-    if general:
-        text += "\n## Findings across the networks\n\n"
-        text += ("The ConvNet/VGG findings, checked on each network (evidence per network; where one contradicts a "
-                 "finding, it says so):\n\n")  # fmt: skip
-        text += "".join(f"- {line}\n" for line in general)
-    trap_lines = trap_sentences(runs, _strategy_rank)
-    if trap_lines:
-        text += "\n## The traps at the pruned channels\n\n"
-        text += (
-            "Measured by `pruneflow.experiment.traps` on each run's last checkpoint, one test batch in eval mode "
-            "(mean ± std over runs): what the stream's readers receive through the skip path, the squeeze-and-"
-            "excitation gate and product, the LayerNorms' statistics and output, the layer scale, at pruned "
-            "channels against kept ones.\n\n"
-        )
-        text += "".join(f"- {line}\n" for line in trap_lines)
-    published = published_comparison(runs)
-    if published:
-        text += "\n## Against the published claims\n\n"
-        text += ("What has been said, without figures, about masked weights coming back, checked on each network's "
-                 "runs:\n\n")  # fmt: skip
-        text += "".join(f"- {line}\n" for line in published)
+    text += bullet_section(
+        "Findings across the networks",
+        "The ConvNet/VGG findings, checked on each network (evidence per network; where one contradicts a finding, "
+        "it says so):",
+        general_findings(runs),
+    )
+    text += bullet_section(
+        "The traps at the pruned channels",
+        "Measured by `pruneflow.experiment.traps` on each run's last checkpoint, one test batch in eval mode "
+        "(mean ± std over runs): what the stream's readers receive through the skip path, the squeeze-and-"
+        "excitation gate and product, the LayerNorms' statistics and output, the layer scale, at pruned "
+        "channels against kept ones.",
+        trap_sentences(runs, _strategy_rank),
+    )
+    text += bullet_section(
+        "Against the published claims",
+        "What has been said, without figures, about masked weights coming back, checked on each network's runs:",
+        published_comparison(runs),
+    )
     text += "\n## Findings\n\n" + "".join(f"- {sentence}\n" for sentence in findings_sentences(runs))
     text += "\n## The transient after pruning\n\n"
     for figure in plot_transients(root, runs, out.parent, out.stem.lower()):

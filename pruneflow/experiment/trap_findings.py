@@ -262,16 +262,24 @@ CLAIMS = (
 )  # fmt: skip
 
 
+def by_family(
+    check: Callable[[Sequence[RunLike]], tuple[bool | None, str]], runs: Sequence[RunLike]
+) -> tuple[list[str], list[str]]:
+    """``check`` on each family's runs: the families where it holds and those where it fails, each with its
+    evidence (``family (evidence)``); a family with no runs to tell is in neither."""
+    held, failed = [], []
+    for family in sorted({r.data for r in runs}):
+        status, evidence = check([r for r in runs if r.data == family])
+        if status is not None:
+            (held if status else failed).append(f"{family} ({evidence})")
+    return held, failed
+
+
 def general_findings(runs: Sequence[RunLike]) -> list[str]:
     """Each claim once, with each family's evidence: where it holds, where a family contradicts it."""
     lines = []
-    families = sorted({r.data for r in runs})
     for claim in CLAIMS:
-        held, contradicted = [], []
-        for family in families:
-            status, evidence = claim.check([r for r in runs if r.data == family])
-            if status is not None:
-                (held if status else contradicted).append(f"{family} ({evidence})")
+        held, contradicted = by_family(claim.check, runs)
         if not held and not contradicted:
             continue
         line = f"{claim.text}. Holds on " + ("; ".join(held) if held else "no family") + "."
