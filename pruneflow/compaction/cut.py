@@ -342,8 +342,8 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
-# ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by).
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape"}
+# ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -552,7 +552,8 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
             "masked network (compact=false)"
         )
     anchor = next((g for g in groups if g.space is space.tied_to), None)
-    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else space.width // space.parts
+    untied = space.width // space.parts if space.tied_to is not None else None  # a stream of its own kept whole
+    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else untied
     problem = tied_heads_problem(space, pruned, anchor_kept)
     if problem:
         raise CompactionError(f"cannot cut {space.name}: {problem}; the criteria select so (mask.groups=true)")

@@ -13,16 +13,19 @@ from torch import Tensor
 from pruneflow.graph.records import ChannelSpace
 
 
-def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) -> str | None:
+def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int | None) -> str | None:
     """Why pruning ``pruned`` (a bool per q/k/v row of ``space``) cannot be cut while the stream it is tied to
-    keeps ``stream_kept`` channels; None where it can."""
+    keeps ``stream_kept`` channels (None: heads of a width of their own, tied to no stream: EfficientFormerV2's);
+    None where it can."""
     heads = space.heads
     rows = pruned.view(space.parts, heads, -1)
     q, k, v = rows[0], rows[min(1, space.parts - 1)], rows[-1]
     counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
     kept_per_head = q.shape[1] - min(counts)
-    if torch.equal(q, k) and len(counts) == 1 and stream_kept == heads * kept_per_head:
+    if torch.equal(q, k) and len(counts) == 1 and stream_kept in (None, heads * kept_per_head):
         return None
+    if stream_kept is None:
+        return "an attention's heads must keep the same query/key positions in q and k, as many in every head"
     return (
         f"an attention's heads must keep the same query/key positions in q and k, as many in every head and of "
         f"values, and {stream_kept // heads} each (its input keeps {stream_kept} channels for {heads} heads)"

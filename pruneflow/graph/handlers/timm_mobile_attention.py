@@ -1,0 +1,138 @@
+"""timm's mobile hybrid attentions on maps (B, C, H, W), kept whole: the stream they read and the space they write
+stay prunable, their inner q/k/v rows are refused in one line naming why.
+
+EfficientViT-MIT's ``LiteMLA`` (a ReLU linear attention: ``qkv`` 1 × 1, multi-scale aggregation by a depthwise and a
+grouped conv per scale, heads of ``dim`` channels, v padded with ones for the denominator) and EfficientFormerV2's
+``Attention2d`` and ``Attention2dDownsample`` (talking heads: 1 × 1 convs across the heads before and after the
+softmax, a learned bias per head) read their input only through convs (consumers: a masked input channel is 0 in
+every column they read, so cutting those columns changes nothing) and write their output with one conv and its
+BatchNorm (``proj``: a producer, its channel point the norm). A depthwise conv that reads the input itself
+(``Attention2d``'s ``stride_conv``, ``Attention2dDownsample``'s local query) carries channel c to its own channel c
+and may add a bias: it joins the input's space as a producer, cut and masked with it (as the walk reads a depthwise
+conv on one whole space).
+
+Their inner widths are kept whole: ``LiteMLA`` reshapes its q/k/v rows by ``dim`` and aggregates them in groups of
+whole heads, its ``ReLU`` kernel and the ones padded into v would need a head's q, k and v cut together through the
+aggregation's groups; ``Attention2d``'s talking heads mix every head's logits (a pruned head's logits are its bias,
+not 0) and its reshapes read ``num_heads``, ``key_dim`` and ``dh`` fixed at construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers.producers import read
+from pruneflow.graph.layers import is_depthwise
+from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.values import Value, one_whole_space
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+@dataclass(frozen=True)
+class KeptWhole:
+    """An attention kept whole, by the names of its submodules: ``carriers`` (depthwise convs, or a conv-and-norm
+    module around one, reading its input), ``readers`` (convs or conv-and-norm modules reading its input or a
+    carrier's output), ``writer`` (the conv-and-norm module writing its output) and why its inner rows stay."""
+
+    carriers: tuple[str, ...]
+    readers: tuple[str, ...]
+    writer: str
+    why: str
+
+
+def conv_layer(name: str, module: nn.Module) -> PrunableLayer:
+    """A conv, or a module holding a conv and its norm (timm's ``ConvNorm``, ``ConvNormAct``, ``Conv2dNorm``), as a
+    producer whose channel point is the norm."""
+    if isinstance(module, nn.Conv2d):
+        return PrunableLayer(name, module)
+    children = dict(module.named_children())
+    conv_name = next(child for child in ("conv", "c") if isinstance(children.get(child), nn.Conv2d))
+    norm_name = next((child for child in ("bn", "norm") if isinstance(children.get(child), nn.BatchNorm2d)), None)
+    norm = (f"{name}.{norm_name}", children[norm_name]) if norm_name else (None, None)
+    return PrunableLayer(f"{name}.{conv_name}", children[conv_name], *norm)
+
+
+def carry(tracer: Tracer, layer: PrunableLayer, value: Value | None, why: str) -> None:
+    """A depthwise ``layer`` reading ``value``: a producer of its one whole space; else the space is refused."""
+    whole = one_whole_space(value) and value.channels_at(1) and not value.flattened and value.revived_by is None
+    if not (is_depthwise(layer.producer) and whole and tracer.fits(value.width, layer.producer.in_channels)):
+        tracer.refuse(value, f"{why}: its depthwise conv {layer.name} reads a tensor that is not one whole space")
+        return
+    tracer.space(value.segments[0][0]).producers.append(layer)
+
+
+def submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
+    """``module``'s submodule at ``path``, None where an attribute on the way is None (an optional layer)."""
+    for attribute in path.split("."):
+        module = getattr(module, attribute, None)
+    return module
+
+
+def kept_whole(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """An attention of ``KEPT_WHOLE``, a leaf: its input read (and carried) by its first layers, its inner rows
+    refused, its output a new space written by its ``writer``."""
+    name, parts = str(node.target), KEPT_WHOLE[type(module)]
+    why = f"attention {name} ({type(module).__name__}) {parts.why}"
+    reason = tracer.reused(name)
+    for carrier in parts.carriers:
+        if (submodule := submodule_or_none(module, carrier)) is not None and not reason:
+            carry(tracer, conv_layer(f"{name}.{carrier}", submodule), value, why)
+    for reader in parts.readers:
+        layer = conv_layer(f"{name}.{reader}", module.get_submodule(reader))
+        read(tracer, layer.name, layer.producer, value)
+        tracer.space(tracer.new_space(layer)).refuse(f"{why}: its inner rows are kept whole")
+    writer = conv_layer(f"{name}.{parts.writer}", module.get_submodule(parts.writer))
+    output = Value(((tracer.new_space(writer), 0),), tracer.width(writer), ndim=4)
+    if reason:
+        tracer.refuse(value, f"attention {name}: {reason}")
+        tracer.refuse(output, f"attention {name}: {reason}")
+    return output
+
+
+KEPT_WHOLE: dict[type[nn.Module], KeptWhole] = {}
+
+
+def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """EfficientFormerV2's ``Attention2d`` and ``Attention2dDownsample``, a leaf: its input carried by its depthwise
+    ``stride_conv`` or local query and read by ``q``, ``k`` and ``v``; its q and k rows one space of ``num_heads``
+    heads (a position cut from both: ``ChannelSpace.parts`` 1), its v rows another, carried by ``v_local`` and read
+    by ``proj``, which writes its output; the cut keeps as many positions in every head and sets ``dh``."""
+    name = str(node.target)
+    carrier = submodule_or_none(module, "stride_conv") or submodule_or_none(module, "q.local")
+    why = f"attention {name} ({type(module).__name__})"
+    if carrier is not None:
+        carry(tracer, conv_layer(f"{name}.{'stride_conv' if hasattr(module, 'stride_conv') else 'q.local'}",
+                                 carrier), value, why)  # fmt: skip
+    q_name = "q" if isinstance(module.q, type(module.k)) else "q.proj"
+    q, k, v = (conv_layer(f"{name}.{part}", module.get_submodule(part)) for part in (q_name, "k", "v"))
+    for layer in (q, k, v):
+        read(tracer, layer.name, layer.producer, value)
+    query_key = tracer.union(tracer.new_space(q), tracer.new_space(k), f"{why}'s q and k")
+    values = tracer.new_space(v)
+    proj = conv_layer(f"{name}.proj", module.proj)
+    tracer.space(values).producers.append(conv_layer(f"{name}.v_local", module.v_local))
+    tracer.space(values).consumers.append(Consumer(proj.name, "conv"))
+    tracer.space(values).held_by.append((name, "dh"))
+    for index in (query_key, values):
+        tracer.space(index).heads, tracer.space(index).parts = module.num_heads, 1
+    output = Value(((tracer.new_space(proj), 0),), tracer.width(proj), ndim=4)
+    if reason := tracer.reused(name):
+        for tensor in (value, output, Value(((query_key, 0), (values, 0)), None)):
+            tracer.refuse(tensor, f"{why}: {reason}")
+    return output
+
+
+def register() -> None:
+    from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
+    from timm.models.efficientvit_mit import LiteMLA
+
+    KEPT_WHOLE[LiteMLA] = KeptWhole((), ("qkv",), "proj", "aggregates its q/k/v rows in groups of heads")
+    register_module_handler(tuple(KEPT_WHOLE), kept_whole)
+    register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
