@@ -1,0 +1,60 @@
+"""timm's mobile hybrid attentions on tiny configurations (small widths, depths and images: seconds): what the graph
+cuts of each, and half of every prunable space masked (L1, ``activation``) and cut gives the masked network's
+function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_vit_likes import assert_cut_equals_masked, space_of
+from torch import nn
+
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+
+def tiny_efficientformerv2() -> nn.Module:
+    from timm.models.efficientformer_v2 import EfficientFormerV2
+
+    torch.manual_seed(0)
+    return EfficientFormerV2(depths=(1, 1, 2, 2), embed_dims=(8, 16, 24, 32), img_size=64, num_vit=2, mlp_ratios=2,
+                             num_classes=10)  # fmt: skip
+
+
+def tiny_efficientvit_mit() -> nn.Module:
+    from timm.models.efficientvit_mit import EfficientVit
+
+    torch.manual_seed(0)
+    return EfficientVit(widths=(8, 8, 16, 16, 32), depths=(1, 1, 1, 2, 2), head_dim=8, head_widths=(32, 40),
+                        num_classes=10)  # fmt: skip
+
+
+def test_efficientformerv2_talking_heads_are_cut_by_positions_per_head_and_cut_exactly() -> None:
+    """EfficientFormerV2's ``Attention2d`` (and its downsampling one): its q and k rows one space (a position cut
+    from both), its v rows another carried by ``v_local`` and read by ``proj``, each of ``num_heads`` heads kept
+    whole in count; its strided depthwise conv joins the stream it reads."""
+    model = tiny_efficientformerv2()
+    graph = trace_channel_graph(model)
+    attention = "stages.3.blocks.1.token_mixer"
+    query_key, values = space_of(graph, f"{attention}.q.conv"), space_of(graph, f"{attention}.v.conv")
+    assert space_of(graph, f"{attention}.k.conv") is query_key and query_key.parts == 1 and query_key.heads == 8
+    assert f"{attention}.v_local.conv" in values.names and values.held_by == [(attention, "dh")]
+    stream = space_of(graph, "stages.2.downsample.conv.conv")  # read by strided depthwise convs, which carry it
+    assert {"stages.2.blocks.1.token_mixer.stride_conv.conv", "stages.3.downsample.attn.q.local"} <= set(stream.names)
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"], [
+        (space.name, space.refusals) for space in graph.spaces if not space.prunable]
+    assert_cut_equals_masked(tiny_efficientformerv2(), 64)
+
+
+def test_efficientvit_mit_linear_attention_is_kept_whole_and_its_stream_cuts_exactly() -> None:
+    """EfficientViT-MIT's ``LiteMLA``: its q/k/v rows refused in one line, the stream it reads and the space its
+    ``proj`` writes (added into the stream) prunable."""
+    graph = trace_channel_graph(tiny_efficientvit_mit())
+    attention = "stages.3.blocks.2.context_module.main"
+    inner = space_of(graph, f"{attention}.qkv.conv")
+    assert inner.refusals == [f"attention {attention} (LiteMLA) aggregates its q/k/v rows in groups of heads: its "
+                              "inner rows are kept whole"]  # fmt: skip
+    assert space_of(graph, f"{attention}.proj.conv").prunable
+    assert_cut_equals_masked(tiny_efficientvit_mit(), 64)
