@@ -58,3 +58,19 @@ def test_efficientvit_mit_linear_attention_is_kept_whole_and_its_stream_cuts_exa
                               "inner rows are kept whole"]  # fmt: skip
     assert space_of(graph, f"{attention}.proj.conv").prunable
     assert_cut_equals_masked(tiny_efficientvit_mit(), 64)
+
+
+def test_mobilevit_block_is_read_as_its_insides_and_cuts_exactly() -> None:
+    """MobileViT's block (kept whole by timm): its transformer's width one space from ``conv_1x1`` through every
+    ViT block's residuals to ``conv_proj``, its heads whole, ``conv_fusion`` reading the block's input and
+    ``conv_proj``'s output side by side."""
+    model = timm.create_model("mobilevit_xxs", num_classes=10)
+    graph = trace_channel_graph(model)
+    block = "stages.3.1"
+    stream = space_of(graph, f"{block}.conv_1x1")
+    assert {f"{block}.transformer.0.attn.proj", f"{block}.transformer.3.mlp.fc2"} <= set(stream.names)
+    assert space_of(graph, f"{block}.transformer.0.attn.qkv").whole_heads
+    fusion_reads = {consumer.name: consumer.offset for consumer in space_of(graph, f"{block}.conv_proj.conv").consumers}
+    assert fusion_reads == {f"{block}.conv_fusion.conv": 64}  # after the block's 64 input channels
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head.fc"]
+    assert_cut_equals_masked(model, 64)

@@ -67,7 +67,11 @@ def unhandled_variant(module: nn.Module) -> str | None:
 def timm_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     """timm's ``Attention``, a leaf: ``qkv`` a consumer of its input and the producer of a whole-heads space read by
     ``proj`` at its value rows, ``proj`` the producer of the output."""
-    name = str(node.target)
+    return named_attention(tracer, str(node.target), module, value)
+
+
+def named_attention(tracer: Tracer, name: str, module: nn.Module, value: Value | None) -> Value:
+    """``timm_attention`` for the attention at ``name``, also where a block kept whole calls it (MobileViT's)."""
     qkv = PrunableLayer(f"{name}.qkv", module.qkv)
     proj = PrunableLayer(f"{name}.proj", module.proj)
     attributes = HEAD_ATTRIBUTES.get(type(module), ("num_heads", "attn_dim"))

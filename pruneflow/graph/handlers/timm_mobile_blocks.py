@@ -1,0 +1,100 @@
+"""timm's mobile hybrid blocks that timm keeps from ``torch.fx`` (their forwards branch on their input's size),
+read whole by the graph as the walk would read their insides: MobileViT's ``MobileVitBlock``.
+
+``MobileVitBlock``: a local conv (``conv_kxk``, conv-BN-act) reads its input; a 1 × 1 conv (``conv_1x1``) writes the
+transformer's width; the map is unfolded into patches of tokens (reshapes by the width ``C`` read from the map's own
+shape, so they follow any cut of it, and a bilinear resize, per channel), run through timm's ViT blocks, normalised,
+folded back, and ``conv_proj`` (conv-BN-act) writes the block's width; ``conv_fusion`` reads the block's input
+concatenated with it. So the transformer's width is one space, as a ViT's stream is (``conv_1x1``, every ``attn.proj``
+and ``mlp.fc2`` its producers, the LayerNorms its points, ``conv_proj`` its reader); each attention is timm's,
+cut in whole heads (``timm_attention``); each MLP's hidden width a space of its own. A zero channel stays 0 through
+the unfold, the fold and the resize, each of which moves a channel's values among positions only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx
+from torch import nn
+
+from pruneflow.graph.handlers.producers import add_points, read
+from pruneflow.graph.handlers.timm_attention import named_attention
+from pruneflow.graph.handlers.timm_mobile_attention import conv_layer
+from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.values import Value
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def tokens(index: int, width: int) -> Value:
+    """A space as tokens (B, N, C), its channels last."""
+    return Value(((index, 0),), width, ndim=3, channels_last=True)
+
+
+def unreadable_block(block: nn.Module) -> str | None:
+    """Why a ViT block's stream, heads or hidden width cannot be read as ``vit_block`` reads them (None: they can)."""
+    mlp = getattr(block, "mlp", None)
+    if not all(isinstance(getattr(block, part, None), nn.Identity) for part in ("ls1", "ls2")):
+        return "scales its residuals (a layer scale)"
+    if mlp is None or not all(type(getattr(mlp, layer, None)) is nn.Linear for layer in ("fc1", "fc2")):
+        return "has another MLP than two nn.Linear layers"
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+        return "normalises its MLP's hidden width"
+    return None
+
+
+def vit_block(tracer: Tracer, name: str, block: nn.Module, stream: int, width: int) -> int:
+    """timm's ViT ``Block`` at ``name``, read as the walk reads a traced one: its LayerNorms points of the stream,
+    its attention (``named_attention``) and its MLP's ``fc2`` writing it again (residuals: one space), ``fc1`` a
+    space of its own; the stream's id."""
+    add_points(tracer, f"{name}.norm1", block.norm1, tokens(stream, width), (width,))
+    output = named_attention(tracer, f"{name}.attn", block.attn, tokens(stream, width))
+    stream = tracer.union(stream, output.segments[0][0], f"{name}'s attention residual")
+    add_points(tracer, f"{name}.norm2", block.norm2, tokens(stream, width), (width,))
+    fc1, fc2 = (PrunableLayer(f"{name}.mlp.{layer}", getattr(block.mlp, layer)) for layer in ("fc1", "fc2"))
+    read(tracer, fc1.name, fc1.producer, tokens(stream, width))
+    hidden = tracer.new_space(fc1)
+    tracer.space(hidden).consumers.append(Consumer(fc2.name, "linear"))
+    return tracer.union(stream, tracer.new_space(fc2), f"{name}'s MLP residual")
+
+
+def mobilevit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """MobileViT's ``MobileVitBlock``, a leaf: its local conv and ``conv_fusion`` read its input, its transformer's
+    width one space from ``conv_1x1`` to ``conv_proj``, its output written by ``conv_fusion`` (or ``conv_proj``)."""
+    name = str(node.target)
+    local = conv_layer(f"{name}.conv_kxk", module.conv_kxk)
+    read(tracer, local.name, local.producer, value)
+    expand = PrunableLayer(f"{name}.conv_1x1", module.conv_1x1)
+    read(tracer, expand.name, expand.producer, Value(((tracer.new_space(local), 0),), tracer.width(local), ndim=4))
+    stream, width = tracer.new_space(expand), tracer.width(expand)
+    why = tracer.reused(name) or next(filter(None, map(unreadable_block, module.transformer)), None)
+    for index, block in enumerate(module.transformer if why is None else ()):
+        stream = vit_block(tracer, f"{name}.transformer.{index}", block, stream, width)
+    add_points(tracer, f"{name}.norm", module.norm, tokens(stream, width), (width,))
+    proj = conv_layer(f"{name}.conv_proj", module.conv_proj)
+    read(tracer, proj.name, proj.producer, Value(((stream, 0),), width, ndim=4))
+    output = Value(((tracer.new_space(proj), 0),), tracer.width(proj), ndim=4)
+    if why:
+        tracer.space(stream).refuse(f"MobileViT block {name}: {why if tracer.reused(name) else f'a ViT block {why}'}")
+    if tracer.reused(name):
+        tracer.refuse_all((value, output), f"MobileViT block {name}: {why}")
+    if module.conv_fusion is None:
+        return output
+    fusion = conv_layer(f"{name}.conv_fusion", module.conv_fusion)
+    if value is None or value.width is None or value.layout is not None or value.flattened:
+        reason = f"MobileViT block {name} concatenates them with a tensor of unknown channels"
+        tracer.refuse_all((value, output), reason)
+    else:
+        joined = Value((*value.segments, (output.segments[0][0], value.width)), value.width + output.width,
+                       revived_by=value.revived_by, ndim=4)  # fmt: skip
+        read(tracer, fusion.name, fusion.producer, joined)
+    return Value(((tracer.new_space(fusion), 0),), tracer.width(fusion), ndim=4)
+
+
+def register() -> None:
+    from timm.models.mobilevit import MobileVitBlock
+
+    register_module_handler(MobileVitBlock, mobilevit_block)
