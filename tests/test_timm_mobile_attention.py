@@ -74,3 +74,25 @@ def test_mobilevit_block_is_read_as_its_insides_and_cuts_exactly() -> None:
     assert fusion_reads == {f"{block}.conv_fusion.conv": 64}  # after the block's 64 input channels
     assert [space.name for space in graph.spaces if not space.prunable] == ["head.fc"]
     assert_cut_equals_masked(model, 64)
+
+
+def tiny_tiny_vit() -> nn.Module:
+    from timm.models.tiny_vit import TinyVit
+
+    torch.manual_seed(0)
+    return TinyVit(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4), window_sizes=(3, 3, 3, 2),
+                   mlp_ratio=2, drop_path_rate=0.0, num_classes=10)  # fmt: skip
+
+
+def test_tiny_vit_block_is_read_as_its_insides_and_cuts_exactly() -> None:
+    """TinyViT's block (kept whole by timm): one stream through its window attention (padded windows of 3 on maps of
+    4 and 2 px), its depthwise ``local_conv`` and its MLP; the attention's q/k/v rows refused in one line."""
+    graph = trace_channel_graph(tiny_tiny_vit())
+    block = "stages.1.blocks.1"
+    stream = space_of(graph, f"{block}.attn.proj")
+    assert {f"{block}.local_conv.conv", f"{block}.mlp.fc2", "stages.1.blocks.0.attn.proj"} <= set(stream.names)
+    assert stream.prunable and space_of(graph, f"{block}.mlp.fc1").prunable
+    assert space_of(graph, f"{block}.attn.qkv").refusals == [
+        f"TinyViT attention {block}.attn lays each head's q, k and v rows side by side and adds a bias per head: its "
+        "rows are kept whole"]  # fmt: skip
+    assert_cut_equals_masked(tiny_tiny_vit(), 64)

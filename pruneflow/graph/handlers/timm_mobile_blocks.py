@@ -1,5 +1,6 @@
 """timm's mobile hybrid blocks that timm keeps from ``torch.fx`` (their forwards branch on their input's size),
-read whole by the graph as the walk would read their insides: MobileViT's ``MobileVitBlock``.
+read whole by the graph as the walk would read their insides: MobileViT's ``MobileVitBlock``, TinyViT's
+``TinyVitBlock``.
 
 ``MobileVitBlock``: a local conv (``conv_kxk``, conv-BN-act) reads its input; a 1 × 1 conv (``conv_1x1``) writes the
 transformer's width; the map is unfolded into patches of tokens (reshapes by the width ``C`` read from the map's own
@@ -9,6 +10,14 @@ concatenated with it. So the transformer's width is one space, as a ViT's stream
 and ``mlp.fc2`` its producers, the LayerNorms its points, ``conv_proj`` its reader); each attention is timm's,
 cut in whole heads (``timm_attention``); each MLP's hidden width a space of its own. A zero channel stays 0 through
 the unfold, the fold and the resize, each of which moves a channel's values among positions only.
+
+``TinyVitBlock`` (channels last, (B, H, W, C)): its attention on windows (padded with zero tokens, partitioned and
+reversed by reshapes by the ``C`` of its input's shape) adds to the stream, a depthwise ``local_conv`` (conv-BN)
+carries channel c to channel c, and a ``NormMlp`` adds to it again: one stream, ``attn.proj``, ``local_conv`` and
+``mlp.fc2`` its producers, ``attn.norm`` and ``mlp.norm`` its points, ``attn.qkv`` and ``mlp.fc1`` its readers, the
+MLP's hidden width a space of its own. The attention's q/k/v rows are kept whole, refused in one line: each head's
+q, k and v rows lie side by side (``view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``) and a bias per head
+is added to its logits, a layout the whole-heads cut (q rows of all heads, then k, then v) does not take.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from pruneflow.graph.handlers.timm_attention import named_attention
 from pruneflow.graph.handlers.timm_mobile_attention import conv_layer
 from pruneflow.graph.records import Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
-from pruneflow.graph.values import Value
+from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -94,7 +103,34 @@ def mobilevit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     return Value(((tracer.new_space(fusion), 0),), tracer.width(fusion), ndim=4)
 
 
+def tiny_vit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """TinyViT's ``TinyVitBlock``, a leaf: its stream (channels last) written again by ``attn.proj``, ``local_conv``
+    and ``mlp.fc2``, read by ``attn.qkv`` (its rows refused) and ``mlp.fc1`` (a hidden space of its own)."""
+    name = str(node.target)
+    usable = one_whole_space(value) and value.width == module.dim and value.channels_at(-1) and not value.flattened
+    if not usable or value.revived_by is not None or tracer.reused(name):
+        tracer.refuse_unknown(node, [value])
+        return None
+    stream, width = value.segments[0][0], module.dim
+    add_points(tracer, f"{name}.attn.norm", module.attn.norm, tokens(stream, width), (width,))
+    qkv, proj = (PrunableLayer(f"{name}.attn.{layer}", getattr(module.attn, layer)) for layer in ("qkv", "proj"))
+    read(tracer, qkv.name, qkv.producer, tokens(stream, width))
+    tracer.space(tracer.new_space(qkv)).refuse(
+        f"TinyViT attention {name}.attn lays each head's q, k and v rows side by side and adds a bias per head: "
+        "its rows are kept whole")  # fmt: skip
+    stream = tracer.union(stream, tracer.new_space(proj), f"{name}'s attention residual")
+    tracer.space(stream).producers.append(conv_layer(f"{name}.local_conv", module.local_conv))
+    add_points(tracer, f"{name}.mlp.norm", module.mlp.norm, tokens(stream, width), (width,))
+    fc1, fc2 = (PrunableLayer(f"{name}.mlp.{layer}", getattr(module.mlp, layer)) for layer in ("fc1", "fc2"))
+    read(tracer, fc1.name, fc1.producer, tokens(stream, width))
+    tracer.space(tracer.new_space(fc1)).consumers.append(Consumer(fc2.name, "linear"))
+    stream = tracer.union(stream, tracer.new_space(fc2), f"{name}'s MLP residual")
+    return Value(((stream, 0),), width, ndim=4, channels_last=True)
+
+
 def register() -> None:
     from timm.models.mobilevit import MobileVitBlock
+    from timm.models.tiny_vit import TinyVitBlock
 
     register_module_handler(MobileVitBlock, mobilevit_block)
+    register_module_handler(TinyVitBlock, tiny_vit_block)
