@@ -4,6 +4,8 @@ function."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from test_timm_vit_likes import assert_cut_equals_masked, space_of
@@ -96,3 +98,51 @@ def test_tiny_vit_block_is_read_as_its_insides_and_cuts_exactly() -> None:
         f"TinyViT attention {block}.attn lays each head's q, k and v rows side by side and adds a bias per head: its "
         "rows are kept whole"]  # fmt: skip
     assert_cut_equals_masked(tiny_tiny_vit(), 64)
+
+
+class Residual(nn.Module):
+    """A stem conv, ``x + attention(x)`` and a pooled classifier: the smallest network an attention on a map sits in."""
+
+    def __init__(self, attention: nn.Module, width: int) -> None:
+        super().__init__()
+        self.stem, self.attention = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)), attention
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.attention(x)
+        return self.head(x.mean((2, 3)))
+
+
+def conv_attention(module: str, **options: object) -> nn.Module:
+    torch.manual_seed(0)
+    attention = importlib.import_module(f"timm.models.{module}").ConvAttention
+    return Residual(attention(32, att_stride=2, att_kernel=3, **options), 32)
+
+
+@pytest.mark.parametrize(
+    ("module", "options", "writers"),
+    [
+        ("lowformer", {}, ["attention.o_proj", "attention.upsampling"]),  # a depthwise transposed conv upsamples
+        ("cpubone", {"fuse_out_proj": True, "upsample_mode": "nearest"}, ["attention.upsampling.0"]),
+        ("cpubone", {"upsample_mode": "nearest"}, ["attention.o_proj"]),
+    ],
+)
+def test_conv_attention_carries_its_input_and_upsampled_output_and_cuts_exactly(
+    module: str, options: dict[str, object], writers: list[str]
+) -> None:
+    """LowFormer's and CPUBone's ``ConvAttention``: its strided depthwise ``conv_proj`` joins the stream it reads,
+    its output is written by a 1 × 1 conv and carried by what upsamples it, added into the stream."""
+    graph = trace_channel_graph(conv_attention(module, **options))
+    stream = space_of(graph, "stem.0")
+    assert stream.prunable and {"attention.conv_proj.conv", *writers} <= set(stream.names), stream.names
+    assert not space_of(graph, "attention.pwise").prunable
+    assert_cut_equals_masked(conv_attention(module, **options), 16)
+
+
+def test_conv_attention_fused_into_a_transposed_conv_is_refused_in_one_line() -> None:
+    """LowFormer's ``fuse_out_proj``: a dense transposed conv writes the output along its weight's dim 1."""
+    graph = trace_channel_graph(conv_attention("lowformer", fuse_out_proj=True))
+    assert space_of(graph, "stem.0").refusals == [
+        "attention attention (ConvAttention) writes its output with a transposed conv (fuse_out_proj=True), whose "
+        "output channels lie along its weight's dim 1, which the cut does not take"]  # fmt: skip

@@ -143,6 +143,10 @@ def _conv_args(conv: nn.Conv1d | nn.Conv2d) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _conv_transpose_args(conv: nn.ConvTranspose2d) -> dict[str, Any]:
+    return {**_conv_args(conv), "output_padding": conv.output_padding}
+
+
 def _norm_args(norm: nn.BatchNorm2d) -> dict[str, Any]:
     return {
         "num_features": norm.num_features, "eps": norm.eps, "momentum": norm.momentum, "affine": norm.affine,
@@ -177,6 +181,8 @@ def _attention_args(attention: nn.MultiheadAttention) -> dict[str, Any]:
 RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]] = {
     nn.Conv1d: (_conv_args, ("out_channels", "in_channels")),
     nn.Conv2d: (_conv_args, ("out_channels", "in_channels")),
+    # depthwise only (the graph reads no other): its weight (C, 1, k, k) is cut by rows as a depthwise conv's
+    nn.ConvTranspose2d: (_conv_transpose_args, ("out_channels", "in_channels")),
     nn.BatchNorm1d: (_norm_args, ("num_features", None)),
     nn.BatchNorm2d: (_norm_args, ("num_features", None)),
     nn.Linear: (_linear_args, ("out_features", "in_features")),

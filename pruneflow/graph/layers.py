@@ -26,9 +26,10 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def is_depthwise(module: nn.Module) -> bool:
-    """A conv whose output channel c reads input channel c only (groups = in = out channels)."""
+    """A conv whose output channel c reads input channel c only (groups = in = out channels); a transposed one too
+    (LowFormer's upsampling), whose weight is then (C, 1, k, k) as a depthwise conv's."""
     return (
-        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d))
         and module.groups > 1
         and module.groups == module.in_channels == module.out_channels
     )

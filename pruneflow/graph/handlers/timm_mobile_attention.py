@@ -53,7 +53,9 @@ def conv_layer(name: str, module: nn.Module) -> PrunableLayer:
     if isinstance(module, nn.Conv2d):
         return PrunableLayer(name, module)
     children = dict(module.named_children())
-    conv_name = next(child for child in ("conv", "c") if isinstance(children.get(child), nn.Conv2d))
+    if isinstance(children.get("conv"), nn.Sequential):  # CPUBone's: a padding, then its conv
+        children |= {f"conv.{index}": child for index, child in enumerate(children["conv"])}
+    conv_name = next(child for child in ("conv", "c", "conv.1") if isinstance(children.get(child), nn.Conv2d))
     norm_name = next((child for child in ("bn", "norm") if isinstance(children.get(child), nn.BatchNorm2d)), None)
     norm = (f"{name}.{norm_name}", children[norm_name]) if norm_name else (None, None)
     return PrunableLayer(f"{name}.{conv_name}", children[conv_name], *norm)
@@ -99,6 +101,50 @@ def kept_whole(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Va
 KEPT_WHOLE: dict[type[nn.Module], KeptWhole] = {}
 
 
+def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
+    """What writes a ``ConvAttention``'s output: its 1 × 1 ``o_proj`` (or the one first in its ``upsampling``), then
+    a depthwise transposed conv or a nearest upsampling (channel by channel); why not, where anything else does."""
+    upsampling = module.upsampling
+    steps = list(upsampling) if isinstance(upsampling, nn.Sequential) else [upsampling]
+    names = [f"{name}.upsampling.{i}" for i in range(len(steps))] if isinstance(upsampling, nn.Sequential) else [
+        f"{name}.upsampling"]  # fmt: skip
+    if type(module.o_proj) is nn.Conv2d:
+        steps, names = [module.o_proj, *steps], [f"{name}.o_proj", *names]
+    writers = [PrunableLayer(n, step) for n, step in zip(names, steps, strict=True) if type(step) is not nn.Upsample
+               and not isinstance(step, nn.Identity)]  # fmt: skip
+    nearest = all(step.mode == "nearest" for step in steps if type(step) is nn.Upsample)
+    first_is_conv = bool(writers) and type(writers[0].producer) is nn.Conv2d and not is_depthwise(writers[0].producer)
+    if isinstance(upsampling, nn.ConvTranspose2d) and not is_depthwise(upsampling):
+        return ("writes its output with a transposed conv (fuse_out_proj=True), whose output channels lie along its "
+                "weight's dim 1, which the cut does not take")  # fmt: skip
+    if not (nearest and first_is_conv and all(is_depthwise(layer.producer) for layer in writers[1:])):
+        return "upsamples its output by another layer than a depthwise transposed conv or a nearest resize"
+    return writers
+
+
+def upsampled_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """LowFormer's and CPUBone's ``ConvAttention``, a leaf: its input carried by its strided depthwise ``conv_proj``
+    and read by ``pwise`` (its q/k/v rows refused), its output written by a 1 × 1 conv and carried by a depthwise
+    transposed conv (each masked after its bias) or a nearest upsampling, then cropped."""
+    name = str(node.target)
+    why = f"attention {name} (ConvAttention)"
+    writers = output_writers(name, module)
+    reason = tracer.reused(name) or (writers if isinstance(writers, str) else None)
+    if reason is None:
+        carry(tracer, conv_layer(f"{name}.conv_proj", module.conv_proj), value, why)
+    pwise = PrunableLayer(f"{name}.pwise", module.pwise)
+    read(tracer, pwise.name, pwise.producer, value)
+    tracer.space(tracer.new_space(pwise)).refuse(
+        f"{why} lays each head's q, k and v rows side by side (it reshapes by num_heads and head_dim): its rows are "
+        "kept whole")  # fmt: skip
+    if reason is not None:  # its output, as wide as its input, is read as its input: refused with it, in one line
+        tracer.refuse(value, f"{why} {reason}")
+        return value
+    output = tracer.new_space(writers[0])
+    tracer.space(output).producers.extend(writers[1:])
+    return Value(((output, 0),), tracer.width(writers[0]), ndim=4)
+
+
 def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     """EfficientFormerV2's ``Attention2d`` and ``Attention2dDownsample``, a leaf: its input carried by its depthwise
     ``stride_conv`` or local query and read by ``q``, ``k`` and ``v``; its q and k rows one space of ``num_heads``
@@ -130,9 +176,12 @@ def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
 
 
 def register() -> None:
+    from timm.models.cpubone import ConvAttention as CPUBoneAttention
     from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
     from timm.models.efficientvit_mit import LiteMLA
+    from timm.models.lowformer import ConvAttention as LowFormerAttention
 
     KEPT_WHOLE[LiteMLA] = KeptWhole((), ("qkv",), "proj", "aggregates its q/k/v rows in groups of heads")
     register_module_handler(tuple(KEPT_WHOLE), kept_whole)
     register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
+    register_module_handler((LowFormerAttention, CPUBoneAttention), upsampled_attention)
