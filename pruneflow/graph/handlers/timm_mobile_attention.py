@@ -1,5 +1,5 @@
 """timm's mobile hybrid attentions on maps (B, C, H, W), kept whole: the stream they read and the space they write
-stay prunable, their inner q/k/v rows are refused in one line naming why.
+stay prunable where a cut of them is exact, their inner rows cut where one is, else refused in one line naming why.
 
 EfficientViT-MIT's ``LiteMLA`` (a ReLU linear attention: ``qkv`` 1 × 1, multi-scale aggregation by a depthwise and a
 grouped conv per scale, heads of ``dim`` channels, v padded with ones for the denominator) and EfficientFormerV2's
@@ -10,6 +10,17 @@ BatchNorm (``proj``: a producer, its channel point the norm). A depthwise conv t
 (``Attention2d``'s ``stride_conv``, ``Attention2dDownsample``'s local query) carries channel c to its own channel c
 and may add a bias: it joins the input's space as a producer, cut and masked with it (as the walk reads a depthwise
 conv on one whole space).
+
+LowFormer's and CPUBone's ``ConvAttention`` read their input the same way, through a strided depthwise ``conv_proj``
+(a carrier) and ``pwise``; their output is written by a 1 × 1 conv (``o_proj``, or the first layer of the
+``upsampling`` it is fused into) and carried channel by channel by a depthwise transposed conv or a nearest resize,
+each masked after its bias, then cropped. LowFormer's ``fuse_out_proj`` writes it with a dense transposed conv, whose
+output channels lie along its weight's dim 1: refused in one line, with the stream it is added into. Their q/k/v rows
+(``pwise``'s, reshaped by ``num_heads`` and ``head_dim``, each head's q, k and v side by side) are kept whole.
+
+EfficientViT-MSRA's ``LocalWindowAttention`` (cascaded group attention) splits its input into equal chunks, one per
+head, and adds each head's values into the next head's chunk: the stream's channels are tied to every head's rows
+and a cut would have to keep as many in each chunk; the stream is refused in one line naming it.
 
 Their inner widths are kept whole: ``LiteMLA`` reshapes its q/k/v rows by ``dim`` and aggregates them in groups of
 whole heads, its ``ReLU`` kernel and the ones padded into v would need a head's q, k and v cut together through the
@@ -175,13 +186,25 @@ def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
     return output
 
 
+def cascaded_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """EfficientViT-MSRA's ``LocalWindowAttention``, a leaf: its cascaded group attention splits its input into one
+    equal chunk per head (``chunk``: a cut must keep as many channels in each) and adds each head's value rows into
+    the next head's chunk, so the stream's channels are tied to every head's rows; refused in one line, its output
+    read as its input (as wide, refused with it)."""
+    tracer.refuse(value, f"attention {node.target} (LocalWindowAttention) splits its input into equal chunks, one per "
+                         "head, and adds each head's values into the next head's chunk")  # fmt: skip
+    return value
+
+
 def register() -> None:
     from timm.models.cpubone import ConvAttention as CPUBoneAttention
     from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
     from timm.models.efficientvit_mit import LiteMLA
+    from timm.models.efficientvit_msra import LocalWindowAttention
     from timm.models.lowformer import ConvAttention as LowFormerAttention
 
     KEPT_WHOLE[LiteMLA] = KeptWhole((), ("qkv",), "proj", "aggregates its q/k/v rows in groups of heads")
     register_module_handler(tuple(KEPT_WHOLE), kept_whole)
     register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
     register_module_handler((LowFormerAttention, CPUBoneAttention), upsampled_attention)
+    register_module_handler(LocalWindowAttention, cascaded_attention)
