@@ -158,3 +158,13 @@ def test_efficientvit_msra_cascaded_attention_is_refused_in_one_line() -> None:
                            "chunks, one per head, and adds each head's values into the next head's chunk")  # fmt: skip
     assert all("(LocalWindowAttention) splits its input" in reason for reason in refusals), refusals
     assert space_of(graph, "stages.1.blocks.0.ffn0.m.pw1.conv").prunable
+
+
+def test_shvit_single_head_attention_is_refused_in_one_line() -> None:
+    """SHViT's ``SHSA`` ties its split's first part to its values' width: the stream it reads is refused in one line
+    per attention naming it (no longer through a matmul and a concatenation of unknown channels)."""
+    graph = trace_channel_graph(timm.create_model("shvit_s1", num_classes=10))
+    refusals = space_of(graph, "stages.1.blocks.1.conv.m.c").refusals
+    assert refusals[0] == ("single-head attention stages.1.blocks.0.mixer.m (SHSA) splits its input at pdim=48 and "
+                           "reshapes its values by that width, which ties the split's first part to its values")
+    assert all("(SHSA) splits its input" in reason for reason in refusals), refusals

@@ -22,6 +22,10 @@ EfficientViT-MSRA's ``LocalWindowAttention`` (cascaded group attention) splits i
 head, and adds each head's values into the next head's chunk: the stream's channels are tied to every head's rows
 and a cut would have to keep as many in each chunk; the stream is refused in one line naming it.
 
+SHViT's ``SHSA`` splits its input at ``pdim`` and reshapes its single head's values by that width before
+concatenating them with the rest: the split's first part and the values are tied in width, a tie no cut of channels
+follows; the stream is refused in one line naming it.
+
 Their inner widths are kept whole: ``LiteMLA`` reshapes its q/k/v rows by ``dim`` and aggregates them in groups of
 whole heads, its ``ReLU`` kernel and the ones padded into v would need a head's q, k and v cut together through the
 aggregation's groups; ``Attention2d``'s talking heads mix every head's logits (a pruned head's logits are its bias,
@@ -196,15 +200,32 @@ def cascaded_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, v
     return value
 
 
+def single_head_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """SHViT's ``SHSA``, a leaf: it splits its input at ``pdim`` (``dim`` and ``pdim`` fixed at construction), runs
+    one head on the first part and concatenates the head's values (as many as that part, reshaped by ``pdim``) with
+    the rest for ``proj``: the first part's width is its values' width, so a cut of either changes the other; the
+    stream and its q/k/v rows refused in one line, its output read as its input (as wide, refused with it)."""
+    name = str(node.target)
+    reason = (f"single-head attention {name} (SHSA) splits its input at pdim={module.pdim} and reshapes its values "
+              "by that width, which ties the split's first part to its values")  # fmt: skip
+    qkv = conv_layer(f"{name}.qkv", module.qkv)
+    read(tracer, qkv.name, qkv.producer, value)
+    tracer.space(tracer.new_space(qkv)).refuse(reason)
+    tracer.refuse(value, reason)
+    return value
+
+
 def register() -> None:
     from timm.models.cpubone import ConvAttention as CPUBoneAttention
     from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
     from timm.models.efficientvit_mit import LiteMLA
     from timm.models.efficientvit_msra import LocalWindowAttention
     from timm.models.lowformer import ConvAttention as LowFormerAttention
+    from timm.models.shvit import SHSA
 
     KEPT_WHOLE[LiteMLA] = KeptWhole((), ("qkv",), "proj", "aggregates its q/k/v rows in groups of heads")
     register_module_handler(tuple(KEPT_WHOLE), kept_whole)
     register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
     register_module_handler((LowFormerAttention, CPUBoneAttention), upsampled_attention)
     register_module_handler(LocalWindowAttention, cascaded_attention)
+    register_module_handler(SHSA, single_head_attention)
