@@ -50,14 +50,18 @@ def test_efficientformerv2_talking_heads_are_cut_by_positions_per_head_and_cut_e
     assert_cut_equals_masked(tiny_efficientformerv2(), 64)
 
 
-def test_efficientvit_mit_linear_attention_is_kept_whole_and_its_stream_cuts_exactly() -> None:
-    """EfficientViT-MIT's ``LiteMLA``: its q/k/v rows refused in one line, the stream it reads and the space its
-    ``proj`` writes (added into the stream) prunable."""
+def test_efficientvit_mit_linear_attention_is_cut_in_whole_heads_and_cuts_exactly() -> None:
+    """EfficientViT-MIT's ``LiteMLA``: its q/k/v rows (heads of ``dim`` q, k and v rows side by side) one space
+    pruned in whole heads (``block``), carried by each scale's depthwise and grouped conv and read by ``proj`` at every
+    scale's values; the stream it reads and the space ``proj`` writes (added into the stream) prunable. The cut
+    network, smaller in its aggregation's groups, computes the masked one."""
     graph = trace_channel_graph(tiny_efficientvit_mit())
     attention = "stages.3.blocks.2.context_module.main"
-    inner = space_of(graph, f"{attention}.qkv.conv")
-    assert inner.refusals == [f"attention {attention} (LiteMLA) aggregates its q/k/v rows in groups of heads: its "
-                              "inner rows are kept whole"]  # fmt: skip
+    heads = space_of(graph, f"{attention}.qkv.conv")
+    assert heads.prunable and heads.block == 3 * 8, heads.refusals
+    assert heads.names == [f"{attention}.qkv.conv", f"{attention}.aggreg.0.0", f"{attention}.aggreg.0.1"]
+    head = heads.consumers[1].at[2 * 8 : 3 * 8 * 2]  # the second scale's columns of the first head's values, then -1s
+    assert list(head[:8]) == list(range(32, 40)) and set(head[8:16]) == {-1}
     assert space_of(graph, f"{attention}.proj.conv").prunable
     assert_cut_equals_masked(tiny_efficientvit_mit(), 64)
 

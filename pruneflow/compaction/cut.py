@@ -391,6 +391,20 @@ def cut_tensor(tensor: Tensor, out_keep: Tensor | None, in_keep: Tensor | None) 
     return tensor
 
 
+def takes_whole_groups(module: nn.Module, out_keep: Tensor) -> bool:
+    """Whether ``module`` is a grouped conv reading as many channels per group as it writes and ``out_keep`` keeps
+    whole groups of its rows: a conv that carries its input's channels group by group (its rows a producer of the
+    space it reads, pruned in whole groups: ``ChannelSpace.block``), whose groups go with them. A grouped conv that
+    writes a space of its own keeps the same rows in every group, never whole groups."""
+    groups = getattr(module, "groups", 1)
+    if groups < 2 or module.in_channels != module.out_channels or len(out_keep) % (module.out_channels // groups):
+        return False
+    kept = torch.zeros(module.out_channels, dtype=torch.bool)
+    kept[out_keep] = True
+    per_group = kept.view(groups, -1)
+    return torch.equal(per_group.all(-1), per_group.any(-1))
+
+
 def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) -> nn.Module:
     """``module`` keeping only output rows ``out_keep`` and input columns ``in_keep`` (None: all).
 
@@ -406,6 +420,9 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         sizes[out_arg] = len(out_keep)
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
+        elif in_keep is None and takes_whole_groups(module, out_keep):  # carrying its input (LiteMLA's aggregation)
+            sizes["in_channels"] = len(out_keep)
+            sizes["groups"] = len(out_keep) // (module.out_channels // module.groups)
     if out_keep is not None and isinstance(module, nn.GroupNorm) and module.num_groups > 1:  # ``ChannelSpace.block``
         sizes["num_groups"] = module.num_groups * len(out_keep) // module.num_channels
     if in_keep is not None and in_arg is not None:

@@ -25,6 +25,12 @@
   its ``MultiScaleBlock``, kept whole, its stream followed through the pooled shortcut;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
+- ``timm_mobile_attention``: the mobile hybrids' attentions on maps, kept whole, their streams carried and read:
+  EfficientViT-MIT's ``LiteMLA`` cut in whole heads, EfficientFormerV2's talking heads by positions per head,
+  LowFormer's and CPUBone's ``ConvAttention`` with their q/k/v rows refused; refused in one line where their stream
+  is tied to their heads (EfficientViT-MSRA's cascaded group attention, SHViT's single-head attention);
+- ``timm_mobile_blocks``: MobileViT's and TinyViT's blocks, which timm keeps from ``torch.fx``, read as their
+  insides (their streams, MLP widths and MobileViT's heads prunable);
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,

@@ -26,15 +26,23 @@ SHViT's ``SHSA`` splits its input at ``pdim`` and reshapes its single head's val
 concatenating them with the rest: the split's first part and the values are tied in width, a tie no cut of channels
 follows; the stream is refused in one line naming it.
 
-Their inner widths are kept whole: ``LiteMLA`` reshapes its q/k/v rows by ``dim`` and aggregates them in groups of
-whole heads, its ``ReLU`` kernel and the ones padded into v would need a head's q, k and v cut together through the
-aggregation's groups; ``Attention2d``'s talking heads mix every head's logits (a pruned head's logits are its bias,
-not 0) and its reshapes read ``num_heads``, ``key_dim`` and ``dh`` fixed at construction.
+Their inner rows, where cut exactly:
+
+- ``LiteMLA``: heads of ``dim`` q, k and v rows side by side (``reshape(B, -1, 3 * dim, H * W)``), aggregated per scale
+  by a depthwise conv and a conv grouped by ``dim`` (which mixes a head's q positions among themselves, so no position
+  inside a head can go), read by ``proj`` as the values of every scale's heads. A whole head can: with its rows 0 (no
+  bias anywhere before the attention), ReLU(q) = ReLU(k) = 0, kᵀ[v, 1] = 0, and its output 0 / (0 + eps) = 0 in
+  every scale. So the rows are one space pruned in whole heads (``ChannelSpace.block``, 3 × dim), the aggregation's
+  convs its producers (the grouped one loses whole groups: ``compaction.cut.takes_whole_groups``), ``proj`` reading
+  each scale's values; the head count follows from the width, so the cut sets nothing.
+- ``Attention2d``: its talking heads mix every head's logits (a pruned head's logits are its bias, not 0), so the
+  heads stay; inside a head, q and k positions go together (a zero position adds 0 to every logit, the scale is fixed
+  at construction) and value positions on their own (each a column of the head's output, carried by ``v_local``), as
+  many in every head (reshaped by ``num_heads``); the cut sets ``dh``, by which it reshapes its output.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.fx
@@ -48,18 +56,6 @@ from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
-
-
-@dataclass(frozen=True)
-class KeptWhole:
-    """An attention kept whole, by the names of its submodules: ``carriers`` (depthwise convs, or a conv-and-norm
-    module around one, reading its input), ``readers`` (convs or conv-and-norm modules reading its input or a
-    carrier's output), ``writer`` (the conv-and-norm module writing its output) and why its inner rows stay."""
-
-    carriers: tuple[str, ...]
-    readers: tuple[str, ...]
-    writer: str
-    why: str
 
 
 def conv_layer(name: str, module: nn.Module) -> PrunableLayer:
@@ -92,28 +88,6 @@ def submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-def kept_whole(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """An attention of ``KEPT_WHOLE``, a leaf: its input read (and carried) by its first layers, its inner rows
-    refused, its output a new space written by its ``writer``."""
-    name, parts = str(node.target), KEPT_WHOLE[type(module)]
-    why = f"attention {name} ({type(module).__name__}) {parts.why}"
-    reason = tracer.reused(name)
-    for carrier in parts.carriers:
-        if (submodule := submodule_or_none(module, carrier)) is not None and not reason:
-            carry(tracer, conv_layer(f"{name}.{carrier}", submodule), value, why)
-    for reader in parts.readers:
-        layer = conv_layer(f"{name}.{reader}", module.get_submodule(reader))
-        read(tracer, layer.name, layer.producer, value)
-        tracer.space(tracer.new_space(layer)).refuse(f"{why}: its inner rows are kept whole")
-    writer = conv_layer(f"{name}.{parts.writer}", module.get_submodule(parts.writer))
-    output = Value(((tracer.new_space(writer), 0),), tracer.width(writer), ndim=4)
-    if reason:
-        tracer.refuse(value, f"attention {name}: {reason}")
-        tracer.refuse(output, f"attention {name}: {reason}")
-    return output
-
-
-KEPT_WHOLE: dict[type[nn.Module], KeptWhole] = {}
 
 
 def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
@@ -135,6 +109,47 @@ def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
     if not (nearest and first_is_conv and all(is_depthwise(layer.producer) for layer in writers[1:])):
         return "upsamples its output by another layer than a depthwise transposed conv or a nearest resize"
     return writers
+
+
+def heads_layout(module: nn.Module) -> str | None:
+    """Why ``LiteMLA``'s heads cannot be cut whole (None: they can): the parts a pruned head's zeros would not
+    cross as zeros, or a layout other than its qkv's 1 × 1 conv, one depthwise and one grouped conv per scale."""
+    qkv = module.qkv
+    if not (isinstance(qkv.norm, nn.Identity) and isinstance(qkv.act, nn.Identity) and qkv.conv.bias is None):
+        return "normalises, activates or biases its q/k/v rows before aggregating them"
+    if type(module.kernel_func) is not nn.ReLU or module.eps <= 0:
+        return "maps q and k by another kernel than a ReLU"
+    for scale in module.aggreg:
+        if len(scale) != 2 or not is_depthwise(scale[0]) or scale[1].groups * module.dim != scale[1].in_channels:
+            return "aggregates its q/k/v rows with other layers than a depthwise conv and a conv grouped by dim"
+        if scale[0].bias is not None or scale[1].bias is not None:
+            return "adds a bias when aggregating its q/k/v rows"
+    return None
+
+
+def linear_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
+    """EfficientViT-MIT's ``LiteMLA``, a leaf: ``qkv`` reads its input and writes heads of ``dim`` q, k and v rows
+    side by side, pruned in whole heads only (``ChannelSpace.block`` 3 × dim): a pruned head's q, k, v are 0 in
+    every scale (no bias), its ReLU-linear attention gives 0 / (0 + eps) = 0. Each scale's depthwise and grouped conv
+    carry the rows (a producer of them, the grouped conv losing whole groups); ``proj`` reads every scale's values
+    (heads of the first scale first) and writes the output."""
+    name, dim = str(node.target), module.dim
+    qkv, proj = conv_layer(f"{name}.qkv", module.qkv), conv_layer(f"{name}.proj", module.proj)
+    read(tracer, qkv.name, qkv.producer, value)
+    heads = tracer.space(tracer.new_space(qkv))
+    width, scales = heads.width, len(module.aggreg) + 1
+    for index, scale in enumerate(module.aggreg):
+        heads.producers += [PrunableLayer(f"{name}.aggreg.{index}.{i}", scale[i]) for i in range(2)]
+    for index in range(scales):  # row c of head c // 3dim: a value row is read by proj at that head of this scale
+        at = [-1 if c % (3 * dim) < 2 * dim else (index * width // 3 + c // (3 * dim) * dim + c % dim)
+              for c in range(width)]  # fmt: skip
+        heads.consumers.append(Consumer(proj.name, "conv", at=tuple(at)))
+    heads.block = 3 * dim
+    if reason := tracer.reused(name) or heads_layout(module):
+        heads.refuse(f"attention {name} (LiteMLA) {reason}")
+    if tracer.reused(name):
+        tracer.refuse(value, f"attention {name} (LiteMLA) {reason}")
+    return Value(((tracer.new_space(proj), 0),), tracer.width(proj), ndim=4)
 
 
 def upsampled_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
@@ -223,8 +238,7 @@ def register() -> None:
     from timm.models.lowformer import ConvAttention as LowFormerAttention
     from timm.models.shvit import SHSA
 
-    KEPT_WHOLE[LiteMLA] = KeptWhole((), ("qkv",), "proj", "aggregates its q/k/v rows in groups of heads")
-    register_module_handler(tuple(KEPT_WHOLE), kept_whole)
+    register_module_handler(LiteMLA, linear_attention)
     register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
     register_module_handler((LowFormerAttention, CPUBoneAttention), upsampled_attention)
     register_module_handler(LocalWindowAttention, cascaded_attention)
