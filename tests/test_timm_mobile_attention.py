@@ -9,8 +9,10 @@ import importlib
 import pytest
 import torch
 from test_timm_vit_likes import assert_cut_equals_masked, space_of
+from test_window_attention import masked_and_cut
 from torch import nn
 
+from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
 
 timm = pytest.importorskip("timm")
@@ -92,16 +94,23 @@ def tiny_tiny_vit() -> nn.Module:
 
 def test_tiny_vit_block_is_read_as_its_insides_and_cuts_exactly() -> None:
     """TinyViT's block (kept whole by timm): one stream through its window attention (padded windows of 3 on maps of
-    4 and 2 px), its depthwise ``local_conv`` and its MLP; the attention's q/k/v rows refused in one line."""
+    4 and 2 px), its depthwise ``local_conv`` and its MLP; the attention's heads (q, k, v side by side) cut whole,
+    with their rows of the bias table, and the cut sets the head count and ``out_dim``."""
     graph = trace_channel_graph(tiny_tiny_vit())
     block = "stages.1.blocks.1"
     stream = space_of(graph, f"{block}.attn.proj")
     assert {f"{block}.local_conv.conv", f"{block}.mlp.fc2", "stages.1.blocks.0.attn.proj"} <= set(stream.names)
     assert stream.prunable and space_of(graph, f"{block}.mlp.fc1").prunable
-    assert space_of(graph, f"{block}.attn.qkv").refusals == [
-        f"TinyViT attention {block}.attn lays each head's q, k and v rows side by side and adds a bias per head: its "
-        "rows are kept whole"]  # fmt: skip
-    assert_cut_equals_masked(tiny_tiny_vit(), 64)
+    heads = space_of(graph, f"{block}.attn.qkv")
+    assert heads.prunable and heads.block == 3 * 8 and heads.scales[0].at[:25] == (0,) * 24 + (1,), heads.refusals
+    torch.manual_seed(0)
+    model = randomize_norms(tiny_tiny_vit()).eval()
+    images = torch.randn(2, 3, 64, 64)
+    masked, compaction = masked_and_cut(model, images)
+    attention = compaction.model.get_submodule(f"{block}.attn")
+    assert (attention.num_heads, attention.out_dim, attention.attention_biases.shape[0]) == (1, 8, 1)
+    with torch.no_grad():
+        assert torch.allclose(compaction.model(images), masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item())
 
 
 class Residual(nn.Module):

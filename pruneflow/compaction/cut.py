@@ -348,8 +348,10 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # An attention's sizes the cut sets as attributes (its layers are rebuilt on their own): MaxViT's head width, timm's
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
-# ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``).
-ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh"}
+# ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
+# TinyViT's head count and ``out_dim``).
+ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
+                   "out_dim"}
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -774,6 +776,9 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             sizes[group.space.heads_of] = {count: heads, width: heads * attention.head_dim}
             set_attributes(attention, sizes[group.space.heads_of])
             continue
+        if group.space.heads_of is not None and group.space.block > 1 and len(group.removed):
+            _set_block_heads(model, group, sizes)
+            continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
             sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
@@ -782,6 +787,20 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if owner is not None and len(group.removed):
             sizes[owner] = {"fused_attn": 0}
             set_attributes(model.get_submodule(owner), sizes[owner])
+
+
+def _set_block_heads(model: nn.Module, group: ChannelGroup, sizes: dict[str, dict[str, int]]) -> None:
+    """An attention whose heads' rows lie side by side, pruned in whole blocks of them (TinyViT's): its head count
+    and the width of all its heads' values, each the kept share of what it was; a bias table it cached from the rows
+    of every head is dropped (rebuilt from the cut one)."""
+    attention = model.get_submodule(group.space.heads_of)
+    count, width = group.space.head_attributes
+    heads = len(group.kept) // group.space.block
+    before = group.space.width // group.space.block
+    sizes[group.space.heads_of] = {count: heads, width: getattr(attention, width) * heads // before}
+    set_attributes(attention, sizes[group.space.heads_of])
+    if isinstance(getattr(attention, "attention_bias_cache", None), dict):
+        attention.attention_bias_cache = {}
 
 
 def _set_held_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:

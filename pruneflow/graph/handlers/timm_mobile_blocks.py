@@ -15,9 +15,9 @@ the unfold, the fold and the resize, each of which moves a channel's values amon
 reversed by reshapes by the ``C`` of its input's shape) adds to the stream, a depthwise ``local_conv`` (conv-BN)
 carries channel c to channel c, and a ``NormMlp`` adds to it again: one stream, ``attn.proj``, ``local_conv`` and
 ``mlp.fc2`` its producers, ``attn.norm`` and ``mlp.norm`` its points, ``attn.qkv`` and ``mlp.fc1`` its readers, the
-MLP's hidden width a space of its own. The attention's q/k/v rows are kept whole, refused in one line: each head's
-q, k and v rows lie side by side (``view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``) and a bias per head
-is added to its logits, a layout the whole-heads cut (q rows of all heads, then k, then v) does not take.
+MLP's hidden width a space of its own. Its attention's q/k/v rows lie side by side per head
+(``view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``), a bias per head added to its logits: pruned in whole
+heads (``ChannelSpace.block``), the bias table's rows with them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 from pruneflow.graph.handlers.producers import add_points, read
 from pruneflow.graph.handlers.timm_attention import named_attention
 from pruneflow.graph.handlers.timm_mobile_attention import conv_layer
-from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
 
@@ -103,6 +103,23 @@ def mobilevit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     return Value(((tracer.new_space(fusion), 0),), tracer.width(fusion), ndim=4)
 
 
+def side_by_side_heads(tracer: Tracer, name: str, attention: nn.Module, index: int, proj: str) -> None:
+    """TinyViT's ``Attention`` at ``name``: its q/k/v rows (space ``index``), each head's q, k and v side by side,
+    pruned in whole heads (``ChannelSpace.block``); ``proj`` reads a head's values, ``attention_biases`` holds a row
+    per head (cut with it), and the cut sets ``num_heads`` and ``out_dim``. A pruned head's q, k and v are 0, its
+    logits its bias alone, its output softmax(bias) @ 0 = 0; the other heads keep their width and scale."""
+    space, keys, values = tracer.space(index), attention.key_dim, attention.val_dim
+    block = 2 * keys + values
+    space.block, space.heads_of, space.head_attributes = block, name, ("num_heads", "out_dim")
+    at = [-1 if c % block < 2 * keys else c // block * values + c % block - 2 * keys for c in range(space.width)]
+    space.consumers.append(Consumer(proj, "linear", at=tuple(at)))
+    head_of_row = tuple(c // block for c in range(space.width))
+    space.scales.append(ChannelScale(f"{name}.attention_biases", 0, 0, at=head_of_row))
+    if attention.num_heads < 2 or space.width != attention.num_heads * block:
+        space.refuse(f"TinyViT attention {name} has a single head, or q/k/v rows that are not heads × (2 key_dim + "
+                     "val_dim)")  # fmt: skip
+
+
 def tiny_vit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     """TinyViT's ``TinyVitBlock``, a leaf: its stream (channels last) written again by ``attn.proj``, ``local_conv``
     and ``mlp.fc2``, read by ``attn.qkv`` (its rows refused) and ``mlp.fc1`` (a hidden space of its own)."""
@@ -115,9 +132,7 @@ def tiny_vit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     add_points(tracer, f"{name}.attn.norm", module.attn.norm, tokens(stream, width), (width,))
     qkv, proj = (PrunableLayer(f"{name}.attn.{layer}", getattr(module.attn, layer)) for layer in ("qkv", "proj"))
     read(tracer, qkv.name, qkv.producer, tokens(stream, width))
-    tracer.space(tracer.new_space(qkv)).refuse(
-        f"TinyViT attention {name}.attn lays each head's q, k and v rows side by side and adds a bias per head: "
-        "its rows are kept whole")  # fmt: skip
+    side_by_side_heads(tracer, f"{name}.attn", module.attn, tracer.new_space(qkv), proj.name)
     stream = tracer.union(stream, tracer.new_space(proj), f"{name}'s attention residual")
     tracer.space(stream).producers.append(conv_layer(f"{name}.local_conv", module.local_conv))
     add_points(tracer, f"{name}.mlp.norm", module.mlp.norm, tokens(stream, width), (width,))
