@@ -48,7 +48,8 @@ def test_efficientformerv2_talking_heads_are_cut_by_positions_per_head_and_cut_e
     stream = space_of(graph, "stages.2.downsample.conv.conv")  # read by strided depthwise convs, which carry it
     assert {"stages.2.blocks.1.token_mixer.stride_conv.conv", "stages.3.downsample.attn.q.local"} <= set(stream.names)
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"], [
-        (space.name, space.refusals) for space in graph.spaces if not space.prunable]
+        (space.name, space.refusals) for space in graph.spaces if not space.prunable
+    ]
     assert_cut_equals_masked(tiny_efficientformerv2(), 64)
 
 
@@ -178,6 +179,8 @@ def test_shvit_single_head_attention_is_refused_in_one_line() -> None:
     per attention naming it (no longer through a matmul and a concatenation of unknown channels)."""
     graph = trace_channel_graph(timm.create_model("shvit_s1", num_classes=10))
     refusals = space_of(graph, "stages.1.blocks.1.conv.m.c").refusals
-    assert refusals[0] == ("single-head attention stages.1.blocks.0.mixer.m (SHSA) splits its input at pdim=48 and "
-                           "reshapes its values by that width, which ties the split's first part to its values")
+    assert refusals[0] == (
+        "single-head attention stages.1.blocks.0.mixer.m (SHSA) splits its input at pdim=48 and "
+        "reshapes its values by that width, which ties the split's first part to its values"
+    )
     assert all("(SHSA) splits its input" in reason for reason in refusals), refusals

@@ -351,7 +351,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
 # TinyViT's head count and ``out_dim``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim"}
+                   "out_dim"}  # fmt: skip
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:

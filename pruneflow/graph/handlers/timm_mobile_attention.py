@@ -88,8 +88,6 @@ def submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
-
-
 def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
     """What writes a ``ConvAttention``'s output: its 1 × 1 ``o_proj`` (or the one first in its ``upsampling``), then
     a depthwise transposed conv or a nearest upsampling (channel by channel); why not, where anything else does."""
@@ -181,12 +179,11 @@ def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
     heads (a position cut from both: ``ChannelSpace.parts`` 1), its v rows another, carried by ``v_local`` and read
     by ``proj``, which writes its output; the cut keeps as many positions in every head and sets ``dh``."""
     name = str(node.target)
-    carrier = submodule_or_none(module, "stride_conv") or submodule_or_none(module, "q.local")
     why = f"attention {name} ({type(module).__name__})"
-    if carrier is not None:
-        carry(tracer, conv_layer(f"{name}.{'stride_conv' if hasattr(module, 'stride_conv') else 'q.local'}",
-                                 carrier), value, why)  # fmt: skip
-    q_name = "q" if isinstance(module.q, type(module.k)) else "q.proj"
+    for path in ("stride_conv", "q.local"):  # the depthwise conv reading its input, where it has one
+        if (carrier := submodule_or_none(module, path)) is not None:
+            carry(tracer, conv_layer(f"{name}.{path}", carrier), value, why)
+    q_name = "q.proj" if hasattr(module.q, "proj") else "q"  # the downsampling one's local-global query
     q, k, v = (conv_layer(f"{name}.{part}", module.get_submodule(part)) for part in (q_name, "k", "v"))
     for layer in (q, k, v):
         read(tracer, layer.name, layer.producer, value)
