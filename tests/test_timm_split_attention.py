@@ -1,0 +1,61 @@
+"""timm's split attentions and multi-branch blocks (SKNet, ResNeSt, Res2Net): each block on its own, small (seconds),
+half of every prunable space masked by L1 with ``activation`` and cut, the cut network equal to the masked one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_graph_defects import assert_cut_equals_masked
+from torch import nn
+
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+
+def around(block: nn.Module, cin: int, cout: int) -> nn.Module:
+    """``block`` between a stem (its input a space of its own) and a classifier."""
+    stem = nn.Sequential(nn.Conv2d(3, cin, 3, padding=1), nn.BatchNorm2d(cin), nn.ReLU())
+    return nn.Sequential(stem, block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, 5))
+
+
+def space_of(model: nn.Module, name: str):  # noqa: ANN201
+    return next(space for space in trace_channel_graph(model).spaces if name in space.names)
+
+
+@pytest.mark.parametrize("split_input", [True, False])
+def test_selective_kernel_paths_are_one_space_and_its_logits_follow_them(split_input: bool) -> None:
+    """SKNet's paths were refused at ``torch.stack`` and the softmax over the paths (skresnet18 1.34x)."""
+    from timm.layers import SelectiveKernel
+
+    torch.manual_seed(0)
+    model = around(SelectiveKernel(8, 12, rd_channels=4, split_input=split_input), 8, 12)
+    paths = space_of(model, "1.paths.0.conv")
+    assert paths.prunable and paths.names == ["1.paths.0.conv", "1.paths.1.conv"], paths.refusals
+    assert [(point.name, point.offset) for point in paths.points] == [("1.attn.fc_select", 0), ("1.attn.fc_select", 12)]
+    stem = space_of(model, "0.0")
+    assert stem.prunable and stem.groups == (2 if split_input else 1), stem.refusals
+    assert space_of(model, "1.attn.fc_reduce").prunable
+    assert_cut_equals_masked(model)
+
+
+def test_split_attention_radix_parts_are_cut_at_the_same_channels() -> None:
+    """ResNeSt's radix parts were refused at ``.sum()`` over the radix and ``RadixSoftmax`` (resnest14d 2.46x)."""
+    from timm.layers import SplitAttn
+
+    torch.manual_seed(0)
+    model = around(SplitAttn(8, 6, radix=2, rd_channels=4, norm_layer=nn.BatchNorm2d), 8, 6)
+    parts = space_of(model, "1.conv")
+    assert parts.prunable and parts.groups == 2 and parts.width == 12, parts.refusals
+    assert [(point.name, point.offset) for point in parts.points] == [("1.fc2", 0)]
+    assert space_of(model, "0.0").prunable and space_of(model, "1.fc1").prunable
+    assert_cut_equals_masked(model)
+
+
+def test_split_attention_in_cardinal_groups_is_refused_in_one_line() -> None:
+    from timm.layers import SplitAttn
+
+    model = around(SplitAttn(8, 8, groups=2, radix=2, rd_channels=4, norm_layer=nn.BatchNorm2d), 8, 8)
+    assert space_of(model, "1.conv").refusals == [
+        "SplitAttn 1 takes its softmax in 2 cardinal groups, whose rows are interleaved"]
