@@ -30,8 +30,9 @@ from torch import nn
 
 from pruneflow.graph.handlers.pointwise import is_pointwise, keeps_zero
 from pruneflow.graph.handlers.producers import read, read_grouped
+from pruneflow.graph.handlers.reorderings import EqualParts
 from pruneflow.graph.records import ChannelPoint, Consumer, PrunableLayer
-from pruneflow.graph.registry import register_module_handler
+from pruneflow.graph.registry import register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ def split_attention_variant(module: nn.Module) -> str | None:
 def register() -> None:
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.layers.split_attn import SplitAttn
+    from timm.models.res2net import Bottle2neck
 
     register_module_handler(SelectiveKernel, selective_kernel)
     register_module_handler(SplitAttn, split_attention)
+    register_split_sizes(Bottle2neck, EqualParts("width"))
