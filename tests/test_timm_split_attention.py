@@ -59,3 +59,29 @@ def test_split_attention_in_cardinal_groups_is_refused_in_one_line() -> None:
     model = around(SplitAttn(8, 8, groups=2, radix=2, rd_channels=4, norm_layer=nn.BatchNorm2d), 8, 8)
     assert space_of(model, "1.conv").refusals == [
         "SplitAttn 1 takes its softmax in 2 cardinal groups, whose rows are interleaved"]
+
+
+def bottle2neck(first: bool) -> nn.Module:
+    """A Res2NeXt block of 4 scales of 8 channels in 2 cardinal groups; ``first``: its stage's first (no adds)."""
+    from timm.models.res2net import Bottle2neck
+
+    cin = 16 if first else 32
+    downsample = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32)) if first else None
+    block = Bottle2neck(cin, 8, downsample=downsample, cardinality=2, base_width=32, norm_layer=nn.BatchNorm2d)
+    return around(block, cin, 32)
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_res2net_scales_are_equal_parts_of_one_space_each_scales_output_following_its_part(first: bool) -> None:
+    """Res2NeXt's scales were refused: a grouped conv read a part of the split, and ``sp + spx[i]`` adds a conv's
+    output to a part (res2next50 2.00x). The parts stay equal (``split(self.width)``): the same positions go from
+    every part and, through the grouped convs, from each of their groups."""
+    torch.manual_seed(0)
+    model = bottle2neck(first)
+    graph = trace_channel_graph(model)
+    scales = next(space for space in graph.spaces if "1.conv1" in space.names)
+    assert scales.prunable and scales.groups == 8 and not scales.routes, scales.refusals
+    embedded = {point.name for point in scales.points}
+    assert embedded == (set() if first else {"1.convs.0", "1.bns.0", "1.convs.1", "1.bns.1"})
+    assert all(space.prunable for space in graph.spaces if space.name != "4")
+    assert_cut_equals_masked(model)
