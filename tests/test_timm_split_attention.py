@@ -3,12 +3,16 @@ half of every prunable space masked by L1 with ``activation`` and cut, the cut n
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_graph_defects import assert_cut_equals_masked
+from test_window_attention import masked_and_cut
 from torch import nn
 
-from pruneflow.graph import trace_channel_graph
+from pruneflow.compaction.cut import apply_sizes
+from pruneflow.graph import ChannelSpace, trace_channel_graph
 
 timm = pytest.importorskip("timm")
 import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
@@ -20,7 +24,18 @@ def around(block: nn.Module, cin: int, cout: int) -> nn.Module:
     return nn.Sequential(stem, block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cout, 5))
 
 
-def space_of(model: nn.Module, name: str):  # noqa: ANN201
+def assert_rebuilt_from_sizes(model: nn.Module) -> None:
+    """A fresh copy given the cut's widths (``apply_sizes``: an export, a checkpoint written after a cut) loads the
+    cut weights and computes the cut network: the sizes the forward splits by are among them."""
+    torch.manual_seed(0)
+    fresh, images = copy.deepcopy(model).eval(), torch.randn(2, 3, 6, 6)
+    _, compaction = masked_and_cut(model.eval(), images)
+    apply_sizes(fresh, compaction.sizes).load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(images), compaction.model(images))
+
+
+def space_of(model: nn.Module, name: str) -> ChannelSpace:
     return next(space for space in trace_channel_graph(model).spaces if name in space.names)
 
 
@@ -38,6 +53,7 @@ def test_selective_kernel_paths_are_one_space_and_its_logits_follow_them(split_i
     assert stem.prunable and stem.groups == (2 if split_input else 1), stem.refusals
     assert space_of(model, "1.attn.fc_reduce").prunable
     assert_cut_equals_masked(model)
+    assert_rebuilt_from_sizes(model)
 
 
 def test_split_attention_radix_parts_are_cut_at_the_same_channels() -> None:
@@ -51,6 +67,7 @@ def test_split_attention_radix_parts_are_cut_at_the_same_channels() -> None:
     assert [(point.name, point.offset) for point in parts.points] == [("1.fc2", 0)]
     assert space_of(model, "0.0").prunable and space_of(model, "1.fc1").prunable
     assert_cut_equals_masked(model)
+    assert_rebuilt_from_sizes(model)
 
 
 def test_split_attention_in_cardinal_groups_is_refused_in_one_line() -> None:
@@ -85,3 +102,4 @@ def test_res2net_scales_are_equal_parts_of_one_space_each_scales_output_followin
     assert embedded == (set() if first else {"1.convs.0", "1.bns.0", "1.convs.1", "1.bns.1"})
     assert all(space.prunable for space in graph.spaces if space.name != "4")
     assert_cut_equals_masked(model)
+    assert_rebuilt_from_sizes(model)

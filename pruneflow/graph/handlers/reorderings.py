@@ -81,16 +81,17 @@ def sizes_in(*attributes: str) -> SplitResize:
 
 
 class EqualParts:
-    """A split by ``x.split(self.<attribute>)`` into parts of one size (Res2Net's ``width``): every part keeps as
-    many channels as the others, so the graph cuts the split space at the same positions in each part."""
+    """A split by ``x.split(self.<attribute>)`` into parts of one size (Res2Net's ``width``), or by ``attribute //
+    parts`` (``whole``: SKNet's ``in_channels // num_paths``): every part keeps as many channels as the others, so the
+    graph cuts the split space at the same positions in each part."""
 
-    def __init__(self, attribute: str) -> None:
-        self.attribute = attribute
+    def __init__(self, attribute: str, whole: bool = False) -> None:
+        self.attribute, self.whole = attribute, whole
 
     def __call__(self, module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
         if len(set(sizes)) != 1:
             raise ValueError(f"{self.attribute} sizes every part, so each must keep as many channels, not {sizes}")
-        return {self.attribute: sizes[0]}
+        return {self.attribute: sum(sizes) if self.whole else sizes[0]}
 
 
 def halves_of(attribute: str) -> SplitResize:

@@ -18,7 +18,7 @@ per path; ResNeSt's conv is the space's producer, cut at the same position in ea
 (p, c) and (q, c) together: ``ChannelSpace.groups``), ``fc2``'s rows points of it, and the output carries the first
 radix part's channels (the others are cut with them). The attention's hidden width (``fc_reduce``/``fc1`` rows) is a
 space of its own. A SelectiveKernel that splits its input reads it in ``num_paths`` equal parts by the width it holds
-(``in_channels``, set by the cut): its input space is cut at the same positions in each part.
+(``in_channels``, set by the cut as a split's sizes): its input space is cut at the same positions in each part.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 from pruneflow.graph.handlers.pointwise import is_pointwise, keeps_zero
 from pruneflow.graph.handlers.producers import read, read_grouped
 from pruneflow.graph.handlers.reorderings import EqualParts
+from pruneflow.graph.handlers.slices import record
 from pruneflow.graph.records import ChannelPoint, Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler, register_split_sizes
 from pruneflow.graph.values import Value, one_whole_space
@@ -61,8 +62,8 @@ def selective_kernel(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
 
 def read_paths(tracer: Tracer, name: str, module: nn.Module, value: Value) -> None:
     """Each path's conv reads the input whole, or (``split_input``) its own part of it: then the input is cut at the
-    same positions in every part (blocks of one group's columns of the paths' convs), and its width, which the
-    forward splits by, is held by the module."""
+    same positions in every part (blocks of one group's columns of the paths' convs), and the cut sets the width the
+    forward splits it by (``in_channels``: a split by sizes, ``EqualParts``)."""
     if not module.split_input:
         for p, path in enumerate(module.paths):
             conv = path.conv
@@ -76,8 +77,7 @@ def read_paths(tracer: Tracer, name: str, module: nn.Module, value: Value) -> No
     space.groups = tracer.joined_groups(space, space.width // block, f"SelectiveKernel {name}'s split")
     for p in range(len(module.paths)):
         space.consumers.append(Consumer(f"{name}.paths.{p}.conv", "grouped", block=block))
-    if (name, "in_channels") not in space.held_by:
-        space.held_by.append((name, "in_channels"))
+    record(tracer, value.segments[0][0], name, (space.width // len(module.paths),) * len(module.paths))
 
 
 def attention_space(tracer: Tracer, name: str, attn: nn.Module, layers: tuple[str, str, str], index: int,
@@ -155,3 +155,4 @@ def register() -> None:
     register_module_handler(SelectiveKernel, selective_kernel)
     register_module_handler(SplitAttn, split_attention)
     register_split_sizes(Bottle2neck, EqualParts("width"))
+    register_split_sizes(SelectiveKernel, EqualParts("in_channels", whole=True))
