@@ -323,7 +323,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
             continue
         module = model.get_submodule(name)
         # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
-        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES:
+        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths):
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -350,6 +350,12 @@ def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
     """Set an attention's sizes; its zero key bias (BEiT's, EVA's ``k_bias``, a buffer concatenated with ``q_bias``
     and ``v_bias``) takes as many entries as its query bias, cut before (``ChannelScale``)."""
     for attribute, size in sizes.items():
+        if attribute.endswith("]"):  # an entry of a list of sizes (FocalNet's ``input_split[0]``)
+            name, entry = attribute[:-1].split("[")
+            held = list(getattr(module, name))
+            held[int(entry)] = size
+            setattr(module, name, held)
+            continue
         held = getattr(module, attribute, None)  # a shape held as a tuple (MetaFormer's ``Scale``): its first size
         setattr(module, attribute, (size, *held[1:]) if isinstance(held, tuple) else size)
     key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
