@@ -103,3 +103,28 @@ def test_res2net_scales_are_equal_parts_of_one_space_each_scales_output_followin
     assert all(space.prunable for space in graph.spaces if space.name != "4")
     assert_cut_equals_masked(model)
     assert_rebuilt_from_sizes(model)
+
+
+def test_focal_modulation_query_and_context_rows_are_cut_its_gates_kept() -> None:
+    """FocalNet's ``f`` was refused at ``gates[:, l:l+1]`` (focalnet_tiny_srf 2.65x): its query rows and ``h``'s,
+    and its context rows and the depthwise convs, are two spaces; the gate rows stay; ``input_split`` follows."""
+    from timm.models.focalnet import FocalModulation
+
+    torch.manual_seed(0)
+    model = around(FocalModulation(8, focal_window=3, focal_level=2), 8, 8)
+    query, context = space_of(model, "1.h"), space_of(model, "1.focal_layers.0.0")
+    assert query.prunable and context.prunable and context.names == ["1.focal_layers.0.0", "1.focal_layers.1.0"]
+    assert [(point.name, point.offset) for point in (*query.points, *context.points)] == [("1.f", 0), ("1.f", 8)]
+    assert_cut_equals_masked(model)
+    assert_rebuilt_from_sizes(model)
+    _, compaction = masked_and_cut(model, torch.randn(2, 3, 6, 6))
+    split = compaction.model[1].input_split
+    assert split[2] == 3 and compaction.model[1].f.out_channels == sum(split) and split[:2] == [4, 4]
+
+
+def test_focal_modulation_with_a_norm_after_the_product_is_refused_in_one_line() -> None:
+    from timm.models.focalnet import FocalModulation
+
+    model = around(FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True), 8, 8)
+    assert space_of(model, "1.h").refusals == [
+        "focal modulation 1 normalises its modulated query over the channels (use_post_norm)"]
