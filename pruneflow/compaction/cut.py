@@ -758,7 +758,7 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
-            sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
+            sizes[owner] = {"head_dim": len(group.kept) // (group.space.parts * group.space.heads)}
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
         owner = group.space.unfused_by_cut
         if owner is not None and len(group.removed):
