@@ -128,3 +128,24 @@ def test_focal_modulation_with_a_norm_after_the_product_is_refused_in_one_line()
     model = around(FocalModulation(8, focal_window=3, focal_level=2, use_post_norm=True), 8, 8)
     assert space_of(model, "1.h").refusals == [
         "focal modulation 1 normalises its modulated query over the channels (use_post_norm)"]
+
+
+def test_next_transformer_block_attention_heads_follow_the_stream() -> None:
+    """NextViT's E-MHSA was refused at ``scaled_dot_product_attention``, its output reshaped by the stream's width
+    and the concatenation after it (nextvit_small 2.11x): its q/k/v heads are tied to the stream it reads, its
+    reduction's BatchNorm1d a point of it, and its output, viewed by the stream's ``C``, joins the stream. The stream
+    is read by the conv block's grouped conv too, a group per head: selected by groups, a multiple of the heads."""
+    from timm.models.nextvit import NextConvBlock, NextTransformerBlock
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(NextConvBlock(32, 32, drop_path=0.0, head_dim=8),
+                           NextTransformerBlock(32, 64, drop_path=0.0, sr_ratio=2, head_dim=8, mix_block_ratio=0.5))
+    model = around(blocks, 32, 64)
+    graph = trace_channel_graph(model)
+    heads = next(space for space in graph.spaces if "1.1.e_mhsa.q" in space.names)
+    stream = next(space for space in graph.spaces if "1.1.e_mhsa.proj" in space.names)
+    assert heads.prunable and heads.heads == 4 and heads.parts == 1 and heads.tied_to is stream, heads.refusals
+    assert stream.prunable and "1.1.e_mhsa.norm" in {point.name for point in stream.points}, stream.refusals
+    assert stream.groups == stream.multiple == 4
+    assert_cut_equals_masked(model)
+    assert_rebuilt_from_sizes(model)

@@ -758,12 +758,12 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
-            sizes[owner] = {"head_dim": len(group.kept) // (group.space.parts * group.space.heads)}
+            sizes.setdefault(owner, {})["head_dim"] = len(group.kept) // (group.space.parts * group.space.heads)
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
         owner = group.space.unfused_by_cut
         if owner is not None and len(group.removed):
-            sizes[owner] = {"fused_attn": 0}
-            set_attributes(model.get_submodule(owner), sizes[owner])
+            sizes.setdefault(owner, {})["fused_attn"] = 0  # beside its head width, where it reshapes by one
+            set_attributes(model.get_submodule(owner), {"fused_attn": 0})
 
 
 def _set_held_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
