@@ -329,7 +329,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
             continue
         module = model.get_submodule(name)
         # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
-        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES:
+        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths):
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -358,6 +358,12 @@ def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
     """Set an attention's sizes; its zero key bias (BEiT's, EVA's ``k_bias``, a buffer concatenated with ``q_bias``
     and ``v_bias``) takes as many entries as its query bias, cut before (``ChannelScale``)."""
     for attribute, size in sizes.items():
+        if attribute.endswith("]"):  # an entry of a list of sizes (FocalNet's ``input_split[0]``)
+            name, entry = attribute[:-1].split("[")
+            held = list(getattr(module, name))
+            held[int(entry)] = size
+            setattr(module, name, held)
+            continue
         held = getattr(module, attribute, None)  # a shape held as a tuple (MetaFormer's ``Scale``): its first size
         setattr(module, attribute, (size, *held[1:]) if isinstance(held, tuple) else size)
     key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
@@ -781,12 +787,12 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
-            sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
+            sizes.setdefault(owner, {})["head_dim"] = len(group.kept) // (group.space.parts * group.space.heads)
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
         owner = group.space.unfused_by_cut
         if owner is not None and len(group.removed):
-            sizes[owner] = {"fused_attn": 0}
-            set_attributes(model.get_submodule(owner), sizes[owner])
+            sizes.setdefault(owner, {})["fused_attn"] = 0  # beside its head width, where it reshapes by one
+            set_attributes(model.get_submodule(owner), {"fused_attn": 0})
 
 
 def _set_block_heads(model: nn.Module, group: ChannelGroup, sizes: dict[str, dict[str, int]]) -> None:

@@ -129,8 +129,8 @@ class Tracer:
 
     @staticmethod
     def joined_groups(space: ChannelSpace, groups: int, where: str) -> int:
-        if groups == 1 or space.groups in (1, groups):
-            return max(space.groups, groups)
+        if groups == 1 or space.groups in (1, groups) or space.width % math.lcm(space.groups, groups) == 0:
+            return math.lcm(space.groups, groups)  # the same positions in each of the finer blocks: in both's
         space.refuse(f"{where} joins a space cut in {space.groups} groups with one cut in {groups}")
         return space.groups
 
@@ -246,7 +246,8 @@ class Tracer:
             space.reordered = index in by_position
             if space.reordered:  # the cut keeps the network's split sizes there, and places the channels
                 space.splits = []
-            space.routes = channel_routes(space) if space.reordered or space.splits else {}
+            # split, and cut at the same positions in each of its groups: every part keeps its share without routes
+            space.routes = channel_routes(space) if space.reordered or (space.splits and space.groups == 1) else {}
             reason = unplaceable(space) if space.reordered else None
             if reason:
                 space.refuse(reason)

@@ -133,7 +133,9 @@ class Criterion:
         if space.block > 1:  # normalised by a GroupNorm: its whole groups only
             count = channels_to_prune(space.width // space.block, amount)
             return select_blocks(self.scores(space), space.block, count, already)
-        if space.multiple > 1:  # read by attentions whose head width follows it: whole multiples of their heads
+        # read by attentions whose head width follows it: whole multiples of their heads (as many as the groups below
+        # take from each of theirs, where their count is a multiple of the heads: NextViT's grouped conv, one per head)
+        if space.multiple > 1 and space.groups % space.multiple:
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)
         if space.routes:

@@ -23,6 +23,10 @@
   space (``F.normalize`` over channels a masked 0 adds nothing to), ``w_g`` cut with them;
 - ``timm_mvitv2``: MViTv2's pooling attention, kept whole and cut in whole heads (masked at ``proj``'s columns), and
   its ``MultiScaleBlock``, kept whole, its stream followed through the pooled shortcut;
+- ``timm_split_attention``: SKNet's selective kernel and ResNeSt's split attention, kept whole, their paths one
+  space (a softmax over the paths keeps channels independent), their logit rows points of it; Res2Net's equal parts;
+- ``timm_focal_modulation``: FocalNet's focal modulation, kept whole, its query and context rows two spaces;
+- ``timm_nextvit``: NextViT's efficient attention, kept whole, its q/k/v heads tied to the stream;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_mobile_attention``: the mobile hybrids' attentions on maps, kept whole, their streams carried and read:

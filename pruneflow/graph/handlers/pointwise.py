@@ -51,17 +51,25 @@ def revived(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Value |
 
 
 CHANNELWISE_MODULES: list[type[nn.Module]] = []  # every module type with a pointwise rule
+REVIVING_TYPES: list[type[nn.Module]] = []  # those of them that turn a 0 into f(0) ≠ 0
 
 
 def register_pointwise(module_types: tuple[type[nn.Module], ...], preserves_zero: bool = True) -> None:
     """Declare ``module_types`` pointwise: channel c stays channel c (and zero stays zero, unless not)."""
     register_module_handler(module_types, module_rule(passes if preserves_zero else revived), leaf=False)
     CHANNELWISE_MODULES.extend(module_types)
+    if not preserves_zero:
+        REVIVING_TYPES.extend(module_types)
 
 
 def is_pointwise(module: nn.Module) -> bool:
     """Whether ``module`` computes each channel from that channel alone (an activation, a dropout)."""
     return isinstance(module, tuple(CHANNELWISE_MODULES))
+
+
+def keeps_zero(module: nn.Module) -> bool:
+    """Whether ``module`` is pointwise and keeps a masked channel's 0 at 0 (not a sigmoid)."""
+    return is_pointwise(module) and not isinstance(module, tuple(REVIVING_TYPES))
 
 
 register_pointwise(ZERO_PRESERVING_MODULES)

@@ -129,7 +129,10 @@ def read(tracer: Tracer, name: str, module: nn.Module, value: Value | None) -> N
 
 
 def read_grouped(tracer: Tracer, name: str, module: nn.Module, value: Value) -> None:
-    """A grouped conv reads one whole space, cut at the same positions in each of its groups."""
+    """A grouped conv reads one whole space, cut at the same positions in each of its groups, or one part of a split
+    whose sizes the cut sets (Res2Net's), the whole space then cut at the same positions in each of its blocks."""
+    if value.layout is not None and read_grouped_part(tracer, name, module, value):
+        return
     if value.layout is not None:  # its columns are cut by position in each group: the shuffle's order is lost
         reason = f"grouped conv {name} (groups={module.groups}) reads them reordered (a shuffle or a split)"
         tracer.refuse(value, reason)
@@ -145,3 +148,20 @@ def read_grouped(tracer: Tracer, name: str, module: nn.Module, value: Value) -> 
 
 
 register_module_handler(PRODUCER_TYPES, producer, leaf=False)
+
+
+def read_grouped_part(tracer: Tracer, name: str, module: nn.Module, value: Value) -> bool:
+    """A grouped conv reading a run of one space's channels, in order, at a multiple of its group's width (a part of
+    a split the cut keeps in order): its group g reads block g of the run, so the space is cut at the same positions
+    in each block of that width, and the conv's columns are those positions. False for anything else."""
+    block = module.in_channels // module.groups
+    index, start = value.layout[0]
+    run = tuple((index, start + c) for c in range(len(value.layout)))
+    space = tracer.space(index)
+    if value.by_position or value.layout != run or start % block or not tracer.fits(value.width, module.in_channels):
+        return False
+    if value.flattened or not value.channels_at(1) or space.width % block:
+        return False
+    space.groups = tracer.joined_groups(space, space.width // block, f"grouped conv {name}")
+    space.consumers.append(Consumer(name, "grouped", block=block))
+    return True

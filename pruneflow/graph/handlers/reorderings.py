@@ -13,9 +13,9 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.shapes import probe_shape, resolved
-from pruneflow.graph.handlers.slices import sizes_set_by_the_cut
+from pruneflow.graph.handlers.slices import held_by, sizes_set_by_the_cut
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.registry import SplitResize, register_function_handler, register_method_handler
+from pruneflow.graph.registry import SPLIT_SIZES, SplitResize, register_function_handler, register_method_handler
 from pruneflow.graph.values import Parts, Value
 
 if TYPE_CHECKING:
@@ -63,6 +63,10 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
         return split_by_position(tracer, node, value)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     by_position = not sizes_set_by_the_cut(tracer, node, value, sizes)
+    owner = held_by(tracer, node)
+    if not by_position and isinstance(SPLIT_SIZES[type(tracer.modules.get(owner, tracer.model))], EqualParts):
+        space = tracer.space(value.segments[0][0])  # cut at the same positions in every part: they stay equal
+        space.groups = tracer.joined_groups(space, len(sizes), f"{tracer.describe(node)} into equal parts")
     parts = (tracer.with_layout(value, layout[a : a + n], by_position) for a, n in zip(starts, sizes, strict=True))
     return Parts(tuple(parts))
 
@@ -74,6 +78,20 @@ def sizes_in(*attributes: str) -> SplitResize:
         return dict(zip(attributes, sizes, strict=True))
 
     return resize
+
+
+class EqualParts:
+    """A split by ``x.split(self.<attribute>)`` into parts of one size (Res2Net's ``width``), or by ``attribute //
+    parts`` (``whole``: SKNet's ``in_channels // num_paths``): every part keeps as many channels as the others, so the
+    graph cuts the split space at the same positions in each part."""
+
+    def __init__(self, attribute: str, whole: bool = False) -> None:
+        self.attribute, self.whole = attribute, whole
+
+    def __call__(self, module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
+        if len(set(sizes)) != 1:
+            raise ValueError(f"{self.attribute} sizes every part, so each must keep as many channels, not {sizes}")
+        return {self.attribute: sum(sizes) if self.whole else sizes[0]}
 
 
 def halves_of(attribute: str) -> SplitResize:

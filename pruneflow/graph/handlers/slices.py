@@ -118,7 +118,7 @@ def embed_spaces(tracer: Tracer) -> None:
         inner, outer = tracer.space(inner_index), tracer.space(outer_index)
         if inner is outer:
             continue
-        reason = unembeddable(inner)
+        reason = unembeddable(inner, outer, start)
         if reason:
             for space in (inner, outer):
                 space.refuse(f"{inner.name} is added to channels {start}… of {outer.name}, and {reason}")
@@ -137,9 +137,11 @@ def embed_spaces(tracer: Tracer) -> None:
         tracer.folded.add(tracer.union_find.root(inner_index))
 
 
-def unembeddable(space: ChannelSpace) -> str | None:
-    """Why ``space``'s readers and writers cannot follow the channels of another it is added to."""
-    if space.groups > 1 or space.heads > 1 or space.tied or space.tied_to is not None or space.whole_heads:
+def unembeddable(space: ChannelSpace, outer: ChannelSpace, start: int) -> str | None:
+    """Why ``space``'s readers and writers cannot follow the channels of another it is added to, at ``start``."""
+    if space.groups > 1 and not groups_follow(space, outer, start):
+        return "it is cut in groups the other's do not keep"
+    if space.heads > 1 or space.tied or space.tied_to is not None or space.whole_heads:
         return "it is cut in groups or heads"
     if space.block > 1:
         return "a GroupNorm normalises it in groups"
@@ -148,6 +150,13 @@ def unembeddable(space: ChannelSpace) -> str | None:
     if any(consumer.kind == "grouped" or consumer.features_per_channel != 1 for consumer in space.consumers):
         return "it is read flattened or by a grouped conv"
     return None
+
+
+def groups_follow(inner: ChannelSpace, outer: ChannelSpace, start: int) -> bool:
+    """Whether ``outer``, cut at the same positions in each of its blocks, cuts ``inner`` (at ``start`` in it) at the
+    same positions in each of ``inner``'s groups: outer's blocks divide inner's groups, aligned with them."""
+    block = outer.width // outer.groups
+    return outer.groups > 1 and (inner.width // inner.groups) % block == 0 and start % block == 0
 
 
 def moved(at: tuple[int, ...], inner_at: tuple[int, ...], offset: int) -> tuple[int, ...]:

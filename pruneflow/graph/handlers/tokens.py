@@ -222,7 +222,8 @@ def spatial_reshape(tracer: Tracer, node: torch.fx.Node, value: Value | None) ->
     if not usable or value.layout is not None or value.flattened or value.probe is not None or len(shape) < 3:
         return patch_tokens(tracer, node, value)
     batch = tracer.shape_reads.get(shape[0]) if isinstance(shape[0], torch.fx.Node) else None
-    if batch is None or batch[1] != 0 or not own_width(tracer, shape[1], value):
+    widths = own_width(tracer, shape[1], value) or residual_width(tracer, shape[1], value)
+    if batch is None or batch[1] != 0 or not widths:
         return patch_tokens(tracer, node, value)
     return Value(value.segments, value.width, revived_by=value.revived_by, ndim=len(shape))
 
@@ -236,6 +237,18 @@ def own_width(tracer: Tracer, entry: Any, value: Value) -> bool:
         return False
     marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)}
     return bool(marked) and marked == {tracer.union_find.root(index) for index, _ in value.segments}
+
+
+def residual_width(tracer: Tracer, entry: Any, value: Value) -> bool:
+    """Whether ``entry`` is the width, read as it is, of another whole space as wide as ``value``'s one whole space
+    (NextViT's attention output viewed by its input's ``C`` before the residual adds the two): accepted here, and
+    refused after the walk unless the two were joined (``widths.refuse_foreign_widths``)."""
+    from pruneflow.graph.widths import width_of
+
+    if not isinstance(entry, torch.fx.Node) or entry in tracer.width_reads or not one_whole_space(value):
+        return False
+    marked = {tracer.union_find.root(i) for i in width_of(tracer, entry)}
+    return len(marked) == 1 and tracer.space(next(iter(marked))).width == value.width
 
 
 register_method_handler(("view", "reshape"), spatial_reshape)
