@@ -16,7 +16,7 @@ from pruneflow.graph.handlers.shapes import probe_shape, resolved
 from pruneflow.graph.handlers.slices import sizes_set_by_the_cut
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.registry import SplitResize, register_function_handler, register_method_handler
-from pruneflow.graph.values import Parts, Value
+from pruneflow.graph.values import Parts, Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -63,6 +63,11 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
         return split_by_position(tracer, node, value)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     by_position = not sizes_set_by_the_cut(tracer, node, value, sizes)
+    # equal parts of one space: by position unless a gate pairs them (``gates.settle_chunks`` decides at the end)
+    equal = by_position and one_whole_space(value) and len(sizes) > 1 and len(set(sizes)) == 1
+    if equal:
+        tracer.chunks.append((value.segments[0][0], len(sizes)))
+    by_position = by_position and not equal
     parts = (tracer.with_layout(value, layout[a : a + n], by_position) for a, n in zip(starts, sizes, strict=True))
     return Parts(tuple(parts))
 
@@ -124,7 +129,10 @@ def probed(tracer: Tracer, node: torch.fx.Node, value: Value) -> Value | None:
         one_channel_each = len(order) == len(layout) and bool((rows == order[:, None]).all())
         if one_channel_each and bool((order.sort().values == torch.arange(len(layout))).all()):
             moved = [layout[int(i)] for i in order]
-            return tracer.with_layout(value, moved, ndim=result.ndim, channels_last=dim == result.ndim - 1 > 1)
+            # moved to another dim in their order (gMLP's ``v.transpose(-1, -2)``): placed as they were
+            by_position = value.by_position if tuple(moved) == layout and value.layout is not None else True
+            last = dim == result.ndim - 1 > 1
+            return tracer.with_layout(value, moved, by_position, ndim=result.ndim, channels_last=last)
     return replace(value, layout=layout, probe=result)
 
 
