@@ -90,3 +90,49 @@ def test_mlp_mixers_stream_is_followed_through_its_token_mlp() -> None:
     graph = trace_channel_graph(tiny_gmlp("mixer"))
     assert space_of(graph, "stem.proj").prunable, space_of(graph, "stem.proj").refusals
     assert_cut_computes_the_masked(tiny_gmlp("mixer"), torch.randn(2, 3, 32, 32))
+
+
+class MultipliedChannels(nn.Module):
+    """Two depthwise convs with a channel multiplier of 2 in a chain (FastViT's downsampling, PiT's pooling: groups =
+    in channels, out = 2 · in), the first beside a second such conv it is added to, with a layer scale on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.large = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8))
+        self.small = nn.Sequential(nn.Conv2d(4, 8, 1, groups=4), nn.BatchNorm2d(8))
+        self.scale = nn.Parameter(torch.rand(8, 1, 1))
+        self.again = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.mix, self.head = nn.Conv2d(16, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.large(x) + self.small(x)) * self.scale
+        x = self.mix(torch.relu(self.again(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_cuts_each_input_channel_with_its_outputs() -> None:
+    """It was refused ("joins a space cut in 4 groups with one cut in 8"): output channels 2c and 2c + 1 read input
+    channel c alone, so the chain's spaces are one, the stem's, cut with 2 and 4 entries per channel after it."""
+    graph = trace_channel_graph(MultipliedChannels())
+    stem = space_of(graph, "stem.0")
+    assert stem.prunable, stem.refusals
+    assert {(point.name, point.per_channel) for point in stem.points} >= {("large.0", 2), ("small.1", 2), ("again", 4)}
+    assert [(consumer.name, consumer.features_per_channel) for consumer in stem.consumers] == [("mix", 4)]
+    assert_cut_computes_the_masked(MultipliedChannels(), torch.randn(2, 3, 8, 8))
+
+
+def test_pits_pooling_convs_are_cut_with_the_stream_they_read() -> None:
+    """PiT's ``ConvHeadPooling``: a multiplier conv on the map, a linear layer on the class token, each stage's
+    stream written at twice the width of the one before: one space across the stages (the second pooling conv reading
+    the first's output in 16 groups refused it: "joins a space cut in 8 groups with one cut in 16")."""
+    from timm.models.pit import PoolingVisionTransformer
+
+    def tiny_pit() -> nn.Module:
+        return PoolingVisionTransformer(img_size=32, patch_size=8, stride=4, base_dims=[4, 4, 4],
+                                        depth=[1, 1, 1], heads=[2, 4, 8], mlp_ratio=2, num_classes=10)  # fmt: skip
+
+    graph = trace_channel_graph(tiny_pit())
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
+    assert_cut_computes_the_masked(tiny_pit(), torch.randn(2, 3, 32, 32))

@@ -78,7 +78,7 @@ from pruneflow.graph import (
 )
 from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
-from pruneflow.graph.layers import LayerNorm2d, input_weight
+from pruneflow.graph.layers import LayerNorm2d, channel_multiplier, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         sizes[out_arg] = len(out_keep)
         if is_depthwise(module):
             sizes["in_channels"] = sizes["groups"] = len(out_keep)
+        elif channel_multiplier(module) > 1:  # k rows per input channel, cut k at a time (``handlers.multipliers``)
+            sizes["in_channels"] = sizes["groups"] = len(out_keep) // channel_multiplier(module)
     if out_keep is not None and isinstance(module, nn.GroupNorm) and module.num_groups > 1:  # ``ChannelSpace.block``
         sizes["num_groups"] = module.num_groups * len(out_keep) // module.num_channels
     if in_keep is not None and in_arg is not None:
@@ -709,7 +711,8 @@ def _rebuild(
         replace_module(model, name, new)
         arguments, (out_arg, in_arg) = _resizable(name, new)
         values = arguments(new)
-        width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        grouped_by_input = is_depthwise(new) or channel_multiplier(new) > 1
+        width_args = [out_arg, in_arg, "groups"] if grouped_by_input else [out_arg, in_arg]
         width_args += ["num_groups"] if isinstance(new, nn.GroupNorm) else []
         sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
     return sizes

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.layers import PRODUCER_TYPES, is_depthwise, output_ndim
+from pruneflow.graph.handlers.multipliers import multiplier
+from pruneflow.graph.layers import PRODUCER_TYPES, channel_multiplier, is_depthwise, output_ndim
 from pruneflow.graph.records import ChannelPoint, Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
@@ -23,6 +24,9 @@ def producer(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     """A conv or linear layer: it reads its input's spaces (a consumer of each) and writes a space of its own."""
     if is_depthwise(module):
         return depthwise(tracer, node, module, value)
+    multiplied = multiplier(tracer, node, module, value) if channel_multiplier(module) > 1 else None
+    if multiplied is not None:
+        return multiplied
     if isinstance(module, nn.Linear) and along_positions(value):
         return mixing_positions(tracer, node, module, value)
     name = str(node.target)
