@@ -136,3 +136,23 @@ def test_pits_pooling_convs_are_cut_with_the_stream_they_read() -> None:
     graph = trace_channel_graph(tiny_pit())
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert_cut_computes_the_masked(tiny_pit(), torch.randn(2, 3, 32, 32))
+
+
+def test_inception_nexts_split_is_cut_part_by_part_with_its_layer_scale() -> None:
+    """InceptionNeXt's token mixer splits the channels by ``split_indexes`` (identity, square, wide and tall depthwise
+    branches) and concatenates them back in order: each part is cut on its own and the cut sets the tuple. It was
+    refused ("reordered on its way and scaled by a per-channel parameter the cut does not place")."""
+    from timm.models.inception_next import MetaNeXt
+
+    def tiny() -> nn.Module:
+        return MetaNeXt(depths=(1, 1), dims=(16, 32), mlp_ratios=(2, 2), num_classes=10)
+
+    graph = trace_channel_graph(tiny())
+    stem = space_of(graph, "stem.0")
+    assert stem.prunable and stem.scales and stem.splits, stem.refusals
+    images = torch.randn(2, 3, 64, 64)
+    assert_cut_computes_the_masked(tiny(), images)
+    torch.manual_seed(0)
+    compaction = masked_and_cut(randomize_norms(tiny()).eval(), images)[1]
+    mixer = compaction.model.stages[0].blocks[0].token_mixer
+    assert isinstance(mixer.split_indexes, tuple) and sum(mixer.split_indexes) == compaction.model.stem[0].out_channels

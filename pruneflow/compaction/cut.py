@@ -351,6 +351,9 @@ def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
     and ``v_bias``) takes as many entries as its query bias, cut before (``ChannelScale``)."""
     for attribute, size in sizes.items():
         held = getattr(module, attribute, None)  # a shape held as a tuple (MetaFormer's ``Scale``): its first size
+        if isinstance(size, (tuple, list)):  # a split's sizes held in one tuple (InceptionNeXt's ``split_indexes``)
+            setattr(module, attribute, tuple(size))
+            continue
         setattr(module, attribute, (size, *held[1:]) if isinstance(held, tuple) else size)
     key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
     if isinstance(key_bias, Tensor) and isinstance(query_bias, Tensor) and key_bias.shape != query_bias.shape:

@@ -81,6 +81,15 @@ def sizes_in(*attributes: str) -> SplitResize:
     return resize
 
 
+def sizes_held_in(attribute: str) -> SplitResize:
+    """A split by a tuple of sizes held in one attribute (InceptionNeXt's ``split_indexes``)."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        return {attribute: tuple(sizes)}
+
+    return resize
+
+
 def halves_of(attribute: str) -> SplitResize:
     """A split by ``x.split(self.<attribute> // 2)`` (CSPNet's ``expand_chs``): parts of ``attribute // 2`` channels,
     so two parts only while the second keeps no more than the first."""
