@@ -156,3 +156,35 @@ def test_inception_nexts_split_is_cut_part_by_part_with_its_layer_scale() -> Non
     compaction = masked_and_cut(randomize_norms(tiny()).eval(), images)[1]
     mixer = compaction.model.stages[0].blocks[0].token_mixer
     assert isinstance(mixer.split_indexes, tuple) and sum(mixer.split_indexes) == compaction.model.stem[0].out_channels
+
+
+def test_mambaouts_gate_pairs_g_with_the_concatenated_i_and_conv_c() -> None:
+    """MambaOut's ``fc2(act(g) * cat(i, conv(c)))``, ``g, i, c`` split from ``fc1`` by ``split_indices``: g's channel j
+    meets row hidden + j, through i or the depthwise conv on c. It was refused ("joins channels that do not line
+    up"): now the rows are cut in pairs, each part of the split keeps its share, and the cut sets the sizes."""
+    model = timm.create_model("test_mambaout", num_classes=10)
+    block = model.stages[0].blocks[0]
+    graph = trace_channel_graph(model)
+    gate = space_of(graph, "stages.0.blocks.0.fc1")
+    assert gate.prunable and gate.groups == 2, gate.refusals
+    assert [(split.owner, split.sizes) for split in gate.splits] == [("stages.0.blocks.0", block.split_indices)]
+    images = torch.randn(2, 3, 64, 64)
+    assert_cut_computes_the_masked(timm.create_model("test_mambaout", num_classes=10), images)
+    torch.manual_seed(0)
+    compaction = masked_and_cut(randomize_norms(model).eval(), images)[1]
+    hidden, kept_i, kept_c = compaction.model.stages[0].blocks[0].split_indices
+    assert hidden == kept_i + kept_c and kept_i > 0 and kept_c > 0
+
+
+def test_a_space_cut_in_groups_keeps_a_channel_in_every_part_of_its_split() -> None:
+    """MambaOut's pairs over a split in parts of 8, 6 and 2 (g, then i and c, of 16 rows): the two lowest positions
+    are the last part's two; its better one is kept instead, and the next lowest pruned in its place, so the cut can
+    still split the kept channels into three parts."""
+    from pruneflow.graph.records import SplitSizes
+    from pruneflow.pruning.criteria import select_in_groups
+
+    space = ChannelSpace(16, groups=2, splits=[SplitSizes("block", (8, 6, 2))])
+    scores = torch.tensor([5.0, 6, 7, 8, 9, 4, 1, 0] * 2)  # positions 7, 6 (c's), then 5 (i's) lowest
+    pruned = select_in_groups(scores, space, 0.25, torch.zeros(16, dtype=torch.bool))
+    assert pruned.view(2, 8)[0].nonzero().flatten().tolist() == [5, 7]
+    assert torch.equal(pruned.view(2, 8)[0], pruned.view(2, 8)[1])

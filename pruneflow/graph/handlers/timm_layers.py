@@ -155,6 +155,7 @@ def register() -> None:
     from timm.models import dpn as timm_dpn
     from timm.models import fasternet as timm_fasternet
     from timm.models import inception_next as timm_inception_next
+    from timm.models import mambaout as timm_mambaout
     from timm.models import metaformer
     from timm.models import rexnet as timm_rexnet
     from timm.models import vgg as timm_vgg
@@ -194,6 +195,7 @@ def register() -> None:
     # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
     register_split_sizes(timm_inception_next.InceptionDWConv2d, sizes_held_in("split_indexes"))
+    register_split_sizes(timm_mambaout.GatedConvBlock, sizes_held_in("split_indices"))
     register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
     register_split_sizes(timm_rexnet.LinearBottleneck, first_size_in("in_channels"))
     register_split_sizes(timm_dpn.DualPathBlock, first_size_in("num_1x1_c"))
