@@ -188,3 +188,24 @@ def test_a_space_cut_in_groups_keeps_a_channel_in_every_part_of_its_split() -> N
     pruned = select_in_groups(scores, space, 0.25, torch.zeros(16, dtype=torch.bool))
     assert pruned.view(2, 8)[0].nonzero().flatten().tolist() == [5, 7]
     assert torch.equal(pruned.view(2, 8)[0], pruned.view(2, 8)[1])
+
+
+@pytest.mark.parametrize("make", [MultipliedChannels, GluBlock])
+def test_the_cost_model_counts_k_entries_per_channel_after_a_multiplier(make) -> None:
+    """A budget's cost model (``mask.target``) against the cut network's counted FLOPs and parameters: the multiplier
+    convs' rows, their norms and the layer scale are k per channel of the space they were expanded into."""
+    from test_budget import cut_costs, graph_spaces
+
+    from pruneflow.pruning.budget import CostModel, allowed_counts
+
+    torch.manual_seed(0)
+    network = make().eval()
+    image = torch.randn(1, 3, 8, 8) if make is MultipliedChannels else torch.randn(1, 6, 5)
+    spaces = graph_spaces(network)
+    model = CostModel(network, spaces, image)
+    pruned = [int(allowed_counts(space, 0.9, 1)[-1]) for space in spaces]
+    amounts = {space.name: count / space.width for space, count in zip(spaces, pruned, strict=True)}
+    flops_ratio, params_ratio = cut_costs(network, spaces, amounts, image)
+    counts = torch.tensor(pruned, dtype=torch.float64).numpy()
+    assert model.measured_flops / model.flops(counts) == pytest.approx(flops_ratio, rel=1e-9)
+    assert model.measured_params / model.params(counts) == pytest.approx(params_ratio, rel=1e-9)
