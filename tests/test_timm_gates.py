@@ -209,3 +209,26 @@ def test_the_cost_model_counts_k_entries_per_channel_after_a_multiplier(make) ->
     counts = torch.tensor(pruned, dtype=torch.float64).numpy()
     assert model.measured_flops / model.flops(counts) == pytest.approx(flops_ratio, rel=1e-9)
     assert model.measured_params / model.params(counts) == pytest.approx(params_ratio, rel=1e-9)
+
+
+class MultipliedFromTwoSpaces(nn.Module):
+    """Two multiplier convs reading two different spaces, added: their output cannot follow both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1)
+        self.left_up, self.right_up = nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Conv2d(4, 8, 1, groups=4)
+        self.mix, self.head = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.left_up(torch.relu(self.left(x))) + self.right_up(torch.relu(self.right(x)))
+        return self.head(self.mix(torch.relu(x)).mean((2, 3)))
+
+
+def test_a_space_multiplied_from_two_spaces_refuses_both() -> None:
+    """The first was expanded, the second refused alone: the cut of the first then cut ``right_up``'s rows too, and
+    the cut network raised on its input width."""
+    refused = {space.name: space.refusals for space in trace_channel_graph(MultipliedFromTwoSpaces()).spaces}
+    assert refused["left"] and refused["right"], refused
+    assert "writes each channel 2 times into channels of another space" in " ".join(refused["left"] + refused["right"])
+    assert_cut_computes_the_masked(MultipliedFromTwoSpaces(), torch.randn(2, 3, 8, 8))

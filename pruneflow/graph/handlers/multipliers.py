@@ -46,11 +46,13 @@ def expand_spaces(tracer: Tracer) -> None:
         inner, outer, root = tracer.space(inner_index), tracer.space(outer_index), tracer.union_find.root(outer_index)
         if root in expanded and expanded[root][0] is inner and expanded[root][1] == k:
             continue  # its rows are points already, with the other writers'
-        if root in tracer.folded:  # embedded in another space, or expanded into another at another multiple
-            inner.refuse(f"grouped conv {name} writes each channel {k} times into channels of another space")
+        if root in tracer.folded or root in expanded:  # embedded in another space, or written from two at once
+            earlier = [expanded[root][0]] if root in expanded else []
+            for space in (inner, outer, *earlier):
+                space.refuse(f"grouped conv {name} writes each channel {k} times into channels of another space")
             continue
         expanded[root] = (inner, k)
-        reason = "its output is joined with its input" if inner is outer else unexpandable(outer, k)
+        reason = "its output is joined with its input" if inner is outer else unexpandable(outer)
         if any(tracer.space(read) is outer for _, read, _ in tracer.ties):
             reason = "an attention's head width follows its output"
         if reason:
@@ -69,7 +71,7 @@ def expand_spaces(tracer: Tracer) -> None:
         tracer.folded.add(tracer.union_find.root(outer_index))
 
 
-def unexpandable(space: ChannelSpace, k: int) -> str | None:
+def unexpandable(space: ChannelSpace) -> str | None:
     """Why ``space``'s readers and writers cannot follow k entries per channel of the space it is expanded into."""
     if space.groups > 1 or space.heads > 1 or space.tied or space.tied_to is not None or space.whole_heads:
         return "its output is cut in groups or heads"
