@@ -51,6 +51,13 @@ def paired(tracer: Tracer, description: str, values: list[Value], product: bool)
     return replace(a, revived_by=revived, ndim=a.ndim or b.ndim)
 
 
+def chunked(tracer: Tracer, value: Value) -> bool:
+    """Whether ``value`` carries a space split into equal parts: read by position unless a gate pairs it, which only
+    the end of the walk knows (``settle_chunks``)."""
+    spaces = {id(tracer.space(index)) for index, _ in value.segments}
+    return any(id(tracer.space(index)) in spaces for index, _ in tracer.chunks)
+
+
 def settle_chunks(tracer: Tracer) -> None:
     """A space split into n equal parts is reordered by position unless it is cut in whole blocks of its parts (its
     ``groups`` a multiple of n): only then does the split of the cut space give each part its own kept channels."""
