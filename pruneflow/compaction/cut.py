@@ -78,7 +78,7 @@ from pruneflow.graph import (
 )
 from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
-from pruneflow.graph.layers import LayerNorm2d, input_weight
+from pruneflow.graph.layers import LayerNorm2d, channel_multiplier, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
@@ -365,6 +365,9 @@ def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
             setattr(module, name, held)
             continue
         held = getattr(module, attribute, None)  # a shape held as a tuple (MetaFormer's ``Scale``): its first size
+        if isinstance(size, (tuple, list)):  # a split's sizes held in one tuple (InceptionNeXt's ``split_indexes``)
+            setattr(module, attribute, tuple(size))
+            continue
         setattr(module, attribute, (size, *held[1:]) if isinstance(held, tuple) else size)
     key_bias, query_bias = getattr(module, "k_bias", None), getattr(module, "q_bias", None)
     if isinstance(key_bias, Tensor) and isinstance(query_bias, Tensor) and key_bias.shape != query_bias.shape:
@@ -431,6 +434,8 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
         elif in_keep is None and takes_whole_groups(module, out_keep):  # carrying its input (LiteMLA's aggregation)
             sizes["in_channels"] = len(out_keep)
             sizes["groups"] = len(out_keep) // (module.out_channels // module.groups)
+        elif channel_multiplier(module) > 1:  # k rows per input channel, cut k at a time (``handlers.multipliers``)
+            sizes["in_channels"] = sizes["groups"] = len(out_keep) // channel_multiplier(module)
     if out_keep is not None and isinstance(module, nn.GroupNorm) and module.num_groups > 1:  # ``ChannelSpace.block``
         sizes["num_groups"] = module.num_groups * len(out_keep) // module.num_channels
     if in_keep is not None and in_arg is not None:
@@ -741,7 +746,8 @@ def _rebuild(
         replace_module(model, name, new)
         arguments, (out_arg, in_arg) = _resizable(name, new)
         values = arguments(new)
-        width_args = [out_arg, in_arg, "groups"] if is_depthwise(new) else [out_arg, in_arg]
+        grouped_by_input = is_depthwise(new) or channel_multiplier(new) > 1
+        width_args = [out_arg, in_arg, "groups"] if grouped_by_input else [out_arg, in_arg]
         width_args += ["num_groups"] if isinstance(new, nn.GroupNorm) else []
         sizes[name] = {arg: int(values[arg]) for arg in width_args if arg is not None}
     return sizes

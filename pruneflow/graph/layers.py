@@ -25,6 +25,15 @@ RMS_NORMS: set[type[nn.Module]] = set()
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def channel_multiplier(module: nn.Module) -> int:
+    """k for a conv whose output channels c·k … c·k + k − 1 read input channel c only (groups = in channels,
+    out = k · in, k > 1: a depthwise conv with a channel multiplier, FastViT's and PiT's); else 1."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or module.groups < 2 or module.groups != module.in_channels:
+        return 1
+    k, rest = divmod(module.out_channels, module.in_channels)
+    return k if k > 1 and not rest else 1
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A conv whose output channel c reads input channel c only (groups = in = out channels); a transposed one too
     (LowFormer's upsampling), whose weight is then (C, 1, k, k) as a depthwise conv's."""

@@ -61,6 +61,9 @@ class ChannelPoint:
     offset: int
     shape: tuple[int, ...]
     at: tuple[int, ...] = ()  # channel c → its entry, -1: not read here (a reordered space, as ``Consumer.at``)
+    # entries per channel, consecutive: channel c is entries offset + c·k … offset + c·k + k − 1 (the rows a grouped
+    # conv with a channel multiplier k writes from channel c, and whatever reads those rows: ``handlers.multipliers``)
+    per_channel: int = 1
 
     @property
     def width(self) -> int:
@@ -68,15 +71,25 @@ class ChannelPoint:
 
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
         """The norm's entries that carry the space's ``channels`` (those it reads)."""
-        return _placed(self.at, channels) if self.at else channels + self.offset
+        return _entries(self.at, self.offset, self.per_channel, channels)
 
     def placed(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the space's channels this point reads, their entries) for a space of ``width`` channels."""
+        """(the space's channels this point reads, their entries) for a space of ``width`` channels; a channel of
+        several entries (``per_channel``) is listed once for each."""
         channels = torch.arange(width)
         if not self.at:
-            return channels, channels + self.offset
+            return channels.repeat_interleave(self.per_channel), self.channels(channels)
         entries = torch.tensor(self.at)
         return channels[entries >= 0], entries[entries >= 0]
+
+
+def _entries(at: tuple[int, ...], offset: int, per_channel: int, channels: torch.Tensor) -> torch.Tensor:
+    """Where ``channels`` are read: ``at[c]`` where placed so, else the ``per_channel`` entries from
+    ``offset + c · per_channel`` on."""
+    if at:
+        return _placed(at, channels)
+    k = per_channel
+    return (channels.view(-1, 1) * k + torch.arange(k, device=channels.device)).flatten() + offset
 
 
 def _placed(at: tuple[int, ...], channels: torch.Tensor) -> torch.Tensor:
@@ -96,10 +109,11 @@ class ChannelScale:
     offset: int
     # channel c → its entry, -1: no entry (BEiT's ``q_bias``: the q rows of a q/k/v space only), as ``Consumer.at``
     at: tuple[int, ...] = ()
+    per_channel: int = 1  # consecutive entries per channel, as ``ChannelPoint.per_channel``
 
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
         """The parameter's entries along ``dim`` that carry the space's ``channels``."""
-        return _placed(self.at, channels) if self.at else channels + self.offset
+        return _entries(self.at, self.offset, self.per_channel, channels)
 
 
 @dataclass(frozen=True, eq=False)

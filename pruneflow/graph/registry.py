@@ -33,7 +33,7 @@ LeafTest = Callable[[nn.Module], bool]
 RowsMaskedForward = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], torch.Tensor], torch.Tensor]
 # The attributes of a module that give a split of its input the part sizes ``sizes`` (FasterNet's ``dim_conv3`` and
 # ``dim_untouched``); a ``ValueError`` saying why where no setting of them does
-SplitResize = Callable[[nn.Module, Sequence[int]], dict[str, int]]
+SplitResize = Callable[[nn.Module, Sequence[int]], dict[str, int] | dict[str, tuple[int, ...]]]
 
 MODULE_HANDLERS: dict[type[nn.Module], ModuleHandler] = {}
 FUNCTION_HANDLERS: dict[Callable[..., Any], OpHandler] = {}

@@ -22,7 +22,7 @@ from torch import nn
 
 from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
-from pruneflow.graph.handlers import norms, reorderings, shapes, slices, tokens
+from pruneflow.graph.handlers import gates, multipliers, norms, reorderings, shapes, slices, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
@@ -62,6 +62,8 @@ class Tracer:
         # (a space, the space it is added to, where it starts there, each channel there → the space's) (``slices``)
         self.embedded: list[tuple[int, int, int, tuple[int, ...]]] = []
         self.folded: set[int] = set()  # spaces whose producer's rows follow the spaces it joins (``handlers.folds``)
+        self.chunks: list[tuple[int, int]] = []  # (a space, the equal parts it is split into) (``handlers.gates``)
+        self.multiplied: list[tuple[int, int, int, str]] = []  # (read, written, k, conv) (``multipliers``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
         # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
@@ -237,7 +239,9 @@ class Tracer:
         for description, indices in self.not_understood.items():
             names = sorted({self.space(i).name for i in indices})
             log.info("channel graph: %s is not understood; not prunable: %s", description, ", ".join(names))
+        gates.settle_chunks(self)
         slices.embed_spaces(self)
+        multipliers.expand_spaces(self)
         roots = [i for i in range(len(self.spaces)) if self.union_find.is_root(i) and i not in self.folded]
         spaces = [self.spaces[index] for index in roots]
         by_position = {self.union_find.root(index) for index in self.by_position}

@@ -172,15 +172,16 @@ class CostModel:
                     consumer.block / space.width if consumer.kind == "grouped" else consumer.features_per_channel
                 )
                 self.in_rows[row[consumer.name], j] += read * per_channel
-            for point in space.points:
-                read = _read_share(point.at, space.width)
+            for point in space.points:  # k entries per channel after a channel multiplier (``per_channel``)
+                read = _read_share(point.at, space.width) * point.per_channel
                 if point.name in row:  # a depthwise conv carrying several spaces
                     self.out_rows[row[point.name], j] += read
                 else:
                     self.linear_params[j] += read * _entries_per_channel(point.module)
             for scale in (*space.scales, *space.sources):  # a ViT's class token and position embedding too
                 parameter = network.get_parameter(scale.name)
-                self.linear_params[j] += parameter.numel() / parameter.shape[scale.dim]
+                per_channel = getattr(scale, "per_channel", 1)  # a source has one entry per channel
+                self.linear_params[j] += per_channel * parameter.numel() / parameter.shape[scale.dim]
         full = np.zeros(width)
         self.flops_constant = self.measured_flops - self._modelled_flops(full)
         self.measured_params = sum(p.numel() for p in network.parameters())

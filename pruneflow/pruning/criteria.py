@@ -104,6 +104,28 @@ def select_blocks(scores: Tensor, block: int, count: int, already_pruned: Tensor
     return pruned.view(-1, 1).expand_as(per_block).flatten().to(already_pruned.device)
 
 
+def select_in_groups(scores: Tensor, space: ChannelSpace, amount: float, already_pruned: Tensor) -> Tensor:
+    """A space cut in groups (a grouped conv's, a gate's pairs: ``ChannelSpace.groups``): the same positions in every
+    group, scored summed over the groups; each part of a split by sizes the cut sets (``ChannelSpace.splits``) keeps
+    its best position where it would keep none (a part cut to nothing would leave its reader no input), the next
+    lowest pruned in its place."""
+    blocks, size = space.groups, space.width // space.groups
+    position_scores = scores.detach().float().cpu().view(blocks, -1).sum(0)
+    before = already_pruned.view(blocks, -1).any(0).cpu()
+    parts = [torch.arange(split.start + sum(split.sizes[:k]), split.start + sum(split.sizes[: k + 1])) % size
+             for split in space.splits for k in range(len(split.sizes)) if split.sizes[k]]  # fmt: skip
+    positions = select_channels(position_scores, channels_to_prune(size, amount), before)
+    for _ in parts:  # each protection can empty at most one more part
+        emptied = [part for part in parts if positions[part].all()]
+        if not emptied:
+            break
+        for part in emptied:  # its best position not pruned before is kept
+            best = part[position_scores[part].masked_fill(before[part], float("-inf")).argmax()]
+            position_scores[best] = float("inf")
+        positions = select_channels(position_scores, channels_to_prune(size, amount), before)
+    return positions.repeat(blocks).to(already_pruned.device)
+
+
 def producer_weight(layer: PrunableLayer) -> Tensor:
     """The producer's effective weight, flattened per output channel (works under parametrizations too)."""
     return layer.producer.weight.detach().flatten(1).float()
@@ -138,19 +160,13 @@ class Criterion:
         if space.multiple > 1 and space.groups % space.multiple:
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)
+        if space.groups > 1:  # before its routes: a gate's pairs split by sizes the cut sets (MambaOut's)
+            return select_in_groups(self.scores(space), space, amount, already)
         if space.routes:
             slots = space.route_slots(amount) if space.route_slots is not None else None
             count = channels_to_prune(space.width, amount)
             return select_by_route(space.routes, self.scores(space), count, already, slots)
-        if space.groups == 1:
-            return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
-        # A grouped conv's space: the same positions in every group, scored summed over the groups.
-        blocks = space.groups
-        position_scores = self.scores(space).view(blocks, -1).sum(0)
-        positions = select_channels(
-            position_scores, channels_to_prune(space.width // blocks, amount), already.view(blocks, -1).any(0)
-        )
-        return positions.repeat(blocks)
+        return select_channels(self.scores(space), channels_to_prune(space.width, amount), already)
 
     @property
     def steps_to_select(self) -> int:

@@ -5,6 +5,10 @@
 - ``producers``: convs and linear layers, which write spaces, and their reading of spaces (consumers);
 - ``norms``: BatchNorms and LayerNorms over the channels, and the norms across channels the graph refuses;
 - ``joins``: additions and products (coupling spaces), per-channel scales, concatenations;
+- ``gates``: a product (or sum) of two parts of one layer's rows, channel for channel (a GLU MLP, gMLP's gating
+  unit, MambaOut's gate): the rows cut in pairs (``ChannelSpace.groups``), a split into equal parts following them;
+- ``multipliers``: depthwise convs with a channel multiplier k (FastViT, PiT): their output space expanded into the
+  space they read, k entries per channel;
 - ``shapes``: flattens, poolings, reductions, permutes, and the shape arithmetic a reshape reads;
 - ``reorderings``: splits and reshapes of the channels (a channel shuffle), followed on a probe;
 - ``slices``: parts of a space at positions its owner holds (a slice ``x[:, a:b]``, a split by sizes), cut on

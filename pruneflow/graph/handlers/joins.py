@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.folds import fold
+from pruneflow.graph.handlers.gates import paired
 from pruneflow.graph.handlers.slices import embedded
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
@@ -64,6 +65,8 @@ def elementwise(tracer: Tracer, node: torch.fx.Node, product: bool) -> Value | N
     result = fold(tracer, node, product) if len(values) == len(tensors) == 2 else None
     if result is None and len(values) == len(tensors) == 2:  # a product too: a gate times copies is zero at zero
         result = embedded(tracer, values, product)
+    if result is None and len(values) == len(tensors) == 2:  # two parts of one layer's rows, channel for channel
+        result = paired(tracer, description, values, product)
     if result is not None:
         return result
     pairs = lined_up(tracer, values) if len(values) == len(tensors) == 2 else None

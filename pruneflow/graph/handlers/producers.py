@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch.fx
 from torch import nn
 
-from pruneflow.graph.layers import PRODUCER_TYPES, is_depthwise, output_ndim
+from pruneflow.graph.handlers.multipliers import multiplier
+from pruneflow.graph.layers import PRODUCER_TYPES, channel_multiplier, is_depthwise, output_ndim
 from pruneflow.graph.records import ChannelPoint, Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
@@ -23,6 +24,11 @@ def producer(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     """A conv or linear layer: it reads its input's spaces (a consumer of each) and writes a space of its own."""
     if is_depthwise(module):
         return depthwise(tracer, node, module, value)
+    multiplied = multiplier(tracer, node, module, value) if channel_multiplier(module) > 1 else None
+    if multiplied is not None:
+        return multiplied
+    if isinstance(module, nn.Linear) and along_positions(value):
+        return mixing_positions(tracer, node, module, value)
     name = str(node.target)
     layer = PrunableLayer(name, module)
     read(tracer, name, module, value)
@@ -35,6 +41,22 @@ def producer(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     if isinstance(module, nn.Linear):  # its features are the last dim of a tensor of its input's rank
         return Value(((index, 0),), tracer.width(layer), ndim=value.ndim if value else None, channels_last=True)
     return Value(((index, 0),), tracer.width(layer), ndim=output_ndim(module))
+
+
+def along_positions(value: Value | None) -> bool:
+    """Whether a linear layer reads ``value`` along a dim of positions: its channels at another dim, known."""
+    if value is None or value.flattened or value.probe is not None or value.channels_last or value.ndim is None:
+        return False
+    return value.ndim >= 3 and value.channels_at(1)
+
+
+def mixing_positions(tracer: Tracer, node: torch.fx.Node, module: nn.Linear, value: Value) -> Value:
+    """A linear layer over the positions of each channel on its own (gMLP's spatial gating ``proj`` over the tokens of
+    ``v.transpose(-1, -2)``, MLP-Mixer's token MLP): channel c of its output is computed from channel c alone, so it
+    carries its input's spaces where they are; its bias turns a masked channel's 0 into the bias. Its own outputs
+    are positions, not a channel space: it is not cut."""
+    revived = value.revived_by or (f"{node.target}'s bias" if module.bias is not None else None)
+    return replace(value, revived_by=revived)
 
 
 def depthwise(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:

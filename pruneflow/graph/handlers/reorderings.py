@@ -16,7 +16,7 @@ from pruneflow.graph.handlers.shapes import probe_shape, resolved
 from pruneflow.graph.handlers.slices import held_by, sizes_set_by_the_cut
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.registry import SPLIT_SIZES, SplitResize, register_function_handler, register_method_handler
-from pruneflow.graph.values import Parts, Value
+from pruneflow.graph.values import Parts, Value, one_whole_space
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -67,6 +67,11 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
     if not by_position and isinstance(SPLIT_SIZES[type(tracer.modules.get(owner, tracer.model))], EqualParts):
         space = tracer.space(value.segments[0][0])  # cut at the same positions in every part: they stay equal
         space.groups = tracer.joined_groups(space, len(sizes), f"{tracer.describe(node)} into equal parts")
+    # equal parts of one space: by position unless a gate pairs them (``gates.settle_chunks`` decides at the end)
+    equal = by_position and one_whole_space(value) and len(sizes) > 1 and len(set(sizes)) == 1
+    if equal:
+        tracer.chunks.append((value.segments[0][0], len(sizes)))
+    by_position = by_position and not equal
     parts = (tracer.with_layout(value, layout[a : a + n], by_position) for a, n in zip(starts, sizes, strict=True))
     return Parts(tuple(parts))
 
@@ -92,6 +97,15 @@ class EqualParts:
         if len(set(sizes)) != 1:
             raise ValueError(f"{self.attribute} sizes every part, so each must keep as many channels, not {sizes}")
         return {self.attribute: sum(sizes) if self.whole else sizes[0]}
+
+
+def sizes_held_in(attribute: str) -> SplitResize:
+    """A split by a tuple of sizes held in one attribute (InceptionNeXt's ``split_indexes``)."""
+
+    def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
+        return {attribute: tuple(sizes)}
+
+    return resize
 
 
 def halves_of(attribute: str) -> SplitResize:
@@ -142,7 +156,10 @@ def probed(tracer: Tracer, node: torch.fx.Node, value: Value) -> Value | None:
         one_channel_each = len(order) == len(layout) and bool((rows == order[:, None]).all())
         if one_channel_each and bool((order.sort().values == torch.arange(len(layout))).all()):
             moved = [layout[int(i)] for i in order]
-            return tracer.with_layout(value, moved, ndim=result.ndim, channels_last=dim == result.ndim - 1 > 1)
+            # moved to another dim in their order (gMLP's ``v.transpose(-1, -2)``): placed as they were
+            by_position = value.by_position if tuple(moved) == layout and value.layout is not None else True
+            last = dim == result.ndim - 1 > 1
+            return tracer.with_layout(value, moved, by_position, ndim=result.ndim, channels_last=last)
     return replace(value, layout=layout, probe=result)
 
 

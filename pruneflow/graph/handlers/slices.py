@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.fx
 
+from pruneflow.graph.handlers.gates import chunked
 from pruneflow.graph.records import ChannelPoint, ChannelSpace, SplitSizes
 from pruneflow.graph.registry import SPLIT_SIZES
 from pruneflow.graph.values import UNKNOWN, Value, one_whole_space
@@ -74,7 +75,8 @@ def embedded(tracer: Tracer, values: list[Value], product: bool = False) -> Valu
     depthwise carrying ``x1``'s channels): recorded, to be embedded at the end (``embed_spaces``); the other
     value (revived as a sum or a ``product`` of the two is). None for anything else."""
     for whole, part in ((values[0], values[1]), (values[1], values[0])):
-        if not one_whole_space(whole) or part.by_position or whole.channels_last != part.channels_last:
+        placed_by_position = part.by_position or chunked(tracer, part)  # an equal split may yet be by position
+        if not one_whole_space(whole) or placed_by_position or whole.channels_last != part.channels_last:
             continue
         inner = whole.segments[0][0]
         placed = run_of(tracer, part, whole.width) or copies_of(tracer, part, whole.width)

@@ -34,7 +34,7 @@ from pruneflow.graph.handlers.folds import sole_writer
 from pruneflow.graph.handlers.norms import group_norm, layer_norm, norm
 from pruneflow.graph.handlers.pointwise import ZERO_PRESERVING_MODULES, is_pointwise, passes, register_pointwise
 from pruneflow.graph.handlers.producers import producer, read
-from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_in
+from pruneflow.graph.handlers.reorderings import first_size_in, halves_of, sizes_held_in, sizes_in
 from pruneflow.graph.layers import LAYER_NORMS, RMS_NORMS, SAMPLE_NORMS, is_depthwise, is_layer_norm, output_ndim
 from pruneflow.graph.leaves import register_leaf
 from pruneflow.graph.records import PrunableLayer
@@ -159,6 +159,8 @@ def register() -> None:
     from timm.models import cspnet as timm_cspnet
     from timm.models import dpn as timm_dpn
     from timm.models import fasternet as timm_fasternet
+    from timm.models import inception_next as timm_inception_next
+    from timm.models import mambaout as timm_mambaout
     from timm.models import metaformer
     from timm.models import rexnet as timm_rexnet
     from timm.models import vgg as timm_vgg
@@ -198,6 +200,8 @@ def register() -> None:
     register_module_handler(layer_norms, layer_norm)
     # splits by sizes held in attributes: each part pruned on its own, the sizes set by the cut
     register_split_sizes(timm_fasternet.Partial_conv3, sizes_in("dim_conv3", "dim_untouched"))
+    register_split_sizes(timm_inception_next.InceptionDWConv2d, sizes_held_in("split_indexes"))
+    register_split_sizes(timm_mambaout.GatedConvBlock, sizes_held_in("split_indices"))
     register_split_sizes((timm_cspnet.CrossStage, timm_cspnet.CrossStage3), halves_of("expand_chs"))
     register_split_sizes(timm_rexnet.LinearBottleneck, first_size_in("in_channels"))
     register_split_sizes(timm_dpn.DualPathBlock, first_size_in("num_1x1_c"))
