@@ -200,6 +200,7 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
 
 def register() -> None:
     from timm.models import (
+        davit,
         hiera,
         nest,
         swin_transformer,
@@ -215,7 +216,7 @@ def register() -> None:
     timm_attention_module.HEAD_ATTRIBUTES[hiera.MaskUnitAttention] = ("heads", "dim_out")
     register_module_handler(hiera.MaskUnitAttention, timm_attention)
     for function in (swin_transformer.window_reverse, swin_transformer_v2.window_reverse,
-                     swin_transformer_v2_cr.window_reverse, nest.deblockify):  # fmt: skip
+                     swin_transformer_v2_cr.window_reverse, nest.deblockify, davit.window_reverse):  # fmt: skip
         register_function_handler(function, window_reverse)
     # SAM's ``window_unpartition`` reads ``C`` as the ``-1`` left once the windows' other sizes are put back: one op
     register_function_handler(vision_transformer_sam.window_unpartition, window_reverse, autowrap=True)
@@ -223,6 +224,6 @@ def register() -> None:
     # position tables are per position of a head, shared by all heads, so a head's positions stay)
     register_module_handler(vision_transformer_sam.Attention, timm_attention)
     attentions = (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention,
-                  swin_transformer_v2_cr.WindowMultiHeadAttention)  # fmt: skip
+                  swin_transformer_v2_cr.WindowMultiHeadAttention, davit.WindowAttention)  # fmt: skip
     register_module_handler(attentions, window_attention)
     ROWS_MASKED_FORWARDS[swin_transformer_v2.WindowAttention] = forward_with_rows
