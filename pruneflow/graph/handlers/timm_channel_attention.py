@@ -1,6 +1,6 @@
 """timm's attentions over a head's channels: DaViT's ``ChannelAttention`` and the cross-covariance attention (XCA) of
 XCiT (``XCA``) and EdgeNeXt (``CrossCovarianceAttn``), kept whole and cut in whole heads, the stream they read with
-them.
+them; and the Fourier position encoding XCiT and EdgeNeXt add to the stream XCA reads.
 
 Each splits its ``qkv`` rows into ``num_heads`` heads of ``C // num_heads`` channels, ``C`` its input's width, and
 takes a softmax over a head's channels: DaViT's ``softmax(kᵀ v)`` (a head's channels × channels), XCA's
@@ -66,9 +66,21 @@ def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, va
     return output
 
 
-def register() -> None:
-    from timm.models.davit import ChannelAttention
-    from timm.models.edgenext import CrossCovarianceAttn
-    from timm.models.xcit import XCA
+def fourier_positions(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """XCiT's and EdgeNeXt's ``PositionalEncodingFourier``, a leaf (timm keeps it from ``torch.fx``): sines and
+    cosines of the positions projected by its 1 × 1 conv ``token_projection``, a map (B, dim, H, W) of a space of
+    its own, which joins the stream it is added to; it reads no channel."""
+    name = str(node.target)
+    layer = PrunableLayer(f"{name}.token_projection", module.token_projection)
+    output = Value(((tracer.new_space(layer), 0),), tracer.width(layer), ndim=4)
+    if reason := tracer.reused(name):
+        tracer.refuse(output, f"position encoding {name}: {reason}")
+    return output
 
-    register_module_handler((ChannelAttention, XCA, CrossCovarianceAttn), channel_attention)
+
+def register() -> None:
+    from timm.models import edgenext, xcit
+    from timm.models.davit import ChannelAttention
+
+    register_module_handler((ChannelAttention, xcit.XCA, edgenext.CrossCovarianceAttn), channel_attention)
+    register_module_handler((xcit.PositionalEncodingFourier, edgenext.PositionalEncodingFourier), fourier_positions)

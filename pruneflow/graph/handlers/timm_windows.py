@@ -47,7 +47,7 @@ from torch import nn
 
 from pruneflow.graph.handlers import shapes, tokens
 from pruneflow.graph.handlers import timm_attention as timm_attention_module
-from pruneflow.graph.handlers.attention import tied_heads
+from pruneflow.graph.handlers.attention import tied_heads, whole_heads_tied
 from pruneflow.graph.handlers.timm_attention import timm_attention, unreadable_parts
 from pruneflow.graph.handlers.timm_attention_classes import bias_scales, forward_with_rows, refused
 from pruneflow.graph.nodes import argument
@@ -181,6 +181,13 @@ def unhandled_window_variant(tracer: Tracer, node: torch.fx.Node, module: nn.Mod
     return None
 
 
+# Window attentions cut in whole heads with their stream (``attention.whole_heads_tied``): DaViT's, whose stream is
+# also read by its channel attention, cut in whole heads of the same width (``timm_channel_attention``). Per position,
+# its heads would hold the stream to multiples of both the head count and the head width (DaViT's first stage: 96
+# channels, 3 heads of 32: nothing); whole, to multiples of the head width.
+WHOLE_HEAD_WINDOWS: set[type[nn.Module]] = set()
+
+
 def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     """timm's Swin, SwinV2 and SwinV2-CR window attention, a leaf: heads tied to the stream (module docstring)."""
     name = str(node.target)
@@ -190,6 +197,8 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
         return refused(tracer, proj, value, f"window attention {name} {reason}")
     biased = getattr(module, "q_bias", None) is not None
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **({"unit_name": name, "unit": module} if biased else {}))
+    if type(module) in WHOLE_HEAD_WINDOWS:
+        return whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)[1]
     inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
     if hasattr(module, "fused_attn") or biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
         tracer.spaces[inner].unfused_by_cut = name
@@ -226,4 +235,5 @@ def register() -> None:
     attentions = (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention,
                   swin_transformer_v2_cr.WindowMultiHeadAttention, davit.WindowAttention)  # fmt: skip
     register_module_handler(attentions, window_attention)
+    WHOLE_HEAD_WINDOWS.add(davit.WindowAttention)
     ROWS_MASKED_FORWARDS[swin_transformer_v2.WindowAttention] = forward_with_rows
