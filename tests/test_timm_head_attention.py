@@ -11,6 +11,7 @@ from test_timm_vit_likes import assert_cut_equals_masked, space_of
 from test_window_attention import masked_and_cut
 from torch import nn
 
+from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, trace_channel_graph
@@ -89,9 +90,14 @@ def test_xcit_cross_covariance_attention_cuts_whole_heads_with_their_temperature
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
     assert [scale.name for scale in space_of(graph, "blocks.1.attn.qkv").scales] == ["blocks.1.attn.temperature"]
     torch.manual_seed(0)
-    _, compaction = masked_and_cut(randomize_norms(tiny_xcit()).eval(), torch.randn(2, 3, 32, 32))
+    images = torch.randn(2, 3, 32, 32)
+    _, compaction = masked_and_cut(randomize_norms(tiny_xcit()).eval(), images)
     attention = compaction.model.blocks[0].attn
     assert attention.num_heads == 2 and attention.temperature.shape == (2, 1, 1)
+    rebuilt = apply_sizes(tiny_xcit(), compaction.sizes).eval()  # a checkpoint of the cut network loads into it
+    rebuilt.load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), compaction.model(images))
     assert_cut_equals_masked(tiny_xcit(), 32)
 
 
