@@ -21,11 +21,12 @@ timm = pytest.importorskip("timm")
 import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
 
 
-def tiny_davit() -> nn.Module:
+def tiny_davit(v2: bool = False) -> nn.Module:
     from timm.models.davit import DaVit
 
     torch.manual_seed(0)  # 2 and 4 heads of 16 channels: a window and a channel attention per stage
-    return DaVit(depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), window_size=4, num_classes=10)
+    return DaVit(depths=(1, 1), embed_dims=(32, 64), num_heads=(2, 4), window_size=4, num_classes=10,
+                 channel_attn_v2=v2)  # fmt: skip
 
 
 def tiny_xcit() -> nn.Module:
@@ -79,6 +80,14 @@ def test_davit_channel_and_window_attentions_are_cut_in_whole_heads_with_the_str
     assert [cut.stages[s].blocks[0][1].attn.num_heads for s in (0, 1)] == [1, 2]
     assert cut.stem.conv.out_channels == 16
     assert_cut_equals_masked(tiny_davit(), 32)
+
+
+def test_davit_v2_channel_attention_holds_its_heads_in_groups_and_cuts_exactly() -> None:
+    """V2 scales q by the token count and calls its heads ``groups``: the cut sets that."""
+    torch.manual_seed(0)
+    _, compaction = masked_and_cut(randomize_norms(tiny_davit(v2=True)).eval(), torch.randn(2, 3, 32, 32))
+    assert [compaction.model.stages[s].blocks[0][1].attn.groups for s in (0, 1)] == [1, 2]
+    assert_cut_equals_masked(tiny_davit(v2=True), 32)
 
 
 def test_xcit_cross_covariance_attention_cuts_whole_heads_with_their_temperature() -> None:
