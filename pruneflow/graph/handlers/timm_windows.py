@@ -29,7 +29,10 @@ and k over a head's positions, where a zero position adds nothing. The relative 
 head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
 (``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
 SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in whole heads, as
-timm's ``Attention`` (``timm_attention``). NesT's writes its heads' output head-minor, an order a tied cut does not
+timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as SwinV2's, but its stream is also read
+by DaViT's channel attention, which only whole heads can leave: it is cut in whole heads tied to the stream too
+(``WHOLE_HEAD_WINDOWS``), and DaViT's ``window_reverse`` is read as Swin's. NesT's writes its heads' output
+head-minor, an order a tied cut does not
 place: it is not taught, and stays refused.
 """
 
