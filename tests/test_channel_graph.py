@@ -24,7 +24,7 @@ from pruneflow.compaction import compact, export_compact
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelGraph, ChannelSpace, Consumer, trace_channel_graph
-from pruneflow.pruning.criteria import L1, Explicit, channels_to_prune, select_per_head
+from pruneflow.pruning.criteria import L1, Explicit, Random, channels_to_prune, select_per_head
 from pruneflow.pruning.selection import select_spaces
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
@@ -191,6 +191,10 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(1)
     masks = {}
     for space in graph.prunable:
+        if space.whole_heads:  # whole heads only: half of them, or as many as the share its stream loses makes
+            masks.update((name, Random(1).select(space, 0.5, torch.zeros(space.width, dtype=torch.bool)))
+                         for name in space.names)  # fmt: skip
+            continue
         if space.heads > 1:  # an attention's q, k, v rows: half of each head's, the same from q and k
             pruned = select_per_head(torch.rand(space.width, generator=generator), space.heads,
                                      channels_to_prune(space.width // (space.parts * space.heads), 0.5),

@@ -103,6 +103,22 @@ class GateOnConcatenation(nn.Module):
         return self.head(x * self.gate(self.fc(x.mean((2, 3), keepdim=True))))
 
 
+class ConcatenationOnAConv(nn.Module):
+    """NASNet's first cell: two convs of the previous cell side by side, normalised, added to a conv of this one's
+    input (``bn(cat([path_1(p), path_2(p)])) + conv_1x1(x)``), each read on its own too (so neither folds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.path_1, self.path_2, self.norm = conv_bn(3, 8), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 1), \
+            nn.BatchNorm2d(10)  # fmt: skip
+        self.conv_1x1, self.left, self.right, self.head = conv_bn(8, 10), conv_bn(10, 10), conv_bn(10, 10), head(40)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        left, right = self.norm(torch.cat([self.path_1(x), self.path_2(x)], dim=1)), self.conv_1x1(x)
+        return self.head(torch.cat([left, right + left, self.left(left), self.right(right)], dim=1))
+
+
 def refusals(model: nn.Module) -> list[list[str]]:
     return [space.refusals for space in trace_channel_graph(model).spaces if not space.prunable]
 
@@ -111,7 +127,8 @@ OUTPUT = ["reaches the network's output, whose shape would change"]
 
 
 @pytest.mark.parametrize(
-    "model", [PoolMixer, Resampled, MeanHead, Ghost, ResidualOnConcatenation, GateOnConcatenation]
+    "model", [PoolMixer, Resampled, MeanHead, Ghost, ResidualOnConcatenation, GateOnConcatenation,
+              ConcatenationOnAConv]
 )
 def test_a_cnn_rule_leaves_only_the_classifier_refused_and_cuts_exactly(model: type[nn.Module]) -> None:
     assert refusals(model()) == [OUTPUT]

@@ -135,14 +135,14 @@ def test_talking_heads_keep_their_heads_and_mixing_and_cut_exactly() -> None:
     assert count_flops(cut.model, tokens) < count_flops(model, tokens)
 
 
-def test_eva_with_rope_is_refused_in_one_line_and_its_mlps_stay_prunable() -> None:
-    model = tiny("vit_tiny_patch16_dinov3_qkvb")
-    graph = trace_channel_graph(model)
-    stream = next(space for space in graph.spaces if space.name == "patch_embed.proj")
-    reason = stream.refusals[0]  # the first block's; the second names its own
-    assert reason.startswith("attention blocks.0.attn rotates q and k by a rotary position embedding (rope)")
-    assert "\n" not in reason
-    assert [space.name for space in graph.prunable] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_eva_with_rope_is_cut_in_whole_heads_with_its_stream(strategy: str) -> None:
+    """DINOv3's rope rotates pairs of positions inside every head alike: whole heads go, the stream losing their
+    width (``timm_attention_classes``, ``attention.whole_heads_tied``)."""
+    graph = check_masked_and_cut(tiny("vit_tiny_patch16_dinov3_qkvb"), (3, 64, 64), strategy)
+    heads = next(space for space in graph.spaces if space.name == "blocks.0.attn.qkv")
+    assert heads.whole_heads and heads.heads == HEADS and heads.tied_to.name == "patch_embed.proj"
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
 
 
 @pytest.mark.parametrize("fused", [True, False])

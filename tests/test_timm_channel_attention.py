@@ -1,8 +1,8 @@
 """timm's attentions kept whole where their insides defeat the op-by-op walk: SwiftFormer's additive attention
 (an L2 normalisation over the channels, a learned ``w_g``) and MViTv2's pooling attention (q, k, v pooled per head,
 whole heads cut), each traced on a tiny network, half of every space masked by ``activation`` and cut, and the
-cut network compared with the masked one; DaViT's channel attention (a softmax across a head's positions), refused
-in one line."""
+cut network compared with the masked one; DaViT's channel attention (a softmax across a head's channels), cut in
+whole heads with its stream."""
 
 from __future__ import annotations
 
@@ -108,13 +108,14 @@ class ChannelAttentionBlock(nn.Module):
         return self.head((x + self.attn(x)).mean(1))
 
 
-def test_davits_channel_attention_refuses_its_rows_and_the_stream_in_one_line() -> None:
-    """Its softmax runs across a head's positions: a masked position adds exp(0) to the kept ones' denominators."""
-    reason = ("channel attention attn takes a softmax across each head's positions (a masked one still counts) and "
-              "reshapes its heads by its input's width")  # fmt: skip
+def test_davits_channel_attention_is_cut_in_whole_heads_with_the_stream_exactly() -> None:
+    """Its softmax runs across a head's channels (a masked one would add exp(0) to the kept ones' denominators):
+    whole heads go, the stream one head's width per head (``timm_channel_attention``)."""
     graph = trace_channel_graph(ChannelAttentionBlock())
     rows, stream = (next(s for s in graph.spaces if name in s.names) for name in ("attn.qkv", "stem.0"))
-    assert rows.refusals == [reason] and reason in stream.refusals
+    assert rows.whole_heads and rows.tied_to is stream and stream.multiple == 4
+    assert refusals(ChannelAttentionBlock()) == [OUTPUT]
+    assert_cut_equals_masked(ChannelAttentionBlock())
 
 
 def test_a_tiny_mvitv2_trains_pruned_through_a_lightning_trainer_and_is_cut(tmp_path) -> None:

@@ -77,7 +77,7 @@ from pruneflow.graph import (
     trace_channel_graph,
 )
 from pruneflow.graph.handlers.timm_layers import register_if_imported
-from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
+from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem, whole_heads_problem
 from pruneflow.graph.layers import LayerNorm2d, channel_multiplier, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
@@ -574,12 +574,17 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
     space, heads = group.space, group.space.heads
     pruned = torch.zeros(space.width, dtype=torch.bool)
     pruned[group.removed] = True
+    anchor = next((g for g in groups if g.space is space.tied_to), None)
+    untied = space.width // space.parts if space.tied_to is not None else None  # a stream of its own kept whole
+    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else untied
     if space.whole_heads:
         if not takes_whole_heads(space, pruned):
             raise CompactionError(
                 f"cannot cut {space.name}: attention {space.heads_of} is cut in whole heads only (its q, k and v rows "
                 "together: a narrower head would change its softmax's scale); the criteria select so"
             )
+        if space.tied_to is not None and (problem := whole_heads_problem(space, pruned, anchor_kept)):
+            raise CompactionError(f"cannot cut {space.name}: {problem}; the criteria select so")
         return
     if pruned.view(space.parts, heads, -1).all(-1).all(0).any():
         raise CompactionError(
@@ -587,9 +592,6 @@ def _check_heads(group: ChannelGroup, groups: Sequence[ChannelGroup]) -> None:
             "BEiT's, CaiT's) takes its head width from its input's width, so a cut cannot drop heads; evaluate the "
             "masked network (compact=false)"
         )
-    anchor = next((g for g in groups if g.space is space.tied_to), None)
-    untied = space.width // space.parts if space.tied_to is not None else None  # a stream of its own kept whole
-    anchor_kept = anchor.width - len(anchor.removed) if anchor is not None else untied
     problem = tied_heads_problem(space, pruned, anchor_kept)
     if problem:
         raise CompactionError(f"cannot cut {space.name}: {problem}; the criteria select so (mask.groups=true)")
@@ -784,8 +786,8 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if group.space.whole_heads and len(group.removed):
             attention = model.get_submodule(group.space.heads_of)
             heads = len(group.kept) // group.space.head_unit
-            count, width = group.space.head_attributes
-            sizes[group.space.heads_of] = {count: heads, width: heads * attention.head_dim}
+            count, width = group.space.head_attributes  # no width: the attention reads it from its input
+            sizes[group.space.heads_of] = {count: heads, **({width: heads * attention.head_dim} if width else {})}
             set_attributes(attention, sizes[group.space.heads_of])
             continue
         if group.space.heads_of is not None and group.space.block > 1 and len(group.removed):

@@ -3,7 +3,12 @@
 as many positions in every head and of values, and as many per head as the stream keeps per head. The cut checks
 it on the masks it is given; an explicit channel list (``mask.criterion=explicit``) is checked before training.
 An attention cut in whole heads (``ChannelSpace.whole_heads``: timm's) loses each head's q, k and v rows together
-or none of them (``takes_whole_heads``)."""
+or none of them (``takes_whole_heads``); where it is also tied (DaViT's channel attention, XCiT's XCA, EVA's with a
+rope: its heads' output is reshaped by its input's width, and a position inside a head cannot go), the stream loses a
+head's width for each head it loses (``whole_heads_problem``).
+
+An attention tied to a stream follows the share of it the stream loses, which is rounded to whole multiples of the
+stream's ``multiple`` (``stream_share``): the criteria select both at that share, so they agree."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pruneflow.graph.records import ChannelSpace
+from pruneflow.graph.routes import channels_to_prune
 
 
 def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int | None) -> str | None:
@@ -36,3 +42,22 @@ def takes_whole_heads(space: ChannelSpace, pruned: Tensor) -> bool:
     """Whether ``pruned`` (a bool per q/k/v row of ``space``) takes every q, k and v row of a head or none."""
     per_head = pruned.view(3, space.heads, -1)
     return torch.equal(per_head.all(-1).all(0), per_head.any(-1).any(0))
+
+
+def whole_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) -> str | None:
+    """Why pruning ``pruned`` (a bool per q/k/v row of ``space``, an attention cut in whole heads and tied to its
+    stream) cannot be cut while the stream keeps ``stream_kept`` channels; None where it can."""
+    kept_heads = space.heads - int(pruned.view(3, space.heads, -1).all(-1).all(0).sum())
+    width = space.width // (3 * space.heads)
+    if takes_whole_heads(space, pruned) and stream_kept == kept_heads * width:
+        return None
+    return (
+        f"attention {space.heads_of} is cut in whole heads of {width} channels, and its input keeps one head's "
+        f"width per kept head ({stream_kept} channels for {kept_heads} heads)"
+    )
+
+
+def stream_share(stream: ChannelSpace, amount: float) -> float:
+    """The share of its channels ``stream``, read by attentions tied to it, loses at ``amount``: whole multiples
+    of ``ChannelSpace.multiple``, as ``Criterion.select`` prunes it."""
+    return stream.multiple * channels_to_prune(stream.width // stream.multiple, amount) / stream.width

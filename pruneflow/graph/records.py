@@ -260,7 +260,8 @@ class ChannelSpace:
     whole_heads: bool = False
     heads_of: str | None = None
     # the attributes of ``heads_of`` holding its head count and the width of all its heads (Hiera's: heads, dim_out)
-    head_attributes: tuple[str, str] = ("num_heads", "attn_dim")
+    # (None: the attention reads that width from its input, a stream it is tied to: DaViT's channel attention)
+    head_attributes: tuple[str, str | None] = ("num_heads", "attn_dim")
     # The attention whose fused path (``scaled_dot_product_attention``) would scale its logits by √(cut head width)
     # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
     # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).

@@ -276,7 +276,9 @@ class Tracer:
             attention, anchor = self.space(inner), self.space(read)
             attention.tied_to = anchor
             anchor.tied.append(attention)
-            anchor.multiple = math.lcm(anchor.multiple, attention.heads)
+            # whole heads: the stream loses one head's width per head; else as many channels from every head
+            unit = anchor.width // attention.heads if attention.whole_heads else attention.heads
+            anchor.multiple = math.lcm(anchor.multiple, unit)
         for _ in range(2):  # a refusal on either side refuses the other
             for inner, read, name in self.ties:
                 attention, anchor = self.space(inner), self.space(read)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, PrunableLayer, channels_to_prune
-from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
+from pruneflow.graph.heads import stream_share, takes_whole_heads, tied_heads_problem, whole_heads_problem
 
 
 def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tensor:
@@ -147,6 +147,8 @@ class Criterion:
         raise NotImplementedError
 
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
+        if space.tied_to is not None:  # an attention's q/k/v rows lose the share its stream loses, rounded as it is
+            amount = stream_share(space.tied_to, amount)
         if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.heads > 1:
@@ -380,7 +382,8 @@ class Explicit(Criterion):
         stream_pruned, heads_pruned = self._named(stream), self._named(heads)
         if not stream_pruned.any() and not heads_pruned.any():
             return
-        problem = tied_heads_problem(heads, heads_pruned, stream.width - int(stream_pruned.sum()))
+        check = whole_heads_problem if heads.whole_heads else tied_heads_problem
+        problem = check(heads, heads_pruned, stream.width - int(stream_pruned.sum()))
         if problem:
             raise ConfigError(
                 f"mask.channels for {stream.name} ({int(stream_pruned.sum())} channels) and {heads.name} "

@@ -19,8 +19,10 @@
   class tokens), patches turned into tokens by a width an attribute holds (torchvision's ViT), the tokens taken for
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
-- ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
-  DaViT's channel attention, refused in one line;
+- ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream
+  (EVA's with a rope in whole heads, the stream losing a head's width per head);
+- ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a
+  softmax over a head's channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
 - ``timm_additive_attention``: SwiftFormer's additive attention, kept whole, its query, key and ``proj`` rows one

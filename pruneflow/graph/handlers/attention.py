@@ -74,6 +74,23 @@ def tied_heads(
     return inner, output
 
 
+def whole_heads_tied(
+    tracer: Tracer, name: str, qkv: PrunableLayer, proj: PrunableLayer, heads: int, value: Value | None,
+    count: str = "num_heads",
+) -> tuple[int, Value]:
+    """``heads_and_output`` for an attention cut in whole heads whose heads' output is reshaped by its input's width
+    (DaViT's channel attention, XCA, EVA's with a rope): its q/k/v space tied to ``value``'s, which loses one head's
+    width for each head the attention loses (``ChannelSpace.whole_heads`` and ``tied_to``); the cut sets its head
+    count (the attribute ``count``), and its head width, read from its input, stays."""
+    inner, output = heads_and_output(tracer, qkv, proj, heads, value)
+    space = tracer.spaces[inner]
+    space.whole_heads, space.heads_of, space.head_attributes = True, name, (count, None)
+    if heads < 2:  # its only head: its stream could not lose a head's width either
+        space.refuse(f"attention {name} has a single head, which a cut in whole heads cannot take")
+    tie(tracer, name, inner, value, qkv.producer.in_features)
+    return inner, output
+
+
 def tie(tracer: Tracer, name: str, inner: int, value: Value | None, width: int) -> int | None:
     """Tie attention ``name``'s q/k/v space ``inner`` to the one whole space its head width follows (its input,
     ``width`` channels wide): that space's id; None, the q/k/v space refused, where its input is anything else."""

@@ -6,7 +6,8 @@ cut with them, as points of the wider space, masked at their outputs, and its re
 channels; its own space leaves the graph (as a fold's does). A whole space added to (or multiplied by) copies of
 another side by side is embedded once per copy: GhostNet's stem, read by the first block too, added to the block's
 ``cat([x1, cheap(x1)])``, whose depthwise ``cheap`` carries ``x1``'s channels; its rows j and n + j are cut with
-``x1``'s channel j."""
+``x1``'s channel j. Several spaces side by side (a concatenation) added to one whole space are each embedded in
+it, at their offsets: NASNet's first cell adds ``cat([path_1(x), path_2(x)])`` to its ``conv_1x1`` output."""
 
 from __future__ import annotations
 
@@ -85,7 +86,30 @@ def embedded(tracer: Tracer, values: list[Value], product: bool = False) -> Valu
         tracer.embedded += [(inner, index, start, at) for index, start, at in placed]
         revived = (part.revived_by and whole.revived_by) if product else (part.revived_by or whole.revived_by)
         return replace(part, revived_by=revived)
+    for whole, part in ((values[0], values[1]), (values[1], values[0])):  # spaces side by side, each into the whole
+        pieces = side_by_side(tracer, part, whole) if one_whole_space(whole) else None
+        if pieces is not None:
+            tracer.embedded += [(index, whole.segments[0][0], start, at) for index, start, at in pieces]
+            revived = (part.revived_by and whole.revived_by) if product else (part.revived_by or whole.revived_by)
+            return replace(whole, revived_by=revived)
     return None
+
+
+def side_by_side(tracer: Tracer, part: Value, whole: Value) -> list[tuple[int, int, tuple[int, ...]]] | None:
+    """Several whole spaces, each another, side by side in order and as wide as ``whole`` together (NASNet's first
+    cell: ``cat([path_1(x), path_2(x)])`` added to its ``conv_1x1`` output): [(each space, where it starts in
+    ``whole``, channel of ``whole`` → its channel there)]."""
+    if part.layout is not None or part.flattened or part.by_position or len(part.segments) < 2:
+        return None
+    spaces = [tracer.space(index) for index, _ in part.segments] + [tracer.space(whole.segments[0][0])]
+    widths = [space.width for space in spaces[:-1]]
+    starts = [sum(widths[:k]) for k in range(len(widths))]
+    if [at for _, at in part.segments] != starts or sum(widths) != whole.width or part.width != whole.width:
+        return None
+    if len({id(space) for space in spaces}) != len(spaces) or whole.channels_last != part.channels_last:
+        return None
+    return [(index, start, tuple(c - start if start <= c < start + width else -1 for c in range(whole.width)))
+            for (index, start), width in zip(part.segments, widths, strict=True)]  # fmt: skip
 
 
 def run_of(tracer: Tracer, part: Value, width: int | None) -> list[tuple[int, int, tuple[int, ...]]] | None:

@@ -29,13 +29,19 @@ channel point (``PrunableLayer.unit``), computed again with those rows' weights 
 (``forward_with_rows``); ``q_bias`` and ``v_bias`` are cut with the rows (``ChannelScale.at``), the zero ``k_bias``
 follows them (``compaction.cut``).
 
-DaViT's ``ChannelAttention`` (``softmax(kᵀ v) @ qᵀ``: the softmax runs across a head's positions) reshapes by its
-input's width too, but a masked position there adds exp(0) to every kept position's denominator: refused in one line,
-its q/k/v rows and the stream it reads.
+EVA's rotary position embedding (``rope``: DINOv3, EVA-02) rotates pairs of positions inside a head, by the same
+angles in every head, and a q/k norm normalises over a head's positions: a head's positions cannot be cut one by one,
+but whole heads can, as for timm's ``AttentionRope`` (``timm_attention``): a head whose q, k and v rows are 0 (after
+the bias) outputs 0 whatever the rope made of its q and k, the other heads keep their width (so their rope and their
+logits' scale) and the rope's frequency bands are per position of a head, shared by all heads. Since EVA reshapes its
+heads' output by its input's width, its q/k/v space is cut in whole heads **tied** to the stream, which loses one
+head's width for each head cut (``attention.whole_heads_tied``; the cut sets ``num_heads``). DaViT's channel
+attention and XCA are cut the same way (``timm_channel_attention``).
 
-Refused in one line, and the stream with them (the tie): EVA's rotary position embedding (``rope`` rotates pairs of
-positions in a head), a q/k norm (over a head's positions), the parts ``timm_attention.unreadable_parts`` names, and
-any other tensor the attention is called with (the recomputed forward would not see it).
+Refused in one line, and the stream with them (the tie): a rope or a q/k norm in BEiT's, CaiT's and ViT-RelPos's
+attentions (their per-head tables and talking heads would need cutting with the heads), the parts
+``timm_attention.unreadable_parts`` names, and any other tensor the attention is called with (the recomputed forward
+would not see it).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from pruneflow.graph.handlers.attention import attention_output, heads_space, tie, tied_heads
+from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads, whole_heads_tied
 from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.handlers.timm_attention import unreadable_parts
 from pruneflow.graph.nodes import argument
@@ -59,24 +65,38 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
-def unhandled_variant(node: torch.fx.Node, module: nn.Module) -> str | None:
-    """Why the attention's heads cannot follow the stream (None: they can)."""
+# Attentions whose heads are independent of each other (no per-head table, no mixing over the heads): where their
+# positions cannot be cut one by one, they are cut in whole heads with their stream (EVA's)
+WHOLE_HEADS: set[type[nn.Module]] = set()
+
+
+def positions_held(node: torch.fx.Node, module: nn.Module) -> str | None:
+    """What holds a head's positions together (None: nothing): a cut of whole heads keeps them."""
     if argument(node, 1, "rope", None) is not None:
         return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
-    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-    if others:
-        return f"is called with {others[0].name} besides its input, which its masked forward would not see"
     if not all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm")):
         return "normalises q and k over a head's positions (qk_norm=True)"
+    return None
+
+
+def unhandled_variant(node: torch.fx.Node, module: nn.Module) -> str | None:
+    """Why the attention's heads cannot follow the stream (None: they can)."""
+    rope = argument(node, 1, "rope", None)
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.fx.Node) and a is not rope]
+    if others:
+        return f"is called with {others[0].name} besides its input, which its masked forward would not see"
     if reason := unreadable_parts(module):
         return reason
     if not module.qkv.in_features == module.proj.in_features == module.qkv.out_features // 3:
         return "has heads whose width is not its input's"
+    if type(module) not in WHOLE_HEADS:
+        return positions_held(node, module)
     return None
 
 
 def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """BEiT's ``Attention``, EVA's ``EvaAttention``, CaiT's ``TalkingHeadAttn``, a leaf: heads tied to the stream."""
+    """BEiT's ``Attention``, EVA's ``EvaAttention``, CaiT's ``TalkingHeadAttn``, a leaf: heads tied to the stream,
+    per position, or in whole heads where a rope or a q/k norm holds a head's positions together (EVA's)."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
     reason = unhandled_variant(node, module)
@@ -85,11 +105,14 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     biased = getattr(module, "q_bias", None) is not None
     unit = {"unit_name": name, "unit": module} if biased else {}
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **unit)
-    inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-    if hasattr(module, "fused_attn"):
-        tracer.spaces[inner].unfused_by_cut = name
-    if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
-        tracer.spaces[inner].head_width_of = name
+    if positions_held(node, module):  # whole heads keep the head width, so the logits' scale, fused or not
+        inner, output = whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)
+    else:
+        inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
+        if hasattr(module, "fused_attn"):
+            tracer.spaces[inner].unfused_by_cut = name
+        if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
+            tracer.spaces[inner].head_width_of = name
     if biased:
         tracer.spaces[inner].scales += bias_scales(name, module)
     return output
@@ -141,19 +164,6 @@ def class_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     return attention_output(tracer, proj, value)
 
 
-def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
-    """DaViT's ``ChannelAttention``, a leaf: ``softmax(kᵀ v) @ qᵀ`` per head, a softmax across a head's positions (a
-    masked position's logit is 0 and adds exp(0) to every kept one's denominator), its heads reshaped by its input's
-    width: neither a head's positions nor the stream can be cut; its q/k/v rows and the stream refused in one line."""
-    name = str(node.target)
-    reason = (f"channel attention {name} takes a softmax across each head's positions (a masked one still counts) "
-              "and reshapes its heads by its input's width")  # fmt: skip
-    qkv = PrunableLayer(f"{name}.qkv", module.qkv)
-    inner = heads_space(tracer, qkv, value, module.num_heads, f"{name}.proj", module.proj.in_features)
-    tracer.spaces[inner].refuse(reason)
-    return refused(tracer, PrunableLayer(f"{name}.proj", module.proj), value, reason)
-
-
 def refused(tracer: Tracer, proj: PrunableLayer, value: Value | None, reason: str) -> Value:
     """An attention whose heads cannot follow the stream: the stream it reads and its output refused."""
     output = attention_output(tracer, proj, value)
@@ -166,7 +176,6 @@ def register() -> None:
     from timm.models.beit import Attention as BeitAttention
     from timm.models.cait import ClassAttn, TalkingHeadAttn
     from timm.models.crossvit import CrossAttention
-    from timm.models.davit import ChannelAttention
     from timm.models.eva import EvaAttention
     from timm.models.vision_transformer_relpos import RelPosAttention
 
@@ -174,6 +183,6 @@ def register() -> None:
         register_module_handler(attention, input_width_attention)
     for attention in (BeitAttention, EvaAttention):
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
+    WHOLE_HEADS.add(EvaAttention)
     CLASS_ATTENTION_PARTS.update({ClassAttn: ("q", "k", "v"), CrossAttention: ("wq", "wk", "wv")})
     register_module_handler((ClassAttn, CrossAttention), class_attention)
-    register_module_handler(ChannelAttention, channel_attention)

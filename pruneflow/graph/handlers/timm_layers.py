@@ -18,6 +18,7 @@ from pruneflow.graph.handlers import (
     timm_additive_attention,
     timm_attention,
     timm_attention_classes,
+    timm_channel_attention,
     timm_focal_modulation,
     timm_levit,
     timm_metaformer,
@@ -167,8 +168,8 @@ def register() -> None:
     from timm.models.hgnet import LearnableAffineBlock
 
     REGISTERED.append(True)
-    for family in (timm_attention, timm_attention_classes, timm_levit, timm_additive_attention, timm_mvitv2,
-                   timm_mobile_attention, timm_mobile_blocks, timm_split_attention, timm_focal_modulation,
+    for family in (timm_attention, timm_attention_classes, timm_channel_attention, timm_levit, timm_additive_attention,
+                   timm_mvitv2, timm_mobile_attention, timm_mobile_blocks, timm_split_attention, timm_focal_modulation,
                    timm_nextvit, timm_metaformer, timm_vit_likes, timm_windows, tokens):  # fmt: skip
         family.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")

@@ -202,6 +202,10 @@ def patch_tokens(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
     channels at dim 1, the attribute holding ``hidden_dim`` set by the cut; anything else as ``shapes.view``."""
     shape = node.args[1:]
     usable = value is not None and value.ndim == 4 and value.channels_at(1) and one_whole_space(value)
+    if usable and not value.flattened and len(shape) == 3 and shape[1] == -1 and token_count(tracer, shape[2]):
+        # XCiT's ``pos.reshape(B, -1, x.shape[1])``: -1 is the width exactly where the tokens are H·W, which adding
+        # the result to those tokens (B, N, C) needs; the width follows a cut
+        return Value(value.segments, value.width, revived_by=value.revived_by, ndim=3)
     if not usable or value.flattened or len(shape) != 3 or shape[1] != value.width:
         return shapes.view(tracer, node, value)
     holder = width_holder(tracer, node, value.width)
@@ -211,6 +215,12 @@ def patch_tokens(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
     if holder not in space.held_by:
         space.held_by.append(holder)
     return Value(value.segments, value.width, revived_by=value.revived_by, ndim=3)
+
+
+def token_count(tracer: Tracer, entry: Any) -> bool:
+    """Whether ``entry`` of a shape is the token count of tokens (B, N, C), read from their shape."""
+    read = tracer.shape_reads.get(entry) if isinstance(entry, torch.fx.Node) else None
+    return read is not None and read[1] == 1 and read[0].channels_last and read[0].ndim == 3
 
 
 def spatial_reshape(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
