@@ -78,7 +78,7 @@ from pruneflow.graph import (
 )
 from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem
-from pruneflow.graph.layers import LayerNorm2d, input_weight
+from pruneflow.graph.layers import LayerNorm2d, RowBlocks, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
@@ -650,7 +650,7 @@ def _kept_indices(
             continue
         kept = group.kept
         for layer in group.space.producers:
-            out_keep[layer.name] = kept
+            out_keep[layer.name] = layer.producer.rows(kept) if isinstance(layer.producer, RowBlocks) else kept
             if layer.norm_name is not None:
                 out_keep[layer.norm_name] = kept
         for consumer in group.space.consumers:
@@ -752,7 +752,7 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             continue
         owner = group.space.head_width_of
         if owner is not None and len(group.removed):
-            sizes[owner] = {"head_dim": len(group.kept) // (3 * group.space.heads)}
+            sizes[owner] = {"head_dim": len(group.kept) // (group.space.parts * group.space.heads)}
             model.get_submodule(owner).head_dim = sizes[owner]["head_dim"]
         owner = group.space.unfused_by_cut
         if owner is not None and len(group.removed):

@@ -167,8 +167,10 @@ class PrunableLayer:
 
     @property
     def inside_unit(self) -> bool:
-        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's."""
-        return self.unit is not None and self.space is not None and self.space.heads > 1
+        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
+        head's too, where its rows are tied to the stream: PVT-v2's first stage)."""
+        heads = self.space is not None and (self.space.heads > 1 or self.space.tied_to is not None)
+        return self.unit is not None and heads
 
     @property
     def num_channels(self) -> int:

@@ -27,6 +27,8 @@
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
+- ``timm_pyramid_attention``: PVT-v2's and Twins' attentions (q and kv apart, keys reduced by a strided conv;
+  Twins' windowed one), kept whole, their heads tied to the stream; Twins' position conv, a producer of it;
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
   patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
 """
@@ -45,6 +47,7 @@ from pruneflow.graph.handlers import (
     timm_layers,
     timm_levit,
     timm_metaformer,
+    timm_pyramid_attention,
     timm_vit_likes,
     timm_windows,
     tokens,
@@ -63,6 +66,7 @@ __all__ = [
     "timm_layers",
     "timm_levit",
     "timm_metaformer",
+    "timm_pyramid_attention",
     "timm_vit_likes",
     "timm_windows",
     "tokens",

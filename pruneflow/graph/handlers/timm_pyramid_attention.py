@@ -1,0 +1,151 @@
+"""The attentions of timm's pyramid ViTs that reshape their heads' output by their input's width, kept whole and
+pruned with the stream they read: PVT-v2's ``Attention`` and Twins' ``GlobalSubSampleAttn`` (q from one Linear, k
+and v from another, ``kv``, after a spatial reduction) and Twins' ``LocallyGroupedAttn`` (one ``qkv`` inside
+windows); and Twins' position encoding ``PosConv``, a depthwise conv added to the stream.
+
+Each ends in ``reshape(B, N, C)``, ``C`` its input's width, and reshapes its heads by ``C // num_heads`` (or its
+``head_dim``, which the cut sets): its head width is the stream's, so its q/k/v rows are tied to the stream as
+BEiT's are (``timm_attention_classes``): as many positions per head as the stream keeps per head, the same
+positions from q, k and v. ``q`` and ``kv`` write them: one space of one channel per head position (``parts`` 1),
+``kv`` its producer through ``RowBlocks`` (channel c is row c of its k block and of its v block). The spatial
+reduction ``sr`` (a strided conv over the stream's map, then a LayerNorm and, in PVT-v2's linear variant, a
+pooling before it and a GELU after it) is reshaped by the input's width too (``sr(x).reshape(B, C, -1)``): its rows
+are cut with the stream's channels (a producer of the stream's space, masked at its output and again after its
+LayerNorm, a point of the space, recomputed over the kept channels), and ``kv`` reads them.
+
+Masking: ``q`` and ``kv`` are called inside the attention, ``kv`` on two spaces' rows at once, so the attention is
+their channel point (``PrunableLayer.unit``), computed again with their pruned rows times 0 (``forward_with_rows``):
+a zero q/k position adds 0 to every logit, a zero value position gives a zero output column that ``proj`` no longer
+reads. The fused path would scale the logits by the cut head width: the cut turns it off (``unfused_by_cut``), and
+the attention's ``scale``, fixed at construction, applies. ``LocallyGroupedAttn`` calls its ``qkv`` as a module:
+masked at its output, as Swin's; its zero padding to whole windows pads positions, not channels.
+
+``PosConv`` (``proj(x) + x`` on the stream's map, stride 1) carries channel c to channel c: a producer of the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch.fx
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads
+from pruneflow.graph.handlers.producers import add_points, read
+from pruneflow.graph.handlers.timm_attention_classes import refused
+from pruneflow.graph.layers import RowBlocks, is_depthwise
+from pruneflow.graph.records import Consumer, PrunableLayer
+from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
+from pruneflow.graph.values import Value, one_whole_space
+
+if TYPE_CHECKING:
+    from pruneflow.graph.tracer import Tracer
+
+
+def unhandled_variant(module: nn.Module, value: Value | None) -> str | None:
+    """Why a q/kv attention's heads cannot follow the stream it reads (None: they can)."""
+    if not all(type(getattr(module, part)) is nn.Linear for part in ("q", "kv", "proj")):
+        return "projects with other layers than nn.Linear q, kv and proj"
+    width = module.q.in_features
+    if not module.q.out_features == module.proj.in_features == module.kv.out_features // 2 == width:
+        return "has heads whose width is not its input's"
+    if not one_whole_space(value) or not value.channels_last or value.ndim != 3 or value.revived_by is not None:
+        return "reads a tensor that is not one whole channel space of tokens"
+    sr = getattr(module, "sr", None)
+    if sr is not None and not (type(sr) is nn.Conv2d and sr.groups == 1 and sr.out_channels == width):
+        return "reduces its keys with another layer than a Conv2d as wide as its input"
+    if sr is not None and type(module.norm) is not nn.LayerNorm:
+        return "normalises its reduced keys with another norm than nn.LayerNorm"
+    if type(getattr(module, "act", None)) not in (type(None), nn.GELU):
+        return "activates its reduced keys with another function than GELU"
+    return None
+
+
+def reduced_keys(tracer: Tracer, name: str, module: nn.Module, value: Value) -> Value:
+    """What ``kv`` reads: the stream itself, or its spatial reduction ``sr`` (a consumer of the stream, reshaped by
+    its width: a producer of the stream's space, its LayerNorm the channel point)."""
+    sr = getattr(module, "sr", None)
+    if sr is None:
+        return value
+    layer = PrunableLayer(f"{name}.sr", sr)
+    read(tracer, layer.name, sr, replace(value, channels_last=False, ndim=4))
+    reason = f"attention {name}'s sr, reshaped by its input's width"
+    stream = tracer.union(value.segments[0][0], tracer.new_space(layer), reason)
+    keys = Value(((stream, 0),), value.width, ndim=3, channels_last=True)
+    add_points(tracer, f"{name}.norm", module.norm, keys, (value.width,))
+    return keys
+
+
+def subsampled_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn``, a leaf: ``q`` and ``kv`` read the stream (``kv``
+    after ``sr``) and write one space of q/k/v head positions tied to it; ``proj`` reads them and writes the
+    output."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    if reason := unhandled_variant(module, value) or tracer.reused(name):
+        return refused(tracer, proj, value, f"attention {name} {reason}")
+    q = PrunableLayer(f"{name}.q", module.q, unit_name=name, unit=module)
+    kv = PrunableLayer(f"{name}.kv", RowBlocks(module.kv, 2), unit_name=name, unit=module)
+    read(tracer, q.name, module.q, value)
+    read(tracer, kv.name, module.kv, reduced_keys(tracer, name, module, value))
+    inner = tracer.union(tracer.new_space(q), tracer.new_space(kv), f"attention {name}'s q, k and v")
+    heads = tracer.space(inner)
+    heads.heads, heads.parts, heads.unfused_by_cut = module.num_heads, 1, name
+    if hasattr(module, "head_dim"):  # PVT-v2 reshapes k and v by it: the cut sets it
+        heads.head_width_of = name
+    heads.consumers.append(Consumer(proj.name, "linear"))
+    tie(tracer, name, inner, value, module.q.in_features)
+    return attention_output(tracer, proj, value)
+
+
+def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keywords: dict[str, Any], keep: Tensor) -> Tensor:
+    """The attention with its q rows and its k and v rows of ``kv`` (weights and biases) times ``keep``: the masked
+    network's attention, its pruned head positions exactly 0."""
+    rows = keep.to(module.q.weight.dtype).flatten()
+    pairs = rows.repeat(2)
+    tensors = {"q.weight": module.q.weight * rows.view(-1, 1), "kv.weight": module.kv.weight * pairs.view(-1, 1)}
+    if module.q.bias is not None:
+        tensors["q.bias"] = module.q.bias * rows
+    if module.kv.bias is not None:
+        tensors["kv.bias"] = module.kv.bias * pairs
+    with _reparametrize_module(module, tensors):  # the module's own forward, not its call: no hook runs again
+        return module.forward(*inputs, **keywords)
+
+
+def grouped_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """Twins' ``LocallyGroupedAttn``, a leaf: its ``qkv`` rows tied to the stream (``attention.tied_heads``)."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    linear = type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear
+    if not linear or module.qkv.out_features != 3 * module.qkv.in_features:
+        return refused(tracer, proj, value, f"attention {name} has q, k, v rows that are not 3 × its input's width")
+    inner, output = tied_heads(tracer, name, PrunableLayer(f"{name}.qkv", module.qkv), proj, module.num_heads, value)
+    tracer.spaces[inner].unfused_by_cut = name
+    return output
+
+
+def position_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
+    """Twins' ``PosConv``, a leaf: ``proj(x) + x`` of the stream's map, a depthwise conv at stride 1 carrying
+    channel c to channel c: a producer of the stream (masked at its output, before the sum)."""
+    name = str(node.target)
+    conv = module.proj[0]
+    usable = len(module.proj) == 1 and module.stride == 1 and is_depthwise(conv) and one_whole_space(value)
+    usable = usable and value.channels_last and value.width == conv.in_channels and value.revived_by is None
+    if not usable or tracer.reused(name):
+        tracer.refuse(value, f"position conv {name} reads them as it cannot follow (strided, or not one stream)")
+        return None
+    tracer.space(value.segments[0][0]).producers.append(PrunableLayer(f"{name}.proj.0", conv))
+    return value
+
+
+def register() -> None:
+    from timm.models.pvt_v2 import Attention as PvtAttention
+    from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
+
+    register_module_handler((PvtAttention, GlobalSubSampleAttn), subsampled_attention)
+    for attention in (PvtAttention, GlobalSubSampleAttn):
+        ROWS_MASKED_FORWARDS[attention] = forward_with_rows
+    register_module_handler(LocallyGroupedAttn, grouped_attention)
+    register_module_handler(PosConv, position_conv)

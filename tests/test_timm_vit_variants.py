@@ -1,0 +1,75 @@
+"""timm's ViT variants (issue 31): PVT-v2 and Twins, tiny configs of each (2 stages, 16 and 32 channels, one and two
+heads), half of every prunable space masked with ``activation`` and the cut compared with the masked network, on
+weights large enough that a masked channel changes the logits.
+
+Their attentions reshape the heads' output by the input's width: the q/k/v rows are tied to the stream, ``q`` and
+``kv`` (k rows, then v rows) one space, the spatial reduction ``sr`` cut with the stream it is reshaped by.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_attention_classes import assert_same, mask_half
+from torch import Tensor, nn
+
+from pruneflow.compaction import compact
+from pruneflow.graph import ChannelSpace
+
+timm = pytest.importorskip("timm")
+
+# 2 stages of 16 and 32 channels, one head then two; the first stage reduces its keys 2 × 2 (``sr``)
+PYRAMID = {"embed_dims": (16, 32), "num_heads": (1, 2), "mlp_ratios": (2, 2), "sr_ratios": (2, 1)}
+CONFIGS = {
+    "pvt_v2_b0": {**PYRAMID, "depths": (1, 1)},
+    "twins_svt_small": {**PYRAMID, "depths": (2, 2), "wss": (2, 2), "img_size": 32},
+}
+
+
+def tiny(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **CONFIGS[name])
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+def masked_and_cut(model: nn.Module) -> tuple[list[ChannelSpace], Tensor, Tensor, nn.Module]:
+    graph, masks = mask_half(model)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(images)
+        cut = compact(model, masks).model
+        return graph.spaces, cut(images), masked, cut
+
+
+def space_of(spaces: list[ChannelSpace], name: str) -> ChannelSpace:
+    return next(space for space in spaces if name in space.names)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pvt_v2_heads_follow_the_stream_and_its_cut_is_the_masked_network(fused: bool) -> None:
+    model = tiny("pvt_v2_b0")
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    spaces, cut, masked, network = masked_and_cut(model)
+    assert_same(cut, masked)
+    heads = space_of(spaces, "stages.0.blocks.0.attn.kv")
+    assert heads.prunable and heads.parts == 1 and heads.tied_to is space_of(spaces, "patch_embed.proj")
+    assert "stages.0.blocks.0.attn.sr" in heads.tied_to.names  # reshaped by the stream's width: cut with it
+    assert [space.name for space in spaces if not space.prunable] == ["head"]
+    first, second = network.stages[0].blocks[0].attn, network.stages[1].blocks[0].attn
+    assert (first.q.out_features, first.kv.out_features, first.sr.out_channels, first.head_dim) == (8, 16, 8, 8)
+    assert (second.num_heads, second.head_dim, second.proj.in_features) == (2, 8, 16) and not second.fused_attn
+
+
+def test_twins_attentions_and_position_conv_are_cut_as_the_masked_network() -> None:
+    spaces, cut, masked, network = masked_and_cut(tiny("twins_svt_small"))
+    assert_same(cut, masked)
+    stream = space_of(spaces, "patch_embeds.1.proj")
+    assert stream.prunable and "pos_block.1.proj.0" in stream.names
+    for name in ("blocks.1.0.attn.qkv", "blocks.1.1.attn.kv"):  # windowed, then global sub-sampled
+        assert space_of(spaces, name).prunable and space_of(spaces, name).tied_to is stream
+    block = network.blocks[1]
+    assert (block[0].attn.qkv.out_features, block[1].attn.q.out_features, block[1].attn.kv.out_features) == (48, 16, 32)
