@@ -14,7 +14,7 @@ from test_timm_attention_classes import assert_same, mask_half
 from torch import Tensor, nn
 
 from pruneflow.compaction import compact
-from pruneflow.graph import ChannelSpace
+from pruneflow.graph import ChannelSpace, trace_channel_graph
 
 timm = pytest.importorskip("timm")
 
@@ -71,5 +71,27 @@ def test_twins_attentions_and_position_conv_are_cut_as_the_masked_network() -> N
     assert stream.prunable and "pos_block.1.proj.0" in stream.names
     for name in ("blocks.1.0.attn.qkv", "blocks.1.1.attn.kv"):  # windowed, then global sub-sampled
         assert space_of(spaces, name).prunable and space_of(spaces, name).tied_to is stream
-    block = network.blocks[1]
-    assert (block[0].attn.qkv.out_features, block[1].attn.q.out_features, block[1].attn.kv.out_features) == (48, 16, 32)
+    # every stage's stream, through the reshape of its tokens to the grid its patch embedding made (a stage's end)
+    assert [space.name for space in spaces if not space.prunable] == ["head"]
+    for block, width in zip(network.blocks, (8, 16), strict=True):  # one head, then two: each keeps half its width
+        attentions = (block[0].attn.qkv.out_features, block[1].attn.q.out_features, block[1].attn.kv.out_features)
+        assert attentions == (3 * width, width, 2 * width)
+
+
+def test_tokens_to_a_grid_that_is_not_the_patch_embedding_s_stay_refused() -> None:
+    """``x.reshape(B, H, W, -1)`` keeps the channels last only where ``H``, ``W`` are the grid of the conv that wrote
+    the stream (kernel = stride, no padding): from another tensor's shape, ``-1`` could hold several tokens."""
+
+    class Tokens(nn.Module):
+        def __init__(self, stride: int) -> None:
+            super().__init__()
+            self.proj, self.head = nn.Conv2d(3, 8, 4, stride=stride), nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            B, _, H, W = x.shape
+            tokens = self.proj(x).flatten(2).transpose(1, 2)
+            grid = tokens.reshape(B, H // 4, W // 4, -1).permute(0, 3, 1, 2)
+            return self.head(grid.mean((2, 3)))
+
+    assert trace_channel_graph(Tokens(4)).spaces[0].prunable
+    assert not trace_channel_graph(Tokens(2)).spaces[0].prunable  # 2 × the positions: -1 is half the width

@@ -527,7 +527,7 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
             )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     for group in groups:
-        if group.space.heads > 1:
+        if group.space.head_rows:
             _check_heads(group, groups)
     return groups
 

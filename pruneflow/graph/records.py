@@ -169,8 +169,7 @@ class PrunableLayer:
     def inside_unit(self) -> bool:
         """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
         head's too, where its rows are tied to the stream: PVT-v2's first stage)."""
-        heads = self.space is not None and (self.space.heads > 1 or self.space.tied_to is not None)
-        return self.unit is not None and heads
+        return self.unit is not None and self.space is not None and self.space.head_rows
 
     @property
     def num_channels(self) -> int:
@@ -269,6 +268,12 @@ class ChannelSpace:
     @property
     def prunable(self) -> bool:
         return not self.refusals
+
+    @property
+    def head_rows(self) -> bool:
+        """An attention's q, k, v rows, cut by head position: several heads, or a single one tied to the stream
+        (PVT-v2's and Twins' first stage)."""
+        return self.heads > 1 or self.tied_to is not None
 
     @property
     def head_unit(self) -> int:

@@ -127,7 +127,7 @@ class Criterion:
     def select(self, space: ChannelSpace, amount: float, already: Tensor) -> Tensor:
         if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
-        if space.heads > 1:
+        if space.head_rows:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
             return select_per_head(self.scores(space), space.heads, per_head, already, space.parts)
         if space.block > 1:  # normalised by a GroupNorm: its whole groups only
@@ -345,7 +345,7 @@ class Explicit(Criterion):
             if space.block > 1 and union:
                 check_whole_blocks(space, sorted(union))
         for space in spaces:
-            if space.heads > 1 and space.tied_to is not None:
+            if space.head_rows and space.tied_to is not None:
                 self._check_tied_heads(space)
 
     def _named(self, space: ChannelSpace) -> Tensor:

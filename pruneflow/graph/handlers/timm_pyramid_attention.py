@@ -25,6 +25,7 @@ masked at its output, as Swin's; its zero padding to whole windows pads position
 
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +36,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads
 from pruneflow.graph.handlers.producers import add_points, read
 from pruneflow.graph.handlers.timm_attention_classes import refused
+from pruneflow.graph.handlers.timm_windows import windows_view
 from pruneflow.graph.layers import RowBlocks, is_depthwise
 from pruneflow.graph.records import Consumer, PrunableLayer
-from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
+from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_method_handler, register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
@@ -140,6 +142,37 @@ def position_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
     return value
 
 
+def patch_grid(tracer: Tracer, value: Value, size: Any, dim: int) -> nn.Conv2d | None:
+    """The patch embedding conv whose output grid has ``size`` positions along ``dim`` (2: rows, 3: columns) of
+    ``value``'s stream: ``size`` is ``X.shape[dim] // stride``, ``X`` that conv's input, the conv a producer of the
+    stream with its kernel its stride and no padding (Twins' ``PatchEmbed``: ``(H // p, W // p)``); None if not."""
+    if not (isinstance(size, torch.fx.Node) and size.target is operator.floordiv and len(size.args) == 2):
+        return None
+    read, stride = size.args
+    shape = read.args[0] if isinstance(read, torch.fx.Node) and read.target is operator.getitem else None
+    if not (isinstance(shape, torch.fx.Node) and shape.args[1:] == ("shape",) and read.args[1] in (dim, dim - 4)):
+        return None
+    calls = {node.target: node for node in tracer.graph.nodes if node.op == "call_module"}
+    for layer in tracer.space(value.segments[0][0]).producers:
+        conv, call = layer.producer, calls.get(layer.name)
+        patches = type(conv) is nn.Conv2d and conv.kernel_size == conv.stride and conv.padding == (0, 0)
+        if patches and call is not None and call.args[:1] == (shape.args[0],) and conv.stride[dim - 2] == stride:
+            return conv
+    return None
+
+
+def tokens_to_map(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.reshape(B, *size, -1)`` of channels-last tokens, ``size`` the grid of the patch embedding that wrote their
+    stream (Twins' stages): (B, H, W, C), the channels last and whole, whatever their width; anything else as
+    ``timm_windows.windows_view`` reads it."""
+    sizes = node.args[1:]
+    usable = one_whole_space(value) and value.channels_last and value.ndim == 3 and value.layout is None
+    usable = usable and len(sizes) == 4 and sizes[3] == -1 and value.probe is None and not value.flattened
+    if usable and patch_grid(tracer, value, sizes[1], 2) and patch_grid(tracer, value, sizes[2], 3):
+        return replace(value, ndim=4)
+    return windows_view(tracer, node, value)
+
+
 def register() -> None:
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
@@ -149,3 +182,4 @@ def register() -> None:
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
     register_module_handler(LocallyGroupedAttn, grouped_attention)
     register_module_handler(PosConv, position_conv)
+    register_method_handler("reshape", tokens_to_map)
