@@ -1,9 +1,10 @@
-"""timm's ViT variants (issue 31): PVT-v2 and Twins, tiny configs of each (2 stages, 16 and 32 channels, one and two
-heads), half of every prunable space masked with ``activation`` and the cut compared with the masked network, on
-weights large enough that a masked channel changes the logits.
+"""timm's ViT variants (issue 31): PVT-v2, Twins and ConViT, tiny configs of each (PVT-v2's and Twins' 2 stages of 16
+and 32 channels, one head then two), half of every prunable space masked with ``activation`` and the cut compared
+with the masked network, on weights large enough that a masked channel changes the logits.
 
 Their attentions reshape the heads' output by the input's width: the q/k/v rows are tied to the stream, ``q`` and
-``kv`` (k rows, then v rows) one space, the spatial reduction ``sr`` cut with the stream it is reshaped by.
+``kv`` (k rows, then v rows) one space (ConViT's ``qk`` and ``v``), the spatial reduction ``sr`` cut with the stream
+it is reshaped by.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ PYRAMID = {"embed_dims": (16, 32), "num_heads": (1, 2), "mlp_ratios": (2, 2), "s
 CONFIGS = {
     "pvt_v2_b0": {**PYRAMID, "depths": (1, 1)},
     "twins_svt_small": {**PYRAMID, "depths": (2, 2), "wss": (2, 2), "img_size": 32},
+    # a gated positional attention (GPSA), then the class token and a plain one (MHSA); 2 heads of 16
+    "convit_tiny": {
+        "embed_dim": 16,
+        "num_heads": 2,
+        "depth": 2,
+        "local_up_to_layer": 1,
+        "img_size": 32,
+        "patch_size": 8,
+    },
 }
 
 
@@ -95,3 +105,22 @@ def test_tokens_to_a_grid_that_is_not_the_patch_embedding_s_stay_refused() -> No
 
     assert trace_channel_graph(Tokens(4)).spaces[0].prunable
     assert not trace_channel_graph(Tokens(2)).spaces[0].prunable  # 2 × the positions: -1 is half the width
+
+
+def test_convit_gated_and_plain_attentions_are_cut_as_the_masked_network() -> None:
+    spaces, cut, masked, network = masked_and_cut(tiny("convit_tiny"))
+    assert_same(cut, masked)
+    assert [space.name for space in spaces if not space.prunable] == ["head"]
+    stream = space_of(spaces, "patch_embed.proj")
+    assert (
+        space_of(spaces, "blocks.0.attn.v").tied_to is stream
+        and space_of(spaces, "blocks.1.attn.qkv").tied_to is stream
+    )
+    gated, plain = network.blocks[0].attn, network.blocks[1].attn
+    assert (gated.qk.out_features, gated.v.out_features, gated.gating_param.numel(), plain.qkv.out_features) == (
+        32,
+        16,
+        2,
+        48,
+    )
+    assert network.cls_token.shape[-1] == network.pos_embed.shape[-1] == 16

@@ -1,24 +1,28 @@
-"""The attentions of timm's pyramid ViTs that reshape their heads' output by their input's width, kept whole and
-pruned with the stream they read: PVT-v2's ``Attention`` and Twins' ``GlobalSubSampleAttn`` (q from one Linear, k
-and v from another, ``kv``, after a spatial reduction) and Twins' ``LocallyGroupedAttn`` (one ``qkv`` inside
-windows); and Twins' position encoding ``PosConv``, a depthwise conv added to the stream.
+"""The attentions of timm's pyramid ViTs and ConViT that reshape their heads' output by their input's width, kept
+whole and pruned with the stream they read: PVT-v2's ``Attention`` and Twins' ``GlobalSubSampleAttn`` (q from one
+Linear, k and v from another, ``kv``, after a spatial reduction), ConViT's gated positional ``GPSA`` (q and k from
+``qk``, v from ``v``), Twins' ``LocallyGroupedAttn`` (one ``qkv`` inside windows) and ConViT's ``MHSA``; Twins'
+position encoding ``PosConv``, a depthwise conv added to the stream, and its tokens reshaped back to the grid of the
+patch embedding that wrote them.
 
 Each ends in ``reshape(B, N, C)``, ``C`` its input's width, and reshapes its heads by ``C // num_heads`` (or its
 ``head_dim``, which the cut sets): its head width is the stream's, so its q/k/v rows are tied to the stream as
 BEiT's are (``timm_attention_classes``): as many positions per head as the stream keeps per head, the same
-positions from q, k and v. ``q`` and ``kv`` write them: one space of one channel per head position (``parts`` 1),
-``kv`` its producer through ``RowBlocks`` (channel c is row c of its k block and of its v block). The spatial
-reduction ``sr`` (a strided conv over the stream's map, then a LayerNorm and, in PVT-v2's linear variant, a
-pooling before it and a GELU after it) is reshaped by the input's width too (``sr(x).reshape(B, C, -1)``): its rows
-are cut with the stream's channels (a producer of the stream's space, masked at its output and again after its
-LayerNorm, a point of the space, recomputed over the kept channels), and ``kv`` reads them.
+positions from q, k and v. The layers that write them (``PROJECTIONS``) are one space of one channel per head
+position (``parts`` 1), a layer writing two of q, k, v its producer through ``RowBlocks`` (channel c is row c of
+each of its blocks). The spatial reduction ``sr`` (a strided conv over the stream's map, then a LayerNorm and, in
+PVT-v2's linear variant, a pooling before it and a GELU after it) is reshaped by the input's width too
+(``sr(x).reshape(B, C, -1)``): its rows are cut with the stream's channels (a producer of the stream's space, masked
+at its output and again after its LayerNorm, a point of the space, recomputed over the kept channels), and ``kv``
+reads them. ConViT's gating mixes, per head, the softmax of q·k with a positional softmax that reads no channel: a
+zero q/k position adds 0 to the logits there too.
 
-Masking: ``q`` and ``kv`` are called inside the attention, ``kv`` on two spaces' rows at once, so the attention is
-their channel point (``PrunableLayer.unit``), computed again with their pruned rows times 0 (``forward_with_rows``):
-a zero q/k position adds 0 to every logit, a zero value position gives a zero output column that ``proj`` no longer
-reads. The fused path would scale the logits by the cut head width: the cut turns it off (``unfused_by_cut``), and
-the attention's ``scale``, fixed at construction, applies. ``LocallyGroupedAttn`` calls its ``qkv`` as a module:
-masked at its output, as Swin's; its zero padding to whole windows pads positions, not channels.
+Masking: these layers are called inside the attention, ``kv`` on two parts' rows at once, so the attention is their
+channel point (``PrunableLayer.unit``), computed again with their pruned rows times 0 (``forward_with_rows``): a
+zero q/k position adds 0 to every logit, a zero value position gives a zero output column that ``proj`` no longer
+reads. A fused path would scale the logits by the cut head width: the cut turns it off (``unfused_by_cut``), and
+the attention's ``scale``, fixed at construction, applies. ``LocallyGroupedAttn`` and ``MHSA`` call their ``qkv``
+as a module: masked at its output, as Swin's; the zero padding to whole windows pads positions, not channels.
 
 ``PosConv`` (``proj(x) + x`` on the stream's map, stride 1) carries channel c to channel c: a producer of the stream.
 """
@@ -46,12 +50,18 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
+# Attentions whose q, k and v rows come from several Linear layers → (layer, how many of q, k, v it writes), in the
+# order q, k, v: PVT-v2's and Twins' ``q`` then ``kv``, ConViT's gated ``qk`` then ``v``
+PROJECTIONS: dict[type[nn.Module], tuple[tuple[str, int], ...]] = {}
+
+
 def unhandled_variant(module: nn.Module, value: Value | None) -> str | None:
     """Why a q/kv attention's heads cannot follow the stream it reads (None: they can)."""
-    if not all(type(getattr(module, part)) is nn.Linear for part in ("q", "kv", "proj")):
-        return "projects with other layers than nn.Linear q, kv and proj"
-    width = module.q.in_features
-    if not module.q.out_features == module.proj.in_features == module.kv.out_features // 2 == width:
+    layers = PROJECTIONS[type(module)]
+    if not all(type(getattr(module, part)) is nn.Linear for part in (*dict(layers), "proj")):
+        return f"projects with other layers than nn.Linear {', '.join(dict(layers))} and proj"
+    width = module.proj.in_features
+    if any(getattr(module, part).out_features != blocks * width for part, blocks in layers):
         return "has heads whose width is not its input's"
     if not one_whole_space(value) or not value.channels_last or value.ndim != 3 or value.revived_by is not None:
         return "reads a tensor that is not one whole channel space of tokens"
@@ -80,51 +90,58 @@ def reduced_keys(tracer: Tracer, name: str, module: nn.Module, value: Value) -> 
     return keys
 
 
-def subsampled_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
-    """PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn``, a leaf: ``q`` and ``kv`` read the stream (``kv``
-    after ``sr``) and write one space of q/k/v head positions tied to it; ``proj`` reads them and writes the
-    output."""
+def split_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn``, ConViT's ``GPSA``, a leaf: its ``PROJECTIONS`` read
+    the stream (``kv`` after ``sr``) and write one space of q/k/v head positions tied to it; ``proj`` reads them
+    and writes the output."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
     if reason := unhandled_variant(module, value) or tracer.reused(name):
         return refused(tracer, proj, value, f"attention {name} {reason}")
-    q = PrunableLayer(f"{name}.q", module.q, unit_name=name, unit=module)
-    kv = PrunableLayer(f"{name}.kv", RowBlocks(module.kv, 2), unit_name=name, unit=module)
-    read(tracer, q.name, module.q, value)
-    read(tracer, kv.name, module.kv, reduced_keys(tracer, name, module, value))
-    inner = tracer.union(tracer.new_space(q), tracer.new_space(kv), f"attention {name}'s q, k and v")
+    inner = None
+    for part, blocks in PROJECTIONS[type(module)]:
+        linear = getattr(module, part)
+        layer = PrunableLayer(f"{name}.{part}", RowBlocks(linear, blocks) if blocks > 1 else linear, unit_name=name,
+                              unit=module)  # fmt: skip
+        read(tracer, layer.name, linear, reduced_keys(tracer, name, module, value) if part == "kv" else value)
+        space = tracer.new_space(layer)
+        inner = space if inner is None else tracer.union(inner, space, f"attention {name}'s q, k and v")
     heads = tracer.space(inner)
-    heads.heads, heads.parts, heads.unfused_by_cut = module.num_heads, 1, name
+    heads.heads, heads.parts = module.num_heads, 1
+    if hasattr(module, "fused_attn"):
+        heads.unfused_by_cut = name
     if hasattr(module, "head_dim"):  # PVT-v2 reshapes k and v by it: the cut sets it
         heads.head_width_of = name
     heads.consumers.append(Consumer(proj.name, "linear"))
-    tie(tracer, name, inner, value, module.q.in_features)
+    tie(tracer, name, inner, value, module.proj.in_features)
     return attention_output(tracer, proj, value)
 
 
 def forward_with_rows(module: nn.Module, inputs: tuple[Any, ...], keywords: dict[str, Any], keep: Tensor) -> Tensor:
-    """The attention with its q rows and its k and v rows of ``kv`` (weights and biases) times ``keep``: the masked
-    network's attention, its pruned head positions exactly 0."""
-    rows = keep.to(module.q.weight.dtype).flatten()
-    pairs = rows.repeat(2)
-    tensors = {"q.weight": module.q.weight * rows.view(-1, 1), "kv.weight": module.kv.weight * pairs.view(-1, 1)}
-    if module.q.bias is not None:
-        tensors["q.bias"] = module.q.bias * rows
-    if module.kv.bias is not None:
-        tensors["kv.bias"] = module.kv.bias * pairs
+    """The attention with the q, k and v rows of its ``PROJECTIONS`` (weights and biases) times ``keep``: the
+    masked network's attention, its pruned head positions exactly 0."""
+    tensors = {}
+    for part, blocks in PROJECTIONS[type(module)]:
+        linear = getattr(module, part)
+        rows = keep.to(linear.weight.dtype).flatten().repeat(blocks)
+        tensors[f"{part}.weight"] = linear.weight * rows.view(-1, 1)
+        if linear.bias is not None:
+            tensors[f"{part}.bias"] = linear.bias * rows
     with _reparametrize_module(module, tensors):  # the module's own forward, not its call: no hook runs again
         return module.forward(*inputs, **keywords)
 
 
-def grouped_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
-    """Twins' ``LocallyGroupedAttn``, a leaf: its ``qkv`` rows tied to the stream (``attention.tied_heads``)."""
+def tied_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """Twins' ``LocallyGroupedAttn``, ConViT's ``MHSA``, a leaf: its ``qkv`` rows tied to the stream
+    (``attention.tied_heads``)."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
     linear = type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear
     if not linear or module.qkv.out_features != 3 * module.qkv.in_features:
         return refused(tracer, proj, value, f"attention {name} has q, k, v rows that are not 3 × its input's width")
     inner, output = tied_heads(tracer, name, PrunableLayer(f"{name}.qkv", module.qkv), proj, module.num_heads, value)
-    tracer.spaces[inner].unfused_by_cut = name
+    if hasattr(module, "fused_attn"):
+        tracer.spaces[inner].unfused_by_cut = name
     return output
 
 
@@ -174,12 +191,15 @@ def tokens_to_map(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> A
 
 
 def register() -> None:
+    from timm.models.convit import GPSA, MHSA
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
 
-    register_module_handler((PvtAttention, GlobalSubSampleAttn), subsampled_attention)
-    for attention in (PvtAttention, GlobalSubSampleAttn):
+    PROJECTIONS.update({PvtAttention: (("q", 1), ("kv", 2)), GlobalSubSampleAttn: (("q", 1), ("kv", 2)),
+                        GPSA: (("qk", 2), ("v", 1))})  # fmt: skip
+    register_module_handler(tuple(PROJECTIONS), split_attention)
+    for attention in PROJECTIONS:
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
-    register_module_handler(LocallyGroupedAttn, grouped_attention)
+    register_module_handler((LocallyGroupedAttn, MHSA), tied_attention)
     register_module_handler(PosConv, position_conv)
     register_method_handler("reshape", tokens_to_map)
