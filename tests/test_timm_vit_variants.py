@@ -1,6 +1,6 @@
-"""timm's ViT variants (issue 31): PVT-v2, Twins and ConViT, tiny configs of each (PVT-v2's and Twins' 2 stages of 16
-and 32 channels, one head then two), half of every prunable space masked with ``activation`` and the cut compared
-with the masked network, on weights large enough that a masked channel changes the logits.
+"""timm's ViT variants (issue 31): PVT-v2, Twins, ConViT and SAM2's Hiera, tiny configs of each (PVT-v2's and
+Twins' 2 stages of 16 and 32 channels, one head then two), half of every prunable space masked with ``activation``
+and the cut compared with the masked network, on weights large enough that a masked channel changes the logits.
 
 Their attentions reshape the heads' output by the input's width: the q/k/v rows are tied to the stream, ``q`` and
 ``kv`` (k rows, then v rows) one space (ConViT's ``qk`` and ``v``), the spatial reduction ``sr`` cut with the stream
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_timm_attention_classes import assert_same, mask_half
 from torch import Tensor, nn
 
@@ -25,6 +26,16 @@ CONFIGS = {
     "pvt_v2_b0": {**PYRAMID, "depths": (1, 1)},
     "twins_svt_small": {**PYRAMID, "depths": (2, 2), "wss": (2, 2), "img_size": 32},
     # a gated positional attention (GPSA), then the class token and a plain one (MHSA); 2 heads of 16
+    # a windowed stage of one block, then a stage that pools its queries, its last block global; 2 heads, then 4
+    "sam2_hiera_tiny": {
+        "embed_dim": 16,
+        "num_heads": 2,
+        "stages": (1, 2),
+        "global_att_blocks": (2,),
+        "window_spec": (4, 2),
+        "global_pos_size": (4, 4),
+        "q_pool": 1,
+    },
     "convit_tiny": {
         "embed_dim": 16,
         "num_heads": 2,
@@ -44,9 +55,9 @@ def tiny(name: str) -> nn.Module:
     return model.eval()
 
 
-def masked_and_cut(model: nn.Module) -> tuple[list[ChannelSpace], Tensor, Tensor, nn.Module]:
+def masked_and_cut(model: nn.Module, size: int = 32) -> tuple[list[ChannelSpace], Tensor, Tensor, nn.Module]:
     graph, masks = mask_half(model)
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         masked = model(images)
         cut = compact(model, masks).model
@@ -124,3 +135,34 @@ def test_convit_gated_and_plain_attentions_are_cut_as_the_masked_network() -> No
         48,
     )
     assert network.cls_token.shape[-1] == network.pos_embed.shape[-1] == 16
+
+
+def test_sam2_hiera_position_embedding_windows_and_pooled_heads_are_cut_as_the_masked_network() -> None:
+    spaces, cut, masked, network = masked_and_cut(tiny("sam2_hiera_tiny"), size=64)
+    assert_same(cut, masked)
+    assert [space.name for space in spaces if not space.prunable] == ["head.fc"]
+    sources = {source.name for source in space_of(spaces, "patch_embed.proj").sources}
+    assert sources == {"pos_embed", "pos_embed_window"}  # interpolated, tiled, summed: each a source of the stream
+    assert all(space_of(spaces, f"blocks.{i}.attn.qkv").whole_heads for i in range(3))
+    pooled = network.blocks[1].attn  # its q max-pooled: two heads of four kept, each 8 wide
+    assert (pooled.num_heads, pooled.dim_out, pooled.qkv.out_features) == (2, 16, 48)
+    assert network.pos_embed.shape[1] == network.pos_embed_window.shape[1] == 8
+
+
+@pytest.mark.parametrize("read_again", [False, True])
+def test_a_position_embedding_of_two_parameters_is_a_source_unless_read_elsewhere(read_again: bool) -> None:
+    """A parameter of the sum read by another op too: masking it for the stream would change that op."""
+
+    class Embedded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj, self.head = nn.Conv2d(3, 8, 4, stride=4), nn.Linear(8, 2)
+            self.pos, self.tile = nn.Parameter(torch.randn(1, 8, 2, 2)), nn.Parameter(torch.randn(1, 8, 1, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.proj(x).permute(0, 2, 3, 1)
+            position = F.interpolate(self.pos, size=x.shape[1:3]) + self.tile.tile((2, 2))
+            logits = self.head((x + position.permute(0, 2, 3, 1)).mean((1, 2)))
+            return logits + self.tile.sum() if read_again else logits
+
+    assert trace_channel_graph(Embedded()).spaces[0].prunable is not read_again

@@ -747,7 +747,8 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             attention = model.get_submodule(group.space.heads_of)
             heads = len(group.kept) // group.space.head_unit
             count, width = group.space.head_attributes
-            sizes[group.space.heads_of] = {count: heads, width: heads * attention.head_dim}
+            head_width = group.space.head_unit // group.space.parts  # a head's q (or k, or v) rows
+            sizes[group.space.heads_of] = {count: heads, width: heads * head_width}
             set_attributes(attention, sizes[group.space.heads_of])
             continue
         owner = group.space.head_width_of

@@ -17,6 +17,8 @@
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream;
   DaViT's channel attention, refused in one line;
+- ``timm_hieradet``: SAM2's Hiera: a position embedding built from two parameters (each a source of the stream),
+  its windows put back, its attention with pooled queries cut in whole heads;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
 - ``timm_additive_attention``: SwiftFormer's additive attention, kept whole, its query, key and ``proj`` rows one
@@ -45,6 +47,7 @@ from pruneflow.graph.handlers import (
     shapes,
     timm_attention,
     timm_attention_classes,
+    timm_hieradet,
     timm_layers,
     timm_levit,
     timm_metaformer,
@@ -64,6 +67,7 @@ __all__ = [
     "shapes",
     "timm_attention",
     "timm_attention_classes",
+    "timm_hieradet",
     "timm_layers",
     "timm_levit",
     "timm_metaformer",

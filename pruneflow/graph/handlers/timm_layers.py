@@ -18,6 +18,7 @@ from pruneflow.graph.handlers import (
     timm_additive_attention,
     timm_attention,
     timm_attention_classes,
+    timm_hieradet,
     timm_levit,
     timm_metaformer,
     timm_mvitv2,
@@ -162,7 +163,8 @@ def register() -> None:
 
     REGISTERED.append(True)
     for family in (timm_attention, timm_attention_classes, timm_levit, timm_additive_attention, timm_mvitv2,
-                   timm_metaformer, timm_vit_likes, timm_windows, timm_pyramid_attention, tokens):  # fmt: skip
+                   timm_metaformer, timm_vit_likes, timm_windows, timm_pyramid_attention, timm_hieradet,
+                   tokens):  # fmt: skip
         family.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))
