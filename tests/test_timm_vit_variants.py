@@ -1,4 +1,4 @@
-"""timm's ViT variants (issue 31): PVT-v2, Twins, ConViT and SAM2's Hiera, tiny configs of each (PVT-v2's and
+"""timm's ViT variants (issue 31): PVT-v2, Twins, ConViT, SAM2's Hiera and VOLO, tiny configs of each (PVT-v2's and
 Twins' 2 stages of 16 and 32 channels, one head then two), half of every prunable space masked with ``activation``
 and the cut compared with the masked network, on weights large enough that a masked channel changes the logits.
 
@@ -166,3 +166,20 @@ def test_a_position_embedding_of_two_parameters_is_a_source_unless_read_elsewher
             return logits + self.tile.sum() if read_again else logits
 
     assert trace_channel_graph(Embedded()).spaces[0].prunable is not read_again
+
+
+def test_volo_outlook_and_plain_attentions_are_cut_as_the_masked_network() -> None:
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    shape = {"layers": (1, 1), "embed_dims": (16, 32), "num_heads": (2, 2), "stem_hidden_dim": 8, "patch_size": 4}
+    model = VOLO(num_classes=10, img_size=32, outlook_attention=(True, False), downsamples=(True, False), **shape)
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    spaces, cut, masked, network = masked_and_cut(model.eval())
+    assert_same(cut, masked)
+    outlook = space_of(spaces, "network.0.0.attn.v")  # values unfolded per head, C // heads each: tied to the stream
+    assert outlook.prunable and outlook.tied_to is space_of(spaces, "patch_embed.proj")
+    assert space_of(spaces, "network.2.0.attn.qkv").tied_to is space_of(spaces, "network.1.proj")
+    attention = network.network[0][0].attn
+    assert (attention.v.out_features, attention.attn.in_features, attention.attn.out_features) == (8, 8, 2 * 3**4)

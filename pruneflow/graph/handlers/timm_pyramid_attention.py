@@ -25,6 +25,11 @@ the attention's ``scale``, fixed at construction, applies. ``LocallyGroupedAttn`
 as a module: masked at its output, as Swin's; the zero padding to whole windows pads positions, not channels.
 
 ``PosConv`` (``proj(x) + x`` on the stream's map, stride 1) carries channel c to channel c: a producer of the stream.
+
+VOLO's ``OutlookAttention`` unfolds its values (``v``, one Linear) into each position's k × k neighbourhood per head,
+reshaped by ``C // num_heads`` and folded back to ``C`` channels: its value rows are tied to the stream the same way
+(one space of head positions, masked at ``v``'s output), its weights (``attn``, a Linear over the pooled map, one
+row per head and neighbour pair) read the stream and are no channel's; VOLO's ``Attention`` is ``MHSA``'s.
 """
 
 from __future__ import annotations
@@ -145,6 +150,27 @@ def tied_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     return output
 
 
+def outlook_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """VOLO's ``OutlookAttention``, a leaf: ``v`` reads the map (channels last) and writes its heads' positions
+    (``C // num_heads`` each: tied to the stream), unfolded into each position's neighbourhood, weighted and folded
+    back per channel, read by ``proj``; ``attn`` reads the pooled map and writes weights per head and neighbour,
+    no channel's (its rows stay)."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    linear = all(type(getattr(module, part)) is nn.Linear for part in ("v", "attn", "proj"))
+    if not linear or not module.v.in_features == module.v.out_features == module.proj.in_features:
+        return refused(tracer, proj, value, f"outlook attention {name} has values that are not as wide as its input")
+    values = PrunableLayer(f"{name}.v", module.v)
+    read(tracer, values.name, module.v, value)
+    read(tracer, f"{name}.attn", module.attn, value)
+    inner = tracer.new_space(values)
+    heads = tracer.space(inner)
+    heads.heads, heads.parts = module.num_heads, 1
+    heads.consumers.append(Consumer(proj.name, "linear"))
+    tie(tracer, name, inner, value, module.v.in_features)
+    return attention_output(tracer, proj, value)
+
+
 def position_conv(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value | None:
     """Twins' ``PosConv``, a leaf: ``proj(x) + x`` of the stream's map, a depthwise conv at stride 1 carrying
     channel c to channel c: a producer of the stream (masked at its output, before the sum)."""
@@ -194,12 +220,15 @@ def register() -> None:
     from timm.models.convit import GPSA, MHSA
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
+    from timm.models.volo import Attention as VoloAttention
+    from timm.models.volo import OutlookAttention
 
     PROJECTIONS.update({PvtAttention: (("q", 1), ("kv", 2)), GlobalSubSampleAttn: (("q", 1), ("kv", 2)),
                         GPSA: (("qk", 2), ("v", 1))})  # fmt: skip
     register_module_handler(tuple(PROJECTIONS), split_attention)
     for attention in PROJECTIONS:
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
-    register_module_handler((LocallyGroupedAttn, MHSA), tied_attention)
+    register_module_handler((LocallyGroupedAttn, MHSA, VoloAttention), tied_attention)
+    register_module_handler(OutlookAttention, outlook_attention)
     register_module_handler(PosConv, position_conv)
     register_method_handler("reshape", tokens_to_map)
