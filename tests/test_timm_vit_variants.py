@@ -1,6 +1,7 @@
-"""timm's ViT variants (issue 31): PVT-v2, Twins, ConViT, SAM2's Hiera and VOLO, tiny configs of each (PVT-v2's and
-Twins' 2 stages of 16 and 32 channels, one head then two), half of every prunable space masked with ``activation``
-and the cut compared with the masked network, on weights large enough that a masked channel changes the logits.
+"""timm's ViT variants (issue 31): PVT-v2, Twins, ConViT, SAM2's Hiera, VOLO and NesT, tiny configs of each (PVT-v2's
+and Twins' 2 stages of 16 and 32 channels, one head then two), half of every prunable space masked with
+``activation`` and the cut compared with the masked network, on weights large enough that a masked channel changes
+the logits.
 
 Their attentions reshape the heads' output by the input's width: the q/k/v rows are tied to the stream, ``q`` and
 ``kv`` (k rows, then v rows) one space (ConViT's ``qk`` and ``v``), the spatial reduction ``sr`` cut with the stream
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from test_timm_attention_classes import assert_same, mask_half
 from torch import Tensor, nn
 
-from pruneflow.compaction import compact
+from pruneflow.compaction import CompactionError, compact
 from pruneflow.graph import ChannelSpace, trace_channel_graph
 
 timm = pytest.importorskip("timm")
@@ -183,3 +184,43 @@ def test_volo_outlook_and_plain_attentions_are_cut_as_the_masked_network() -> No
     assert space_of(spaces, "network.2.0.attn.qkv").tied_to is space_of(spaces, "network.1.proj")
     attention = network.network[0][0].attn
     assert (attention.v.out_features, attention.attn.in_features, attention.attn.out_features) == (8, 8, 2 * 3**4)
+
+
+def nest() -> nn.Module:
+    from timm.models.nest import Nest
+
+    torch.manual_seed(0)
+    model = Nest(num_classes=10, embed_dims=(16, 32), num_heads=(2, 4), depths=(1, 1), num_levels=2, img_size=32,
+                 patch_size=4)  # fmt: skip
+    for parameter in model.parameters():
+        nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+def test_nest_head_minor_attention_keeps_the_same_value_positions_in_every_head() -> None:
+    spaces, cut, masked, network = masked_and_cut(nest())
+    assert_same(cut, masked)
+    assert [space.name for space in spaces if not space.prunable] == ["head"]
+    heads = space_of(spaces, "levels.1.transformer_encoder.0.attn.qkv")
+    assert heads.values_alike and heads.tied_to is space_of(spaces, "levels.1.pool.conv")
+    attention = network.levels[1].transformer_encoder[0].attn
+    assert (attention.num_heads, attention.qkv.out_features, attention.proj.in_features) == (4, 48, 16)
+
+
+def test_nest_values_kept_at_other_positions_per_head_are_not_cut() -> None:
+    """Head 0 keeps value positions 0-3, head 1 positions 4-7: cut, the head-minor columns would come out in another
+    order than the cut attention writes them, so the cut refuses (the criteria never select so)."""
+    model = nest()
+    graph = trace_channel_graph(model)
+    stream, heads = (
+        space_of(graph.spaces, "patch_embed.proj"),
+        space_of(graph.spaces, "levels.0.transformer_encoder.0.attn.qkv"),
+    )
+    positions = torch.zeros(3, 2, 8, dtype=torch.bool)
+    positions[:2, :, 4:] = True  # q and k: the same positions in both heads
+    positions[2, 0, 4:], positions[2, 1, :4] = True, True
+    masks = {name: torch.arange(16) % 2 == 1 for name in stream.names}
+    masks["levels.0.transformer_encoder.0.attn.qkv"] = positions.flatten()
+    assert heads.values_alike
+    with pytest.raises(CompactionError, match="head-minor"):
+        compact(model, masks)

@@ -241,6 +241,9 @@ class ChannelSpace:
     # The q/k/v rows per head position: 3 where one ``qkv`` layer writes q, k and v (all heads' q rows, then k, then
     # v), 1 where separate q, k and v layers write them, coupled: a position is cut from all three (CaiT's ClassAttn).
     parts: int = 3
+    # Its heads' outputs read head-minor (NesT's ``permute(0, 2, 3, 4, 1)``: position p of head h at column p · heads +
+    # h), an order the cut keeps only where every head keeps the same value positions
+    values_alike: bool = False
     head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
     # Pruned in whole heads only, not tied to any stream (timm's ``Attention``: its head width is its own): each head
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.

@@ -29,8 +29,9 @@
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
-- ``timm_pyramid_attention``: PVT-v2's, Twins', ConViT's and VOLO's attentions (q/k/v rows from several Linear
-  layers, keys reduced by a strided conv; Twins' windowed one, ConViT's plain one, VOLO's outlook one), kept whole,
+- ``timm_pyramid_attention``: PVT-v2's, Twins', ConViT's, VOLO's and NesT's attentions (q/k/v rows from several
+  Linear layers, keys reduced by a strided conv; Twins' windowed one, ConViT's plain one, VOLO's outlook one, NesT's
+  head-minor one), kept whole,
   their heads tied to the stream; Twins' position conv, a producer of it, and its tokens reshaped back to their patch
   embedding's grid;
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,

@@ -30,6 +30,11 @@ VOLO's ``OutlookAttention`` unfolds its values (``v``, one Linear) into each pos
 reshaped by ``C // num_heads`` and folded back to ``C`` channels: its value rows are tied to the stream the same way
 (one space of head positions, masked at ``v``'s output), its weights (``attn``, a Linear over the pooled map, one
 row per head and neighbour pair) read the stream and are no channel's; VOLO's ``Attention`` is ``MHSA``'s.
+
+NesT's ``Attention`` is ``MHSA``'s too, except that it writes its heads' outputs head-minor (position p of head h at
+``proj``'s column p · heads + h): kept in order, those columns are the cut attention's only where every head keeps
+the same value positions (``ChannelSpace.values_alike``: the criteria select them summed over the heads, the cut
+refuses anything else).
 """
 
 from __future__ import annotations
@@ -150,6 +155,27 @@ def tied_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value
     return output
 
 
+def head_minor_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """NesT's ``Attention``, a leaf: its ``qkv`` rows tied to the stream, its heads' outputs laid out head-minor
+    (position p of head h at ``proj``'s column p · heads + h): every head keeps the same value positions
+    (``ChannelSpace.values_alike``), so the kept columns, in order, are the cut attention's."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    linear = type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear
+    if not linear or module.qkv.out_features != 3 * module.qkv.in_features:
+        return refused(tracer, proj, value, f"attention {name} has q, k, v rows that are not 3 × its input's width")
+    width, heads = module.qkv.in_features, module.num_heads
+    qkv = PrunableLayer(f"{name}.qkv", module.qkv)
+    read(tracer, qkv.name, module.qkv, value)
+    inner = tracer.new_space(qkv)
+    space = tracer.space(inner)
+    space.heads, space.values_alike, space.unfused_by_cut = heads, True, name
+    columns = tuple(p * heads + h for h in range(heads) for p in range(width // heads))
+    space.consumers.append(Consumer(proj.name, "linear", at=(-1,) * (2 * width) + columns))
+    tie(tracer, name, inner, value, width)
+    return attention_output(tracer, proj, value)
+
+
 def outlook_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
     """VOLO's ``OutlookAttention``, a leaf: ``v`` reads the map (channels last) and writes its heads' positions
     (``C // num_heads`` each: tied to the stream), unfolded into each position's neighbourhood, weighted and folded
@@ -218,6 +244,7 @@ def tokens_to_map(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> A
 
 def register() -> None:
     from timm.models.convit import GPSA, MHSA
+    from timm.models.nest import Attention as NestAttention
     from timm.models.pvt_v2 import Attention as PvtAttention
     from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn, PosConv
     from timm.models.volo import Attention as VoloAttention
@@ -230,5 +257,6 @@ def register() -> None:
         ROWS_MASKED_FORWARDS[attention] = forward_with_rows
     register_module_handler((LocallyGroupedAttn, MHSA, VoloAttention), tied_attention)
     register_module_handler(OutlookAttention, outlook_attention)
+    register_module_handler(NestAttention, head_minor_attention)
     register_module_handler(PosConv, position_conv)
     register_method_handler("reshape", tokens_to_map)

@@ -29,8 +29,8 @@ and k over a head's positions, where a zero position adds nothing. The relative 
 head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
 (``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
 SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in whole heads, as
-timm's ``Attention`` (``timm_attention``). NesT's writes its heads' output head-minor, an order a tied cut does not
-place: it is not taught, and stays refused.
+timm's ``Attention`` (``timm_attention``). NesT's writes its heads' output head-minor: tied to the stream with the
+same value positions in every head (``timm_pyramid_attention``).
 """
 
 from __future__ import annotations
