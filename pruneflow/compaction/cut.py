@@ -78,7 +78,7 @@ from pruneflow.graph import (
 )
 from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem, whole_heads_problem
-from pruneflow.graph.layers import LayerNorm2d, channel_multiplier, input_weight
+from pruneflow.graph.layers import LayerNorm2d, RowBlocks, channel_multiplier, input_weight
 from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
@@ -563,7 +563,7 @@ def plan_cut(network: nn.Module, pruned: Mapping[str, MaskLike]) -> list[Channel
             )
         groups.append(ChannelGroup(space, everywhere.nonzero().flatten()))
     for group in groups:
-        if group.space.heads > 1:
+        if group.space.head_rows:
             _check_heads(group, groups)
     return groups
 
@@ -689,7 +689,7 @@ def _kept_indices(
             continue
         kept = group.kept
         for layer in group.space.producers:
-            out_keep[layer.name] = kept
+            out_keep[layer.name] = layer.producer.rows(kept) if isinstance(layer.producer, RowBlocks) else kept
             if layer.norm_name is not None:
                 out_keep[layer.norm_name] = kept
         for consumer in group.space.consumers:
@@ -787,7 +787,8 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
             attention = model.get_submodule(group.space.heads_of)
             heads = len(group.kept) // group.space.head_unit
             count, width = group.space.head_attributes  # no width: the attention reads it from its input
-            sizes[group.space.heads_of] = {count: heads, **({width: heads * attention.head_dim} if width else {})}
+            head_width = group.space.head_unit // group.space.parts  # a head's q (or k, or v) rows
+            sizes[group.space.heads_of] = {count: heads, **({width: heads * head_width} if width else {})}
             set_attributes(attention, sizes[group.space.heads_of])
             continue
         if group.space.heads_of is not None and group.space.block > 1 and len(group.removed):

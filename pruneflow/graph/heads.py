@@ -28,6 +28,8 @@ def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int | N
     q, k, v = rows[0], rows[min(1, space.parts - 1)], rows[-1]
     counts = {int(n) for n in (*q.sum(1), *v.sum(1))}
     kept_per_head = q.shape[1] - min(counts)
+    if space.values_alike and not (v == v[:1]).all():
+        return "its heads' outputs are read head-minor, so every head must keep the same value positions"
     if torch.equal(q, k) and len(counts) == 1 and stream_kept in (None, heads * kept_per_head):
         return None
     if stream_kept is None:

@@ -121,6 +121,40 @@ class PackedInProjection(nn.Linear):
         return int(self.attention.in_proj_weight.shape[0])
 
 
+class RowBlocks(nn.Linear):
+    """A linear layer whose rows are ``blocks`` equal blocks of one space's channels (PVT-v2's and Twins' ``kv``: the
+    k rows, then the v rows, channel c at row ``c`` of each block) seen as a producer of that space: ``weight`` and
+    ``bias`` are views of the layer's own, (C, blocks, in) and (C, blocks), so a criterion's score of channel c is
+    over its rows in every block and a zeroing writes through. Not a module of the model (the layer is): a
+    producer's record only; the cut takes channel c's row from every block (``rows``)."""
+
+    def __init__(self, linear: nn.Linear, blocks: int) -> None:
+        nn.Module.__init__(self)  # no tensors of its own
+        self.__dict__["linear"] = linear  # not a submodule: ``modules()`` of the record stays this one
+        self.blocks = blocks
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.linear.weight.view(self.blocks, self.out_features, -1).transpose(0, 1)
+
+    @property
+    def bias(self) -> Tensor | None:  # type: ignore[override]
+        bias = self.linear.bias
+        return None if bias is None else bias.view(self.blocks, self.out_features).transpose(0, 1)
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self.linear.out_features // self.blocks
+
+    def rows(self, channels: Tensor) -> Tensor:
+        """The layer's rows that write ``channels`` (ascending), one per block."""
+        return torch.cat([channels + block * self.out_features for block in range(self.blocks)])
+
+
 @contextmanager
 def attention_op_by_op() -> Iterator[None]:
     """``nn.MultiheadAttention`` on its op-by-op path for the block, as when training: its inference fast path is one

@@ -181,8 +181,9 @@ class PrunableLayer:
 
     @property
     def inside_unit(self) -> bool:
-        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's."""
-        return self.unit is not None and self.space is not None and self.space.heads > 1
+        """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
+        head's too, where its rows are tied to the stream: PVT-v2's first stage)."""
+        return self.unit is not None and self.space is not None and self.space.head_rows
 
     @property
     def num_channels(self) -> int:
@@ -254,6 +255,9 @@ class ChannelSpace:
     # The q/k/v rows per head position: 3 where one ``qkv`` layer writes q, k and v (all heads' q rows, then k, then
     # v), 1 where separate q, k and v layers write them, coupled: a position is cut from all three (CaiT's ClassAttn).
     parts: int = 3
+    # Its heads' outputs read head-minor (NesT's ``permute(0, 2, 3, 4, 1)``: position p of head h at column p · heads +
+    # h), an order the cut keeps only where every head keeps the same value positions
+    values_alike: bool = False
     head_width_of: str | None = None  # the attention whose ``head_dim`` the cut sets (MaxViT's; Swin's follows)
     # Pruned in whole heads only, not tied to any stream (timm's ``Attention``: its head width is its own): each head
     # loses all its q, k and v rows or none, and the cut sets ``num_heads`` and ``attn_dim`` of ``heads_of``.
@@ -282,6 +286,12 @@ class ChannelSpace:
     @property
     def prunable(self) -> bool:
         return not self.refusals
+
+    @property
+    def head_rows(self) -> bool:
+        """An attention's q, k, v rows, cut by head position: several heads, or a single one tied to the stream
+        (PVT-v2's and Twins' first stage)."""
+        return self.heads > 1 or self.tied_to is not None
 
     @property
     def head_unit(self) -> int:

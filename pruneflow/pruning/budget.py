@@ -103,7 +103,7 @@ def pruned_count(space: ChannelSpace, amount: float) -> int:
     """How many of ``space``'s channels ``Criterion.select`` prunes at ``amount`` (a route's slots aside)."""
     if space.whole_heads:
         return space.head_unit * channels_to_prune(space.heads, amount)
-    if space.heads > 1:
+    if space.head_rows:
         return space.parts * space.heads * channels_to_prune(space.width // (space.parts * space.heads), amount)
     unit = space.multiple * space.groups * space.block
     return unit * channels_to_prune(space.width // unit, amount)

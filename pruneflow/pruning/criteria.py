@@ -69,11 +69,14 @@ def select_by_route(
     return pruned
 
 
-def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: Tensor, parts: int = 3) -> Tensor:
+def select_per_head(
+    scores: Tensor, heads: int, per_head: int, already_pruned: Tensor, parts: int = 3, values_alike: bool = False
+) -> Tensor:
     """An attention's q, k, v rows (``ChannelSpace.heads``): in every head the ``per_head`` query/key positions of
     lowest summed q and k score (cut from q and k alike: a product of a kept and a pruned position is 0 anyway) and
     the ``per_head`` lowest value positions, keeping those pruned already. Rows of separate q, k and v layers
-    (``parts`` 1, coupled): the ``per_head`` positions of lowest score in every head, from all three."""
+    (``parts`` 1, coupled): the ``per_head`` positions of lowest score in every head, from all three. ``values_alike``
+    (``ChannelSpace.values_alike``): the same value positions in every head, of lowest score summed over the heads."""
     if parts == 1:
         rows, before = scores.detach().float().view(heads, -1), already_pruned.view(heads, -1)
         pruned = torch.stack([select_channels(rows[h], per_head, before[h]) for h in range(heads)])
@@ -82,6 +85,8 @@ def select_per_head(scores: Tensor, heads: int, per_head: int, already_pruned: T
     before_q, before_k, before_v = already_pruned.view(3, heads, -1)
     pruned_qk = torch.stack([select_channels(q[h] + k[h], per_head, before_q[h] | before_k[h]) for h in range(heads)])
     pruned_v = torch.stack([select_channels(v[h], per_head, before_v[h]) for h in range(heads)])
+    if values_alike:
+        pruned_v = select_channels(v.sum(0), per_head, before_v.any(0)).expand(heads, -1)
     return torch.stack([pruned_qk, pruned_qk, pruned_v]).flatten().to(already_pruned.device)
 
 
@@ -151,9 +156,9 @@ class Criterion:
             amount = stream_share(space.tied_to, amount)
         if space.heads > 1 and (self.whole_heads or space.whole_heads):  # timm's heads: whole ones only, always
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
-        if space.heads > 1:
+        if space.head_rows:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
-            return select_per_head(self.scores(space), space.heads, per_head, already, space.parts)
+            return select_per_head(self.scores(space), space.heads, per_head, already, space.parts, space.values_alike)
         if space.block > 1:  # normalised by a GroupNorm: its whole groups only
             count = channels_to_prune(space.width // space.block, amount)
             return select_blocks(self.scores(space), space.block, count, already)
@@ -365,7 +370,7 @@ class Explicit(Criterion):
             if space.block > 1 and union:
                 check_whole_blocks(space, sorted(union))
         for space in spaces:
-            if space.heads > 1 and space.tied_to is not None:
+            if space.head_rows and space.tied_to is not None:
                 self._check_tied_heads(space)
 
     def _named(self, space: ChannelSpace) -> Tensor:

@@ -28,7 +28,7 @@ def select_spaces(
     """
     if heads:
         keys = {id(space) for space in select_spaces(spaces, patterns, groups) if not space.tied and not space.tied_to}
-        keys |= {id(space) for space in spaces if space.heads > 1 and space.tied_to is not None and space.prunable}
+        keys |= {id(space) for space in spaces if space.head_rows and space.tied_to is not None and space.prunable}
         return [space for space in spaces if id(space) in keys]
     prunable = [space for space in spaces if space.prunable]
     if patterns is None:

@@ -23,6 +23,8 @@
   (EVA's with a rope in whole heads, the stream losing a head's width per head);
 - ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a
   softmax over a head's channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
+- ``timm_hieradet``: SAM2's Hiera: a position embedding built from two parameters (each a source of the stream),
+  its windows put back, its attention with pooled queries cut in whole heads;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept
   whole, their q/k/v rows refused, the stream they read and write prunable;
 - ``timm_additive_attention``: SwiftFormer's additive attention, kept whole, its query, key and ``proj`` rows one
@@ -43,6 +45,11 @@
   insides (their streams, MLP widths and MobileViT's heads prunable);
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
+- ``timm_pyramid_attention``: PVT-v2's, Twins', ConViT's, VOLO's and NesT's attentions (q/k/v rows from several
+  Linear layers, keys reduced by a strided conv; Twins' windowed one, ConViT's plain one, VOLO's outlook one, NesT's
+  head-minor one), kept whole,
+  their heads tied to the stream; Twins' position conv, a producer of it, and its tokens reshaped back to their patch
+  embedding's grid;
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
   patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
 """
@@ -58,9 +65,11 @@ from pruneflow.graph.handlers import (
     shapes,
     timm_attention,
     timm_attention_classes,
+    timm_hieradet,
     timm_layers,
     timm_levit,
     timm_metaformer,
+    timm_pyramid_attention,
     timm_vit_likes,
     timm_windows,
     tokens,
@@ -76,9 +85,11 @@ __all__ = [
     "shapes",
     "timm_attention",
     "timm_attention_classes",
+    "timm_hieradet",
     "timm_layers",
     "timm_levit",
     "timm_metaformer",
+    "timm_pyramid_attention",
     "timm_vit_likes",
     "timm_windows",
     "tokens",

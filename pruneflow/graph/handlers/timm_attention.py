@@ -57,7 +57,9 @@ def unhandled_variant(module: nn.Module) -> str | None:
     count = HEAD_ATTRIBUTES.get(type(module), ("num_heads",))[0]
     if getattr(module, count) < 2:  # its only head: pruned, nothing would be left (Hiera's first stage)
         return "has a single head, which a cut in whole heads cannot take"
-    if module.qkv.out_features != 3 * getattr(module, count) * module.head_dim:
+    # SAM2-Hiera's holds no ``head_dim``: it reshapes by ``-1``, the rows' share of each head
+    head_dim = getattr(module, "head_dim", module.qkv.out_features // (3 * getattr(module, count)))
+    if module.qkv.out_features != 3 * getattr(module, count) * head_dim:
         return "has q, k, v rows that are not 3 × heads × head_dim"
     if getattr(module, "num_kv_groups", 1) != 1:
         return "shares its keys and values among groups of heads"

@@ -32,8 +32,7 @@ SAM's and Hiera's attentions reshape by their head count and a head width of the
 timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as SwinV2's, but its stream is also read
 by DaViT's channel attention, which only whole heads can leave: it is cut in whole heads tied to the stream too
 (``WHOLE_HEAD_WINDOWS``), and DaViT's ``window_reverse`` is read as Swin's. NesT's writes its heads' output
-head-minor, an order a tied cut does not
-place: it is not taught, and stays refused.
+head-minor: tied to the stream with the same value positions in every head (``timm_pyramid_attention``).
 """
 
 from __future__ import annotations
