@@ -98,11 +98,14 @@ def test_depthwise_convs_on_the_parts_of_a_split_read_their_parts_and_cut_exactl
     assert_cut_equals_masked(SplitUnit())
 
 
-def test_a_grouped_conv_on_one_part_of_a_split_is_refused_in_the_graph() -> None:
-    """Defect 4: called prunable, then the cut raised after the whole fit."""
+def test_a_grouped_conv_on_one_part_of_a_split_cuts_its_space_in_its_groups_exactly() -> None:
+    """Defect 4: called prunable, then the cut raised after the whole fit. A grouped conv reading one part of a split
+    now cuts the whole space at the same positions in each block of one group's width (``producers.read_grouped_part``):
+    the cut must run, and compute the masked network."""
     stem = next(space for space in trace_channel_graph(SplitUnit(reader_groups=2)).spaces if "stem.0" in space.names)
-    assert not stem.prunable
-    assert "grouped conv small (groups=2) reads them reordered" in stem.refusals[0]
+    assert stem.prunable, stem.refusals
+    assert stem.groups == 4  # two parts of 4 channels, each read in 2 groups: blocks of 2
+    assert_cut_equals_masked(SplitUnit(reader_groups=2))
 
 
 class Faulty(nn.Module):

@@ -167,25 +167,6 @@ def test_cait_with_its_class_attention_is_cut_exactly_its_stream_one_space(fused
     assert count_flops(cut.model, images) < count_flops(model, images) / 2.5
 
 
-def test_mambaouts_gate_refuses_its_hidden_width_in_one_line_and_the_stream_is_cut_exactly() -> None:
-    torch.manual_seed(0)
-    model = timm.create_model("test_mambaout", num_classes=10).eval()
-    for parameter in model.parameters():
-        nn.init.normal_(parameter, std=0.2)
-    graph, masks = mask_half(model)
-    hidden = [space for space in graph.spaces if space.name.endswith(".fc1")]
-    assert hidden and all(not space.prunable and len(space.refusals) == 1 for space in hidden)
-    reason = hidden[0].refusals[0]
-    assert "joins channels that do not line up (parts of a layer's rows, as a gate" in reason and "\n" not in reason
-    assert any(space.name == "stages.1.downsample.conv" for space in graph.prunable)
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        masked = model(images)
-        cut = compact(model, masks)
-        assert_same(cut.model(images), masked)
-    assert count_flops(cut.model, images) < count_flops(model, images)
-
-
 @pytest.mark.parametrize(("strategy", "leaks"), [("weight", True), ("activation", False)])
 def test_telemetry_counts_beits_query_and_value_biases_in_the_leak_of_its_pruned_rows(
     strategy: str, leaks: bool

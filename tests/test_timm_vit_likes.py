@@ -50,16 +50,17 @@ def tiny_visformer() -> nn.Module:
 
 def test_pit_stream_takes_its_map_position_embedding_and_class_token_as_sources_and_cuts_exactly() -> None:
     """PiT adds a (1, C, H, W) position embedding to its patch embedding's map, concatenates a class token whose
-    shape it reads, and reshapes its tokens back to a map (B, C, H, W) between stages: all follow the stream. (The
-    next stage's pooling, a depthwise conv writing 2 channels per channel, reads it as a grouped conv of 1 channel per
-    group: the cut keeps the same positions in every group, so this stream keeps all its channels there.)"""
+    shape it reads, and reshapes its tokens back to a map (B, C, H, W) between stages: all follow the stream. The
+    next stage's pooling, a depthwise conv writing 2 channels per channel (``handlers.multipliers``), and its class
+    token's Linear write the next stage's stream at 2 entries per channel of this one: one space."""
     graph = trace_channel_graph(tiny_pit())
     stream = space_of(graph, "patch_embed.conv")
     assert stream.prunable, stream.refusals
     assert {"transformers.0.blocks.0.attn.proj", "transformers.0.blocks.0.mlp.fc2"} <= set(stream.names)
     assert sorted((source.name, source.dim) for source in stream.sources) == [("cls_token", 2), ("pos_embed", 1)]
     # the next stage's stream: its class token's Linear and its pooling conv, concatenated along the tokens
-    assert space_of(graph, "transformers.1.pool.fc") is space_of(graph, "transformers.1.pool.conv")
+    pooling = {point.name: point.per_channel for point in stream.points if ".pool." in point.name}
+    assert pooling == {"transformers.1.pool.conv": 2, "transformers.1.pool.fc": 2}
     assert_cut_equals_masked(tiny_pit(), 32)
 
 
