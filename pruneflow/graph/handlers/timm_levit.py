@@ -1,14 +1,17 @@
-"""timm's LeViT (token mode): its ``LinearNorm`` and its two attentions, kept whole.
+"""timm's LeViT (token mode): its ``LinearNorm`` and its two attentions: ``Attention`` cut in whole heads.
 
 ``LinearNorm`` is a Linear followed by a BatchNorm1d over its tokens flattened into the batch
 (``bn(x.flatten(0, 1)).reshape_as(x)``): the BatchNorm normalises each output feature on its own, so it is the
 Linear's norm and its channel point (β flows into a zeroed feature), exactly as a BatchNorm after a conv; a leaf.
 
-``Attention`` and ``AttentionDownsample`` split their q/k/v rows per head by ``key_dim`` and ``val_dim`` (attributes
-fixed at construction, read by ``view``/``split``) and add a learned bias per head to the logits (``attention_biases``):
-their inner widths are refused, in one line, while the stream they read (``qkv``, ``kv``, ``q``: consumers) and the
-space ``proj`` writes (a producer with its BatchNorm1d) stay prunable. ``AttentionDownsample``'s ``q`` subsamples the
-tokens before its ``LinearNorm`` (``Downsample``: a ``view`` and a strided slice of the tokens, every channel kept).
+``Attention`` writes each head's q, k and v rows side by side (``view(B, N, heads, -1).split([key_dim, key_dim,
+val_dim])``) and adds a learned bias per head to its logits (``attention_biases``): pruned in whole heads, as TinyViT's
+(``side_by_side_heads``), its bias table's rows and ``proj``'s columns for the head's values with them; ``proj`` is an
+activation then a ``LinearNorm``, and the activation keeps a pruned head's 0 at 0 (Hardswish). ``AttentionDownsample``'s
+rows (``kv`` and a separate ``q``) are refused, in one line. The stream each attention reads (``qkv``, ``kv``, ``q``:
+consumers) and the space ``proj`` writes (a producer with its BatchNorm1d) stay prunable. ``AttentionDownsample``'s
+``q`` subsamples the tokens before its ``LinearNorm`` (``Downsample``: a ``view`` and a strided slice of the tokens,
+every channel kept).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.attention import attention_output
+from pruneflow.graph.handlers.pointwise import keeps_zero
 from pruneflow.graph.handlers.producers import read
+from pruneflow.graph.handlers.timm_mobile_blocks import side_by_side_heads
 from pruneflow.graph.records import PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value
@@ -44,33 +49,46 @@ def linear_norm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: V
     return Value(((index, 0),), tracer.width(layer), ndim=value.ndim if value else None, channels_last=True)
 
 
-def kept_whole(
+def attention_spaces(
     tracer: Tracer, name: str, module: nn.Module, inputs: dict[str, nn.Module], value: Value | None
-) -> Value:
-    """An attention whose ``inputs`` (``LinearNorm``s reading ``value``) write its heads' rows, refused, and whose
-    ``proj.ln`` reads its heads' values and writes its output (a new space, prunable)."""
+) -> tuple[list[int], Value]:
+    """An attention's ``inputs`` (``LinearNorm``s reading ``value``), each writing a space of its heads' rows, and
+    its ``proj.ln`` reading its heads' values and writing its output (a new space, prunable): (the rows' spaces,
+    the output)."""
     proj = linear_norm_layer(f"{name}.proj.ln", module.proj.ln)
-    reason = (f"LeViT attention {name} splits its heads by key_dim={module.key_dim} and val_dim={module.val_dim} "
-              "and adds a bias per head: its q/k/v rows are kept whole")  # fmt: skip
+    rows = []
     for part, linear_norm_module in inputs.items():
         layer = linear_norm_layer(f"{name}.{part}", linear_norm_module)
         read(tracer, layer.name, layer.producer, value)
-        tracer.space(tracer.new_space(layer)).refuse(reason)
+        rows.append(tracer.new_space(layer))
     output = attention_output(tracer, proj, value)
     if tracer.reused(name):
         tracer.refuse(value, f"attention {name}: {tracer.reused(name)}")
         tracer.refuse(output, f"attention {name}: {tracer.reused(name)}")
-    return output
+    return rows, output
 
 
 def levit_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """``Attention``: its ``qkv`` rows, each head's q, k and v side by side, pruned in whole heads
+    (``side_by_side_heads``); ``proj``'s activation keeps a pruned head's 0 at 0, or the rows are refused."""
     name = str(node.target)
-    return kept_whole(tracer, name, module, {"qkv": module.qkv}, value)
+    (rows,), output = attention_spaces(tracer, name, module, {"qkv": module.qkv}, value)
+    side_by_side_heads(tracer, name, module, rows, f"{name}.proj.ln.linear", "LeViT", "val_attn_dim")
+    if tracer.reused(name) or not keeps_zero(module.proj.act):
+        act = type(module.proj.act).__name__
+        reason = tracer.reused(name) or f"its activation {act} turns a pruned head's 0 into another value"
+        tracer.space(rows).refuse(f"LeViT attention {name}: {reason}")
+    return output
 
 
 def levit_attention_downsample(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
     name = str(node.target)
-    return kept_whole(tracer, name, module, {"kv": module.kv, "q.ln": module.q.ln}, value)
+    rows, output = attention_spaces(tracer, name, module, {"kv": module.kv, "q.ln": module.q.ln}, value)
+    reason = (f"LeViT attention {name} splits its heads by key_dim={module.key_dim} and val_dim={module.val_dim} "
+              "and adds a bias per head: its q/k/v rows are kept whole")  # fmt: skip
+    for index in rows:
+        tracer.space(index).refuse(reason)
+    return output
 
 
 def register() -> None:
