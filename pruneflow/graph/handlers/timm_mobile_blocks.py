@@ -103,20 +103,25 @@ def mobilevit_block(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
     return Value(((tracer.new_space(fusion), 0),), tracer.width(fusion), ndim=4)
 
 
-def side_by_side_heads(tracer: Tracer, name: str, attention: nn.Module, index: int, proj: str) -> None:
-    """TinyViT's ``Attention`` at ``name``: its q/k/v rows (space ``index``), each head's q, k and v side by side,
-    pruned in whole heads (``ChannelSpace.block``); ``proj`` reads a head's values, ``attention_biases`` holds a row
-    per head (cut with it), and the cut sets ``num_heads`` and ``out_dim``. A pruned head's q, k and v are 0, its
-    logits its bias alone, its output softmax(bias) @ 0 = 0; the other heads keep their width and scale."""
-    space, keys, values = tracer.space(index), attention.key_dim, attention.val_dim
-    block = 2 * keys + values
-    space.block, space.heads_of, space.head_attributes = block, name, ("num_heads", "out_dim")
-    at = [-1 if c % block < 2 * keys else c // block * values + c % block - 2 * keys for c in range(space.width)]
+def side_by_side_heads(
+    tracer: Tracer, name: str, attention: nn.Module, index: int, proj: str, family: str = "TinyViT",
+    values_width: str = "out_dim", keys: int = 2,
+) -> None:  # fmt: skip
+    """TinyViT's (or LeViT's) ``Attention`` at ``name``: its q/k/v rows (space ``index``), each head's q, k and v
+    side by side (``keys`` blocks of ``key_dim`` rows, then ``val_dim``: LeViT's downsampling ``kv`` has only k),
+    pruned in whole heads (``ChannelSpace.block``); ``proj`` reads a head's values,
+    ``attention_biases`` holds a row per head (cut with it), and the cut sets ``num_heads`` and ``values_width``
+    (the width of all heads' values it reshapes by). A pruned head's q, k and v are 0, its logits its bias alone,
+    its output softmax(bias) @ 0 = 0; the other heads keep their width and scale."""
+    space, values, leading = tracer.space(index), attention.val_dim, keys * attention.key_dim
+    block = leading + values
+    space.block, space.heads_of, space.head_attributes = block, name, ("num_heads", values_width)
+    at = [-1 if c % block < leading else c // block * values + c % block - leading for c in range(space.width)]
     space.consumers.append(Consumer(proj, "linear", at=tuple(at)))
     head_of_row = tuple(c // block for c in range(space.width))
     space.scales.append(ChannelScale(f"{name}.attention_biases", 0, 0, at=head_of_row))
     if attention.num_heads < 2 or space.width != attention.num_heads * block:
-        space.refuse(f"TinyViT attention {name} has a single head, or q/k/v rows that are not heads × (2 key_dim + "
+        space.refuse(f"{family} attention {name} has a single head, or rows that are not heads × ({keys} key_dim + "
                      "val_dim)")  # fmt: skip
 
 
