@@ -51,5 +51,6 @@ def test_scales_of_unequal_widths_are_refused_in_one_line() -> None:
     """edgenext_xx_small's third stage chunks 88 channels into 3 scales of 30, 30 and 28: it crashed the cut."""
     model = tiny_edgenext(dims=(16, 24, 32, 48))
     stream = next(space for space in trace_channel_graph(model).spaces if "stages.2.downsample.1" in space.names)
-    assert stream.refusals[0] == ".chunk() at chunk_1 splits them into unequal parts [11, 11, 10], cut in step by no rule"
+    unequal = ".chunk() at chunk_1 splits them into unequal parts [11, 11, 10], cut in step by no rule"
+    assert stream.refusals[0] == unequal
     assert_cut_equals_masked(tiny_edgenext(dims=(16, 24, 32, 48)))
