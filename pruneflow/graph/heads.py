@@ -12,6 +12,8 @@ stream's ``multiple`` (``stream_share``): the criteria select both at that share
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,4 +64,11 @@ def whole_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int) -
 def stream_share(stream: ChannelSpace, amount: float) -> float:
     """The share of its channels ``stream``, read by attentions tied to it, loses at ``amount``: whole multiples
     of ``ChannelSpace.multiple``, as ``Criterion.select`` prunes it."""
-    return stream.multiple * channels_to_prune(stream.width // stream.multiple, amount) / stream.width
+    return stream_loss(stream, amount) / stream.width
+
+
+def stream_loss(stream: ChannelSpace, amount: float) -> int:
+    """The channels ``stream`` loses at ``amount``: whole multiples of its heads' width (``multiple``), and, where it
+    is cut at the same positions in each of its ``groups`` (EdgeNeXt's scales), of as many positions in each."""
+    unit = math.lcm(stream.multiple, stream.groups)
+    return unit * channels_to_prune(stream.width // unit, amount)

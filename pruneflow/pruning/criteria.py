@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from pruneflow.errors import ConfigError, is_count
 from pruneflow.graph import ChannelSpace, PrunableLayer, channels_to_prune
-from pruneflow.graph.heads import stream_share, takes_whole_heads, tied_heads_problem, whole_heads_problem
+from pruneflow.graph.heads import stream_loss, stream_share, takes_whole_heads, tied_heads_problem, whole_heads_problem
 
 
 def select_channels(scores: Tensor, count: int, already_pruned: Tensor) -> Tensor:
@@ -109,17 +109,21 @@ def select_blocks(scores: Tensor, block: int, count: int, already_pruned: Tensor
     return pruned.view(-1, 1).expand_as(per_block).flatten().to(already_pruned.device)
 
 
-def select_in_groups(scores: Tensor, space: ChannelSpace, amount: float, already_pruned: Tensor) -> Tensor:
+def select_in_groups(
+    scores: Tensor, space: ChannelSpace, amount: float, already_pruned: Tensor, loss: int | None = None
+) -> Tensor:
     """A space cut in groups (a grouped conv's, a gate's pairs: ``ChannelSpace.groups``): the same positions in every
     group, scored summed over the groups; each part of a split by sizes the cut sets (``ChannelSpace.splits``) keeps
     its best position where it would keep none (a part cut to nothing would leave its reader no input), the next
-    lowest pruned in its place."""
+    lowest pruned in its place. ``loss``: the channels the whole space loses, where it is not ``amount`` of each group
+    rounded (a stream losing whole multiples of its heads' width: ``stream_loss``)."""
     blocks, size = space.groups, space.width // space.groups
+    count = channels_to_prune(size, amount) if loss is None else loss // blocks
     position_scores = scores.detach().float().cpu().view(blocks, -1).sum(0)
     before = already_pruned.view(blocks, -1).any(0).cpu()
     parts = [torch.arange(split.start + sum(split.sizes[:k]), split.start + sum(split.sizes[: k + 1])) % size
              for split in space.splits for k in range(len(split.sizes)) if split.sizes[k]]  # fmt: skip
-    positions = select_channels(position_scores, channels_to_prune(size, amount), before)
+    positions = select_channels(position_scores, count, before)
     for _ in parts:  # each protection can empty at most one more part
         emptied = [part for part in parts if positions[part].all()]
         if not emptied:
@@ -127,7 +131,7 @@ def select_in_groups(scores: Tensor, space: ChannelSpace, amount: float, already
         for part in emptied:  # its best position not pruned before is kept
             best = part[position_scores[part].masked_fill(before[part], float("-inf")).argmax()]
             position_scores[best] = float("inf")
-        positions = select_channels(position_scores, channels_to_prune(size, amount), before)
+        positions = select_channels(position_scores, count, before)
     return positions.repeat(blocks).to(already_pruned.device)
 
 
@@ -164,6 +168,8 @@ class Criterion:
             return select_blocks(self.scores(space), space.block, count, already)
         # read by attentions whose head width follows it: whole multiples of their heads (as many as the groups below
         # take from each of theirs, where their count is a multiple of the heads: NextViT's grouped conv, one per head)
+        if space.multiple > 1 and space.groups > 1 and space.groups % space.multiple:  # EdgeNeXt's scales' XCA
+            return select_in_groups(self.scores(space), space, amount, already, stream_loss(space, amount))
         if space.multiple > 1 and space.groups % space.multiple:
             count = space.multiple * channels_to_prune(space.width // space.multiple, amount)
             return select_channels(self.scores(space), count, already)

@@ -48,7 +48,9 @@ def paired(tracer: Tracer, description: str, values: list[Value], product: bool)
         return None
     space.groups = tracer.joined_groups(space, space.width // width, description)
     revived = (a.revived_by and b.revived_by) if product else (a.revived_by or b.revived_by)
-    return replace(a, revived_by=revived, ndim=a.ndim or b.ndim)
+    # the later run: where a hierarchy of scales (EdgeNeXt's ``conv(sp) + spx[i]``) concatenates the sum back
+    later = b if other_start > start else a
+    return replace(later, revived_by=revived, ndim=a.ndim or b.ndim)
 
 
 def chunked(tracer: Tracer, value: Value) -> bool:

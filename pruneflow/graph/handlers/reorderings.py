@@ -64,7 +64,10 @@ def split(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Parts | N
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     by_position = not sizes_set_by_the_cut(tracer, node, value, sizes)
     owner = held_by(tracer, node)
-    if not by_position and isinstance(SPLIT_SIZES[type(tracer.modules.get(owner, tracer.model))], EqualParts):
+    equal_parts = isinstance(SPLIT_SIZES.get(type(tracer.modules.get(owner, tracer.model))), EqualParts)
+    if not by_position and equal_parts and len(set(sizes)) > 1:  # EdgeNeXt's chunk of 88 channels into 3 scales
+        tracer.refuse(value, f"{tracer.describe(node)} splits them into unequal parts {sizes}, cut in step by no rule")
+    elif not by_position and equal_parts:
         space = tracer.space(value.segments[0][0])  # cut at the same positions in every part: they stay equal
         space.groups = tracer.joined_groups(space, len(sizes), f"{tracer.describe(node)} into equal parts")
     # equal parts of one space: by position unless a gate pairs them (``gates.settle_chunks`` decides at the end)

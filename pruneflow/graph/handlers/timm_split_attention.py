@@ -150,9 +150,12 @@ def split_attention_variant(module: nn.Module) -> str | None:
 def register() -> None:
     from timm.layers.selective_kernel import SelectiveKernel
     from timm.layers.split_attn import SplitAttn
+    from timm.models.edgenext import SplitTransposeBlock
     from timm.models.res2net import Bottle2neck
 
     register_module_handler(SelectiveKernel, selective_kernel)
     register_module_handler(SplitAttn, split_attention)
     register_split_sizes(Bottle2neck, EqualParts("width"))
     register_split_sizes(SelectiveKernel, EqualParts("in_channels", whole=True))
+    # EdgeNeXt's SDTA block chunks its stream into scales, one scale's conv added to the next: Res2Net's hierarchy
+    register_split_sizes(SplitTransposeBlock, EqualParts("width"))
