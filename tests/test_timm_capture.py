@@ -10,6 +10,7 @@ import torch
 from test_channel_graph import check_masked_and_cut
 
 from pruneflow.graph import registry, trace_channel_graph
+from pruneflow.graph.handlers.timm_layers import register_if_imported
 
 timm = pytest.importorskip("timm")
 from timm.models.mobilevit import MobileVitBlock  # noqa: E402  (after the skip: timm is an optional extra)
@@ -26,6 +27,10 @@ def mobilevit() -> torch.nn.Module:
 def test_an_untraceable_timm_block_no_one_declared_is_kept_whole_and_the_rest_cuts_exactly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The graph has a rule for MobileViT's block now (``handlers/timm_mobile_blocks``): taken away, so that the block
+    # is one the graph was never taught, as a user's own untraceable block is.
+    register_if_imported()
+    monkeypatch.delitem(registry.MODULE_HANDLERS, MobileVitBlock)
     declared = {space.name for space in trace_channel_graph(mobilevit()).prunable}  # timm's declaration honoured
     monkeypatch.delitem(registry.LEAVES, MobileVitBlock)  # as if timm did not declare it
     model = mobilevit()
