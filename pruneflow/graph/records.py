@@ -303,6 +303,14 @@ class ChannelSpace:
         """Pruned as a group of several producers (coupled, or carried through a depthwise conv)."""
         return len(self.producers) > 1
 
+    def producers_as_points(self, at: tuple[int, ...] = (), per_channel: int = 1) -> list[ChannelPoint]:
+        """Its producers' rows and their norms' entries as channel points of a space it joins (read at ``at``,
+        ``per_channel`` entries per channel): what a space embedded or expanded into another leaves there."""
+        return [ChannelPoint(name, module, 0, layer.channel_shape, at, per_channel)
+                for layer in self.producers
+                for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm))
+                if name is not None and module is not None]  # fmt: skip
+
     def refuse(self, reason: str, first: bool = False) -> None:
         """Add ``reason`` once; ``first``: as the first, the cause the others follow from (an opaque leaf)."""
         if first and reason in self.refusals:

@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.layers import channel_multiplier, output_ndim
-from pruneflow.graph.records import ChannelPoint, ChannelSpace, PrunableLayer
+from pruneflow.graph.records import ChannelSpace, PrunableLayer
 from pruneflow.graph.values import Value, one_whole_space
 
 if TYPE_CHECKING:
@@ -59,10 +59,7 @@ def expand_spaces(tracer: Tracer) -> None:
             for space in (inner, outer):
                 space.refuse(f"grouped conv {name} writes each channel {k} times, and {reason}")
             continue
-        for layer in outer.producers:
-            for module_name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm)):
-                if module_name is not None and module is not None:
-                    inner.points.append(ChannelPoint(module_name, module, 0, layer.channel_shape, per_channel=k))
+        inner.points += outer.producers_as_points(per_channel=k)
         inner.consumers += [replace(c, features_per_channel=c.features_per_channel * k) for c in outer.consumers]
         inner.points += [replace(point, per_channel=point.per_channel * k) for point in outer.points]
         inner.scales += [replace(scale, per_channel=scale.per_channel * k) for scale in outer.scales]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch.fx
 
 from pruneflow.graph.handlers.gates import chunked
-from pruneflow.graph.records import ChannelPoint, ChannelSpace, SplitSizes
+from pruneflow.graph.records import ChannelSpace, SplitSizes
 from pruneflow.graph.registry import SPLIT_SIZES
 from pruneflow.graph.values import UNKNOWN, Value, one_whole_space
 
@@ -149,10 +149,7 @@ def embed_spaces(tracer: Tracer) -> None:
             for space in (inner, outer):
                 space.refuse(f"{inner.name} is added to channels {start}… of {outer.name}, and {reason}")
             continue
-        for layer in inner.producers:
-            for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm)):
-                if name is not None and module is not None:
-                    outer.points.append(ChannelPoint(name, module, 0, layer.channel_shape, tuple(at)))
+        outer.points += inner.producers_as_points(tuple(at))
         for consumer in inner.consumers:
             outer.consumers.append(replace(consumer, offset=0, at=moved(at, consumer.at, consumer.offset)))
         for point in inner.points:
