@@ -349,9 +349,9 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
-# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``).
+# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; TNT's pixel embedding's ``in_dim``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim", "val_attn_dim"}  # fmt: skip
+                   "out_dim", "val_attn_dim", "in_dim"}  # fmt: skip
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:

@@ -182,8 +182,9 @@ class PrunableLayer:
     @property
     def inside_unit(self) -> bool:
         """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
-        head's too, where its rows are tied to the stream: PVT-v2's first stage)."""
-        return self.unit is not None and self.space is not None and self.space.head_rows
+        head's too, where its rows are tied to the stream: PVT-v2's first stage; heads pruned in blocks: TNT's)."""
+        space = self.space
+        return self.unit is not None and space is not None and (space.head_rows or space.heads_of is not None)
 
     @property
     def num_channels(self) -> int:

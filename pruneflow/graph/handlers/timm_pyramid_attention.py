@@ -100,14 +100,9 @@ def reduced_keys(tracer: Tracer, name: str, module: nn.Module, value: Value) -> 
     return keys
 
 
-def split_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
-    """PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn``, ConViT's ``GPSA``, a leaf: its ``PROJECTIONS`` read
-    the stream (``kv`` after ``sr``) and write one space of q/k/v head positions tied to it; ``proj`` reads them
-    and writes the output."""
-    name = str(node.target)
-    proj = PrunableLayer(f"{name}.proj", module.proj)
-    if reason := unhandled_variant(module, value) or tracer.reused(name):
-        return refused(tracer, proj, value, f"attention {name} {reason}")
+def projected_rows(tracer: Tracer, name: str, module: nn.Module, value: Value) -> int:
+    """The one space of q/k/v head positions that the attention's ``PROJECTIONS`` write, each a consumer of
+    ``value`` (``kv`` of its reduced keys) masked at the attention (``forward_with_rows``); its id."""
     inner = None
     for part, blocks in PROJECTIONS[type(module)]:
         linear = getattr(module, part)
@@ -116,6 +111,18 @@ def split_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, valu
         read(tracer, layer.name, linear, reduced_keys(tracer, name, module, value) if part == "kv" else value)
         space = tracer.new_space(layer)
         inner = space if inner is None else tracer.union(inner, space, f"attention {name}'s q, k and v")
+    return inner
+
+
+def split_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Value:
+    """PVT-v2's ``Attention``, Twins' ``GlobalSubSampleAttn``, ConViT's ``GPSA``, a leaf: its ``PROJECTIONS`` read
+    the stream (``kv`` after ``sr``) and write one space of q/k/v head positions tied to it; ``proj`` reads them
+    and writes the output."""
+    name = str(node.target)
+    proj = PrunableLayer(f"{name}.proj", module.proj)
+    if reason := unhandled_variant(module, value) or tracer.reused(name):
+        return refused(tracer, proj, value, f"attention {name} {reason}")
+    inner = projected_rows(tracer, name, module, value)
     heads = tracer.space(inner)
     heads.heads, heads.parts = module.num_heads, 1
     if hasattr(module, "fused_attn"):
