@@ -24,9 +24,9 @@ TINY = {"img_size": 32, "embed_dim": 32, "inner_dim": 8, "depth": 2, "num_heads_
 MODELS = ("tnt_s_legacy_patch16_224", "tnt_s_patch16_224")
 
 
-def tiny_tnt(name: str) -> nn.Module:
+def tiny_tnt(name: str, **settings: int) -> nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10, **TINY)
+    model = timm.create_model(name, num_classes=10, **{**TINY, **settings})
     for parameter in model.parameters():  # large enough that a masked channel changes the logits
         nn.init.normal_(parameter, std=0.2)
     return randomize_norms(model).eval()
@@ -36,8 +36,8 @@ def space_of(spaces: list[ChannelSpace], name: str) -> ChannelSpace:
     return next(space for space in spaces if name in space.names)
 
 
-def cut_computes_the_masked(name: str) -> Compaction:
-    model = tiny_tnt(name)
+def cut_computes_the_masked(name: str, **settings: int) -> Compaction:
+    model = tiny_tnt(name, **settings)
     images = torch.randn(2, 3, 32, 32)
     masked, compaction = masked_and_cut(model, images)
     with torch.no_grad():
@@ -81,3 +81,14 @@ def test_a_fresh_tnt_given_the_cut_sizes_computes_the_cut_network() -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(images), compaction.model(images))
+
+
+def test_a_single_headed_inner_attention_keeps_its_rows_and_the_rest_is_cut_exactly() -> None:
+    """One inner head: its q/k/v rows are refused in one line naming the attention; the inner stream it reads and
+    writes, which no width of it follows, is cut all the same."""
+    spaces = trace_channel_graph(tiny_tnt(MODELS[0], num_heads_inner=1)).spaces
+    rows = space_of(spaces, "blocks.0.attn_in.qk")
+    assert rows.refusals == ["attention blocks.0.attn_in has a single head, which a cut in whole heads cannot take"]
+    assert space_of(spaces, "pixel_embed.proj").prunable
+    model = cut_computes_the_masked(MODELS[0], num_heads_inner=1).model
+    assert model.blocks[0].attn_in.qk.out_features == 16 and model.pixel_embed.in_dim < 8

@@ -50,6 +50,9 @@
   head-minor one), kept whole,
   their heads tied to the stream; Twins' position conv, a producer of it, and its tokens reshaped back to their patch
   embedding's grid;
+- ``timm_tnt``: TNT's pixel embedding (its ``proj`` the inner stream, ``pixel_pos`` a source of it, ``in_dim`` set by
+  the cut), its attention (``qk`` and ``v``) cut in whole heads, and tokens flattened by ``reshape(..., -1)`` for a
+  layer k times their width (k copies side by side: a patch's pixels read by its block's ``proj``);
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
   patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
 """

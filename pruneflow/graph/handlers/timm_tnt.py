@@ -76,8 +76,6 @@ def unhandled_attention(module: nn.Module) -> str | None:
     rows = module.num_heads * module.head_dim
     if module.qk.out_features != 2 * rows or module.v.out_features != rows or module.proj.in_features != rows:
         return "has value heads of another width than its query and key heads"
-    if module.num_heads < 2:
-        return "has a single head, which a cut in whole heads cannot take"
     return None
 
 
@@ -91,6 +89,8 @@ def tnt_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
     heads = tracer.space(projected_rows(tracer, name, module, value))
     # a head's positions lie side by side in q, k and v alike: pruned in whole blocks of them, as TinyViT's heads
     heads.block, heads.heads_of, heads.head_attributes = module.head_dim, name, ("num_heads", "hidden_dim")
+    if module.num_heads < 2:  # its rows alone: the stream it reads and its output are cut all the same
+        heads.refuse(f"attention {name} has a single head, which a cut in whole heads cannot take")
     heads.consumers.append(Consumer(proj.name, "linear"))
     return attention_output(tracer, proj, value)
 
@@ -132,6 +132,6 @@ def register() -> None:
 
     PROJECTIONS[Attention] = (("qk", 2), ("v", 1))
     ROWS_MASKED_FORWARDS[Attention] = forward_with_rows
-    register_module_handler(Attention, tnt_attention)
+    register_module_handler(Attention, tnt_attention, leaf=lambda module: type(module) is Attention)
     register_module_handler(PixelEmbed, pixel_embed)
     register_method_handler("reshape", tokens_flattened(METHOD_HANDLERS.get("reshape")))
