@@ -1,0 +1,74 @@
+"""timm's HaloNet attention on tiny configurations (small widths, depths and images: seconds): its key, value and
+query rows cut at the same positions in every head, its output the value positions, and half of every prunable space
+masked (L1, ``activation``) and cut gives the masked network's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_vit_likes import space_of
+from test_window_attention import masked_and_cut
+from torch import nn
+
+from pruneflow.compaction.verify import randomize_norms
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+
+def tiny_halonet(**attention: object) -> nn.Module:
+    """A HaloNet of two self-attention stages (the second strided), heads of 4 positions, blocks of 4 pixels."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    torch.manual_seed(0)
+    stages = (ByoBlockCfg(type="self_attn", d=1, c=16, s=1, gs=0, br=1.0),
+              ByoBlockCfg(type="self_attn", d=2, c=32, s=2, gs=0, br=1.0))  # fmt: skip
+    kwargs = dict(block_size=4, halo_size=1, num_heads=4, **attention)
+    config = ByoModelCfg(blocks=stages, stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer="halo",
+                         self_attn_kwargs=kwargs)  # fmt: skip
+    return ByobNet(config, num_classes=10)
+
+
+def test_halo_attention_rows_are_one_space_in_heads_split_into_keys_and_values() -> None:
+    """``kv``'s rows one space of ``num_heads`` blocks (the same positions in each), split into key and value
+    positions whose sizes the cut sets; ``q``'s rows points of the key positions, the position tables' columns scales
+    of head 0's; the attention's output (its value positions) normalised by ``post_attn`` and read by ``conv3``."""
+    model = tiny_halonet()
+    graph = trace_channel_graph(model)
+    block = "stages.1.1"
+    rows = space_of(graph, f"{block}.self_attn.kv")
+    assert rows.prunable and rows.groups == 4 and rows.width == 4 * (8 + 8), rows.refusals
+    assert [split.sizes for split in rows.splits] == [(8, 8), (8, 8)]
+    query = next(point for point in rows.points if point.name == f"{block}.self_attn.q")
+    assert query.at[:16] == tuple(range(8)) + (-1,) * 8 and query.at[16:24] == tuple(range(8, 16))
+    assert [scale.name for scale in rows.scales] == [
+        f"{block}.self_attn.pos_embed.{t}" for t in ("height_rel", "width_rel")
+    ]
+    conv3 = next(consumer for consumer in rows.consumers if consumer.name == f"{block}.conv3_1x1.conv")
+    assert conv3.at[8:16] == tuple(range(8)) and conv3.at[24:32] == tuple(range(8, 16))
+    assert any(point.name == f"{block}.post_attn" for point in rows.points)
+    refused = [(space.name, space.refusals) for space in graph.spaces if not space.prunable]
+    assert [name for name, _ in refused] == ["head.fc"], refused
+
+
+@pytest.mark.parametrize("attention", [{}, {"dim_head": 4}], ids=["equal-heads", "narrower-keys"])
+def test_halo_attention_cuts_to_the_masked_network(attention: dict) -> None:
+    """Half of every space masked and cut: the same logits, and every attention's rows, position tables and the
+    sizes it reshapes by smaller, as many positions in every head."""
+    model = randomize_norms(tiny_halonet(**attention)).eval()  # β ≠ 0: a leaking mask would show
+    images = torch.randn(2, 3, 32, 32)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    before, after = tiny_halonet(**attention), compaction.model
+    for name, module in after.named_modules():
+        if type(module).__name__ != "HaloAttn":
+            continue
+        old = before.get_submodule(name)
+        key, value = module.dim_head_qk, module.dim_head_v
+        assert 0 < key < old.dim_head_qk and 0 < value < old.dim_head_v, name
+        assert module.q.out_channels == module.dim_out_qk == 4 * key and module.dim_out_v == 4 * value
+        assert module.kv.out_channels == 4 * (key + value) and module.pos_embed.dim_head == key
+        assert module.pos_embed.height_rel.shape[1] == module.pos_embed.width_rel.shape[1] == key
