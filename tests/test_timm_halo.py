@@ -24,7 +24,7 @@ def tiny_halonet(**attention: object) -> nn.Module:
     torch.manual_seed(0)
     stages = (ByoBlockCfg(type="self_attn", d=1, c=16, s=1, gs=0, br=1.0),
               ByoBlockCfg(type="self_attn", d=2, c=32, s=2, gs=0, br=1.0))  # fmt: skip
-    kwargs = dict(block_size=4, halo_size=1, num_heads=4, **attention)
+    kwargs = {"block_size": 4, "halo_size": 1, "num_heads": 4, **attention}
     config = ByoModelCfg(blocks=stages, stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer="halo",
                          self_attn_kwargs=kwargs)  # fmt: skip
     return ByobNet(config, num_classes=10)
@@ -52,7 +52,9 @@ def test_halo_attention_rows_are_one_space_in_heads_split_into_keys_and_values()
     assert [name for name, _ in refused] == ["head.fc"], refused
 
 
-@pytest.mark.parametrize("attention", [{}, {"dim_head": 4}], ids=["equal-heads", "narrower-keys"])
+@pytest.mark.parametrize(
+    "attention", [{}, {"dim_head": 4}, {"num_heads": 1}], ids=["equal-heads", "narrower-keys", "one-head"]
+)
 def test_halo_attention_cuts_to_the_masked_network(attention: dict) -> None:
     """Half of every space masked and cut: the same logits, and every attention's rows, position tables and the
     sizes it reshapes by smaller, as many positions in every head."""
@@ -69,6 +71,35 @@ def test_halo_attention_cuts_to_the_masked_network(attention: dict) -> None:
         old = before.get_submodule(name)
         key, value = module.dim_head_qk, module.dim_head_v
         assert 0 < key < old.dim_head_qk and 0 < value < old.dim_head_v, name
-        assert module.q.out_channels == module.dim_out_qk == 4 * key and module.dim_out_v == 4 * value
-        assert module.kv.out_channels == 4 * (key + value) and module.pos_embed.dim_head == key
+        heads = module.num_heads
+        assert module.q.out_channels == module.dim_out_qk == heads * key and module.dim_out_v == heads * value
+        assert module.kv.out_channels == heads * (key + value) and module.pos_embed.dim_head == key
         assert module.pos_embed.height_rel.shape[1] == module.pos_embed.width_rel.shape[1] == key
+
+
+def test_halo_attention_with_other_projections_is_refused_in_one_line_and_the_rest_cuts_exactly() -> None:
+    """A ``HaloAttn`` whose ``kv`` is not a plain conv (a subclass may compute otherwise): its rows and output refused
+    in one line naming it, the space it reads still prunable, and the rest of the network cut exactly."""
+    from timm.layers import Conv2dSame
+
+    def with_other_kv() -> nn.Module:
+        model = tiny_halonet()
+        attention = model.get_submodule("stages.1.1.self_attn")
+        kv = Conv2dSame(attention.kv.in_channels, attention.kv.out_channels, 1, bias=False)
+        kv.weight.data.copy_(attention.kv.weight.data)
+        attention.kv = kv
+        return model
+
+    graph = trace_channel_graph(with_other_kv())
+    rows = space_of(graph, "stages.1.1.self_attn.kv")
+    assert rows.refusals == [
+        "attention stages.1.1.self_attn (HaloAttn) projects with other layers than nn.Conv2d q and kv"
+    ]
+    assert space_of(graph, "stages.1.1.conv1_1x1.conv").prunable
+    model = randomize_norms(with_other_kv()).eval()
+    images = torch.randn(2, 3, 32, 32)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert compaction.channels[1] < compaction.channels[0]
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
