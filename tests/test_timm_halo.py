@@ -103,3 +103,54 @@ def test_halo_attention_with_other_projections_is_refused_in_one_line_and_the_re
         cut = compaction.model(images)
     assert compaction.channels[1] < compaction.channels[0]
     assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+
+
+def tiny_botnet(**attention: object) -> nn.Module:
+    """A BoTNet of one bottleneck and one self-attention stage (strided: its attention pools), on 32 px images."""
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
+
+    torch.manual_seed(0)
+    stages = (ByoBlockCfg(type="bottle", d=1, c=16, s=1, gs=0, br=0.5),
+              ByoBlockCfg(type="self_attn", d=2, c=32, s=2, gs=0, br=1.0))  # fmt: skip
+    config = ByoModelCfg(blocks=stages, stem_chs=16, stem_type="tiered", stem_pool="maxpool", fixed_input_size=True,
+                         self_attn_layer="bottleneck", self_attn_kwargs={"num_heads": 4, **attention})  # fmt: skip
+    return ByobNet(config, img_size=32, num_classes=10)
+
+
+def test_bottleneck_attention_rows_are_one_space_of_q_k_v_blocks_and_cut_to_the_masked_network() -> None:
+    """BoTNet's ``qkv`` rows (every head's q, then k, then v) one space of 3 × 4 equal blocks, its output the v rows,
+    its position tables' columns head 0's q positions; half of every space masked and cut gives the masked logits,
+    each attention's rows, tables and head widths smaller."""
+    graph = trace_channel_graph(tiny_botnet())
+    rows = space_of(graph, "stages.1.1.self_attn.qkv")
+    assert rows.prunable and rows.groups == 12 and rows.width == 3 * 32, rows.refusals
+    conv3 = next(consumer for consumer in rows.consumers if consumer.name == "stages.1.1.conv3_1x1.conv")
+    assert conv3.at == (-1,) * 64 + tuple(range(32))
+    assert [space.name for space in graph.spaces if not space.prunable] == ["head.fc"]
+    model = randomize_norms(tiny_botnet()).eval()
+    images = torch.randn(2, 3, 32, 32)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    for name in ("stages.1.0.self_attn", "stages.1.1.self_attn"):
+        attention = compaction.model.get_submodule(name)
+        width = attention.dim_head_qk
+        assert 0 < width == attention.dim_head_v < 8 and attention.qkv.out_channels == 3 * 4 * width
+        assert attention.pos_embed.height_rel.shape[1] == attention.pos_embed.dim_head == width
+
+
+def test_bottleneck_attention_with_narrower_keys_is_refused_in_one_line() -> None:
+    """q/k heads narrower than v heads: its rows are not equal blocks; refused in one line, the rest cut exactly."""
+    graph = trace_channel_graph(tiny_botnet(dim_head=4))
+    assert space_of(graph, "stages.1.1.self_attn.qkv").refusals == [
+        "attention stages.1.1.self_attn (BottleneckAttn) has heads of other q/k widths than v widths, which its q, k, "
+        "v rows do not cut in equal blocks"
+    ]
+    model = randomize_norms(tiny_botnet(dim_head=4)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    masked, compaction = masked_and_cut(model, images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert compaction.channels[1] < compaction.channels[0]
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
