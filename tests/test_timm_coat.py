@@ -81,3 +81,18 @@ def test_unequal_query_key_and_value_positions_are_not_cut() -> None:
     masks["serial_blocks1.0.factoratt_crpe.qkv"] = pruned
     with pytest.raises(CompactionError, match="same positions from every group"):
         compact(model, masks)
+
+
+def test_parallel_blocks_scales_and_the_aggregated_class_tokens_are_cut() -> None:
+    """The scales' streams, one space through the parallel blocks' resampled sums, were refused at ``torch.stack``
+    of their class tokens, ``.squeeze()`` and the ``aggregate`` conv over them, whose bias revives a masked channel
+    before the classifier: it is masked again at its output (a point without entries, which the cut keeps)."""
+    model = tiny_coat(parallel_depth=1)
+    graph = trace_channel_graph(model)
+    scales = space_of(graph, "patch_embed2.proj")
+    assert scales.prunable and {"patch_embed3.proj", "patch_embed4.proj"} <= set(scales.names), scales.refusals
+    assert [point.name for point in scales.points if not point.entries] == ["aggregate"]
+    shared = space_of(graph, "parallel_blocks.0.factoratt_crpe2.qkv")
+    assert shared.prunable and "serial_blocks2.0.factoratt_crpe.qkv" in shared.names, shared.refusals
+    sizes = assert_cut_computes_the_masked_network(model)
+    assert "aggregate" not in sizes and sizes["head"]["in_features"] == 8
