@@ -8,7 +8,9 @@ whatever the other sizes (``window_partition``'s ``x.view(B, H // ws, ws, W // w
 C)``, a block's ``x.reshape(B, -1, C)``). Read from a shape, the width follows a cut; where it is another tensor's
 (the attention's output viewed by its input's ``C``), the two must end up one space (the residual joins them),
 which ``widths`` checks after the walk. ``-1`` last does the same where every other size is one of the sizes but the
-channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``). A number written in the
+channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``), or where the other sizes
+are numbers and a conv or linear layer built for the width reads the result's last dim (CoaT's tokens back to a map
+before its next patch embedding). A number written in the
 model instead would not follow a cut: such a reshape goes to the probe (``reorderings``) as before. timm's
 ``window_reverse``, NesT's ``deblockify`` and SAM's ``window_unpartition`` (each recorded as one op) read ``C`` from
 their input and keep it last.
