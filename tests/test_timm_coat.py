@@ -96,3 +96,16 @@ def test_parallel_blocks_scales_and_the_aggregated_class_tokens_are_cut() -> Non
     assert shared.prunable and "serial_blocks2.0.factoratt_crpe.qkv" in shared.names, shared.refusals
     sizes = assert_cut_computes_the_masked_network(model)
     assert "aggregate" not in sizes and sizes["head"]["in_features"] == 8
+
+
+def test_a_fresh_coat_given_the_cut_sizes_computes_the_cut_network() -> None:
+    """``apply_sizes`` (an export, a checkpoint written after a cut) sets the encoding's ``channel_splits`` with the
+    cut's widths, so a fresh CoaT loads the cut weights and computes the cut network."""
+    from pruneflow.compaction.cut import apply_sizes
+
+    model, fresh = tiny_coat(parallel_depth=1), tiny_coat(parallel_depth=1)
+    images = torch.randn(2, 3, 32, 32)
+    _, compaction = masked_and_cut(model, images)
+    apply_sizes(fresh, compaction.sizes).load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(images), compaction.model(images))
