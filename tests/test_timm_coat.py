@@ -109,3 +109,14 @@ def test_a_fresh_coat_given_the_cut_sizes_computes_the_cut_network() -> None:
     apply_sizes(fresh, compaction.sizes).load_state_dict(compaction.model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(images), compaction.model(images))
+
+
+def test_an_encoding_with_a_dense_conv_refuses_the_stream_in_one_line() -> None:
+    """A conv mixing the value rows of several heads would need them cut alike in every head it reads: refused."""
+    model = tiny_coat()
+    model.crpe1.conv_list[0] = nn.Conv2d(8, 8, 3, padding=1)
+    stream = space_of(trace_channel_graph(model), "patch_embed1.proj")
+    assert stream.refusals == [
+        "factorised attention serial_blocks1.0.factoratt_crpe encodes relative positions with convs that are not "
+        "depthwise over its value rows"
+    ]
