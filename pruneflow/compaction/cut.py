@@ -695,7 +695,8 @@ def _kept_indices(
         for consumer in group.space.consumers:
             cut_columns.setdefault(consumer.name, []).append(consumer.columns(group.removed))
         for point in group.space.points:
-            cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
+            if point.entries:  # one without (a layer over another dim) stays as it is
+                cut_entries.setdefault(point.name, []).append(point.channels(group.removed))
         for scale in (*group.space.scales, *group.space.sources):
             scale_entries.setdefault(scale.name, (scale.dim, []))[1].append(scale.channels(group.removed))
     for name, entries in cut_entries.items():

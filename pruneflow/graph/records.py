@@ -8,6 +8,7 @@ multiplied into it. ``ChannelGraph`` holds every space of a model. The package d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,10 +65,14 @@ class ChannelPoint:
     # entries per channel, consecutive: channel c is entries offset + c·k … offset + c·k + k − 1 (the rows a grouped
     # conv with a channel multiplier k writes from channel c, and whatever reads those rows: ``handlers.multipliers``)
     per_channel: int = 1
+    # False: a layer over another dim than the channels whose bias revives every channel (CoaT's ``aggregate``, a
+    # conv of kernel 1 over its scales' class tokens): masked again at its output, it holds no entry per channel,
+    # so the cut leaves it as it is; its width is the space's at its output (``shape``)
+    entries: bool = True
 
     @property
     def width(self) -> int:
-        return norm_width(self.module)
+        return norm_width(self.module) if self.entries else math.prod(self.shape)
 
     def channels(self, channels: torch.Tensor) -> torch.Tensor:
         """The norm's entries that carry the space's ``channels`` (those it reads)."""

@@ -176,7 +176,7 @@ class CostModel:
                 read = _read_share(point.at, space.width) * point.per_channel
                 if point.name in row:  # a depthwise conv carrying several spaces
                     self.out_rows[row[point.name], j] += read
-                else:
+                elif point.entries:  # one without entries (a layer over another dim) loses nothing
                     self.linear_params[j] += read * _entries_per_channel(point.module)
             for scale in (*space.scales, *space.sources):  # a ViT's class token and position embedding too
                 parameter = network.get_parameter(scale.name)

@@ -70,17 +70,21 @@ def select_by_route(
 
 
 def select_per_head(
-    scores: Tensor, heads: int, per_head: int, already_pruned: Tensor, parts: int = 3, values_alike: bool = False
+    scores: Tensor, heads: int, per_head: int, already_pruned: Tensor, parts: int = 3, values_alike: bool = False,
+    alike: bool = False,
 ) -> Tensor:
     """An attention's q, k, v rows (``ChannelSpace.heads``): in every head the ``per_head`` query/key positions of
     lowest summed q and k score (cut from q and k alike: a product of a kept and a pruned position is 0 anyway) and
     the ``per_head`` lowest value positions, keeping those pruned already. Rows of separate q, k and v layers
-    (``parts`` 1, coupled): the ``per_head`` positions of lowest score in every head, from all three. ``values_alike``
-    (``ChannelSpace.values_alike``): the same value positions in every head, of lowest score summed over the heads."""
-    if parts == 1:
-        rows, before = scores.detach().float().view(heads, -1), already_pruned.view(heads, -1)
+    (``parts`` 1, coupled), or of one layer whose q, k and v lose the same positions (``alike``: its space cut in
+    ``groups`` of q, k and v, CoaT's): the ``per_head`` positions of lowest summed score in every head, from all
+    three. ``values_alike`` (``ChannelSpace.values_alike``): the same value positions in every head, of lowest score
+    summed over the heads."""
+    if parts == 1 or alike:
+        rows = scores.detach().float().view(parts, heads, -1).sum(0)
+        before = already_pruned.view(parts, heads, -1).any(0)
         pruned = torch.stack([select_channels(rows[h], per_head, before[h]) for h in range(heads)])
-        return pruned.flatten().to(already_pruned.device)
+        return pruned.flatten().repeat(parts).to(already_pruned.device)
     q, k, v = scores.detach().float().view(3, heads, -1)
     before_q, before_k, before_v = already_pruned.view(3, heads, -1)
     pruned_qk = torch.stack([select_channels(q[h] + k[h], per_head, before_q[h] | before_k[h]) for h in range(heads)])
@@ -162,7 +166,9 @@ class Criterion:
             return select_whole_heads(self.scores(space), space.heads, channels_to_prune(space.heads, amount), already)
         if space.head_rows:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
-            return select_per_head(self.scores(space), space.heads, per_head, already, space.parts, space.values_alike)
+            alike = space.parts > 1 and space.groups == space.parts  # q, k and v cut at the same positions
+            scores = self.scores(space)
+            return select_per_head(scores, space.heads, per_head, already, space.parts, space.values_alike, alike)
         if space.block > 1:  # normalised by a GroupNorm: its whole groups only
             count = channels_to_prune(space.width // space.block, amount)
             return select_blocks(self.scores(space), space.block, count, already)

@@ -21,6 +21,8 @@
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream
   (EVA's with a rope in whole heads, the stream losing a head's width per head);
+- ``timm_coat``: CoaT's factorised attention, kept whole, its heads tied to the stream and cut at the same positions
+  in q, k and v with its convolutional relative position encoding's depthwise convs (``channel_splits`` set);
 - ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a
   softmax over a head's channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
 - ``timm_hieradet``: SAM2's Hiera: a position embedding built from two parameters (each a source of the stream),

@@ -27,7 +27,7 @@ def producer(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     multiplied = multiplier(tracer, node, module, value) if channel_multiplier(module) > 1 else None
     if multiplied is not None:
         return multiplied
-    if isinstance(module, nn.Linear) and along_positions(value):
+    if along_positions(module, value):
         return mixing_positions(tracer, node, module, value)
     name = str(node.target)
     layer = PrunableLayer(name, module)
@@ -43,19 +43,30 @@ def producer(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Valu
     return Value(((index, 0),), tracer.width(layer), ndim=output_ndim(module))
 
 
-def along_positions(value: Value | None) -> bool:
-    """Whether a linear layer reads ``value`` along a dim of positions: its channels at another dim, known."""
-    if value is None or value.flattened or value.probe is not None or value.channels_last or value.ndim is None:
+def along_positions(module: nn.Module, value: Value | None) -> bool:
+    """Whether a linear layer reads ``value`` along a dim of positions (its channels at another dim, known), or a
+    conv of kernel 1 reads channels-last tokens (B, tokens, C) with their tokens as its input channels and their
+    channels as its length (CoaT's ``aggregate`` of its scales' class tokens, stacked)."""
+    if value is None or value.flattened or value.probe is not None or value.ndim is None:
         return False
-    return value.ndim >= 3 and value.channels_at(1)
+    if isinstance(module, nn.Linear):
+        return not value.channels_last and value.ndim >= 3 and value.channels_at(1)
+    kernel_one = isinstance(module, nn.Conv1d) and module.kernel_size == (1,) and module.stride == (1,)
+    return kernel_one and module.padding in ((0,), "valid") and value.channels_last and value.ndim == 3
 
 
-def mixing_positions(tracer: Tracer, node: torch.fx.Node, module: nn.Linear, value: Value) -> Value:
+def mixing_positions(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value) -> Value:
     """A linear layer over the positions of each channel on its own (gMLP's spatial gating ``proj`` over the tokens of
-    ``v.transpose(-1, -2)``, MLP-Mixer's token MLP): channel c of its output is computed from channel c alone, so it
-    carries its input's spaces where they are; its bias turns a masked channel's 0 into the bias. Its own outputs
-    are positions, not a channel space: it is not cut."""
+    ``v.transpose(-1, -2)``, MLP-Mixer's token MLP), or a conv of kernel 1 along the channels: channel c of its output
+    is computed from channel c alone, so it carries its input's spaces where they are; its bias turns a masked
+    channel's 0 into the bias. Its own outputs are positions, not a channel space: it is not cut. The conv over
+    stacked tokens (CoaT's ``aggregate``, read by the classifier) is masked again at its output instead, a point of
+    the one space it reads that holds no entry of it (``ChannelPoint.entries``)."""
     revived = value.revived_by or (f"{node.target}'s bias" if module.bias is not None else None)
+    if isinstance(module, nn.Conv1d) and revived and value.revived_by is None and one_whole_space(value):
+        point = ChannelPoint(str(node.target), module, 0, (value.width,), entries=False)
+        tracer.space(value.segments[0][0]).points.append(point)
+        return value
     return replace(value, revived_by=revived)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from pruneflow.graph import calls
 from pruneflow.graph.handlers import slices
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.registry import (
@@ -241,6 +242,37 @@ def item(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
     return value if every else slices.sliced(tracer, node, value, channels)
 
 
+def stacked(tracer: Tracer, node: torch.fx.Node, value: Any) -> Any:
+    """``torch.stack(tensors, dim)`` of channels-last tensors that all carry the same spaces at the same channels,
+    along a new dim before the channels (CoaT's class tokens of its scales, ``stack([x[:, 0] ...], dim=1)``): each
+    slice keeps channel c at c, so the channels stay last."""
+    tensors, dim = node.args[0], argument(node, 1, "dim", 0)
+    values = [tracer.values.get(t) if isinstance(t, torch.fx.Node) else None for t in tensors]
+    first = values[0] if values else None
+    named = calls.signature(tracer, values)  # each space by its union's root: residuals joined them since
+    alike = isinstance(first, Value) and all(v == named[0] for v in named) and first.channels_last
+    alike = alike and first.ndim is not None
+    if not alike or first.layout is not None or first.flattened or not isinstance(dim, int):
+        return UNKNOWN
+    if not -first.ndim - 1 < dim < first.ndim and dim != -1:  # the new dim before the channels
+        return UNKNOWN
+    return replace(first, ndim=first.ndim + 1)
+
+
+def squeezed(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
+    """``x.squeeze(d)`` of channels-last ``x`` at a dim before the channels: they stay last. Its rank is known where
+    that dim has size 1, which a kernel-1 conv of one output channel writes (CoaT's ``aggregate``); else unknown."""
+    dim = argument(node, 1, "dim", None)
+    if value is None or not value.channels_last or value.ndim is None or value.layout is not None:
+        return UNKNOWN
+    if not isinstance(dim, int) or dim % value.ndim == value.ndim - 1 or value.flattened:
+        return UNKNOWN
+    writer = node.args[0]
+    module = tracer.modules.get(str(writer.target)) if writer.op == "call_module" else None
+    one = isinstance(module, nn.Conv1d) and module.out_channels == 1 and dim % value.ndim == 1
+    return replace(value, ndim=value.ndim - 1 if one else None)
+
+
 def shape_arithmetic(tracer: Tracer, node: torch.fx.Node) -> bool:
     """Evaluate integer arithmetic on recorded shapes (``C // groups``); True if ``node`` was such a step."""
     if node.op != "call_function" or node.target not in SHAPE_ARITHMETIC:
@@ -282,6 +314,8 @@ register_function_handler(torch.roll, rolled)
 register_method_handler("roll", rolled)
 register_method_handler("permute", permute_method)
 register_method_handler("size", size)
+register_function_handler(torch.stack, stacked)
+register_method_handler("squeeze", squeezed)
 register_method_handler(("dim", "ndimension"), rank)
 register_function_handler(getattr, metadata)
 register_function_handler(operator.getitem, item)

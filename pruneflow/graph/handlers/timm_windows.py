@@ -8,7 +8,9 @@ whatever the other sizes (``window_partition``'s ``x.view(B, H // ws, ws, W // w
 C)``, a block's ``x.reshape(B, -1, C)``). Read from a shape, the width follows a cut; where it is another tensor's
 (the attention's output viewed by its input's ``C``), the two must end up one space (the residual joins them),
 which ``widths`` checks after the walk. ``-1`` last does the same where every other size is one of the sizes but the
-channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``). A number written in the
+channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``), or where the other sizes
+are numbers and a conv or linear layer built for the width reads the result's last dim (CoaT's tokens back to a map
+before its next patch embedding). A number written in the
 model instead would not follow a cut: such a reshape goes to the probe (``reorderings``) as before. timm's
 ``window_reverse``, NesT's ``deblockify`` and SAM's ``window_unpartition`` (each recorded as one op) read ``C`` from
 their input and keep it last.
@@ -61,7 +63,7 @@ from pruneflow.graph.registry import (
     register_module_handler,
 )
 from pruneflow.graph.values import Value
-from pruneflow.graph.widths import channel_dim
+from pruneflow.graph.widths import channel_dim, width_of
 
 if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
@@ -119,9 +121,43 @@ def windows_view(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> An
     if not channels_last(value) or len(sizes) < 2:
         return tokens.spatial_reshape(tracer, node, value)
     width = read_width(tracer, sizes[-1], value.width)
-    if not width and not (sizes[-1] == -1 and every_position(tracer, value, sizes[:-1])):
+    rest = sizes[-1] == -1 and (every_position(tracer, value, sizes[:-1]) or pinned_rest(tracer, node, value, sizes))
+    if not width and not rest:
         return tokens.spatial_reshape(tracer, node, value)
     return replace(value, ndim=len(sizes), channels_last=len(sizes) > 2)
+
+
+def pinned_rest(tracer: Tracer, node: torch.fx.Node, value: Value, sizes: Sequence[Any]) -> bool:
+    """Whether ``-1`` last is the width because a layer reading it as its channels is built for that width (CoaT's
+    ``x[:, 1:].reshape(B, H, W, -1).permute(0, 3, 1, 2)`` before its next stage's patch embedding), the other sizes
+    numbers or sizes read from no channel dim: they stay as the cut leaves them, so ``-1`` follows the width."""
+    if any(isinstance(size, torch.fx.Node) and width_of(tracer, size) for size in sizes[:-1]):
+        return False
+    if not all(isinstance(size, (int, torch.fx.Node)) for size in sizes[:-1]):
+        return False
+    readers, reached = [(node, len(sizes) - 1)], []
+    while readers:
+        tensor, at = readers.pop()
+        for user in tensor.users:
+            dims = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+            if user.op == "call_method" and user.target == "permute" and all(isinstance(d, int) for d in dims):
+                readers.append((user, [d % len(sizes) for d in dims].index(at)))
+            elif user.op == "call_method" and user.target == "contiguous":
+                readers.append((user, at))
+            elif user.op == "call_module":
+                reached.append(read_width_at(tracer.modules[str(user.target)], at, len(sizes)))
+            elif not (user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",)):
+                reached.append(None)
+    return value.width in reached or not reached
+
+
+def read_width_at(module: nn.Module, at: int, ndim: int) -> int | None:
+    """The width a conv (channels at dim 1) or a linear layer (channels last) reads at dim ``at``; None elsewhere."""
+    if isinstance(module, nn.Linear) and at == ndim - 1:
+        return module.in_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and at == 1:
+        return module.in_channels
+    return None
 
 
 def window_reverse(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
