@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_channel_graph import check_masked_and_cut
 from test_timm_vit_likes import assert_cut_equals_masked, space_of
 from test_window_attention import masked_and_cut
 from torch import nn
@@ -66,6 +67,23 @@ def test_cascaded_group_attention_cut_is_smaller_per_head() -> None:
     assert (cut.val_dim, cut.key_dim) == (8, 2)
     assert [qkv.conv.weight.shape[:2] for qkv in cut.qkvs] == [torch.Size([12, 8])] * 3
     assert cut.proj[1].conv.weight.shape[:2] == torch.Size([24, 24])
+
+
+@pytest.mark.parametrize("tiny", [tiny_efficientvit_msra, tiny_shvit])
+def test_masked_channels_reach_every_reader_as_zero_with_zero_gradient(tiny: object) -> None:
+    """Under ``activation`` masks each reader of the stream (every head's ``qkv``, ``proj`` through its value
+    columns) receives exactly 0 on the pruned channels, the pruned rows get no gradient, and the cut computes the
+    masked network, in training mode as the callback traces it."""
+    check_masked_and_cut(tiny(), (3, 64, 64), "activation")
+
+
+def test_cascaded_group_attention_with_a_reviving_activation_is_refused_in_one_line() -> None:
+    """A ``proj`` activation that turns a pruned value's 0 into another value refuses the stream in one line."""
+    model = tiny_efficientvit_msra()
+    model.stages[1].blocks[0].mixer.m.attn.proj[0] = nn.Sigmoid()
+    refusals = space_of(trace_channel_graph(model), "stages.1.blocks.0.dw0.m.conv").refusals
+    assert refusals == ["attention stages.1.blocks.0.mixer.m (LocalWindowAttention) activates its heads' output with "
+                        "Sigmoid, which turns a 0 into another value"], refusals  # fmt: skip
 
 
 def test_single_head_attention_cuts_its_part_of_the_stream_and_the_rest() -> None:
