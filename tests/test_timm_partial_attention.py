@@ -12,6 +12,7 @@ from test_timm_vit_likes import assert_cut_equals_masked, space_of
 from test_window_attention import masked_and_cut
 from torch import nn
 
+from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import trace_channel_graph
 
@@ -42,6 +43,20 @@ def cut_of(model: nn.Module, size: int) -> nn.Module:
     torch.manual_seed(0)
     model = randomize_norms(model).eval()
     return masked_and_cut(model, torch.randn(2, 3, size, size))[1].model
+
+
+@pytest.mark.parametrize("tiny", [tiny_efficientvit_msra, tiny_shvit])
+def test_a_fresh_network_given_the_cut_sizes_computes_the_cut_one(tiny: object) -> None:
+    """The cut's sizes hold every attribute it set on an attention, its split's sizes (``val_dim``, ``pdim``) beside
+    the widths it reshapes by (``key_dim``): a fresh network given them (an export, a checkpoint written after the
+    cut) loads the cut weights and computes the cut network."""
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    compaction = masked_and_cut(randomize_norms(tiny()).eval(), images)[1]
+    fresh = apply_sizes(tiny(), compaction.sizes)
+    fresh.load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(images), compaction.model(images))
 
 
 def test_cascaded_group_attention_cuts_its_stream_in_equal_chunks_and_its_keys() -> None:
