@@ -160,27 +160,3 @@ def test_conv_attention_fused_into_a_transposed_conv_is_refused_in_one_line() ->
     assert space_of(graph, "stem.0").refusals == [
         "attention attention (ConvAttention) writes its output with a transposed conv (fuse_out_proj=True), whose "
         "output channels lie along its weight's dim 1, which the cut does not take"]  # fmt: skip
-
-
-def test_efficientvit_msra_cascaded_attention_is_refused_in_one_line() -> None:
-    """EfficientViT-MSRA's cascaded group attention ties the stream to its heads: the stream it reads is refused in
-    one line per attention naming it (its depthwise convs and residuals add none), the FFNs' hidden widths stay
-    prunable."""
-    graph = trace_channel_graph(timm.create_model("efficientvit_m0", num_classes=10))
-    refusals = space_of(graph, "stages.1.blocks.0.dw0.m.conv").refusals
-    assert refusals[0] == ("attention stages.1.blocks.0.mixer.m (LocalWindowAttention) splits its input into equal "
-                           "chunks, one per head, and adds each head's values into the next head's chunk")  # fmt: skip
-    assert all("(LocalWindowAttention) splits its input" in reason for reason in refusals), refusals
-    assert space_of(graph, "stages.1.blocks.0.ffn0.m.pw1.conv").prunable
-
-
-def test_shvit_single_head_attention_is_refused_in_one_line() -> None:
-    """SHViT's ``SHSA`` ties its split's first part to its values' width: the stream it reads is refused in one line
-    per attention naming it (no longer through a matmul and a concatenation of unknown channels)."""
-    graph = trace_channel_graph(timm.create_model("shvit_s1", num_classes=10))
-    refusals = space_of(graph, "stages.1.blocks.1.conv.m.c").refusals
-    assert refusals[0] == (
-        "single-head attention stages.1.blocks.0.mixer.m (SHSA) splits its input at pdim=48 and "
-        "reshapes its values by that width, which ties the split's first part to its values"
-    )
-    assert all("(SHSA) splits its input" in reason for reason in refusals), refusals

@@ -664,7 +664,7 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     _set_held_widths(model, groups, sizes)
     for owner, attributes in splits.items():
         set_attributes(model.get_submodule(owner), attributes)
-        sizes[owner] = attributes
+        sizes.setdefault(owner, {}).update(attributes)  # beside a width it reshapes by (``held_by``), set above
     kept = {name: (out_keep.get(name), in_keep.get(name)) for name in names}
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)

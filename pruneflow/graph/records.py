@@ -312,10 +312,7 @@ class ChannelSpace:
     def producers_as_points(self, at: tuple[int, ...] = (), per_channel: int = 1) -> list[ChannelPoint]:
         """Its producers' rows and their norms' entries as channel points of a space it joins (read at ``at``,
         ``per_channel`` entries per channel): what a space embedded or expanded into another leaves there."""
-        return [ChannelPoint(name, module, 0, layer.channel_shape, at, per_channel)
-                for layer in self.producers
-                for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm))
-                if name is not None and module is not None]  # fmt: skip
+        return [point for layer in self.producers for point in rows_as_points(layer, at=at, per_channel=per_channel)]
 
     def refuse(self, reason: str, first: bool = False) -> None:
         """Add ``reason`` once; ``first``: as the first, the cause the others follow from (an opaque leaf)."""
@@ -323,6 +320,15 @@ class ChannelSpace:
             self.refusals.remove(reason)
         if reason not in self.refusals:
             self.refusals.insert(0 if first else len(self.refusals), reason)
+
+
+def rows_as_points(layer: PrunableLayer, offset: int = 0, at: tuple[int, ...] = (), per_channel: int = 1
+                   ) -> list[ChannelPoint]:  # fmt: skip
+    """A layer's rows and its norm's entries as channel points of a space (from ``offset``, or at ``at``): a layer
+    whose rows write several spaces (an attention's q, k and v rows in one conv), or a space joining another."""
+    return [ChannelPoint(name, module, offset, layer.channel_shape, at, per_channel)
+            for name, module in ((layer.name, layer.producer), (layer.norm_name, layer.norm))
+            if name is not None and module is not None]  # fmt: skip
 
 
 @dataclass

@@ -43,8 +43,11 @@
 - ``timm_metaformer``: MetaFormer's ``Scale``, its parameter cut and the shape it views it by set by the cut;
 - ``timm_mobile_attention``: the mobile hybrids' attentions on maps, kept whole, their streams carried and read:
   EfficientViT-MIT's ``LiteMLA`` cut in whole heads, EfficientFormerV2's talking heads by positions per head,
-  LowFormer's and CPUBone's ``ConvAttention`` with their q/k/v rows refused; refused in one line where their stream
-  is tied to their heads (EfficientViT-MSRA's cascaded group attention, SHViT's single-head attention);
+  LowFormer's and CPUBone's ``ConvAttention`` with their q/k/v rows refused;
+- ``timm_partial_attention``: the attentions over parts of the stream's channels, kept whole: EfficientViT-MSRA's
+  cascaded group attention (the stream cut at the same positions in each head's chunk, each head's values with the
+  chunk they are added to, its key rows one space) and SHViT's single-head attention (its split at ``pdim`` set by
+  the cut, its values cut with the first part);
 - ``timm_mobile_blocks``: MobileViT's and TinyViT's blocks, which timm keeps from ``torch.fx``, read as their
   insides (their streams, MLP widths and MobileViT's heads prunable);
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does

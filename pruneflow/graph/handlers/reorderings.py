@@ -123,12 +123,13 @@ def halves_of(attribute: str) -> SplitResize:
     return resize
 
 
-def first_size_in(attribute: str) -> SplitResize:
+def first_size_in(attribute: str, whole: str | None = None) -> SplitResize:
     """Parts at a position held in ``attribute`` (RexNet's ``x[:, 0:in_channels]``, ``x[:, in_channels:]``): the
-    first part's size."""
+    first part's size; and the width of all parts in ``whole``, where one holds it (SHViT's ``split(x, [pdim, dim -
+    pdim])``)."""
 
     def resize(module: nn.Module, sizes: Sequence[int]) -> dict[str, int]:
-        return {attribute: sizes[0]}
+        return {attribute: sizes[0], **({whole: sum(sizes)} if whole else {})}
 
     return resize
 

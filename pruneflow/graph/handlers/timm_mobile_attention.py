@@ -18,14 +18,6 @@ each masked after its bias, then cropped. LowFormer's ``fuse_out_proj`` writes i
 output channels lie along its weight's dim 1: refused in one line, with the stream it is added into. Their q/k/v rows
 (``pwise``'s, reshaped by ``num_heads`` and ``head_dim``, each head's q, k and v side by side) are kept whole.
 
-EfficientViT-MSRA's ``LocalWindowAttention`` (cascaded group attention) splits its input into equal chunks, one per
-head, and adds each head's values into the next head's chunk: the stream's channels are tied to every head's rows
-and a cut would have to keep as many in each chunk; the stream is refused in one line naming it.
-
-SHViT's ``SHSA`` splits its input at ``pdim`` and reshapes its single head's values by that width before
-concatenating them with the rest: the split's first part and the values are tied in width, a tie no cut of channels
-follows; the stream is refused in one line naming it.
-
 Their inner rows, where cut exactly:
 
 - ``LiteMLA``: heads of ``dim`` q, k and v rows side by side (``reshape(B, -1, 3 * dim, H * W)``), aggregated per scale
@@ -202,41 +194,12 @@ def talking_heads(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value:
     return output
 
 
-def cascaded_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """EfficientViT-MSRA's ``LocalWindowAttention``, a leaf: its cascaded group attention splits its input into one
-    equal chunk per head (``chunk``: a cut must keep as many channels in each) and adds each head's value rows into
-    the next head's chunk, so the stream's channels are tied to every head's rows; refused in one line, its output
-    read as its input (as wide, refused with it)."""
-    tracer.refuse(value, f"attention {node.target} (LocalWindowAttention) splits its input into equal chunks, one per "
-                         "head, and adds each head's values into the next head's chunk")  # fmt: skip
-    return value
-
-
-def single_head_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """SHViT's ``SHSA``, a leaf: it splits its input at ``pdim`` (``dim`` and ``pdim`` fixed at construction), runs
-    one head on the first part and concatenates the head's values (as many as that part, reshaped by ``pdim``) with
-    the rest for ``proj``: the first part's width is its values' width, so a cut of either changes the other; the
-    stream and its q/k/v rows refused in one line, its output read as its input (as wide, refused with it)."""
-    name = str(node.target)
-    reason = (f"single-head attention {name} (SHSA) splits its input at pdim={module.pdim} and reshapes its values "
-              "by that width, which ties the split's first part to its values")  # fmt: skip
-    qkv = conv_layer(f"{name}.qkv", module.qkv)
-    read(tracer, qkv.name, qkv.producer, value)
-    tracer.space(tracer.new_space(qkv)).refuse(reason)
-    tracer.refuse(value, reason)
-    return value
-
-
 def register() -> None:
     from timm.models.cpubone import ConvAttention as CPUBoneAttention
     from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
     from timm.models.efficientvit_mit import LiteMLA
-    from timm.models.efficientvit_msra import LocalWindowAttention
     from timm.models.lowformer import ConvAttention as LowFormerAttention
-    from timm.models.shvit import SHSA
 
     register_module_handler(LiteMLA, linear_attention)
     register_module_handler((Attention2d, Attention2dDownsample), talking_heads)
     register_module_handler((LowFormerAttention, CPUBoneAttention), upsampled_attention)
-    register_module_handler(LocalWindowAttention, cascaded_attention)
-    register_module_handler(SHSA, single_head_attention)
