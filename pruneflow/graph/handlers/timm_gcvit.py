@@ -58,7 +58,7 @@ def global_window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Modu
     without one, Swin's tied heads with the head width the cut sets."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    if reason := unhandled_variant(module):
+    if reason := unhandled_variant(module) or tracer.reused(name):
         return refused(tracer, proj, value, f"global window attention {name} {reason}")
     query = argument(node, 1, "q_global", None)
     if not module.use_global or query is None:  # the query from its own rows: Swin's
