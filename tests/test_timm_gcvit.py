@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_channel_graph import check_masked_and_cut
+from test_timm_attention_classes import STRATEGIES
 from test_timm_vit_likes import assert_cut_equals_masked, space_of
 from test_window_attention import masked_and_cut
 from torch import Tensor, nn
@@ -48,15 +50,23 @@ def test_gcvit_streams_heads_and_mlps_are_prunable() -> None:
         assert space_of(graph, f"stages.{stage}.blocks.1.mlp.fc1").prunable
 
 
-@pytest.mark.parametrize("layer_scale", [None, 0.5])
-def test_gcvit_cut_computes_the_masked_network(layer_scale: float | None) -> None:
-    assert_cut_equals_masked(tiny_gcvit(layer_scale), 32)
+def test_gcvit_with_layer_scales_cut_computes_the_masked_network() -> None:
+    assert_cut_equals_masked(tiny_gcvit(layer_scale=0.5), 32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gcvit_masks_reach_every_reader_and_every_strategy_cuts(strategy: str) -> None:
+    """``activation``: no reader receives a masked channel (``proj`` the global attention's heads' output), pruned
+    rows get no gradient, the cut computes the masked network; every other strategy applies, trains and cuts."""
+    check_masked_and_cut(tiny_gcvit(layer_scale=0.5), (3, 32, 32), strategy)
 
 
 def test_gcvit_cut_sets_head_widths_and_a_fresh_model_given_its_sizes_loads_it() -> None:
     images = torch.randn(2, 3, 32, 32)
-    _, compaction = masked_and_cut(randomize_norms(tiny_gcvit()).eval(), images)
+    masked, compaction = masked_and_cut(randomize_norms(tiny_gcvit()).eval(), images)
     cut = compaction.model
+    with torch.no_grad():
+        assert torch.allclose(cut(images), masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item())
     for stage, heads in enumerate((2, 4)):
         for block in cut.stages[stage].blocks:
             width = block.norm1.normalized_shape[0]
