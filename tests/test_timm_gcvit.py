@@ -79,14 +79,16 @@ def test_gcvit_cut_sets_head_widths_and_a_fresh_model_given_its_sizes_loads_it()
 
 
 class ForeignQuery(nn.Module):
-    """A global-query attention given a query of other channels than its input (a Linear of its own)."""
+    """A global-query attention given a query that is not its input's channels as they are: a Linear's of its own
+    (``"foreign"``), or its input's after a sigmoid, which turns a masked channel's 0 into 0.5 (``"revived"``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, query: str) -> None:
         from timm.models.gcvit import WindowAttentionGlobal
 
         super().__init__()
-        self.embed, self.query = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 16)
-        self.attn, self.head = WindowAttentionGlobal(16, num_heads=2, window_size=4), nn.Linear(16, 10)
+        self.embed, self.head = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 10)
+        self.query = nn.Linear(16, 16) if query == "foreign" else nn.Sigmoid()
+        self.attn = WindowAttentionGlobal(16, num_heads=2, window_size=4)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.embed(x).flatten(2).transpose(1, 2)  # 16 tokens: one window
@@ -95,8 +97,10 @@ class ForeignQuery(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_a_global_query_of_other_channels_is_refused_in_one_line() -> None:
-    graph = trace_channel_graph(ForeignQuery())
-    stream, query = space_of(graph, "embed"), space_of(graph, "query")
+@pytest.mark.parametrize("query", ["foreign", "revived"])
+def test_a_global_query_other_than_the_input_is_refused_in_one_line(query: str) -> None:
+    graph = trace_channel_graph(ForeignQuery(query))
     reason = "global window attention attn reads a global query whose channels are not its input's"
-    assert reason in stream.refusals and reason in query.refusals
+    assert all(reason in space_of(graph, name).refusals for name in ("embed", "attn.proj"))
+    if query == "foreign":
+        assert reason in space_of(graph, "query").refusals

@@ -67,15 +67,23 @@ def global_window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Modu
         tracer.spaces[inner].head_width_of = name
         return output
     query_value = tracer.values.get(query) if isinstance(query, torch.fx.Node) else None
-    stream = stream_of(tracer, value, query_value, module.qkv.in_features)
+    return global_query_attention(tracer, name, module, value, query_value)
+
+
+def global_query_attention(
+    tracer: Tracer, name: str, module: nn.Module, value: Value | None, query: Value | None
+) -> Value:
+    """The attention at ``name`` with the global ``query``: ``qkv``'s key and value rows two channel points of the
+    stream ``value`` and ``query`` both carry, ``proj`` a reader of it, the stream cut alike in each head's block."""
+    proj, width = PrunableLayer(f"{name}.proj", module.proj), module.qkv.in_features
+    stream = stream_of(tracer, value, query, width)
     if stream is None:
-        tracer.refuse(query_value, f"global window attention {name} reads a global query whose channels are not "
-                                   "its input's")  # fmt: skip
-        return refused(tracer, proj, value, f"global window attention {name} reads a global query whose channels "
-                                            "are not its input's")  # fmt: skip
+        reason = f"global window attention {name} reads a global query whose channels are not its input's"
+        tracer.refuse(query, reason)
+        return refused(tracer, proj, value, reason)
     read(tracer, f"{name}.qkv", module.qkv, value)
     read(tracer, proj.name, module.proj, value)  # the heads' output: the stream's channels, in order
-    space, width = tracer.space(stream), module.qkv.in_features
+    space = tracer.space(stream)
     for offset in (0, width):  # key rows, then value rows
         space.points.append(ChannelPoint(f"{name}.qkv", module.qkv, offset, (2 * width,)))
     space.groups = tracer.joined_groups(space, module.num_heads, f"global window attention {name}'s heads")
@@ -84,10 +92,11 @@ def global_window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Modu
 
 
 def stream_of(tracer: Tracer, value: Value | None, query: Value | None, width: int) -> int | None:
-    """The space both the windows ``value`` and the global ``query`` carry, whole, channels last, ``width`` wide;
-    None where they carry anything else."""
+    """The space both the windows ``value`` and the global ``query`` carry, whole, channels last, ``width`` wide, a
+    masked channel still 0 (a key row meets the query's channel of its index); None where they carry anything else."""
     tensors = (value, query)
-    if not all(one_whole_space(t) and channels_last(t) and t.width == width for t in tensors):
+    usable = [one_whole_space(t) and channels_last(t) and t.width == width and t.revived_by is None for t in tensors]
+    if not all(usable):
         return None
     roots = {tracer.union_find.root(t.segments[0][0]) for t in tensors}  # type: ignore[union-attr]
     return roots.pop() if len(roots) == 1 else None
