@@ -8,6 +8,7 @@ computes what the masked model computes, and the exported program loads with tor
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -201,11 +202,12 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
                                      torch.zeros(space.width, dtype=torch.bool), space.parts)  # fmt: skip
             masks.update((name, pruned) for name in space.names)
             continue
-        if space.multiple > 1:  # read by attentions: half of each head's share
-            pruned = torch.zeros(space.width, dtype=torch.bool)
-            count = space.multiple * channels_to_prune(space.width // space.multiple, 0.5)
-            pruned[torch.randperm(space.width, generator=generator)[:count]] = True
-            masks.update((name, pruned) for name in space.names)
+        if space.multiple > 1:  # read by attentions: half of each head's share, the same positions in every group
+            unit, block = math.lcm(space.multiple, space.groups), space.width // space.groups
+            count = unit * channels_to_prune(space.width // unit, 0.5) // space.groups  # in each group
+            mask = torch.zeros(block, dtype=torch.bool)
+            mask[torch.randperm(block, generator=generator)[:count]] = True
+            masks.update((name, mask.repeat(space.groups)) for name in space.names)
             continue
         block = space.width // space.groups
         mask = torch.zeros(block, dtype=torch.bool)

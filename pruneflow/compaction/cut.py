@@ -820,11 +820,12 @@ def _set_block_heads(model: nn.Module, group: ChannelGroup, sizes: dict[str, dic
 
 
 def _set_held_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, int]]) -> None:
-    """Set each attribute holding a cut space's width as a number (``ChannelSpace.held_by``) to the kept width."""
+    """Set each attribute holding a cut space's width as a number (``ChannelSpace.held_by``) to the kept width, or
+    to its share per block where it holds one block's (a head's) width."""
     for group in groups:
-        for owner, attribute in group.space.held_by if len(group.removed) else ():
-            sizes.setdefault(owner, {})[attribute] = len(group.kept)
-            set_attributes(model.get_submodule(owner), {attribute: len(group.kept)})
+        for owner, attribute, *blocks in group.space.held_by if len(group.removed) else ():
+            sizes.setdefault(owner, {})[attribute] = len(group.kept) // (blocks[0] if blocks else 1)
+            set_attributes(model.get_submodule(owner), {attribute: sizes[owner][attribute]})
 
 
 def _cut_scales(

@@ -234,8 +234,9 @@ class ChannelSpace:
     scales: list[ChannelScale] = field(default_factory=list)  # per-channel parameters multiplied into it
     sources: list[ChannelSource] = field(default_factory=list)  # parameters added into it or concatenated with it
     # (module, attribute) holding its width as a number the forward reshapes by (torchvision's ViT ``hidden_dim``):
-    # the cut sets each to the kept width
-    held_by: list[tuple[str, str]] = field(default_factory=list)
+    # the cut sets each to the kept width; (module, attribute, n) to the kept width / n (a head width of n heads
+    # the space is cut in whole blocks of: GCViT's global query)
+    held_by: list[tuple[str, str] | tuple[str, str, int]] = field(default_factory=list)
     # Written or read by a grouped conv: cut at the same positions in each of ``groups`` equal blocks, so
     # every group keeps its width and a reader's columns are the same for all its groups.
     groups: int = 1

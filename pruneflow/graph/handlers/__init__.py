@@ -62,6 +62,8 @@
   layer k times their width (k copies side by side: a patch's pixels read by its block's ``proj``);
 - ``timm_windows``: window partitions, channels last (reshapes by a width read from a shape, ``window_reverse``,
   patch merging's 2 × 2 neighbours side by side) and timm's Swin window attentions, their heads tied to the stream.
+- ``timm_gcvit``: GCViT's window attention, kept whole: Swin's tied heads, or, with the stage's global query (the
+  stream itself), its key and value rows channel points of the stream, cut alike in each head's block.
 """
 
 # ``tokens`` after ``joins`` and ``shapes``: its rules for cat, add, [] and mean replace theirs (and call them)
