@@ -56,8 +56,9 @@ from torch.nn.utils.stateless import _reparametrize_module
 from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads, whole_heads_tied
 from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.handlers.timm_attention import unreadable_parts
+from pruneflow.graph.handlers.timm_rope import read_rope, rope_frequencies
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer
+from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer, RopeFrequencies
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
 from pruneflow.graph.values import Value
 
@@ -70,12 +71,13 @@ if TYPE_CHECKING:
 WHOLE_HEADS: set[type[nn.Module]] = set()
 
 
-def positions_held(node: torch.fx.Node, module: nn.Module) -> str | None:
-    """What holds a head's positions together (None: nothing): a cut of whole heads keeps them."""
-    if argument(node, 1, "rope", None) is not None:
-        return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
+def positions_held(node: torch.fx.Node, module: nn.Module, rope: RopeFrequencies | None = None) -> str | None:
+    """What holds a head's positions together (None: nothing): a cut of whole heads keeps them. A rope whose table
+    is read (``rope``) holds only its frequencies' positions together, which the cut takes whole."""
     if not all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm")):
         return "normalises q and k over a head's positions (qk_norm=True)"
+    if argument(node, 1, "rope", None) is not None and rope is None:
+        return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
     return None
 
 
@@ -90,7 +92,7 @@ def unhandled_variant(node: torch.fx.Node, module: nn.Module) -> str | None:
     if not module.qkv.in_features == module.proj.in_features == module.qkv.out_features // 3:
         return "has heads whose width is not its input's"
     if type(module) not in WHOLE_HEADS:
-        return positions_held(node, module)
+        return positions_held(node, module)  # BEiT's, CaiT's, ViT-RelPos': no rope table is read there
     return None
 
 
@@ -105,10 +107,13 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     biased = getattr(module, "q_bias", None) is not None
     unit = {"unit_name": name, "unit": module} if biased else {}
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **unit)
-    if positions_held(node, module):  # whole heads keep the head width, so the logits' scale, fused or not
+    rope = rope_frequencies(tracer, node, module) if type(module) in WHOLE_HEADS else None
+    if positions_held(node, module, rope):  # whole heads keep the head width, so the logits' scale, fused or not
         inner, output = whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)
     else:
         inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
+        if rope is not None:  # its q/k positions by whole frequencies of the table
+            read_rope(tracer, inner, rope)
         if hasattr(module, "fused_attn"):
             tracer.spaces[inner].unfused_by_cut = name
         if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it

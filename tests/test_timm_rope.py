@@ -1,0 +1,59 @@
+"""EVA's attention under a rotary position embedding (DINOv3's, EVA-02's rope): its q/k positions cut by whole
+frequencies of the rope's table, the same in every head and block, the table cut with them (``timm_rope``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_vit_likes import assert_cut_equals_masked, space_of
+from test_window_attention import masked_and_cut
+from torch import nn
+
+from pruneflow.compaction.cut import apply_sizes
+from pruneflow.compaction.verify import randomize_norms
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_dinov3() -> nn.Module:
+    torch.manual_seed(0)  # DINOv3's rope ("rotate half", 4 periods for heads of 16), q and v biases, 5 prefix tokens
+    return timm.create_model("vit_tiny_patch16_dinov3_qkvb", img_size=32, patch_size=8, depth=2, embed_dim=48,
+                             num_heads=3, num_classes=10)  # fmt: skip
+
+
+def tiny_eva02() -> nn.Module:
+    torch.manual_seed(0)  # EVA-02's rope: interleaved pairs, 4 bands, its table cached for a fixed grid
+    return timm.create_model("eva02_tiny_patch14_224", img_size=32, patch_size=8, depth=2, embed_dim=48,
+                             num_heads=3, ref_feat_shape=(4, 4), num_classes=10)  # fmt: skip
+
+
+def assert_cut_by_frequencies(build: type[nn.Module] | object, table: str) -> None:
+    """``build()``'s q/k positions are cut by whole frequencies shared by its blocks, its rope's table with them,
+    exactly, and a fresh model given the cut's sizes computes the cut network."""
+    graph = trace_channel_graph(build())
+    stream, heads = space_of(graph, "patch_embed.proj"), space_of(graph, "blocks.0.attn.qkv")
+    assert heads.prunable and not heads.whole_heads and heads.tied_to is stream, heads.refusals
+    assert heads.rope is space_of(graph, "blocks.1.attn.qkv").rope and heads.rope.owner == "rope"
+    assert stream.multiple == 12  # 3 heads, 4 positions (a pair on each axis) per frequency
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    _, compaction = masked_and_cut(randomize_norms(build()).eval(), images)
+    cut = compaction.model
+    assert getattr(cut.rope, table).numel() == 2 and cut.rope.dim == 8  # half of 4 frequencies, heads of 8
+    assert cut.blocks[1].attn.qkv.out_features == 72 and cut.blocks[1].attn.num_heads == 3
+    rebuilt = apply_sizes(build(), compaction.sizes).eval()
+    rebuilt.load_state_dict(cut.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(images), cut(images), rtol=1e-5, atol=1e-6 * cut(images).abs().max().item())
+    assert_cut_equals_masked(build(), 32)
+
+
+def test_dinov3_rope_is_cut_by_whole_frequencies_with_its_periods() -> None:
+    assert_cut_by_frequencies(tiny_dinov3, "periods")
+
+
+def test_eva02_rope_is_cut_by_whole_frequencies_with_its_cached_table() -> None:
+    assert_cut_by_frequencies(tiny_eva02, "bands")
+    cut = masked_and_cut(randomize_norms(tiny_eva02()).eval(), torch.randn(1, 3, 32, 32))[1].model
+    assert cut.rope.pos_embed.shape == (16, 16)  # 16 patches, sin and cos of 8 positions
