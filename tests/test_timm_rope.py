@@ -30,22 +30,31 @@ def tiny_eva02() -> nn.Module:
 
 def assert_cut_by_frequencies(build: type[nn.Module] | object, table: str) -> None:
     """``build()``'s q/k positions are cut by whole frequencies shared by its blocks, its rope's table with them,
-    exactly, and a fresh model given the cut's sizes computes the cut network."""
+    exactly, on its fused attention path and its unfused one, and a fresh model given the cut's sizes computes the
+    cut network."""
     graph = trace_channel_graph(build())
     stream, heads = space_of(graph, "patch_embed.proj"), space_of(graph, "blocks.0.attn.qkv")
     assert heads.prunable and not heads.whole_heads and heads.tied_to is stream, heads.refusals
     assert heads.rope is space_of(graph, "blocks.1.attn.qkv").rope and heads.rope.owner == "rope"
     assert stream.multiple == 12  # 3 heads, 4 positions (a pair on each axis) per frequency
     torch.manual_seed(0)
+    model = build()
+    for parameter in model.parameters():  # logits large enough that a wrong scale would show
+        nn.init.normal_(parameter, std=0.2)
     images = torch.randn(2, 3, 32, 32)
-    _, compaction = masked_and_cut(randomize_norms(build()).eval(), images)
+    masked, compaction = masked_and_cut(randomize_norms(model).eval(), images)
     cut = compaction.model
     assert getattr(cut.rope, table).numel() == 2 and cut.rope.dim == 8  # half of 4 frequencies, heads of 8
     assert cut.blocks[1].attn.qkv.out_features == 72 and cut.blocks[1].attn.num_heads == 3
+    for fused in (True, False):  # its full width's scale folded into its q rows: either path computes the masked
+        for block in cut.blocks:
+            block.attn.fused_attn = fused
+        with torch.no_grad():
+            assert torch.allclose(cut(images), masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item())
     rebuilt = apply_sizes(build(), compaction.sizes).eval()
     rebuilt.load_state_dict(cut.state_dict())
     with torch.no_grad():
-        assert torch.allclose(rebuilt(images), cut(images), rtol=1e-5, atol=1e-6 * cut(images).abs().max().item())
+        assert torch.allclose(rebuilt(images), masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item())
     assert_cut_equals_masked(build(), 32)
 
 

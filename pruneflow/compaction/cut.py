@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
-from pruneflow.compaction.rope import cut_rope_table, kept_frequencies
+from pruneflow.compaction.rope import cut_rope_table, fold_scales, kept_frequencies
 from pruneflow.errors import ConfigError
 from pruneflow.graph import (
     ChannelSpace,
@@ -353,9 +353,10 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
-# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``).
+# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``); an attention's ``scale`` whose
+# full width the cut folded into its q rows (``compaction.rope.fold_scales``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim", "val_attn_dim"}  # fmt: skip
+                   "out_dim", "val_attn_dim", "scale"}  # fmt: skip
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -674,6 +675,9 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
     _set_head_widths(model, groups, sizes)  # after the scales: an attention's key bias follows its cut query bias
     _cut_rope_tables(model, groups, sizes)
+    for owner, attributes in fold_scales(model, groups).items():  # after the scales: the cut q_bias
+        sizes.setdefault(owner, {}).update(attributes)
+        set_attributes(model.get_submodule(owner), attributes)  # its zero k_bias follows the cut q_bias
     return Compaction(model, list(groups), sizes, kept, zeros, kept_along)
 
 

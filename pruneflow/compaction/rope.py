@@ -5,12 +5,17 @@ The rope's frequencies lose the cut ones and every sin/cos table it caches loses
 cos, each laid out position by position as the attention's heads are), so the table it builds or returns is the one
 it would build from the kept frequencies; its ``dim`` is the cut head width. The kept frequencies are recorded in
 ``Compaction.sizes`` (``{"frequencies": (...)}``): ``cut_rope_table`` on a fresh model's rope gives the same table.
+
+The attentions reading it keep their fused path (``scaled_dot_product_attention``, which divides the logits by
+√(head width) read from q's shape): the cut folds the full width's scale into their q rows (``fold_scales``) instead
+of turning that path off, so the cut network runs the attention as the original does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -65,3 +70,24 @@ def cut_rope_table(rope: nn.Module, frequencies: Sequence[int]) -> None:
             columns = torch.cat([positions, positions + 4 * count]).to(table.device)
             setattr(rope, cache, table.index_select(-1, columns).clone())
     rope.dim = 4 * len(index)
+
+
+def fold_scales(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, dict[str, Any]]:
+    """Fold each cut attention's logits' scale into its q rows (``ChannelSpace.scaled_by_cut``): its fused path
+    divides q·k by √(cut head width), its unfused one multiplies by its ``scale``; q rows (and ``q_bias``) times
+    √(cut / full width), and ``scale`` over that factor, make both the masked network's q·k / √(full width). The
+    attributes to set on each attention (its ``scale``), by name."""
+    scales: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        owner = group.space.scaled_by_cut
+        if owner is None or not len(group.removed):
+            continue
+        attention, heads = model.get_submodule(owner), group.space.heads
+        width = len(group.kept) // (3 * heads)
+        factor = math.sqrt(width / (group.width // (3 * heads)))
+        with torch.no_grad():
+            attention.qkv.weight[: heads * width] *= factor  # q rows first, then k, then v
+            if getattr(attention, "q_bias", None) is not None:
+                attention.q_bias *= factor
+        scales[owner] = {"scale": attention.scale / factor}
+    return scales

@@ -293,6 +293,10 @@ class ChannelSpace:
     # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
     # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).
     unfused_by_cut: str | None = None
+    # The attention (EVA's under a rope) whose logits' scale the cut folds into its q rows instead: its fused path
+    # divides by √(cut head width), so its q rows (and ``q_bias``) are multiplied by √(cut / full width) and its
+    # ``scale`` set to the cut width's, and both paths compute the masked network's logits (``compaction.rope``)
+    scaled_by_cut: str | None = None
     # The rotary position embedding rotating its q and k positions (``RopeFrequencies``): they are cut by whole
     # frequencies, the same in every head and in every attention reading the table
     rope: RopeFrequencies | None = field(default=None, repr=False, compare=False)

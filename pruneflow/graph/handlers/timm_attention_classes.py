@@ -112,9 +112,10 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
         inner, output = whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)
     else:
         inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-        if rope is not None:  # its q/k positions by whole frequencies of the table
+        if rope is not None:  # its q/k positions by whole frequencies of the table; its fused path kept
             read_rope(tracer, inner, rope)
-        if hasattr(module, "fused_attn"):
+            tracer.spaces[inner].scaled_by_cut = name
+        elif hasattr(module, "fused_attn"):
             tracer.spaces[inner].unfused_by_cut = name
         if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
             tracer.spaces[inner].head_width_of = name
