@@ -20,7 +20,9 @@
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream
-  (EVA's with a rope in whole heads, the stream losing a head's width per head);
+  (EVA's with a rope whose table is not read, or a q/k norm, in whole heads, the stream losing a head's width per head);
+- ``timm_rope``: timm's rotary position embeddings read by EVA's attention: its q/k positions cut by whole frequencies
+  of the rope's table, shared by every block, the table cut with them;
 - ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a
   softmax over a head's channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
 - ``timm_hieradet``: SAM2's Hiera: a position embedding built from two parameters (each a source of the stream),

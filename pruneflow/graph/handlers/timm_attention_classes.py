@@ -30,10 +30,12 @@ channel point (``PrunableLayer.unit``), computed again with those rows' weights 
 follows them (``compaction.cut``).
 
 EVA's rotary position embedding (``rope``: DINOv3, EVA-02) rotates pairs of positions inside a head, by the same
-angles in every head, and a q/k norm normalises over a head's positions: a head's positions cannot be cut one by one,
-but whole heads can, as for timm's ``AttentionRope`` (``timm_attention``): a head whose q, k and v rows are 0 (after
-the bias) outputs 0 whatever the rope made of its q and k, the other heads keep their width (so their rope and their
-logits' scale) and the rope's frequency bands are per position of a head, shared by all heads. Since EVA reshapes its
+angles in every head: where its table is read (``timm_rope``), q/k positions are cut by whole frequencies of it, the
+same in every head and block, and the cut keeps the fused path, the scale folded into the q rows
+(``ChannelSpace.scaled_by_cut``). Where it is not, or a q/k norm normalises over a head's positions, a head's
+positions cannot be cut one by one, but whole heads can, as for timm's ``AttentionRope`` (``timm_attention``): a
+head whose q, k and v rows are 0 (after the bias) outputs 0 whatever the rope made of its q and k, the other heads
+keep their width (so their rope and their logits' scale). Since EVA reshapes its
 heads' output by its input's width, its q/k/v space is cut in whole heads **tied** to the stream, which loses one
 head's width for each head cut (``attention.whole_heads_tied``; the cut sets ``num_heads``). DaViT's channel
 attention and XCA are cut the same way (``timm_channel_attention``).
