@@ -11,7 +11,9 @@ from torch import nn
 
 from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.verify import randomize_norms
+from pruneflow.errors import ConfigError
 from pruneflow.graph import trace_channel_graph
+from pruneflow.pruning.criteria import make_criterion
 
 timm = pytest.importorskip("timm")
 
@@ -66,3 +68,19 @@ def test_eva02_rope_is_cut_by_whole_frequencies_with_its_cached_table() -> None:
     assert_cut_by_frequencies(tiny_eva02, "bands")
     cut = masked_and_cut(randomize_norms(tiny_eva02()).eval(), torch.randn(1, 3, 32, 32))[1].model
     assert cut.rope.pos_embed.shape == (16, 16)  # 16 patches, sin and cos of 8 positions
+
+
+def test_an_explicit_list_must_name_whole_frequencies_of_the_rope() -> None:
+    """Bad input is refused before training, in one line naming the rope: positions 0 and 8 are frequency 0's pair
+    on the first axis only (its pair on the second axis is 4 and 12)."""
+    graph = trace_channel_graph(tiny_dinov3())
+    stream = space_of(graph, "patch_embed.proj")
+    lists = {stream.name: list(range(0, 48, 4))}  # one position per 4: 4 of each head's 16
+    for block in (0, 1):
+        heads = space_of(graph, f"blocks.{block}.attn.qkv")
+        whole = [part * 48 + head * 16 + p for part in range(3) for head in range(3) for p in (0, 4, 8, 12)]
+        lists[heads.name] = whole
+    make_criterion("explicit", lists).check(graph.spaces)  # frequency 0 from every head: accepted
+    partial = [part * 48 + head * 16 + p for part in range(3) for head in range(3) for p in (0, 8, 1, 9)]
+    with pytest.raises(ConfigError, match="rope rope: whole frequencies"):
+        make_criterion("explicit", {**lists, "blocks.0.attn.qkv": partial}).check(graph.spaces)
