@@ -84,3 +84,20 @@ def test_an_explicit_list_must_name_whole_frequencies_of_the_rope() -> None:
     partial = [part * 48 + head * 16 + p for part in range(3) for head in range(3) for p in (0, 8, 1, 9)]
     with pytest.raises(ConfigError, match="rope rope: whole frequencies"):
         make_criterion("explicit", {**lists, "blocks.0.attn.qkv": partial}).check(graph.spaces)
+
+
+def test_a_table_also_read_by_an_attention_keeping_its_positions_stays_whole() -> None:
+    """Block 1 normalises q and k over a head's positions (whole heads only) but reads the same table: cutting the
+    table for block 0 would rotate block 1's q and k by other frequencies, so block 0's positions are refused too,
+    naming the op, with the stream they are tied to; the rest is still cut exactly."""
+
+    def build() -> nn.Module:
+        model = tiny_dinov3()
+        model.blocks[1].attn.q_norm, model.blocks[1].attn.k_norm = nn.LayerNorm(16), nn.LayerNorm(16)
+        return model
+
+    graph = trace_channel_graph(build())
+    heads = space_of(graph, "blocks.0.attn.qkv")
+    assert not heads.prunable and "rope rope's frequencies also rotate EvaAttention blocks.1.attn" in heads.refusals[-1]
+    assert not space_of(graph, "patch_embed.proj").prunable
+    assert_cut_equals_masked(build(), 32)  # the MLPs' hidden widths

@@ -26,7 +26,7 @@ from pruneflow.graph.handlers import gates, multipliers, norms, reorderings, sha
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
-from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer, RopeFrequencies
+from pruneflow.graph.records import ChannelGraph, ChannelSpace, PrunableLayer
 from pruneflow.graph.routes import RouteSlots, channel_routes, split_slots, unplaceable
 from pruneflow.graph.union import UnionFind
 from pruneflow.graph.values import UNKNOWN, Parts, Value
@@ -65,7 +65,7 @@ class Tracer:
         self.chunks: list[tuple[int, int]] = []  # (a space, the equal parts it is split into) (``handlers.gates``)
         self.multiplied: list[tuple[int, int, int, str]] = []  # (read, written, k, conv) (``multipliers``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
-        self.ropes: dict[str, tuple[RopeFrequencies, list[int]]] = {}  # rope → (its table, q/k/v spaces reading it)
+        self.ropes: dict[str, timm_rope.RopeReads] = {}  # rope module → its table, and what reads it
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
         # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}

@@ -115,7 +115,7 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     else:
         inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
         if rope is not None:  # its q/k positions by whole frequencies of the table; its fused path kept
-            read_rope(tracer, inner, rope)
+            read_rope(tracer, node, inner, rope)
             tracer.spaces[inner].scaled_by_cut = name
         elif hasattr(module, "fused_attn"):
             tracer.spaces[inner].unfused_by_cut = name

@@ -20,6 +20,7 @@ rope's learned frequencies per head and block, MRoPE's sections) is not read her
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch.fx
@@ -80,6 +81,17 @@ def frequency_at(width: int, count: int, half: bool) -> tuple[int, ...]:
     return tuple((p % (width // 2) if half else p // 2) % count for p in range(width))
 
 
+@dataclass
+class RopeReads:
+    """A rope table as the walk finds it: its frequencies, the q/k/v spaces cut by them, the nodes holding the table
+    and the attentions reading it so (``read_rope``); anything else reading those nodes keeps the table whole."""
+
+    table: RopeFrequencies
+    inners: list[int] = field(default_factory=list)
+    nodes: set[torch.fx.Node] = field(default_factory=set)
+    readers: set[str] = field(default_factory=set)
+
+
 def rope_frequencies(tracer: Tracer, node: torch.fx.Node, attention: nn.Module) -> RopeFrequencies | None:
     """The frequencies of the rope table EVA's attention call ``node`` is given (None: no table read here), one
     record per rope module, shared by every attention it reaches."""
@@ -92,38 +104,43 @@ def rope_frequencies(tracer: Tracer, node: torch.fx.Node, attention: nn.Module) 
     half = bool(getattr(attention, "rotate_half", False))
     if rope.dim != width or width != 4 * count or half != bool(rope.rotate_half):  # a 2-D grid, one layout
         return None
-    if owner not in tracer.ropes:
-        tracer.ropes[owner] = (RopeFrequencies(owner, frequency_at(width, count, half)), [])
-    return tracer.ropes[owner][0]
+    reads = tracer.ropes.setdefault(owner, RopeReads(RopeFrequencies(owner, frequency_at(width, count, half))))
+    reads.nodes.add(table)
+    return reads.table
 
 
-def read_rope(tracer: Tracer, inner: int, table: RopeFrequencies) -> None:
-    """Attention q/k/v space ``inner`` reads ``table``: settled once the walk is done (``settle_ropes``)."""
-    tracer.ropes[table.owner][1].append(inner)
+def read_rope(tracer: Tracer, node: torch.fx.Node, inner: int, table: RopeFrequencies) -> None:
+    """Attention call ``node``'s q/k/v space ``inner`` is cut by ``table``'s frequencies (``settle_ropes``)."""
+    tracer.ropes[table.owner].inners.append(inner)
+    tracer.ropes[table.owner].readers.add(node.name)
 
 
 def settle_ropes(tracer: Tracer) -> None:
     """Give each rope table the q/k/v spaces of the attentions reading it, each space its table (before the ties,
     which prune their streams in whole frequencies of every head)."""
-    for table, inners in tracer.ropes.values():
-        table.spaces = list(dict.fromkeys(tracer.space(inner) for inner in inners))
+    for reads in tracer.ropes.values():
+        table = reads.table
+        table.spaces = list(dict.fromkeys(tracer.space(inner) for inner in reads.inners))
         for space in table.spaces:
             space.rope = table
 
 
 def refuse_partly_prunable(tracer: Tracer) -> None:
     """A table is cut for every attention reading it or for none: where one of their q/k/v spaces is not prunable,
-    the others (and the streams they are tied to, and what else is tied to those) are refused, naming it."""
-    for table, _ in tracer.ropes.values():
-        held = next((space for space in table.spaces if not space.prunable), None)
-        if held is None:
+    or anything else reads the table (an attention refused or cut in whole heads, any other op), the attentions cut
+    by it (and the streams they are tied to, and what else is tied to those) are refused, naming it."""
+    for reads in tracer.ropes.values():
+        table = reads.table
+        others = [user for node in reads.nodes for user in node.users if user.name not in reads.readers]
+        held = next((space.name for space in table.spaces if not space.prunable), None)
+        if held is None and not others:
             continue
-        reason = f"rope {table.owner}'s frequencies also rotate {held.name}, which is not prunable"
+        reader = held or tracer.describe(others[0])
+        reason = f"rope {table.owner}'s frequencies also rotate {reader}, which keeps its positions"
         for space in table.spaces:
-            for tied in (space, *([space.tied_to] if space.tied_to else []), *(space.tied_to.tied if space.tied_to
-                                                                                 else [])):  # fmt: skip
-                if tied.prunable:
-                    tied.refuse(reason)
+            stream = space.tied_to
+            for refused in (space, *((stream, *stream.tied) if stream is not None else ())):
+                refused.refuse(reason)
 
 
 def register() -> None:
