@@ -192,7 +192,9 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
     generator = torch.Generator().manual_seed(1)
     masks = {}
     for space in graph.prunable:
-        if space.whole_heads:  # whole heads only: half of them, or as many as the share its stream loses makes
+        # whole heads only, or q/k positions by whole frequencies of a rope shared by several attentions (the same
+        # in each): as the criteria select them, half of them or as many as the share their stream loses makes
+        if space.whole_heads or space.rope is not None:
             masks.update((name, Random(1).select(space, 0.5, torch.zeros(space.width, dtype=torch.bool)))
                          for name in space.names)  # fmt: skip
             continue

@@ -136,12 +136,12 @@ def test_talking_heads_keep_their_heads_and_mixing_and_cut_exactly() -> None:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_eva_with_rope_is_cut_in_whole_heads_with_its_stream(strategy: str) -> None:
-    """DINOv3's rope rotates pairs of positions inside every head alike: whole heads go, the stream losing their
-    width (``timm_attention_classes``, ``attention.whole_heads_tied``)."""
+def test_eva_with_rope_is_cut_by_whole_frequencies_with_its_stream(strategy: str) -> None:
+    """DINOv3's rope rotates pairs of positions inside every head alike: its q/k positions go by whole frequencies of
+    its table, the same in every head (``timm_rope``), the stream losing as many per head."""
     graph = check_masked_and_cut(tiny("vit_tiny_patch16_dinov3_qkvb"), (3, 64, 64), strategy)
     heads = next(space for space in graph.spaces if space.name == "blocks.0.attn.qkv")
-    assert heads.whole_heads and heads.heads == HEADS and heads.tied_to.name == "patch_embed.proj"
+    assert heads.rope is not None and heads.heads == HEADS and heads.tied_to.name == "patch_embed.proj"
     assert [space.name for space in graph.spaces if not space.prunable] == ["head"]
 
 

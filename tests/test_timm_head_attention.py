@@ -37,9 +37,9 @@ def tiny_xcit() -> nn.Module:
 
 
 def tiny_dinov3() -> nn.Module:
-    torch.manual_seed(0)  # EVA with DINOv3's rope, q and v biases: 3 heads of 16
+    torch.manual_seed(0)  # EVA with q and v biases, 3 heads of 16, and a rope whose table the graph does not read
     return timm.create_model("vit_tiny_patch16_dinov3_qkvb", img_size=32, patch_size=8, depth=2, embed_dim=48,
-                             num_heads=3, num_classes=10)  # fmt: skip
+                             num_heads=3, num_classes=10, rope_type="mrope")  # fmt: skip
 
 
 class CrossCovarianceBlock(nn.Module):
@@ -117,8 +117,9 @@ def test_edgenext_cross_covariance_attention_cuts_exactly() -> None:
 
 
 def test_eva_attention_with_a_rope_is_cut_in_whole_heads_with_the_stream() -> None:
-    """DINOv3's rope rotates pairs of positions inside every head alike: whole heads keep it, with their q and v
-    biases; the stream loses their width."""
+    """A rope whose table is not read by frequencies (MRoPE's sections; DINOv3's own: ``test_timm_rope``) rotates
+    pairs of positions inside every head alike: whole heads keep it, with their q and v biases; the stream loses
+    their width."""
     graph = trace_channel_graph(tiny_dinov3())
     stream = space_of(graph, "patch_embed.proj")
     heads = space_of(graph, "blocks.0.attn.qkv")

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
+from pruneflow.compaction.rope import cut_rope_table, fold_scales, kept_frequencies
 from pruneflow.errors import ConfigError
 from pruneflow.graph import (
     ChannelSpace,
@@ -79,7 +80,7 @@ from pruneflow.graph import (
 from pruneflow.graph.handlers.timm_layers import register_if_imported
 from pruneflow.graph.heads import takes_whole_heads, tied_heads_problem, whole_heads_problem
 from pruneflow.graph.layers import LayerNorm2d, RowBlocks, channel_multiplier, input_weight
-from pruneflow.graph.registry import MODULE_HANDLERS, SPLIT_SIZES
+from pruneflow.graph.registry import MODULE_HANDLERS, ROPE_TABLES, SPLIT_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,9 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
+        if type(module) in ROPE_TABLES:  # a rope's frequencies, from its full table
+            cut_rope_table(module, widths["frequencies"])
+            continue
         # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
         if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths):
             set_attributes(module, widths)
@@ -349,9 +353,10 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
-# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; TNT's pixel embedding's ``in_dim``).
+# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; TNT's pixel embedding's ``in_dim``);
+# an attention's ``scale`` whose full width the cut folded into its q rows (``compaction.rope.fold_scales``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim", "val_attn_dim", "in_dim"}  # fmt: skip
+                   "out_dim", "val_attn_dim", "in_dim", "scale"}  # fmt: skip
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
@@ -669,6 +674,10 @@ def _cut(model: nn.Module, groups: Sequence[ChannelGroup], placement: _Placement
     kept_along: dict[str, tuple[int, Tensor]] = {}
     _cut_scales(model, scale_entries, kept, sizes, kept_along)
     _set_head_widths(model, groups, sizes)  # after the scales: an attention's key bias follows its cut query bias
+    _cut_rope_tables(model, groups, sizes)
+    for owner, attributes in fold_scales(model, groups).items():  # after the scales: the cut q_bias
+        sizes.setdefault(owner, {}).update(attributes)
+        set_attributes(model.get_submodule(owner), attributes)  # its zero k_bias follows the cut q_bias
     return Compaction(model, list(groups), sizes, kept, zeros, kept_along)
 
 
@@ -803,6 +812,17 @@ def _set_head_widths(model: nn.Module, groups: Sequence[ChannelGroup], sizes: di
         if owner is not None and len(group.removed):
             sizes.setdefault(owner, {})["fused_attn"] = 0  # beside its head width, where it reshapes by one
             set_attributes(model.get_submodule(owner), {"fused_attn": 0})
+
+
+def _cut_rope_tables(model: nn.Module, groups: Sequence[ChannelGroup], sizes: dict[str, dict[str, Any]]) -> None:
+    """Cut each rope table (``ChannelSpace.rope``) to the frequencies its attentions keep, recorded in ``sizes``."""
+    try:
+        tables = kept_frequencies(groups)
+    except ValueError as exc:
+        raise CompactionError(f"cannot cut {exc}; select with a criterion, which cuts whole frequencies") from None
+    for owner, frequencies in tables.items():
+        cut_rope_table(model.get_submodule(owner), frequencies)
+        sizes[owner] = {"frequencies": frequencies}
 
 
 def _set_block_heads(model: nn.Module, group: ChannelGroup, sizes: dict[str, dict[str, int]]) -> None:

@@ -32,6 +32,9 @@ def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int | N
     kept_per_head = q.shape[1] - min(counts)
     if space.values_alike and not (v == v[:1]).all():
         return "its heads' outputs are read head-minor, so every head must keep the same value positions"
+    if space.rope is not None and (not (q == q[:1]).all() or not whole_frequencies(space, q[0])):
+        return (f"its q/k positions are rotated by rope {space.rope.owner}: whole frequencies of it, the same in every "
+                f"head (frequency f is the positions p with {space.rope.at}[p] == f)")  # fmt: skip
     if torch.equal(q, k) and len(counts) == 1 and stream_kept in (None, heads * kept_per_head):
         return None
     if stream_kept is None:
@@ -40,6 +43,14 @@ def tied_heads_problem(space: ChannelSpace, pruned: Tensor, stream_kept: int | N
         f"an attention's heads must keep the same query/key positions in q and k, as many in every head and of "
         f"values, and {stream_kept // heads} each (its input keeps {stream_kept} channels for {heads} heads)"
     )
+
+
+def whole_frequencies(space: ChannelSpace, pruned: Tensor) -> bool:
+    """Whether ``pruned`` (a bool per position of one head) takes every position of a frequency of ``space``'s rope
+    or none."""
+    at = torch.tensor(space.rope.at)
+    taken = torch.zeros(space.rope.count, dtype=torch.bool).index_fill_(0, at[pruned.cpu()], True)
+    return torch.equal(taken[at], pruned.cpu())
 
 
 def takes_whole_heads(space: ChannelSpace, pruned: Tensor) -> bool:

@@ -222,6 +222,29 @@ class PrunableLayer:
 
 
 @dataclass(eq=False)
+class RopeFrequencies:
+    """A rotary position embedding's table of frequencies (``owner``, a module), read by the attentions ``spaces``
+    (their q/k/v rows, tied to their streams): head position ``at[p]`` of q and k in every head of each is rotated by
+    frequency ``at[p]``, in a pair with another position of the same frequency (an axis each). q·k sums those pairs,
+    each rotated by its own angle, so a frequency whose positions are cut from q and k in every head of every
+    attention, and from the table, leaves every other pair's rotation as it was."""
+
+    owner: str
+    at: tuple[int, ...]
+    spaces: list[ChannelSpace] = field(default_factory=list, repr=False)
+
+    @property
+    def count(self) -> int:
+        """Its frequencies."""
+        return max(self.at) + 1
+
+    @property
+    def positions(self) -> int:
+        """The head positions each frequency rotates (a pair on each axis)."""
+        return len(self.at) // self.count
+
+
+@dataclass(eq=False)
 class ChannelSpace:
     """Channels that share an index from their producers to their consumers; see the module docstring."""
 
@@ -277,6 +300,13 @@ class ChannelSpace:
     # where the masked network used the full one: the cut turns that path off (``fused_attn = False``), so the
     # attention's ``scale``, fixed at construction, applies (BEiT's, EVA's; ``timm_attention_classes``).
     unfused_by_cut: str | None = None
+    # The attention (EVA's under a rope) whose logits' scale the cut folds into its q rows instead: its fused path
+    # divides by √(cut head width), so its q rows (and ``q_bias``) are multiplied by √(cut / full width) and its
+    # ``scale`` set to the cut width's, and both paths compute the masked network's logits (``compaction.rope``)
+    scaled_by_cut: str | None = None
+    # The rotary position embedding rotating its q and k positions (``RopeFrequencies``): they are cut by whole
+    # frequencies, the same in every head and in every attention reading the table
+    rope: RopeFrequencies | None = field(default=None, repr=False, compare=False)
     tied_to: ChannelSpace | None = field(default=None, repr=False, compare=False)
     tied: list[ChannelSpace] = field(default_factory=list, repr=False, compare=False)
     multiple: int = 1

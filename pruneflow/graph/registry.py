@@ -48,6 +48,9 @@ ROWS_MASKED_FORWARDS: dict[type[nn.Module], RowsMaskedForward] = {}
 # Module types whose own forward splits its input's channels by sizes its attributes hold (exact types) → how to set
 # them: such a split cuts each part on its own (``handlers.reorderings``), and the cut sets the sizes it keeps
 SPLIT_SIZES: dict[type[nn.Module], SplitResize] = {}
+# Rotary position embeddings (exact types) → (the attribute holding their frequencies, the attributes caching the
+# sin/cos table built from them): a table the cut slices (``handlers.timm_rope``)
+ROPE_TABLES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {}
 # Functions ``torch.fx`` records as one op wherever the model calls them (``stochastic_depth``), not traced into
 AUTOWRAP_FUNCTIONS: list[Callable[..., Any]] = []
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
-from pruneflow.graph.handlers import gates, multipliers, norms, reorderings, shapes, slices, tokens
+from pruneflow.graph.handlers import gates, multipliers, norms, reorderings, shapes, slices, timm_rope, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
@@ -65,6 +65,7 @@ class Tracer:
         self.chunks: list[tuple[int, int]] = []  # (a space, the equal parts it is split into) (``handlers.gates``)
         self.multiplied: list[tuple[int, int, int, str]] = []  # (read, written, k, conv) (``multipliers``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
+        self.ropes: dict[str, timm_rope.RopeReads] = {}  # rope module → its table, and what reads it
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
         # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}
@@ -259,7 +260,9 @@ class Tracer:
                 space.route_slots = functools.partial(split_slots, space)
             for layer in space.producers:
                 layer.space = space
+        timm_rope.settle_ropes(self)
         self.tie()
+        timm_rope.refuse_partly_prunable(self)
         tokens.refuse_shared_sources(spaces)
         norms.refuse_mixed_blocks(spaces)
         graph = ChannelGraph(spaces)
@@ -276,8 +279,10 @@ class Tracer:
             attention, anchor = self.space(inner), self.space(read)
             attention.tied_to = anchor
             anchor.tied.append(attention)
-            # whole heads: the stream loses one head's width per head; else as many channels from every head
+            # whole heads: the stream loses one head's width per head; else as many channels from every head (whole
+            # frequencies of a rope's: ``RopeFrequencies``)
             unit = anchor.width // attention.heads if attention.whole_heads else attention.heads
+            unit *= attention.rope.positions if attention.rope is not None else 1
             anchor.multiple = math.lcm(anchor.multiple, unit)
         for _ in range(2):  # a refusal on either side refuses the other
             for inner, read, name in self.ties:

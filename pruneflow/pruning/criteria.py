@@ -94,6 +94,25 @@ def select_per_head(
     return torch.stack([pruned_qk, pruned_qk, pruned_v]).flatten().to(already_pruned.device)
 
 
+def select_frequencies(
+    scores: Sequence[Tensor], space: ChannelSpace, per_head: int, already_pruned: Tensor, pruned: Tensor
+) -> Tensor:
+    """``pruned`` (``select_per_head``'s choice for ``space``) with its q/k positions replaced by whole frequencies
+    of its rope (``ChannelSpace.rope``): the ``per_head`` positions of the frequencies of lowest q and k score summed
+    over every head of every attention the table reaches (``scores``: one per q/k/v space), the same in each, keeping
+    frequencies pruned already (a position of theirs pruned)."""
+    rope = space.rope
+    at = torch.tensor(rope.at)
+    position_scores = sum(s.detach().float().cpu().view(3, space.heads, -1)[:2].sum((0, 1)) for s in scores)
+    frequency_scores = torch.zeros(rope.count).index_add_(0, at, position_scores)
+    before = torch.zeros(rope.count, dtype=torch.bool)
+    before[at[already_pruned.view(3, space.heads, -1)[:2].any(0).any(0).cpu()]] = True
+    frequencies = select_channels(frequency_scores, per_head // rope.positions, before)
+    rows = pruned.view(3, space.heads, -1).clone()
+    rows[:2] = frequencies[at].to(rows.device)
+    return rows.flatten()
+
+
 def select_whole_heads(scores: Tensor, heads: int, count: int, already_pruned: Tensor) -> Tensor:
     """An attention's q, k, v rows pruned by whole heads (``mask.heads``): each head scored by the mean of its q, k
     and v rows' scores (a head lives in all three), the ``count`` lowest heads pruned with every row of theirs,
@@ -168,7 +187,11 @@ class Criterion:
             per_head = channels_to_prune(space.width // (space.parts * space.heads), amount)
             alike = space.parts > 1 and space.groups == space.parts  # q, k and v cut at the same positions
             scores = self.scores(space)
-            return select_per_head(scores, space.heads, per_head, already, space.parts, space.values_alike, alike)
+            pruned = select_per_head(scores, space.heads, per_head, already, space.parts, space.values_alike, alike)
+            if space.rope is not None:  # q/k positions by whole frequencies, the same wherever the table reaches
+                scores = [self.scores(reader) for reader in space.rope.spaces if reader.prunable]
+                return select_frequencies(scores, space, per_head, already, pruned)
+            return pruned
         if space.block > 1:  # normalised by a GroupNorm: its whole groups only
             count = channels_to_prune(space.width // space.block, amount)
             return select_blocks(self.scores(space), space.block, count, already)

@@ -20,7 +20,9 @@
   the head (after ``joins`` and ``shapes``, whose rules it extends);
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream
-  (EVA's with a rope in whole heads, the stream losing a head's width per head);
+  (EVA's with a rope whose table is not read, or a q/k norm, in whole heads, the stream losing a head's width per head);
+- ``timm_rope``: timm's rotary position embeddings read by EVA's attention: its q/k positions cut by whole frequencies
+  of the rope's table, shared by every block, the table cut with them;
 - ``timm_coat``: CoaT's factorised attention, kept whole, its heads tied to the stream and cut at the same positions
   in q, k and v with its convolutional relative position encoding's depthwise convs (``channel_splits`` set);
 - ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a

@@ -30,10 +30,12 @@ channel point (``PrunableLayer.unit``), computed again with those rows' weights 
 follows them (``compaction.cut``).
 
 EVA's rotary position embedding (``rope``: DINOv3, EVA-02) rotates pairs of positions inside a head, by the same
-angles in every head, and a q/k norm normalises over a head's positions: a head's positions cannot be cut one by one,
-but whole heads can, as for timm's ``AttentionRope`` (``timm_attention``): a head whose q, k and v rows are 0 (after
-the bias) outputs 0 whatever the rope made of its q and k, the other heads keep their width (so their rope and their
-logits' scale) and the rope's frequency bands are per position of a head, shared by all heads. Since EVA reshapes its
+angles in every head: where its table is read (``timm_rope``), q/k positions are cut by whole frequencies of it, the
+same in every head and block, and the cut keeps the fused path, the scale folded into the q rows
+(``ChannelSpace.scaled_by_cut``). Where it is not, or a q/k norm normalises over a head's positions, a head's
+positions cannot be cut one by one, but whole heads can, as for timm's ``AttentionRope`` (``timm_attention``): a
+head whose q, k and v rows are 0 (after the bias) outputs 0 whatever the rope made of its q and k, the other heads
+keep their width (so their rope and their logits' scale). Since EVA reshapes its
 heads' output by its input's width, its q/k/v space is cut in whole heads **tied** to the stream, which loses one
 head's width for each head cut (``attention.whole_heads_tied``; the cut sets ``num_heads``). DaViT's channel
 attention and XCA are cut the same way (``timm_channel_attention``).
@@ -56,8 +58,9 @@ from torch.nn.utils.stateless import _reparametrize_module
 from pruneflow.graph.handlers.attention import attention_output, tie, tied_heads, whole_heads_tied
 from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.handlers.timm_attention import unreadable_parts
+from pruneflow.graph.handlers.timm_rope import read_rope, rope_frequencies
 from pruneflow.graph.nodes import argument
-from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer
+from pruneflow.graph.records import ChannelScale, Consumer, PrunableLayer, RopeFrequencies
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS, register_module_handler
 from pruneflow.graph.values import Value
 
@@ -70,12 +73,13 @@ if TYPE_CHECKING:
 WHOLE_HEADS: set[type[nn.Module]] = set()
 
 
-def positions_held(node: torch.fx.Node, module: nn.Module) -> str | None:
-    """What holds a head's positions together (None: nothing): a cut of whole heads keeps them."""
-    if argument(node, 1, "rope", None) is not None:
-        return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
+def positions_held(node: torch.fx.Node, module: nn.Module, rope: RopeFrequencies | None = None) -> str | None:
+    """What holds a head's positions together (None: nothing): a cut of whole heads keeps them. A rope whose table
+    is read (``rope``) holds only its frequencies' positions together, which the cut takes whole."""
     if not all(isinstance(getattr(module, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm")):
         return "normalises q and k over a head's positions (qk_norm=True)"
+    if argument(node, 1, "rope", None) is not None and rope is None:
+        return "rotates q and k by a rotary position embedding (rope), pairs of positions a cut would separate"
     return None
 
 
@@ -90,7 +94,7 @@ def unhandled_variant(node: torch.fx.Node, module: nn.Module) -> str | None:
     if not module.qkv.in_features == module.proj.in_features == module.qkv.out_features // 3:
         return "has heads whose width is not its input's"
     if type(module) not in WHOLE_HEADS:
-        return positions_held(node, module)
+        return positions_held(node, module)  # BEiT's, CaiT's, ViT-RelPos': no rope table is read there
     return None
 
 
@@ -105,11 +109,15 @@ def input_width_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module
     biased = getattr(module, "q_bias", None) is not None
     unit = {"unit_name": name, "unit": module} if biased else {}
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **unit)
-    if positions_held(node, module):  # whole heads keep the head width, so the logits' scale, fused or not
+    rope = rope_frequencies(tracer, node, module) if type(module) in WHOLE_HEADS else None
+    if positions_held(node, module, rope):  # whole heads keep the head width, so the logits' scale, fused or not
         inner, output = whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)
     else:
         inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-        if hasattr(module, "fused_attn"):
+        if rope is not None:  # its q/k positions by whole frequencies of the table; its fused path kept
+            read_rope(tracer, node, inner, rope)
+            tracer.spaces[inner].scaled_by_cut = name
+        elif hasattr(module, "fused_attn"):
             tracer.spaces[inner].unfused_by_cut = name
         if hasattr(module, "head_dim"):  # ViT-RelPos reshapes q, k, v by it: the cut sets it
             tracer.spaces[inner].head_width_of = name
