@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
+from pruneflow.compaction.recurrent import lstm_args, lstm_state
 from pruneflow.errors import ConfigError
 from pruneflow.graph import (
     ChannelSpace,
@@ -193,6 +194,8 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
     LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
     nn.GroupNorm: (_group_norm_args, ("num_channels", None)),
+    # its rows are hidden units (four gate rows each, ``compaction.recurrent``), its columns its input's channels
+    nn.LSTM: (lstm_args, ("hidden_size", "input_size")),
 }
 
 
@@ -425,6 +428,12 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     """
     if isinstance(module, nn.MultiheadAttention):
         return cut_multihead_attention(name, module, out_keep, in_keep)
+    if isinstance(module, nn.LSTM):
+        widths = {"hidden_size": len(out_keep) if out_keep is not None else module.hidden_size,
+                  "input_size": len(in_keep) if in_keep is not None else module.input_size}  # fmt: skip
+        new = resized(name, module, widths)
+        new.load_state_dict(lstm_state(module, out_keep, in_keep))
+        return new
     _, (out_arg, in_arg) = _resizable(name, module)
     sizes = {}
     if out_keep is not None:

@@ -168,6 +168,9 @@ class PrunableLayer:
     # attention.
     unit_name: str | None = None
     unit: nn.Module | None = field(default=None, repr=False)
+    # Rows the unit reads itself, masked by computing it again (not a head's q/k/v rows): an LSTM's gate rows, which
+    # its recurrence reads before any output a hook could mask
+    rows_inside_unit: bool = False
 
     @property
     def channel_point_name(self) -> str:
@@ -182,8 +185,8 @@ class PrunableLayer:
     @property
     def inside_unit(self) -> bool:
         """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
-        head's too, where its rows are tied to the stream: PVT-v2's first stage)."""
-        return self.unit is not None and self.space is not None and self.space.head_rows
+        head's too, where its rows are tied to the stream: PVT-v2's first stage), an LSTM's gate rows."""
+        return self.unit is not None and self.space is not None and (self.space.head_rows or self.rows_inside_unit)
 
     @property
     def num_channels(self) -> int:

@@ -1,0 +1,113 @@
+"""Recurrent layers: ``nn.LSTM`` reading a channels-last stream (its input columns) and writing hidden units of its own
+(a space, each unit's four gate rows in both directions), and Sequencer2D's vertical and horizontal LSTMs, their
+outputs concatenated and read by ``fc``; small (seconds): half of every prunable space masked by L1 with
+``activation`` and cut, the cut network equal to the masked one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_window_attention import masked_and_cut
+from torch import nn
+
+from pruneflow.compaction.cut import apply_sizes
+from pruneflow.graph import ChannelSpace, trace_channel_graph
+
+
+class Recurrent(nn.Module):
+    """A stream (``embed``) read by an LSTM along its tokens, the LSTM's hidden units read by ``head``."""
+
+    def __init__(self, bidirectional: bool = True, layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 10)
+        self.rnn = nn.LSTM(10, 7, layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(14 if bidirectional else 7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.flatten(2).transpose(1, 2))  # (B, H·W, 6) → (B, H·W, 10)
+        hidden, _ = self.rnn(tokens)
+        return self.head(hidden).mean(1)
+
+
+def space_of(model: nn.Module, name: str) -> ChannelSpace:
+    return next(space for space in trace_channel_graph(model).spaces if name in space.names)
+
+
+def assert_cut_computes_masked(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    masked, compaction = masked_and_cut(model.eval(), images)
+    with torch.no_grad():
+        cut = compaction.model(images)
+    assert compaction.channels[1] < compaction.channels[0]
+    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    return compaction
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_an_lstm_reads_its_input_columns_and_its_hidden_units_are_cut(bidirectional: bool) -> None:
+    torch.manual_seed(0)
+    model = Recurrent(bidirectional)
+    units = space_of(model, "rnn")
+    assert units.prunable and units.width == 7, units.refusals
+    directions = [0, 7] if bidirectional else [0]
+    assert [(c.name, c.offset) for c in units.consumers] == [("head", offset) for offset in directions]
+    stream = space_of(model, "embed")
+    assert stream.prunable and [c.name for c in stream.consumers] == ["rnn"], stream.refusals
+    images = torch.randn(2, 6, 3, 3)
+    compaction = assert_cut_computes_masked(model, images)
+    rnn = compaction.model.rnn
+    assert (rnn.hidden_size, rnn.input_size) == (4, 5)  # 7 units and 10 channels, half of each cut
+    assert rnn.weight_hh_l0.shape == (16, 4) and compaction.model.head.in_features == (8 if bidirectional else 4)
+
+
+def test_an_lstm_masked_at_its_units_computes_them_as_zero_and_its_others_as_the_cut_one() -> None:
+    """A unit's output masked alone would still feed the others through ``weight_hh``: the ``activation`` strategy
+    computes the LSTM again with the unit's four gate rows times 0, so its h stays exactly 0 at every step."""
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    images = torch.randn(2, 6, 3, 3)
+    masked, _ = masked_and_cut(model, images)
+    with torch.no_grad():
+        hidden, _ = model.rnn(model.embed(images.flatten(2).transpose(1, 2)))
+    pruned = hidden.abs().amax((0, 1)) == 0
+    assert pruned.view(2, 7).all(0).sum() == 3 and torch.equal(pruned[:7], pruned[7:])
+
+
+def test_an_lstm_of_several_layers_is_refused_in_one_line() -> None:
+    units = space_of(Recurrent(layers=2), "rnn")
+    assert units.refusals[0] == "LSTM rnn has 2 layers; the graph cuts one layer's hidden units only", units.refusals
+    assert not space_of(Recurrent(layers=2), "embed").prunable
+
+
+timm = pytest.importorskip("timm")
+
+
+def tiny_sequencer() -> nn.Module:
+    from timm.models.sequencer import Sequencer2d
+
+    return Sequencer2d(num_classes=5, img_size=16, layers=(1, 1), patch_sizes=(4, 2), embed_dims=(12, 16),
+                       hidden_sizes=(6, 8), mlp_ratios=(2.0, 2.0))  # fmt: skip
+
+
+def test_sequencer_vertical_and_horizontal_lstms_are_cut_and_read_by_fc() -> None:
+    """Sequencer2D's LSTMs were not understood (sequencer2d_s 1.70x): each writes its own units, read twice by
+    ``fc`` through the concatenation of the vertical and horizontal directions."""
+    torch.manual_seed(0)
+    model = tiny_sequencer()
+    vertical = space_of(model, "stages.0.blocks.0.rnn_tokens.rnn_v")
+    horizontal = space_of(model, "stages.0.blocks.0.rnn_tokens.rnn_h")
+    assert vertical.prunable and horizontal.prunable, (vertical.refusals, horizontal.refusals)
+    fc = "stages.0.blocks.0.rnn_tokens.fc"
+    assert [(c.name, c.offset) for c in vertical.consumers] == [(fc, 0), (fc, 6)]
+    assert [(c.name, c.offset) for c in horizontal.consumers] == [(fc, 12), (fc, 18)]
+    assert space_of(model, "stem.proj").prunable
+    images = torch.randn(2, 3, 16, 16)
+    compaction = assert_cut_computes_masked(model, images)
+    block = compaction.model.stages[1].blocks[0].rnn_tokens
+    assert block.rnn_v.hidden_size == block.rnn_h.hidden_size == 4 and block.rnn_v.input_size == 8
+    fresh = copy.deepcopy(model).eval()
+    apply_sizes(fresh, compaction.sizes).load_state_dict(compaction.model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(images), compaction.model(images))
