@@ -60,6 +60,8 @@ def lstm(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | 
         tracer.refuse(value, reason)
     else:
         read(tracer, name, layer.producer, value)
+    if value is not None:  # its output keeps its input's positions (a reshape by them back to a map)
+        tracer.same_positions.append((index, frozenset(space for space, _ in value.segments)))
     width = tracer.width(layer)
     directions = 2 if module.bidirectional else 1
     segments = tuple((index, width * direction) for direction in range(directions))
