@@ -68,7 +68,7 @@ def test_an_lstm_masked_at_its_units_computes_them_as_zero_and_its_others_as_the
     torch.manual_seed(0)
     model = Recurrent().eval()
     images = torch.randn(2, 6, 3, 3)
-    masked, _ = masked_and_cut(model, images)
+    masked_and_cut(model, images)
     with torch.no_grad():
         hidden, _ = model.rnn(model.embed(images.flatten(2).transpose(1, 2)))
     pruned = hidden.abs().amax((0, 1)) == 0

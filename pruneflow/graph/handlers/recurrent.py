@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
-from torch import Tensor, _VF, nn
+from torch import _VF, Tensor, nn
 
 from pruneflow.graph.handlers.producers import read
 from pruneflow.graph.layers import LSTMUnits
