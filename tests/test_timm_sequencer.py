@@ -9,11 +9,14 @@ import copy
 
 import pytest
 import torch
-from test_window_attention import masked_and_cut
+from test_window_attention import half_by_l1, masked_and_cut
 from torch import nn
 
+from pruneflow.compaction import compact
 from pruneflow.compaction.cut import apply_sizes
+from pruneflow.compaction.while_training import swap_in
 from pruneflow.graph import ChannelSpace, trace_channel_graph
+from pruneflow.pruning.strategies import make_strategy
 
 
 class Recurrent(nn.Module):
@@ -79,6 +82,33 @@ def test_an_lstm_of_several_layers_is_refused_in_one_line() -> None:
     units = space_of(Recurrent(layers=2), "rnn")
     assert units.refusals[0] == "LSTM rnn has 2 layers; the graph cuts one layer's hidden units only", units.refusals
     assert not space_of(Recurrent(layers=2), "embed").prunable
+
+
+def test_an_lstm_cut_while_training_carries_its_optimizer_state_and_trains_on_as_the_masked_one() -> None:
+    """Adam's state of an LSTM's tensors is cut as the tensors are (seen red: cut as a linear layer's rows and
+    columns, it did not fit them)."""
+    images, target, runs = torch.randn(4, 6, 3, 3), torch.randn(4, 3), []
+    for cut in (False, True):
+        torch.manual_seed(0)
+        model, masking = Recurrent(), make_strategy("activation")
+        masks, layers = half_by_l1(model), {layer.name: layer for layer in trace_channel_graph(model).layers}
+        for name, mask in masks.items():
+            masking.prepare(layers[name])
+            masking.apply(layers[name], mask)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(6):
+            if cut and step == 3:
+                compaction = compact(model, masks)
+                for layer in layers.values():
+                    masking.remove(layer)
+                swap_in(model, compaction, [optimizer])
+            optimizer.zero_grad()
+            (model(images) - target).square().mean().backward()
+            optimizer.step()
+        with torch.no_grad():
+            runs.append(model(images))
+    assert model.rnn.hidden_size == 4
+    assert torch.allclose(runs[1], runs[0], rtol=1e-4, atol=1e-5 * runs[0].abs().max().item())
 
 
 timm = pytest.importorskip("timm")

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
-from pruneflow.compaction.recurrent import lstm_args, lstm_state
+from pruneflow.compaction.recurrent import lstm_args, lstm_widths, tensor_keep
 from pruneflow.errors import ConfigError
 from pruneflow.graph import (
     ChannelSpace,
@@ -428,11 +428,10 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     """
     if isinstance(module, nn.MultiheadAttention):
         return cut_multihead_attention(name, module, out_keep, in_keep)
-    if isinstance(module, nn.LSTM):
-        widths = {"hidden_size": len(out_keep) if out_keep is not None else module.hidden_size,
-                  "input_size": len(in_keep) if in_keep is not None else module.input_size}  # fmt: skip
-        new = resized(name, module, widths)
-        new.load_state_dict(lstm_state(module, out_keep, in_keep))
+    if isinstance(module, nn.LSTM):  # its rows are hidden units, four gate rows each
+        new = resized(name, module, lstm_widths(module, out_keep, in_keep))
+        new.load_state_dict({key: cut_tensor(tensor, *tensor_keep(module, key, out_keep, in_keep))
+                             for key, tensor in module.state_dict().items()})  # fmt: skip
         return new
     _, (out_arg, in_arg) = _resizable(name, module)
     sizes = {}

@@ -1,5 +1,5 @@
-"""Compaction of recurrent layers: an ``nn.LSTM``'s constructor widths and its tensors at the units and input
-columns a cut keeps (one layer, no projection: the graph refuses the others, ``handlers.recurrent``).
+"""Compaction of recurrent layers: an ``nn.LSTM``'s constructor widths, and which rows and columns of each of its
+tensors a cut keeps (one layer, no projection: the graph refuses the others, ``handlers.recurrent``).
 
 Unit j's rows are j, H + j, 2H + j and 3H + j (its four gates) of every direction's ``weight_ih``, ``weight_hh``
 and biases; ``weight_hh``'s columns are the units again, ``weight_ih``'s the input's channels."""
@@ -18,18 +18,20 @@ def lstm_args(lstm: nn.LSTM) -> dict[str, Any]:
             "bidirectional": lstm.bidirectional, "proj_size": lstm.proj_size}  # fmt: skip
 
 
-def gate_rows(units: Tensor, hidden_size: int) -> Tensor:
-    """The rows of ``units``' four gates, gate by gate, as the cut LSTM lays them out."""
-    return torch.cat([units + gate * hidden_size for gate in range(4)])
+def lstm_widths(lstm: nn.LSTM, units: Tensor | None, columns: Tensor | None) -> dict[str, int]:
+    """The LSTM's widths keeping ``units`` and input ``columns`` (None: all)."""
+    return {"hidden_size": lstm.hidden_size if units is None else len(units),
+            "input_size": lstm.input_size if columns is None else len(columns)}  # fmt: skip
 
 
-def lstm_state(lstm: nn.LSTM, units: Tensor | None, columns: Tensor | None) -> dict[str, Tensor]:
-    """``lstm``'s state dict keeping ``units`` (hidden units; None: all) and input ``columns`` (None: all)."""
-    units = torch.arange(lstm.hidden_size) if units is None else units
-    rows = gate_rows(units, lstm.hidden_size)
-    state = {}
-    for key, tensor in lstm.state_dict().items():
-        tensor = tensor.index_select(0, rows.to(tensor.device))
-        read = columns if key.startswith("weight_ih") else units if key.startswith("weight_hh") else None
-        state[key] = tensor if read is None else tensor.index_select(1, read.to(tensor.device))
-    return state
+def tensor_keep(
+    module: nn.Module, tensor_name: str, rows: Tensor | None, columns: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The rows and columns of ``module``'s tensor ``tensor_name`` that a cut keeping its output ``rows`` and input
+    ``columns`` keeps (None: all): those, except in an LSTM, whose ``rows`` are units: their four gate rows, and
+    ``weight_hh``'s columns the units again."""
+    if not isinstance(module, nn.LSTM):
+        return rows, columns
+    gates = None if rows is None else torch.cat([rows + gate * module.hidden_size for gate in range(4)])
+    read = columns if tensor_name.startswith("weight_ih") else rows if tensor_name.startswith("weight_hh") else None
+    return gates, read
