@@ -37,7 +37,7 @@ from pruneflow.compaction.cut import (
     replace_parameter,
     set_attributes,
 )
-from pruneflow.compaction.recurrent import tensor_keep
+from pruneflow.compaction.layouts import tensor_keep
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def swap_in(
         tensor_names = [""] if module is None else [f".{t}" for t, _ in module.named_parameters(recurse=False)]
         for tensor_name in tensor_names:
             keep = (out_keep, in_keep)
-            if module is not None:  # an LSTM's rows are units, four gate rows each in the module it was cut from
+            if module is not None:  # where its tensors hold its rows (``tensor_keep``; an LSTM's by the one cut from)
                 keep = tensor_keep(network.get_submodule(name), tensor_name[1:], out_keep, in_keep)
             moved[old[name + tensor_name]] = (new_parameters[name + tensor_name], *keep)
     for optimizer in optimizers:  # every state checked before anything changes

@@ -155,6 +155,26 @@ class RowBlocks(nn.Linear):
         return torch.cat([channels + block * self.out_features for block in range(self.blocks)])
 
 
+class TransposedRows(nn.Conv2d):
+    """A dense ``nn.ConvTranspose2d`` (groups 1) seen as a conv's rows: its weight is (in, out, k, k), its output
+    channels along dim 1, so ``weight`` is its transpose (out, in, k, k), a view (a zeroing writes through), ``bias``
+    its own. Not a module of the model (the transposed conv is, its channel point): a producer's record only; the cut
+    takes its weight's rows along dim 1 (``compaction.layouts.tensor_keep``)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        nn.Module.__init__(self)  # no tensors of its own
+        self.__dict__["conv"] = conv  # not a submodule: ``modules()`` of the record stays this one
+        self.groups, self.in_channels, self.out_channels = conv.groups, conv.in_channels, conv.out_channels
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.conv.weight.transpose(0, 1)
+
+    @property
+    def bias(self) -> Tensor | None:  # type: ignore[override]
+        return self.conv.bias
+
+
 class LSTMUnits(nn.Linear):
     """An ``nn.LSTM``'s hidden units (one layer, no projection) seen as a producer's rows: unit j owns rows j, H + j,
     2H + j and 3H + j (its input, forget, cell and output gates) of every direction's ``weight_ih``, ``weight_hh`` and

@@ -1,8 +1,11 @@
-"""Compaction of recurrent layers: an ``nn.LSTM``'s constructor widths, and which rows and columns of each of its
-tensors a cut keeps (one layer, no projection: the graph refuses the others, ``handlers.recurrent``).
+"""Where a cut module's output rows and input columns lie in its tensors, for the modules whose rows are not dim 0
+and columns dim 1 of every tensor, and an ``nn.LSTM``'s constructor widths.
 
-Unit j's rows are j, H + j, 2H + j and 3H + j (its four gates) of every direction's ``weight_ih``, ``weight_hh``
-and biases; ``weight_hh``'s columns are the units again, ``weight_ih``'s the input's channels."""
+- ``nn.LSTM`` (one layer, no projection: the graph refuses the others, ``handlers.recurrent``): its rows are hidden
+  units, unit j rows j, H + j, 2H + j and 3H + j (its four gates) of every direction's ``weight_ih``, ``weight_hh``
+  and biases; ``weight_hh``'s columns are the units again, ``weight_ih``'s the input's channels.
+- a dense ``nn.ConvTranspose2d`` (LowFormer's fused upsampling): its weight is (in, out, k, k), rows along dim 1.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from pruneflow.graph.layers import is_depthwise
 
 
 def lstm_args(lstm: nn.LSTM) -> dict[str, Any]:
@@ -27,9 +32,11 @@ def lstm_widths(lstm: nn.LSTM, units: Tensor | None, columns: Tensor | None) -> 
 def tensor_keep(
     module: nn.Module, tensor_name: str, rows: Tensor | None, columns: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The rows and columns of ``module``'s tensor ``tensor_name`` that a cut keeping its output ``rows`` and input
-    ``columns`` keeps (None: all): those, except in an LSTM, whose ``rows`` are units: their four gate rows, and
-    ``weight_hh``'s columns the units again."""
+    """The (dim 0, dim 1) entries of ``module``'s tensor ``tensor_name`` that a cut keeping its output ``rows`` and
+    input ``columns`` keeps (None: all): those, except in a dense transposed conv's weight (the other way round) and
+    in an LSTM, whose ``rows`` are units: their four gate rows, and ``weight_hh``'s columns the units again."""
+    if isinstance(module, nn.ConvTranspose2d) and not is_depthwise(module) and tensor_name == "weight":
+        return columns, rows
     if not isinstance(module, nn.LSTM):
         return rows, columns
     gates = None if rows is None else torch.cat([rows + gate * module.hidden_size for gate in range(4)])
