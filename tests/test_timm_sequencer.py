@@ -17,6 +17,7 @@ from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.while_training import swap_in
 from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.pruning.strategies import make_strategy
+from pruneflow.pruning.telemetry import DriftTelemetry
 
 
 class Recurrent(nn.Module):
@@ -76,6 +77,23 @@ def test_an_lstm_masked_at_its_units_computes_them_as_zero_and_its_others_as_the
         hidden, _ = model.rnn(model.embed(images.flatten(2).transpose(1, 2)))
     pruned = hidden.abs().amax((0, 1)) == 0
     assert pruned.view(2, 7).all(0).sum() == 3 and torch.equal(pruned[:7], pruned[7:])
+
+
+@pytest.mark.parametrize(("strategy", "leaks"), [("activation", False), ("control", True)])
+def test_the_telemetry_measures_an_lstms_pruned_units_as_its_output_carries_them(strategy: str, leaks: bool) -> None:
+    """Seen red: it measured them as an attention's q/k/v rows (``qkv_tensors``) and failed on the LSTM."""
+    torch.manual_seed(0)
+    model, masking = Recurrent(), make_strategy(strategy)
+    layer = next(layer for layer in trace_channel_graph(model).layers if layer.name == "rnn")
+    masking.prepare(layer)
+    telemetry = DriftTelemetry([layer], masking, dict(model.named_modules()))
+    mask = torch.arange(7) % 2 == 0
+    masking.apply(layer, mask)
+    telemetry.on_pruned(layer, mask)
+    telemetry.arm(True)
+    model(torch.randn(2, 6, 3, 3))
+    leak = telemetry.measure()["leak/activation_abs_mean"]
+    assert leak > 0 if leaks else leak == 0
 
 
 def test_an_lstm_of_several_layers_is_refused_in_one_line() -> None:
