@@ -15,6 +15,7 @@ from torch import nn
 from pruneflow.compaction import compact
 from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.while_training import swap_in
+from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, trace_channel_graph
 from pruneflow.pruning.strategies import make_strategy
 from pruneflow.pruning.telemetry import DriftTelemetry
@@ -94,6 +95,13 @@ def test_the_telemetry_measures_an_lstms_pruned_units_as_its_output_carries_them
     model(torch.randn(2, 6, 3, 3))
     leak = telemetry.measure()["leak/activation_abs_mean"]
     assert leak > 0 if leaks else leak == 0
+
+
+def test_parametrize_refuses_an_lstms_units_in_one_line_before_training() -> None:
+    """Seen red: torch's own error on a record with no ``weight`` parameter."""
+    layer = next(layer for layer in trace_channel_graph(Recurrent()).layers if layer.name == "rnn")
+    with pytest.raises(ConfigError, match=r"^mask=parametrize cannot mask rnn: its rows are not dim 0 of its "):
+        make_strategy("parametrize").prepare(layer)
 
 
 def test_an_lstm_of_several_layers_is_refused_in_one_line() -> None:
