@@ -152,11 +152,3 @@ def test_conv_attention_carries_its_input_and_upsampled_output_and_cuts_exactly(
     assert stream.prunable and {"attention.conv_proj.conv", *writers} <= set(stream.names), stream.names
     assert not space_of(graph, "attention.pwise").prunable
     assert_cut_equals_masked(conv_attention(module, **options), 16)
-
-
-def test_conv_attention_fused_into_a_transposed_conv_is_refused_in_one_line() -> None:
-    """LowFormer's ``fuse_out_proj``: a dense transposed conv writes the output along its weight's dim 1."""
-    graph = trace_channel_graph(conv_attention("lowformer", fuse_out_proj=True))
-    assert space_of(graph, "stem.0").refusals == [
-        "attention attention (ConvAttention) writes its output with a transposed conv (fuse_out_proj=True), whose "
-        "output channels lie along its weight's dim 1, which the cut does not take"]  # fmt: skip

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
+from pruneflow.compaction.layouts import lstm_args, lstm_widths, tensor_keep
 from pruneflow.compaction.rope import cut_rope_table, fold_scales, kept_frequencies
 from pruneflow.errors import ConfigError
 from pruneflow.graph import (
@@ -182,7 +183,7 @@ def _attention_args(attention: nn.MultiheadAttention) -> dict[str, Any]:
 RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[str, str | None]]] = {
     nn.Conv1d: (_conv_args, ("out_channels", "in_channels")),
     nn.Conv2d: (_conv_args, ("out_channels", "in_channels")),
-    # depthwise only (the graph reads no other): its weight (C, 1, k, k) is cut by rows as a depthwise conv's
+    # depthwise (its weight (C, 1, k, k) cut by rows as a depthwise conv's) or dense, writing only (``tensor_keep``)
     nn.ConvTranspose2d: (_conv_transpose_args, ("out_channels", "in_channels")),
     nn.BatchNorm1d: (_norm_args, ("num_features", None)),
     nn.BatchNorm2d: (_norm_args, ("num_features", None)),
@@ -194,6 +195,8 @@ RESIZABLE: dict[type[nn.Module], tuple[Callable[[Any], dict[str, Any]], tuple[st
     nn.LayerNorm: (_layer_norm_args, ("normalized_shape", None)),
     LayerNorm2d: (_layer_norm_args, ("normalized_shape", None)),
     nn.GroupNorm: (_group_norm_args, ("num_channels", None)),
+    # its rows are hidden units (four gate rows each, ``compaction.recurrent``), its columns its input's channels
+    nn.LSTM: (lstm_args, ("hidden_size", "input_size")),
 }
 
 
@@ -425,11 +428,23 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     """``module`` keeping only output rows ``out_keep`` and input columns ``in_keep`` (None: all).
 
     Dim 0 of every tensor is the output (kernel rows, bias, BatchNorm's γ, β and running statistics),
-    dim 1 of a weight the input; scalar buffers (``num_batches_tracked``) are copied as they are. A
-    depthwise conv's row ``c`` reads input channel ``c`` only: cutting rows cuts its inputs and groups.
+    dim 1 of a weight the input (except where ``tensor_keep`` says otherwise: an LSTM's units, a dense transposed
+    conv's weight); scalar buffers (``num_batches_tracked``) are copied as they are. A depthwise conv's row ``c``
+    reads input channel ``c`` only: cutting rows cuts its inputs and groups.
     """
     if isinstance(module, nn.MultiheadAttention):
         return cut_multihead_attention(name, module, out_keep, in_keep)
+    lstm = isinstance(module, nn.LSTM)  # its rows are hidden units, four gate rows each
+    sizes = lstm_widths(module, out_keep, in_keep) if lstm else _widths(name, module, out_keep, in_keep)
+    state = {key: cut_tensor(tensor, *tensor_keep(module, key, out_keep, in_keep))
+             for key, tensor in module.state_dict().items()}  # fmt: skip
+    new = resized(name, module, sizes)
+    new.load_state_dict(state)
+    return new
+
+
+def _widths(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None) -> dict[str, int]:
+    """The constructor widths of ``module`` keeping output rows ``out_keep`` and input columns ``in_keep``."""
     _, (out_arg, in_arg) = _resizable(name, module)
     sizes = {}
     if out_keep is not None:
@@ -446,10 +461,7 @@ def cut_module(name: str, module: nn.Module, out_keep: Tensor | None, in_keep: T
     if in_keep is not None and in_arg is not None:
         # a grouped conv's weight holds one group's inputs on dim 1; the same columns go from every group
         sizes[in_arg] = len(in_keep) * getattr(module, "groups", 1)
-    state = {key: cut_tensor(tensor, out_keep, in_keep) for key, tensor in module.state_dict().items()}
-    new = resized(name, module, sizes)
-    new.load_state_dict(state)
-    return new
+    return sizes
 
 
 def cut_multihead_attention(

@@ -37,6 +37,7 @@ from pruneflow.compaction.cut import (
     replace_parameter,
     set_attributes,
 )
+from pruneflow.compaction.layouts import tensor_keep
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def swap_in(
         module = None if name in new_parameters else compaction.model.get_submodule(name)
         tensor_names = [""] if module is None else [f".{t}" for t, _ in module.named_parameters(recurse=False)]
         for tensor_name in tensor_names:
-            moved[old[name + tensor_name]] = (new_parameters[name + tensor_name], out_keep, in_keep)
+            keep = (out_keep, in_keep)
+            if module is not None:  # where its tensors hold its rows (``tensor_keep``; an LSTM's by the one cut from)
+                keep = tensor_keep(network.get_submodule(name), tensor_name[1:], out_keep, in_keep)
+            moved[old[name + tensor_name]] = (new_parameters[name + tensor_name], *keep)
     for optimizer in optimizers:  # every state checked before anything changes
         check_state_follows(optimizer, moved)
     for name in compaction.kept:

@@ -155,6 +155,55 @@ class RowBlocks(nn.Linear):
         return torch.cat([channels + block * self.out_features for block in range(self.blocks)])
 
 
+class TransposedRows(nn.Conv2d):
+    """A dense ``nn.ConvTranspose2d`` (groups 1) seen as a conv's rows: its weight is (in, out, k, k), its output
+    channels along dim 1, so ``weight`` is its transpose (out, in, k, k), a view (a zeroing writes through), ``bias``
+    its own. Not a module of the model (the transposed conv is, its channel point): a producer's record only; the cut
+    takes its weight's rows along dim 1 (``compaction.layouts.tensor_keep``)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d) -> None:
+        nn.Module.__init__(self)  # no tensors of its own
+        self.__dict__["conv"] = conv  # not a submodule: ``modules()`` of the record stays this one
+        self.groups, self.in_channels, self.out_channels = conv.groups, conv.in_channels, conv.out_channels
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.conv.weight.transpose(0, 1)
+
+    @property
+    def bias(self) -> Tensor | None:  # type: ignore[override]
+        return self.conv.bias
+
+
+class LSTMUnits(nn.Linear):
+    """An ``nn.LSTM``'s hidden units (one layer, no projection) seen as a producer's rows: unit j owns rows j, H + j,
+    2H + j and 3H + j (its input, forget, cell and output gates) of every direction's ``weight_ih``, ``weight_hh`` and
+    biases. ``weight`` gathers them, (H, 4, columns of all those tensors): a copy, what a criterion scores; the
+    ``activation`` strategy masks the rows in the LSTM's own forward (``ROWS_MASKED_FORWARDS``). Not a module of the
+    model (the LSTM is): a producer's record only."""
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        nn.Module.__init__(self)  # no tensors of its own
+        self.__dict__["lstm"] = lstm  # not a submodule: ``modules()`` of the record stays this one
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        blocks = [tensor.view(4, self.out_features, -1) for tensor in self.lstm._flat_weights]
+        return torch.cat(blocks, -1).transpose(0, 1)
+
+    @property
+    def bias(self) -> Tensor | None:  # type: ignore[override]
+        return None  # the biases are columns of ``weight``
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self.lstm.input_size
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self.lstm.hidden_size
+
+
 @contextmanager
 def attention_op_by_op() -> Iterator[None]:
     """``nn.MultiheadAttention`` on its op-by-op path for the block, as when training: its inference fast path is one
@@ -190,5 +239,8 @@ def qkv_tensors(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 def input_weight(module: nn.Module) -> Tensor:
-    """The weight whose dim 1 reads a consumer's input: its ``weight``, ``nn.MultiheadAttention``'s ``in_proj``."""
+    """The weight whose dim 1 reads a consumer's input: its ``weight``, ``nn.MultiheadAttention``'s ``in_proj``, an
+    ``nn.LSTM``'s ``weight_ih_l0``."""
+    if isinstance(module, nn.LSTM):  # every direction reads the same columns
+        return module.weight_ih_l0
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight

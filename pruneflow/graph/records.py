@@ -173,6 +173,9 @@ class PrunableLayer:
     # attention.
     unit_name: str | None = None
     unit: nn.Module | None = field(default=None, repr=False)
+    # Rows the unit reads itself, masked by computing it again (not a head's q/k/v rows): an LSTM's gate rows, which
+    # its recurrence reads before any output a hook could mask
+    rows_inside_unit: bool = False
 
     @property
     def channel_point_name(self) -> str:
@@ -187,9 +190,12 @@ class PrunableLayer:
     @property
     def inside_unit(self) -> bool:
         """An attention's ``qkv``: its channels live inside the attention, whose output is another space's (a single
-        head's too, where its rows are tied to the stream: PVT-v2's first stage; heads pruned in blocks: TNT's)."""
+        head's too, where its rows are tied to the stream: PVT-v2's first stage; heads pruned in blocks: TNT's), an
+        LSTM's gate rows."""
         space = self.space
-        return self.unit is not None and space is not None and (space.head_rows or space.heads_of is not None)
+        return self.unit is not None and space is not None and (
+            space.head_rows or space.heads_of is not None or self.rows_inside_unit
+        )
 
     @property
     def num_channels(self) -> int:

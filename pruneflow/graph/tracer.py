@@ -66,6 +66,8 @@ class Tracer:
         self.multiplied: list[tuple[int, int, int, str]] = []  # (read, written, k, conv) (``multipliers``)
         self.ties: list[tuple[int, int, str]] = []  # (an attention's q/k/v space, the space it reads, the attention)
         self.ropes: dict[str, timm_rope.RopeReads] = {}  # rope module → its table, and what reads it
+        # (a space, the spaces of the tensor whose positions it has: an LSTM's units, its input's) (``recurrent``)
+        self.same_positions: list[tuple[int, frozenset[int]]] = []
         # shapes read from channel values (node → (value, dim; None: all)), and the nodes that are channel widths
         # (node → space ids): a width that sizes another tensor refuses its spaces (``widths``)
         self.shape_reads: dict[torch.fx.Node, tuple[Value, int | None]] = {}

@@ -183,7 +183,14 @@ class ParametrizeMask(MaskStrategy):
 
     def install(self, layer: PrunableLayer, pruned: Tensor) -> None:
         holder = held_by(layer.producer)
-        for tensor_name in self._tensor_names(layer):
+        names = self._tensor_names(layer)
+        if not all(name in holder._parameters or parametrize.is_parametrized(holder, name) for name in names):
+            raise ConfigError(
+                f"mask=parametrize cannot mask {layer.name}: its rows are not dim 0 of its module's parameters (a "
+                f"{type(layer.producer).__name__}: an LSTM's gate rows, a transposed conv's dim 1, a layer's row "
+                "blocks); choose mask=activation"
+            )
+        for tensor_name in names:
             if parametrize.is_parametrized(holder, tensor_name):
                 keep = holder.parametrizations[tensor_name][0].keep
                 keep.copy_(_keep_shape(pruned, keep.ndim))

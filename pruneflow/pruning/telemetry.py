@@ -117,12 +117,12 @@ class DriftTelemetry:
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
             point = layer.channel_point
-            buffer = QKV_PRUNED_BUFFER if layer.inside_unit else PRUNED_BUFFER
+            buffer = QKV_PRUNED_BUFFER if qkv_rows(layer) else PRUNED_BUFFER
             point.register_buffer(buffer, torch.zeros(layer.num_channels), persistent=False)
             # Every key present from the start (-1: not measured): a compiled graph then only rewrites values.
             self._leak[layer.name] = torch.full((), -1.0)
             self._eval_leak[layer.name] = torch.full((), -1.0)
-            if layer.inside_unit:
+            if qkv_rows(layer):
                 self._handles.append(point.register_forward_hook(self._qkv_leak_hook(layer.name)))
             else:
                 self._handles.append(point.register_forward_hook(self._leak_hook(layer.name, layer.channel_shape)))
@@ -174,7 +174,7 @@ class DriftTelemetry:
     def set_mask(self, layer: PrunableLayer, pruned: Tensor) -> None:
         """The layer's pruned channels, for measuring (also when a resumed run restores them)."""
         self.pruned[layer.name] = pruned.clone()
-        getattr(layer.channel_point, QKV_PRUNED_BUFFER if layer.inside_unit else PRUNED_BUFFER).copy_(pruned)
+        getattr(layer.channel_point, QKV_PRUNED_BUFFER if qkv_rows(layer) else PRUNED_BUFFER).copy_(pruned)
         for extra in layer.space.points if layer.space is not None else []:
             channels, entries = extra.placed(len(pruned))
             buffer = getattr(extra.module, PRUNED_BUFFER)
@@ -278,6 +278,8 @@ class DriftTelemetry:
     def _leak_hook(self, name: str, shape: tuple[int, ...]):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor | tuple[Tensor, ...]) -> None:
             output = output[0] if isinstance(output, tuple) else output  # ``nn.MultiheadAttention``'s (output, weights)
+            if len(shape) == 1 and output.shape[-1] != shape[0]:  # channels last, side by side (an LSTM's directions)
+                output = output.unflatten(-1, (-1, shape[0]))
             # `is_compiling()` first: a compiled graph never reads the Python flag, so it never recompiles.
             if module.training:
                 if torch.compiler.is_compiling() or self._leak_armed:
@@ -401,6 +403,12 @@ def _eval_gain(norm: nn.BatchNorm2d, index: Tensor) -> Tensor:
     """|γ| / √(running var + ε) of the pruned channels (``index``): how eval mode scales what reaches them."""
     gamma, running_var = norm.weight.detach().index_select(0, index), norm.running_var.index_select(0, index)
     return gamma.float().abs() / (running_var.float() + norm.eps).sqrt()
+
+
+def qkv_rows(layer: PrunableLayer) -> bool:
+    """Whether the layer's channels are an attention's q/k/v rows, measured as its ``qkv`` computes them; an LSTM's
+    units, also masked inside their unit, are measured in its output, as any layer's channels."""
+    return layer.inside_unit and not layer.rows_inside_unit
 
 
 def pruned_channel_abs_mean(output: Tensor, pruned: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:

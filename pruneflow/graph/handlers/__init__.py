@@ -18,6 +18,8 @@
 - ``tokens``: a transformer's token stream: parameters added to it or concatenated with it (position embeddings,
   class tokens), patches turned into tokens by a width an attribute holds (torchvision's ViT), the tokens taken for
   the head (after ``joins`` and ``shapes``, whose rules it extends);
+- ``recurrent``: ``nn.LSTM``, kept whole: a consumer of its input, its hidden units a space of their own (both
+  directions' unit j one channel), masked inside its recurrence;
 - ``timm_attention``: timm's multi-head attention, kept whole, pruned in whole heads (if timm is installed);
 - ``timm_attention_classes``: BEiT's, EVA's and CaiT's attentions, kept whole, their heads tied to the stream
   (EVA's with a rope whose table is not read, or a q/k norm, in whole heads, the stream losing a head's width per head);
@@ -75,6 +77,7 @@ from pruneflow.graph.handlers import (
     norms,
     pointwise,
     producers,
+    recurrent,
     reorderings,
     shapes,
     timm_attention,
@@ -95,6 +98,7 @@ __all__ = [
     "norms",
     "pointwise",
     "producers",
+    "recurrent",
     "reorderings",
     "shapes",
     "timm_attention",

@@ -15,7 +15,8 @@ LowFormer's and CPUBone's ``ConvAttention`` read their input the same way, throu
 (a carrier) and ``pwise``; their output is written by a 1 × 1 conv (``o_proj``, or the first layer of the
 ``upsampling`` it is fused into) and carried channel by channel by a depthwise transposed conv or a nearest resize,
 each masked after its bias, then cropped. LowFormer's ``fuse_out_proj`` writes it with a dense transposed conv, whose
-output channels lie along its weight's dim 1: refused in one line, with the stream it is added into. Their q/k/v rows
+output channels lie along its weight's dim 1: a producer of the stream all the same (``TransposedRows``: its weight
+seen transposed; the cut takes dim 1), masked at its output. Their q/k/v rows
 (``pwise``'s, reshaped by ``num_heads`` and ``head_dim``, each head's q, k and v side by side) are kept whole.
 
 Their inner rows, where cut exactly:
@@ -41,7 +42,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.producers import read
-from pruneflow.graph.layers import is_depthwise
+from pruneflow.graph.layers import TransposedRows, is_depthwise
 from pruneflow.graph.records import Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
@@ -82,7 +83,8 @@ def submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
 
 def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
     """What writes a ``ConvAttention``'s output: its 1 × 1 ``o_proj`` (or the one first in its ``upsampling``), then
-    a depthwise transposed conv or a nearest upsampling (channel by channel); why not, where anything else does."""
+    a depthwise transposed conv or a nearest upsampling (channel by channel), or a dense transposed conv alone; why
+    not, where anything else does."""
     upsampling = module.upsampling
     steps = list(upsampling) if isinstance(upsampling, nn.Sequential) else [upsampling]
     names = [f"{name}.upsampling.{i}" for i in range(len(steps))] if isinstance(upsampling, nn.Sequential) else [
@@ -93,9 +95,12 @@ def output_writers(name: str, module: nn.Module) -> list[PrunableLayer] | str:
                and not isinstance(step, nn.Identity)]  # fmt: skip
     nearest = all(step.mode == "nearest" for step in steps if type(step) is nn.Upsample)
     first_is_conv = bool(writers) and type(writers[0].producer) is nn.Conv2d and not is_depthwise(writers[0].producer)
-    if isinstance(upsampling, nn.ConvTranspose2d) and not is_depthwise(upsampling):
-        return ("writes its output with a transposed conv (fuse_out_proj=True), whose output channels lie along its "
-                "weight's dim 1, which the cut does not take")  # fmt: skip
+    if isinstance(upsampling, nn.ConvTranspose2d) and not is_depthwise(upsampling):  # fuse_out_proj=True
+        if upsampling.groups > 1 or not isinstance(module.o_proj, nn.Identity):
+            return (f"writes its output with a transposed conv of groups={upsampling.groups} after its o_proj (read "
+                    "only with groups=1 and no o_proj)")  # fmt: skip
+        # the one writer, read as a conv's rows; masked at its own output
+        return [PrunableLayer(names[0], TransposedRows(upsampling), unit_name=names[0], unit=upsampling)]
     if not (nearest and first_is_conv and all(is_depthwise(layer.producer) for layer in writers[1:])):
         return "upsamples its output by another layer than a depthwise transposed conv or a nearest resize"
     return writers

@@ -8,7 +8,8 @@ whatever the other sizes (``window_partition``'s ``x.view(B, H // ws, ws, W // w
 C)``, a block's ``x.reshape(B, -1, C)``). Read from a shape, the width follows a cut; where it is another tensor's
 (the attention's output viewed by its input's ``C``), the two must end up one space (the residual joins them),
 which ``widths`` checks after the walk. ``-1`` last does the same where every other size is one of the sizes but the
-channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``), or where the other sizes
+channels' of a tensor of the same stream, each once (SAM's ``x.reshape(B, H * W, -1)``), or of the tensor an LSTM
+read, whose positions its output keeps (Sequencer2D's ``v.reshape(B, W, H, -1)``), or where the other sizes
 are numbers and a conv or linear layer built for the width reads the result's last dim (CoaT's tokens back to a map
 before its next patch embedding). A number written in the
 model instead would not follow a cut: such a reshape goes to the probe (``reorderings``) as before. timm's
@@ -105,12 +106,20 @@ def every_position(tracer: Tracer, value: Value, sizes: Sequence[Any]) -> bool:
     dims = [entry for read in reads for entry in read]  # type: ignore[union-attr]
     source = dims[0][0] if dims else None
     where = channel_dim(source) if source is not None else None
-    if where is None or any(other is not source for other, _ in dims) or source.width != value.width:
+    if where is None or any(other is not source for other, _ in dims) or not same_positions(tracer, source, value):
         return False
-    roots = [{tracer.union_find.root(index) for index, _ in v.segments} for v in (source, value)]
-    return roots[0] == roots[1] and sorted(d % source.ndim for _, d in dims) == [
-        d for d in range(source.ndim) if d != where
-    ]
+    return sorted(d % source.ndim for _, d in dims) == [d for d in range(source.ndim) if d != where]
+
+
+def same_positions(tracer: Tracer, source: Value, value: Value) -> bool:
+    """Whether ``value`` has ``source``'s positions: both of one stream, as wide, or ``value`` written by an op that
+    keeps its input's positions from a tensor of ``source``'s spaces (an LSTM's units: ``Tracer.same_positions``)."""
+    root = tracer.union_find.root
+    roots = [frozenset(root(index) for index, _ in v.segments) for v in (source, value)]
+    if roots[0] == roots[1]:
+        return source.width == value.width
+    written = {frozenset({root(index)}): frozenset(root(i) for i in read) for index, read in tracer.same_positions}
+    return written.get(roots[1]) == roots[0]
 
 
 def windows_view(tracer: Tracer, node: torch.fx.Node, value: Value | None) -> Any:
