@@ -43,6 +43,9 @@
   is tied to their heads (EfficientViT-MSRA's cascaded group attention, SHViT's single-head attention);
 - ``timm_mobile_blocks``: MobileViT's and TinyViT's blocks, which timm keeps from ``torch.fx``, read as their
   insides (their streams, MLP widths and MobileViT's heads prunable);
+- ``timm_mobilenetv5``: MobileNetV5's multi-query attention (a key dim cut from k and from every head's q, the one
+  value head read once per head) and its multi-scale fusion adapter (inputs side by side, an FFN of two convs), kept
+  whole;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
 - ``timm_pyramid_attention``: PVT-v2's, Twins', ConViT's, VOLO's and NesT's attentions (q/k/v rows from several

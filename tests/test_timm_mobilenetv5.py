@@ -1,0 +1,74 @@
+"""MobileNetV5 on a tiny configuration (widths of 8 to 56, two multi-query attentions, seconds): its multi-query
+attention's key dims cut at the same positions in every head and in its one key head, its value width cut, its
+multi-scale fusion adapter's concatenation and FFN cut; half of every prunable space masked (L1, ``activation``) and
+cut gives the masked network's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_vit_likes import assert_cut_equals_masked, space_of
+from torch import nn
+
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+ATTENTIONS = ("blocks.2.1.attn", "blocks.3.1.attn")  # keys and values downsampled (kv_stride 2) in the first
+
+
+def tiny_mobilenetv5() -> nn.Module:
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.mobilenetv5 import MobileNetV5
+
+    arch = [["er_r1_k3_s2_e4_c8"], ["uir_r1_a3_k5_s2_e4_c16"],
+            ["uir_r1_a3_k5_s2_e4_c24", "mqa_r1_k3_h4_v2_s1_d8_c24", "uir_r1_a0_k0_s1_e2_c24"],
+            ["uir_r1_a5_k5_s2_e4_c32", "mqa_r1_k3_h4_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"]]  # fmt: skip
+    torch.manual_seed(0)
+    model = MobileNetV5(decode_arch_def(arch), num_classes=10, stem_size=8, num_features=48,
+                        msfa_output_resolution=2, layer_scale_init_value=1e-5)  # fmt: skip
+    for name, parameter in model.named_parameters():  # layer scales of 1e-5 would hide a wrong cut in rounding
+        if name.endswith("gamma"):
+            nn.init.uniform_(parameter, 0.5, 2.0)
+    return model
+
+
+def test_multi_query_attention_cuts_key_dims_in_every_head_and_its_values() -> None:
+    """``MultiQueryAttention2d`` was traced into and refused at ``scaled_dot_product_attention`` and ``unsqueeze``:
+    every head's q rows meet the one key head's rows dim for dim, so a key dim is cut from k and from q in every
+    head (k's space, q's rows its points once per head); the one value head is read by ``output.proj`` once per
+    head. The cut sets ``key_dim`` and ``value_dim`` and computes the masked network."""
+    graph = trace_channel_graph(tiny_mobilenetv5())
+    for attention in ATTENTIONS:
+        keys, values = space_of(graph, f"{attention}.key.proj"), space_of(graph, f"{attention}.value.proj")
+        assert keys.prunable and values.prunable, (keys.refusals, values.refusals)
+        assert (attention, "key_dim") in keys.held_by and (attention, "value_dim") in values.held_by
+        assert sum(point.name == f"{attention}.query.proj" for point in keys.points) == 4  # once per head
+        reads = sorted(consumer.at[0] for consumer in values.consumers if consumer.name == f"{attention}.output.proj")
+        assert reads == [0, 8, 16, 24]  # value 0 in each head's columns
+    stream = space_of(graph, "blocks.2.0.pw_proj.conv")  # read by the downsampling depthwise convs, which carry it
+    assert {f"{ATTENTIONS[0]}.key.down_conv", f"{ATTENTIONS[0]}.value.down_conv"} <= set(stream.names)
+    cut = assert_cut_equals_masked(tiny_mobilenetv5(), 64).model
+    for attention in map(cut.get_submodule, ATTENTIONS):
+        assert attention.key_dim < 8 and attention.value_dim < 8
+        assert attention.query.proj.out_channels == 4 * attention.key_dim and attention.num_heads == 4
+
+
+def test_multi_scale_fusion_adapter_cuts_its_inputs_and_its_ffn() -> None:
+    """The MSFA (kept whole by timm) was not understood: the two last stages it concatenates, its FFN and everything
+    after were refused. Its inputs (resized per channel) are whole spaces side by side read by the FFN's ``pw_exp``,
+    its FFN's widths are spaces, its norm a point of ``pw_proj``'s."""
+    graph = trace_channel_graph(tiny_mobilenetv5())
+    for layer in ("blocks.2.2.pw_proj.conv", "blocks.3.2.pw_proj.conv", "msfa.ffn.pw_exp.conv",
+                  "msfa.ffn.pw_proj.conv"):  # fmt: skip
+        assert space_of(graph, layer).prunable, (layer, space_of(graph, layer).refusals)
+    exp = [consumer for consumer in space_of(graph, "blocks.3.2.pw_proj.conv").consumers
+           if consumer.name == "msfa.ffn.pw_exp.conv"]  # fmt: skip
+    assert [consumer.offset for consumer in exp] == [24]  # after the 24 channels of the third stage
+    assert [space.name for space in graph.spaces if not space.prunable] == ["classifier"], [
+        (space.name, space.refusals) for space in graph.spaces if not space.prunable
+    ]
+    ffn = assert_cut_equals_masked(tiny_mobilenetv5(), 64).model.msfa.ffn
+    assert ffn.pw_exp.conv.in_channels < 24 + 32 and ffn.pw_exp.conv.out_channels < 112
+    assert ffn.pw_proj.conv.out_channels < 48
