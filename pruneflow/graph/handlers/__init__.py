@@ -33,6 +33,8 @@
   its ``MultiScaleBlock``, kept whole, its stream followed through the pooled shortcut;
 - ``timm_split_attention``: SKNet's selective kernel and ResNeSt's split attention, kept whole, their paths one
   space (a softmax over the paths keeps channels independent), their logit rows points of it; Res2Net's equal parts;
+- ``timm_efficientvim``: EfficientViM's HSM-SSD mixer, kept whole: its input's channels carried into its hidden state,
+  its ``hz_proj`` rows cut in pairs, ``out_proj`` writing both outputs, its state dims refused;
 - ``timm_focal_modulation``: FocalNet's focal modulation, kept whole, its query and context rows two spaces;
 - ``timm_nextvit``: NextViT's efficient attention, kept whole, its q/k/v heads tied to the stream;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);

@@ -19,6 +19,7 @@ from pruneflow.graph.handlers import (
     timm_attention,
     timm_attention_classes,
     timm_channel_attention,
+    timm_efficientvim,
     timm_focal_modulation,
     timm_hieradet,
     timm_levit,
@@ -174,7 +175,7 @@ def register() -> None:
     for family in (timm_attention, timm_attention_classes, timm_channel_attention, timm_levit, timm_additive_attention,
                    timm_mvitv2, timm_mobile_attention, timm_mobile_blocks, timm_split_attention, timm_focal_modulation,
                    timm_nextvit, timm_metaformer, timm_vit_likes, timm_windows, timm_pyramid_attention, timm_hieradet,
-                   timm_mobilenetv5, tokens):  # fmt: skip
+                   timm_mobilenetv5, timm_efficientvim, tokens):  # fmt: skip
         family.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))

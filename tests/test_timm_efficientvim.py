@@ -1,0 +1,50 @@
+"""EfficientViM on a tiny configuration (widths of 16 to 32, two blocks a stage, seconds): its stream through the
+blocks' gated residuals (one gate per channel, the sigmoid of a parameter), its HSM-SSD mixer's hidden width cut in
+pairs (``h * act(z)``), its state dims refused in one line; half of every prunable space masked (L1,
+``activation``) and cut gives the masked network's function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_timm_vit_likes import assert_cut_equals_masked, space_of
+from torch import nn
+
+from pruneflow.graph import trace_channel_graph
+
+timm = pytest.importorskip("timm")
+import pruneflow.graph.handlers.timm_layers  # noqa: E402, F401  (timm is imported: its rules register at trace)
+
+MIXER = "stages.1.blocks.1.mixer"
+
+
+def tiny_efficientvim() -> nn.Module:
+    from timm.models.efficientvim import EfficientViM
+
+    torch.manual_seed(0)
+    model = EfficientViM(num_classes=10, embed_dim=(16, 24, 32), depths=(2, 2, 2), mlp_ratio=2.0, state_dim=(6, 5, 4))
+    for name, parameter in model.named_parameters():  # gates of sigmoid(1e-4) and D = 1 would hide a wrong cut
+        if name.endswith(("alpha", ".D")):
+            nn.init.uniform_(parameter, -2.0, 2.0)
+    return model
+
+
+def test_efficientvim_stream_and_mixer_widths_are_cut_exactly() -> None:
+    """EfficientViM was cut only in its FFNs and downsampling widths (1.37×): its blocks' residuals multiply each
+    branch by ``sigmoid(alpha).view(4, -1, 1, 1)[k]``, one gate per channel (a parameter the graph did not follow),
+    and its HSM-SSD mixer was traced into (``reshape``, ``matmul``). Now the gates are per-channel scales of the
+    stream (``alpha`` cut along its channels), the mixer is read whole: ``hz_proj`` reads the stream (``x @ abᵀ``
+    keeps x's channels), its rows cut in pairs, ``out_proj`` writes the stream; its state dims are refused."""
+    graph = trace_channel_graph(tiny_efficientvim())
+    stream = space_of(graph, "stages.1.blocks.0.mixer.out_proj.conv")
+    assert stream.prunable, stream.refusals
+    assert {"stages.1.blocks.1.dwconv1.conv", "stages.1.blocks.1.ffn.fc2.conv"} <= set(stream.names)
+    assert {scale.name for scale in stream.scales} == {"stages.1.blocks.0.alpha", "stages.1.blocks.1.alpha"}
+    hidden = space_of(graph, f"{MIXER}.hz_proj.conv")
+    assert hidden.prunable and hidden.groups == 2, hidden.refusals
+    states = space_of(graph, f"{MIXER}.BCdt_proj.conv")
+    assert not states.prunable and "state" in states.refusals[0]
+    cut = assert_cut_equals_masked(tiny_efficientvim(), 64).model
+    mixer = cut.get_submodule(MIXER)
+    assert mixer.hz_proj.conv.in_channels < 24 and mixer.d_inner < 24 and mixer.out_proj.conv.out_channels < 24
+    assert cut.get_submodule("stages.1.blocks.1").alpha.shape[1] < 24
