@@ -72,3 +72,19 @@ def test_multi_scale_fusion_adapter_cuts_its_inputs_and_its_ffn() -> None:
     ffn = assert_cut_equals_masked(tiny_mobilenetv5(), 64).model.msfa.ffn
     assert ffn.pw_exp.conv.in_channels < 24 + 32 and ffn.pw_exp.conv.out_channels < 112
     assert ffn.pw_proj.conv.out_channels < 48
+
+
+def test_a_fusion_adapter_with_more_in_its_ffn_refuses_its_inputs_in_one_line() -> None:
+    """An FFN with a layer scale (or a depthwise conv, an SE gate, a skip) is not read: its inputs are refused naming
+    the adapter and the part, and the rest is still cut exactly."""
+    from timm.layers import LayerScale2d
+
+    def scaled_ffn() -> nn.Module:
+        model = tiny_mobilenetv5()
+        model.msfa.ffn.layer_scale = LayerScale2d(48, 1.0)
+        return model
+
+    refused = {space.name: space.refusals for space in trace_channel_graph(scaled_ffn()).spaces if not space.prunable}
+    assert set(refused) == {"classifier", "blocks.2.0.pw_proj.conv", "blocks.3.0.pw_proj.conv"}, refused
+    assert refused["blocks.3.0.pw_proj.conv"] == ["fusion adapter msfa has a layer_scale in its FFN, which is not read"]
+    assert_cut_equals_masked(scaled_ffn(), 64)
