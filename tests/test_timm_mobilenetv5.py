@@ -88,3 +88,34 @@ def test_a_fusion_adapter_with_more_in_its_ffn_refuses_its_inputs_in_one_line() 
     assert set(refused) == {"classifier", "blocks.2.0.pw_proj.conv", "blocks.3.0.pw_proj.conv"}, refused
     assert refused["blocks.3.0.pw_proj.conv"] == ["fusion adapter msfa has a layer_scale in its FFN, which is not read"]
     assert_cut_equals_masked(scaled_ffn(), 64)
+
+
+class StridedQueries(nn.Module):
+    """MobileNetV4-hybrid's attention: queries pooled and normalised (``query_strides`` 2), keys and values
+    downsampled (``kv_stride`` 2), BatchNorms, separate key and value widths, in a small conv net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.attention2d import MultiQueryAttention2d
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.attn = MultiQueryAttention2d(16, num_heads=4, key_dim=4, value_dim=6, query_strides=2, kv_stride=2)
+        self.head = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 5))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.attn(x))
+
+
+def test_strided_queries_are_normalised_over_the_input_and_cut_exactly() -> None:
+    """A pooled query is normalised over the attention's input (``query.norm``, a point of its space, masked again
+    after its β), its output upsampled per channel before ``output.proj``."""
+    torch.manual_seed(0)
+    graph = trace_channel_graph(StridedQueries())
+    stream = space_of(graph, "stem.0")
+    assert stream.prunable and "attn.query.norm" in [point.name for point in stream.points], stream.refusals
+    assert space_of(graph, "attn.key.proj").prunable and space_of(graph, "attn.value.proj").prunable
+    torch.manual_seed(0)
+    cut = assert_cut_equals_masked(StridedQueries(), 16).model
+    assert cut.attn.query.norm.num_features < 16 and cut.attn.key_dim < 4 and cut.attn.value_dim < 6
