@@ -48,3 +48,32 @@ def test_efficientvim_stream_and_mixer_widths_are_cut_exactly() -> None:
     mixer = cut.get_submodule(MIXER)
     assert mixer.hz_proj.conv.in_channels < 24 and mixer.d_inner < 24 and mixer.out_proj.conv.out_channels < 24
     assert cut.get_submodule("stages.1.blocks.1").alpha.shape[1] < 24
+
+
+def test_a_fresh_efficientvim_given_the_cut_sizes_computes_the_cut_network() -> None:
+    """A checkpoint of the cut network loads into a fresh one given the cut's sizes (``apply_sizes``): its mixers'
+    ``d_inner`` and its blocks' ``alpha`` at the kept width."""
+    from pruneflow.compaction.cut import apply_sizes
+
+    cut = assert_cut_equals_masked(tiny_efficientvim(), 64)
+    fresh = apply_sizes(tiny_efficientvim(), cut.sizes).eval()
+    fresh.load_state_dict(cut.model.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), cut.model.eval()(images))
+
+
+def test_an_efficientvim_cut_while_training_computes_the_cut_network() -> None:
+    """Cut in training (``swap_in``), the network's own mixers take the cut's ``d_inner``, by which they split."""
+    from test_channel_graph import half_of_every_space
+
+    from pruneflow.compaction import compact
+    from pruneflow.compaction.while_training import swap_in
+
+    model = tiny_efficientvim().eval()
+    compaction = compact(model, half_of_every_space(trace_channel_graph(model)))
+    swap_in(model, compaction, [torch.optim.SGD(model.parameters(), lr=0.1)])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images), compaction.model.eval()(images))
+    assert model.get_submodule(MIXER).d_inner == compaction.model.get_submodule(MIXER).d_inner < 24

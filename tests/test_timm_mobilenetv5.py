@@ -119,3 +119,16 @@ def test_strided_queries_are_normalised_over_the_input_and_cut_exactly() -> None
     torch.manual_seed(0)
     cut = assert_cut_equals_masked(StridedQueries(), 16).model
     assert cut.attn.query.norm.num_features < 16 and cut.attn.key_dim < 4 and cut.attn.value_dim < 6
+
+
+def test_a_fresh_mobilenetv5_given_the_cut_sizes_computes_the_cut_network() -> None:
+    """A checkpoint of the cut network loads into a fresh one given the cut's sizes (``apply_sizes``): its attentions'
+    ``key_dim``, ``value_dim`` and fused path set as attributes."""
+    from pruneflow.compaction.cut import apply_sizes
+
+    cut = assert_cut_equals_masked(tiny_mobilenetv5(), 64)
+    fresh = apply_sizes(tiny_mobilenetv5(), cut.sizes).eval()
+    fresh.load_state_dict(cut.model.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), cut.model.eval()(images))

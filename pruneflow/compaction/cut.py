@@ -328,8 +328,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
                 rebuilt.append(name)
             continue
         module = model.get_submodule(name)
-        # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
-        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths):
+        if sized_by_attributes(module, widths):
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -349,9 +348,17 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
-# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``).
+# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; MobileNetV5's multi-query attention's
+# ``key_dim`` and ``value_dim``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim", "val_attn_dim"}  # fmt: skip
+                   "out_dim", "val_attn_dim", "key_dim", "value_dim"}  # fmt: skip
+
+
+def sized_by_attributes(module: nn.Module, widths: Mapping[str, int]) -> bool:
+    """Whether the cut's ``widths`` for ``module`` are attributes it sizes its forward by, not layers to rebuild: an
+    attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's, EfficientViM's
+    ``d_inner``), an entry of a list of sizes (FocalNet's)."""
+    return set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths)
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:
