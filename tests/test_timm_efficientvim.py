@@ -77,3 +77,25 @@ def test_an_efficientvim_cut_while_training_computes_the_cut_network() -> None:
     with torch.no_grad():
         assert torch.equal(model(images), compaction.model.eval()(images))
     assert model.get_submodule(MIXER).d_inner == compaction.model.get_submodule(MIXER).d_inner < 24
+
+
+class TwoGatedStreams(nn.Module):
+    """Two streams that stay apart, each gated by a row of one parameter, as EfficientViM's branches are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.alpha = nn.Parameter(torch.randn(2, 8))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
+        return self.head(torch.cat([self.a(x) * gates[0], self.b(x) * gates[1]], 1).mean((2, 3)))
+
+
+def test_one_gate_parameter_on_two_streams_that_stay_apart_refuses_both() -> None:
+    """A cut of one stream would take the other's gate entries (one column of ``alpha`` per channel of both)."""
+    graph = trace_channel_graph(TwoGatedStreams())
+    refused = {space.name: space.refusals for space in graph.spaces if not space.prunable}
+    reason = "parameter alpha scales the channels of several spaces that stay apart"
+    assert refused.keys() == {"a", "b", "head"} and refused["a"] == refused["b"] == [reason], refused

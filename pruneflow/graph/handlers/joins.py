@@ -19,7 +19,7 @@ from pruneflow.graph.handlers.slices import embedded
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
-from pruneflow.graph.records import ChannelScale
+from pruneflow.graph.records import ChannelScale, ChannelSpace
 from pruneflow.graph.registry import register_function_handler, register_method_handler
 from pruneflow.graph.values import UNKNOWN, Value
 
@@ -173,18 +173,29 @@ def scaled(tracer: Tracer, value: Value, factor: torch.fx.Node) -> bool:
     others = [size for d, size in enumerate(shape) if d != dim]
     if dim not in range(len(shape)) or shape[dim] != value.width or set(others) - {1}:
         return False
-    # each channel's entry, as coordinates in the parameter: the channels must run along one of its dims
+    # each channel's entry, as coordinates in the parameter: the channels must run along all of one of its first two
+    # dims, in order (a cut of that dim is then a cut of the factor, whatever else indexes it: ``alpha[k]``)
     coordinates = torch.stack(torch.unravel_index(entries.flatten(), parameter.shape))
-    varying = [d for d in range(parameter.ndim) if len(set(coordinates[d].tolist())) > 1]
-    if len(varying) != 1 or varying[0] not in (0, 1):
+    along = [d for d in (0, 1) if d < parameter.ndim and coordinates[d].tolist() == list(range(parameter.shape[d]))]
+    if not along:
         return False
-    along = coordinates[varying[0]].tolist()
     for index, offset in value.segments:
-        width = tracer.space(index).width
-        placed = along[offset : offset + width]
-        at = () if placed == list(range(offset, offset + width)) else tuple(placed)
-        tracer.space(index).scales.append(ChannelScale(target, varying[0], offset, at=at))
+        tracer.space(index).scales.append(ChannelScale(target, along[0], offset))
     return True
+
+
+def refuse_shared_scales(spaces: list[ChannelSpace]) -> None:
+    """A per-channel parameter whose same entries scale several spaces that stay apart (one gate parameter read
+    for two streams): a cut of one would cut the other's entries, so both are refused, naming it."""
+    holders: dict[str, dict[int, ChannelSpace]] = {}
+    for space in spaces:
+        for scale in space.scales:
+            entries = holders.setdefault(f"{scale.name} along {scale.dim}", {})
+            for entry in scale.channels(torch.arange(space.width)).tolist():
+                other = entries.setdefault(entry, space)
+                if other is not space:
+                    for held in (space, other):
+                        held.refuse(f"parameter {scale.name} scales the channels of several spaces that stay apart")
 
 
 def cat(tracer: Tracer, node: torch.fx.Node, value: Any) -> Value | None:
