@@ -9,6 +9,7 @@ import torch
 from test_window_attention import masked_and_cut
 from torch import nn
 
+from pruneflow.compaction import Compaction
 from pruneflow.compaction.verify import randomize_norms
 from pruneflow.graph import ChannelGraph, ChannelSpace, trace_channel_graph
 
@@ -20,7 +21,8 @@ def space_of(graph: ChannelGraph, layer: str) -> ChannelSpace:
     return next(space for space in graph.spaces if layer in space.names)
 
 
-def assert_cut_equals_masked(model: nn.Module, size: int) -> None:
+def assert_cut_equals_masked(model: nn.Module, size: int) -> Compaction:
+    """``model`` half masked and cut computes the masked network, and is smaller; the cut, to look into."""
     torch.manual_seed(0)
     model = randomize_norms(model).eval()  # β ≠ 0: a leaking mask would show
     images = torch.randn(2, 3, size, size)
@@ -29,6 +31,7 @@ def assert_cut_equals_masked(model: nn.Module, size: int) -> None:
         cut = compaction.model(images)
     assert compaction.channels[1] < compaction.channels[0]
     assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    return compaction
 
 
 def tiny_pit() -> nn.Module:

@@ -335,8 +335,7 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
         if type(module) in ROPE_TABLES:  # a rope's frequencies, from its full table
             cut_rope_table(module, widths["frequencies"])
             continue
-        # an attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's)
-        if set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths):
+        if sized_by_attributes(module, widths):
             set_attributes(module, widths)
             continue
         arguments, _ = _resizable(name, module)
@@ -356,10 +355,18 @@ def apply_sizes(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.
 # head count and width of all heads (Hiera's ``heads`` and ``dim_out``, MViTv2's ``dim_out``), BEiT's and EVA's fused
 # path turned off (``ChannelSpace.unfused_by_cut``); and a width a model reshapes by (``ChannelSpace.held_by``: a
 # ViT's hidden_dim, the shape MetaFormer's ``Scale`` views by, EfficientFormerV2's width of all value heads ``dh``;
-# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; TNT's pixel embedding's ``in_dim``);
-# an attention's ``scale`` whose full width the cut folded into its q rows (``compaction.rope.fold_scales``).
+# TinyViT's head count and ``out_dim``; LeViT's head count and ``val_attn_dim``; TNT's pixel embedding's ``in_dim``;
+# MobileNetV5's multi-query attention's ``key_dim`` and ``value_dim``); an attention's ``scale`` whose full width the
+# cut folded into its q rows (``compaction.rope.fold_scales``).
 ATTENTION_SIZES = {"head_dim", "num_heads", "attn_dim", "heads", "dim_out", "fused_attn", "hidden_dim", "shape", "dh",
-                   "out_dim", "val_attn_dim", "in_dim", "scale"}  # fmt: skip
+                   "out_dim", "val_attn_dim", "in_dim", "scale", "key_dim", "value_dim"}  # fmt: skip
+
+
+def sized_by_attributes(module: nn.Module, widths: Mapping[str, int]) -> bool:
+    """Whether the cut's ``widths`` for ``module`` are attributes it sizes its forward by, not layers to rebuild: an
+    attention's head width (MaxViT's) or head count (timm's), a split's sizes (FasterNet's, EfficientViM's
+    ``d_inner``), an entry of a list of sizes (FocalNet's)."""
+    return set(widths) <= ATTENTION_SIZES or type(module) in SPLIT_SIZES or all("[" in key for key in widths)
 
 
 def set_attributes(module: nn.Module, sizes: Mapping[str, int]) -> None:

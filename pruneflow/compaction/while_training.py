@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from pruneflow.compaction.cost import count_flops, count_parameters
 from pruneflow.compaction.cut import (
-    ATTENTION_SIZES,
     Compaction,
     CompactionError,
     cut_tensor,
@@ -36,6 +35,7 @@ from pruneflow.compaction.cut import (
     replace_module,
     replace_parameter,
     set_attributes,
+    sized_by_attributes,
 )
 from pruneflow.compaction.layouts import tensor_keep
 
@@ -122,9 +122,11 @@ def swap_in(
     for optimizer in optimizers:
         carry_optimizer(optimizer, moved)
         zero_padding_state(optimizer, compaction)
-    for name, widths in compaction.sizes.items():  # an attention's head count or width: attributes, not tensors
-        if set(widths) <= ATTENTION_SIZES:
-            set_attributes(network.get_submodule(name), widths)
+    for name, widths in compaction.sizes.items():  # an attention's head count or width, a split's: attributes
+        if name in compaction.kept or name in compaction.kept_along:  # a layer or a parameter, swapped in
+            continue
+        if sized_by_attributes(module := network.get_submodule(name), widths):
+            set_attributes(module, widths)
     for name, (dim, keep) in compaction.kept_along.items():  # a source cut along its tokens' channels
         for optimizer in optimizers:
             carry_along(optimizer, old[name], new_parameters[name], dim, keep)

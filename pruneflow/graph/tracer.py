@@ -22,7 +22,7 @@ from torch import nn
 
 from pruneflow.graph import calls, registry, widths
 from pruneflow.graph.capture import UntraceableModel, capture, first_line
-from pruneflow.graph.handlers import gates, multipliers, norms, reorderings, shapes, slices, timm_rope, tokens
+from pruneflow.graph.handlers import gates, joins, multipliers, norms, reorderings, shapes, slices, timm_rope, tokens
 from pruneflow.graph.layers import PRODUCER_TYPES
 from pruneflow.graph.nodes import argument, describe, reads_shape
 from pruneflow.graph.parameters import shared_parameters
@@ -266,6 +266,7 @@ class Tracer:
         self.tie()
         timm_rope.refuse_partly_prunable(self)
         tokens.refuse_shared_sources(spaces)
+        joins.refuse_shared_scales(spaces)
         norms.refuse_mixed_blocks(spaces)
         graph = ChannelGraph(spaces)
         if self.widths is None and any(space.reordered and space.routes for space in spaces):

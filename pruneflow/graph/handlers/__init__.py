@@ -41,6 +41,8 @@
   space (a softmax over the paths keeps channels independent), their logit rows points of it; Res2Net's equal parts;
 - ``timm_halo``: HaloNet's and BoTNet's attentions, kept whole, their q/k/v rows one space cut at the same positions
   in every head (their relative position tables' columns with them), their output its value rows;
+- ``timm_efficientvim``: EfficientViM's HSM-SSD mixer, kept whole: its input's channels carried into its hidden state,
+  its ``hz_proj`` rows cut in pairs, ``out_proj`` writing both outputs, its state dims refused;
 - ``timm_focal_modulation``: FocalNet's focal modulation, kept whole, its query and context rows two spaces;
 - ``timm_nextvit``: NextViT's efficient attention, kept whole, its q/k/v heads tied to the stream;
 - ``timm_layers``: timm's norm-act modules, ``*Same`` convs, LayerNorms, activations and layer scales (if installed);
@@ -54,6 +56,9 @@
   the cut, its values cut with the first part);
 - ``timm_mobile_blocks``: MobileViT's and TinyViT's blocks, which timm keeps from ``torch.fx``, read as their
   insides (their streams, MLP widths and MobileViT's heads prunable);
+- ``timm_mobilenetv5``: MobileNetV5's multi-query attention (a key dim cut from k and from every head's q, the one
+  value head read once per head) and its multi-scale fusion adapter (inputs side by side, an FFN of two convs), kept
+  whole;
 - ``timm_vit_likes``: the attentions of timm's ViT-likes that read their heads as timm's ``Attention`` does
   (Visformer's, on a map), kept whole, pruned in whole heads.
 - ``timm_pyramid_attention``: PVT-v2's, Twins', ConViT's, VOLO's and NesT's attentions (q/k/v rows from several

@@ -19,7 +19,7 @@ from pruneflow.graph.handlers.slices import embedded
 from pruneflow.graph.layers import LAYER_NORMS, NORM_TYPES, PRODUCER_TYPES
 from pruneflow.graph.nodes import argument
 from pruneflow.graph.parameters import attribute
-from pruneflow.graph.records import ChannelScale
+from pruneflow.graph.records import ChannelScale, ChannelSpace
 from pruneflow.graph.registry import register_function_handler, register_method_handler
 from pruneflow.graph.values import UNKNOWN, Value
 
@@ -104,40 +104,60 @@ def lined_up(tracer: Tracer, values: list[Value]) -> list[tuple[int, int, int]] 
     return pairs if all(tracer.space(j).width == w for (_, j, _), w in zip(pairs, widths, strict=True)) else None
 
 
+# functions of a parameter's entries one by one: a per-channel parameter through them is still one per channel
+ELEMENTWISE = (torch.sigmoid, torch.exp, torch.tanh, "sigmoid", "exp", "tanh")
+
+
+def parameter_steps(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The ops from a ``get_attr`` read by nothing else to ``node``, first the ``get_attr``: reshapes, integer or
+    slice indexing and entry-wise functions of the parameter alone (ConvNeXt's ``self.gamma.reshape(1, -1, 1, 1)``,
+    EfficientViM's ``torch.sigmoid(self.alpha).view(4, -1, 1, 1)[k]``); None for anything else."""
+    steps = [node]
+    while steps[0].op != "get_attr":
+        step = steps[0]
+        source = step.args[0] if step.args else None
+        entrywise = step.target in ELEMENTWISE and len(step.args) == 1 and not step.kwargs
+        known = entrywise or step.target is operator.getitem or step.target in ("reshape", "view")
+        if step.op == "call_module" or not known or not isinstance(source, torch.fx.Node):
+            return None
+        steps.insert(0, source)
+    return steps if len(steps) == 1 or len(steps[0].users) == 1 else None
+
+
 def parameter_read(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The ``get_attr`` that ``node`` is, or that it reshapes to broadcast (timm's ConvNeXt:
-    ``x.mul(self.gamma.reshape(1, -1, 1, 1))``, read by nothing else); None for anything else."""
-    if node.op == "get_attr":
-        return node
-    source = node.args[0] if node.args else None
-    reshaping = node.op == "call_method" and node.target in ("reshape", "view")
-    if reshaping and isinstance(source, torch.fx.Node) and source.op == "get_attr" and len(source.users) == 1:
-        return source
-    return None
+    """The ``get_attr`` that ``node`` is, or that it reaches (``parameter_steps``); None for anything else."""
+    steps = parameter_steps(node)
+    return None if steps is None else steps[0]
 
 
-def broadcast_shape(tracer: Tracer, factor: torch.fx.Node, parameter: nn.Parameter) -> tuple[int, ...] | None:
-    """The shape the factor multiplies with: the parameter's, or a 1-D parameter's after its reshape."""
-    if factor.op == "get_attr":
-        return tuple(parameter.shape)
-    sizes = factor.args[1] if len(factor.args) == 2 else factor.args[1:]
-    if parameter.ndim != 1 or not all(isinstance(size, int) for size in sizes):
-        return None
-    try:
-        return tuple(torch.empty(parameter.shape, device="meta").reshape(sizes).shape)
-    except RuntimeError:
-        return None
+def parameter_entries(steps: list[torch.fx.Node], parameter: nn.Parameter) -> torch.Tensor | None:
+    """What the factor at the end of ``steps`` multiplies with, as the index of each of its values among the
+    parameter's entries (flattened); None where a step's sizes or indices are not constants."""
+    entries = torch.arange(parameter.numel()).reshape(parameter.shape)
+    for step in steps[1:]:
+        if step.target in ELEMENTWISE:  # entry by entry: the indices stay
+            continue
+        arguments = step.args[1] if len(step.args) == 2 else step.args[1:]
+        items = arguments if isinstance(arguments, tuple) else (arguments,)
+        if not all(isinstance(item, (int, slice, type(None))) for item in items):
+            return None
+        try:
+            entries = entries[arguments] if step.target is operator.getitem else entries.reshape(arguments)
+        except (RuntimeError, IndexError, TypeError):
+            return None
+    return entries
 
 
 def scaled(tracer: Tracer, value: Value, factor: torch.fx.Node) -> bool:
-    """Whether ``factor`` (a ``get_attr``, or its reshape) is a parameter of one entry per channel along
-    ``value``'s channels (ConvNeXt's ``layer_scale``, (C, 1, 1)), read once, of no producer or norm; if so each
-    space records it (``ChannelScale``), to be cut with its channels."""
-    source = parameter_read(factor)
-    target = str(source.target)
+    """Whether ``factor`` (a parameter, or what ``parameter_steps`` make of it) holds one entry of a parameter per
+    channel along ``value``'s channels (ConvNeXt's ``layer_scale``, (C, 1, 1)), along one of its first two dims,
+    read once, of no producer or norm; if so each space records it (``ChannelScale``), to be cut with its channels."""
+    steps = parameter_steps(factor)
+    target = str(steps[0].target)
     parameter = attribute(tracer.model, target)
     owner = tracer.modules.get(target.rpartition(".")[0])
-    shape = broadcast_shape(tracer, factor, parameter) if isinstance(parameter, nn.Parameter) else None
+    entries = parameter_entries(steps, parameter) if isinstance(parameter, nn.Parameter) else None
+    shape = None if entries is None else tuple(entries.shape)
     if (
         shape is None
         or value.layout is not None
@@ -151,11 +171,31 @@ def scaled(tracer: Tracer, value: Value, factor: torch.fx.Node) -> bool:
         return False
     dim = len(shape) - 1 if value.channels_last else len(shape) - value.ndim + 1
     others = [size for d, size in enumerate(shape) if d != dim]
-    if dim not in (0, 1) or dim >= len(shape) or shape[dim] != value.width or set(others) - {1}:
+    if dim not in range(len(shape)) or shape[dim] != value.width or set(others) - {1}:
         return False
-    for index, offset in value.segments:  # a reshaped 1-D parameter: its channels are its dim 0
-        tracer.space(index).scales.append(ChannelScale(target, dim if factor is source else 0, offset))
+    # each channel's entry, as coordinates in the parameter: the channels must run along all of one of its first two
+    # dims, in order (a cut of that dim is then a cut of the factor, whatever else indexes it: ``alpha[k]``)
+    coordinates = torch.stack(torch.unravel_index(entries.flatten(), parameter.shape))
+    along = [d for d in (0, 1) if d < parameter.ndim and coordinates[d].tolist() == list(range(parameter.shape[d]))]
+    if not along:
+        return False
+    for index, offset in value.segments:
+        tracer.space(index).scales.append(ChannelScale(target, along[0], offset))
     return True
+
+
+def refuse_shared_scales(spaces: list[ChannelSpace]) -> None:
+    """A per-channel parameter whose same entries scale several spaces that stay apart (one gate parameter read
+    for two streams): a cut of one would cut the other's entries, so both are refused, naming it."""
+    holders: dict[str, dict[int, ChannelSpace]] = {}
+    for space in spaces:
+        for scale in space.scales:
+            entries = holders.setdefault(f"{scale.name} along {scale.dim}", {})
+            for entry in scale.channels(torch.arange(space.width)).tolist():
+                other = entries.setdefault(entry, space)
+                if other is not space:
+                    for held in (space, other):
+                        held.refuse(f"parameter {scale.name} scales the channels of several spaces that stay apart")
 
 
 def cat(tracer: Tracer, node: torch.fx.Node, value: Any) -> Value | None:

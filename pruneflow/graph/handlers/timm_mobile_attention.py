@@ -42,7 +42,7 @@ import torch.fx
 from torch import nn
 
 from pruneflow.graph.handlers.producers import read
-from pruneflow.graph.layers import TransposedRows, is_depthwise
+from pruneflow.graph.layers import LAYER_NORMS, TransposedRows, is_depthwise
 from pruneflow.graph.records import Consumer, PrunableLayer
 from pruneflow.graph.registry import register_module_handler
 from pruneflow.graph.values import Value, one_whole_space
@@ -60,9 +60,14 @@ def conv_layer(name: str, module: nn.Module) -> PrunableLayer:
     if isinstance(children.get("conv"), nn.Sequential):  # CPUBone's: a padding, then its conv
         children |= {f"conv.{index}": child for index, child in enumerate(children["conv"])}
     conv_name = next(child for child in ("conv", "c", "conv.1") if isinstance(children.get(child), nn.Conv2d))
-    norm_name = next((child for child in ("bn", "norm") if isinstance(children.get(child), nn.BatchNorm2d)), None)
+    norm_name = next((child for child in ("bn", "norm") if is_channel_norm(children.get(child))), None)
     norm = (f"{name}.{norm_name}", children[norm_name]) if norm_name else (None, None)
     return PrunableLayer(f"{name}.{conv_name}", children[conv_name], *norm)
+
+
+def is_channel_norm(module: nn.Module | None) -> bool:
+    """A BatchNorm, or a norm over a map's channels (``LAYER_NORMS``: MobileNetV5's RMS norms): a conv's norm."""
+    return isinstance(module, nn.BatchNorm2d) or (module is not None and LAYER_NORMS.get(type(module)) == 1)
 
 
 def carry(tracer: Tracer, layer: PrunableLayer, value: Value | None, why: str) -> None:
