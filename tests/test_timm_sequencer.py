@@ -17,7 +17,8 @@ from pruneflow.compaction.cut import apply_sizes
 from pruneflow.compaction.while_training import swap_in
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, trace_channel_graph
-from pruneflow.pruning.strategies import make_strategy
+from pruneflow.graph.layers import kernel_row_mask
+from pruneflow.pruning.strategies import make_strategy, zero_optimizer_state
 from pruneflow.pruning.telemetry import DriftTelemetry
 
 
@@ -95,6 +96,51 @@ def test_the_telemetry_measures_an_lstms_pruned_units_as_its_output_carries_them
     model(torch.randn(2, 6, 3, 3))
     leak = telemetry.measure()["leak/activation_abs_mean"]
     assert leak > 0 if leaks else leak == 0
+
+
+def gate_rows(lstm: nn.LSTM, units: torch.Tensor) -> torch.Tensor:
+    return torch.cat([units + gate * lstm.hidden_size for gate in range(4)])
+
+
+@pytest.mark.parametrize("strategy", ["weight", "hard", "activation"])
+def test_strategies_that_zero_kernels_zero_an_lstms_own_gate_rows_and_its_units_output_zero(strategy: str) -> None:
+    """A pruned unit's four gate rows (both directions, input and hidden weights, biases) are the LSTM's own tensors'
+    rows: zeroed, the unit's gates are σ(0) and tanh(0), its cell and output stay 0 (seen red: the strategies zeroed
+    ``LSTMUnits.weight``, a copy, and the unit lived on)."""
+    torch.manual_seed(0)
+    model, masking = Recurrent(), make_strategy(strategy)
+    layer = next(layer for layer in trace_channel_graph(model).layers if layer.name == "rnn")
+    masking.prepare(layer)
+    mask = torch.arange(7) % 3 == 0
+    masking.apply(layer, mask)
+    rows = gate_rows(model.rnn, mask.nonzero().flatten())
+    for name in model.rnn._flat_weights_names:
+        assert getattr(model.rnn, name)[rows].abs().max() == 0, name
+    masking.remove(layer)  # the kernels alone keep the units at zero
+    with torch.no_grad():
+        hidden, _ = model.rnn(model.embed(torch.randn(2, 9, 6)))
+    assert hidden[..., torch.cat([mask, mask])].abs().max() == 0
+
+
+def test_the_gradient_strategy_and_the_optimizer_reset_reach_an_lstms_own_gate_rows() -> None:
+    """Seen red: the gradient mask and the optimizer-state reset reached a copy of the rows (no ``.grad``, no
+    state)."""
+    torch.manual_seed(0)
+    model, masking = Recurrent(), make_strategy("gradient")
+    layer = next(layer for layer in trace_channel_graph(model).layers if layer.name == "rnn")
+    mask = torch.arange(7) % 3 == 0
+    masking.prepare(layer)
+    masking.apply(layer, mask)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 6, 3, 3)).square().sum().backward()
+    optimizer.step()  # momentum of every row, the pruned ones' too
+    masking.before_optimizer_step(layer, mask)
+    zero_optimizer_state(optimizer, masking.trainable_tensors(layer), kernel_row_mask(layer.producer, mask))
+    rows = gate_rows(model.rnn, mask.nonzero().flatten())
+    for name in model.rnn._flat_weights_names:
+        tensor = getattr(model.rnn, name)
+        assert tensor.grad[rows].abs().max() == 0 < tensor.grad.abs().max(), name
+        assert optimizer.state[tensor]["momentum_buffer"][rows].abs().max() == 0, name
 
 
 def test_parametrize_refuses_an_lstms_units_in_one_line_before_training() -> None:

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from pruneflow.atomic_io import write_json_atomic
 from pruneflow.compaction import load_trained_run, test_batches
 from pruneflow.graph import LAYER_NORMS, ChannelSpace, Consumer, PrunableLayer, is_layer_norm
+from pruneflow.graph.layers import kernel_row_mask
 from pruneflow.pruning.strategies import make_strategy
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,8 @@ def measure_traps(
         result[key] = result.get(key, 0.0) + 1
     if not spaces:
         return result
-    rows = [(tensor, mask) for layer in layers if (mask := pruned.get(layer.name)) is not None and bool(mask.any())
+    rows = [(tensor, kernel_row_mask(layer.producer, mask)) for layer in layers
+            if (mask := pruned.get(layer.name)) is not None and bool(mask.any())
             for tensor in make_strategy(strategy).trainable_tensors(layer)]  # fmt: skip
     with TrapProbe(network, spaces) as probe:
         for mode in MODES:

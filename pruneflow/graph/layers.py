@@ -178,8 +178,9 @@ class TransposedRows(nn.Conv2d):
 class LSTMUnits(nn.Linear):
     """An ``nn.LSTM``'s hidden units (one layer, no projection) seen as a producer's rows: unit j owns rows j, H + j,
     2H + j and 3H + j (its input, forget, cell and output gates) of every direction's ``weight_ih``, ``weight_hh`` and
-    biases. ``weight`` gathers them, (H, 4, columns of all those tensors): a copy, what a criterion scores; the
-    ``activation`` strategy masks the rows in the LSTM's own forward (``ROWS_MASKED_FORWARDS``). Not a module of the
+    biases. ``weight`` gathers them, (H, 4, columns of all those tensors): a copy, what a criterion scores and the
+    telemetry measures; the strategies zero, mask and reset the LSTM's own tensors (``kernel_tensors``), and
+    ``activation`` masks the rows in the LSTM's own forward (``ROWS_MASKED_FORWARDS``). Not a module of the
     model (the LSTM is): a producer's record only."""
 
     def __init__(self, lstm: nn.LSTM) -> None:
@@ -215,6 +216,20 @@ def attention_op_by_op() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def kernel_tensors(producer: nn.Module) -> list[Tensor]:
+    """The leaf parameters whose rows (dim 0) write a producer's channels, as the optimizer holds them: its weight and
+    bias; every tensor of an LSTM (``LSTMUnits``), a unit's four gate rows in each (``kernel_row_mask``)."""
+    if isinstance(producer, LSTMUnits):
+        return [getattr(producer.lstm, name) for name in producer.lstm._flat_weights_names]
+    return [producer.weight] if producer.bias is None else [producer.weight, producer.bias]
+
+
+def kernel_row_mask(producer: nn.Module, pruned: Tensor) -> Tensor:
+    """The rows of ``kernel_tensors`` that write the ``pruned`` channels (a boolean mask over dim 0): the channels
+    themselves; an LSTM unit j's rows j, H + j, 2H + j and 3H + j."""
+    return pruned.repeat(4) if isinstance(producer, LSTMUnits) else pruned
 
 
 def held_by(producer: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import ChannelSpace, PrunableLayer
+from pruneflow.graph.layers import kernel_row_mask
 from pruneflow.pruning.criteria import Criterion
 from pruneflow.pruning.strategies import MaskStrategy, current_strategy_name, zero_optimizer_state
 
@@ -100,7 +101,8 @@ class Masking:
     def zero_optimizer_state(self, optimizers: Iterable[Any]) -> None:
         for optimizer in optimizers:
             for layer, mask in self.masked:
-                zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), mask)
+                rows = kernel_row_mask(layer.producer, mask)
+                zero_optimizer_state(optimizer, self.strategy.trainable_tensors(layer), rows)
 
     def remove(self) -> None:
         """The strategy's hooks and parametrizations, and every reference to the masked modules (a cut

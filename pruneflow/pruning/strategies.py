@@ -38,7 +38,14 @@ from torchvision.models.swin_transformer import shifted_window_attention
 
 from pruneflow.errors import ConfigError
 from pruneflow.graph import LAYER_NORMS, ChannelSource, PrunableLayer, is_layer_norm
-from pruneflow.graph.layers import RMS_NORMS, held_by, statistics_dims, tensor_names
+from pruneflow.graph.layers import (
+    RMS_NORMS,
+    held_by,
+    kernel_row_mask,
+    kernel_tensors,
+    statistics_dims,
+    tensor_names,
+)
 from pruneflow.graph.registry import ROWS_MASKED_FORWARDS
 
 
@@ -65,7 +72,7 @@ class MaskStrategy:
 
     def apply(self, layer: PrunableLayer, pruned: Tensor) -> None:
         if self.zeroes_kernels:
-            zero_rows(self.trainable_tensors(layer), pruned)
+            zero_rows(self.trainable_tensors(layer), kernel_row_mask(layer.producer, pruned))
             zero_sources(layer, pruned)
         self.install(layer, pruned)
 
@@ -79,11 +86,9 @@ class MaskStrategy:
         """Called after the optimizer step."""
 
     def trainable_tensors(self, layer: PrunableLayer) -> list[nn.Parameter]:
-        """The producer's leaf parameters whose rows are the pruned kernels (weight, and bias if any)."""
-        tensors = [layer.producer.weight]
-        if layer.producer.bias is not None:
-            tensors.append(layer.producer.bias)
-        return tensors
+        """The producer's leaf parameters whose rows are the pruned kernels (weight, and bias if any; an LSTM's
+        tensors, whose rows ``kernel_row_mask`` gives)."""
+        return kernel_tensors(layer.producer)
 
     def stored_weight(self, layer: PrunableLayer) -> Tensor | None:
         """The stored weight where it differs from the effective ``conv.weight``; else None."""
@@ -147,7 +152,7 @@ class GradientMask(MaskStrategy):
 
     def before_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
         grads = [tensor.grad for tensor in self.trainable_tensors(layer) if tensor.grad is not None]
-        zero_rows(grads, pruned)
+        zero_rows(grads, kernel_row_mask(layer.producer, pruned))
 
 
 class HardMask(MaskStrategy):
@@ -157,7 +162,7 @@ class HardMask(MaskStrategy):
     why_cut_changes_outputs = "β leaks through every pruned channel after its BatchNorm"
 
     def after_optimizer_step(self, layer: PrunableLayer, pruned: Tensor) -> None:
-        zero_rows(self.trainable_tensors(layer), pruned)
+        zero_rows(self.trainable_tensors(layer), kernel_row_mask(layer.producer, pruned))
 
 
 class ChannelMaskParametrization(nn.Module):

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from pruneflow.graph import Consumer, PrunableLayer
-from pruneflow.graph.layers import input_weight, qkv_tensors
+from pruneflow.graph.layers import input_weight, kernel_row_mask, qkv_tensors
 from pruneflow.pruning.strategies import QKV_KEEP_BUFFER, MaskStrategy
 
 # (C,) float buffer on each channel point: 1 where the channel is pruned. A buffer, so it follows the
@@ -110,7 +110,7 @@ class DriftTelemetry:
         self._grad_sq: dict[str, Tensor] = {}
         self._rows_before: dict[str, list[Tensor]] = {}
         self._optimizer_share: dict[str, Tensor] = {}
-        self._row_index: dict[str, tuple[Tensor, int, Tensor]] = {}
+        self._row_index: dict[str | tuple[str, str], tuple[Tensor, int, Tensor]] = {}
         self._column_index: dict[tuple[str, Consumer], tuple[Tensor, Tensor]] = {}
         self._leak_armed = False
         self._eval_leak_armed = False
@@ -137,14 +137,17 @@ class DriftTelemetry:
                     self._eval_leak[extra.name] = torch.full((), -1.0)
                     self._handles.append(extra.module.register_forward_hook(self._leak_hook(extra.name, extra.shape)))
 
-    def rows(self, name: str, pruned: Tensor, device: torch.device) -> Tensor:
-        """Indices of ``pruned``'s channels on ``device``, found once per mask version: ``t[mask]`` and
-        ``mask.nonzero()`` read the mask back to the host (a GPU sync) on every measured step, while
-        ``index_select`` with indices kept on the device does not."""
-        cached = self._row_index.get(name)
+    def rows(self, name: str, pruned: Tensor, device: torch.device, producer: nn.Module | None = None) -> Tensor:
+        """Indices of ``pruned``'s channels on ``device`` (with a ``producer``: of the rows of its trainable tensors
+        that write them, ``kernel_row_mask``), found once per mask version: ``t[mask]`` and ``mask.nonzero()`` read
+        the mask back to the host (a GPU sync) on every measured step, while ``index_select`` with indices kept on
+        the device does not."""
+        key = name if producer is None else (name, "kernels")
+        cached = self._row_index.get(key)
         if cached is None or cached[0] is not pruned or cached[1] != pruned._version or cached[2].device != device:
-            cached = (pruned, pruned._version, pruned.to(device).nonzero().flatten())
-            self._row_index[name] = cached
+            rows = pruned if producer is None else kernel_row_mask(producer, pruned)
+            cached = (pruned, pruned._version, rows.to(device).nonzero().flatten())
+            self._row_index[key] = cached
         return cached[2]
 
     def columns(self, name: str, consumer: Consumer, index: Tensor) -> Tensor:
@@ -199,7 +202,7 @@ class DriftTelemetry:
             pruned = self.pruned.get(layer.name)
             if pruned is not None:
                 self._rows_before[layer.name] = [
-                    t.detach().index_select(0, self.rows(layer.name, pruned, t.device))
+                    t.detach().index_select(0, self.rows(layer.name, pruned, t.device, layer.producer))
                     for t in self.strategy.trainable_tensors(layer)
                 ]
 
@@ -217,7 +220,7 @@ class DriftTelemetry:
             tensors = self.strategy.trainable_tensors(layer)
             fields = dict.fromkeys(OPTIMIZER_FIELDS, None)
             for tensor, rows_before in zip(tensors, before, strict=True):
-                index = self.rows(layer.name, pruned, tensor.device)
+                index = self.rows(layer.name, pruned, tensor.device, layer.producer)
                 optimizer, group = groups.get(id(tensor), (None, {}))
                 state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
                 parts = {
@@ -248,7 +251,7 @@ class DriftTelemetry:
             pruned = self.pruned.get(layer.name)
             if pruned is None:
                 continue
-            grads = [t.grad.index_select(0, self.rows(layer.name, pruned, t.grad.device))
+            grads = [t.grad.index_select(0, self.rows(layer.name, pruned, t.grad.device, layer.producer))
                      for t in self.strategy.trainable_tensors(layer) if t.grad is not None]  # fmt: skip
             if grads:
                 self._grad_sq[layer.name] = sum(g.float().pow(2).sum() for g in grads)
