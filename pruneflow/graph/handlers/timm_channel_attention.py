@@ -1,7 +1,7 @@
-"""timm's attentions over a head's channels: DaViT's ``ChannelAttention`` (and its V2, whose heads are ``groups``)
-and the cross-covariance attention (XCA) of XCiT (``XCA``) and EdgeNeXt (``CrossCovarianceAttn``), kept whole and
-cut in whole heads, the stream they read with them; and the Fourier position encoding XCiT and EdgeNeXt add to the
-stream XCA reads.
+"""timm's attentions over a head's channels: DaViT's ``ChannelAttentionV2`` (whose heads are ``groups``; its V1,
+``ChannelAttention``, is cut inside its heads by ``timm_davit``) and the cross-covariance attention (XCA) of XCiT
+(``XCA``) and EdgeNeXt (``CrossCovarianceAttn``), kept whole and cut in whole heads, the stream they read with them;
+and the Fourier position encoding XCiT and EdgeNeXt add to the stream XCA reads.
 
 Each splits its ``qkv`` rows into ``num_heads`` heads of ``C // num_heads`` channels, ``C`` its input's width, and
 takes a softmax over a head's channels: DaViT's ``softmax(kᵀ v)`` (a head's channels × channels), XCA's
@@ -56,7 +56,7 @@ def unhandled_variant(node: torch.fx.Node, module: nn.Module, heads: int) -> str
 
 
 def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """DaViT's ``ChannelAttention``, XCiT's ``XCA``, EdgeNeXt's ``CrossCovarianceAttn``, a leaf: ``qkv`` reads the
+    """DaViT's ``ChannelAttentionV2``, XCiT's ``XCA``, EdgeNeXt's ``CrossCovarianceAttn``, a leaf: ``qkv`` reads the
     stream and writes a space of whole heads tied to it, read by ``proj`` at its value rows; a per-head
     ``temperature`` is cut with its heads."""
     name = str(node.target)
@@ -90,6 +90,6 @@ def register() -> None:
     from timm.models import davit, edgenext, xcit
 
     HEAD_COUNTS[davit.ChannelAttentionV2] = "groups"
-    attentions = (davit.ChannelAttention, davit.ChannelAttentionV2, xcit.XCA, edgenext.CrossCovarianceAttn)
+    attentions = (davit.ChannelAttentionV2, xcit.XCA, edgenext.CrossCovarianceAttn)
     register_module_handler(attentions, channel_attention)
     register_module_handler((xcit.PositionalEncodingFourier, edgenext.PositionalEncodingFourier), fourier_positions)
