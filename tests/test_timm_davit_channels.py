@@ -17,9 +17,14 @@ timm = pytest.importorskip("timm")
 
 
 def tiny_davit() -> nn.Module:
-    """Two stages of one spatial and one channel block, 2 and 4 heads of 8 channels, 32 px."""
+    """Two stages of one spatial and one channel block, 2 and 4 heads of 8 channels, 32 px; the window attentions on
+    their fused path (which divides by √(head width) read from q), whatever timm's default, with q, k, v biases."""
     torch.manual_seed(0)
     model = timm.create_model("davit_tiny", num_classes=10, embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 4))
+    for block in (stage.blocks[0][0] for stage in model.stages):
+        block.attn.fused_attn = True
+        # timm starts the bias at 0 and the weights small, which would hide how the cut scales q's rows
+        nn.init.normal_(block.attn.qkv.weight), nn.init.normal_(block.attn.qkv.bias)
     return randomize_norms(model).eval()
 
 
@@ -44,7 +49,7 @@ def test_a_tiny_davit_cut_inside_its_channel_heads_computes_the_masked_network()
     attention = compaction.model.stages[1].blocks[0][1].attn
     assert attention.num_heads == 4 and attention.qkv.out_features == 3 * 16  # every head kept, half its positions
     window = compaction.model.stages[1].blocks[0][0].attn
-    assert window.num_heads == 4 and window.qkv.out_features == 3 * 16
+    assert window.num_heads == 4 and window.qkv.out_features == 3 * 16 and window.fused_attn  # its q rows rescaled
 
 
 def test_the_activation_mask_of_davits_channel_heads_leaks_nothing_and_gives_pruned_rows_no_gradient() -> None:

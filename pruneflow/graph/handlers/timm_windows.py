@@ -22,20 +22,20 @@ the channels side by side: the stream read 4 times over by the merging's norm an
 ``_patch_merging_pad`` is read (``attention.patch_merging_pad``). A flatten of dims before the channels only (Hiera's
 unroll, strides into the batch) and a max over positions (its q pooling) keep them last.
 
-Swin's attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's
-and SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so
-their head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the
-stream's unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's
-logits are scaled by ``scale``, fixed at construction (its fused path, which would divide by the cut head width,
-is turned off by the cut: ``ChannelSpace.unfused_by_cut``); SwinV2's and SwinV2-CR's cosine attention normalises q
-and k over a head's positions, where a zero position adds nothing. The relative position bias is per head and the
-head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
-(``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
-SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in whole heads, as
-timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as Swin's: per position of a head, tied
-to the stream, which DaViT's channel attention also reads per position of its heads, as many (``timm_davit``); its
-``window_reverse`` is read as Swin's. NesT's writes its heads' output
-head-minor: tied to the stream with the same value positions in every head (``timm_pyramid_attention``).
+Swin's attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's and
+SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so their
+head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the stream's
+unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's logits are
+scaled by ``scale``, fixed at construction; its fused path, which would divide by the cut head width, is kept: the cut
+folds the full width's scale into its q rows and ``scale`` (``ChannelSpace.scaled_by_cut``), as DaViT's. SwinV2's and
+SwinV2-CR's cosine attention normalises q and k over a head's positions, where a zero position adds nothing. The
+relative position bias is per head and the head count stays. SwinV2's ``q_bias``/``v_bias`` are read through
+``F.linear`` as BEiT's are (``timm_attention_classes``): the attention is the rows' channel point, computed again with
+its call's ``mask=``. SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in
+whole heads, as timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as Swin's: per position of
+a head, tied to the stream, which DaViT's channel attention also reads per position of its heads, as many
+(``timm_davit``); its ``window_reverse`` is read as Swin's. NesT's writes its heads' output head-minor: tied to the
+stream with the same value positions in every head (``timm_pyramid_attention``).
 """
 
 from __future__ import annotations
@@ -238,8 +238,10 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
     biased = getattr(module, "q_bias", None) is not None
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **({"unit_name": name, "unit": module} if biased else {}))
     inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-    if hasattr(module, "fused_attn") or biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
+    if biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
         tracer.spaces[inner].unfused_by_cut = name
+    elif hasattr(module, "fused_attn"):  # its fused path kept: the full width's scale folded into its q rows
+        tracer.spaces[inner].scaled_by_cut = name
     if biased:
         tracer.spaces[inner].scales += bias_scales(name, module)
     return output
