@@ -1,4 +1,4 @@
-"""DaViT's channel attention (timm's ``davit.ChannelAttention``) cut inside its heads: its q/k/v rows one space of
+"""DaViT's channel attentions (timm's ``davit.ChannelAttention`` and V2) cut inside their heads: its q/k/v rows one space of
 heads tied to the stream, a position of a head cut from q, k and v alike, the ``activation`` mask recomputing the
 attention without it.
 
@@ -18,8 +18,9 @@ from q, k and v (``ChannelSpace.groups`` 3). Its heads' output is reshaped by it
 are tied to the stream (``attention.tied_heads``): as many per head as the stream keeps per head; the head count
 and ``scale`` stay, and the cut head width is the cut input's width over the heads.
 
-DaViT's ``ChannelAttentionV2`` (its heads ``groups``, its scale by the token count) stays cut in whole heads
-(``timm_channel_attention``), as do XCiT's and EdgeNeXt's XCA.
+DaViT's ``ChannelAttentionV2`` (its heads ``groups``, q scaled by the token count or its fixed ``head_dim``) takes
+``softmax(qᵀ k over k's positions) @ vᵀ``, its output position i read from q's: masked and cut alike, the roles of
+q, k and v exchanged. XCiT's and EdgeNeXt's XCA stay cut in whole heads (``timm_channel_attention``).
 """
 
 from __future__ import annotations
@@ -42,18 +43,34 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
+# Each channel attention's logits as (a, b, c) of its q, k, v: softmax(aᵀ b over b's positions) @ cᵀ, output position
+# i read from a's position i; a scaled. V1: (k · scale, v, q); V2: (q scaled by the token count or its head width, k, v)
+def _v1_parts(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return k * module.scale, v, q
+
+
+def _v2_parts(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    scale = q.shape[-2] ** -0.5 if module.dynamic_scale else module.head_dim**-0.5
+    return q * scale, k, v
+
+
+# DaViT's channel attentions → (the attribute holding their head count, their logits' parts, the index of a and b)
+CHANNEL_ATTENTIONS: dict[type[nn.Module], tuple[str, Any, tuple[int, int]]] = {}
+
+
 def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """DaViT's ``ChannelAttention``, a leaf: ``qkv`` reads the stream and writes a space of heads tied to it, the
-    same positions from q, k and v, masked inside the attention (``forward_without_positions``); ``proj`` reads
-    them."""
+    """DaViT's ``ChannelAttention`` and ``ChannelAttentionV2``, a leaf: ``qkv`` reads the stream and writes a space of
+    heads tied to it, the same positions from q, k and v, masked inside the attention
+    (``forward_without_positions``); ``proj`` reads them."""
     name = str(node.target)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    if reason := unhandled_variant(node, module, module.num_heads):
+    heads = getattr(module, CHANNEL_ATTENTIONS[type(module)][0])
+    if reason := unhandled_variant(node, module, heads):
         return refused(tracer, proj, value, f"channel attention {name} {reason}")
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, unit_name=name, unit=module)
-    inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-    heads = tracer.space(inner)
-    heads.groups = tracer.joined_groups(heads, 3, f"channel attention {name}'s q, k and v")
+    inner, output = tied_heads(tracer, name, qkv, proj, heads, value)
+    space = tracer.space(inner)
+    space.groups = tracer.joined_groups(space, 3, f"channel attention {name}'s q, k and v")
     return output
 
 
@@ -61,23 +78,27 @@ def forward_without_positions(
     module: nn.Module, inputs: tuple[Any, ...], keywords: dict[str, Any], keep: Tensor
 ) -> Tensor:
     """DaViT's channel attention as its cut computes it: the q, k, v rows times ``keep`` (a 1/0 per row), a pruned
-    value position's logits −∞ and a pruned key position's output 0."""
+    position's logits −∞ and its output 0."""
     x = inputs[0]
     B, N, C = x.shape
-    heads, rows = module.num_heads, keep.to(x.dtype).flatten()
+    count, parts, (first, second) = CHANNEL_ATTENTIONS[type(module)]
+    heads, rows = getattr(module, count), keep.to(x.dtype).flatten()
     bias = None if module.qkv.bias is None else module.qkv.bias * rows
     qkv = F.linear(x, module.qkv.weight * rows.view(-1, 1), bias)
-    q, k, v = qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    _, keys, values = (part.view(1, heads, -1, 1) for part in rows.view(3, heads, -1))
-    logits = (k * module.scale).transpose(-1, -2) @ v
+    a, b, c = parts(module, *qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0))
+    kept = rows.view(3, heads, -1, 1)
+    logits = a.transpose(-1, -2) @ b
     # the smallest finite logit, not −∞: a head with every position pruned stays finite (its output is 0 anyway)
-    attn = logits.masked_fill(values.transpose(-1, -2) == 0, torch.finfo(logits.dtype).min).softmax(dim=-1)
-    out = (attn @ q.transpose(-1, -2)) * keys
+    attn = logits.masked_fill(kept[second].transpose(-1, -2) == 0, torch.finfo(logits.dtype).min).softmax(dim=-1)
+    out = (attn @ c.transpose(-1, -2)) * kept[first]
     return module.proj(out.transpose(-1, -2).transpose(1, 2).reshape(B, N, C))
 
 
 def register() -> None:
-    from timm.models.davit import ChannelAttention
+    from timm.models.davit import ChannelAttention, ChannelAttentionV2
 
-    ROWS_MASKED_FORWARDS[ChannelAttention] = forward_without_positions
-    register_module_handler(ChannelAttention, channel_attention)
+    CHANNEL_ATTENTIONS[ChannelAttention] = ("num_heads", _v1_parts, (1, 2))
+    CHANNEL_ATTENTIONS[ChannelAttentionV2] = ("groups", _v2_parts, (0, 1))
+    for attention in CHANNEL_ATTENTIONS:
+        ROWS_MASKED_FORWARDS[attention] = forward_without_positions
+    register_module_handler(tuple(CHANNEL_ATTENTIONS), channel_attention)
