@@ -1,6 +1,6 @@
-"""DaViT's channel attentions (timm's ``davit.ChannelAttention`` and V2) cut inside their heads: its q/k/v rows one space of
-heads tied to the stream, a position of a head cut from q, k and v alike, the ``activation`` mask recomputing the
-attention without it.
+"""DaViT's channel attentions (timm's ``davit.ChannelAttention`` and V2) cut inside their heads: the q/k/v rows one
+space of heads tied to the stream, a position of a head cut from q, k and v alike, the ``activation`` mask recomputing
+the attention without it.
 
 Its forward, on tokens (B, N, C), heads of ``C // num_heads`` channels, ``scale`` fixed at construction::
 
