@@ -198,10 +198,12 @@ def half_of_every_space(graph: ChannelGraph) -> dict[str, Tensor]:
             masks.update((name, Random(1).select(space, 0.5, torch.zeros(space.width, dtype=torch.bool)))
                          for name in space.names)  # fmt: skip
             continue
-        if space.heads > 1:  # an attention's q, k, v rows: half of each head's, the same from q and k
+        if space.heads > 1:  # an attention's q, k, v rows: half of each head's, the same from q and k (and v where
+            # its space is cut in groups of q, k and v, as the criteria select)
+            alike = space.parts > 1 and space.groups == space.parts
             pruned = select_per_head(torch.rand(space.width, generator=generator), space.heads,
                                      channels_to_prune(space.width // (space.parts * space.heads), 0.5),
-                                     torch.zeros(space.width, dtype=torch.bool), space.parts)  # fmt: skip
+                                     torch.zeros(space.width, dtype=torch.bool), space.parts, alike=alike)  # fmt: skip
             masks.update((name, pruned) for name in space.names)
             continue
         if space.multiple > 1:  # read by attentions: half of each head's share, the same positions in every group

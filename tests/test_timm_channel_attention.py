@@ -1,8 +1,8 @@
 """timm's attentions kept whole where their insides defeat the op-by-op walk: SwiftFormer's additive attention
 (an L2 normalisation over the channels, a learned ``w_g``) and MViTv2's pooling attention (q, k, v pooled per head,
 whole heads cut), each traced on a tiny network, half of every space masked by ``activation`` and cut, and the
-cut network compared with the masked one; DaViT's channel attention (a softmax across a head's channels), cut in
-whole heads with its stream."""
+cut network compared with the masked one; DaViT's channel attention (a softmax across a head's channels), cut
+inside its heads with its stream."""
 
 from __future__ import annotations
 
@@ -108,12 +108,12 @@ class ChannelAttentionBlock(nn.Module):
         return self.head((x + self.attn(x)).mean(1))
 
 
-def test_davits_channel_attention_is_cut_in_whole_heads_with_the_stream_exactly() -> None:
-    """Its softmax runs across a head's channels (a masked one would add exp(0) to the kept ones' denominators):
-    whole heads go, the stream one head's width per head (``timm_channel_attention``)."""
+def test_davits_channel_attention_is_cut_inside_its_heads_with_the_stream_exactly() -> None:
+    """Its softmax runs across a head's channels: the ``activation`` mask takes a pruned position out of it, so a
+    head loses the same positions from q, k and v, the stream as many per head (``timm_davit``)."""
     graph = trace_channel_graph(ChannelAttentionBlock())
     rows, stream = (next(s for s in graph.spaces if name in s.names) for name in ("attn.qkv", "stem.0"))
-    assert rows.whole_heads and rows.tied_to is stream and stream.multiple == 4
+    assert not rows.whole_heads and rows.groups == 3 and rows.tied_to is stream and stream.multiple == 2
     assert refusals(ChannelAttentionBlock()) == [OUTPUT]
     assert_cut_equals_masked(ChannelAttentionBlock())
 

@@ -1,7 +1,7 @@
-"""Attentions whose heads can only be cut whole while their output is reshaped by their input's width (DaViT's channel
-attention, XCiT's and EdgeNeXt's XCA, EVA's with a rope): cut in whole heads, the stream losing one head's width per
-head, on tiny timm configurations (seconds); half of every prunable space masked (L1, ``activation``) and cut gives
-the masked network's function."""
+"""Attentions whose heads can only be cut whole while their output is reshaped by their input's width (XCiT's and
+EdgeNeXt's XCA, EVA's with a rope): cut in whole heads, the stream losing one head's width per head, on tiny timm
+configurations (seconds); half of every prunable space masked (L1, ``activation``) and cut gives the masked network's
+function. DaViT's, whose channel attention is cut inside its heads (``test_timm_davit_channels``), checked here too."""
 
 from __future__ import annotations
 
@@ -64,29 +64,30 @@ def assert_whole_heads_of_the_stream(heads: ChannelSpace, stream: ChannelSpace, 
     assert stream.multiple % (stream.width // count) == 0  # whole multiples of a head's width
 
 
-def test_davit_channel_and_window_attentions_are_cut_in_whole_heads_with_the_stream() -> None:
-    """Both of a stage's attentions reshape their heads by the stream's width: each loses whole heads (a softmax over
-    a head's channels would change with a masked one in it), the stream one head's width per head."""
+def test_davit_channel_and_window_attentions_are_cut_inside_their_heads_with_the_stream() -> None:
+    """Both of a stage's attentions reshape their heads by the stream's width: each keeps its heads, as many positions
+    per head as the stream keeps per head (the channel attention's softmax masked as the cut computes it)."""
     graph = trace_channel_graph(tiny_davit())
     stream = space_of(graph, "stem.conv")
     for attention in ("stages.0.blocks.0.0.attn.qkv", "stages.0.blocks.0.1.attn.qkv"):
-        assert_whole_heads_of_the_stream(space_of(graph, attention), stream, 2)
-    assert stream.multiple == 16
+        heads = space_of(graph, attention)
+        assert heads.prunable and not heads.whole_heads and heads.heads == 2 and heads.tied_to is stream
+    assert stream.multiple == 2
     assert [space.name for space in graph.spaces if not space.prunable] == ["head.fc"]
     torch.manual_seed(0)
     model = randomize_norms(tiny_davit()).eval()
     _, compaction = masked_and_cut(model, torch.randn(2, 3, 32, 32))
     cut = compaction.model
-    assert [cut.stages[s].blocks[0][1].attn.num_heads for s in (0, 1)] == [1, 2]
+    assert [cut.stages[s].blocks[0][1].attn.num_heads for s in (0, 1)] == [2, 4]
     assert cut.stem.conv.out_channels == 16
     assert_cut_equals_masked(tiny_davit(), 32)
 
 
-def test_davit_v2_channel_attention_holds_its_heads_in_groups_and_cuts_exactly() -> None:
-    """V2 scales q by the token count and calls its heads ``groups``: the cut sets that."""
+def test_davit_v2_channel_attention_keeps_its_heads_in_groups_and_cuts_exactly() -> None:
+    """V2 scales q by the token count and calls its heads ``groups``: cut inside them, it keeps them."""
     torch.manual_seed(0)
     _, compaction = masked_and_cut(randomize_norms(tiny_davit(v2=True)).eval(), torch.randn(2, 3, 32, 32))
-    assert [compaction.model.stages[s].blocks[0][1].attn.groups for s in (0, 1)] == [1, 2]
+    assert [compaction.model.stages[s].blocks[0][1].attn.groups for s in (0, 1)] == [2, 4]
     assert_cut_equals_masked(tiny_davit(v2=True), 32)
 
 
@@ -136,23 +137,21 @@ def test_eva_attention_with_a_rope_is_cut_in_whole_heads_with_the_stream() -> No
 def test_a_stream_and_its_whole_heads_are_selected_alike_at_any_share() -> None:
     """A stream pruned in multiples of two heads' width (as if another attention read it too) is rounded to those
     at a share that is not one; its attentions lose the heads that width makes, not their own share of heads."""
-    graph = trace_channel_graph(tiny_davit())
-    stream = space_of(graph, "stages.1.downsample.conv")
-    heads = space_of(graph, "stages.1.blocks.0.1.attn.qkv")
-    stream.multiple = 32
+    graph = trace_channel_graph(CrossCovarianceBlock())
+    stream, heads = space_of(graph, "embed"), space_of(graph, "xca.qkv")
+    stream.multiple = 16
     for amount in (0.3, 0.5, 0.8):
         pruned_stream = L1().select(stream, amount, torch.zeros(stream.width, dtype=torch.bool))
         pruned_heads = L1().select(heads, amount, torch.zeros(heads.width, dtype=torch.bool))
-        whole = pruned_heads.view(3, 4, 16).all(-1).all(0)
-        assert int(pruned_stream.sum()) == 16 * int(whole.sum()) and int(pruned_heads.sum()) == 48 * int(whole.sum())
+        whole = pruned_heads.view(3, 4, 8).all(-1).all(0)
+        assert int(pruned_stream.sum()) == 8 * int(whole.sum()) and int(pruned_heads.sum()) == 24 * int(whole.sum())
 
 
 def test_an_explicit_list_must_take_a_heads_width_from_the_stream_per_head() -> None:
-    graph = trace_channel_graph(tiny_davit())
-    stream, heads = space_of(graph, "stem.conv"), space_of(graph, "stages.0.blocks.0.1.attn.qkv")
-    head_0 = [part * 32 + row for part in range(3) for row in range(16)]
-    window = space_of(graph, "stages.0.blocks.0.0.attn.qkv")
-    lists = {stream.name: list(range(16)), heads.name: head_0, window.name: head_0}
+    graph = trace_channel_graph(CrossCovarianceBlock())
+    stream, heads = space_of(graph, "embed"), space_of(graph, "xca.qkv")
+    head_0 = [part * 32 + row for part in range(3) for row in range(8)]
+    lists = {stream.name: list(range(8)), heads.name: head_0}
     make_criterion("explicit", lists).check(graph.spaces)  # one head's width for one head: accepted
     with pytest.raises(ConfigError, match="one head's width per kept head"):
-        make_criterion("explicit", {**lists, stream.name: list(range(8))}).check(graph.spaces)
+        make_criterion("explicit", {**lists, stream.name: list(range(4))}).check(graph.spaces)

@@ -88,13 +88,14 @@ def test_a_cut_swin_computes_the_masked_one(name: str) -> None:
 
 
 def test_swin_with_its_fused_path_cuts_to_the_masked_one_at_the_scale_it_was_built_with() -> None:
-    """The fused path divides the logits by √(head width) read from q: the cut turns it off, its ``scale`` stays."""
+    """The fused path divides the logits by √(head width) read from q: the cut keeps it, the full width's scale
+    folded into its q rows (and ``scale``, for the other path)."""
     model = tiny("swin_tiny_patch4_window7_224")
     for attention in (m for m in model.modules() if type(m).__name__ == "WindowAttention"):
         attention.fused_attn = True
     cut, masked, compacted = masked_and_cut(model, 32)
     assert_same(cut, masked)
-    assert not compacted.layers[0].blocks[0].attn.fused_attn
+    assert compacted.layers[0].blocks[0].attn.fused_attn
 
 
 @pytest.mark.parametrize("strategy", ["activation", "weight"])

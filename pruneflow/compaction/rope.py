@@ -89,5 +89,7 @@ def fold_scales(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, d
             attention.qkv.weight[: heads * width] *= factor  # q rows first, then k, then v
             if getattr(attention, "q_bias", None) is not None:
                 attention.q_bias *= factor
+            elif attention.qkv.bias is not None:  # q's bias inside qkv's (DaViT's window attention)
+                attention.qkv.bias[: heads * width] *= factor
         scales[owner] = {"scale": attention.scale / factor}
     return scales

@@ -27,8 +27,10 @@
   of the rope's table, shared by every block, the table cut with them;
 - ``timm_coat``: CoaT's factorised attention, kept whole, its heads tied to the stream and cut at the same positions
   in q, k and v with its convolutional relative position encoding's depthwise convs (``channel_splits`` set);
-- ``timm_channel_attention``: DaViT's channel attention and XCiT's and EdgeNeXt's cross-covariance attention (XCA), a
-  softmax over a head's channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
+- ``timm_channel_attention``: XCiT's and EdgeNeXt's cross-covariance attention (XCA), a softmax over a head's
+  channels: kept whole, cut in whole heads tied to the stream, XCA's ``temperature`` with them;
+- ``timm_davit``: DaViT's channel attentions (V1 and V2), kept whole, cut per position of a head (the same from q, k
+  and v) tied to the stream, masked by computing them again with the pruned positions out of their softmax;
 - ``timm_hieradet``: SAM2's Hiera: a position embedding built from two parameters (each a source of the stream),
   its windows put back, its attention with pooled queries cut in whole heads;
 - ``timm_levit``: LeViT's ``LinearNorm`` (a Linear and its BatchNorm1d over the tokens) and its attentions, kept

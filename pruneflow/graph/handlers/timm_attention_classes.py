@@ -37,8 +37,8 @@ positions cannot be cut one by one, but whole heads can, as for timm's ``Attenti
 head whose q, k and v rows are 0 (after the bias) outputs 0 whatever the rope made of its q and k, the other heads
 keep their width (so their rope and their logits' scale). Since EVA reshapes its
 heads' output by its input's width, its q/k/v space is cut in whole heads **tied** to the stream, which loses one
-head's width for each head cut (``attention.whole_heads_tied``; the cut sets ``num_heads``). DaViT's channel
-attention and XCA are cut the same way (``timm_channel_attention``).
+head's width for each head cut (``attention.whole_heads_tied``; the cut sets ``num_heads``). XCA is cut
+the same way (``timm_channel_attention``).
 
 Refused in one line, and the stream with them (the tie): a rope or a q/k norm in BEiT's, CaiT's and ViT-RelPos's
 attentions (their per-head tables and talking heads would need cutting with the heads), the parts

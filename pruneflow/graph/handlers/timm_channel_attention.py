@@ -1,22 +1,20 @@
-"""timm's attentions over a head's channels: DaViT's ``ChannelAttention`` (and its V2, whose heads are ``groups``)
-and the cross-covariance attention (XCA) of XCiT (``XCA``) and EdgeNeXt (``CrossCovarianceAttn``), kept whole and
-cut in whole heads, the stream they read with them; and the Fourier position encoding XCiT and EdgeNeXt add to the
-stream XCA reads.
+"""timm's cross-covariance attention (XCA) over a head's channels, of XCiT (``XCA``) and EdgeNeXt
+(``CrossCovarianceAttn``), kept whole and cut in whole heads, the stream they read with them; and the Fourier position
+encoding XCiT and EdgeNeXt add to the stream XCA reads. DaViT's channel attentions, alike but for the softmax's
+operands, are cut inside their heads (``timm_davit``), their softmax masked as the cut computes it.
 
-Each splits its ``qkv`` rows into ``num_heads`` heads of ``C // num_heads`` channels, ``C`` its input's width, and
-takes a softmax over a head's channels: DaViT's ``softmax(kᵀ v)`` (a head's channels × channels), XCA's
-``softmax(q̂ k̂ᵀ · temperature)`` (q and k normalised over the tokens, a learned ``temperature`` per head). A masked
-channel inside a head gives a logit of 0, which still adds exp(0) to every kept channel's denominator: a cut of it
-would change the head's softmax, so a head's channels go together or not at all. A whole head whose q, k and v rows
-are 0 gives logits of 0, a uniform softmax and a zero output (DaViT's ``attn @ qᵀ`` of a zero q, XCA's ``attn @ v``
-of a zero v), which ``proj`` no longer reads; the other heads never see it. So the mask at ``qkv``'s output rows is
-exact, and the cut takes a head's rows from ``qkv``, its columns from ``proj`` and its ``temperature``.
+Each splits its ``qkv`` rows into ``num_heads`` heads of ``C // num_heads`` channels, ``C`` its input's width, and takes
+a softmax over a head's channels (a head's channels × channels), ``softmax(q̂ k̂ᵀ · temperature)`` (q and k normalised
+over the tokens, a learned ``temperature`` per head). A masked channel inside a head gives a logit of 0, which still
+adds exp(0) to every kept channel's denominator: a cut of it would change the head's softmax, so a head's channels go
+together or not at all. A whole head whose q, k and v rows are 0 gives logits of 0, a uniform softmax and a zero output
+(``attn @ v`` of a zero v), which ``proj`` no longer reads; the other heads never see it. So the mask at ``qkv``'s
+output rows is exact, and the cut takes a head's rows from ``qkv``, its columns from ``proj`` and its ``temperature``.
 
 The heads' output is reshaped by the input's width (``reshape(B, N, C)``) and their width is ``C // num_heads``: the
-stream the attention reads loses one head's width for each head the attention loses (``attention.whole_heads_tied``,
-the stream pruned in multiples of a head's width), and the cut sets ``num_heads``. The scale is fixed (DaViT's
-``head_dim ** -0.5`` from construction, V2's by the token count, XCA's ``scale=1.0`` and ``temperature``), and a
-kept head keeps its width.
+stream the attention reads loses one head's width for each head the attention loses (``attention.whole_heads_tied``, the
+stream pruned in multiples of a head's width), and the cut sets ``num_heads``. The scale is fixed (``scale=1.0`` and
+``temperature``), and a kept head keeps its width.
 
 Refused in one line, with the stream (the tie): a single head, projections other than one ``nn.Linear`` ``qkv`` of
 3 × its input's width and one ``proj``, and any other tensor the attention is called with.
@@ -39,10 +37,6 @@ if TYPE_CHECKING:
     from pruneflow.graph.tracer import Tracer
 
 
-# Channel attentions holding their head count in another attribute than ``num_heads`` (DaViT's V2: ``groups``)
-HEAD_COUNTS: dict[type[nn.Module], str] = {}
-
-
 def unhandled_variant(node: torch.fx.Node, module: nn.Module, heads: int) -> str | None:
     """Why the attention's heads cannot be cut whole with its stream (None: they can)."""
     if any(isinstance(a, torch.fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
@@ -56,17 +50,16 @@ def unhandled_variant(node: torch.fx.Node, module: nn.Module, heads: int) -> str
 
 
 def channel_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
-    """DaViT's ``ChannelAttention``, XCiT's ``XCA``, EdgeNeXt's ``CrossCovarianceAttn``, a leaf: ``qkv`` reads the
+    """XCiT's ``XCA``, EdgeNeXt's ``CrossCovarianceAttn``, a leaf: ``qkv`` reads the
     stream and writes a space of whole heads tied to it, read by ``proj`` at its value rows; a per-head
     ``temperature`` is cut with its heads."""
     name = str(node.target)
     qkv = PrunableLayer(f"{name}.qkv", module.qkv)
     proj = PrunableLayer(f"{name}.proj", module.proj)
-    count = HEAD_COUNTS.get(type(module), "num_heads")
-    heads = getattr(module, count)
+    heads = module.num_heads
     if reason := unhandled_variant(node, module, heads):
         return refused(tracer, proj, value, f"channel attention {name} {reason}")
-    inner, output = whole_heads_tied(tracer, name, qkv, proj, heads, value, count)
+    inner, output = whole_heads_tied(tracer, name, qkv, proj, heads, value)
     if isinstance(getattr(module, "temperature", None), nn.Parameter):  # (heads, 1, 1): entry h for head h's rows
         rows = module.qkv.out_features // (3 * heads)
         at = tuple(head for _ in range(3) for head in range(heads) for _ in range(rows))
@@ -87,9 +80,8 @@ def fourier_positions(tracer: Tracer, node: torch.fx.Node, module: nn.Module, va
 
 
 def register() -> None:
-    from timm.models import davit, edgenext, xcit
+    from timm.models import edgenext, xcit
 
-    HEAD_COUNTS[davit.ChannelAttentionV2] = "groups"
-    attentions = (davit.ChannelAttention, davit.ChannelAttentionV2, xcit.XCA, edgenext.CrossCovarianceAttn)
+    attentions = (xcit.XCA, edgenext.CrossCovarianceAttn)
     register_module_handler(attentions, channel_attention)
     register_module_handler((xcit.PositionalEncodingFourier, edgenext.PositionalEncodingFourier), fourier_positions)

@@ -20,6 +20,7 @@ from pruneflow.graph.handlers import (
     timm_attention_classes,
     timm_channel_attention,
     timm_coat,
+    timm_davit,
     timm_efficientvim,
     timm_focal_modulation,
     timm_gcvit,
@@ -182,7 +183,7 @@ def register() -> None:
                    timm_mvitv2, timm_mobile_attention, timm_mobile_blocks, timm_split_attention, timm_focal_modulation,
                    timm_nextvit, timm_metaformer, timm_vit_likes, timm_windows, timm_pyramid_attention, timm_hieradet,
                    timm_coat, timm_halo, timm_partial_attention, timm_gcvit, timm_rope, timm_mobilenetv5,
-                   timm_efficientvim, tokens, timm_tnt):  # fmt: skip
+                   timm_efficientvim, tokens, timm_tnt, timm_davit):  # fmt: skip
         family.register()
     zero_preserving = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "Tanh")
     register_pointwise(tuple(getattr(timm_activations, name) for name in zero_preserving))

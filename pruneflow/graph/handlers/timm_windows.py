@@ -22,20 +22,20 @@ the channels side by side: the stream read 4 times over by the merging's norm an
 ``_patch_merging_pad`` is read (``attention.patch_merging_pad``). A flatten of dims before the channels only (Hiera's
 unroll, strides into the batch) and a max over positions (its q pooling) keep them last.
 
-Swin's attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's
-and SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so
-their head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the
-stream's unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's
-logits are scaled by ``scale``, fixed at construction (its fused path, which would divide by the cut head width,
-is turned off by the cut: ``ChannelSpace.unfused_by_cut``); SwinV2's and SwinV2-CR's cosine attention normalises q
-and k over a head's positions, where a zero position adds nothing. The relative position bias is per head and the
-head count stays. SwinV2's ``q_bias``/``v_bias`` are read through ``F.linear`` as BEiT's are
-(``timm_attention_classes``): the attention is the rows' channel point, computed again with its call's ``mask=``.
-SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in whole heads, as
-timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as SwinV2's, but its stream is also read
-by DaViT's channel attention, which only whole heads can leave: it is cut in whole heads tied to the stream too
-(``WHOLE_HEAD_WINDOWS``), and DaViT's ``window_reverse`` is read as Swin's. NesT's writes its heads' output
-head-minor: tied to the stream with the same value positions in every head (``timm_pyramid_attention``).
+Swin's attentions are kept whole, their q/k/v rows tied to the stream they read (``attention.tied_heads``): SwinV2's and
+SwinV2-CR's reshape their heads' output by their input's width (``reshape(B_, N, C)``, ``C // num_heads``), so their
+head width is the stream's; Swin's by ``-1``, from ``qkv``'s width, tied all the same (its head width is the stream's
+unless built with another ``head_dim``, which is refused). Per position of a head they are exact: Swin's logits are
+scaled by ``scale``, fixed at construction; its fused path, which would divide by the cut head width, is kept: the cut
+folds the full width's scale into its q rows and ``scale`` (``ChannelSpace.scaled_by_cut``), as DaViT's. SwinV2's and
+SwinV2-CR's cosine attention normalises q and k over a head's positions, where a zero position adds nothing. The
+relative position bias is per head and the head count stays. SwinV2's ``q_bias``/``v_bias`` are read through
+``F.linear`` as BEiT's are (``timm_attention_classes``): the attention is the rows' channel point, computed again with
+its call's ``mask=``. SAM's and Hiera's attentions reshape by their head count and a head width of their own: cut in
+whole heads, as timm's ``Attention`` (``timm_attention``). DaViT's window attention reshapes as Swin's: per position of
+a head, tied to the stream, which DaViT's channel attention also reads per position of its heads, as many
+(``timm_davit``); its ``window_reverse`` is read as Swin's. NesT's writes its heads' output head-minor: tied to the
+stream with the same value positions in every head (``timm_pyramid_attention``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from torch import nn
 
 from pruneflow.graph.handlers import shapes, tokens
 from pruneflow.graph.handlers import timm_attention as timm_attention_module
-from pruneflow.graph.handlers.attention import tied_heads, whole_heads_tied
+from pruneflow.graph.handlers.attention import tied_heads
 from pruneflow.graph.handlers.timm_attention import timm_attention, unreadable_parts
 from pruneflow.graph.handlers.timm_attention_classes import bias_scales, forward_with_rows, refused
 from pruneflow.graph.nodes import argument
@@ -228,13 +228,6 @@ def unhandled_window_variant(tracer: Tracer, node: torch.fx.Node, module: nn.Mod
     return None
 
 
-# Window attentions cut in whole heads with their stream (``attention.whole_heads_tied``): DaViT's, whose stream is
-# also read by its channel attention, cut in whole heads of the same width (``timm_channel_attention``). Per position,
-# its heads would hold the stream to multiples of both the head count and the head width (DaViT's first stage: 96
-# channels, 3 heads of 32: nothing); whole, to multiples of the head width.
-WHOLE_HEAD_WINDOWS: set[type[nn.Module]] = set()
-
-
 def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, value: Value | None) -> Any:
     """timm's Swin, SwinV2 and SwinV2-CR window attention, a leaf: heads tied to the stream (module docstring)."""
     name = str(node.target)
@@ -244,11 +237,11 @@ def window_attention(tracer: Tracer, node: torch.fx.Node, module: nn.Module, val
         return refused(tracer, proj, value, f"window attention {name} {reason}")
     biased = getattr(module, "q_bias", None) is not None
     qkv = PrunableLayer(f"{name}.qkv", module.qkv, **({"unit_name": name, "unit": module} if biased else {}))
-    if type(module) in WHOLE_HEAD_WINDOWS:
-        return whole_heads_tied(tracer, name, qkv, proj, module.num_heads, value)[1]
     inner, output = tied_heads(tracer, name, qkv, proj, module.num_heads, value)
-    if hasattr(module, "fused_attn") or biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
+    if biased:  # SwinV2's: no fused path, the cut's step sets its zero key bias
         tracer.spaces[inner].unfused_by_cut = name
+    elif hasattr(module, "fused_attn"):  # its fused path kept: the full width's scale folded into its q rows
+        tracer.spaces[inner].scaled_by_cut = name
     if biased:
         tracer.spaces[inner].scales += bias_scales(name, module)
     return output
@@ -282,5 +275,4 @@ def register() -> None:
     attentions = (swin_transformer.WindowAttention, swin_transformer_v2.WindowAttention,
                   swin_transformer_v2_cr.WindowMultiHeadAttention, davit.WindowAttention)  # fmt: skip
     register_module_handler(attentions, window_attention)
-    WHOLE_HEAD_WINDOWS.add(davit.WindowAttention)
     ROWS_MASKED_FORWARDS[swin_transformer_v2.WindowAttention] = forward_with_rows
