@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_timm_vit_likes import space_of
+from test_timm_vit_likes import assert_cut_equals_masked, space_of
 from test_window_attention import masked_and_cut
 from torch import nn
 
@@ -96,13 +96,7 @@ def test_halo_attention_with_other_projections_is_refused_in_one_line_and_the_re
         "attention stages.1.1.self_attn (HaloAttn) projects with other layers than nn.Conv2d q and kv"
     ]
     assert space_of(graph, "stages.1.1.conv1_1x1.conv").prunable
-    model = randomize_norms(with_other_kv()).eval()
-    images = torch.randn(2, 3, 32, 32)
-    masked, compaction = masked_and_cut(model, images)
-    with torch.no_grad():
-        cut = compaction.model(images)
-    assert compaction.channels[1] < compaction.channels[0]
-    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    assert_cut_equals_masked(with_other_kv(), 32)
 
 
 def tiny_botnet(**attention: object) -> nn.Module:
@@ -147,10 +141,4 @@ def test_bottleneck_attention_with_narrower_keys_is_refused_in_one_line() -> Non
         "attention stages.1.1.self_attn (BottleneckAttn) has heads of other q/k widths than v widths, which its q, k, "
         "v rows do not cut in equal blocks"
     ]
-    model = randomize_norms(tiny_botnet(dim_head=4)).eval()
-    images = torch.randn(2, 3, 32, 32)
-    masked, compaction = masked_and_cut(model, images)
-    with torch.no_grad():
-        cut = compaction.model(images)
-    assert compaction.channels[1] < compaction.channels[0]
-    assert torch.allclose(cut, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), (cut - masked).abs().max()
+    assert_cut_equals_masked(tiny_botnet(dim_head=4), 32)
